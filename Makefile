@@ -1,0 +1,56 @@
+# pseudoseg — every target sets up .venv on first use (offline: torch comes from the local wheel store).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+OUT ?= out
+CONFIG ?= luigi.cfg
+N ?= 2
+STAGE ?= Ingest
+IMAGES ?=
+DATASET ?= $(notdir $(patsubst %/,%,$(IMAGES)))
+PYTEST_ARGS ?=
+
+export LUIGI_CONFIG_PATH := $(abspath $(CONFIG))
+export PYTHONHASHSEED := 0
+
+.PHONY: help venv test demo pseudo-labels luigid workers bench lint clean
+
+help:
+	@echo "make demo | make test | make pseudo-labels STAGE=Ingest IMAGES=dir | make luigid | make workers N=2 | make bench"
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/pseudoseg demo --out $(OUT)
+
+pseudo-labels: $(STAMP)
+	@test -n "$(IMAGES)" || { echo "usage: make pseudo-labels STAGE=<stage> IMAGES=<dir|list|tars> [DATASET=name]"; exit 2; }
+	$(VENV)/bin/pseudoseg run $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT)
+
+luigid: $(STAMP)
+	$(VENV)/bin/pseudoseg luigid --out $(OUT)
+
+workers: $(STAMP)
+	@test -n "$(IMAGES)" || { echo "usage: make workers N=2 STAGE=<stage> IMAGES=<dir> [DATASET=name]"; exit 2; }
+	$(VENV)/bin/pseudoseg workers --n $(N) $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT)
+
+bench: $(STAMP)
+	$(PY) -m bench.run --out bench/results
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tasks models schemas tests bench
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,1 @@
+"""pseudoseg: models layer."""

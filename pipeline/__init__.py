@@ -1,0 +1,1 @@
+"""pseudoseg: pipeline layer."""

@@ -1,0 +1,115 @@
+"""Ingest one shard: read each planned entry, decode/normalise it, and sort it into accepted samples or
+reject rows. Pure apart from reading the entries' bytes through the given reader."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
+from pipeline.artifacts import sha256_hex
+from pipeline.sources import PlannedEntry
+from schemas import IMAGE_META
+
+STAGE = "ingest"
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_side: int = 2048
+    min_side: int = 2
+    max_pixels: int = 178_956_970
+
+
+@dataclass
+class IngestResult:
+    manifest: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # WebDataset samples, in manifest order
+
+    @property
+    def in_count(self) -> int:
+        return len(self.manifest) + len(self.rejects)
+
+
+def reject_row(entry: PlannedEntry, reason: str, detail: str) -> dict[str, str]:
+    return {"image_id": entry.image_id, "source": entry.source, "stage": STAGE, "reason": reason, "detail": detail}
+
+
+def ingest_entries(
+    entries: Iterable[PlannedEntry],
+    read: Callable[[str], bytes],
+    limits: DecodeLimits,
+    *,
+    on_entry: Callable[[int], None] | None = None,
+) -> IngestResult:
+    """Entries must be one shard's, in plan order. ``read(source)`` returns bytes or raises OSError."""
+    result = IngestResult()
+    for i, entry in enumerate(entries):
+        if on_entry is not None:
+            on_entry(i)
+        if entry.read_error is not None:
+            result.rejects.append(reject_row(entry, "unreadable", entry.read_error))
+            continue
+        if entry.duplicate_of is not None:
+            result.rejects.append(reject_row(entry, "duplicate", f"same content as {entry.duplicate_of}"))
+            continue
+        try:
+            data = read(entry.source)
+        except OSError as exc:
+            result.rejects.append(reject_row(entry, "unreadable", f"{type(exc).__name__}: {exc}"))
+            continue
+        if sha256_hex(data) != entry.sha256:
+            # The file changed after planning; its id would lie about its content.
+            result.rejects.append(reject_row(entry, "changed_since_plan", "content hash differs from the plan"))
+            continue
+        try:
+            decoded = decode_image(
+                data, max_side=limits.max_side, min_side=limits.min_side, max_pixels=limits.max_pixels
+            )
+        except ImageRejected as exc:
+            result.rejects.append(reject_row(entry, exc.code, exc.detail))
+            continue
+        _accept(result, entry, data, decoded)
+    return result
+
+
+def _accept(result: IngestResult, entry: PlannedEntry, data: bytes, decoded: DecodedImage) -> None:
+    # Keep the original bytes (EXIF, CMYK, 16-bit are re-normalised identically on every decode), except for
+    # giants, which are stored downsized as PNG so no later stage pays for the original again.
+    if decoded.resized:
+        payload, ext = encode_png(decoded.rgb), "png"
+    else:
+        payload, ext = data, sniff_extension(decoded.format)
+    meta = {
+        "image_id": entry.image_id,
+        "source": entry.source,
+        "width": decoded.width,
+        "height": decoded.height,
+        "orig_width": decoded.orig_width,
+        "orig_height": decoded.orig_height,
+        "orig_mode": decoded.orig_mode,
+        "stored_ext": ext,
+    }
+    result.manifest.append(
+        {
+            **{k: meta[k] for k in ("image_id", "source", "width", "height", "orig_width", "orig_height")},
+            "shard": entry.shard,
+            "position": entry.position,
+            "orig_mode": decoded.orig_mode,
+            "orig_format": decoded.format,
+            "stored_ext": ext,
+            "stored_bytes": len(payload),
+            "sha256": entry.sha256,
+            "exif_rotated": decoded.exif_rotated,
+            "resized": decoded.resized,
+        }
+    )
+    result.samples.append({"__key__": entry.image_id, ext: payload, "json": _json_bytes(meta)})
+
+
+def _json_bytes(meta: Mapping[str, Any]) -> bytes:
+    IMAGE_META.table([meta])  # validate against the contract before it is written
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,6 @@
+"""Artifact contracts (pyarrow only): one schema + version per artifact, validated on write and on read."""
+
+from schemas.contract import Contract, SchemaError
+from schemas.ingest import IMAGE_META, MANIFEST, PLAN, REJECTS, SHARD_STATS
+
+__all__ = ["Contract", "SchemaError", "IMAGE_META", "MANIFEST", "PLAN", "REJECTS", "SHARD_STATS"]

@@ -1,0 +1,1 @@
+"""pseudoseg: tasks layer."""

@@ -1,0 +1,131 @@
+"""Luigi mechanics shared by every stage: common parameters, the per-shard task, the per-stage wrapper.
+
+A stage = one ``ShardTask`` subclass (one Luigi task per shard) + one ``StageWrapper`` requiring all shards.
+Outputs are content-addressed: the folder name hashes the stage's content-affecting parameters together with
+its upstream stage hashes, so changing any of them runs into a new folder instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import luigi
+from tqdm import tqdm
+
+from pipeline.artifacts import ShardOutput, StageDir, commit_shard
+from pipeline.sources import Listing, list_source, num_shards
+
+
+class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
+    out = luigi.Parameter(default="out", description="output root shared by all stages")
+
+
+class ingest(luigi.Config):  # noqa: N801
+    shard_size = luigi.IntParameter(default=1000)
+    max_side = luigi.IntParameter(default=2048, description="longer side above this is downsized")
+    min_side = luigi.IntParameter(default=2, description="shorter side below this is rejected (too_small)")
+    max_pixels = luigi.IntParameter(default=178_956_970, description="more pixels = decompression_bomb")
+
+
+@functools.lru_cache(maxsize=32)
+def cached_listing(images: str) -> Listing:
+    """Listing once per process: Luigi calls requires()/output() many times while scheduling."""
+    return list_source(images)
+
+
+class DatasetTask(luigi.Task):
+    """Parameters every stage of one dataset shares."""
+
+    images = luigi.Parameter(description="folder, .txt/.parquet list, or WebDataset .tar shards")
+    dataset = luigi.Parameter(description="dataset name: the folder under the output root")
+    out = luigi.Parameter(default=None, significant=True)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out or pseudoseg().out).resolve()
+
+    @property
+    def listing(self) -> Listing:
+        return cached_listing(self.images)
+
+    @property
+    def shard_count(self) -> int:
+        return num_shards(len(self.listing.entries), ingest().shard_size)
+
+    def common(self) -> dict[str, Any]:
+        return {"images": self.images, "dataset": self.dataset, "out": self.out}
+
+
+class ShardTask(DatasetTask):
+    """One stage applied to one shard. Subclasses define ``stage``, ``content_params`` and ``produce``."""
+
+    stage: ClassVar[str]
+    shard = luigi.IntParameter()
+    # Tasks that use a GPU declare resources = {"gpu": 1}; luigi.cfg [resources] caps them per worker host.
+    resources: ClassVar[dict[str, int]] = {}
+
+    def content_params(self) -> Mapping[str, Any]:
+        """Everything that changes this stage's bytes, incl. upstream stage hashes (see upstream_hashes)."""
+        raise NotImplementedError
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        raise NotImplementedError
+
+    @property
+    def stage_dir(self) -> StageDir:
+        return StageDir(self.root, self.dataset, self.stage, dict(self.content_params()))
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir.done_path(self.shard)))
+
+    def run(self) -> None:
+        stage_dir = self.stage_dir
+        stage_dir.clear_unfinished(self.shard)
+        started = time.perf_counter()
+        with ProgressReporter(self) as progress:
+            output = self.produce(progress)
+        commit_shard(stage_dir, self.shard, output, seconds=time.perf_counter() - started)
+
+
+class ProgressReporter:
+    """Progress of one shard, to luigid's UI (percentage + status message) and to a local tqdm bar."""
+
+    def __init__(self, task: ShardTask) -> None:
+        self.task = task
+        self.bar: tqdm | None = None
+        self.total = 0
+        self._last = 0.0
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.bar = tqdm(total=total, desc=f"{self.task.stage} shard {self.task.shard}", unit="img",
+                        leave=False, disable=None)
+
+    def step(self, index: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        now = time.monotonic()
+        if self.total and now - self._last > 1.0:  # throttle: each call is an RPC under luigid
+            self._last = now
+            self.task.set_progress_percentage(round(100.0 * index / self.total, 1))
+            self.task.set_status_message(f"{index}/{self.total} images")
+
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StageWrapper(luigi.WrapperTask, DatasetTask):
+    """Requires every shard of one stage."""
+
+    shard_task: ClassVar[type[ShardTask]]
+
+    def requires(self) -> list[ShardTask]:
+        return [self.shard_task(shard=i, **self.common()) for i in range(self.shard_count)]

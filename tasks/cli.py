@@ -1,0 +1,152 @@
+"""`pseudoseg` command line: run a stage (or the full DAG) locally or against luigid, start luigid, start
+workers, and the offline demo. Thin: it builds Luigi tasks and prints the end-of-run summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import luigi
+import luigi.cmdline
+import luigi.configuration
+
+from tasks.summary import format_table, summarise
+
+
+def stage_classes() -> dict[str, type[luigi.Task]]:
+    from tasks import dag, ingest
+
+    return {
+        "Ingest": ingest.Ingest,
+        "FullDAG": dag.FullDAG,
+    }
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    if args.config:
+        luigi.configuration.add_config_path(str(Path(args.config).resolve()))
+    cfg = luigi.configuration.get_config()
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        section, _, option = key.partition(".")
+        if not (section and option and _):
+            raise SystemExit(f"--set expects section.option=value, got {item!r}")
+        if not cfg.has_section(section):
+            cfg.add_section(section)
+        cfg.set(section, option, value)
+
+
+def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, central: bool = False,
+          scheduler_host: str | None = None, scheduler_port: int | None = None) -> bool:
+    classes = stage_classes()
+    if stage not in classes:
+        raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(sorted(classes))}")
+    task = classes[stage](images=str(Path(images).resolve()) if Path(images).exists() else images,
+                          dataset=dataset, out=str(Path(out).resolve()))
+    kwargs: dict = {"workers": workers, "detailed_summary": True, "local_scheduler": not central}
+    if central:
+        kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
+                                         ("scheduler_port", scheduler_port)) if v is not None})
+    result = luigi.build([task], **kwargs)
+    print()
+    print(format_table(summarise([task])))
+    ok = result.scheduling_succeeded and result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
+    if not ok:
+        print(f"\n{result.summary_text}", file=sys.stderr)
+    return ok
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _apply_config(args)
+    ok = build(args.stage, args.images, args.dataset or Path(args.images).name, args.out, workers=args.workers,
+               central=args.central, scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.sample_set import write_sample_set
+
+    _apply_config(args)
+    out = Path(args.out).resolve()
+    samples = write_sample_set(out / "demo" / "samples")
+    ok = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
+    print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/: shard-NNNNNN.parquet (manifest), "
+          f".rejects.parquet, .tar (WebDataset), .done.json; sample photos + VOC GT in {samples.root}")
+    return 0 if ok else 1
+
+
+def cmd_luigid(args: argparse.Namespace) -> int:
+    state = Path(args.out).resolve() / ".luigid"
+    state.mkdir(parents=True, exist_ok=True)
+    print(f"luigid on port {args.port}; state {state}/state.pickle; UI http://localhost:{args.port}/")
+    luigi.cmdline.luigid(["--port", str(args.port), "--state-path", str(state / "state.pickle"),
+                          "--logdir", str(state / "logs")])
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """N worker processes against a running luigid: the scheduler hands each shard to exactly one of them."""
+    base = [sys.executable, "-m", "tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
+            "--central", "--scheduler-port", str(args.scheduler_port)]
+    if args.dataset:
+        base += ["--dataset", args.dataset]
+    if args.config:
+        base += ["--config", args.config]
+    for item in args.set or []:
+        base += ["--set", item]
+    procs = [subprocess.Popen(base, env=os.environ.copy()) for _ in range(args.n)]
+    codes = [p.wait() for p in procs]
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pseudoseg", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--out", default="out", help="output root (default: out)")
+        sp.add_argument("--config", help="extra luigi.cfg to read after the default one")
+        sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set ingest.shard_size=500")
+
+    run = sub.add_parser("run", help="run one stage (and what it needs) over a dataset")
+    run.add_argument("stage")
+    run.add_argument("--images", required=True, help="folder, .txt/.parquet list, or WebDataset tars")
+    run.add_argument("--dataset", help="dataset name (default: the images folder's name)")
+    run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--central", action="store_true", help="use the luigid scheduler instead of a local one")
+    run.add_argument("--scheduler-host")
+    run.add_argument("--scheduler-port", type=int)
+    common(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="full DAG on the embedded sample set with the tiny preset, offline")
+    common(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    lg = sub.add_parser("luigid", help="start the central scheduler (state under <out>/.luigid)")
+    lg.add_argument("--out", default="out")
+    lg.add_argument("--port", type=int, default=8082)
+    lg.set_defaults(func=cmd_luigid)
+
+    wk = sub.add_parser("workers", help="start N worker processes against luigid")
+    wk.add_argument("stage")
+    wk.add_argument("--n", type=int, default=2)
+    wk.add_argument("--images", required=True)
+    wk.add_argument("--dataset")
+    wk.add_argument("--scheduler-port", type=int, default=8082)
+    common(wk)
+    wk.set_defaults(func=cmd_workers)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

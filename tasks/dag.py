@@ -1,0 +1,13 @@
+"""FullDAG: the leaves of every branch. Later stages add themselves here as they land."""
+
+from __future__ import annotations
+
+import luigi
+
+from tasks.base import DatasetTask
+from tasks.ingest import Ingest
+
+
+class FullDAG(luigi.WrapperTask, DatasetTask):
+    def requires(self) -> list[luigi.Task]:
+        return [Ingest(**self.common())]

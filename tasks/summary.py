@@ -1,0 +1,67 @@
+"""End-of-run summary: per stage, shards done/failed, images ok/rejected, seconds — read from done.json files."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import luigi
+from luigi.task import flatten
+
+from pipeline.artifacts import read_shard_stats
+from tasks.base import ShardTask
+
+
+def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
+    """Every task reachable from ``roots`` once (requires() is cheap: listings are cached)."""
+    seen: set[str] = set()
+    stack = list(roots)
+    while stack:
+        task = stack.pop()
+        if task.task_id in seen:
+            continue
+        seen.add(task.task_id)
+        yield task
+        stack.extend(flatten(task.requires()))
+
+
+@dataclass
+class StageRow:
+    stage: str
+    shards: int = 0
+    done: int = 0
+    ok: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return self.shards - self.done
+
+
+def summarise(roots: Iterable[luigi.Task]) -> list[StageRow]:
+    rows: dict[str, StageRow] = defaultdict(lambda: StageRow(""))
+    for task in walk_dag(roots):
+        if not isinstance(task, ShardTask):
+            continue
+        row = rows[task.stage]
+        row.stage = task.stage
+        row.shards += 1
+        done = task.stage_dir.done_path(task.shard)
+        if done.exists():
+            stats = read_shard_stats(done)
+            row.done += 1
+            row.ok += stats["ok_count"]
+            row.rejected += stats["rejected_count"]
+            row.seconds += stats["seconds"]
+    return sorted(rows.values(), key=lambda r: r.stage)
+
+
+def format_table(rows: list[StageRow]) -> str:
+    header = ("stage", "shards", "done", "failed", "images ok", "rejected", "seconds")
+    body = [(r.stage, r.shards, r.done, r.failed, r.ok, r.rejected, f"{r.seconds:.1f}") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
