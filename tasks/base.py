@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import luigi
+import luigi.execution_summary
 from tqdm import tqdm
 
 from pipeline.artifacts import ShardOutput, StageDir, commit_shard
@@ -33,8 +34,15 @@ class ingest(luigi.Config):  # noqa: N801
 
 @functools.lru_cache(maxsize=32)
 def cached_listing(images: str) -> Listing:
-    """Listing once per process: Luigi calls requires()/output() many times while scheduling."""
+    """Listing once per build: Luigi calls requires()/output() many times while scheduling.
+    ``build_tasks`` clears it so a new build in the same process sees added or changed files."""
     return list_source(images)
+
+
+def build_tasks(tasks: list[luigi.Task], **kwargs: Any) -> luigi.execution_summary.LuigiRunResult:
+    """luigi.build with a fresh listing cache; always returns the detailed result."""
+    cached_listing.cache_clear()
+    return luigi.build(tasks, detailed_summary=True, **kwargs)
 
 
 class DatasetTask(luigi.Task):

@@ -13,6 +13,7 @@ import luigi
 import luigi.cmdline
 import luigi.configuration
 
+from tasks.base import build_tasks
 from tasks.summary import format_table, summarise
 
 
@@ -46,11 +47,11 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
         raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(sorted(classes))}")
     task = classes[stage](images=str(Path(images).resolve()) if Path(images).exists() else images,
                           dataset=dataset, out=str(Path(out).resolve()))
-    kwargs: dict = {"workers": workers, "detailed_summary": True, "local_scheduler": not central}
+    kwargs: dict = {"workers": workers, "local_scheduler": not central}
     if central:
         kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
                                          ("scheduler_port", scheduler_port)) if v is not None})
-    result = luigi.build([task], **kwargs)
+    result = build_tasks([task], **kwargs)
     print()
     print(format_table(summarise([task])))
     ok = result.scheduling_succeeded and result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
@@ -80,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_luigid(args: argparse.Namespace) -> int:
     state = Path(args.out).resolve() / ".luigid"
-    state.mkdir(parents=True, exist_ok=True)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
     print(f"luigid on port {args.port}; state {state}/state.pickle; UI http://localhost:{args.port}/")
     luigi.cmdline.luigid(["--port", str(args.port), "--state-path", str(state / "state.pickle"),
                           "--logdir", str(state / "logs")])

@@ -1,0 +1,80 @@
+"""Shared helpers for the DAG-level tests: image folders, CLI subprocesses with injected faults, tree bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import luigi.configuration
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_good_images(folder: Path, count: int, *, seed: int = 0, size: tuple[int, int] = (48, 64)) -> list[Path]:
+    """Distinct small photos-like images (random blobs), alternating JPEG and PNG."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (*size, 3), dtype=np.uint8), (5, 5), 0)
+        path = folder / f"good_{i:03d}.{'jpg' if i % 2 == 0 else 'png'}"
+        cv2.imwrite(str(path), img)
+        paths.append(path)
+    return paths
+
+
+@contextlib.contextmanager
+def luigi_settings(**sections: dict[str, object]) -> Iterator[None]:
+    """Temporarily set luigi.cfg values in this process, e.g. luigi_settings(ingest={"shard_size": 3})."""
+    cfg = luigi.configuration.get_config()
+    saved = []
+    for section, values in sections.items():
+        if not cfg.has_section(section):
+            cfg.add_section(section)
+        for key, value in values.items():
+            saved.append((section, key, cfg.get(section, key, None)))
+            cfg.set(section, key, str(value))
+    try:
+        yield
+    finally:
+        for section, key, old in saved:
+            if old is None:
+                cfg.remove_option(section, key)
+            else:
+                cfg.set(section, key, old)
+
+
+def cli_env(tmp_path: Path, sitecustomize: str | None = None) -> dict[str, str]:
+    """Environment for a `python -m tasks.cli` subprocess; ``sitecustomize`` code runs at interpreter start,
+    which is how tests inject faults or run logs into the real command without hooks in product code."""
+    env = os.environ.copy()
+    env["LUIGI_CONFIG_PATH"] = str(REPO / "luigi.cfg")
+    paths = [str(REPO)]
+    if sitecustomize is not None:
+        site = tmp_path / "site"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(textwrap.dedent(sitecustomize))
+        paths.insert(0, str(site))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    return env
+
+
+def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every visible file under ``root`` (relative path → bytes); hidden temporaries are not artifacts."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
