@@ -75,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     samples = write_sample_set(out / "demo" / "samples")
     ok = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
     print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/: shard-NNNNNN.parquet (manifest), "
-          f".rejects.parquet, .tar (WebDataset), .done.json; sample photos + VOC GT in {samples.root}")
+          f".rejects.parquet, .tar (WebDataset), .done.json; sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt")
     return 0 if ok else 1
 
 
