@@ -4,12 +4,15 @@ reject rows. Pure apart from reading the entries' bytes through the given reader
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
+import numpy as np
+import webdataset as wds
+
 from pipeline.artifacts import sha256_hex
+from pipeline.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
 from pipeline.sources import PlannedEntry
 from schemas import IMAGE_META
 
@@ -113,3 +116,14 @@ def _accept(result: IngestResult, entry: PlannedEntry, data: bytes, decoded: Dec
 def _json_bytes(meta: Mapping[str, Any]) -> bytes:
     IMAGE_META.table([meta])  # validate against the contract before it is written
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def iter_ingested_images(tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+    """(image_id, rgb uint8 [H, W, 3], meta) for every sample of an ingest shard tar, in manifest order.
+
+    Decoding goes through decode_image with no size limit: giants were already downsized at ingest."""
+    dataset = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
+    for sample in dataset:
+        meta = json.loads(sample["json"])
+        decoded = decode_image(sample[meta["stored_ext"]], max_side=1 << 30, max_pixels=1 << 62)
+        yield sample["__key__"], decoded.rgb, meta

@@ -2,5 +2,6 @@
 
 from schemas.contract import Contract, SchemaError
 from schemas.ingest import IMAGE_META, MANIFEST, PLAN, REJECTS, SHARD_STATS
+from schemas.models import MODEL_PROBE
 
-__all__ = ["Contract", "SchemaError", "IMAGE_META", "MANIFEST", "PLAN", "REJECTS", "SHARD_STATS"]
+__all__ = ["Contract", "SchemaError", "IMAGE_META", "MANIFEST", "PLAN", "REJECTS", "SHARD_STATS", "MODEL_PROBE"]

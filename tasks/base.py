@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import luigi
+import luigi.configuration
 import luigi.execution_summary
 from tqdm import tqdm
 
+from models.registry import ModelSettings
 from pipeline.artifacts import ShardOutput, StageDir, commit_shard
 from pipeline.sources import Listing, list_source, num_shards
 
@@ -43,6 +45,13 @@ def build_tasks(tasks: list[luigi.Task], **kwargs: Any) -> luigi.execution_summa
     """luigi.build with a fresh listing cache; always returns the detailed result."""
     cached_listing.cache_clear()
     return luigi.build(tasks, detailed_summary=True, **kwargs)
+
+
+def model_settings() -> ModelSettings:
+    """The [models] section of luigi.cfg as typed settings (cache_dir relative to the working directory)."""
+    cfg = luigi.configuration.get_config()
+    items = dict(cfg.items("models")) if cfg.has_section("models") else {}
+    return ModelSettings.from_mapping(items)
 
 
 class DatasetTask(luigi.Task):

@@ -12,16 +12,18 @@ from pathlib import Path
 import luigi
 import luigi.cmdline
 import luigi.configuration
+from luigi.execution_summary import LuigiStatusCode
 
 from tasks.base import build_tasks
 from tasks.summary import format_table, summarise
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
-    from tasks import dag, ingest
+    from tasks import dag, ingest, models
 
     return {
         "Ingest": ingest.Ingest,
+        "ModelProbe": models.ModelProbe,
         "FullDAG": dag.FullDAG,
     }
 
@@ -40,21 +42,36 @@ def _apply_config(args: argparse.Namespace) -> None:
         cfg.set(section, option, value)
 
 
-def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, central: bool = False,
-          scheduler_host: str | None = None, scheduler_port: int | None = None) -> bool:
+def make_task(stage: str, images: str, dataset: str, out: str) -> luigi.Task:
     classes = stage_classes()
     if stage not in classes:
         raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(sorted(classes))}")
-    task = classes[stage](images=str(Path(images).resolve()) if Path(images).exists() else images,
-                          dataset=dataset, out=str(Path(out).resolve()))
+    images = str(Path(images).resolve()) if Path(images).exists() else images
+    return classes[stage](images=images, dataset=dataset, out=str(Path(out).resolve()))
+
+
+# Under luigid, a worker that exits while another worker still runs (or was granted) some shards reports
+# them as pending/not run: that is sharing, not failure. Only these outcomes are failures.
+FAILED_STATUSES = {
+    LuigiStatusCode.FAILED,
+    LuigiStatusCode.FAILED_AND_SCHEDULING_FAILED,
+    LuigiStatusCode.SCHEDULING_FAILED,
+    LuigiStatusCode.MISSING_EXT,
+}
+
+
+def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, central: bool = False,
+          scheduler_host: str | None = None, scheduler_port: int | None = None, summary: bool = True) -> bool:
+    task = make_task(stage, images, dataset, out)
     kwargs: dict = {"workers": workers, "local_scheduler": not central}
     if central:
         kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
                                          ("scheduler_port", scheduler_port)) if v is not None})
     result = build_tasks([task], **kwargs)
-    print()
-    print(format_table(summarise([task])))
-    ok = result.scheduling_succeeded and result.status.name in ("SUCCESS", "SUCCESS_WITH_RETRY")
+    ok = result.status not in FAILED_STATUSES and (central or task.complete())
+    if summary:
+        print()
+        print(format_table(summarise([task])))
     if not ok:
         print(f"\n{result.summary_text}", file=sys.stderr)
     return ok
@@ -63,7 +80,8 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
 def cmd_run(args: argparse.Namespace) -> int:
     _apply_config(args)
     ok = build(args.stage, args.images, args.dataset or Path(args.images).name, args.out, workers=args.workers,
-               central=args.central, scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port)
+               central=args.central, scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port,
+               summary=not args.no_summary)
     return 0 if ok else 1
 
 
@@ -91,7 +109,7 @@ def cmd_luigid(args: argparse.Namespace) -> int:
 def cmd_workers(args: argparse.Namespace) -> int:
     """N worker processes against a running luigid: the scheduler hands each shard to exactly one of them."""
     base = [sys.executable, "-m", "tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
-            "--central", "--scheduler-port", str(args.scheduler_port)]
+            "--central", "--scheduler-port", str(args.scheduler_port), "--no-summary"]
     if args.dataset:
         base += ["--dataset", args.dataset]
     if args.config:
@@ -100,7 +118,11 @@ def cmd_workers(args: argparse.Namespace) -> int:
         base += ["--set", item]
     procs = [subprocess.Popen(base, env=os.environ.copy()) for _ in range(args.n)]
     codes = [p.wait() for p in procs]
-    return 0 if all(c == 0 for c in codes) else 1
+    _apply_config(args)
+    task = make_task(args.stage, args.images, args.dataset or Path(args.images).name, args.out)
+    print("\nall workers finished:")
+    print(format_table(summarise([task])))
+    return 0 if all(c == 0 for c in codes) and task.complete() else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--central", action="store_true", help="use the luigid scheduler instead of a local one")
     run.add_argument("--scheduler-host")
     run.add_argument("--scheduler-port", type=int)
+    run.add_argument("--no-summary", action="store_true", help="skip the end-of-run table (workers print one)")
     common(run)
     run.set_defaults(func=cmd_run)
 

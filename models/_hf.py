@@ -1,0 +1,105 @@
+"""Shared plumbing for the adapters: device choice, autocast, and loading weights with one clear offline error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+
+class ModelUnavailableError(RuntimeError):
+    """A configured model (hub id, folder or checkpoint) cannot be loaded here; the message says how to fix it."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' → cuda if available else cpu; anything else is passed to `torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU runs stay float32 so results are exact and reproducible)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Any tensor → host float32 numpy (bf16 under autocast included)."""
+    return t.detach().float().cpu().numpy().astype(np.float32, copy=False)
+
+
+def l2_normalize(t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def looks_like_path(model_id: str) -> bool:
+    """A local folder rather than a hub id: absolute, ~ or ./ prefixed, or existing on disk."""
+    return os.path.isabs(model_id) or model_id.startswith(("~", ".")) or os.path.exists(model_id)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # One short TCP probe instead of huggingface_hub's ~30 s of retries on a machine without network.
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy may work where a direct connection does not; let the hub client decide
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def unavailable(role: str, key: str, tried: str, hub_id: str, reason: str) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"The {role} model could not be loaded from '{tried}' ({reason}); it comes from the config key "
+        f"`[models] {key} = {tried}`. To use a local copy: on a connected machine run "
+        f"`huggingface-cli download {hub_id} --local-dir DIR`, copy DIR here, and set `[models] {key} = DIR` "
+        f"in luigi.cfg (or set `[models] preset = tiny` for the offline random-init models)."
+    )
+
+
+def hf_load(
+    loader: Callable[..., Any], model_id: str, *, role: str, key: str, hub_id: str, **kwargs: Any
+) -> Any:
+    """`loader(model_id, local_files_only=..., **kwargs)` (a `from_pretrained`), with ModelUnavailableError on failure.
+
+    Folders load with local_files_only; hub ids try the local HF cache first and touch the network only when
+    neither HF_HUB_OFFLINE is set nor the hub is unreachable. `hub_id` is the id suggested in the error message.
+    """
+    if looks_like_path(model_id):
+        folder = Path(model_id).expanduser()
+        if not folder.is_dir():
+            raise unavailable(role, key, model_id, hub_id, "no such folder")
+        try:
+            return loader(str(folder), local_files_only=True, **kwargs)
+        except OSError as e:
+            raise unavailable(role, key, model_id, hub_id, f"folder incomplete: {e}") from e
+    try:
+        return loader(model_id, local_files_only=True, **kwargs)
+    except OSError as e:
+        if hub_offline():
+            raise unavailable(role, key, model_id, hub_id, "not in the local HF cache and HF_HUB_OFFLINE is set") from e
+        if not _hub_reachable():
+            raise unavailable(role, key, model_id, hub_id, "not in the local HF cache and the hub is unreachable") from e
+    try:
+        return loader(model_id, **kwargs)
+    except Exception as e:  # hub clients raise OSError, httpx errors and HfHubHTTPError alike
+        raise unavailable(role, key, model_id, hub_id, f"{type(e).__name__}: {e}") from e

@@ -1,0 +1,232 @@
+"""Grounding DINO as the `Grounder` role: transformers backend (default) and the official groundingdino-py backend."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models._hf import ModelUnavailableError, autocast, hf_load, resolve_device, to_numpy
+from models.roles import Grounder, Grounding
+
+DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
+
+
+def prepare_caption(caption: str) -> tuple[str, int, int]:
+    """The official preprocessing (lowercase, strip, end with '.') plus what maps its offsets back.
+
+    Returns (text, lead, length): `text[i]` is `caption[i + lead]` for i < length; characters of `text` past
+    `length` (the appended '.') are not in `caption`.
+    """
+    lowered = caption.lower()
+    text = lowered if len(lowered) == len(caption) else caption  # keep offsets valid for exotic lowercasing
+    lead = len(text) - len(text.lstrip())
+    text = text.strip()
+    length = len(text)
+    if not text.endswith("."):
+        text += "."
+    return text, lead, length
+
+
+def char_spans(
+    offsets: Sequence[Sequence[int]], special: Sequence[int], lead: int, length: int
+) -> tuple[tuple[int, int], ...]:
+    """Tokenizer offsets into the prepared text → (start, end) into the original caption; (-1, -1) otherwise."""
+    spans = []
+    for (s, e), sp in zip(offsets, special, strict=True):
+        ok = not sp and e > s and e <= length
+        spans.append((int(s) + lead, int(e) + lead) if ok else (-1, -1))
+    return tuple(spans)
+
+
+def to_grounding(
+    probs: torch.Tensor, boxes_cxcywh: torch.Tensor, spans: tuple[tuple[int, int], ...], image_hw: tuple[int, int],
+    box_threshold: float, text_threshold: float,
+) -> Grounding:
+    """probs [Q, >=T] sigmoid token probabilities, boxes [Q, 4] normalised cxcywh → `Grounding` in image pixels.
+
+    Keeps queries whose best token probability exceeds `box_threshold`, as the official `predict` does.
+    """
+    t = len(spans)
+    probs = probs[:, :t].float()
+    keep = probs.max(dim=1).values > box_threshold
+    probs, boxes = probs[keep], boxes_cxcywh[keep].float()
+    h, w = image_hw
+    cx, cy, bw, bh = boxes.unbind(-1)
+    xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+    xyxy = xyxy * torch.tensor([w, h, w, h], dtype=torch.float32, device=xyxy.device)
+    scores = probs.max(dim=1).values if len(probs) else torch.zeros(0)
+    return Grounding(
+        boxes_xyxy=to_numpy(xyxy).reshape(-1, 4),
+        scores=to_numpy(scores).reshape(-1),
+        token_probs=to_numpy(probs).reshape(-1, t),
+        token_char_spans=spans,
+        text_threshold=float(text_threshold),
+    )
+
+
+class HFGroundingDino(Grounder):
+    """transformers `GroundingDinoForObjectDetection` + `AutoProcessor` (tokenizer + image processor)."""
+
+    def __init__(self, model_id: str = DEFAULT_GROUNDER, *, device: str = "auto", key: str = "grounder") -> None:
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+        self.device = resolve_device(device)
+        self.source = model_id
+        load = dict(role="Grounding DINO grounder", key=key, hub_id=DEFAULT_GROUNDER)
+        self.model = hf_load(GroundingDinoForObjectDetection.from_pretrained, model_id, dtype=torch.float32, **load)
+        self.model = self.model.to(self.device).eval()
+        self.processor = hf_load(AutoProcessor.from_pretrained, model_id, **load)
+        self.max_text_tokens = int(self.model.config.max_text_len)
+
+    def count_tokens(self, caption: str) -> int:
+        """Tokens incl. [CLS]/[SEP] and the appended '.' that `ground` would see, before truncation."""
+        return len(self.processor.tokenizer(prepare_caption(caption)[0])["input_ids"])
+
+    @torch.inference_mode()
+    def ground(self, image: np.ndarray, caption: str, *, box_threshold: float, text_threshold: float) -> Grounding:
+        """image: uint8 RGB [H, W, 3]; caption: free text (lowercased and '.'-terminated internally, as officially).
+
+        Returns `Grounding`: boxes xyxy float32 pixels of `image`, token_probs = sigmoid(logits) over the caption's
+        T tokens (T <= max_text_tokens, special tokens included with span (-1, -1)).
+        """
+        text, lead, length = prepare_caption(caption)
+        enc = self.processor.tokenizer(
+            text, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=True,
+            max_length=self.max_text_tokens,
+        )
+        spans = char_spans(enc["offset_mapping"], enc["special_tokens_mask"], lead, length)
+        pixels = self.processor.image_processor(images=np.asarray(image), return_tensors="pt").to(self.device)
+        ids = {k: torch.tensor([enc[k]], device=self.device) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        with autocast(self.device):
+            out = self.model(pixel_values=pixels["pixel_values"], pixel_mask=pixels["pixel_mask"], **ids)
+        return to_grounding(
+            out.logits[0].float().sigmoid(), out.pred_boxes[0], spans, image.shape[:2], box_threshold, text_threshold
+        )
+
+
+@contextlib.contextmanager
+def _bert_compat() -> Iterator[None]:
+    """groundingdino-py 0.4.0 wraps BERT with helpers transformers 5 removed; swap in a wrapper while building.
+
+    The wrapper keeps the same submodule names (embeddings, encoder, pooler) so official checkpoints load as-is,
+    and lets BertModel itself handle the phrase-wise [B, T, T] attention mask.
+    """
+    import groundingdino.models.GroundingDINO.groundingdino as gd_module
+    from transformers import BertModel
+
+    if hasattr(BertModel, "get_extended_attention_mask"):
+        yield
+        return
+
+    class BertCompat(torch.nn.Module):
+        def __init__(self, bert_model):
+            super().__init__()
+            self.config = bert_model.config
+            self.embeddings = bert_model.embeddings
+            self.encoder = bert_model.encoder
+            self.pooler = bert_model.pooler
+            self._bert = (bert_model,)  # a tuple: not registered twice in the state_dict
+
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **_):
+            if attention_mask is not None and attention_mask.ndim == 3:
+                attention_mask = attention_mask[:, None].bool()  # [B, 1, T, T] boolean mask, True = attend
+            return self._bert[0](
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                position_ids=position_ids, return_dict=True,
+            )
+
+    original = gd_module.BertModelWarper
+    gd_module.BertModelWarper = BertCompat
+    try:
+        yield
+    finally:
+        gd_module.BertModelWarper = original
+
+
+def load_groundingdino(config_path: str, checkpoint_path: str, *, text_encoder: str = ""):
+    """The official model from its python config file and `.pth` checkpoint ({'model': state_dict}), on CPU.
+
+    text_encoder: overrides the config's `text_encoder_type` (a local BERT folder when offline).
+    """
+    from groundingdino.models import build_model
+    from groundingdino.util.misc import clean_state_dict
+    from groundingdino.util.slconfig import SLConfig
+
+    for what, key, path in (("config", "groundingdino_config", config_path),
+                            ("checkpoint", "groundingdino_checkpoint", checkpoint_path)):
+        if not path or not Path(path).expanduser().is_file():
+            raise ModelUnavailableError(
+                f"The groundingdino-py grounder {what} '{path}' does not exist; it comes from the config key "
+                f"`[models] {key} = {path}`. Get the official files (GroundingDINO_SwinB_cfg.py ships inside the "
+                f"groundingdino package; weights from https://github.com/IDEA-Research/GroundingDINO releases) "
+                f"and set the key to their local path, or use `[models] grounder_backend = transformers`."
+            )
+    args = SLConfig.fromfile(str(Path(config_path).expanduser()))
+    args.device = "cpu"
+    if text_encoder:
+        args.text_encoder_type = text_encoder
+    try:
+        with _bert_compat():
+            model = build_model(args)
+    except OSError as e:
+        raise ModelUnavailableError(
+            f"The groundingdino-py grounder needs its BERT text encoder '{args.text_encoder_type}', which could "
+            f"not be loaded ({e}). On a connected machine run `huggingface-cli download bert-base-uncased "
+            f"--local-dir DIR`, copy DIR here and set `[models] groundingdino_text_encoder = DIR`."
+        ) from e
+    state = torch.load(str(Path(checkpoint_path).expanduser()), map_location="cpu", weights_only=False)
+    model.load_state_dict(clean_state_dict(state.get("model", state)), strict=False)
+    return model.eval()
+
+
+class GroundingDinoPy(Grounder):
+    """The official IDEA-Research implementation (`groundingdino-py`), same `Grounding` output as `HFGroundingDino`.
+
+    Image transform as the official `load_image`: resize shortest side to `size` (longest <= `max_size`),
+    ImageNet normalisation. Logits → token_probs by sigmoid; boxes normalised cxcywh → xyxy pixels.
+    """
+
+    def __init__(
+        self, config_path: str, checkpoint_path: str, *, device: str = "auto", text_encoder: str = "",
+        size: int = 800, max_size: int = 1333,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.source = checkpoint_path
+        self.model = load_groundingdino(config_path, checkpoint_path, text_encoder=text_encoder).to(self.device)
+        self.max_text_tokens = int(self.model.max_text_len)
+        self.size, self.max_size = size, max_size
+
+    def _transform(self, image: np.ndarray) -> torch.Tensor:
+        import groundingdino.datasets.transforms as T
+        from PIL import Image
+
+        tf = T.Compose([
+            T.RandomResize([self.size], max_size=self.max_size),  # one size: deterministic
+            T.ToTensor(),
+            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ])
+        x, _ = tf(Image.fromarray(np.asarray(image)), None)
+        return x
+
+    def count_tokens(self, caption: str) -> int:
+        """Tokens incl. [CLS]/[SEP] and the appended '.' that `ground` would see, before truncation."""
+        return len(self.model.tokenizer(prepare_caption(caption)[0])["input_ids"])
+
+    @torch.inference_mode()
+    def ground(self, image: np.ndarray, caption: str, *, box_threshold: float, text_threshold: float) -> Grounding:
+        """Same contract as `HFGroundingDino.ground` (uint8 RGB [H, W, 3] in, xyxy pixels out)."""
+        text, lead, length = prepare_caption(caption)
+        # Tokenised like the model's own forward: untruncated, then cut to max_text_len columns.
+        enc = self.model.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        spans = char_spans(enc["offset_mapping"], enc["special_tokens_mask"], lead, length)[: self.max_text_tokens]
+        x = self._transform(image).to(self.device)
+        with autocast(self.device):
+            out = self.model(x[None], captions=[text])
+        return to_grounding(
+            out["pred_logits"][0].float().sigmoid(), out["pred_boxes"][0], spans, image.shape[:2],
+            box_threshold, text_threshold,
+        )

@@ -1,0 +1,171 @@
+"""Model presets: which adapter answers each role, configured from luigi.cfg's `[models]` section.
+
+Built-in presets:
+- `real`: hub ids or local folders/checkpoints named by the settings (defaults: the papers' models);
+- `tiny`: random-init small models of the same architectures, built once into `<cache_dir>/tiny-v1/<role>/`
+  and loaded back by the very same `real` loaders (only the ids change).
+Others (e.g. the tests' `oracle`) plug in with `register_preset(name, {role: factory})`, possibly from a module
+listed in `[models] plugins`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from models._hf import ModelUnavailableError
+from models.captioner import DEFAULT_CAPTIONER
+from models.clip import DEFAULT_CLIP
+from models.dense import DEFAULT_DINO
+from models.grounder import DEFAULT_GROUNDER
+from models.segmenter import SAM_CHECKPOINT_URLS
+
+__all__ = [
+    "ROLES",
+    "ModelSettings",
+    "ModelUnavailableError",
+    "load_role",
+    "register_preset",
+    "registered_presets",
+]
+
+ROLES = ("captioner", "grounder", "segmenter", "clip", "dense")
+Factory = Callable[["ModelSettings"], Any]
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The `[models]` section of luigi.cfg, typed. Every field has a default; unknown keys are rejected."""
+
+    preset: str = "real"  # "real" | "tiny" | any registered name
+    cache_dir: str = "~/.cache/pseudoseg"  # where tiny models are built
+    device: str = "auto"  # "auto" → cuda if available else cpu
+    captioner: str = DEFAULT_CAPTIONER
+    clip: str = DEFAULT_CLIP
+    dino: str = DEFAULT_DINO
+    grounder: str = DEFAULT_GROUNDER
+    grounder_backend: str = "transformers"  # "transformers" | "groundingdino"
+    groundingdino_config: str = ""
+    groundingdino_checkpoint: str = ""
+    groundingdino_text_encoder: str = ""  # local BERT folder overriding the config's text_encoder_type
+    sam_arch: str = "vit_h"
+    sam_checkpoint: str = ""  # "" → <cache_dir>/<official file name of sam_arch>, e.g. sam_vit_h_4b8939.pth
+    plugins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, str]) -> ModelSettings:
+        """From a plain str→str mapping (e.g. `dict(luigi_config.items("models"))`); blank values keep defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown [models] keys {unknown}; known: {sorted(names)}")
+        kw: dict[str, Any] = {k: str(v).strip() for k, v in d.items() if str(v).strip()}
+        if "plugins" in kw:
+            kw["plugins"] = tuple(p.strip() for p in kw["plugins"].split(",") if p.strip())
+        return cls(**kw)
+
+    def sam_checkpoint_path(self) -> str:
+        if self.sam_checkpoint:
+            return self.sam_checkpoint
+        url = SAM_CHECKPOINT_URLS.get(self.sam_arch, f"/sam_{self.sam_arch}.pth")
+        return f"{self.cache_dir}/{url.rsplit('/', 1)[-1]}"
+
+
+# ----------------------------------------------------------------------------------------------------- real
+def _captioner(s: ModelSettings):
+    from models.captioner import HFCaptioner
+
+    return HFCaptioner(s.captioner, device=s.device)
+
+
+def _grounder(s: ModelSettings):
+    if s.grounder_backend == "groundingdino":
+        from models.grounder import GroundingDinoPy
+
+        return GroundingDinoPy(
+            s.groundingdino_config, s.groundingdino_checkpoint, device=s.device,
+            text_encoder=s.groundingdino_text_encoder,
+        )
+    if s.grounder_backend != "transformers":
+        raise ValueError(f"[models] grounder_backend must be 'transformers' or 'groundingdino', got {s.grounder_backend!r}")
+    from models.grounder import HFGroundingDino
+
+    return HFGroundingDino(s.grounder, device=s.device)
+
+
+def _segmenter(s: ModelSettings):
+    from models.segmenter import SamSegmenter
+
+    return SamSegmenter.from_checkpoint(s.sam_arch, s.sam_checkpoint_path(), device=s.device)
+
+
+def _clip(s: ModelSettings):
+    from models.clip import HFClipEncoder
+
+    return HFClipEncoder(s.clip, device=s.device)
+
+
+def _dense(s: ModelSettings):
+    from models.dense import HFDinoEncoder
+
+    return HFDinoEncoder(s.dino, device=s.device)
+
+
+REAL: dict[str, Factory] = {
+    "captioner": _captioner, "grounder": _grounder, "segmenter": _segmenter, "clip": _clip, "dense": _dense,
+}
+
+
+# ----------------------------------------------------------------------------------------------------- tiny
+def tiny_settings(s: ModelSettings, roles: tuple[str, ...] = ROLES) -> ModelSettings:
+    """`s` with the ids of `roles` swapped for tiny folders in `s.cache_dir` (built on first use)."""
+    from models.tiny import SAM_TINY_CHECKPOINT, ensure_tiny
+
+    swap: dict[str, str] = {}
+    for role in roles:
+        folder = str(ensure_tiny(role, s.cache_dir))
+        if role == "segmenter":
+            swap.update(sam_arch="tiny", sam_checkpoint=f"{folder}/{SAM_TINY_CHECKPOINT}")
+        elif role == "grounder":
+            swap.update(grounder=folder, grounder_backend="transformers")
+        else:
+            swap[{"captioner": "captioner", "clip": "clip", "dense": "dino"}[role]] = folder
+    return dataclasses.replace(s, **swap)
+
+
+TINY: dict[str, Factory] = {role: (lambda s, r=role: REAL[r](tiny_settings(s, (r,)))) for role in ROLES}
+
+_PRESETS: dict[str, dict[str, Factory]] = {"real": REAL, "tiny": TINY}
+
+
+def register_preset(name: str, factories: Mapping[str, Factory]) -> None:
+    """Register (or replace) preset `name`: {role: factory(settings) -> adapter}. Roles it lacks are unavailable."""
+    bad = sorted(set(factories) - set(ROLES))
+    if bad:
+        raise ValueError(f"unknown roles {bad}; roles are {ROLES}")
+    _PRESETS[name] = dict(factories)
+
+
+def registered_presets() -> tuple[str, ...]:
+    return tuple(sorted(_PRESETS))
+
+
+def load_role(role: str, settings: ModelSettings) -> Any:
+    """The adapter for `role` ('captioner', 'grounder', 'segmenter', 'clip', 'dense') under `settings.preset`.
+
+    Plugin modules in `settings.plugins` are imported first (they call `register_preset`). Raises
+    ModelUnavailableError when a configured model cannot be loaded offline.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
+    for module in settings.plugins:
+        importlib.import_module(module)
+    preset = _PRESETS.get(settings.preset)
+    if preset is None:
+        raise ValueError(f"unknown [models] preset {settings.preset!r}; registered: {registered_presets()}")
+    if role not in preset:
+        raise ModelUnavailableError(f"preset {settings.preset!r} has no {role!r} model (it provides {sorted(preset)})")
+    return preset[role](settings)

@@ -1,0 +1,200 @@
+"""Role interfaces the pipeline codes against, and the small frozen records they return.
+
+Conventions at every boundary (stated again on each method):
+- images: `np.ndarray` uint8 RGB, shape `[H, W, 3]` (row-major: H rows, W columns);
+- boxes: `xyxy` float32 `[N, 4]` = (x0, y0, x1, y1) in pixels of the given image, x = column, y = row;
+- points: `(x, y)` pixels, x = column, y = row — never (row, col);
+- all returned arrays are numpy float32 on the host, whatever device the model ran on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Grounding:
+    """Boxes a grounder found for one caption on one image.
+
+    boxes_xyxy: float32 [N, 4], (x0, y0, x1, y1) pixels of the input image (x = column).
+    scores: float32 [N], per box the max over text tokens of `token_probs` (the official box score).
+    token_probs: float32 [N, T], per box the sigmoid probability of every text token of the tokenised caption.
+    token_char_spans: T pairs `(start, end)`, character offsets into the caption passed to `ground`
+        (`caption[start:end]` is the token's text); special/added tokens have `(-1, -1)`.
+    text_threshold: the threshold the caller asked for; `token_mask()` applies it the official way.
+    """
+
+    boxes_xyxy: np.ndarray
+    scores: np.ndarray
+    token_probs: np.ndarray
+    token_char_spans: tuple[tuple[int, int], ...]
+    text_threshold: float = 0.25
+
+    def token_mask(self) -> np.ndarray:
+        """bool [N, T]: tokens above `text_threshold` that map to caption characters (the box's phrase tokens)."""
+        real = np.array([s >= 0 for s, _ in self.token_char_spans], dtype=bool)
+        return (self.token_probs > self.text_threshold) & real[None, :]
+
+
+@dataclass(frozen=True)
+class SamImageEmbedding:
+    """One SAM image encoding, reusable for any number of prompt batches on the same image.
+
+    features: torch.Tensor float [1, 256, 64, 64] on the segmenter's device (image-encoder output).
+    original_size: (H, W) of the image given to `embed`.
+    input_size: (h, w) of the image after SAM's ResizeLongestSide (longest side = 1024), before padding.
+    """
+
+    features: Any
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class MaskPrediction:
+    """SAM decoder output for N prompts with M masks each (M = 3 if multimask else 1).
+
+    logits: float32 [N, M, H, W] at the original image resolution; mask = logits > 0 (SAM's mask_threshold).
+    iou_pred: float32 [N, M], SAM's predicted IoU per mask.
+    low_res_logits: float32 [N, M, 256, 256], the decoder's raw output (SAM's padded 1024-square frame).
+    """
+
+    logits: np.ndarray
+    iou_pred: np.ndarray
+    low_res_logits: np.ndarray
+
+    def masks(self, threshold: float = 0.0) -> np.ndarray:
+        """bool [N, M, H, W]."""
+        return self.logits > threshold
+
+
+@dataclass(frozen=True)
+class ClipImageFeatures:
+    """cls: float32 [B, D], projected image embedding, L2-normalised.
+    patch: float32 [B, h, w, D], dense MaskCLIP patch embeddings in the same joint space, L2-normalised;
+        patch[b, i, j] covers rows i*p:(i+1)*p and columns j*p:(j+1)*p of the input crop (p = patch_size).
+    """
+
+    cls: np.ndarray
+    patch: np.ndarray
+
+
+@dataclass(frozen=True)
+class DenseFeatures:
+    """cls: float32 [B, L, C]; patches: float32 [B, L, h, w, C] (patch [i, j] = rows i*p.., columns j*p..);
+    layers: the L block indices (0-based) the features come from, in the order of axis 1.
+    """
+
+    cls: np.ndarray
+    patches: np.ndarray
+    layers: tuple[int, ...]
+
+
+# ----------------------------------------------------------------------------------------------------- roles
+class Captioner(ABC):
+    @abstractmethod
+    def caption(
+        self,
+        images: Sequence[np.ndarray],
+        prompt: str,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int,
+    ) -> list[str]:
+        """Caption each image (uint8 RGB [H, W, 3], sizes may differ) with the same `prompt`.
+
+        Returns one string per image (only the newly generated text, stripped). Sampling is seeded: the same
+        images in the same batch order with the same arguments give the same strings. temperature <= 0 → greedy.
+        """
+
+
+class Grounder(ABC):
+    max_text_tokens: int  # captions are truncated to this many tokens (special tokens included)
+
+    @abstractmethod
+    def ground(self, image: np.ndarray, caption: str, *, box_threshold: float, text_threshold: float) -> Grounding:
+        """Find boxes for the phrases of `caption` in `image` (uint8 RGB [H, W, 3]).
+
+        Keeps boxes whose best token probability exceeds `box_threshold`; boxes are xyxy float32 pixels of
+        `image` (x = column). See `Grounding` for the token axes.
+        """
+
+    @abstractmethod
+    def count_tokens(self, caption: str) -> int:
+        """Tokens (special tokens included) `ground` would feed the model for `caption`, before truncation to
+        `max_text_tokens`; lets callers split long captions into windows that fit."""
+
+
+class Segmenter(ABC):
+    @abstractmethod
+    def embed(self, image: np.ndarray) -> SamImageEmbedding:
+        """Encode one uint8 RGB image [H, W, 3] once; the result serves any number of `predict` calls."""
+
+    @abstractmethod
+    def predict(
+        self,
+        embedding: SamImageEmbedding,
+        *,
+        boxes_xyxy: np.ndarray | None = None,
+        points_xy: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = True,
+    ) -> MaskPrediction:
+        """Decode N prompts in one batched call.
+
+        boxes_xyxy: float [N, 4], (x0, y0, x1, y1) pixels of the original image.
+        points_xy: float [N, P, 2], (x, y) pixels of the original image (x = column); point_labels: int [N, P],
+            1 = foreground, 0 = background. Boxes and points may be combined (same N).
+        Returns `MaskPrediction` with M = 3 masks per prompt if multimask else 1.
+        """
+
+    @abstractmethod
+    def automatic_masks(self, image: np.ndarray, **params: Any) -> list[dict]:
+        """SAM's automatic mask generator on a uint8 RGB image [H, W, 3].
+
+        params: points_per_side, pred_iou_thresh, stability_score_thresh, min_mask_region_area, ... as
+        `SamAutomaticMaskGenerator` (output_mode is always 'binary_mask'). Each dict has 'segmentation'
+        (bool [H, W]), 'area', 'bbox' (x, y, w, h pixels, XYWH), 'predicted_iou', 'point_coords' ([[x, y]]),
+        'stability_score', 'crop_box' (XYWH).
+        """
+
+
+class ClipEncoder(ABC):
+    embed_dim: int  # D, joint image-text space
+    patch_size: int  # p, pixels per patch side
+    image_size: int  # S, the crop side the vision tower expects
+
+    @abstractmethod
+    def encode_image(self, images: np.ndarray) -> ClipImageFeatures:
+        """images: uint8 RGB [B, S, S, 3] with S == image_size (the caller cuts and resizes crops).
+
+        Returns cls float32 [B, D] and dense patch float32 [B, S/p, S/p, D], both L2-normalised.
+        """
+
+    @abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """texts: N strings → float32 [N, D] projected, L2-normalised text embeddings."""
+
+
+class DenseEncoder(ABC):
+    patch_size: int  # p
+    hidden_size: int  # C
+    num_layers: int  # number of transformer blocks
+
+    @abstractmethod
+    def encode(self, images: np.ndarray, layers: Sequence[int] | None = None) -> DenseFeatures:
+        """images: uint8 RGB [B, H, W, 3] with H, W multiples of patch_size.
+
+        layers: 0-based block indices (negative counts from the end); default only the last block. The last
+        block's output gets the model's final layernorm (as `last_hidden_state`); other blocks are raw.
+        Returns `DenseFeatures` with cls [B, L, C] and patches [B, L, H/p, W/p, C], float32.
+        """

@@ -1,0 +1,149 @@
+"""SAM (segment-anything) as the `Segmenter` role: one image encoding, batched prompt decoding, automatic masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models._hf import ModelUnavailableError, autocast, resolve_device, to_numpy
+from models.roles import MaskPrediction, SamImageEmbedding, Segmenter
+
+# `_build_sam` keyword arguments per image-encoder size; vit_* are the official ones (segment_anything.build_sam).
+SAM_ARCHS: dict[str, dict[str, Any]] = {
+    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=[7, 15, 23, 31]),
+    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=[5, 11, 17, 23]),
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=[2, 5, 8, 11]),
+    "tiny": dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]),
+}
+SAM_CHECKPOINT_URLS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+}
+
+
+def build_sam_arch(arch: dict[str, Any], checkpoint: str | None):
+    """`segment_anything.build_sam._build_sam(**arch, checkpoint=...)`; checkpoint None → random init."""
+    from segment_anything.build_sam import _build_sam
+
+    return _build_sam(**arch, checkpoint=checkpoint)
+
+
+def load_sam(arch: dict[str, Any], checkpoint: str, *, key: str = "sam_checkpoint"):
+    """Build SAM with `arch` (a `SAM_ARCHS` value) and load the state_dict `.pth` at `checkpoint` (real or tiny)."""
+    path = Path(checkpoint).expanduser() if checkpoint else None
+    if path is None or not path.is_file():
+        urls = ", ".join(f"{k}: {v}" for k, v in SAM_CHECKPOINT_URLS.items())
+        raise ModelUnavailableError(
+            f"The SAM segmenter checkpoint '{checkpoint}' does not exist; it comes from the config key "
+            f"`[models] {key} = {checkpoint}` (with `[models] sam_arch` naming its size). Download the official "
+            f"checkpoint on a connected machine ({urls}), copy it to a local path here and set `[models] {key} = /path/to/file.pth` "
+            f"(or set `[models] preset = tiny` for the offline random-init models)."
+        )
+    return build_sam_arch(arch, str(path))
+
+
+class SamSegmenter(Segmenter):
+    """SAM over segment-anything's own modules; prompts go through its `ResizeLongestSide` transform."""
+
+    def __init__(self, sam, *, device: str = "auto", source: str = "") -> None:
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.device = resolve_device(device)
+        self.sam = sam.to(self.device).eval()
+        self.source = source
+        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+
+    @classmethod
+    def from_checkpoint(cls, arch: str | dict[str, Any], checkpoint: str, *, device: str = "auto") -> SamSegmenter:
+        """arch: a `SAM_ARCHS` name ('vit_h', 'vit_l', 'vit_b', 'tiny') or its dict; checkpoint: state_dict `.pth`."""
+        if isinstance(arch, str):
+            if arch not in SAM_ARCHS:
+                raise ValueError(f"unknown sam_arch {arch!r}; known: {sorted(SAM_ARCHS)}")
+            arch = SAM_ARCHS[arch]
+        return cls(load_sam(arch, checkpoint), device=device, source=str(checkpoint))
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> SamImageEmbedding:
+        """image: uint8 RGB [H, W, 3] → `SamImageEmbedding` (features [1, 256, 64, 64], original (H, W), input (h, w)).
+
+        Same steps as `SamPredictor.set_image`: resize longest side to 1024, normalise, pad, encode.
+        """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"SAM expects uint8 RGB [H, W, 3], got {image.dtype} {image.shape}")
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        input_size = tuple(int(s) for s in x.shape[-2:])
+        with autocast(self.device):
+            features = self.sam.image_encoder(self.sam.preprocess(x))
+        return SamImageEmbedding(
+            features=features.float(), original_size=(int(image.shape[0]), int(image.shape[1])), input_size=input_size
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        embedding: SamImageEmbedding,
+        *,
+        boxes_xyxy: np.ndarray | None = None,
+        points_xy: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        multimask: bool = True,
+    ) -> MaskPrediction:
+        """All N prompts in one batched decoder call (as `SamPredictor.predict_torch`).
+
+        boxes_xyxy: float [N, 4] (x0, y0, x1, y1) pixels of the original image.
+        points_xy: float [N, P, 2] (x, y) pixels of the original image (x = column); point_labels int [N, P]
+            (1 foreground, 0 background; default all 1).
+        Returns logits float32 [N, M, H, W] (original size; > 0 is the mask), iou_pred [N, M],
+        low_res_logits [N, M, 256, 256]; M = 3 if multimask else 1. Memory is N*M*H*W*4 bytes: callers with
+        hundreds of prompts on large images pass them in chunks.
+        """
+        size = embedding.original_size
+        boxes = points = None
+        if boxes_xyxy is not None:
+            b = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+            boxes = torch.as_tensor(self.transform.apply_boxes(b, size), dtype=torch.float32, device=self.device)
+        if points_xy is not None:
+            pts = np.asarray(points_xy, dtype=np.float32)
+            if pts.ndim != 3 or pts.shape[2] != 2:
+                raise ValueError(f"points_xy must be [N, P, 2] (x, y), got {pts.shape}")
+            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels)
+            if labels.shape != pts.shape[:2]:
+                raise ValueError(f"point_labels must be [N, P] = {pts.shape[:2]}, got {labels.shape}")
+            coords = torch.as_tensor(self.transform.apply_coords(pts, size), dtype=torch.float32, device=self.device)
+            points = (coords, torch.as_tensor(labels, dtype=torch.int, device=self.device))
+        if boxes is None and points is None:
+            raise ValueError("predict needs boxes_xyxy and/or points_xy")
+        if boxes is not None and points is not None and len(boxes) != len(points[0]):
+            raise ValueError(f"boxes ({len(boxes)}) and points ({len(points[0])}) must have the same N")
+        with autocast(self.device):
+            sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=embedding.features.to(self.device),
+                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
+        return MaskPrediction(logits=to_numpy(logits), iou_pred=to_numpy(iou), low_res_logits=to_numpy(low_res))
+
+    def automatic_masks(self, image: np.ndarray, **params: Any) -> list[dict]:
+        """`SamAutomaticMaskGenerator(sam, **params).generate(image)` on uint8 RGB [H, W, 3].
+
+        params: points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh, min_mask_region_area,
+        crop_n_layers, ... (output_mode is forced to 'binary_mask'). Dicts as documented on `Segmenter`:
+        'segmentation' bool [H, W], 'bbox' XYWH pixels, 'point_coords' [[x, y]], 'predicted_iou', ...
+        """
+        from segment_anything import SamAutomaticMaskGenerator
+
+        params = {**params, "output_mode": "binary_mask"}
+        generator = SamAutomaticMaskGenerator(self.sam, **params)
+        # No autocast here: segment-anything's amg helpers convert tensors to numpy, which bf16 cannot do.
+        with torch.inference_mode():
+            return generator.generate(np.asarray(image))

@@ -1,0 +1,40 @@
+"""ModelProbe: load every role of the configured preset and run it once on the dataset's first image."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import luigi
+import numpy as np
+
+from models.probe import probe_roles
+from pipeline.artifacts import StageDir, atomic_write_bytes
+from pipeline.ingest import iter_ingested_images
+from schemas import MODEL_PROBE
+from tasks.base import DatasetTask, model_settings
+from tasks.ingest import IngestShard
+
+
+class ModelProbe(DatasetTask):
+    def requires(self) -> IngestShard:
+        return IngestShard(shard=0, **self.common())
+
+    @property
+    def stage_dir(self) -> StageDir:
+        settings = dataclasses.asdict(model_settings())
+        settings.pop("device")  # where it runs does not change what it is
+        params = {"ingest": self.requires().stage_dir.hash, "models": settings}
+        return StageDir(self.root, self.dataset, "model_probe", params)
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir.path / "probe.parquet"))
+
+    def run(self) -> None:
+        tar = self.requires().stage_dir.shard_path(0, "tar")
+        first = next(iter_ingested_images(str(tar)), None)
+        image = first[1] if first else np.full((96, 128, 3), 127, np.uint8)  # empty shard: a grey image
+        self.set_status_message("loading and probing models")
+        rows = probe_roles(model_settings(), image)
+        self.stage_dir.write_params()
+        atomic_write_bytes(self.stage_dir.path / "probe.parquet",
+                           MODEL_PROBE.to_parquet_bytes(MODEL_PROBE.table(rows)))

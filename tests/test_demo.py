@@ -1,0 +1,36 @@
+"""`pseudoseg demo` (what `make demo` runs): full DAG on the embedded sample set with tiny models, offline."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.sample_set import write_sample_set
+from schemas import MANIFEST, MODEL_PROBE, REJECTS, SHARD_STATS
+from tests.helpers import cli, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
+    env = cli_env(tmp_path)
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = cli(["demo", "--out", str(tmp_path / "out"), "--set", f"models.cache_dir={tmp_path / 'models'}"], env)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    assert "images ok" in text  # the end-of-run table
+
+    expected = write_sample_set(tmp_path / "expected")
+    demo = tmp_path / "out" / "demo"
+    (done,) = demo.glob("ingest/*/shard-000000.done.json")
+    stats = SHARD_STATS.read_json(done)
+    assert (stats["ok_count"], stats["rejected_count"]) == (expected.expected_good_count,
+                                                           expected.expected_reject_count)
+    base = str(done).removesuffix(".done.json")
+    assert len(MANIFEST.read_parquet(base + ".parquet")) == expected.expected_good_count
+    reasons = {row["reason"] for row in REJECTS.read_parquet(base + ".rejects.parquet").to_pylist()}
+    assert reasons == set(expected.expected_rejects.values())
+
+    (probe,) = demo.glob("model_probe/*/probe.parquet")
+    rows = MODEL_PROBE.read_parquet(probe).to_pylist()
+    assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "dense"}
+    assert all(r["model"].startswith("tiny:") for r in rows)
