@@ -47,7 +47,232 @@ def bench_ingest(n_images: int = 200) -> dict:
             "ingest_images_per_s": n_images / (t2 - t1)}
 
 
-BENCHMARKS = {"ingest": bench_ingest}
+def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3) -> dict:
+    """SAM box→mask on one 640x480 image, real-size vit_b at random init (seed 0) on this machine's device.
+
+    Batched: `SamSegmenter.embed` once + ONE `predict` call for all boxes (the `masks_for_boxes` path).
+    Per box: `SamPredictor.set_image` once + `predict(box=..., multimask_output=True, return_logits=True)` per
+    box. Decoder times are the best of `repeats`; both produce full-resolution logits for 3 masks per box. The
+    batched decode is also timed in chunks of 1 and 4 boxes per call (`max_boxes_per_call`). `embed_s` is the first
+    (cold) encoder forward, `predictor_set_image_s` the second (warm).
+    `masks_for_boxes_s` adds the stability choice and cleanup to the batched decode (thresholds off, so every
+    mask is cleaned); random-init masks are noisier than trained ones, so treat it as an upper bound.
+    """
+    import cv2
+    import numpy as np
+    import torch
+    from segment_anything import SamPredictor
+
+    from models.roles import Segmenter
+    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pipeline.use_pairs import masks_for_boxes
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    sam = build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None)
+    build_s = time.perf_counter() - t0
+    seg = SamSegmenter(sam, device="auto")
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
+    xy0 = rng.uniform([0, 0], [560, 400], size=(n_boxes, 2))
+    wh = rng.uniform(20, 240, size=(n_boxes, 2))
+    boxes = np.concatenate([xy0, np.minimum(xy0 + wh, [640, 480])], axis=1).astype(np.float32)
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    sync()
+    t0 = time.perf_counter()
+    embedding = seg.embed(image)
+    sync()
+    embed_s = time.perf_counter() - t0
+    batched_s = best(lambda: seg.predict(embedding, boxes_xyxy=boxes, multimask=True))
+
+    def chunked(size: int) -> None:
+        for c in range(0, n_boxes, size):
+            seg.predict(embedding, boxes_xyxy=boxes[c : c + size], multimask=True)
+
+    # Where one big batch stops paying (memory traffic grows with N on CPU): `max_boxes_per_call`.
+    by_chunk = {str(size): best(lambda size=size: chunked(size)) for size in (1, 4)}
+
+    class Cached(Segmenter):  # the embedding above, so masks_for_boxes is timed without the encoder
+        def embed(self, image):
+            return embedding
+
+        def predict(self, emb, **kw):
+            return seg.predict(emb, **kw)
+
+        def automatic_masks(self, image, **params):
+            raise NotImplementedError
+
+    masks_s = best(
+        lambda: masks_for_boxes(Cached(), image, boxes, pred_iou_thresh=-np.inf, stability_thresh=-np.inf)
+    )
+
+    predictor = SamPredictor(seg.sam)
+    sync()
+    t0 = time.perf_counter()
+    predictor.set_image(image)
+    sync()
+    set_image_s = time.perf_counter() - t0
+
+    def per_box() -> None:
+        for box in boxes:
+            predictor.predict(box=box, multimask_output=True, return_logits=True)
+
+    per_box_s = best(per_box)
+    return {
+        "arch": "vit_b (random init)",
+        "image_hw": [480, 640],
+        "boxes": n_boxes,
+        "repeats": repeats,
+        "device": str(seg.device),
+        "torch_threads": torch.get_num_threads(),
+        "build_s": build_s,
+        "embed_s": embed_s,
+        "predictor_set_image_s": set_image_s,
+        "batched_decoder_s": batched_s,
+        "per_box_decoder_s": per_box_s,
+        "batched_decoder_s_by_max_boxes_per_call": by_chunk,
+        "per_box_over_batched": per_box_s / batched_s,
+        "masks_for_boxes_s": masks_s,
+    }
+
+
+def bench_fmbseg_stages(classes_11: int = 5) -> dict:
+    """FMbSeg Stage 1 per-image seconds on one 640x480 image with real-size random-init models on this machine:
+    CLIP ViT-B/16 (transformers CLIPConfig defaults, vision patch 16, image 224; saved and loaded back through
+    `HFClipEncoder` like real weights) and SAM vit_b (`_build_sam` vit_b dims), both seed 0.
+
+    Stages as the Luigi tasks run them with luigi.cfg's [fmbseg] defaults (short side 448 → 448x592 working image,
+    15 crops of 224 with stride 112; coco_stuff171 × "a photo of a {}."; top-5 points; 32x32 automatic grid):
+    dense (crops → CLIP → stitch), detect (per image; the vocabulary's text embeddings are per shard and reported
+    apart), 1.1 (SAM embed + one batched decode for `classes_11` class prompts), 1.2 (segment-anything's automatic
+    generator, which embeds again, + mask labelling), merge (label map + region RLEs + PNG).
+    `outside_model_share`: 1 - (time inside any torch module forward) / stage time — the pipeline's own cost
+    (resizing, stitching, mask upsampling/thresholding, NMS, RLE...). Random-init SAM predicts low IoUs, so the
+    automatic generator keeps few masks; trained weights keep more and spend more time in RLE/NMS/labelling.
+    """
+    import tempfile
+
+    import cv2
+    import numpy as np
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from models.clip import HFClipEncoder
+    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from models.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
+    from pipeline import fmbseg as F
+    from pipeline.images import encode_png
+    from pipeline.vocabularies import load_templates, load_vocabulary
+
+    inside = {"depth": 0, "start": 0.0, "total": 0.0}
+
+    def pre(_module, _args):
+        if inside["depth"] == 0:
+            inside["start"] = time.perf_counter()
+        inside["depth"] += 1
+
+    def post(_module, _args, _out):
+        inside["depth"] -= 1
+        if inside["depth"] == 0:
+            inside["total"] += time.perf_counter() - inside["start"]
+
+    results: dict = {}
+
+    def timed(name: str, fn):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        inside["total"] = 0.0
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        seconds = time.perf_counter() - t
+        results[name] = {"seconds": round(seconds, 4), "model_forward_s": round(inside["total"], 4),
+                         "outside_model_share": round(1 - inside["total"] / seconds, 4)}
+        return out
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_clip_tokenizer()
+        config = CLIPConfig(text_config=dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                            vision_config=dict(patch_size=16))
+        CLIPModel(config).eval().save_pretrained(tmp)
+        processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                       image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+        CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(tmp)
+        clip = HFClipEncoder(tmp, device="auto")
+    seg = SamSegmenter(build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None), device="auto")
+    rng = np.random.default_rng(0)
+    rgb = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
+    vocab = load_vocabulary("coco_stuff171")
+    amg = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+           "box_nms_thresh": 0.7, "min_mask_region_area": 100}
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+               torch.nn.modules.module.register_module_forward_hook(post)]
+    try:
+        timed("warmup_dense", lambda: F.clip_dense_features(clip, rgb, short_side=448))
+        dense = timed("dense", lambda: F.clip_dense_features(clip, rgb, short_side=448))
+        text = timed("text_embeddings_per_shard",
+                     lambda: F.class_text_embeddings(clip, vocab, load_templates("single")))
+        det = timed("detect", lambda: F.detect_classes(dense.cls, text, min_crops=1))
+        classes = list(range(classes_11))
+        embedding = timed("sam_embed_only", lambda: seg.embed(rgb))
+
+        def stage11():
+            return F.query_point_masks(seg, seg.embed(rgb), dense, text, classes, top_k=5)
+
+        m11 = timed("stage11", stage11)
+        timed("stage11_decode_only", lambda: F.query_point_masks(seg, embedding, dense, text, classes, top_k=5))
+        auto = timed("stage12_generator", lambda: seg.automatic_masks(rgb, **amg))
+        m12 = timed("stage12_labelling", lambda: F.label_auto_masks(
+            auto, dense, text, classes, min_area_fraction=0.0005, max_area_fraction=0.9))
+
+        def merge():
+            label, source = F.merge_label_map(rgb.shape[:2], m11 + m12, "stage11_first")
+            F.label_region_rows("x", vocab, label, source)
+            F.mask_rows("x", vocab, m11 + m12)
+            return encode_png(label)
+
+        timed("merge", merge)
+    finally:
+        for h in handles:
+            h.remove()
+    s12 = {k: results["stage12_generator"][k] + results["stage12_labelling"][k]
+           for k in ("seconds", "model_forward_s")}
+    results["stage12"] = {**{k: round(v, 4) for k, v in s12.items()},
+                          "outside_model_share": round(1 - s12["model_forward_s"] / s12["seconds"], 4)}
+    per_image = ("dense", "detect", "stage11", "stage12", "merge")
+    total = sum(results[k]["seconds"] for k in per_image)
+    inside_total = sum(results[k]["model_forward_s"] for k in per_image)
+    return {
+        "models": "CLIP ViT-B/16 + SAM vit_b, random init", "device": str(seg.device),
+        "torch_threads": torch.get_num_threads(), "image_hw": [480, 640],
+        "working_hw": list(dense.resize.new_hw), "crops": len(dense.windows), "grid_hw": list(dense.windows.grid_hw),
+        "vocabulary": f"{vocab.name} ({len(vocab)} classes)", "detected_classes": len(det.present),
+        "stage11_classes": classes_11, "auto_masks_generated": len(auto), "auto_masks_labelled": len(m12),
+        "stages": results,
+        "per_image_total_s": round(total, 3),
+        "per_image_outside_model_share": round(1 - inside_total / total, 4),
+        "stage12_reembed_s": results["sam_embed_only"]["seconds"],
+    }
+
+
+BENCHMARKS = {"ingest": bench_ingest, "sam_boxes": bench_sam_boxes, "fmbseg_stages": bench_fmbseg_stages}
 
 
 def main() -> None:

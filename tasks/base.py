@@ -54,6 +54,25 @@ def model_settings() -> ModelSettings:
     return ModelSettings.from_mapping(items)
 
 
+def model_identity(role: str, settings: ModelSettings) -> str:
+    """What a model role is, for stage hashes: preset + id/path (device and cache location excluded)."""
+    name = {
+        "captioner": settings.captioner,
+        "grounder": f"{settings.grounder_backend}:{settings.grounder}",
+        "segmenter": f"{settings.sam_arch}:{Path(settings.sam_checkpoint_path()).name}",
+        "clip": settings.clip,
+        "dense": settings.dino,
+    }[role]
+    return f"{settings.preset}:{name}"
+
+
+def uses_gpu(settings: ModelSettings) -> bool:
+    """Model tasks then take one unit of the [resources] gpu pool."""
+    import torch
+
+    return settings.device != "cpu" and torch.cuda.is_available()
+
+
 class DatasetTask(luigi.Task):
     """Parameters every stage of one dataset shares."""
 

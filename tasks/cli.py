@@ -19,13 +19,17 @@ from tasks.summary import format_table, summarise
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
-    from tasks import dag, ingest, models
+    """Stage wrappers by class name (what `run STAGE` accepts), plus FullDAG and ModelProbe."""
+    from tasks import dag, models
+    from tasks.base import StageWrapper
 
-    return {
-        "Ingest": ingest.Ingest,
-        "ModelProbe": models.ModelProbe,
-        "FullDAG": dag.FullDAG,
-    }
+    found: dict[str, type[luigi.Task]] = {"FullDAG": dag.FullDAG, "ModelProbe": models.ModelProbe}
+    pending = list(StageWrapper.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
 
 
 def _apply_config(args: argparse.Namespace) -> None:

@@ -7,8 +7,9 @@ import luigi
 from tasks.base import DatasetTask
 from tasks.ingest import Ingest
 from tasks.models import ModelProbe
+from tasks.use import UseSegments
 
 
 class FullDAG(luigi.WrapperTask, DatasetTask):
     def requires(self) -> list[luigi.Task]:
-        return [Ingest(**self.common()), ModelProbe(**self.common())]
+        return [Ingest(**self.common()), ModelProbe(**self.common()), UseSegments(**self.common())]

@@ -1,0 +1,384 @@
+"""USE segment–text pairs of one image (use-paper §3.1, hyperparameters of §4.1 "Training Data").
+
+captions → referring expressions → grounded boxes (the whole caption is the query) → SAM box masks (best
+stability of the three multimask outputs, thresholds, cleanup) → mask NMS, expressions merged into a list.
+
+Pure per-image logic: the Grounder / Segmenter roles and the spaCy ``nlp`` are passed in; nothing is loaded
+here.
+Row dicts carry exactly the columns of the contracts in ``schemas/use.py`` (CAPTIONS, EXPRESSIONS, BOXES,
+BOX_MASKS, SEGMENTS), so ``CONTRACT.table(rows)`` takes them as they are.
+
+Conventions
+- image: uint8 RGB ``[H, W, 3]``; masks: ``bool [H, W]``, ``mask[y, x]`` with ``(x, y) = (column, row)``;
+- boxes: ``xyxy`` float32 pixels of that image (x = column); mask bboxes: COCO ``xywh``;
+- character spans ``(start, end)`` into the caption, end exclusive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.expressions import extract_expressions
+from pipeline.grounding import box_nms, match_boxes_to_phrases, shift_spans, split_caption_windows
+from pipeline.masks import (
+    box_covers_image,
+    clean_mask,
+    decode_rle,
+    encode_rle,
+    full_image_mask,
+    mask_nms,
+    rle_area,
+    rle_bbox,
+    stability_score,
+)
+
+if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the model layer at run time
+    from models.roles import Grounder, Segmenter
+
+GT_SOURCE = "gt"
+MLLM_PREFIX = "mllm:"
+
+# use-paper §4.1: Grounding DINO box threshold 0.05 and NMS 0.7; SAM predicted-IoU and stability thresholds
+# lowered to 0.6 "to obtain more segments"; similar segments merged by mask NMS at IoU 0.7.
+BOX_THRESHOLD = 0.05
+TEXT_THRESHOLD = 0.25  # Grounding DINO's default; phrase assignment here uses the argmax token, not this cut
+BOX_NMS_IOU = 0.7
+PRED_IOU_THRESH = 0.6
+STABILITY_THRESH = 0.6
+SEGMENT_NMS_IOU = 0.7
+CLEANUP_AREA = 100  # SAM's min_mask_region_area as used by its automatic generator demos
+WHOLE_IMAGE_FRACTION = 0.9
+
+# Reject reasons of a box whose mask is not kept.
+LOW_PREDICTED_IOU = "low_predicted_iou"
+LOW_STABILITY = "low_stability"
+EMPTY_MASK = "empty_mask"
+
+
+# ----------------------------------------------------------------------------------------------------- captions
+def caption_rows(image_id: str, gt: Sequence[str], generated: Sequence[str], generator: str) -> list[dict]:
+    """CAPTIONS rows of one image: ground-truth captions first (source ``"gt"``), then the generated ones
+    (source ``"mllm:<generator>"``), ``caption_index`` 0.. in that order.
+
+    Captions are stripped; empty ones are dropped (they hold no phrase) before numbering. Duplicates are kept:
+    each caption is its own grounding query.
+    """
+    rows: list[dict] = []
+    tagged = [(GT_SOURCE, c) for c in gt] + [(f"{MLLM_PREFIX}{generator}", c) for c in generated]
+    for source, text in tagged:
+        text = text.strip()
+        if text:
+            rows.append({"image_id": image_id, "caption_index": len(rows), "source": source, "caption": text})
+    return rows
+
+
+def expression_rows(caption_row: Mapping, nlp, max_tokens: int = 16) -> list[dict]:
+    """EXPRESSIONS rows of one CAPTIONS row: one per noun chunk (``phrase_index`` in text order) with its
+    referring expression (:func:`pipeline.expressions.extract_expressions`, capped at ``max_tokens`` spaCy
+    tokens). ``caption[phrase_start:phrase_end] == phrase``."""
+    exprs = extract_expressions(caption_row["caption"], nlp, max_tokens=max_tokens)
+    return [
+        {
+            "image_id": caption_row["image_id"],
+            "caption_index": caption_row["caption_index"],
+            "source": caption_row["source"],
+            "phrase_index": k,
+            "phrase": e.phrase,
+            "expression": e.expression,
+            "phrase_start": e.phrase_start,
+            "phrase_end": e.phrase_end,
+        }
+        for k, e in enumerate(exprs)
+    ]
+
+
+def caption_sentence_spans(caption: str, nlp) -> list[tuple[int, int]]:
+    """Character spans of the caption's sentences by spaCy (``nlp`` with a parser or sentencizer), in order;
+    what :func:`ground_caption` needs to window captions longer than the grounder's text limit."""
+    return [(s.start_char, s.end_char) for s in nlp(caption).sents]
+
+
+# ----------------------------------------------------------------------------------------------------- grounding
+@dataclass(frozen=True)
+class GroundedBox:
+    """One box of a caption: ``box_xyxy`` float32 [4] pixels (x = column), the grounder's ``score`` (max token
+    probability) and the index of the phrase (in the caller's ``phrase_spans``) its best token lies in."""
+
+    box_xyxy: np.ndarray
+    score: float
+    phrase_index: int
+
+
+def ground_caption(
+    grounder: Grounder,
+    image: np.ndarray,
+    caption: str,
+    phrase_spans: Sequence[tuple[int, int]],
+    *,
+    sentence_spans: Sequence[tuple[int, int]] | None = None,
+    box_threshold: float = BOX_THRESHOLD,
+    text_threshold: float = TEXT_THRESHOLD,
+    box_nms_iou: float = BOX_NMS_IOU,
+) -> list[GroundedBox]:
+    """Boxes of ``caption``'s phrases in ``image`` (uint8 RGB [H, W, 3]), each assigned to one phrase.
+
+    The grounder is queried with the ENTIRE caption (use-paper Fig. 4: context finds object parts). When the
+    caption has more tokens than ``grounder.max_text_tokens``, it is queried window by window, windows being
+    runs of whole sentences (``sentence_spans``: character spans, e.g. :func:`caption_sentence_spans`; None →
+    the caption is one sentence, which the grounder then truncates); each window's token spans are shifted
+    back into caption coordinates. A box goes to the phrase holding its most probable token
+    (:func:`pipeline.grounding.match_boxes_to_phrases`); boxes outside every phrase are dropped. Then box NMS
+    at ``box_nms_iou`` over all the caption's boxes, whatever their phrase.
+
+    ``phrase_spans``: character spans of the phrases in ``caption``. Returns boxes by descending score (equal
+    scores: earlier window, then the grounder's order first).
+    """
+    if not phrase_spans or not caption.strip():
+        return []  # no phrase could receive a box: skip the model call
+    if grounder.count_tokens(caption) > grounder.max_text_tokens:
+        spans = list(sentence_spans) if sentence_spans is not None else [(0, len(caption))]
+        windows = split_caption_windows(caption, spans, grounder.count_tokens, grounder.max_text_tokens)
+    else:
+        windows = [(0, len(caption))]
+    boxes: list[np.ndarray] = []
+    scores: list[float] = []
+    phrases: list[int] = []
+    for start, end in windows:
+        g = grounder.ground(
+            image, caption[start:end], box_threshold=box_threshold, text_threshold=text_threshold
+        )
+        if len(g.boxes_xyxy) == 0:
+            continue
+        token_spans = shift_spans(g.token_char_spans, start)
+        matched = match_boxes_to_phrases(g.token_probs, token_spans, phrase_spans)
+        for box, score, k in zip(g.boxes_xyxy, g.scores, matched, strict=True):
+            if k is not None:
+                boxes.append(np.asarray(box, dtype=np.float32).reshape(4))
+                scores.append(float(score))
+                phrases.append(k)
+    if not boxes:
+        return []
+    keep = box_nms(np.stack(boxes), np.asarray(scores, dtype=np.float32), box_nms_iou)
+    return [GroundedBox(box_xyxy=boxes[i], score=scores[i], phrase_index=phrases[i]) for i in keep.tolist()]
+
+
+def text_of(row: Mapping) -> dict:
+    """The TEXT struct (phrase, expression, source, caption_index) of an EXPRESSIONS or BOXES row."""
+    return {
+        "phrase": row["phrase"],
+        "expression": row["expression"],
+        "source": row["source"],
+        "caption_index": int(row["caption_index"]),
+    }
+
+
+def box_row(expression_row: Mapping, box: GroundedBox, box_index: int) -> dict:
+    """BOXES row: the grounded ``box`` paired with the EXPRESSIONS row of its phrase; ``box_index`` is per
+    image, over all its captions (the caller numbers them)."""
+    return {
+        "image_id": expression_row["image_id"],
+        "box_index": int(box_index),
+        "caption_index": int(expression_row["caption_index"]),
+        "source": expression_row["source"],
+        "phrase_index": int(expression_row["phrase_index"]),
+        "phrase": expression_row["phrase"],
+        "expression": expression_row["expression"],
+        "box_xyxy": [float(v) for v in np.asarray(box.box_xyxy, dtype=np.float32).reshape(4)],
+        "score": float(box.score),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- masks
+@dataclass(frozen=True)
+class BoxMaskResult:
+    """SAM's answer to one box prompt.
+
+    mask: bool [H, W] after cleanup, or None when rejected. predicted_iou / stability: of the chosen multimask
+    output (1.0 / 1.0 for a whole-image box, which is exact by construction). multimask_index: 0..M-1, -1 for
+    a whole-image box. reject_reason: None (kept), ``"low_predicted_iou"``, ``"low_stability"`` or
+    ``"empty_mask"``.
+    """
+
+    mask: np.ndarray | None
+    predicted_iou: float
+    stability: float
+    multimask_index: int
+    whole_image: bool
+    reject_reason: str | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.reject_reason is None
+
+
+def choose_by_stability(
+    logits: np.ndarray, iou_pred: np.ndarray, *, mask_threshold: float = 0.0, offset: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, the multimask output with the highest SAM stability score.
+
+    logits: float [N, M, H, W] at image resolution; iou_pred: float [N, M]. Ties on stability go to the higher
+    predicted IoU, then to the lower index. Returns (index int64 [N], stability float32 [N]) of the chosen
+    outputs.
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be [N, M, H, W], got {logits.shape}")
+    stab = stability_score(logits, mask_threshold, offset)  # [N, M]
+    iou = np.asarray(iou_pred, dtype=np.float32).reshape(stab.shape)
+    # lexsort: last key is primary; it is stable, so remaining ties keep the lower index first.
+    index = np.lexsort((-iou, -stab), axis=-1)[:, 0].astype(np.int64) if stab.size else np.zeros(0, np.int64)
+    return index, stab[np.arange(len(index)), index].astype(np.float32)
+
+
+def masks_for_boxes(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    boxes_xyxy: np.ndarray,
+    *,
+    pred_iou_thresh: float = PRED_IOU_THRESH,
+    stability_thresh: float = STABILITY_THRESH,
+    cleanup_area: float = CLEANUP_AREA,
+    whole_image_fraction: float = WHOLE_IMAGE_FRACTION,
+    mask_threshold: float = 0.0,
+    stability_offset: float = 1.0,
+    max_boxes_per_call: int | None = None,
+) -> list[BoxMaskResult]:
+    """SAM masks of N box prompts on one image (uint8 RGB [H, W, 3]); boxes float [N, 4] xyxy pixels.
+
+    - A box covering more than ``whole_image_fraction`` of the image gets the whole-image mask without SAM
+      (use-paper §3.1: vague texts such as "the atmosphere").
+    - The others: ONE ``segmenter.embed`` (none when no box needs SAM) and ONE batched
+      ``predict(multimask=True)`` call (``max_boxes_per_call`` splits it when the caller must bound the
+      N*3*H*W float32 logits in memory; None = one call).
+    - Of the 3 outputs the most stable is kept (:func:`choose_by_stability`); rejected when its predicted IoU
+      is below ``pred_iou_thresh`` or its stability below ``stability_thresh``; then holes and islands under
+      ``cleanup_area`` pixels are fixed (:func:`pipeline.masks.clean_mask`); empty → rejected.
+    Returns one :class:`BoxMaskResult` per box, in input order.
+    """
+    image = np.asarray(image)
+    h, w = int(image.shape[0]), int(image.shape[1])
+    boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+    results: list[BoxMaskResult | None] = [None] * len(boxes)
+    to_sam: list[int] = []
+    for i, box in enumerate(boxes):
+        if box_covers_image(box, h, w, whole_image_fraction):
+            results[i] = BoxMaskResult(full_image_mask(h, w), 1.0, 1.0, -1, True)
+        else:
+            to_sam.append(i)
+    if to_sam:
+        embedding = segmenter.embed(image)
+        step = max_boxes_per_call or len(to_sam)
+        for c in range(0, len(to_sam), step):
+            chunk = to_sam[c : c + step]
+            pred = segmenter.predict(embedding, boxes_xyxy=boxes[chunk], multimask=True)
+            index, stab = choose_by_stability(
+                pred.logits, pred.iou_pred, mask_threshold=mask_threshold, offset=stability_offset
+            )
+            for n, i in enumerate(chunk):
+                m = int(index[n])
+                iou = float(pred.iou_pred[n, m])
+                s = float(stab[n])
+                reason = None
+                mask = None
+                if iou < pred_iou_thresh:
+                    reason = LOW_PREDICTED_IOU
+                elif s < stability_thresh:
+                    reason = LOW_STABILITY
+                else:
+                    mask = clean_mask(pred.logits[n, m] > mask_threshold, cleanup_area)
+                    if not mask.any():
+                        reason, mask = EMPTY_MASK, None
+                results[i] = BoxMaskResult(mask, iou, s, m, False, reason)
+    return [r for r in results if r is not None]
+
+
+def box_mask_row(
+    image_id: str,
+    box_index: int,
+    box_xyxy: Sequence[float],
+    result: BoxMaskResult,
+    texts: Sequence[Mapping],
+) -> dict:
+    """BOX_MASKS row of a kept mask: the prompt box (``box_xyxy`` float pixels, x = column), its ``texts``
+    (TEXT structs, e.g. ``[text_of(boxes_row)]``), and the mask as compressed COCO RLE with its area and COCO
+    xywh bbox. Raises ValueError for a rejected result (it has no mask)."""
+    if result.mask is None:
+        raise ValueError(f"box {box_index} was rejected ({result.reject_reason}); it has no mask row")
+    rle = encode_rle(result.mask)
+    return {
+        "image_id": image_id,
+        "box_index": int(box_index),
+        "height": int(rle["size"][0]),
+        "width": int(rle["size"][1]),
+        "rle_counts": rle["counts"],
+        "area": rle_area(rle),
+        "bbox": rle_bbox(rle),
+        "box_xyxy": [float(v) for v in box_xyxy],
+        "predicted_iou": float(result.predicted_iou),
+        "stability": float(result.stability),
+        "multimask_index": int(result.multimask_index),
+        "whole_image": bool(result.whole_image),
+        "texts": [text_of(t) for t in texts],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- segments
+def _rle_of(row: Mapping) -> dict:
+    return {"size": [int(row["height"]), int(row["width"])], "counts": row["rle_counts"]}
+
+
+def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_IOU) -> list[dict]:
+    """SEGMENTS rows of one image from its BOX_MASKS rows (use-paper §4.1: similar segments merged by NMS,
+    expressions merged into a list).
+
+    Greedy mask NMS ranked by ``predicted_iou`` (:func:`pipeline.masks.mask_nms`; equal scores: earlier row
+    first). Each kept mask absorbs the masks it suppressed: ``box_indices`` and ``texts`` list the kept mask's
+    first, then the absorbed ones' in input order, with exact duplicate texts (all four fields equal) dropped
+    after their first occurrence. ``segment_id`` = rank in NMS order; ``score`` = the kept mask's predicted
+    IoU; mask, area and bbox are the kept mask's.
+    """
+    if not masks:
+        return []
+    ids = {m["image_id"] for m in masks}
+    if len(ids) != 1:
+        raise ValueError(f"merge_segments works on one image at a time, got image ids {sorted(ids)}")
+    rles = [_rle_of(m) for m in masks]
+    groups = mask_nms(rles, [float(m["predicted_iou"]) for m in masks], iou_threshold)
+    rows = []
+    for segment_id, group in enumerate(groups):
+        kept = masks[group[0]]
+        texts: list[dict] = []
+        seen: set[tuple] = set()
+        for i in group:
+            for t in masks[i]["texts"]:
+                key = (t["phrase"], t["expression"], t["source"], int(t["caption_index"]))
+                if key not in seen:
+                    seen.add(key)
+                    texts.append(
+                        dict(zip(("phrase", "expression", "source", "caption_index"), key, strict=True))
+                    )
+        rle = rles[group[0]]
+        rows.append(
+            {
+                "image_id": kept["image_id"],
+                "segment_id": segment_id,
+                "height": int(kept["height"]),
+                "width": int(kept["width"]),
+                "rle_counts": kept["rle_counts"],
+                "area": rle_area(rle),
+                "bbox": rle_bbox(rle),
+                "score": float(kept["predicted_iou"]),
+                "box_indices": [int(masks[i]["box_index"]) for i in group],
+                "texts": texts,
+            }
+        )
+    return rows
+
+
+def segment_mask(row: Mapping) -> np.ndarray:
+    """bool [H, W] mask of a BOX_MASKS or SEGMENTS row."""
+    return decode_rle(_rle_of(row))

