@@ -1,4 +1,4 @@
-"""End-of-run summary: per stage, shards done/failed, images ok/rejected, seconds — read from done.json files."""
+"""End-of-run summary: per stage, shards done/failed, records in/ok/rejected, seconds — read from done.json files."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class StageRow:
     stage: str
     shards: int = 0
     done: int = 0
+    records_in: int = 0
     ok: int = 0
     rejected: int = 0
     seconds: float = 0.0
@@ -52,6 +53,7 @@ def summarise(roots: Iterable[luigi.Task]) -> list[StageRow]:
         if done.exists():
             stats = read_shard_stats(done)
             row.done += 1
+            row.records_in += stats["in_count"]
             row.ok += stats["ok_count"]
             row.rejected += stats["rejected_count"]
             row.seconds += stats["seconds"]
@@ -59,8 +61,10 @@ def summarise(roots: Iterable[luigi.Task]) -> list[StageRow]:
 
 
 def format_table(rows: list[StageRow]) -> str:
-    header = ("stage", "shards", "done", "failed", "images ok", "rejected", "seconds")
-    body = [(r.stage, r.shards, r.done, r.failed, r.ok, r.rejected, f"{r.seconds:.1f}") for r in rows]
+    # Records are images for ingest, captions/boxes/masks for later stages: in = ok + rejected per stage.
+    header = ("stage", "shards", "done", "failed", "records in", "ok", "rejected", "seconds")
+    body = [(r.stage, r.shards, r.done, r.failed, r.records_in, r.ok, r.rejected, f"{r.seconds:.1f}")
+            for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
