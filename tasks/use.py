@@ -55,6 +55,7 @@ class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
     stability_thresh = luigi.FloatParameter(default=0.6)
     cleanup_area = luigi.IntParameter(default=20)
     whole_image_fraction = luigi.FloatParameter(default=0.9)
+    sam_boxes_per_call = luigi.IntParameter(default=0, description="0: all boxes of an image in one call")
     segment_nms_iou = luigi.FloatParameter(default=0.7)
 
 
@@ -266,7 +267,9 @@ class BoxMaskShard(UseShardTask):
         cfg = use()
         return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
                 "pred_iou_thresh": cfg.pred_iou_thresh, "stability_thresh": cfg.stability_thresh,
-                "cleanup_area": cfg.cleanup_area, "whole_image_fraction": cfg.whole_image_fraction}
+                "cleanup_area": cfg.cleanup_area, "whole_image_fraction": cfg.whole_image_fraction,
+                # chunking changes float rounding in SAM's decoder, so it is part of the hash
+                "sam_boxes_per_call": cfg.sam_boxes_per_call}
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
@@ -288,6 +291,7 @@ class BoxMaskShard(UseShardTask):
                 segmenter, rgb, np.asarray([b["box_xyxy"] for b in image_boxes], np.float32),
                 pred_iou_thresh=cfg.pred_iou_thresh, stability_thresh=cfg.stability_thresh,
                 cleanup_area=cfg.cleanup_area, whole_image_fraction=cfg.whole_image_fraction,
+                max_boxes_per_call=cfg.sam_boxes_per_call or None,
             )
             for box, result in zip(image_boxes, results, strict=True):
                 if result.reject_reason is not None:
