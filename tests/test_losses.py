@@ -1,0 +1,213 @@
+"""Losses against direct loop re-implementations of the papers' formulas (fmbseg Eq. 1–4, use Eq. 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; avoids OpenMP spin-waits on busy shared cores
+    yield
+    torch.set_num_threads(before)
+
+
+def _unit_rows(x: torch.Tensor) -> list[list[float]]:
+    rows = []
+    for r in x.double().tolist():
+        n = math.sqrt(sum(v * v for v in r))
+        rows.append([v / n for v in r])
+    return rows
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def ref_tsupcon(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float = 1.0) -> float:
+    """Plain-Python loops over i, k, l, written from the paper's equations (anchor excluded from its positives)."""
+    idx = [i for i, y in enumerate(labels.tolist()) if y >= 0]
+    zs = _unit_rows(z)
+    zs = [zs[i] for i in idx]
+    ys = [int(labels[i]) for i in idx]
+    ts = _unit_rows(text)
+    m, k = len(zs), len(ts)
+    if m == 0:
+        return 0.0
+
+    def sim(a, b):
+        return _dot(a, b) / temperature
+
+    def l_t_patch(i):
+        denom = sum(math.exp(sim(zs[i], ts[c])) for c in range(k))
+        denom += sum(math.exp(sim(zs[i], zs[j])) for j in range(m) if j != i)
+        return -sim(zs[i], ts[ys[i]]) + math.log(denom)
+
+    total = 0.0
+    for c in range(k):
+        members = [i for i in range(m) if ys[i] == c]
+        if members:
+            total += sum(l_t_patch(i) for i in members) / len(members)
+    for i in range(m):
+        positives = [q for q in range(m) if q != i and ys[q] == ys[i]]
+        if not positives:
+            continue
+        log_denom = math.log(sum(math.exp(sim(zs[i], zs[j])) for j in range(m) if j != i))
+        total += sum(-sim(zs[i], zs[q]) + log_denom for q in positives) / len(positives)  # q = the paper's l
+    return total / (m + k)
+
+
+def ref_segment_text(seg: torch.Tensor, txt: torch.Tensor, scale: float, ids: list[int] | None = None) -> float:
+    """Eq. 1 with loops; with ids, pairs (i, j≠i) of equal ids are left out of both denominators."""
+    s, t = _unit_rows(seg), _unit_rows(txt)
+    k = len(s)
+    if k == 0:
+        return 0.0
+    ids = list(range(k)) if ids is None else ids
+    total = 0.0
+    for i in range(k):
+        pos = scale * _dot(s[i], t[i])
+        row = [scale * _dot(s[i], t[j]) for j in range(k) if j == i or ids[j] != ids[i]]
+        col = [scale * _dot(s[j], t[i]) for j in range(k) if j == i or ids[j] != ids[i]]
+        mr, mc = max(row), max(col)
+        total += -(pos - mr - math.log(sum(math.exp(v - mr) for v in row)))
+        total += -(pos - mc - math.log(sum(math.exp(v - mc) for v in col)))
+    return total / (2 * k)
+
+
+def _case(seed: int, m: int = 13, k: int = 5, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, d, generator=g) * 2
+    text = torch.randn(k, d, generator=g)
+    # class 0: several patches; class 1: a singleton; class 2: absent; class 3: two; class 4: rest; some ignored
+    labels = torch.tensor([0, 0, 0, 1, -1, 3, 3, -1, 4, 4, 4, 0, -5][:m])
+    return z, labels, text
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+def test_tsupcon_matches_loops(seed: int, temperature: float) -> None:
+    z, labels, text = _case(seed)
+    got = tsupcon_loss(z, labels, text, temperature=temperature)
+    assert got.dtype == torch.float32 and got.ndim == 0
+    assert abs(float(got) - ref_tsupcon(z, labels, text, temperature)) < 1e-5 * max(1.0, abs(float(got)))
+
+
+def test_tsupcon_ignored_patches_take_no_part() -> None:
+    z, labels, text = _case(3)
+    keep = labels >= 0
+    a = tsupcon_loss(z, labels, text)
+    b = tsupcon_loss(z[keep], labels[keep], text)
+    assert torch.equal(a, b)
+    z2 = z.clone()
+    z2[~keep] = torch.randn(int((~keep).sum()), z.shape[1]) * 100  # whatever an ignored patch holds
+    assert torch.equal(tsupcon_loss(z2, labels, text), a)
+
+
+def test_tsupcon_temperature_scales_similarities() -> None:
+    z, labels, text = _case(4)
+    # inputs are normalised inside: their scale changes nothing; τ divides every similarity (reference does too)
+    assert abs(float(tsupcon_loss(z * 7, labels, text * 0.3)) - float(tsupcon_loss(z, labels, text))) < 1e-5
+    for tau in (0.05, 0.5, 2.0):
+        assert abs(float(tsupcon_loss(z, labels, text, tau)) - ref_tsupcon(z, labels, text, tau)) < 1e-4 * max(
+            1.0, ref_tsupcon(z, labels, text, tau))
+    assert float(tsupcon_loss(z, labels, text, 0.5)) != pytest.approx(float(tsupcon_loss(z, labels, text, 1.0)))
+    with pytest.raises(ValueError):
+        tsupcon_loss(z, labels, text, 0.0)
+
+
+def test_tsupcon_edge_cases_and_gradients() -> None:
+    z, labels, text = _case(5)
+    # all ignored: defined as 0, still differentiable with finite (zero) gradients
+    zz, tt = z.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    loss = tsupcon_loss(zz, torch.full_like(labels, -1), tt)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.isfinite(zz.grad).all() and torch.isfinite(tt.grad).all()
+    # a single patch: only the prototype term
+    one = tsupcon_loss(z[:1], labels[:1], text)
+    assert abs(float(one) - ref_tsupcon(z[:1], labels[:1], text)) < 1e-6
+    # every patch a singleton class: no patch–patch positives at all
+    lab = torch.tensor([0, 1, 2, 3, 4])
+    assert abs(float(tsupcon_loss(z[:5], lab, text)) - ref_tsupcon(z[:5], lab, text)) < 1e-5
+    # gradients finite, also for extreme temperatures and a zero vector among the patches
+    z3 = z.clone()
+    z3[2] = 0.0
+    for tau in (1.0, 1e-3):
+        zz = z3.clone().requires_grad_(True)
+        tt = text.clone().requires_grad_(True)
+        loss = tsupcon_loss(zz, labels, tt, tau)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(zz.grad).all() and torch.isfinite(tt.grad).all()
+    with pytest.raises(ValueError):
+        tsupcon_loss(z, torch.full_like(labels, 9), text)
+
+
+def test_tsupcon_gradcheck_double() -> None:
+    z, labels, text = _case(6, m=7, k=3, d=4)
+    labels = torch.tensor([0, 0, 1, -1, 2, 2, 0])
+    zz = z.double().requires_grad_(True)
+    tt = text.double().requires_grad_(True)
+
+    def f(a, b):
+        # the loss runs in float32; gradcheck needs float64, so compare analytic vs numeric at a loose tolerance
+        return tsupcon_loss(a, labels, b, 0.5).double()
+
+    assert torch.autograd.gradcheck(f, (zz, tt), eps=1e-3, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_segment_text_loss_matches_loops(seed: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    seg, txt = torch.randn(9, 6, generator=g), torch.randn(9, 6, generator=g)
+    got = segment_text_loss(seg, txt, scale)
+    assert abs(float(got) - ref_segment_text(seg, txt, scale)) < 1e-5 * max(1.0, float(got))
+    # symmetric in the two directions
+    assert abs(float(segment_text_loss(txt, seg, scale)) - float(got)) < 1e-5
+    # unique ids: the dedup variant is the same loss
+    dd = segment_text_loss_dedup(seg, txt, torch.arange(9), scale)
+    assert abs(float(dd) - float(got)) < 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_text_loss_dedup_matches_loops(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    ids = [3, 1, 3, 7, 1, 3, 0, 5]
+    vocab = torch.randn(8, 6, generator=g)
+    txt = vocab[ids]  # identical texts → identical embeddings
+    seg = torch.randn(8, 6, generator=g)
+    got = segment_text_loss_dedup(seg, txt, torch.tensor(ids), 30.0)
+    assert abs(float(got) - ref_segment_text(seg, txt, 30.0, ids)) < 1e-5 * max(1.0, float(got))
+    # differs from the plain loss, which treats a duplicate text as a negative
+    assert float(segment_text_loss(seg, txt, 30.0)) > float(got)
+
+
+def test_segment_text_losses_edge_cases_and_gradients() -> None:
+    for fn in (lambda s, t: segment_text_loss(s, t), lambda s, t: segment_text_loss_dedup(s, t, torch.zeros(
+            s.shape[0], dtype=torch.long))):
+        s = torch.zeros(0, 4, requires_grad=True)
+        t = torch.zeros(0, 4, requires_grad=True)
+        loss = fn(s, t)
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and torch.isfinite(s.grad).all()
+    # one segment: a single pair is its own softmax → loss 0
+    assert float(segment_text_loss(torch.randn(1, 4), torch.randn(1, 4))) == pytest.approx(0.0, abs=1e-6)
+    # all texts identical: every row/column has only its positive left → 0, finite gradients
+    s = torch.randn(5, 4, requires_grad=True)
+    t = torch.randn(1, 4).repeat(5, 1).requires_grad_(True)
+    loss = segment_text_loss_dedup(s, t, torch.zeros(5, dtype=torch.long), 30.0)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
+    s = torch.randn(6, 4, requires_grad=True)
+    t = torch.randn(6, 4, requires_grad=True)
+    segment_text_loss_dedup(s, t, torch.tensor([0, 0, 1, 2, 2, 2]), 100.0).backward()
+    assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all() and s.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        segment_text_loss(torch.randn(3, 4), torch.randn(2, 4))
