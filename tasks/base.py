@@ -8,19 +8,24 @@ its upstream stage hashes, so changing any of them runs into a new folder instea
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import luigi
 import luigi.configuration
 import luigi.execution_summary
+import numpy as np
 from tqdm import tqdm
 
 from models.registry import ModelSettings
 from pipeline.artifacts import ShardOutput, StageDir, commit_shard
+from pipeline.ingest import iter_ingested_images
 from pipeline.sources import Listing, list_source, num_shards
+from schemas import MANIFEST, REJECTS, Contract
 
 
 class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
@@ -125,6 +130,73 @@ class ShardTask(DatasetTask):
         with ProgressReporter(self) as progress:
             output = self.produce(progress)
         commit_shard(stage_dir, self.shard, output, seconds=time.perf_counter() - started)
+
+
+def reject(image_id: str, source: str, stage: str, reason: str, detail: str) -> dict[str, str]:
+    """One REJECTS row."""
+    return {"image_id": image_id, "source": source, "stage": stage, "reason": reason, "detail": detail}
+
+
+def group_by_image(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["image_id"]].append(row)
+    return grouped
+
+
+def file_digest(path: str) -> str:
+    """Content hash of a side input (captions, labels): editing the file must change the stage hash."""
+    if not path:
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class ChainedShardTask(ShardTask):
+    """A stage reading its shard of the ingest stage and of the ``upstreams`` shard tasks (by name).
+
+    The stage hash covers every upstream hash (``upstream_params``), so the DAG stays content-addressed."""
+
+    upstreams: ClassVar[dict[str, type[ShardTask]]] = {}
+    uses_model: ClassVar[bool] = True  # model stages take one unit of [resources] gpu when CUDA is used
+
+    def requires(self) -> dict[str, ShardTask]:
+        from tasks.ingest import IngestShard  # tasks.ingest imports this module
+
+        deps: dict[str, ShardTask] = {"ingest": IngestShard(shard=self.shard, **self.common())}
+        deps.update({name: cls(shard=self.shard, **self.common()) for name, cls in self.upstreams.items()})
+        return deps
+
+    def upstream_params(self) -> dict[str, str]:
+        return {name: task.stage_dir.hash for name, task in sorted(self.requires().items())}
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if self.uses_model and uses_gpu(model_settings()) else {}
+
+    def path(self, name: str, suffix: str) -> str:
+        """File ``shard-N.<suffix>`` of upstream ``name`` ('ingest' or a key of ``upstreams``)."""
+        return str(self.requires()[name].stage_dir.shard_path(self.shard, suffix))
+
+    def read(self, name: str, contract: Contract) -> list[dict[str, Any]]:
+        return contract.read_parquet(self.path(name, "parquet")).to_pylist()
+
+    def sources(self) -> dict[str, str]:
+        """image_id → source of every image accepted into this shard, in manifest order."""
+        return {r["image_id"]: r["source"] for r in self.read("ingest", MANIFEST)}
+
+    def ingested(self) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        """(image_id, rgb uint8 [H, W, 3], meta) of the shard's images. (Not named ``images``: that is a
+        Luigi parameter, and a method of the same name would hide it.)"""
+        return iter(iter_ingested_images(self.path("ingest", "tar")))
+
+    def finish(self, contract: Contract, rows: list[dict], rejects: list[dict], in_count: int,
+               **files: bytes) -> ShardOutput:
+        """Rows + rejects (+ extra payloads: ``text_npy=`` → ``shard-N.text.npy``) with in = ok + rejected."""
+        output = ShardOutput(in_count=in_count, ok_count=in_count - len(rejects), rejected_count=len(rejects))
+        output.files.update({k.replace("_", "."): v for k, v in files.items()})
+        output.add_table("parquet", contract, contract.table(rows))
+        output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))
+        return output
 
 
 class ProgressReporter:

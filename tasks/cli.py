@@ -93,6 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.sample_set import write_sample_set
 
+    # SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4.
+    args.set = ["fmbseg.points_per_side=4", *(args.set or [])]
     _apply_config(args)
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")

@@ -7,11 +7,8 @@ Each task reads its inputs, calls pipeline/ (and a model role from models/), and
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import luigi
 import numpy as np
@@ -19,7 +16,6 @@ import numpy as np
 from models.registry import load_role
 from pipeline.artifacts import ShardOutput
 from pipeline.captions import load_gt_captions
-from pipeline.ingest import iter_ingested_images
 from pipeline.use_pairs import (
     box_mask_row,
     caption_rows,
@@ -28,9 +24,17 @@ from pipeline.use_pairs import (
     masks_for_boxes,
     merge_segments,
 )
-from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, REJECTS, SEGMENTS, Contract
-from tasks.base import ProgressReporter, ShardTask, StageWrapper, model_identity, model_settings, uses_gpu
-from tasks.ingest import IngestShard
+from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
+from tasks.base import (
+    ChainedShardTask,
+    ProgressReporter,
+    StageWrapper,
+    file_digest,
+    group_by_image,
+    model_identity,
+    model_settings,
+    reject,
+)
 
 
 class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
@@ -59,58 +63,10 @@ class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
     segment_nms_iou = luigi.FloatParameter(default=0.7)
 
 
-def file_digest(path: str) -> str:
-    """Content hash of a side input (GT captions): editing the file must change the stage hash."""
-    if not path:
-        return ""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def reject(image_id: str, source: str, stage: str, reason: str, detail: str) -> dict[str, str]:
-    return {"image_id": image_id, "source": source, "stage": stage, "reason": reason, "detail": detail}
-
-
-def group_by_image(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        grouped[row["image_id"]].append(row)
-    return grouped
-
-
-class UseShardTask(ShardTask):
-    """A USE stage over one shard; ``upstream`` names the previous stage's shard task."""
-
-    upstream: ClassVar[type[ShardTask]]
-
-    def requires(self) -> dict[str, ShardTask]:
-        deps = {"ingest": IngestShard(shard=self.shard, **self.common())}
-        if self.upstream is not IngestShard:
-            deps["upstream"] = self.upstream(shard=self.shard, **self.common())
-        return deps
-
-    def upstream_params(self) -> dict[str, str]:
-        return {name: task.stage_dir.hash for name, task in sorted(self.requires().items())}
-
-    def read_upstream(self, contract: Contract) -> list[dict[str, Any]]:
-        task = self.requires()["upstream"]
-        return contract.read_parquet(task.stage_dir.shard_path(self.shard, "parquet")).to_pylist()
-
-    def iter_images(self) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-        ingest = self.requires()["ingest"]
-        return iter_ingested_images(str(ingest.stage_dir.shard_path(self.shard, "tar")))
-
-    def finish(self, contract: Contract, rows: list[dict], rejects: list[dict], in_count: int) -> ShardOutput:
-        output = ShardOutput(in_count=in_count, ok_count=in_count - len(rejects), rejected_count=len(rejects))
-        output.add_table("parquet", contract, contract.table(rows))
-        output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))
-        return output
-
-
-class CaptionShard(UseShardTask):
+class CaptionShard(ChainedShardTask):
     """Ground-truth captions (if configured) + MLLM captions with the paper's prompt, both tagged by source."""
 
     stage = "use_captions"
-    upstream = IngestShard
 
     def content_params(self) -> dict[str, Any]:
         cfg = use()
@@ -124,13 +80,12 @@ class CaptionShard(UseShardTask):
         return params
 
     @property
-    def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return {"gpu": 1} if use().generate_captions and uses_gpu(model_settings()) else {}
+    def uses_model(self) -> bool:  # type: ignore[override]
+        return use().generate_captions
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         cfg = use()
-        ingest = self.requires()["ingest"]
-        manifest = MANIFEST.read_parquet(ingest.stage_dir.shard_path(self.shard, "parquet")).to_pylist()
+        manifest = self.read("ingest", MANIFEST)
         gt = load_gt_captions(cfg.gt_captions) if cfg.gt_captions else None
         captioner = load_role("captioner", model_settings()) if cfg.generate_captions else None
         progress.start(len(manifest))
@@ -159,7 +114,7 @@ class CaptionShard(UseShardTask):
                                           "no ground-truth caption and no generated text"))
             batch.clear()
 
-        for i, (image_id, rgb, _meta) in enumerate(self.iter_images()):
+        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
             progress.step(i)
             batch.append((image_id, rgb))
             if len(batch) >= cfg.caption_batch_size:
@@ -168,11 +123,12 @@ class CaptionShard(UseShardTask):
         return self.finish(CAPTIONS, rows, rejects, in_count=len(manifest))
 
 
-class ExpressionShard(UseShardTask):
+class ExpressionShard(ChainedShardTask):
     """spaCy noun chunks expanded to referring expressions, per caption."""
 
     stage = "use_expressions"
-    upstream = CaptionShard
+    upstreams = {"captions": CaptionShard}
+    uses_model = False
 
     def content_params(self) -> dict[str, Any]:
         import spacy
@@ -186,7 +142,7 @@ class ExpressionShard(UseShardTask):
 
         cfg = use()
         nlp = spacy.load(cfg.spacy_model)
-        captions = self.read_upstream(CAPTIONS)
+        captions = self.read("captions", CAPTIONS)
         progress.start(len(captions))
         rows, rejects = [], []
         for i, caption in enumerate(captions):
@@ -200,11 +156,11 @@ class ExpressionShard(UseShardTask):
         return self.finish(EXPRESSIONS, rows, rejects, in_count=len(captions))
 
 
-class GroundShard(UseShardTask):
+class GroundShard(ChainedShardTask):
     """Grounding DINO queried with the whole caption; each box goes to the phrase holding its best token."""
 
     stage = "use_boxes"
-    upstream = ExpressionShard
+    upstreams = {"captions": CaptionShard, "expressions": ExpressionShard}
 
     def content_params(self) -> dict[str, Any]:
         cfg = use()
@@ -212,22 +168,18 @@ class GroundShard(UseShardTask):
                 "spacy_model": cfg.spacy_model, "box_threshold": cfg.box_threshold,
                 "text_threshold": cfg.text_threshold, "box_nms_iou": cfg.box_nms_iou}
 
-    @property
-    def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return {"gpu": 1} if uses_gpu(model_settings()) else {}
-
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         import spacy
 
         cfg = use()
         nlp = spacy.load(cfg.spacy_model)
         grounder = load_role("grounder", model_settings())
-        captions = group_by_image(self.requires()["upstream"].read_upstream(CAPTIONS))
-        expressions = group_by_image(self.read_upstream(EXPRESSIONS))
+        captions = group_by_image(self.read("captions", CAPTIONS))
+        expressions = group_by_image(self.read("expressions", EXPRESSIONS))
         in_count = sum(len({r["caption_index"] for r in rows}) for rows in expressions.values())
         progress.start(len(expressions))
         rows, rejects = [], []
-        for i, (image_id, rgb, _meta) in enumerate(self.iter_images()):
+        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
             progress.step(i)
             by_caption: dict[int, list[dict]] = defaultdict(list)
             for expr in expressions.get(image_id, []):
@@ -257,11 +209,11 @@ class GroundShard(UseShardTask):
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
-class BoxMaskShard(UseShardTask):
+class BoxMaskShard(ChainedShardTask):
     """SAM box → mask: one image encoding per image, all its boxes in one batched decoder call."""
 
     stage = "use_box_masks"
-    upstream = GroundShard
+    upstreams = {"boxes": GroundShard}
 
     def content_params(self) -> dict[str, Any]:
         cfg = use()
@@ -271,18 +223,14 @@ class BoxMaskShard(UseShardTask):
                 # chunking changes float rounding in SAM's decoder, so it is part of the hash
                 "sam_boxes_per_call": cfg.sam_boxes_per_call}
 
-    @property
-    def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return {"gpu": 1} if uses_gpu(model_settings()) else {}
-
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         cfg = use()
         segmenter = load_role("segmenter", model_settings())
-        boxes = group_by_image(self.read_upstream(BOXES))
+        boxes = group_by_image(self.read("boxes", BOXES))
         in_count = sum(len(v) for v in boxes.values())
         progress.start(len(boxes))
         rows, rejects = [], []
-        for i, (image_id, rgb, _meta) in enumerate(self.iter_images()):
+        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
             progress.step(i)
             image_boxes = sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
             if not image_boxes:
@@ -305,17 +253,18 @@ class BoxMaskShard(UseShardTask):
         return self.finish(BOX_MASKS, rows, rejects, in_count=in_count)
 
 
-class SegmentNMSShard(UseShardTask):
+class SegmentNMSShard(ChainedShardTask):
     """Mask NMS per image; every suppressed mask's texts merge into the kept mask's list."""
 
     stage = "use_segments"
-    upstream = BoxMaskShard
+    upstreams = {"box_masks": BoxMaskShard}
+    uses_model = False
 
     def content_params(self) -> dict[str, Any]:
         return {**self.upstream_params(), "segment_nms_iou": use().segment_nms_iou}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        masks = group_by_image(self.read_upstream(BOX_MASKS))
+        masks = group_by_image(self.read("box_masks", BOX_MASKS))
         progress.start(len(masks))
         rows = []
         for i, image_id in enumerate(sorted(masks)):

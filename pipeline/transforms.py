@@ -1,0 +1,244 @@
+"""Coordinate transforms: the ONE module that maps between the original image, the working (resized) image, the
+sliding-window crops and the ViT patch grid (the role segment-anything's ``ResizeLongestSide`` plays there).
+
+Frames and conventions (every function below names the frame and the order it uses)
+- **original**: the ingested image, ``[H, W]`` pixels. SAM prompts, masks and label maps live here.
+- **working**: the original resized so that its short side is ``short_side`` (see :func:`working_size`), ``[h, w]``
+  with ``h`` and ``w`` multiples of the patch size ``p`` and at least the crop side ``S``.
+- **crop**: a ``S × S`` window of the working image; its patch grid is ``[S/p, S/p]``.
+- **grid**: the full working image's patch grid ``[h/p, w/p]``; cell ``(row, col)`` covers working rows
+  ``row*p:(row+1)*p`` and columns ``col*p:(col+1)*p``.
+- Points are **(x, y)** = (column, row) and continuous: pixel ``(col, row)`` spans ``[col, col+1) × [row, row+1)``,
+  so its centre is ``(col + 0.5, row + 0.5)``. Scaling a point multiplies x by the width ratio and y by the height
+  ratio (as SAM's ``apply_coords``). Grid/array indices are **(row, col)** and always say so.
+- Boxes are ``xyxy`` = (x0, y0, x1, y1), continuous, end-exclusive for integer boxes (a crop at ``(x0, y0)`` of side
+  ``S`` is ``(x0, y0, x0 + S, y0 + S)``).
+- Sizes are ``(H, W)`` tuples (rows first), as numpy shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------------- resizing
+def working_size(
+    orig_hw: tuple[int, int], *, short_side: int, multiple: int, min_side: int = 0, max_long_side: int = 0
+) -> tuple[int, int]:
+    """(h, w) of the working image for an original of ``orig_hw = (H, W)``.
+
+    One scale ``short_side / min(H, W)`` for both axes (lowered so the long side stays <= ``max_long_side`` when
+    that is > 0), then each side is rounded to the nearest multiple of ``multiple`` (the patch size) and raised to
+    at least ``min_side`` (the crop side), itself rounded up to a multiple. Rounding changes the aspect ratio by
+    less than ``multiple / 2`` pixels per side; :class:`Resize` keeps separate x and y scales, so coordinates stay
+    exact. Example: (375, 500), short_side 448, multiple 16 → (448, 592).
+    """
+    h0, w0 = (int(v) for v in orig_hw)
+    if h0 <= 0 or w0 <= 0 or multiple <= 0 or short_side <= 0:
+        raise ValueError(f"bad working size request: orig {orig_hw}, short_side {short_side}, multiple {multiple}")
+    scale = short_side / min(h0, w0)
+    if max_long_side > 0:
+        scale = min(scale, max_long_side / max(h0, w0))
+    floor = -(-max(int(min_side), multiple) // multiple) * multiple
+
+    def side(n: int) -> int:
+        return max(floor, int(round(n * scale / multiple)) * multiple)
+
+    return side(h0), side(w0)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """The map between the original frame ``orig_hw = (H, W)`` and the working frame ``new_hw = (h, w)``.
+
+    x scales by ``w / W`` and y by ``h / H`` (two scales: the working size is rounded to patch multiples).
+    """
+
+    orig_hw: tuple[int, int]
+    new_hw: tuple[int, int]
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """(sx, sy) = (w / W, h / H): working pixels per original pixel along x (columns) and y (rows)."""
+        return self.new_hw[1] / self.orig_hw[1], self.new_hw[0] / self.orig_hw[0]
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 ``[H, W, C]`` (original) → uint8 ``[h, w, C]`` (working). INTER_AREA when shrinking both
+        axes (no aliasing), bilinear otherwise."""
+        image = np.asarray(image)
+        if tuple(image.shape[:2]) != tuple(self.orig_hw):
+            raise ValueError(f"image is {image.shape[:2]}, this Resize expects {self.orig_hw}")
+        if tuple(self.new_hw) == tuple(self.orig_hw):
+            return image.copy()
+        shrink = self.new_hw[0] <= self.orig_hw[0] and self.new_hw[1] <= self.orig_hw[1]
+        return cv2.resize(image, (self.new_hw[1], self.new_hw[0]),
+                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    def apply_coords(self, points_xy: np.ndarray) -> np.ndarray:
+        """float ``[..., 2]`` (x, y) original → (x, y) working."""
+        sx, sy = self.scale_xy
+        return np.asarray(points_xy, np.float64) * np.array([sx, sy])
+
+    def invert_coords(self, points_xy: np.ndarray) -> np.ndarray:
+        """float ``[..., 2]`` (x, y) working → (x, y) original."""
+        sx, sy = self.scale_xy
+        return np.asarray(points_xy, np.float64) / np.array([sx, sy])
+
+    def apply_boxes(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """float ``[N, 4]`` xyxy original → xyxy working."""
+        return self.apply_coords(np.asarray(boxes_xyxy, np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+
+    def invert_boxes(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """float ``[N, 4]`` xyxy working → xyxy original."""
+        return self.invert_coords(np.asarray(boxes_xyxy, np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+
+
+# ----------------------------------------------------------------------------------------------------- windows
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``window`` pixels every ``stride`` along an axis of ``length`` pixels.
+
+    ``0, stride, 2*stride, ...`` while the window fits, then one more window flush with the far edge
+    (``length - window``) if the last regular one stops short of it, so every pixel is covered. Requires
+    ``length >= window >= stride >= 1`` (a stride longer than the window would skip pixels).
+    Example: (592, 224, 112) → [0, 112, 224, 336, 368].
+    """
+    if not length >= window >= stride >= 1:
+        raise ValueError(f"need length >= window >= stride >= 1, got {length=}, {window=}, {stride=}")
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+@dataclass(frozen=True)
+class SlidingWindows:
+    """``S × S`` crops over a working image ``image_hw = (h, w)`` every ``stride`` pixels, on its patch grid.
+
+    ``h``, ``w``, ``S`` and ``stride <= S`` must be multiples of ``patch``, so every crop's patch cells coincide with
+    cells of the full-image grid (stitching needs no interpolation). Crops are ordered row-major: all crops of
+    the top band left to right, then the next band down.
+    """
+
+    image_hw: tuple[int, int]
+    crop: int
+    stride: int
+    patch: int
+
+    def __post_init__(self) -> None:
+        h, w = self.image_hw
+        for name, v in (("height", h), ("width", w), ("crop", self.crop), ("stride", self.stride)):
+            if v <= 0 or v % self.patch:
+                raise ValueError(f"{name} {v} must be a positive multiple of the patch size {self.patch}")
+        if h < self.crop or w < self.crop:
+            raise ValueError(f"working image {self.image_hw} is smaller than the crop {self.crop}")
+        if self.stride > self.crop:
+            raise ValueError(f"stride {self.stride} > crop {self.crop} would leave pixels without features")
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """(rows, cols) of the full-image patch grid = (h / p, w / p)."""
+        return self.image_hw[0] // self.patch, self.image_hw[1] // self.patch
+
+    @property
+    def crop_grid(self) -> int:
+        """Patch cells per crop side, S / p."""
+        return self.crop // self.patch
+
+    @property
+    def offsets_xy(self) -> np.ndarray:
+        """int64 ``[C, 2]``: (x0, y0) working pixels of each crop's top-left corner, row-major crop order."""
+        ys = window_starts(self.image_hw[0], self.crop, self.stride)
+        xs = window_starts(self.image_hw[1], self.crop, self.stride)
+        return np.array([(x, y) for y in ys for x in xs], np.int64)
+
+    @property
+    def boxes_xyxy(self) -> np.ndarray:
+        """int64 ``[C, 4]``: (x0, y0, x1, y1) working pixels of each crop (end-exclusive)."""
+        o = self.offsets_xy
+        return np.concatenate([o, o + self.crop], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.offsets_xy)
+
+    def cut(self, image: np.ndarray) -> np.ndarray:
+        """Working image ``[h, w, C]`` → crops ``[N, S, S, C]`` (same dtype), row-major crop order."""
+        image = np.asarray(image)
+        if tuple(image.shape[:2]) != tuple(self.image_hw):
+            raise ValueError(f"image is {image.shape[:2]}, windows were laid out for {self.image_hw}")
+        s = self.crop
+        return np.stack([image[y : y + s, x : x + s] for x, y in self.offsets_xy])
+
+    def crop_cells(self, index: int) -> tuple[slice, slice]:
+        """(row slice, col slice) of the full-image grid that crop ``index`` covers."""
+        x, y = (int(v) // self.patch for v in self.offsets_xy[index])
+        g = self.crop_grid
+        return slice(y, y + g), slice(x, x + g)
+
+    def coverage(self) -> np.ndarray:
+        """int64 ``[rows, cols]``: how many crops cover each grid cell (>= 1 everywhere)."""
+        out = np.zeros(self.grid_hw, np.int64)
+        for i in range(len(self)):
+            out[self.crop_cells(i)] += 1
+        return out
+
+    def stitch(self, crop_features: np.ndarray) -> np.ndarray:
+        """Per-crop patch features ``[N, S/p, S/p, D]`` (crop order, cell (row, col)) → full grid
+        ``[h/p, w/p, D]`` float32: each cell the plain average of the crops covering it (no renormalisation)."""
+        f = np.asarray(crop_features, np.float32)
+        g = self.crop_grid
+        if f.ndim != 4 or f.shape[0] != len(self) or f.shape[1:3] != (g, g):
+            raise ValueError(f"expected [{len(self)}, {g}, {g}, D] crop features, got {f.shape}")
+        total = np.zeros((*self.grid_hw, f.shape[-1]), np.float64)
+        for i in range(len(self)):
+            total[self.crop_cells(i)] += f[i]
+        return (total / self.coverage()[..., None]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- patch grid
+def cell_centers_xy(rows: np.ndarray, cols: np.ndarray, patch: int) -> np.ndarray:
+    """Grid cells given as (row, col) index arrays (same shape ``[...]``) → float64 ``[..., 2]`` (x, y) of their
+    centres in the frame the grid tiles (working image for the full grid, crop pixels for a crop's grid)."""
+    rows, cols = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+    return np.stack([(cols + 0.5) * patch, (rows + 0.5) * patch], axis=-1)
+
+
+def flat_to_rowcol(flat: np.ndarray, grid_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major flat cell indices ``[...]`` of a ``(rows, cols)`` grid → (row ``[...]``, col ``[...]``)."""
+    rows, cols = np.divmod(np.asarray(flat, np.int64), int(grid_hw[1]))
+    if np.any(rows >= grid_hw[0]) or np.any(rows < 0):
+        raise ValueError(f"flat index outside a {grid_hw} grid")
+    return rows, cols
+
+
+def grid_cells_to_original_xy(rows: np.ndarray, cols: np.ndarray, patch: int, resize: Resize) -> np.ndarray:
+    """Full-grid cells (row, col) ``[...]`` → float64 ``[..., 2]`` (x, y) of their centres in ORIGINAL pixels."""
+    return resize.invert_coords(cell_centers_xy(rows, cols, patch))
+
+
+def pixel_cells(resize: Resize, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every original pixel, the full-grid cell its centre falls in, per axis.
+
+    Returns (row_of_y int64 ``[H]``, col_of_x int64 ``[W]``): pixel ``(x, y)`` of the original lies in grid cell
+    ``(row_of_y[y], col_of_x[x])`` — i.e. a nearest-cell upsampling of the grid to the original frame. Indices
+    are clipped into the grid.
+    """
+    (h0, w0), (h, w) = resize.orig_hw, resize.new_hw
+    sx, sy = resize.scale_xy
+    row = np.floor((np.arange(h0) + 0.5) * sy / patch).astype(np.int64)
+    col = np.floor((np.arange(w0) + 0.5) * sx / patch).astype(np.int64)
+    return np.clip(row, 0, h // patch - 1), np.clip(col, 0, w // patch - 1)
+
+
+def pixel_cell_index(resize: Resize, patch: int) -> np.ndarray:
+    """int64 ``[H, W]``: row-major flat full-grid cell index of every original pixel (see :func:`pixel_cells`)."""
+    row, col = pixel_cells(resize, patch)
+    return row[:, None] * (resize.new_hw[1] // patch) + col[None, :]
+
+
+def upsample_grid(grid: np.ndarray, resize: Resize, patch: int) -> np.ndarray:
+    """Grid values ``[rows, cols, ...]`` → ``[H, W, ...]`` original frame, nearest cell (by :func:`pixel_cells`)."""
+    row, col = pixel_cells(resize, patch)
+    return np.asarray(grid)[row[:, None], col[None, :]]

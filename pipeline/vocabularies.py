@@ -1,0 +1,134 @@
+"""Class vocabularies (label index → class name) and CLIP prompt templates for FMbSeg's category detection.
+
+Vocabulary file format (``pipeline/data/vocab/<name>.txt`` or any custom path), UTF-8, one class per line:
+- the line's position among non-comment lines is the class's label value (0-based), as in the dataset's GT;
+- ``name`` alone prompts CLIP with the name; ``name | prompt name | other prompt name`` keeps ``name`` as the
+  class name (what artifacts store) and prompts CLIP with the names after ``|`` (their embeddings are averaged),
+  e.g. ``diningtable | dining table``;
+- blank lines and lines starting with ``#`` are ignored. At most 255 classes (label maps are uint8, 255 =
+  unlabelled).
+
+Built-ins (class names and order as the datasets' evaluation label ids): voc20, voc21 (background = 0), context59,
+coco_stuff171, coco_object80, ade150, cityscapes19.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+VOCAB_DIR = Path(__file__).parent / "data" / "vocab"
+BUILTIN_VOCABULARIES = ("voc20", "voc21", "context59", "coco_stuff171", "coco_object80", "ade150", "cityscapes19")
+UNLABELLED = 255
+MAX_CLASSES = 255
+
+# CLIP's single prompt, and the 80 ImageNet prompt templates of CLIP's zero-shot notebook (Radford et al. 2021),
+# whose embeddings are averaged per class ("prompt ensembling").
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.",
+    "a painting of a {}.", "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.",
+    "a {} in a video game.", "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.",
+    "a photo of a {}.", "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.",
+    "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.",
+    "a photo of the weird {}.", "the cartoon {}.", "art of the {}.", "a drawing of the {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
+    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+)
+TEMPLATE_SETS = {"single": SINGLE_TEMPLATE, "imagenet80": IMAGENET_TEMPLATES}
+
+
+class VocabularyError(ValueError):
+    """A vocabulary spec or file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """classes[i] is the name of label value i; prompts[i] the names CLIP is prompted with for it."""
+
+    name: str
+    classes: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def index(self, name: str) -> int | None:
+        """Label value of a class given by its name or one of its prompt names (case-insensitive), else None."""
+        low = name.strip().lower()
+        for i, (cls, names) in enumerate(zip(self.classes, self.prompts, strict=True)):
+            if low == cls.lower() or low in (n.lower() for n in names):
+                return i
+        return None
+
+    @property
+    def digest(self) -> str:
+        """Content hash (names + prompts): part of stage hashes, so editing a custom file reruns the stages."""
+        body = "\n".join(f"{c}|{'|'.join(p)}" for c, p in zip(self.classes, self.prompts, strict=True))
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def texts(self, templates: tuple[str, ...]) -> tuple[list[str], list[int]]:
+        """Every prompt text (template × prompt name) and the class index it belongs to, in class order."""
+        texts, owner = [], []
+        for i, names in enumerate(self.prompts):
+            for n in names:
+                for t in templates:
+                    texts.append(t.format(n))
+                    owner.append(i)
+        return texts, owner
+
+
+def parse_vocabulary(text: str, name: str) -> Vocabulary:
+    """Vocabulary from the file format described in the module docstring."""
+    classes, prompts = [], []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in line.split("|")]
+        if not parts[0] or any(not p for p in parts[1:]):
+            raise VocabularyError(f"{name}: empty class or prompt name in line {raw!r}")
+        classes.append(parts[0])
+        prompts.append(tuple(parts[1:]) or (parts[0],))
+    if not classes:
+        raise VocabularyError(f"{name}: no classes")
+    if len(classes) > MAX_CLASSES:
+        raise VocabularyError(f"{name}: {len(classes)} classes, at most {MAX_CLASSES} fit a uint8 label map")
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise VocabularyError(f"{name}: duplicate class names {dupes}")
+    return Vocabulary(name=name, classes=tuple(classes), prompts=tuple(prompts))
+
+
+def load_vocabulary(spec: str) -> Vocabulary:
+    """A built-in name (see BUILTIN_VOCABULARIES) or the path of a vocabulary text file."""
+    spec = spec.strip()
+    if spec in BUILTIN_VOCABULARIES:
+        return parse_vocabulary((VOCAB_DIR / f"{spec}.txt").read_text(encoding="utf-8"), spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise VocabularyError(
+            f"vocabulary {spec!r} is neither a built-in ({', '.join(BUILTIN_VOCABULARIES)}) nor a readable file"
+        )
+    return parse_vocabulary(path.read_text(encoding="utf-8"), path.stem)
+
+
+def load_templates(name: str) -> tuple[str, ...]:
+    """'single' → ("a photo of a {}.",); 'imagenet80' → CLIP's 80 ImageNet templates."""
+    try:
+        return TEMPLATE_SETS[name.strip()]
+    except KeyError:
+        raise VocabularyError(f"unknown template set {name!r}; known: {sorted(TEMPLATE_SETS)}") from None

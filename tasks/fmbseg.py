@@ -1,0 +1,361 @@
+"""FMbSeg Stage 1 pseudo labels (fmbseg-paper §3.2), one Luigi task per shard and stage:
+
+IngestShard → ClipDenseShard → DetectShard → QueryPointMaskShard (1.1) ┐
+                                           └→ AutoMaskLabelShard  (1.2) ┴→ PseudoLabelShard
+
+What is computed once and shared:
+- CLIP runs once per image (ClipDenseShard); the stitched dense grid and per-crop CLS tokens are stored (float16)
+  and read by detection, Stage 1.1 and Stage 1.2. The vocabulary's text embeddings are computed once per shard by
+  DetectShard and stored beside its rows (``shard-N.text.npy``), so Stage 1.1/1.2 never load CLIP.
+- SAM: Stage 1.1 encodes each image once and decodes every detected class's prompt from that one embedding in a
+  single batched call. Stage 1.2 runs segment-anything's own ``SamAutomaticMaskGenerator`` through the
+  ``Segmenter.automatic_masks`` role method, which encodes the image again internally. Running 1.1 and 1.2 in one
+  task (a "SamStage1Shard") would only pay if that encoding could be handed over; the role takes no embedding
+  today, so merging the tasks would save nothing and would couple two artifacts that are useful (and ablated in
+  the paper) separately. Caching SAM embeddings on disk does not pay either (4 MiB float32 per image, more than
+  the encoder's cost to recompute on a GPU). The cost is one extra image-encoder pass per image in Stage 1.2
+  (``bench/run.py fmbseg_stages`` measures it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from typing import Any
+
+import luigi
+import numpy as np
+
+from models.registry import load_role
+from pipeline.artifacts import ShardOutput, webdataset_tar_bytes
+from pipeline.fmbseg import (
+    PRECEDENCES,
+    STAGE_11,
+    STAGE_12,
+    PseudoMask,
+    class_table,
+    class_text_embeddings,
+    clip_dense_features,
+    dense_sample,
+    detect_classes,
+    detection_rows,
+    iter_dense_features,
+    join_features,
+    label_auto_masks,
+    label_map_meta,
+    label_region_rows,
+    load_image_labels,
+    mask_rows,
+    merge_label_map,
+    query_point_masks,
+)
+from pipeline.images import encode_png
+from pipeline.masks import decode_rle
+from pipeline.vocabularies import Vocabulary, load_templates, load_vocabulary
+from schemas import MANIFEST
+from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
+from tasks.base import (
+    ChainedShardTask,
+    ProgressReporter,
+    ShardTask,
+    StageWrapper,
+    file_digest,
+    group_by_image,
+    model_identity,
+    model_settings,
+    reject,
+)
+
+
+class fmbseg(luigi.Config):  # noqa: N801 — section [fmbseg] of luigi.cfg
+    vocabulary = luigi.Parameter(default="coco_stuff171", description="built-in vocabulary name or a .txt path")
+    templates = luigi.Parameter(default="single", description="'single' (a photo of a {}.) or 'imagenet80'")
+    image_labels = luigi.Parameter(default="", description="Parquet of image-level labels replacing detection")
+    short_side = luigi.IntParameter(default=448, description="working image short side (pixels) for CLIP crops")
+    max_long_side = luigi.IntParameter(default=1792, description="cap on the working long side; 0 = none")
+    stride = luigi.IntParameter(default=0, description="sliding-window stride, patch multiple; 0 = half a crop")
+    clip_batch_size = luigi.IntParameter(default=16)
+    min_crops = luigi.IntParameter(default=1, description="a class is present if assigned to MORE crops")
+    top_k = luigi.IntParameter(default=5, description="Stage 1.1 query points per class (one SAM prompt)")
+    multimask = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    points_per_side = luigi.IntParameter(default=32)
+    points_per_batch = luigi.IntParameter(default=64)
+    pred_iou_thresh = luigi.FloatParameter(default=0.88)
+    stability_score_thresh = luigi.FloatParameter(default=0.95)
+    box_nms_thresh = luigi.FloatParameter(default=0.7)
+    min_mask_region_area = luigi.IntParameter(default=100)
+    min_area_fraction = luigi.FloatParameter(default=0.0005)
+    max_area_fraction = luigi.FloatParameter(default=0.9)
+    stage11 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    stage12 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    precedence = luigi.Parameter(default="stage11_first", description=" | ".join(PRECEDENCES))
+
+
+def vocabulary() -> Vocabulary:
+    return load_vocabulary(fmbseg().vocabulary)
+
+
+def amg_params() -> dict[str, Any]:
+    """Keyword arguments of segment-anything's SamAutomaticMaskGenerator (single full-image crop)."""
+    cfg = fmbseg()
+    return {"points_per_side": cfg.points_per_side, "points_per_batch": cfg.points_per_batch,
+            "pred_iou_thresh": cfg.pred_iou_thresh, "stability_score_thresh": cfg.stability_score_thresh,
+            "box_nms_thresh": cfg.box_nms_thresh, "min_mask_region_area": cfg.min_mask_region_area}
+
+
+class FmbsegShardTask(ChainedShardTask):
+    """An FMbSeg stage over one shard; adds readers of the dense-feature and detection payloads."""
+
+    def dense(self):
+        return iter_dense_features(self.path("dense", "tar"))
+
+    def text(self) -> np.ndarray:
+        return np.load(self.path("detect", "text.npy"), allow_pickle=False)
+
+
+class ClipDenseShard(FmbsegShardTask):
+    """Sliding-window MaskCLIP features per image: stitched dense grid + one CLS per crop (float16 .npy)."""
+
+    stage = "fmbseg_dense"
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = fmbseg()
+        # clip_batch_size only groups crops per forward call: not a content parameter.
+        return {**self.upstream_params(), "clip": model_identity("clip", model_settings()),
+                "short_side": cfg.short_side, "max_long_side": cfg.max_long_side, "stride": cfg.stride}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = fmbseg()
+        clip = load_role("clip", model_settings())
+        sources = self.sources()
+        progress.start(len(sources))
+        samples, rows, rejects = [], [], []
+        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
+            progress.step(i)
+            features = clip_dense_features(clip, rgb, short_side=cfg.short_side, stride=cfg.stride,
+                                           max_long_side=cfg.max_long_side, batch_size=cfg.clip_batch_size)
+            if not (np.isfinite(features.dense).all() and np.isfinite(features.cls).all()):
+                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
+                                      "CLIP returned NaN/inf features"))
+                continue
+            sample, meta = dense_sample(image_id, features)
+            DENSE_FEATURES.table([meta])  # the sample's JSON obeys the contract too
+            samples.append(sample)
+            rows.append(meta)
+        return self.finish(DENSE_FEATURES, rows, rejects, len(sources), tar=webdataset_tar_bytes(samples))
+
+
+class DetectShard(FmbsegShardTask):
+    """Classes present per image: crop CLS argmax counts (> min_crops), or the image-level labels if configured.
+    Also stores the vocabulary's text embeddings (``text.npy``, float32 [K, D]) for the later stages."""
+
+    stage = "fmbseg_detect"
+    upstreams = {"dense": ClipDenseShard}
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = fmbseg()
+        params = {**self.upstream_params(), "clip": model_identity("clip", model_settings()),
+                  "vocabulary": vocabulary().digest, "templates": cfg.templates,
+                  "image_labels": file_digest(cfg.image_labels)}
+        if not cfg.image_labels:
+            params["min_crops"] = cfg.min_crops
+        return params
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = fmbseg()
+        vocab = vocabulary()
+        text = class_text_embeddings(load_role("clip", model_settings()), vocab, load_templates(cfg.templates))
+        labels = load_image_labels(cfg.image_labels) if cfg.image_labels else None
+        sources = self.sources()
+        metas = self.read("dense", DENSE_FEATURES)
+        progress.start(len(metas))
+        rows, rejects = [], []
+        if labels is not None:  # semi-supervised variant: the labels replace detection; features are not read
+            for i, meta in enumerate(metas):
+                progress.step(i)
+                image_id = meta["image_id"]
+                names = labels.lookup(image_id, sources[image_id])
+                known = sorted({k for k in (vocab.index(n) for n in names or []) if k is not None})
+                if not known:
+                    reason = "no_image_labels" if names is None else "no_known_label"
+                    rejects.append(reject(image_id, sources[image_id], self.stage, reason,
+                                          f"labels {names} not in vocabulary {vocab.name}"[:300]))
+                    continue
+                rows.extend(detection_rows(image_id, vocab, None, known, "image_labels"))
+        else:
+            for i, (image_id, features) in enumerate(self.dense()):
+                progress.step(i)
+                detection = detect_classes(features.cls, text, min_crops=cfg.min_crops)
+                if not detection.present:
+                    top = int(detection.counts.argmax())
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_class_detected",
+                                          f"no class won more than {cfg.min_crops} of {len(features.cls)} crops "
+                                          f"(best: {vocab.classes[top]} with {int(detection.counts[top])})"))
+                    continue
+                rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
+        buf = io.BytesIO()
+        np.save(buf, text.astype(np.float32), allow_pickle=False)
+        return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=buf.getvalue())
+
+
+class QueryPointMaskShard(FmbsegShardTask):
+    """Stage 1.1: per detected class, top-k similar patch centres → one SAM point prompt → best-IoU mask."""
+
+    stage = "fmbseg_query_masks"
+    upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = fmbseg()
+        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
+                "top_k": cfg.top_k, "multimask": cfg.multimask}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = fmbseg()
+        vocab, text = vocabulary(), self.text()
+        detections = group_by_image(self.read("detect", DETECTIONS))
+        segmenter = load_role("segmenter", model_settings())
+        progress.start(len(detections))
+        rows, rejects = [], []
+        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
+            progress.step(i)
+            classes = sorted(r["class_index"] for r in detections.get(image_id, []))
+            if not classes:
+                continue  # rejected upstream
+            masks = query_point_masks(segmenter, segmenter.embed(rgb), features, text, classes, top_k=cfg.top_k,
+                                      multimask=cfg.multimask)
+            kept = []
+            for m in masks:
+                if m.area == 0:
+                    rejects.append(reject(image_id, f"class:{m.class_index}", self.stage, "empty_mask",
+                                          f"{vocab.classes[m.class_index]}: SAM returned an empty mask"))
+                else:
+                    kept.append(m)
+            rows.extend(mask_rows(image_id, vocab, kept))
+        in_count = sum(len(v) for v in detections.values())
+        return self.finish(PSEUDO_MASKS, rows, rejects, in_count)
+
+
+class AutoMaskLabelShard(FmbsegShardTask):
+    """Stage 1.2: SAM automatic masks within size limits, labelled by their mean dense CLIP feature (detected
+    classes only)."""
+
+    stage = "fmbseg_auto_masks"
+    upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = fmbseg()
+        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
+                "amg": amg_params(), "min_area_fraction": cfg.min_area_fraction,
+                "max_area_fraction": cfg.max_area_fraction}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = fmbseg()
+        vocab, text = vocabulary(), self.text()
+        detections = group_by_image(self.read("detect", DETECTIONS))
+        sources = self.sources()
+        segmenter = load_role("segmenter", model_settings())
+        progress.start(len(detections))
+        rows, rejects = [], []
+        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
+            progress.step(i)
+            classes = sorted(r["class_index"] for r in detections.get(image_id, []))
+            if not classes:
+                continue
+            auto = segmenter.automatic_masks(rgb, **amg_params())
+            masks = label_auto_masks(auto, features, text, classes, min_area_fraction=cfg.min_area_fraction,
+                                     max_area_fraction=cfg.max_area_fraction)
+            if not masks:
+                rejects.append(reject(image_id, sources[image_id], self.stage, "no_auto_mask",
+                                      f"{len(auto)} automatic masks, none within the size limits"))
+                continue
+            rows.extend(mask_rows(image_id, vocab, masks))
+        return self.finish(PSEUDO_MASKS, rows, rejects, len(detections))
+
+
+def _pseudo_mask(row: dict[str, Any]) -> PseudoMask:
+    mask = decode_rle({"size": [row["height"], row["width"]], "counts": row["rle_counts"]})
+    return PseudoMask(stage=row["stage"], class_index=row["class_index"], mask=mask, score=row["score"],
+                      similarity=row["similarity"], points_xy=np.asarray(row["points_xy"], np.float64).reshape(-1, 2),
+                      multimask_index=row["multimask_index"], stability=row["stability"])
+
+
+class PseudoLabelShard(FmbsegShardTask):
+    """Merge: one label map per image (PNG, 255 = unlabelled) + JSON, the class table (``classes.json``) and one
+    Parquet row per (image, class) region (RLE)."""
+
+    stage = "fmbseg_labels"
+    uses_model = False
+
+    @property
+    def upstreams(self) -> dict[str, type[ShardTask]]:  # type: ignore[override]
+        cfg = fmbseg()
+        ups: dict[str, type[ShardTask]] = {"detect": DetectShard}
+        if cfg.stage11:
+            ups["query"] = QueryPointMaskShard
+        if cfg.stage12:
+            ups["auto"] = AutoMaskLabelShard
+        return ups
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = fmbseg()
+        if cfg.precedence not in PRECEDENCES:
+            raise ValueError(f"[fmbseg] precedence must be one of {PRECEDENCES}, got {cfg.precedence!r}")
+        if not (cfg.stage11 or cfg.stage12):
+            raise ValueError("[fmbseg] stage11 and stage12 are both off: nothing to merge")
+        return {**self.upstream_params(), "precedence": cfg.precedence}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = fmbseg()
+        vocab = vocabulary()
+        detections = group_by_image(self.read("detect", DETECTIONS))
+        masks: dict[str, list[dict]] = defaultdict(list)
+        for name in ("query", "auto"):
+            if name in self.requires():
+                for row in self.read(name, PSEUDO_MASKS):
+                    masks[row["image_id"]].append(row)
+        manifest = self.read("ingest", MANIFEST)
+        progress.start(len(detections))
+        samples, rows, rejects = [], [], []
+        for i, entry in enumerate(r for r in manifest if r["image_id"] in detections):
+            progress.step(i)
+            image_id = entry["image_id"]
+            image_masks = sorted(masks.get(image_id, []), key=lambda r: (r["stage"] != STAGE_11, r["mask_index"]))
+            label, source = merge_label_map((entry["height"], entry["width"]),
+                                            [_pseudo_mask(r) for r in image_masks], cfg.precedence)
+            meta = label_map_meta(image_id, vocab, label, cfg.precedence)
+            if meta["labelled_pixels"] == 0:
+                stages = "/".join(s for s, on in ((STAGE_11, cfg.stage11), (STAGE_12, cfg.stage12)) if on)
+                rejects.append(reject(image_id, entry["source"], self.stage, "no_pseudo_label",
+                                      f"no Stage {stages} mask for the detected classes"))
+                continue
+            LABEL_MAP_META.table([meta])
+            samples.append({"__key__": image_id, "png": encode_png(label),
+                            "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
+            rows.extend(label_region_rows(image_id, vocab, label, source))
+        table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()
+        return self.finish(LABEL_REGIONS, rows, rejects, len(detections), tar=webdataset_tar_bytes(samples),
+                           classes_json=table)
+
+
+class ClipDense(StageWrapper):
+    shard_task = ClipDenseShard
+
+
+class Detections(StageWrapper):
+    shard_task = DetectShard
+
+
+class QueryPointMasks(StageWrapper):
+    shard_task = QueryPointMaskShard
+
+
+class AutoMaskLabels(StageWrapper):
+    shard_task = AutoMaskLabelShard
+
+
+class PseudoLabels(StageWrapper):
+    """All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps)."""
+
+    shard_task = PseudoLabelShard
+
