@@ -29,6 +29,7 @@ class HFClipEncoder(ClipEncoder):
         vision = self.model.config.vision_config
         self.patch_size = int(vision.patch_size)
         self.image_size = int(vision.image_size)
+        self.vision_layers = int(vision.num_hidden_layers)  # blocks of the vision tower (encode_image_blocks)
         self.embed_dim = int(self.model.config.projection_dim)
         self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
         self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -77,6 +78,36 @@ class HFClipEncoder(ClipEncoder):
         return ClipImageFeatures(cls=to_numpy(l2_normalize(cls)), patch=to_numpy(patch))
 
     @torch.inference_mode()
+    def encode_image_blocks(self, images: np.ndarray, layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of several vision-tower blocks (the USE head's multi-level CLIP features, use-paper §3.2).
+
+        images: uint8 RGB [B, H, W, 3], H and W multiples of patch_size; image_size × image_size is the native
+        input, other sizes interpolate the position embeddings (bicubic, transformers' interpolate_pos_encoding).
+        layers: 0-based block indices, negative from the end. Each block's raw output (residual stream: no
+        post_layernorm, no projection), width C = the vision hidden size — not the joint space of encode_image.
+        Returns (cls float32 [B, L, C], patches float32 [B, L, H/p, W/p, C]); patches[b, l, i, j] = row i, col j.
+        """
+        images = np.asarray(images)
+        p, n_layers = self.patch_size, self.vision_layers
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or images.shape[1] % p \
+                or images.shape[2] % p:
+            raise ValueError(f"CLIP blocks expect uint8 [B, H, W, 3] with H, W multiples of {p}, got "
+                             f"{images.dtype} {images.shape}")
+        idx = [int(i) + n_layers if int(i) < 0 else int(i) for i in layers]
+        if not idx or any(not 0 <= i < n_layers for i in idx):
+            raise ValueError(f"layers must be block indices in [-{n_layers}, {n_layers}), got {list(layers)}")
+        b, h, w, _ = images.shape
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x * self._rescale - self._mean) / self._std
+        with autocast(self.device):
+            out = self.model.vision_model(pixel_values=x, output_hidden_states=True,
+                                          interpolate_pos_encoding=(h, w) != (self.image_size,) * 2)
+        # hidden_states[0] is the (pre-layernormed) embedding output, hidden_states[i + 1] the output of block i.
+        tokens = torch.stack([out.hidden_states[i + 1].float() for i in idx], dim=1)  # [B, L, 1 + h*w, C]
+        patches = tokens[:, :, 1:, :].reshape(b, len(idx), h // p, w // p, -1)
+        return to_numpy(tokens[:, :, 0, :]), to_numpy(patches)
+
+    @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """texts: N strings (e.g. "a photo of a dog.") → float32 [N, D] projected, L2-normalised embeddings."""
         tok = self.tokenizer(
@@ -86,3 +117,30 @@ class HFClipEncoder(ClipEncoder):
             out = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
             emb = self.model.text_projection(out.pooler_output)
         return to_numpy(l2_normalize(emb))
+
+    def gradcam(self, image_crop: np.ndarray, text_embeddings: np.ndarray, *, layer: int = -2) -> np.ndarray:
+        """Grad-CAM class activation maps (CaR's mask proposal generator, car-paper §3.3; as CLIP-ES).
+
+        image_crop: uint8 RGB [S, S, 3] (S == image_size); text_embeddings: float [T, D] L2-normalised (the queries,
+        then any background queries: they share the softmax). Score of text t = softmax over the T texts of
+        logit_scale · cos(image, text)[t]; its gradient w.r.t. the patch tokens of block `layer`'s output gives
+        per-channel weights (mean over patches); map = ReLU(Σ_c weight_c · token_c), divided by its max.
+        Returns float32 [T, S/p, S/p] in [0, 1]; [t, i, j] = row i, column j of the crop's patch grid.
+        """
+        x = self.pixel_values(np.asarray(image_crop)[None])
+        text = torch.as_tensor(np.asarray(text_embeddings, np.float32), device=self.device)
+        with torch.enable_grad():
+            out = self.model.vision_model(pixel_values=x, output_hidden_states=True)
+            feats = out.hidden_states[layer]  # [1, 1 + N, C], the output of block `layer`
+            feats.retain_grad()
+            img = l2_normalize(self.model.visual_projection(out.pooler_output))
+            probs = torch.softmax(self.model.logit_scale.exp() * img @ l2_normalize(text).T, dim=-1)[0]
+            side = self.image_size // self.patch_size
+            maps = []
+            for t in range(len(text)):
+                feats.grad = None
+                probs[t].backward(retain_graph=t + 1 < len(text))
+                tokens, grad = feats[0, 1:].detach().float(), feats.grad[0, 1:].float()
+                cam = torch.relu(tokens @ grad.mean(0))
+                maps.append((cam / cam.max().clamp_min(1e-12)).reshape(side, side))
+        return to_numpy(torch.stack(maps)) if maps else np.zeros((0, side, side), np.float32)
