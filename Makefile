@@ -18,7 +18,7 @@ DEMO_IMAGES := $(OUT)/demo/samples/images
 export LUIGI_CONFIG_PATH := $(abspath $(CONFIG))
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test demo pseudo-labels export-coco preview luigid workers bench lint clean
+.PHONY: help venv test demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
 help:
 	@echo "make demo | make test | make pseudo-labels STAGE=Ingest IMAGES=dir | make luigid | make workers N=2 | make bench"
@@ -46,6 +46,13 @@ export-coco: $(STAMP)
 
 preview: $(STAMP)
 	$(VENV)/bin/pseudoseg run Preview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
+
+# DATASET = benchmark (PROTOCOLS key), ROOT = its folder; fmbseg/use_sam/pseudo also need IMAGES + RUN (upstream run).
+eval: $(STAMP)
+	@test -n "$(ROOT)" || { echo "usage: make eval DATASET=voc21 METHOD=car|fmbseg|use_sam|pseudo ROOT=<dir> [LIMIT=0] [IMAGES=<dir> RUN=<name>]"; exit 2; }
+	$(VENV)/bin/pseudoseg run Evaluate --images $(or $(IMAGES),$(ROOT)) --dataset $(or $(RUN),$(DATASET)) --out $(OUT) \
+		--set Evaluate.benchmark=$(DATASET) --set Evaluate.data_root=$(abspath $(ROOT)) \
+		--set Evaluate.method=$(or $(METHOD),car) --set Evaluate.limit=$(or $(LIMIT),0)
 
 luigid: $(STAMP)
 	$(VENV)/bin/pseudoseg luigid --out $(OUT)

@@ -1,6 +1,7 @@
 """Artifact contracts (pyarrow only): one schema + version per artifact, validated on write and on read."""
 
 from schemas.contract import Contract, SchemaError
+from schemas.evaluation import CLASS_IOU
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
 from schemas.ingest import IMAGE_META, MANIFEST, PLAN, REJECTS, SHARD_STATS
 from schemas.models import MODEL_PROBE
@@ -9,5 +10,5 @@ from schemas.use import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS
 __all__ = [
     "Contract", "SchemaError", "IMAGE_META", "MANIFEST", "PLAN", "REJECTS", "SHARD_STATS", "MODEL_PROBE",
     "CAPTIONS", "EXPRESSIONS", "BOXES", "BOX_MASKS", "SEGMENTS",
-    "DENSE_FEATURES", "DETECTIONS", "PSEUDO_MASKS", "LABEL_REGIONS", "LABEL_MAP_META",
+    "DENSE_FEATURES", "DETECTIONS", "PSEUDO_MASKS", "LABEL_REGIONS", "LABEL_MAP_META", "CLASS_IOU",
 ]

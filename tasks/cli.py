@@ -20,11 +20,11 @@ from tasks.summary import format_table, summarise
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
     """Stage wrappers by class name (what `run STAGE` accepts), plus FullDAG and ModelProbe."""
-    from tasks import dag, export, models
+    from tasks import dag, evaluate, export, models
     from tasks.base import StageWrapper
 
     found: dict[str, type[luigi.Task]] = {"FullDAG": dag.FullDAG, "ModelProbe": models.ModelProbe,
-                                          "ExportCoco": export.ExportCoco}
+                                          "ExportCoco": export.ExportCoco, "Evaluate": evaluate.Evaluate}
     pending = list(StageWrapper.__subclasses__())
     while pending:
         cls = pending.pop()

@@ -178,3 +178,45 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path):
     done = sorted(p.name for p in (out / "ds" / "ingest").rglob("*.done.json"))
     assert done == [f"shard-{i:06d}.done.json" for i in range(7)]
     assert (out / ".luigid" / "state.pickle").exists(), "luigid keeps its state under the output root"
+
+
+FAIL_SHARD_1 = """
+import os
+import tasks.ingest as ingest
+_produce = ingest.IngestShard.produce
+def produce_or_fail(self, progress):
+    with open({log!r}, "a") as fh:
+        fh.write(f"{{self.shard}}\\n")
+    if self.shard == 1:
+        raise RuntimeError("injected failure in shard 1")
+    return _produce(self, progress)
+ingest.IngestShard.produce = produce_or_fail
+"""
+
+RUN_LOG_ONLY = """
+import tasks.ingest as ingest
+_produce = ingest.IngestShard.produce
+def logged(self, progress):
+    with open({log!r}, "a") as fh:
+        fh.write(f"{{self.shard}}\\n")
+    return _produce(self, progress)
+ingest.IngestShard.produce = logged
+"""
+
+
+def test_a_failed_shard_is_reported_and_only_it_is_redone_on_rerun(tmp_path, images_and_reference):
+    images, reference = images_and_reference
+    out, log = tmp_path / "out", tmp_path / "runs.log"
+    proc = run_ingest(images, out, cli_env(tmp_path, FAIL_SHARD_1.format(log=str(log))),
+                      "--set", "scheduler.retry_count=1")
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, text
+    table = text[text.index("records in"):]
+    assert table.splitlines()[2].split()[:4] == ["ingest", "3", "2", "1"]  # shards, done, failed
+    assert sorted(shard_files(out)) == [0, 2]  # the failed shard left nothing visible
+
+    log.unlink()
+    rerun = run_ingest(images, out, cli_env(tmp_path, RUN_LOG_ONLY.format(log=str(log))))
+    finish(rerun)
+    assert log.read_text().split() == ["1"], "only the failed shard runs again"
+    assert_same_artifacts(out, reference)

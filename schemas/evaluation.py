@@ -1,0 +1,26 @@
+"""Contract of an evaluation run's per-class IoU table (``<out>/<benchmark>/eval_<method>/<hash>/per_class.parquet``).
+
+One row per evaluation class, in label order. Counts are pixels accumulated over the whole evaluated set (one
+confusion matrix, ignore pixels skipped): intersection = TP, union = TP + FP + FN. ``iou`` is null where the union
+is empty (the class is neither in the GT nor predicted); mIoU is the mean of the non-null values.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.contract import Contract
+
+CLASS_IOU = Contract(
+    "class_iou",
+    1,
+    pa.schema(
+        [
+            pa.field("class_index", pa.int64(), nullable=False),  # label value in the benchmark's GT
+            pa.field("class_name", pa.string(), nullable=False),
+            pa.field("iou", pa.float64(), nullable=True),
+            pa.field("intersection", pa.int64(), nullable=False),
+            pa.field("union", pa.int64(), nullable=False),
+        ]
+    ),
+)

