@@ -93,8 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.sample_set import write_sample_set
 
-    # SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4.
-    args.set = ["fmbseg.points_per_side=4", *(args.set or [])]
+    # SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4. Random
+    # tiny SAM predicts IoUs far below the paper's 0.6, which would leave the USE head nothing to train on.
+    args.set = ["fmbseg.points_per_side=4", "use.pred_iou_thresh=-1", "use.stability_thresh=-1",
+                *(args.set or [])]
     _apply_config(args)
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")

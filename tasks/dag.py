@@ -6,9 +6,11 @@ import luigi
 
 from tasks.base import DatasetTask
 from tasks.export import ExportCoco, Preview
+from tasks.features import ClassTextEmbeddings, FmbsegFeatures, UseFeatures, UseTextEmbeddings
 from tasks.fmbseg import PseudoLabels
 from tasks.ingest import Ingest
 from tasks.models import ModelProbe
+from tasks.train import TrainAlignment, TrainUSEHead
 from tasks.use import UseSegments
 
 
@@ -16,4 +18,6 @@ class FullDAG(luigi.WrapperTask, DatasetTask):
     def requires(self) -> list[luigi.Task]:
         common = self.common()
         return [Ingest(**common), ModelProbe(**common), UseSegments(**common), ExportCoco(**common),
-                Preview(**common), PseudoLabels(**common)]
+                Preview(**common), PseudoLabels(**common), UseFeatures(**common), FmbsegFeatures(**common),
+                UseTextEmbeddings(**common), ClassTextEmbeddings(**common), TrainUSEHead(**common),
+                TrainAlignment(**common)]

@@ -163,9 +163,12 @@ class Evaluate(luigi.Task):
         head, record = load_trained(path, "use")
         meta = record.get("metadata", {})
         clip_layers, dino_layers = tuple(meta.get("clip_layers", ())), tuple(meta.get("dino_layers", ()))
+        input_hw = meta.get("input_hw", {})
+        # the head only knows the square grid it was trained on (features_use input size)
+        image_size = int((input_hw.get("clip") or input_hw.get("dino") or [224])[0])
         embed = use_head_embedder(head.eval(), clip=clip if clip_layers else None,
                                   dense=load_role("dense", settings) if dino_layers else None,
-                                  clip_layers=clip_layers, dino_layers=dino_layers)
+                                  clip_layers=clip_layers, dino_layers=dino_layers, image_size=image_size)
         return UseSamSegmenter(load_role("segmenter", settings), embed, protos,
                                uncovered=0 if threshold is not None else 255)
 

@@ -1,0 +1,85 @@
+"""Contracts of the feature caches (frozen-encoder tokens) and the text embeddings the two trainable heads use.
+
+Feature cache shard (stage ``features_use`` or ``features_fmbseg``), WebDataset tar, one sample per image with
+key ``<image_id>``; every array is float16 ``.npy`` (cast from float32 after encoding):
+
+- ``<id>.clip_patches.npy`` ``[Lc, gh, gw, Cc]``  CLIP vision blocks ``clip_layers`` (raw block outputs)
+- ``<id>.clip_cls.npy``     ``[Lc, Cc]``          their CLS tokens
+- ``<id>.dino_patches.npy`` ``[Ld, gh, gw, Cd]``  DINOv2 blocks ``dino_layers`` (the last block layer-normed)
+- ``<id>.dino_cls.npy``     ``[Ld, Cd]``          their CLS tokens
+- ``<id>.json``             one FEATURE_CACHE record (below)
+
+A backbone with no stored block has no members (``clip_layers = []`` and empty shapes). Both backbones share the
+patch grid ``(grid_height, grid_width)`` (rows, cols); it spans the WHOLE original image: cell (i, j) covers
+original rows ``i·H/gh .. (i+1)·H/gh`` and columns ``j·W/gw .. (j+1)·W/gw``. ``resize`` names how the encoder
+input was made: ``squash`` (USE: a fixed square, aspect not kept) or ``short_side`` (FMbSeg: aspect kept, sides
+rounded to patch multiples). The shard's Parquet holds the same record, one row per image (``feature_bytes`` =
+bytes of that image's ``.npy`` members: the disk cost per image).
+
+Text embeddings (Parquet): one row per distinct text — expressions of USE segments (``kind = "expression"``,
+``class_index = -1``) or vocabulary classes (``kind = "class"``, text = class name, ``class_index`` = label value);
+``embedding`` is the L2-normalised mean over the template set's prompts (and, for classes, over prompt names).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.contract import Contract
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+INTS = pa.list_(pa.int32())
+
+
+def _backbone(prefix: str) -> list[pa.Field]:
+    return [
+        _f(f"{prefix}_model", pa.string()),  # model identity (preset:id), "" if not stored
+        _f(f"{prefix}_patch_size", pa.int32()),  # 0 if not stored
+        _f(f"{prefix}_input_hw", INTS),  # [h, w] pixels fed to the encoder, [] if not stored
+        _f(f"{prefix}_layers", INTS),  # 0-based block indices, order of axis 0 of the arrays
+        _f(f"{prefix}_patches_shape", INTS),
+        _f(f"{prefix}_cls_shape", INTS),
+    ]
+
+
+FEATURE_CACHE = Contract(
+    "feature_cache",
+    1,
+    pa.schema(
+        [
+            _f("image_id", pa.string()),
+            _f("purpose", pa.string()),  # "use" | "fmbseg"
+            _f("height", pa.int32()),  # original (ingested) image
+            _f("width", pa.int32()),
+            _f("resize", pa.string()),  # "squash" | "short_side"
+            _f("grid_height", pa.int32()),
+            _f("grid_width", pa.int32()),
+            _f("dtype", pa.string()),  # of every stored array: "float16"
+            *_backbone("clip"),
+            *_backbone("dino"),
+            _f("members", pa.list_(pa.string())),  # array member suffixes, e.g. "clip_patches.npy"
+            _f("feature_bytes", pa.int64()),
+        ]
+    ),
+)
+
+TEXT_EMBEDDINGS = Contract(
+    "text_embeddings",
+    1,
+    pa.schema(
+        [
+            _f("text", pa.string()),
+            _f("kind", pa.string()),  # "expression" | "class"
+            _f("class_index", pa.int32()),  # label value for classes, -1 for expressions
+            _f("template_set", pa.string()),  # e.g. "use4", "single"
+            _f("embedding", pa.list_(pa.float32())),
+            _f("dim", pa.int32()),
+        ]
+    ),
+)
+
+__all__ = ["FEATURE_CACHE", "TEXT_EMBEDDINGS"]

@@ -1,0 +1,262 @@
+"""Feature caches and text embeddings for the trainable heads, one Luigi task per shard (text of classes: one per
+dataset):
+
+IngestShard ──→ FeatureCacheShard(purpose=use)     frozen CLIP + DINOv2 blocks, USE square   (stage features_use)
+            └─→ FeatureCacheShard(purpose=fmbseg)  frozen DINOv2 tokens, aspect kept        (stage features_fmbseg)
+SegmentNMSShard → UseTextEmbeddingShard            CLIP text of every distinct expression   (stage use_text)
+ClassTextEmbeddings                                CLIP text of every vocabulary class      (stage text_classes)
+
+Disk (defaults, ViT-L/14 CLIP-336 and DINOv2-L, width 1024, float16): USE 336² → 24×24 grid, CLIP blocks 7/15/23
++ DINOv2 blocks 22/23 = 5 × 576 × 1024 × 2 B + CLS ≈ 5.91 MB/image; FMbSeg DINOv2 last block at short side 336
+(640×480 → 24×32 grid) ≈ 1.58 MB/image; a 118,287-image COCO run ≈ 699 GB + 186 GB < the 1 TB budget
+(``pipeline.feature_cache.DISK_BUDGET_BYTES``). The paper's choice (all 24 CLIP blocks + last 6 DINOv2) would be
+30 blocks ≈ 35.4 MB/image ≈ 4.2 TB: set ``[features_use] clip_blocks = all`` / ``dino_blocks = last:6`` for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import luigi
+import numpy as np
+
+from models.registry import load_role
+from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes, webdataset_tar_bytes
+from pipeline.feature_cache import (
+    PURPOSES,
+    embed_texts,
+    encode_fmbseg,
+    encode_use,
+    feature_sample,
+    finite,
+    resolve_blocks,
+    text_rows,
+    text_templates,
+)
+from pipeline.fmbseg import class_text_embeddings
+from pipeline.ingest import iter_ingested_images
+from pipeline.vocabularies import load_templates, load_vocabulary
+from schemas import MANIFEST, REJECTS, SEGMENTS
+from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
+from tasks.base import (
+    DatasetTask,
+    ProgressReporter,
+    ShardTask,
+    StageWrapper,
+    model_identity,
+    model_settings,
+    uses_gpu,
+)
+from tasks.fmbseg import fmbseg
+from tasks.ingest import IngestShard
+from tasks.use import SegmentNMSShard, reject
+
+
+class features_use(luigi.Config):  # noqa: N801 — section [features_use] of luigi.cfg
+    input_size = luigi.IntParameter(default=0, description="square side images are squashed to; 0 = CLIP's "
+                                    "image_size (336 for ViT-L/14-336); other sizes interpolate CLIP's positions")
+    clip_blocks = luigi.Parameter(default="every:8", description="all | none | last:N | every:K | i,j,k")
+    dino_blocks = luigi.Parameter(default="last:2", description="all | none | last:N | every:K | i,j,k")
+    text_templates = luigi.Parameter(default="use4", description="templates averaged per expression")
+    batch_size = luigi.IntParameter(default=8, description="images per encoder call (not a content parameter)")
+
+
+class features_fmbseg(luigi.Config):  # noqa: N801 — section [features_fmbseg]
+    dino_blocks = luigi.Parameter(default="last:1")
+    short_side = luigi.IntParameter(default=336, description="DINOv2 input short side (patch multiples)")
+    max_long_side = luigi.IntParameter(default=672, description="cap on the input long side; 0 = none")
+
+
+TEXT_BATCH = 256  # texts per CLIP text-encoder call
+
+
+class FeatureCacheShard(ShardTask):
+    """Frozen-encoder tokens of one shard (float16 .npy in a WebDataset tar, the record per image in JSON and
+    Parquet, ``feature_bytes`` = disk cost per image); ``purpose`` picks the configuration (use | fmbseg)."""
+
+    purpose = luigi.ChoiceParameter(choices=PURPOSES, default="use")
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return f"features_{self.purpose}"
+
+    def requires(self) -> dict[str, ShardTask]:
+        return {"ingest": IngestShard(shard=self.shard, **self.common())}
+
+    def _specs(self) -> dict[str, str]:
+        if self.purpose == "use":
+            cfg = features_use()
+            return {"clip_blocks": cfg.clip_blocks, "dino_blocks": cfg.dino_blocks}
+        return {"clip_blocks": "none", "dino_blocks": features_fmbseg().dino_blocks}
+
+    def _needs(self) -> tuple[bool, bool]:
+        specs = self._specs()
+        use_clip = specs["clip_blocks"].strip().lower() not in ("", "none")
+        # the USE square defaults to CLIP's native size, so CLIP is read even for DINOv2-only features then
+        return use_clip or (self.purpose == "use" and features_use().input_size == 0), \
+            specs["dino_blocks"].strip().lower() not in ("", "none")
+
+    def content_params(self) -> dict[str, Any]:
+        settings = model_settings()
+        need_clip, need_dino = self._needs()
+        params: dict[str, Any] = {"ingest": self.requires()["ingest"].stage_dir.hash, "purpose": self.purpose,
+                                  **self._specs(), "dtype": "float16",
+                                  "clip": model_identity("clip", settings) if need_clip else "",
+                                  "dense": model_identity("dense", settings) if need_dino else ""}
+        if self.purpose == "use":
+            params["input_size"] = features_use().input_size
+        else:
+            cfg = features_fmbseg()
+            params.update(short_side=cfg.short_side, max_long_side=cfg.max_long_side)
+        return params
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if uses_gpu(model_settings()) else {}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        settings = model_settings()
+        need_clip, need_dino = self._needs()
+        clip = load_role("clip", settings) if need_clip else None
+        dense = load_role("dense", settings) if need_dino else None
+        specs = self._specs()
+        blocks_clip = specs["clip_blocks"].strip().lower() not in ("", "none")
+        if blocks_clip and not hasattr(clip, "encode_image_blocks"):
+            raise ValueError(f"the CLIP adapter of preset {settings.preset!r} ({type(clip).__name__}) cannot return "
+                             "block tokens (encode_image_blocks); set [features_use] clip_blocks = none")
+        clip_layers = resolve_blocks(specs["clip_blocks"], clip.vision_layers) if blocks_clip else ()
+        dino_layers = resolve_blocks(specs["dino_blocks"], dense.num_layers) if dense is not None else ()
+        names = {"clip_name": model_identity("clip", settings) if need_clip else "",
+                 "dino_name": model_identity("dense", settings) if need_dino else ""}
+        ingest = self.requires()["ingest"].stage_dir
+        manifest = MANIFEST.read_parquet(ingest.shard_path(self.shard, "parquet")).to_pylist()
+        sources = {r["image_id"]: r["source"] for r in manifest}
+        progress.start(len(manifest))
+        samples, rows, rejects = [], [], []
+        batch: list[tuple[str, np.ndarray]] = []
+
+        def keep(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+            if not finite(arrays):
+                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
+                                      "an encoder returned NaN/inf features"))
+                return
+            sample, record = feature_sample(image_id, arrays, meta)
+            FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
+            samples.append(sample)
+            rows.append(record)
+
+        def flush() -> None:
+            if batch:
+                size = features_use().input_size or clip.image_size
+                encoded = encode_use([rgb for _, rgb in batch], clip=clip, dense=dense, clip_layers=clip_layers,
+                                     dino_layers=dino_layers, input_size=size, **names)
+                for (image_id, _), (arrays, meta) in zip(batch, encoded, strict=True):
+                    keep(image_id, arrays, meta)
+                batch.clear()
+
+        for i, (image_id, rgb, _meta) in enumerate(iter_ingested_images(str(ingest.shard_path(self.shard, "tar")))):
+            progress.step(i)
+            if self.purpose == "use":
+                batch.append((image_id, rgb))
+                if len(batch) >= max(1, features_use().batch_size):
+                    flush()
+            else:
+                cfg = features_fmbseg()
+                keep(image_id, *encode_fmbseg(rgb, dense=dense, dino_layers=dino_layers, short_side=cfg.short_side,
+                                              max_long_side=cfg.max_long_side, dino_name=names["dino_name"]))
+        flush()
+        output = ShardOutput(files={"tar": webdataset_tar_bytes(samples)}, in_count=len(manifest),
+                             ok_count=len(rows), rejected_count=len(rejects))
+        output.add_table("parquet", FEATURE_CACHE, FEATURE_CACHE.table(rows))
+        output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))
+        return output
+
+
+class UseTextEmbeddingShard(ShardTask):
+    """CLIP text embeddings of every distinct expression of one shard's USE segments (use-paper §4.2: the mean
+    over 4 templates), deduplicated within the shard (the trainer deduplicates across shards)."""
+
+    stage = "use_text"
+
+    def requires(self) -> dict[str, ShardTask]:
+        return {"segments": SegmentNMSShard(shard=self.shard, **self.common())}
+
+    def content_params(self) -> dict[str, Any]:
+        name = features_use().text_templates
+        return {"segments": self.requires()["segments"].stage_dir.hash,
+                "clip": model_identity("clip", model_settings()), "template_set": name,
+                "templates": list(text_templates(name)), "field": "expression"}
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return {"gpu": 1} if uses_gpu(model_settings()) else {}
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        name = features_use().text_templates
+        path = self.requires()["segments"].stage_dir.shard_path(self.shard, "parquet")
+        segments = SEGMENTS.read_parquet(path).to_pylist()
+        texts = sorted({t["expression"] for s in segments for t in s["texts"]})
+        progress.start(1)
+        emb = embed_texts(load_role("clip", model_settings()), texts, text_templates(name), TEXT_BATCH) \
+            if texts else np.zeros((0, 0), np.float32)
+        rows = text_rows(texts, emb, kind="expression", template_set=name)
+        output = ShardOutput(in_count=len(texts), ok_count=len(texts), rejected_count=0)
+        output.add_table("parquet", TEXT_EMBEDDINGS, TEXT_EMBEDDINGS.table(rows))
+        output.add_table("rejects.parquet", REJECTS, REJECTS.table([]))
+        return output
+
+
+class ClassTextEmbeddings(DatasetTask):
+    """CLIP text embeddings of a vocabulary's classes (FMbSeg: "a photo of a {}.", averaged over a class's prompt
+    names), one Parquet row per class in label-value order. Defaults: ``[fmbseg] vocabulary`` / ``templates``,
+    i.e. the classes the pseudo-label maps index."""
+
+    vocabulary = luigi.Parameter(default="", description="built-in name or .txt path; '' = [fmbseg] vocabulary")
+    templates = luigi.Parameter(default="", description="template set; '' = [fmbseg] templates")
+
+    def spec(self) -> tuple[str, str]:
+        return self.vocabulary or fmbseg().vocabulary, self.templates or fmbseg().templates
+
+    @property
+    def stage_dir(self) -> StageDir:
+        vocab_spec, templates = self.spec()
+        vocab = load_vocabulary(vocab_spec)
+        params = {"clip": model_identity("clip", model_settings()), "vocabulary": vocab.name,
+                  "vocabulary_digest": vocab.digest, "template_set": templates,
+                  "templates": list(load_templates(templates))}
+        return StageDir(self.root, self.dataset, "text_classes", params)
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir.path / "text.parquet"))
+
+    def run(self) -> None:
+        vocab_spec, templates = self.spec()
+        vocab = load_vocabulary(vocab_spec)
+        emb = class_text_embeddings(load_role("clip", model_settings()), vocab, load_templates(templates))
+        rows = text_rows(list(vocab.classes), emb, kind="class", template_set=templates,
+                         class_indices=range(len(vocab)))
+        stage_dir = self.stage_dir
+        stage_dir.write_params()
+        atomic_write_bytes(stage_dir.path / "text.parquet", TEXT_EMBEDDINGS.to_parquet_bytes(TEXT_EMBEDDINGS.table(rows)))
+
+
+class UseFeatures(StageWrapper):
+    """All shards of the USE feature cache (CLIP + DINOv2 blocks on one square grid)."""
+
+    shard_task = FeatureCacheShard
+
+    def requires(self) -> list[ShardTask]:
+        return [FeatureCacheShard(purpose="use", shard=i, **self.common()) for i in range(self.shard_count)]
+
+
+class FmbsegFeatures(StageWrapper):
+    """All shards of the FMbSeg feature cache (DINOv2 tokens, aspect kept)."""
+
+    shard_task = FeatureCacheShard
+
+    def requires(self) -> list[ShardTask]:
+        return [FeatureCacheShard(purpose="fmbseg", shard=i, **self.common()) for i in range(self.shard_count)]
+
+
+class UseTextEmbeddings(StageWrapper):
+    shard_task = UseTextEmbeddingShard
