@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.transforms import fit_long_side
+
 REJECT_CODES: tuple[str, ...] = (
     "empty_file",  # zero bytes
     "not_an_image",  # no image signature and PIL cannot identify it (text, HTML, random bytes)
@@ -260,13 +262,6 @@ def _to_rgb_array(img: Image.Image, declared_bits: int | None) -> np.ndarray:
     return np.asarray(converted, dtype=np.uint8)
 
 
-def _fit_long_side(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) scaled so that the long side is max_side; short side rounded half up, at least 1."""
-    if width >= height:
-        return max_side, max(1, (height * max_side * 2 + width) // (2 * width))
-    return max(1, (width * max_side * 2 + height) // (2 * height)), max_side
-
-
 def decode_image(
     data: bytes,
     *,
@@ -334,7 +329,7 @@ def decode_image(
 
     resized = max(orig_width, orig_height) > max_side
     if resized:
-        new_w, new_h = _fit_long_side(orig_width, orig_height, max_side)
+        new_h, new_w = fit_long_side((orig_height, orig_width), max_side)
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if not rgb.flags.writeable:  # np.asarray(PIL image) can be a read-only view; callers get an owned array

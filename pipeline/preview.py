@@ -4,8 +4,8 @@ Conventions
 - Images are RGB ``uint8`` ``[H, W, 3]`` (row, col, channel). Masks are ``bool`` ``[H, W]`` decoded from the
   SEGMENTS ``rle_counts``; points are ``(x, y) = (column, row)`` pixels as OpenCV draws them.
 - The overlay is drawn at preview size: the image is first downscaled (never upscaled) so its long side is
-  at most ``max_side``; every mask and box is mapped into that frame by :class:`PreviewFrame`, the one owner
-  of the scaling.
+  at most ``max_side``; every mask and point is mapped into that frame by a ``pipeline.transforms.Resize``
+  (``preview_frame``): transforms.py owns all scaling.
 - Colours: segment ``k`` (its ``segment_id``) gets ``imgviz.label_colormap()[1 + k % 255]`` (index 0, black,
   is skipped), so the same segment has the same colour in every run.
 - What changes: pixels of a mask are blended with its colour (``alpha``; where masks overlap, the smaller
@@ -22,7 +22,6 @@ import functools
 import html
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -34,6 +33,7 @@ from pipeline.artifacts import atomic_write_bytes
 from pipeline.images import encode_png
 from pipeline.ingest import iter_ingested_images
 from pipeline.masks import decode_rle
+from pipeline.transforms import Resize, fit_long_side
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 FONT_SCALE = 0.4
@@ -60,52 +60,9 @@ def segment_color(segment_id: int) -> tuple[int, int, int]:
     return int(r), int(g), int(b)
 
 
-@dataclass(frozen=True)
-class PreviewFrame:
-    """Mapping from the source image (``width`` x ``height``) to the preview (``out_width`` x ``out_height``).
-
-    The long side becomes ``min(long side, max_side)``; the short side is rounded half up, at least 1.
-    ``scale_x = out_width / width`` and ``scale_y = out_height / height`` (equal up to rounding).
-    """
-
-    width: int
-    height: int
-    out_width: int
-    out_height: int
-
-    @classmethod
-    def fit(cls, width: int, height: int, max_side: int) -> PreviewFrame:
-        if max_side < 1:
-            raise ValueError(f"max_side must be >= 1, got {max_side}")
-        long_side = max(width, height)
-        if long_side <= max_side:
-            return cls(width, height, width, height)
-        if width >= height:
-            return cls(width, height, max_side, max(1, (height * max_side * 2 + width) // (2 * width)))
-        return cls(width, height, max(1, (width * max_side * 2 + height) // (2 * height)), max_side)
-
-    @property
-    def scaled(self) -> bool:
-        return (self.out_width, self.out_height) != (self.width, self.height)
-
-    def image(self, rgb: np.ndarray) -> np.ndarray:
-        """RGB ``[height, width, 3]`` → ``[out_height, out_width, 3]`` (INTER_AREA; a copy when not scaled)."""
-        if not self.scaled:
-            return np.array(rgb, dtype=np.uint8, copy=True)
-        return cv2.resize(rgb, (self.out_width, self.out_height), interpolation=cv2.INTER_AREA)
-
-    def mask(self, mask: np.ndarray) -> np.ndarray:
-        """bool ``[height, width]`` → bool ``[out_height, out_width]`` (nearest neighbour)."""
-        if not self.scaled:
-            return np.asarray(mask, dtype=bool)
-        small = cv2.resize(mask.astype(np.uint8), (self.out_width, self.out_height), interpolation=cv2.INTER_NEAREST)
-        return small.astype(bool)
-
-    def point(self, x: float, y: float) -> tuple[int, int]:
-        """Source pixel ``(x, y) = (column, row)`` → preview ``(x, y)``, integer, clamped inside the preview."""
-        px = int(np.floor(float(x) * self.out_width / self.width))
-        py = int(np.floor(float(y) * self.out_height / self.height))
-        return min(max(px, 0), self.out_width - 1), min(max(py, 0), self.out_height - 1)
+def preview_frame(height: int, width: int, max_side: int) -> Resize:
+    """The map from the source image to the preview (long side <= ``max_side``), owned by pipeline.transforms."""
+    return Resize((height, width), fit_long_side((height, width), max_side))
 
 
 def segment_expressions(segment: Mapping[str, Any]) -> list[str]:
@@ -182,8 +139,8 @@ def render_overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     height, width = rgb.shape[:2]
-    frame = PreviewFrame.fit(width, height, max_side)
-    base = frame.image(rgb)
+    frame = preview_frame(height, width, max_side)
+    base = frame.apply_image(rgb)
 
     # Smaller masks are painted last (on top), so a whole-image segment never hides the others.
     decoded = []
@@ -195,11 +152,11 @@ def render_overlay(
                 f"image is {height}x{width}"
             )
         mask = decode_rle({"size": [h, w], "counts": seg["rle_counts"]})
-        decoded.append((int(mask.sum()), int(seg["segment_id"]), seg, frame.mask(mask)))
+        decoded.append((int(mask.sum()), int(seg["segment_id"]), seg, frame.apply_mask(mask)))
     decoded.sort(key=lambda d: (-d[0], d[1]))
 
     # top[y, x] = index into `decoded` of the topmost mask at that preview pixel, -1 where none.
-    top = np.full((frame.out_height, frame.out_width), -1, dtype=np.int32)
+    top = np.full(frame.new_hw, -1, dtype=np.int32)
     for i, (_, _, _, small) in enumerate(decoded):
         top[small] = i
     colors = np.array([segment_color(d[1]) for d in decoded] or [(0, 0, 0)], dtype=np.float64)
@@ -219,7 +176,7 @@ def render_overlay(
         for _, segment_id, seg, _ in decoded:
             lines = [_ascii_label(e) for e in segment_expressions(seg)[:max_expressions]] or [f"#{segment_id}"]
             x, y = float(seg["bbox"][0]), float(seg["bbox"][1])  # COCO xywh: (x, y) = (column, row)
-            _draw_label(canvas, lines, frame.point(x, y), segment_color(segment_id), placed)
+            _draw_label(canvas, lines, frame.apply_pixel(x, y), segment_color(segment_id), placed)
     return canvas
 
 

@@ -50,6 +50,19 @@ def working_size(
     return side(h0), side(w0)
 
 
+def fit_long_side(orig_hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(h, w) with the long side = ``max_side`` (aspect kept, short side rounded half up, at least 1), or
+    ``orig_hw`` unchanged when it already fits: never upscales. Used for decode-time downsizing and previews."""
+    h, w = (int(v) for v in orig_hw)
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if max(h, w) <= max_side:
+        return h, w
+    if w >= h:
+        return max(1, (h * max_side * 2 + w) // (2 * w)), max_side
+    return max_side, max(1, (w * max_side * 2 + h) // (2 * h))
+
+
 @dataclass(frozen=True)
 class Resize:
     """The map between the original frame ``orig_hw = (H, W)`` and the working frame ``new_hw = (h, w)``.
@@ -76,6 +89,20 @@ class Resize:
         shrink = self.new_hw[0] <= self.orig_hw[0] and self.new_hw[1] <= self.orig_hw[1]
         return cv2.resize(image, (self.new_hw[1], self.new_hw[0]),
                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+    def apply_mask(self, mask: np.ndarray) -> np.ndarray:
+        """bool ``[H, W]`` (original) → bool ``[h, w]`` (working), nearest neighbour."""
+        mask = np.asarray(mask, dtype=bool)
+        if tuple(self.new_hw) == tuple(self.orig_hw):
+            return mask
+        small = cv2.resize(mask.astype(np.uint8), (self.new_hw[1], self.new_hw[0]), interpolation=cv2.INTER_NEAREST)
+        return small.astype(bool)
+
+    def apply_pixel(self, x: float, y: float) -> tuple[int, int]:
+        """Original pixel ``(x, y) = (column, row)`` → the working pixel containing it, clamped inside."""
+        sx, sy = self.scale_xy
+        px, py = int(np.floor(float(x) * sx)), int(np.floor(float(y) * sy))
+        return min(max(px, 0), self.new_hw[1] - 1), min(max(py, 0), self.new_hw[0] - 1)
 
     def apply_coords(self, points_xy: np.ndarray) -> np.ndarray:
         """float ``[..., 2]`` (x, y) original → (x, y) working."""

@@ -16,7 +16,7 @@ from pipeline.artifacts import webdataset_tar_bytes
 from pipeline.export import coco_from_segments, coco_json_bytes, write_coco_json
 from pipeline.images import decode_image, encode_png
 from pipeline.masks import decode_rle, encode_rle, rle_area, rle_bbox
-from pipeline.preview import PreviewFrame, preview_shard, render_overlay, write_gallery
+from pipeline.preview import preview_frame, preview_shard, render_overlay, write_gallery
 from schemas import SEGMENTS
 
 TRICKY = "the <b>red</b> & \"shiny\" car"
@@ -167,13 +167,14 @@ def test_coco_export_rejects_mixed_artifacts(data):
 
 
 def test_preview_frame_maps_xy_and_sizes():
-    f = PreviewFrame.fit(1000, 500, 100)  # width, height
-    assert (f.out_width, f.out_height) == (100, 50)
-    assert f.point(999, 0) == (99, 0) and f.point(0, 499) == (0, 49) and f.point(500, 250) == (50, 25)
-    assert f.point(-5, 10_000) == (0, 49)  # clamped inside
-    tall = PreviewFrame.fit(3, 2000, 768)
-    assert (tall.out_width, tall.out_height) == (1, 768)
-    assert not PreviewFrame.fit(60, 40, 768).scaled
+    f = preview_frame(500, 1000, 100)  # height, width
+    assert f.new_hw == (50, 100)
+    assert f.apply_pixel(999, 0) == (99, 0) and f.apply_pixel(0, 499) == (0, 49)
+    assert f.apply_pixel(500, 250) == (50, 25)
+    assert f.apply_pixel(-5, 10_000) == (0, 49)  # clamped inside
+    tall = preview_frame(2000, 3, 768)
+    assert tall.new_hw == (768, 1)
+    assert preview_frame(40, 60, 768).new_hw == (40, 60)
 
 
 def test_overlay_tints_masks_only(data):
@@ -217,12 +218,12 @@ def test_overlay_downscales_voc(data):
     rgb, segs = data["voc"]
     out = render_overlay(rgb, segs, max_side=200)
     assert out.dtype == np.uint8 and out.shape == (150, 200, 3)
-    frame = PreviewFrame.fit(rgb.shape[1], rgb.shape[0], 200)
-    base = frame.image(rgb)
+    frame = preview_frame(rgb.shape[0], rgb.shape[1], 200)
+    base = frame.apply_image(rgb)
     plain = render_overlay(rgb, segs, max_side=200, max_expressions=0)
     union = np.zeros(base.shape[:2], bool)
     for s in segs:
-        small = frame.mask(decode_rle({"size": [s["height"], s["width"]], "counts": s["rle_counts"]}))
+        small = frame.apply_mask(decode_rle({"size": [s["height"], s["width"]], "counts": s["rle_counts"]}))
         union |= small
         inner = cv2.erode(small.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         if inner.sum() < 10:
