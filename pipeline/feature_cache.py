@@ -11,7 +11,7 @@ Two configurations ("purposes"):
   trains on random 0.5–2× rescaled 560×560 crops; a cache of frozen features cannot be augmented that way.
 - ``fmbseg`` (alignment block, fmbseg-paper §3.3): DINOv2 on the image resized keeping its aspect
   (``transforms.working_size``: short side, patch multiples, long side capped); the grid again spans the whole
-  image, so ``models.training.patch_labels(label_map, grid)`` reads the original-size label map directly.
+  image, so ``pipeline.transforms.patch_labels(label_map, grid)`` reads the original-size label map directly.
 
 Block specs (``resolve_blocks``): ``all`` | ``none`` | ``last:N`` | ``every:K`` (the last block and every K-th before
 it) | an explicit comma list of indices (negative from the end).

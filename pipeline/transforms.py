@@ -269,3 +269,44 @@ def upsample_grid(grid: np.ndarray, resize: Resize, patch: int) -> np.ndarray:
     """Grid values ``[rows, cols, ...]`` → ``[H, W, ...]`` original frame, nearest cell (by :func:`pixel_cells`)."""
     row, col = pixel_cells(resize, patch)
     return np.asarray(grid)[row[:, None], col[None, :]]
+
+
+def patch_labels(label_map: np.ndarray, grid: tuple[int, int], mode: str = "majority", *, void: int = 255,
+                 ignore: int = -1) -> np.ndarray:
+    """Per-patch training labels from a pixel label map (pseudo labels or GT).
+
+    label_map: int [H, W] (class ids, `void` = unlabelled); grid: (h, w) patches. The grid spans the whole map;
+    cell (i, j) covers rows round(i·H/h)..round((i+1)·H/h) and likewise columns (cells differ by at most a pixel
+    when H is not a multiple of h).
+    mode "majority": the most frequent value in the cell, void included as a candidate — a cell mostly unlabelled
+        becomes `ignore` rather than taking the label of a small labelled corner (pseudo labels leave large
+        areas void); ties go to the smaller value, so a class beats void on a tie.
+    mode "centre": the value at the cell's centre pixel (row floor((i+½)·H/h)); cheaper and sharper at
+        boundaries, but one pixel decides (noisy for thin structures).
+    Returns int64 [h, w], `ignore` where the chosen value is void.
+    """
+    lm = np.asarray(label_map)
+    if lm.ndim != 2:
+        raise ValueError(f"label_map must be [H, W], got {lm.shape}")
+    h, w = int(grid[0]), int(grid[1])
+    hh, ww = lm.shape
+    lm = lm.astype(np.int64)
+    if mode == "centre":
+        rows = np.floor((np.arange(h) + 0.5) * hh / h).astype(np.int64)
+        cols = np.floor((np.arange(w) + 0.5) * ww / w).astype(np.int64)
+        out = lm[rows[:, None], cols[None, :]]
+    elif mode == "majority":
+        ys = np.linspace(0, hh, h + 1).round().astype(np.int64)
+        xs = np.linspace(0, ww, w + 1).round().astype(np.int64)
+        row_cell = np.searchsorted(ys[1:], np.arange(hh), side="right")
+        col_cell = np.searchsorted(xs[1:], np.arange(ww), side="right")
+        cell = row_cell[:, None] * w + col_cell[None, :]
+        n_vals = int(lm.max()) + 1 if lm.size else 1
+        if lm.size and lm.min() < 0:
+            raise ValueError("label_map has negative values")
+        counts = np.bincount((cell * n_vals + lm).ravel(), minlength=h * w * n_vals).reshape(h * w, n_vals)
+        out = counts.argmax(1).reshape(h, w)
+        out[counts.sum(1).reshape(h, w) == 0] = void  # a cell with no pixel (more cells than pixels)
+    else:
+        raise ValueError(f"mode must be 'majority' or 'centre', got {mode!r}")
+    return np.where(out == void, ignore, out).astype(np.int64)

@@ -30,7 +30,6 @@ from models.training import (
     alignment_step,
     collate_alignment,
     collate_use,
-    patch_labels,
     train,
     use_step,
 )
@@ -38,6 +37,7 @@ from pipeline.artifacts import StageDir
 from pipeline.feature_cache import TarStore, crop_cells, read_features, sample_rng, text_matrix
 from pipeline.images import decode_label_png
 from pipeline.masks import decode_rle
+from pipeline.transforms import patch_labels
 from pipeline.vocabularies import UNLABELLED, load_vocabulary
 from schemas import SEGMENTS
 from schemas.features import TEXT_EMBEDDINGS

@@ -27,10 +27,10 @@ from models.training import (
     collate_alignment,
     collate_use,
     load_trained,
-    patch_labels,
     train,
     use_step,
 )
+from pipeline.transforms import patch_labels
 from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
 
 REPO = Path(__file__).resolve().parents[1]
