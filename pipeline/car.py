@@ -259,8 +259,8 @@ def masks_to_label_map(masks: np.ndarray, labels: Sequence[int], fill: int) -> n
     """bool [N, H, W] + label value per mask → uint8 [H, W]: larger masks painted first so smaller ones stay on
     top; uncovered pixels get `fill`."""
     masks = np.asarray(masks, bool)
-    out = np.full(masks.shape[1:], fill, np.uint8)
-    for i in np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable"):
+    out = np.full(masks.shape[1:], fill, np.uint8)  # zero masks (every query dropped): all `fill`
+    for i in np.argsort(-masks.reshape(len(masks), -1).sum(1) if len(masks) else [], kind="stable"):
         out[masks[i]] = labels[i]
     return out
 

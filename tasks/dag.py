@@ -5,6 +5,7 @@ from __future__ import annotations
 import luigi
 
 from tasks.base import DatasetTask
+from tasks.car_labels import CaRLabels
 from tasks.export import ExportCoco, Preview
 from tasks.features import ClassTextEmbeddings, FmbsegFeatures, UseFeatures, UseTextEmbeddings
 from tasks.fmbseg import PseudoLabels
@@ -20,4 +21,4 @@ class FullDAG(luigi.WrapperTask, DatasetTask):
         return [Ingest(**common), ModelProbe(**common), UseSegments(**common), ExportCoco(**common),
                 Preview(**common), PseudoLabels(**common), UseFeatures(**common), FmbsegFeatures(**common),
                 UseTextEmbeddings(**common), ClassTextEmbeddings(**common), TrainUSEHead(**common),
-                TrainAlignment(**common)]
+                TrainAlignment(**common), CaRLabels(**common)]

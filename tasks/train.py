@@ -65,6 +65,8 @@ class train_use(luigi.Config):  # noqa: N801 — section [train_use] of luigi.cf
 
 
 class train_alignment(luigi.Config):  # noqa: N801 — section [train_alignment] (fmbseg-paper §4.1)
+    label_source = luigi.ChoiceParameter(choices=["fmbseg", "car"], default="fmbseg",
+                                         description="pseudo-label maps: FMbSeg Stage 1 or CaR (car_labels)")
     lr = luigi.FloatParameter(default=0.01)
     momentum = luigi.FloatParameter(default=0.9)
     weight_decay = luigi.FloatParameter(default=1e-4)
@@ -265,8 +267,15 @@ class TrainAlignment(TrainTask):
     def requires(self) -> dict[str, Any]:
         c, n = self.common(), self.shard_count
         return {"features": [FeatureCacheShard(purpose="fmbseg", shard=i, **c) for i in range(n)],
-                "labels": [PseudoLabelShard(shard=i, **c) for i in range(n)],
+                "labels": [self.label_task()(shard=i, **c) for i in range(n)],
                 "text": ClassTextEmbeddings(**c)}
+
+    @staticmethod
+    def label_task() -> type[luigi.Task]:
+        """Both label sources write the same artifact layout (label PNGs + classes.json + LABEL_REGIONS)."""
+        from tasks.car_labels import CaRLabelShard
+
+        return CaRLabelShard if train_alignment().label_source == "car" else PseudoLabelShard
 
     def config(self) -> TrainConfig:
         cfg = train_alignment()
@@ -282,7 +291,7 @@ class TrainAlignment(TrainTask):
                 "head": {"variant": cfg.variant, "width": cfg.width, "num_heads": cfg.num_heads,
                          "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout},
                 "loss": {"temperature": cfg.temperature},
-                "data": {"label_mode": cfg.label_mode, "dino_block": cfg.dino_block,
+                "data": {"label_source": cfg.label_source, "label_mode": cfg.label_mode, "dino_block": cfg.dino_block,
                          "crop_patches": cfg.crop_patches, "repeats": cfg.repeats}}
 
     def run(self) -> None:
