@@ -21,7 +21,7 @@ export PYTHONHASHSEED := 0
 .PHONY: help venv test demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
 help:
-	@echo "make demo | make test | make pseudo-labels STAGE=Ingest IMAGES=dir | make luigid | make workers N=2 | make bench"
+	@echo "make demo | make test | make pseudo-labels STAGE=<Ingest|Captions|UseSegments|PseudoLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid | make workers N=2 STAGE=FullDAG IMAGES=dir | make bench"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
