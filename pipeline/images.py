@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.transforms import fit_long_side
+from pipeline.transforms import Resize, fit_long_side
 
 REJECT_CODES: tuple[str, ...] = (
     "empty_file",  # zero bytes
@@ -329,8 +329,8 @@ def decode_image(
 
     resized = max(orig_width, orig_height) > max_side
     if resized:
-        new_h, new_w = fit_long_side((orig_height, orig_width), max_side)
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        frame = (orig_height, orig_width)
+        rgb = Resize(frame, fit_long_side(frame, max_side)).apply_image(rgb)  # INTER_AREA: it only shrinks
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if not rgb.flags.writeable:  # np.asarray(PIL image) can be a read-only view; callers get an owned array
         rgb = rgb.copy()

@@ -13,11 +13,11 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from pipeline.metrics import IGNORE, ConfusionMatrix
+from pipeline.transforms import Resize, resize_label_map, short_side_size
 
 # --------------------------------------------------------------------------------------------- published numbers
 # mIoU (%) as printed in the seed papers, keyed by pipeline.datasets.PROTOCOLS name. Copied from
@@ -98,12 +98,9 @@ class EvalResult:
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
     """uint8 [H, W, 3] → [h, w, 3] with min(h, w) = short_side (aspect kept, INTER_AREA down / LINEAR up)."""
-    h, w = image.shape[:2]
-    f = short_side / min(h, w)
-    new = (max(1, round(w * f)), max(1, round(h * f)))  # cv2 takes (width, height)
-    if new == (w, h):
-        return image
-    return cv2.resize(image, new, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    hw = tuple(image.shape[:2])
+    new = short_side_size(hw, short_side)
+    return image if new == hw else Resize(hw, new).apply_image(image)
 
 
 class ShortSide:
@@ -117,10 +114,7 @@ class ShortSide:
         image = np.asarray(image, np.uint8)
         label, scores = self.segmenter.segment(resize_short_side(image, self.short_side), class_names,
                                                image_id=image_id)
-        h, w = image.shape[:2]
-        if label.shape != (h, w):
-            label = cv2.resize(np.asarray(label, np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
-        return label, scores
+        return resize_label_map(label, image.shape[:2]), scores
 
 
 def run_evaluation(segmenter, samples: Iterable, class_names: Sequence[str], *, keep: int = 4,
@@ -188,10 +182,8 @@ def grid_png(samples: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], 
     for _, rgb, gt, pred in samples:
         h, w = rgb.shape[:2]
         nw = max(1, round(w * height / h))
-        panels = [cv2.resize(np.asarray(rgb, np.uint8), (nw, height), interpolation=cv2.INTER_AREA)]
-        for lab in (gt, pred):
-            panels.append(colourise(cv2.resize(np.asarray(lab, np.uint8), (nw, height),
-                                               interpolation=cv2.INTER_NEAREST)))
+        panels = [Resize((h, w), (height, nw)).apply_image(np.asarray(rgb, np.uint8))]
+        panels += [colourise(resize_label_map(lab, (height, nw))) for lab in (gt, pred)]
         gap = np.full((height, 4, 3), 255, np.uint8)
         rows.append(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1))
     if not rows:

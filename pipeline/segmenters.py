@@ -18,13 +18,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.masks import encode_rle, mask_nms
-from pipeline.transforms import Resize, SlidingWindows, working_size
+from pipeline.transforms import Resize, SlidingWindows, resize_label_map, working_size
 
 IGNORE = 255
 TextProtos = np.ndarray | Callable[[Sequence[str]], np.ndarray]
@@ -230,10 +229,7 @@ class PseudoLabelSegmenter(SemanticSegmenter):
         src = self.label_maps.get(image_id) if image_id is not None else None
         if src is None:
             return np.full((h, w), self.unlabelled, np.uint8), np.zeros(len(class_names), np.float32)
-        src = np.asarray(src, np.uint8)
-        if src.shape != (h, w):
-            src = cv2.resize(src, (w, h), interpolation=cv2.INTER_NEAREST)
-        label = lut[src]
+        label = lut[resize_label_map(src, (h, w))]
         present = np.zeros(len(class_names), np.float32)
         vals = np.unique(label)
         present[vals[vals < len(class_names)]] = 1.0

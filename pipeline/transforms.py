@@ -63,6 +63,21 @@ def fit_long_side(orig_hw: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max_side, max(1, (w * max_side * 2 + h) // (2 * h))
 
 
+def short_side_size(orig_hw: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """(h, w) with min(h, w) = ``short_side``, aspect kept (rounded, at least 1): the evaluation protocols' resize."""
+    h, w = (int(v) for v in orig_hw)
+    f = short_side / min(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def resize_label_map(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 label map [h0, w0] → [h, w] by nearest neighbour (labels never blend)."""
+    label = np.asarray(label, np.uint8)
+    if label.shape == tuple(hw):
+        return label
+    return cv2.resize(label, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_NEAREST)
+
+
 @dataclass(frozen=True)
 class Resize:
     """The map between the original frame ``orig_hw = (H, W)`` and the working frame ``new_hw = (h, w)``.
