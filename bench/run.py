@@ -155,8 +155,8 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
     CLIP ViT-B/16 (transformers CLIPConfig defaults, vision patch 16, image 224; saved and loaded back through
     `HFClipEncoder` like real weights) and SAM vit_b (`_build_sam` vit_b dims), both seed 0.
 
-    Stages as the Luigi tasks run them with luigi.cfg's [fmbseg] defaults (short side 448 → 448x592 working image,
-    15 crops of 224 with stride 112; coco_stuff171 × "a photo of a {}."; top-5 points; 32x32 automatic grid):
+    Stages as the Luigi tasks run them with luigi.cfg's [fmbseg] defaults (short side 672 → 672x896 working image,
+    35 crops of 224 with stride 112; coco_stuff171 × "a photo of a {}."; top-5 points; 32x32 automatic grid):
     dense (crops → CLIP → stitch), detect (per image; the vocabulary's text embeddings are per shard and reported
     apart), 1.1 (SAM embed + one batched decode for `classes_11` class prompts), 1.2 (segment-anything's automatic
     generator, which embeds again, + mask labelling), merge (label map + region RLEs + PNG).
@@ -225,8 +225,8 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
     handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                torch.nn.modules.module.register_module_forward_hook(post)]
     try:
-        timed("warmup_dense", lambda: F.clip_dense_features(clip, rgb, short_side=448))
-        dense = timed("dense", lambda: F.clip_dense_features(clip, rgb, short_side=448))
+        timed("warmup_dense", lambda: F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE))
+        dense = timed("dense", lambda: F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE))
         text = timed("text_embeddings_per_shard",
                      lambda: F.class_text_embeddings(clip, vocab, load_templates("single")))
         det = timed("detect", lambda: F.detect_classes(dense.cls, text, min_crops=1))

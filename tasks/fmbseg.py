@@ -30,6 +30,7 @@ import numpy as np
 from models.registry import load_role
 from pipeline.artifacts import ShardOutput, webdataset_tar_bytes
 from pipeline.fmbseg import (
+    DEFAULT_SHORT_SIDE,
     PRECEDENCES,
     STAGE_11,
     STAGE_12,
@@ -72,7 +73,7 @@ class fmbseg(luigi.Config):  # noqa: N801 — section [fmbseg] of luigi.cfg
     vocabulary = luigi.Parameter(default="coco_stuff171", description="built-in vocabulary name or a .txt path")
     templates = luigi.Parameter(default="single", description="'single' (a photo of a {}.) or 'imagenet80'")
     image_labels = luigi.Parameter(default="", description="Parquet of image-level labels replacing detection")
-    short_side = luigi.IntParameter(default=448, description="working image short side (pixels) for CLIP crops")
+    short_side = luigi.IntParameter(default=DEFAULT_SHORT_SIDE, description="working image short side (pixels) for CLIP crops")
     max_long_side = luigi.IntParameter(default=1792, description="cap on the working long side; 0 = none")
     stride = luigi.IntParameter(default=0, description="sliding-window stride, patch multiple; 0 = half a crop")
     clip_batch_size = luigi.IntParameter(default=16)

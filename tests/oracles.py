@@ -137,17 +137,30 @@ def _resize_nearest(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(a, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
 
 
+CLS_MODELS = ("objects", "area")
+
+
 class OracleClipEncoder(ClipEncoder):
     """Text "… {class} …" → one-hot(class); a crop → located in the GT photo → per-patch one-hot majority class.
 
-    embed_dim = 32 (the first len(class_names) axes are classes); cls = class-area histogram of the crop.
+    embed_dim = 32 (the first len(class_names) axes are classes). The crop's CLS is a class-weight vector:
+    - ``cls_model="objects"`` (default): weight(c) = completeness(c) · sqrt(area share of c in the crop), where
+      completeness is the largest fraction of one instance of c that the crop shows (classes without instances,
+      e.g. background: the fraction of all their pixels). It stands for CLIP recognising the objects a crop shows
+      whole (a whole bottle standing on a table fragment reads as "bottle"), larger ones first.
+    - ``cls_model="area"``: the class-area histogram (the most pixels win: small objects never do).
     """
 
     def __init__(self, gt: OracleGT, *, image_size: int = 224, patch_size: int = 16, noise: float = 0.05,
-                 seed: int = 0) -> None:
+                 seed: int = 0, cls_model: str = "objects") -> None:
+        if cls_model not in CLS_MODELS:
+            raise ValueError(f"cls_model must be one of {CLS_MODELS}, got {cls_model!r}")
         self.gt, self.image_size, self.patch_size = gt, image_size, patch_size
         self.embed_dim = max(32, len(gt.class_names) + 1)
-        self.noise, self.seed = noise, seed
+        self.noise, self.seed, self.cls_model = noise, seed, cls_model
+        n = len(gt.class_names)
+        self._instance_area = np.bincount(gt.instance_label.ravel(), minlength=256).astype(np.float32)
+        self._class_area = np.bincount(gt.class_label.ravel(), minlength=256)[:n].astype(np.float32)
         self.source = "oracle"
         self._rgb = gt.rgb.astype(np.float32)
         self._located: dict[bytes, tuple[int, int, int, int]] = {}  # crop bytes → region (pipelines re-encode)
@@ -191,13 +204,34 @@ class OracleClipEncoder(ClipEncoder):
         for crop in images:
             x0, y0, w, h = self.locate(crop)
             labels = self.gt.class_label[y0 : y0 + h, x0 : x0 + w]
-            hist = np.zeros(self.embed_dim, np.float32)
-            hist[: len(self.gt.class_names)] = _class_hist(labels, len(self.gt.class_names))
+            weights = np.zeros(self.embed_dim, np.float32)
+            weights[: len(self.gt.class_names)] = self._cls_weights(y0, x0, h, w)
             key = crop.tobytes()
-            cls_out.append(_unit(hist / max(hist.sum(), 1) + _noise(self.seed, key, hist.shape, self.noise)))
+            cls_out.append(_unit(weights / max(weights.sum(), 1e-12) + _noise(self.seed, key, weights.shape,
+                                                                               self.noise)))
             codes = _grid_codes(labels, g, g, self.embed_dim)
             patch_out.append(_unit(codes + _noise(self.seed + 1, key, codes.shape, self.noise)))
         return ClipImageFeatures(cls=np.stack(cls_out), patch=np.stack(patch_out))
+
+    def _cls_weights(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """[len(class_names)] class weights of the GT region rows y0:y0+h, columns x0:x0+w (see the class doc)."""
+        n = len(self.gt.class_names)
+        labels = self.gt.class_label[y0 : y0 + h, x0 : x0 + w]
+        area = _class_hist(labels, n)
+        if self.cls_model == "area":
+            return area
+        share = area / max(area.sum(), 1)
+        instances = self.gt.instance_label[y0 : y0 + h, x0 : x0 + w]
+        shown = np.bincount(instances.ravel(), minlength=256).astype(np.float32)
+        completeness = np.zeros(n, np.float32)
+        for k in np.flatnonzero(shown[1:VOID]) + 1:
+            c = int(self.gt.instance_classes[k])
+            completeness[c] = max(completeness[c], shown[k] / self._instance_area[k])
+        has_instances = np.zeros(n, bool)
+        has_instances[self.gt.instance_classes[1:]] = True
+        stuff = ~has_instances & (self._class_area > 0)
+        completeness[stuff] = area[stuff] / self._class_area[stuff]
+        return completeness * np.sqrt(share)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """texts → [N, D]: one-hot of the named class (+ noise); texts naming no class get a random unit vector."""

