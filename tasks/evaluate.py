@@ -52,6 +52,8 @@ class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg 
                                   description="dense-CRF post-processing (needs pydensecrf2)")
     car_sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                   description="CaR+SAM ensemble with the segmenter role")
+    use_sam_points_per_side = luigi.IntParameter(
+        default=32, description="use_sam: SAM automatic-mask point grid per side (use-paper §4.3: a regular grid)")
 
 
 class Evaluate(luigi.Task):
@@ -99,6 +101,8 @@ class Evaluate(luigi.Task):
             params.update(models=settings, template=cfg.template)
         if self.method == "car":
             params["car"] = dataclasses.asdict(self.car_params())
+        if self.method == "use_sam":
+            params["use_sam_points_per_side"] = cfg.use_sam_points_per_side
         for name, task in sorted(self.requires().items()):
             if name == "pseudo":  # a stage wrapper: its shards share one stage folder
                 shards = task.requires()
@@ -170,7 +174,8 @@ class Evaluate(luigi.Task):
                                   dense=load_role("dense", settings) if dino_layers else None,
                                   clip_layers=clip_layers, dino_layers=dino_layers, image_size=image_size)
         return UseSamSegmenter(load_role("segmenter", settings), embed, protos,
-                               uncovered=0 if threshold is not None else 255)
+                               uncovered=0 if threshold is not None else 255,
+                               amg_params={"points_per_side": cfg.use_sam_points_per_side})
 
     def pseudo_segmenter(self):
         """Stage-1 label maps of every PseudoLabels shard, keyed by the source file's stem."""

@@ -186,15 +186,17 @@ def test_short_side_round_trip():
     assert seen == [(336, 448, 3)] and label.shape == (375, 500) and (label == 1).all()
 
 
-@pytest.mark.parametrize("method", ["fmbseg", "pseudo"])
+@pytest.mark.parametrize("method", ["fmbseg", "pseudo", "use_sam"])
 def test_trained_and_pseudo_methods_run_end_to_end_with_tiny_models(gt, tmp_path, method):
-    """Wiring, not quality: tiny random models train the alignment block / write Stage-1 labels on the benchmark's
-    own images, and Evaluate scores them. (use_sam is wired the same way; its 32x32-point SAM automatic masks
-    take minutes on CPU, so it is not run here.)"""
+    """Wiring, not quality: tiny random models train the alignment block / the USE head / write Stage-1 labels on
+    the benchmark's own images, and Evaluate scores them (SAM automatic masks from a 4x4 point grid: CPU time;
+    random tiny SAM predicts IoUs below the paper's thresholds, so the USE branch keeps every mask, as the demo)."""
     voc = tmp_path / "VOC"
     write_voc(voc, gt, ["a", "b"])
     with luigi_settings(models={"preset": "tiny", "cache_dir": str(tmp_path / "models")},
-                        fmbseg={"points_per_side": 4, "vocabulary": "voc21"}, train_alignment={"epochs": 1}):
+                        fmbseg={"points_per_side": 4, "vocabulary": "voc21"}, train_alignment={"epochs": 1},
+                        use={"pred_iou_thresh": -1, "stability_thresh": -1}, train_use={"epochs": 1},
+                        evaluate={"use_sam_points_per_side": 4}):
         task = Evaluate(benchmark="voc21", data_root=str(voc), method=method, images=str(voc / "JPEGImages"),
                         dataset="vocrun", out=str(tmp_path / "out"))
         result = build_tasks([task], local_scheduler=True, workers=1, log_level="WARNING")
