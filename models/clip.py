@@ -118,7 +118,8 @@ class HFClipEncoder(ClipEncoder):
             emb = self.model.text_projection(out.pooler_output)
         return to_numpy(l2_normalize(emb))
 
-    def gradcam(self, image_crop: np.ndarray, text_embeddings: np.ndarray, *, layer: int = -2) -> np.ndarray:
+    def gradcam(self, image_crop: np.ndarray, text_embeddings: np.ndarray, *, layer: int = -2,
+                attention_layers: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Grad-CAM class activation maps (CaR's mask proposal generator, car-paper §3.3; as CLIP-ES).
 
         image_crop: uint8 RGB [S, S, 3] (S == image_size); text_embeddings: float [T, D] L2-normalised (the queries,
@@ -126,6 +127,8 @@ class HFClipEncoder(ClipEncoder):
         logit_scale · cos(image, text)[t]; its gradient w.r.t. the patch tokens of block `layer`'s output gives
         per-channel weights (mean over patches); map = ReLU(Σ_c weight_c · token_c), divided by its max.
         Returns float32 [T, S/p, S/p] in [0, 1]; [t, i, j] = row i, column j of the crop's patch grid.
+        attention_layers > 0: also returns the patch-to-patch attention [N, N] (N = (S/p)², row-major like the maps)
+        averaged over the heads of the last `attention_layers` blocks, from the same forward pass (CLIP-ES CAA).
         """
         x = self.pixel_values(np.asarray(image_crop)[None])
         text = torch.as_tensor(np.asarray(text_embeddings, np.float32), device=self.device)
@@ -143,4 +146,28 @@ class HFClipEncoder(ClipEncoder):
                 tokens, grad = feats[0, 1:].detach().float(), feats.grad[0, 1:].float()
                 cam = torch.relu(tokens @ grad.mean(0))
                 maps.append((cam / cam.max().clamp_min(1e-12)).reshape(side, side))
-        return to_numpy(torch.stack(maps)) if maps else np.zeros((0, side, side), np.float32)
+        maps = to_numpy(torch.stack(maps)) if maps else np.zeros((0, side, side), np.float32)
+        if attention_layers <= 0:
+            return maps
+        with torch.no_grad():
+            attention = self._patch_attention(out.hidden_states, attention_layers)
+        return maps, to_numpy(attention)
+
+    def _patch_attention(self, hidden_states: Sequence[torch.Tensor], last: int) -> torch.Tensor:
+        """Mean over heads and the last `last` blocks of softmax(q·kᵀ · scale), patches only: float32 [N, N].
+
+        Computed from each block's input (hidden_states[i] feeds block i) through its layer_norm1, q_proj, k_proj:
+        the attention implementation (sdpa) does not return weights, and switching it to eager would slow every
+        other call."""
+        layers = self.model.vision_model.encoder.layers
+        total = None
+        for i in range(max(0, len(layers) - last), len(layers)):
+            block = layers[i]
+            x = block.layer_norm1(hidden_states[i].float())[0]  # [1 + N, C]
+            attn = block.self_attn
+            heads, dim = attn.num_heads, attn.head_dim
+            q = attn.q_proj(x).reshape(-1, heads, dim).transpose(0, 1)
+            k = attn.k_proj(x).reshape(-1, heads, dim).transpose(0, 1)
+            weights = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1).mean(0)  # [1 + N, 1 + N]
+            total = weights if total is None else total + weights
+        return (total / min(last, len(layers)))[1:, 1:].float()

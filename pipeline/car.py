@@ -23,6 +23,7 @@ IGNORE = 255
 CamFn = Callable[[np.ndarray, Sequence[str], Sequence[str]], np.ndarray]
 ClassifyFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 VISUAL_PROMPTS = ("circle", "rectangle", "contour", "blur", "gray", "black")
+CAM_METHODS = ("gradcam", "clip_es")
 
 # car-paper Appendix D (the lists as printed; the paper's full lists are longer).
 BACKGROUND_QUERIES = {
@@ -42,7 +43,8 @@ ALL_BACKGROUND = tuple(q for group in BACKGROUND_QUERIES.values() for q in group
 @dataclass(frozen=True)
 class CarParams:
     """eta: binarisation threshold of the proposals (visual prompts, background in post-processing); theta: Eq. 6
-    threshold on the diagonal softmax score; lam: CLIP-ES CAM/affinity threshold λ (used by the cam callable);
+    threshold on the diagonal softmax score; lam: CLIP-ES affinity box threshold λ; cam: mask proposal generator,
+    "clip_es" (Grad-CAM + class-aware affinity, the paper's reported setting) or "gradcam" (used by clip_cam);
     prompts: visual prompts applied to the image (subset of VISUAL_PROMPTS); max_steps: safety bound on the
     recurrence (the paper stops when no query is dropped); crf: dense-CRF refinement; phi_iom / phi_iou: SAM
     ensemble thresholds (§3.4, 0.7 for all datasets)."""
@@ -50,6 +52,7 @@ class CarParams:
     eta: float = 0.4
     theta: float = 0.6
     lam: float = 0.4
+    cam: str = "clip_es"
     prompts: tuple[str, ...] = ("circle", "blur")
     background: tuple[str, ...] = field(default=ALL_BACKGROUND)
     max_steps: int = 10
@@ -182,6 +185,59 @@ def car_loop(image: np.ndarray, queries: Sequence[str], cam: CamFn, classify: Cl
                                                                              np.float32), tuple(steps))
 
 
+# ----------------------------------------------------------------------------------------- CLIP-ES affinity (CAA)
+def sinkhorn_affinity(attention: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """CLIP-ES class-aware affinity base (car-paper App. B, Eq. 7): A = (D + Dᵀ) / 2 with D = Sinkhorn(W).
+
+    attention: float [N, N] non-negative patch-to-patch attention weights (rows = queries). Sinkhorn alternates
+    column- then row-normalisation `rounds` times (CLIP-ES: once, then twice more), making W doubly stochastic;
+    the mean with its transpose makes it symmetric. Returns float64 [N, N]."""
+    d = np.asarray(attention, np.float64)
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or (d < 0).any():
+        raise ValueError(f"attention must be a non-negative square matrix, got shape {d.shape}")
+    for _ in range(rounds):
+        d = d / np.maximum(d.sum(0, keepdims=True), 1e-12)
+        d = d / np.maximum(d.sum(1, keepdims=True), 1e-12)
+    return (d + d.T) / 2
+
+
+def cam_box_mask(cam: np.ndarray, lam: float) -> np.ndarray:
+    """bool [h, w]: the union of the bounding boxes of every 8-connected region where cam >= lam · max(cam)
+    (CLIP-ES's multi-contour boxes B_c; an all-zero CAM gives no box)."""
+    cam = np.asarray(cam, np.float32)
+    top = float(cam.max()) if cam.size else 0.0
+    out = np.zeros(cam.shape, bool)
+    if top <= 0:
+        return out
+    binary = (cam >= lam * top).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    for x, y, w, h, _area in stats[1:n]:
+        out[y : y + h, x : x + w] = True
+    return out
+
+
+def affinity_refine(cams: np.ndarray, affinity: np.ndarray, lam: float, power: int = 2) -> np.ndarray:
+    """CLIP-ES refinement (car-paper Eq. 8): M_c^aff = B_c ⊙ Aᵗ · vec(M_c), per class map.
+
+    cams: float [T, h, w] on the patch grid (N = h·w, row-major as the attention); affinity: [N, N] from
+    :func:`sinkhorn_affinity`; lam: the box threshold λ; power: t. B_c masks the SOURCE patches (columns of Aᵗ):
+    only activation inside the class's boxes spreads, to the patches affine to it. Each refined map is min-max
+    scaled to [0, 1] (CLIP-ES's scale_cam_image). Returns float32 [T, h, w]."""
+    cams = np.asarray(cams, np.float64)
+    t, h, w = cams.shape
+    a = np.asarray(affinity, np.float64)
+    if a.shape != (h * w, h * w):
+        raise ValueError(f"affinity {a.shape} does not match the {h}x{w} CAM grid")
+    a_t = np.linalg.matrix_power(a, power)
+    out = np.empty((t, h, w), np.float32)
+    for i, cam in enumerate(cams):
+        box = cam_box_mask(cam, lam).reshape(-1)
+        refined = (a_t * box[None, :]) @ cam.reshape(-1)
+        refined -= refined.min()
+        out[i] = (refined / max(refined.max(), 1e-12)).reshape(h, w)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- post
 def crf_available() -> bool:
     try:
@@ -306,21 +362,32 @@ class CaRSegmenter:
 
 
 # ----------------------------------------------------------------------------------------------------- CLIP roles
-def clip_cam(clip, template: str = "a photo of a {}.") -> CamFn:
+def clip_cam(clip, template: str = "a photo of a {}.", *, method: str = "clip_es", lam: float = 0.4,
+             attention_layers: int = 8) -> CamFn:
     """CamFn over an `HFClipEncoder`-like object (`image_size`, `encode_text`, `gradcam`): the image is resized to
-    S × S (pipeline.transforms.Resize), Grad-CAM maps [T, S/p, S/p] are interpolated (bilinear) to the image
-    size and the query maps (background maps dropped) rescaled to [0, 1] each. No CLIP-ES affinity refinement."""
+    S × S (pipeline.transforms.Resize), Grad-CAM maps [T, S/p, S/p] — with method "clip_es" refined on the patch
+    grid by the class-aware affinity of the last `attention_layers` blocks' attention (:func:`affinity_refine`,
+    box threshold λ = `lam`; car-paper App. B, the CAM behind its reported numbers) — are interpolated (bilinear)
+    to the image size and the query maps (background maps dropped) rescaled to [0, 1] each."""
     import torch
     import torch.nn.functional as F
 
     from pipeline.transforms import Resize
+
+    if method not in CAM_METHODS:
+        raise ValueError(f"CAM method must be one of {CAM_METHODS}, got {method!r}")
 
     def cam(image: np.ndarray, queries: Sequence[str], background: Sequence[str]) -> np.ndarray:
         image = np.asarray(image, np.uint8)
         s = clip.image_size
         crop = Resize(tuple(image.shape[:2]), (s, s)).apply_image(image)
         text = clip.encode_text([template.format(q) for q in [*queries, *background]])
-        grid = torch.from_numpy(clip.gradcam(crop, text)[: len(queries)])[None]
+        if method == "clip_es":
+            maps, attention = clip.gradcam(crop, text, attention_layers=attention_layers)
+            maps = affinity_refine(maps[: len(queries)], sinkhorn_affinity(attention), lam)
+        else:
+            maps = clip.gradcam(crop, text)[: len(queries)]
+        grid = torch.from_numpy(np.ascontiguousarray(maps, np.float32))[None]
         up = F.interpolate(grid, size=tuple(image.shape[:2]), mode="bilinear", align_corners=False)[0].numpy()
         return up / np.maximum(up.reshape(len(up), -1).max(1), 1e-12)[:, None, None]
 

@@ -63,6 +63,8 @@ class car_labels(luigi.Config):  # noqa: N801 — section [car_labels] of luigi.
                               description="dense-CRF post-processing (needs pydensecrf2)")
     sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                               description="CaR+SAM ensemble with the segmenter role (car-paper §3.4)")
+    cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
+                                description="mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
     template = luigi.Parameter(default="a photo of a {}.", description="CLIP text template for the queries")
     short_side = luigi.IntParameter(default=336, description="CaR runs at this short side, labels are resized "
                                                               "back (nearest); 0 = original size")
@@ -86,7 +88,7 @@ def car_label_params() -> CarParams:
         raise ValueError(f"[car_labels] prompts {cfg.prompts!r}: use a comma list of {VISUAL_PROMPTS}")
     name = car_vocabulary().name
     base = car_params(family) if family else car_params(_family_of(name))
-    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf)
+    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam)
 
 
 def _family_of(vocabulary_name: str) -> str:
@@ -119,8 +121,10 @@ class CaRLabelShard(ChainedShardTask):
         clip = load_role("clip", settings)
         sam = load_role("segmenter", settings) if cfg.sam else None
         prompt_of = {c: (p[0] if p else c) for c, p in zip(vocab.classes, vocab.prompts, strict=True)}
-        seg = CaRSegmenter(clip_cam(clip, cfg.template), clip_classifier(clip, cfg.template), car_label_params(),
-                           sam=sam, prompt_names=lambda n: prompt_of.get(n, n))
+        params = car_label_params()
+        seg = CaRSegmenter(clip_cam(clip, cfg.template, method=params.cam, lam=params.lam),
+                           clip_classifier(clip, cfg.template), params, sam=sam,
+                           prompt_names=lambda n: prompt_of.get(n, n))
         return ShortSide(seg, cfg.short_side) if cfg.short_side > 0 else seg
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:

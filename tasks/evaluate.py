@@ -52,6 +52,8 @@ class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg 
                                   description="dense-CRF post-processing (needs pydensecrf2)")
     car_sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                   description="CaR+SAM ensemble with the segmenter role")
+    car_cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
+                                    description="CaR mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
     use_sam_points_per_side = luigi.IntParameter(
         default=32, description="use_sam: SAM automatic-mask point grid per side (use-paper §4.3: a regular grid)")
 
@@ -130,7 +132,7 @@ class Evaluate(luigi.Task):
 
         cfg = evaluate()
         prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip())
-        return dataclasses.replace(car_params(self.benchmark), prompts=prompts, crf=cfg.car_crf)
+        return dataclasses.replace(car_params(self.benchmark), prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam)
 
     def segmenter(self):
         settings, cfg = model_settings(), evaluate()
@@ -141,8 +143,9 @@ class Evaluate(luigi.Task):
 
             clip = load_role("clip", settings)
             sam = load_role("segmenter", settings) if cfg.car_sam else None
-            seg = CaRSegmenter(clip_cam(clip, cfg.template), clip_classifier(clip, cfg.template),
-                               self.car_params(), sam=sam)
+            params = self.car_params()
+            seg = CaRSegmenter(clip_cam(clip, cfg.template, method=params.cam, lam=params.lam),
+                               clip_classifier(clip, cfg.template), params, sam=sam)
             return ShortSide(seg, protocol.short_side)
         if self.method == "pseudo":
             return self.pseudo_segmenter()

@@ -52,7 +52,8 @@ def tar_members(path):
 def test_car_labels_oracle(images, gt, tmp_path):
     out = tmp_path / "out"
     with luigi_settings(models={"preset": PRESET},
-                        car_labels={"vocabulary": "voc21", "params": "voc", "prompts": "black", "crf": "false"}):
+                        car_labels={"vocabulary": "voc21", "params": "voc", "prompts": "black", "crf": "false",
+                                    "cam": "gradcam"}):  # the oracle answers Grad-CAM on the GT grid only
         result = build_tasks([CaRLabels(images=str(images), dataset="voc", out=str(out))],
                              local_scheduler=True, workers=1, log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text

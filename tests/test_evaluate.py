@@ -109,7 +109,8 @@ def voc(tmp_path_factory, gt):
 
 def settings():
     return luigi_settings(models={"preset": "car_oracle"},
-                          evaluate={"car_prompts": "black", "car_crf": "false", "grid_images": 2})
+                          evaluate={"car_prompts": "black", "car_crf": "false", "grid_images": 2,
+                                    "car_cam": "gradcam"})  # the oracle answers Grad-CAM on the GT grid only
 
 
 def test_evaluate_car_oracle(voc, tmp_path):
