@@ -343,8 +343,47 @@ def bench_trainer_loader(n_samples: int = 256, n_shards: int = 4, grid: int = 24
             "ratio_wds_over_memory": round(max(wds_rates) / max(mem_rates), 4)}
 
 
+def bench_sam_embedding_share(repeats: int = 5) -> dict:
+    """What sharing SAM image embeddings (tasks/sam.py) trades: one vit_b encoder forward (random init, seed 0, one
+    640x480 image, this machine's device) against reading the stored float16 embedding back from a WebDataset tar
+    (best of `repeats`), and the bytes it costs per image. With both branches, each image is otherwise encoded 3
+    times (USE box masks, FMbSeg Stage 1.1, Stage 1.2)."""
+    import numpy as np
+    import torch
+
+    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pipeline.artifacts import TarSpool
+    from pipeline.sam_embeddings import embedding_sample, iter_sam_embeddings
+
+    torch.manual_seed(0)
+    seg = SamSegmenter(build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None), device="auto")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    seg.embed(rgb)  # warm-up
+    t = time.perf_counter()
+    emb = seg.embed(rgb)
+    encode_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "shard-000000.tar"
+        with TarSpool(target) as spool:
+            sample, record = embedding_sample("img", emb.features.float().cpu().numpy(), emb.original_size,
+                                              emb.input_size, "vit_b:random")
+            spool.write(sample)
+        reads = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            (_, features, _), = list(iter_sam_embeddings(str(spool.path)))
+            reads.append(time.perf_counter() - t)
+    err = float(np.abs(features - emb.features.float().cpu().numpy()).max())
+    return {"model": "SAM vit_b, random init", "device": str(seg.device), "image_hw": [480, 640],
+            "encode_s": round(encode_s, 4), "read_stored_s": round(min(reads), 5),
+            "bytes_per_image": record["embedding_bytes"], "float16_max_abs_error": err,
+            "encoder_passes_saved_per_image_both_branches": 2,
+            "seconds_saved_per_image_both_branches": round(2 * encode_s - 3 * min(reads), 3)}
+
+
 BENCHMARKS = {"ingest": bench_ingest, "sam_boxes": bench_sam_boxes, "fmbseg_stages": bench_fmbseg_stages,
-              "trainer_loader": bench_trainer_loader}
+              "trainer_loader": bench_trainer_loader, "sam_embedding_share": bench_sam_embedding_share}
 
 
 def main() -> None:

@@ -158,8 +158,10 @@ class Segmenter(ABC):
         """
 
     @abstractmethod
-    def automatic_masks(self, image: np.ndarray, **params: Any) -> list[dict]:
-        """SAM's automatic mask generator on a uint8 RGB image [H, W, 3].
+    def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None,
+                        **params: Any) -> list[dict]:
+        """SAM's automatic mask generator on a uint8 RGB image [H, W, 3] (embedding: this image's `embed`
+        output, to skip re-encoding it).
 
         params: points_per_side, pred_iou_thresh, stability_score_thresh, min_mask_region_area, ... as
         `SamAutomaticMaskGenerator` (output_mode is always 'binary_mask'). Each dict has 'segmentation'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -133,17 +134,52 @@ class SamSegmenter(Segmenter):
         logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
         return MaskPrediction(logits=to_numpy(logits), iou_pred=to_numpy(iou), low_res_logits=to_numpy(low_res))
 
-    def automatic_masks(self, image: np.ndarray, **params: Any) -> list[dict]:
+    def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None,
+                        **params: Any) -> list[dict]:
         """`SamAutomaticMaskGenerator(sam, **params).generate(image)` on uint8 RGB [H, W, 3].
 
         params: points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh, min_mask_region_area,
         crop_n_layers, ... (output_mode is forced to 'binary_mask'). Dicts as documented on `Segmenter`:
         'segmentation' bool [H, W], 'bbox' XYWH pixels, 'point_coords' [[x, y]], 'predicted_iou', ...
+        embedding: this image's `embed` output (e.g. from the shared SAM embedding stage): the whole-image crop
+        then skips the image encoder (crops of crop_n_layers > 0 are still encoded).
         """
         from segment_anything import SamAutomaticMaskGenerator
 
+        image = np.asarray(image)
         params = {**params, "output_mode": "binary_mask"}
         generator = SamAutomaticMaskGenerator(self.sam, **params)
+        if embedding is not None:
+            if tuple(embedding.original_size) != tuple(image.shape[:2]):
+                raise ValueError(f"SAM embedding of a {embedding.original_size} image given for a "
+                                 f"{image.shape[:2]} image")
+            generator.predictor = _embedded_predictor_class()(self.sam, embedding)
         # No autocast here: segment-anything's amg helpers convert tensors to numpy, which bf16 cannot do.
         with torch.inference_mode():
             return generator.generate(np.asarray(image))
+
+
+@functools.cache
+def _embedded_predictor_class() -> type:
+    """Built on first use: importing segment_anything costs ~1.5 s (torchvision)."""
+    from segment_anything import SamPredictor
+
+    class EmbeddedPredictor(SamPredictor):
+        """A `SamPredictor` that answers `set_image` of the full image with a precomputed embedding (the automatic
+        generator calls set_image once per crop; other crops are encoded as usual)."""
+
+        def __init__(self, sam, embedding: SamImageEmbedding) -> None:
+            super().__init__(sam)
+            self.embedding = embedding
+
+        def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+            if tuple(image.shape[:2]) != tuple(self.embedding.original_size):
+                super().set_image(image, image_format)
+                return
+            self.reset_image()
+            self.original_size = tuple(self.embedding.original_size)
+            self.input_size = tuple(self.embedding.input_size)
+            self.features = self.embedding.features.to(self.device, torch.float32)
+            self.is_image_set = True
+
+    return EmbeddedPredictor

@@ -111,6 +111,45 @@ def webdataset_tar_bytes(samples: Iterable[Mapping[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
+class TarSpool:
+    """A WebDataset tar written sample by sample to the hidden temporary of its final path, so a shard of large
+    samples (feature caches, SAM embeddings: gigabytes per 1000 images) never sits in memory. Same bytes as
+    :func:`webdataset_tar_bytes` for the same samples. Use as a context manager, then put ``spool.path`` in
+    ``ShardOutput.files``: :func:`commit_shard` renames it into place. On an exception the temporary is removed.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        self.path = self.target.with_name(f"{TMP_PREFIX}{self.target.name}.{os.getpid()}")
+        self.count = 0
+
+    def __enter__(self) -> TarSpool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")  # noqa: SIM115 — closed in __exit__
+        self._writer = wds.TarWriter(self._fh, mtime=0.0, encoder=False)
+        return self
+
+    def write(self, sample: Mapping[str, Any]) -> None:
+        self._writer.write(dict(sample))
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._writer.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        if exc_type is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return path.stat().st_size, h.hexdigest()
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for name in VERSIONED_PACKAGES:
@@ -123,9 +162,10 @@ def package_versions() -> dict[str, str]:
 
 @dataclass
 class ShardOutput:
-    """What one shard task produced: named payloads (suffix → bytes) plus its accounting."""
+    """What one shard task produced: named payloads (suffix → bytes, or the path of a finished :class:`TarSpool`
+    temporary) plus its accounting."""
 
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes | Path] = field(default_factory=dict)
     in_count: int = 0
     ok_count: int = 0
     rejected_count: int = 0
@@ -150,8 +190,13 @@ def commit_shard(stage_dir: StageDir, shard: int, output: ShardOutput, *, second
     for suffix in sorted(output.files):
         data = output.files[suffix]
         path = stage_dir.shard_path(shard, suffix)
-        atomic_write_bytes(path, data)
-        files.append({"name": path.name, "num_bytes": len(data), "sha256": sha256_hex(data)})
+        if isinstance(data, Path):  # a spooled temporary, already fsynced
+            num_bytes, digest = _file_digest(data)
+            os.replace(data, path)
+        else:
+            atomic_write_bytes(path, data)
+            num_bytes, digest = len(data), sha256_hex(data)
+        files.append({"name": path.name, "num_bytes": num_bytes, "sha256": digest})
     stats = {
         "stage": stage_dir.stage,
         "dataset": stage_dir.dataset,

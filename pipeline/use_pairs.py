@@ -37,7 +37,7 @@ from pipeline.masks import (
 )
 
 if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the model layer at run time
-    from models.roles import Grounder, Segmenter
+    from models.roles import Grounder, SamImageEmbedding, Segmenter
 
 GT_SOURCE = "gt"
 MLLM_PREFIX = "mllm:"
@@ -246,12 +246,14 @@ def masks_for_boxes(
     mask_threshold: float = 0.0,
     stability_offset: float = 1.0,
     max_boxes_per_call: int | None = None,
+    embedding: SamImageEmbedding | None = None,
 ) -> list[BoxMaskResult]:
     """SAM masks of N box prompts on one image (uint8 RGB [H, W, 3]); boxes float [N, 4] xyxy pixels.
 
     - A box covering more than ``whole_image_fraction`` of the image gets the whole-image mask without SAM
       (use-paper §3.1: vague texts such as "the atmosphere").
-    - The others: ONE ``segmenter.embed`` (none when no box needs SAM) and ONE batched
+    - The others: ONE ``segmenter.embed`` (none when no box needs SAM; none either when ``embedding``, this
+      image's stored embedding, is given) and ONE batched
       ``predict(multimask=True)`` call (``max_boxes_per_call`` splits it when the caller must bound the
       N*3*H*W float32 logits in memory; None = one call).
     - Of the 3 outputs the most stable is kept (:func:`choose_by_stability`); rejected when its predicted IoU
@@ -270,7 +272,8 @@ def masks_for_boxes(
         else:
             to_sam.append(i)
     if to_sam:
-        embedding = segmenter.embed(image)
+        if embedding is None:
+            embedding = segmenter.embed(image)
         step = max_boxes_per_call or len(to_sam)
         for c in range(0, len(to_sam), step):
             chunk = to_sam[c : c + step]

@@ -16,6 +16,10 @@ input was made: ``squash`` (USE: a fixed square, aspect not kept) or ``short_sid
 rounded to patch multiples). The shard's Parquet holds the same record, one row per image (``feature_bytes`` =
 bytes of that image's ``.npy`` members: the disk cost per image).
 
+SAM image embeddings (stage ``sam_embeddings``), WebDataset tar, one sample per ingested image: ``<id>.sam.npy``
+``[1, 256, 64, 64]`` (the image encoder's output, ``dtype``) + ``<id>.json`` = its SAM_EMBEDDINGS record: the
+original size and SAM's resized input size (longest side 1024, before padding), which prompts are mapped with.
+
 Text embeddings (Parquet): one row per distinct text — expressions of USE segments (``kind = "expression"``,
 ``class_index = -1``) or vocabulary classes (``kind = "class"``, text = class name, ``class_index`` = label value);
 ``embedding`` is the L2-normalised mean over the template set's prompts (and, for classes, over prompt names).
@@ -67,6 +71,24 @@ FEATURE_CACHE = Contract(
     ),
 )
 
+SAM_EMBEDDINGS = Contract(
+    "sam_embeddings",
+    1,
+    pa.schema(
+        [
+            _f("image_id", pa.string()),
+            _f("segmenter", pa.string()),  # model identity (preset:arch:checkpoint)
+            _f("height", pa.int32()),  # original (ingested) image
+            _f("width", pa.int32()),
+            _f("input_height", pa.int32()),  # after SAM's ResizeLongestSide, before padding
+            _f("input_width", pa.int32()),
+            _f("dtype", pa.string()),  # "float16" | "float32"
+            _f("shape", INTS),
+            _f("embedding_bytes", pa.int64()),
+        ]
+    ),
+)
+
 TEXT_EMBEDDINGS = Contract(
     "text_embeddings",
     1,
@@ -82,4 +104,4 @@ TEXT_EMBEDDINGS = Contract(
     ),
 )
 
-__all__ = ["FEATURE_CACHE", "TEXT_EMBEDDINGS"]
+__all__ = ["FEATURE_CACHE", "SAM_EMBEDDINGS", "TEXT_EMBEDDINGS"]

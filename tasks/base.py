@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.registry import ModelSettings
-from pipeline.artifacts import ShardOutput, StageDir, commit_shard
+from pipeline.artifacts import ShardOutput, StageDir, TarSpool, commit_shard
 from pipeline.ingest import iter_ingested_images
 from pipeline.sources import Listing, list_source, num_shards
 from schemas import MANIFEST, REJECTS, Contract
@@ -122,6 +122,10 @@ class ShardTask(DatasetTask):
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir.done_path(self.shard)))
+
+    def tar_spool(self, suffix: str = "tar") -> TarSpool:
+        """A streaming writer for this shard's ``shard-N.<suffix>`` WebDataset tar (see TarSpool)."""
+        return TarSpool(self.stage_dir.shard_path(self.shard, suffix))
 
     def run(self) -> None:
         stage_dir = self.stage_dir

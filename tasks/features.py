@@ -21,7 +21,7 @@ import luigi
 import numpy as np
 
 from models.registry import load_role
-from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes, webdataset_tar_bytes
+from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pipeline.feature_cache import (
     PURPOSES,
     embed_texts,
@@ -132,40 +132,43 @@ class FeatureCacheShard(ShardTask):
         manifest = MANIFEST.read_parquet(ingest.shard_path(self.shard, "parquet")).to_pylist()
         sources = {r["image_id"]: r["source"] for r in manifest}
         progress.start(len(manifest))
-        samples, rows, rejects = [], [], []
-        batch: list[tuple[str, np.ndarray]] = []
+        rows, rejects = [], []
+        with self.tar_spool() as tar:  # on an error the temporary is removed
+            batch: list[tuple[str, np.ndarray]] = []
 
-        def keep(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-            if not finite(arrays):
-                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
-                                      "an encoder returned NaN/inf features"))
-                return
-            sample, record = feature_sample(image_id, arrays, meta)
-            FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
-            samples.append(sample)
-            rows.append(record)
+            def keep(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+                if not finite(arrays):
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
+                                          "an encoder returned NaN/inf features"))
+                    return
+                sample, record = feature_sample(image_id, arrays, meta)
+                FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
+                tar.write(sample)
+                rows.append(record)
 
-        def flush() -> None:
-            if batch:
-                size = features_use().input_size or clip.image_size
-                encoded = encode_use([rgb for _, rgb in batch], clip=clip, dense=dense, clip_layers=clip_layers,
-                                     dino_layers=dino_layers, input_size=size, **names)
-                for (image_id, _), (arrays, meta) in zip(batch, encoded, strict=True):
-                    keep(image_id, arrays, meta)
-                batch.clear()
+            def flush() -> None:
+                if batch:
+                    size = features_use().input_size or clip.image_size
+                    encoded = encode_use([rgb for _, rgb in batch], clip=clip, dense=dense,
+                                         clip_layers=clip_layers, dino_layers=dino_layers, input_size=size, **names)
+                    for (image_id, _), (arrays, meta) in zip(batch, encoded, strict=True):
+                        keep(image_id, arrays, meta)
+                    batch.clear()
 
-        for i, (image_id, rgb, _meta) in enumerate(iter_ingested_images(str(ingest.shard_path(self.shard, "tar")))):
-            progress.step(i)
-            if self.purpose == "use":
-                batch.append((image_id, rgb))
-                if len(batch) >= max(1, features_use().batch_size):
-                    flush()
-            else:
-                cfg = features_fmbseg()
-                keep(image_id, *encode_fmbseg(rgb, dense=dense, dino_layers=dino_layers, short_side=cfg.short_side,
-                                              max_long_side=cfg.max_long_side, dino_name=names["dino_name"]))
-        flush()
-        output = ShardOutput(files={"tar": webdataset_tar_bytes(samples)}, in_count=len(manifest),
+            images = iter_ingested_images(str(ingest.shard_path(self.shard, "tar")))
+            for i, (image_id, rgb, _meta) in enumerate(images):
+                progress.step(i)
+                if self.purpose == "use":
+                    batch.append((image_id, rgb))
+                    if len(batch) >= max(1, features_use().batch_size):
+                        flush()
+                else:
+                    cfg = features_fmbseg()
+                    keep(image_id, *encode_fmbseg(rgb, dense=dense, dino_layers=dino_layers,
+                                                  short_side=cfg.short_side, max_long_side=cfg.max_long_side,
+                                                  dino_name=names["dino_name"]))
+            flush()
+        output = ShardOutput(files={"tar": tar.path}, in_count=len(manifest),
                              ok_count=len(rows), rejected_count=len(rejects))
         output.add_table("parquet", FEATURE_CACHE, FEATURE_CACHE.table(rows))
         output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))

@@ -7,14 +7,10 @@ What is computed once and shared:
 - CLIP runs once per image (ClipDenseShard); the stitched dense grid and per-crop CLS tokens are stored (float16)
   and read by detection, Stage 1.1 and Stage 1.2. The vocabulary's text embeddings are computed once per shard by
   DetectShard and stored beside its rows (``shard-N.text.npy``), so Stage 1.1/1.2 never load CLIP.
-- SAM: Stage 1.1 encodes each image once and decodes every detected class's prompt from that one embedding in a
-  single batched call. Stage 1.2 runs segment-anything's own ``SamAutomaticMaskGenerator`` through the
-  ``Segmenter.automatic_masks`` role method, which encodes the image again internally. Running 1.1 and 1.2 in one
-  task (a "SamStage1Shard") would only pay if that encoding could be handed over; the role takes no embedding
-  today, so merging the tasks would save nothing and would couple two artifacts that are useful (and ablated in
-  the paper) separately. Caching SAM embeddings on disk does not pay either (4 MiB float32 per image, more than
-  the encoder's cost to recompute on a GPU). The cost is one extra image-encoder pass per image in Stage 1.2
-  (``bench/run.py fmbseg_stages`` measures it).
+- SAM: the image encoder runs once per image in ``SamEmbedShard`` (tasks/sam.py); Stage 1.1 decodes every detected
+  class's prompt from that stored embedding in one batched call, and Stage 1.2 hands it to segment-anything's
+  ``SamAutomaticMaskGenerator`` (whose whole-image crop then skips encoding). The USE branch's box masks read the
+  same embedding. ``[sam_embeddings] share = false`` makes each stage encode on its own instead.
 """
 
 from __future__ import annotations
@@ -67,6 +63,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 
 
 class fmbseg(luigi.Config):  # noqa: N801 — section [fmbseg] of luigi.cfg
@@ -131,20 +128,21 @@ class ClipDenseShard(FmbsegShardTask):
         clip = load_role("clip", model_settings())
         sources = self.sources()
         progress.start(len(sources))
-        samples, rows, rejects = [], [], []
-        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
-            progress.step(i)
-            features = clip_dense_features(clip, rgb, short_side=cfg.short_side, stride=cfg.stride,
-                                           max_long_side=cfg.max_long_side, batch_size=cfg.clip_batch_size)
-            if not (np.isfinite(features.dense).all() and np.isfinite(features.cls).all()):
-                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
-                                      "CLIP returned NaN/inf features"))
-                continue
-            sample, meta = dense_sample(image_id, features)
-            DENSE_FEATURES.table([meta])  # the sample's JSON obeys the contract too
-            samples.append(sample)
-            rows.append(meta)
-        return self.finish(DENSE_FEATURES, rows, rejects, len(sources), tar=webdataset_tar_bytes(samples))
+        rows, rejects = [], []
+        with self.tar_spool() as tar:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
+                progress.step(i)
+                features = clip_dense_features(clip, rgb, short_side=cfg.short_side, stride=cfg.stride,
+                                               max_long_side=cfg.max_long_side, batch_size=cfg.clip_batch_size)
+                if not (np.isfinite(features.dense).all() and np.isfinite(features.cls).all()):
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
+                                          "CLIP returned NaN/inf features"))
+                    continue
+                sample, meta = dense_sample(image_id, features)
+                DENSE_FEATURES.table([meta])  # the sample's JSON obeys the contract too
+                tar.write(sample)
+                rows.append(meta)
+        return self.finish(DENSE_FEATURES, rows, rejects, len(sources), tar=tar.path)
 
 
 class DetectShard(FmbsegShardTask):
@@ -200,7 +198,7 @@ class DetectShard(FmbsegShardTask):
         return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=buf.getvalue())
 
 
-class QueryPointMaskShard(FmbsegShardTask):
+class QueryPointMaskShard(UsesSamEmbeddings, FmbsegShardTask):
     """Stage 1.1: per detected class, top-k similar patch centres → one SAM point prompt → best-IoU mask."""
 
     stage = "fmbseg_query_masks"
@@ -216,6 +214,7 @@ class QueryPointMaskShard(FmbsegShardTask):
         vocab, text = vocabulary(), self.text()
         detections = group_by_image(self.read("detect", DETECTIONS))
         segmenter = load_role("segmenter", model_settings())
+        embed = self.sam_embedder(segmenter)
         progress.start(len(detections))
         rows, rejects = [], []
         for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
@@ -223,7 +222,12 @@ class QueryPointMaskShard(FmbsegShardTask):
             classes = sorted(r["class_index"] for r in detections.get(image_id, []))
             if not classes:
                 continue  # rejected upstream
-            masks = query_point_masks(segmenter, segmenter.embed(rgb), features, text, classes, top_k=cfg.top_k,
+            embedding = embed(image_id, rgb)
+            if embedding is None:
+                rejects.extend(reject(image_id, f"class:{c}", self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
+                               for c in classes)
+                continue
+            masks = query_point_masks(segmenter, embedding, features, text, classes, top_k=cfg.top_k,
                                       multimask=cfg.multimask)
             kept = []
             for m in masks:
@@ -237,7 +241,7 @@ class QueryPointMaskShard(FmbsegShardTask):
         return self.finish(PSEUDO_MASKS, rows, rejects, in_count)
 
 
-class AutoMaskLabelShard(FmbsegShardTask):
+class AutoMaskLabelShard(UsesSamEmbeddings, FmbsegShardTask):
     """Stage 1.2: SAM automatic masks within size limits, labelled by their mean dense CLIP feature (detected
     classes only)."""
 
@@ -256,6 +260,7 @@ class AutoMaskLabelShard(FmbsegShardTask):
         detections = group_by_image(self.read("detect", DETECTIONS))
         sources = self.sources()
         segmenter = load_role("segmenter", model_settings())
+        embed = self.sam_embedder(segmenter)
         progress.start(len(detections))
         rows, rejects = [], []
         for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
@@ -263,7 +268,11 @@ class AutoMaskLabelShard(FmbsegShardTask):
             classes = sorted(r["class_index"] for r in detections.get(image_id, []))
             if not classes:
                 continue
-            auto = segmenter.automatic_masks(rgb, **amg_params())
+            embedding = embed(image_id, rgb)
+            if embedding is None:
+                rejects.append(reject(image_id, sources[image_id], self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL))
+                continue
+            auto = segmenter.automatic_masks(rgb, embedding=embedding, **amg_params())
             masks = label_auto_masks(auto, features, text, classes, min_area_fraction=cfg.min_area_fraction,
                                      max_area_fraction=cfg.max_area_fraction)
             if not masks:

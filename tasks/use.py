@@ -35,6 +35,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 
 
 class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
@@ -209,8 +210,9 @@ class GroundShard(ChainedShardTask):
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
-class BoxMaskShard(ChainedShardTask):
-    """SAM box → mask: one image encoding per image, all its boxes in one batched decoder call."""
+class BoxMaskShard(UsesSamEmbeddings):
+    """SAM box → mask: one image encoding per image (the shared one, see tasks/sam.py), all its boxes in one
+    batched decoder call."""
 
     stage = "use_box_masks"
     upstreams = {"boxes": GroundShard}
@@ -228,6 +230,7 @@ class BoxMaskShard(ChainedShardTask):
         segmenter = load_role("segmenter", model_settings())
         boxes = group_by_image(self.read("boxes", BOXES))
         in_count = sum(len(v) for v in boxes.values())
+        embed = self.sam_embedder(segmenter)
         progress.start(len(boxes))
         rows, rejects = [], []
         for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
@@ -235,11 +238,16 @@ class BoxMaskShard(ChainedShardTask):
             image_boxes = sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
             if not image_boxes:
                 continue
+            embedding = embed(image_id, rgb)
+            if embedding is None:
+                rejects.extend(reject(image_id, f"box:{b['box_index']}", self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
+                               for b in image_boxes)
+                continue
             results = masks_for_boxes(
                 segmenter, rgb, np.asarray([b["box_xyxy"] for b in image_boxes], np.float32),
                 pred_iou_thresh=cfg.pred_iou_thresh, stability_thresh=cfg.stability_thresh,
                 cleanup_area=cfg.cleanup_area, whole_image_fraction=cfg.whole_image_fraction,
-                max_boxes_per_call=cfg.sam_boxes_per_call or None,
+                max_boxes_per_call=cfg.sam_boxes_per_call or None, embedding=embedding,
             )
             for box, result in zip(image_boxes, results, strict=True):
                 if result.reject_reason is not None:

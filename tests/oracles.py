@@ -354,7 +354,7 @@ class OracleSegmenter(Segmenter):
                 low[a, b, : small.shape[0], : small.shape[1]] = np.where(small > 0, 10.0, -10.0)
         return MaskPrediction(logits=logits, iou_pred=iou, low_res_logits=low)
 
-    def automatic_masks(self, image: np.ndarray, **params) -> list[dict]:
+    def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None, **params) -> list[dict]:
         """Every GT instance (at the image's size) as a SAM-style record, dropped below min_mask_region_area."""
         h, w = np.asarray(image).shape[:2]
         min_area = int(params.get("min_mask_region_area", 0))

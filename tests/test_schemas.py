@@ -90,3 +90,34 @@ def test_commit_refuses_counts_that_do_not_add_up(tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_tar_spool_streams_the_same_bytes_and_commits_by_rename(tmp_path):
+    import hashlib
+
+    from pipeline.artifacts import TMP_PREFIX, TarSpool, webdataset_tar_bytes
+
+    samples = [{"__key__": f"k{i}", "x.npy": bytes([i]) * (1000 + i), "json": b"{}"} for i in range(5)]
+    stage = StageDir(tmp_path, "ds", "st", {"a": 1})
+    target = stage.shard_path(0, "tar")
+    with TarSpool(target) as spool:
+        for s in samples:
+            spool.write(s)
+    assert spool.path.name.startswith(TMP_PREFIX) and spool.count == 5 and not target.exists()
+    expected = webdataset_tar_bytes(samples)
+    assert spool.path.read_bytes() == expected
+    stats = commit_shard(stage, 0, ShardOutput(files={"tar": spool.path}, in_count=5, ok_count=5), seconds=0)
+    assert target.read_bytes() == expected and not spool.path.exists()
+    (entry,) = [f for f in stats["files"] if f["name"] == target.name]
+    assert entry == {"name": target.name, "num_bytes": len(expected), "sha256": hashlib.sha256(expected).hexdigest()}
+
+
+def test_tar_spool_removes_its_temporary_on_error(tmp_path):
+    from pipeline.artifacts import TarSpool
+
+    target = tmp_path / "st" / "shard-000000.tar"
+    with pytest.raises(RuntimeError, match="encoder died"):
+        with TarSpool(target) as spool:
+            spool.write({"__key__": "a", "json": b"{}"})
+            raise RuntimeError("encoder died")
+    assert list(target.parent.iterdir()) == []
