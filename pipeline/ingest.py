@@ -47,8 +47,11 @@ def ingest_entries(
     limits: DecodeLimits,
     *,
     on_entry: Callable[[int], None] | None = None,
+    sink: Callable[[dict[str, Any]], None] | None = None,
 ) -> IngestResult:
-    """Entries must be one shard's, in plan order. ``read(source)`` returns bytes or raises OSError."""
+    """Entries must be one shard's, in plan order. ``read(source)`` returns bytes or raises OSError.
+    ``sink``: receives each accepted WebDataset sample (e.g. a TarSpool's ``write``) instead of
+    ``result.samples``, so a shard's image bytes are never all in memory."""
     result = IngestResult()
     for i, entry in enumerate(entries):
         if on_entry is not None:
@@ -75,11 +78,12 @@ def ingest_entries(
         except ImageRejected as exc:
             result.rejects.append(reject_row(entry, exc.code, exc.detail))
             continue
-        _accept(result, entry, data, decoded)
+        _accept(result, entry, data, decoded, sink)
     return result
 
 
-def _accept(result: IngestResult, entry: PlannedEntry, data: bytes, decoded: DecodedImage) -> None:
+def _accept(result: IngestResult, entry: PlannedEntry, data: bytes, decoded: DecodedImage,
+            sink: Callable[[dict[str, Any]], None] | None) -> None:
     # Keep the original bytes (EXIF, CMYK, 16-bit are re-normalised identically on every decode), except for
     # giants, which are stored downsized as PNG so no later stage pays for the original again.
     if decoded.resized:
@@ -110,7 +114,11 @@ def _accept(result: IngestResult, entry: PlannedEntry, data: bytes, decoded: Dec
             "resized": decoded.resized,
         }
     )
-    result.samples.append({"__key__": entry.image_id, ext: payload, "json": _json_bytes(meta)})
+    sample = {"__key__": entry.image_id, ext: payload, "json": _json_bytes(meta)}
+    if sink is None:
+        result.samples.append(sample)
+    else:
+        sink(sample)
 
 
 def _json_bytes(meta: Mapping[str, Any]) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import luigi
 import pyarrow.compute as pc
 
-from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes, webdataset_tar_bytes
+from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pipeline.ingest import STAGE, DecodeLimits, ingest_entries
 from pipeline.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS
@@ -55,10 +55,10 @@ class IngestShard(ShardTask):
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         entries = read_plan_shard(self.input().path, self.shard)
         progress.start(len(entries))
-        with EntryReader() as reader:
-            result = ingest_entries(entries, reader.read, self.limits(), on_entry=progress.step)
+        with EntryReader() as reader, self.tar_spool() as tar:
+            result = ingest_entries(entries, reader.read, self.limits(), on_entry=progress.step, sink=tar.write)
         output = ShardOutput(
-            files={"tar": webdataset_tar_bytes(result.samples)},
+            files={"tar": tar.path},
             in_count=len(entries),
             ok_count=len(result.manifest),
             rejected_count=len(result.rejects),
