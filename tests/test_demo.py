@@ -34,3 +34,17 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
     rows = MODEL_PROBE.read_parquet(probe).to_pylist()
     assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "dense"}
     assert all(r["model"].startswith("tiny:") for r in rows)
+
+    # Every shard stage wrote exactly one finished shard whose accounting adds up, and the model stages produced
+    # records (the demo lowers the SAM thresholds random tiny SAM cannot reach, so no stage is empty by design).
+    shard_stages = {"ingest", "sam_embeddings", "use_captions", "use_expressions", "use_boxes", "use_box_masks",
+                    "use_segments", "fmbseg_dense", "fmbseg_detect", "fmbseg_query_masks", "fmbseg_auto_masks",
+                    "fmbseg_labels", "car_labels", "features_use", "features_fmbseg", "use_text", "use_preview"}
+    for stage in sorted(shard_stages):
+        (stage_done,) = demo.glob(f"{stage}/*/shard-000000.done.json")
+        s = SHARD_STATS.read_json(stage_done)
+        assert s["in_count"] == s["ok_count"] + s["rejected_count"] and s["ok_count"] > 0, (stage, s)
+    for trainer in ("train_use", "train_alignment"):
+        (model,) = demo.glob(f"{trainer}/*/model.pt")
+        assert (model.parent / "metrics.jsonl").stat().st_size > 0
+    assert next(demo.glob("export_coco/*/coco.json")).stat().st_size > 0
