@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import luigi
@@ -198,11 +199,36 @@ class DetectShard(FmbsegShardTask):
         return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=buf.getvalue())
 
 
-class QueryPointMaskShard(UsesSamEmbeddings, FmbsegShardTask):
+class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
+    """What Stage 1.1 and 1.2 share: the images with detected classes, with their dense features and SAM embedding."""
+
+    upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
+
+    def missing_embedding_rejects(self, image_id: str, classes: list[int]) -> list[dict[str, str]]:
+        raise NotImplementedError
+
+    def sam_inputs(self, segmenter, detections: dict[str, list[dict]], progress: ProgressReporter,
+                   rejects: list[dict[str, str]]) -> Iterator[tuple[str, np.ndarray, Any, list[int], Any]]:
+        """(image_id, rgb, dense features, detected class indices, SAM embedding) per image, in manifest order;
+        images without detections are skipped (rejected upstream), images without an embedding become rejects."""
+        embed = self.sam_embedder(segmenter)
+        progress.start(len(detections))
+        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
+            progress.step(i)
+            classes = sorted(r["class_index"] for r in detections.get(image_id, []))
+            if not classes:
+                continue
+            embedding = embed(image_id, rgb)
+            if embedding is None:
+                rejects.extend(self.missing_embedding_rejects(image_id, classes))
+                continue
+            yield image_id, rgb, features, classes, embedding
+
+
+class QueryPointMaskShard(SamStage1Shard):
     """Stage 1.1: per detected class, top-k similar patch centres → one SAM point prompt → best-IoU mask."""
 
     stage = "fmbseg_query_masks"
-    upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
 
     def content_params(self) -> dict[str, Any]:
         cfg = fmbseg()
@@ -214,19 +240,8 @@ class QueryPointMaskShard(UsesSamEmbeddings, FmbsegShardTask):
         vocab, text = vocabulary(), self.text()
         detections = group_by_image(self.read("detect", DETECTIONS))
         segmenter = load_role("segmenter", model_settings())
-        embed = self.sam_embedder(segmenter)
-        progress.start(len(detections))
         rows, rejects = [], []
-        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
-            progress.step(i)
-            classes = sorted(r["class_index"] for r in detections.get(image_id, []))
-            if not classes:
-                continue  # rejected upstream
-            embedding = embed(image_id, rgb)
-            if embedding is None:
-                rejects.extend(reject(image_id, f"class:{c}", self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
-                               for c in classes)
-                continue
+        for image_id, _rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress, rejects):
             masks = query_point_masks(segmenter, embedding, features, text, classes, top_k=cfg.top_k,
                                       multimask=cfg.multimask)
             kept = []
@@ -240,13 +255,15 @@ class QueryPointMaskShard(UsesSamEmbeddings, FmbsegShardTask):
         in_count = sum(len(v) for v in detections.values())
         return self.finish(PSEUDO_MASKS, rows, rejects, in_count)
 
+    def missing_embedding_rejects(self, image_id: str, classes: list[int]) -> list[dict[str, str]]:
+        return [reject(image_id, f"class:{c}", self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL) for c in classes]
 
-class AutoMaskLabelShard(UsesSamEmbeddings, FmbsegShardTask):
+
+class AutoMaskLabelShard(SamStage1Shard):
     """Stage 1.2: SAM automatic masks within size limits, labelled by their mean dense CLIP feature (detected
     classes only)."""
 
     stage = "fmbseg_auto_masks"
-    upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
 
     def content_params(self) -> dict[str, Any]:
         cfg = fmbseg()
@@ -260,18 +277,8 @@ class AutoMaskLabelShard(UsesSamEmbeddings, FmbsegShardTask):
         detections = group_by_image(self.read("detect", DETECTIONS))
         sources = self.sources()
         segmenter = load_role("segmenter", model_settings())
-        embed = self.sam_embedder(segmenter)
-        progress.start(len(detections))
         rows, rejects = [], []
-        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
-            progress.step(i)
-            classes = sorted(r["class_index"] for r in detections.get(image_id, []))
-            if not classes:
-                continue
-            embedding = embed(image_id, rgb)
-            if embedding is None:
-                rejects.append(reject(image_id, sources[image_id], self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL))
-                continue
+        for image_id, rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress, rejects):
             auto = segmenter.automatic_masks(rgb, embedding=embedding, **amg_params())
             masks = label_auto_masks(auto, features, text, classes, min_area_fraction=cfg.min_area_fraction,
                                      max_area_fraction=cfg.max_area_fraction)
@@ -281,6 +288,10 @@ class AutoMaskLabelShard(UsesSamEmbeddings, FmbsegShardTask):
                 continue
             rows.extend(mask_rows(image_id, vocab, masks))
         return self.finish(PSEUDO_MASKS, rows, rejects, len(detections))
+
+    def missing_embedding_rejects(self, image_id: str, classes: list[int]) -> list[dict[str, str]]:
+        source = self.sources()[image_id]
+        return [reject(image_id, source, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)]
 
 
 def _pseudo_mask(row: dict[str, Any]) -> PseudoMask:
