@@ -11,17 +11,21 @@ from models._hf import autocast, hf_load, l2_normalize, resolve_device, to_numpy
 from models.roles import ClipEncoder, ClipImageFeatures
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+# CaR (car-paper §4): mask proposal generator f = ViT-B/16, mask classifier g = ViT-L/14 (224 px).
+DEFAULT_CAM_CLIP = "openai/clip-vit-base-patch16"
+DEFAULT_CLASSIFIER_CLIP = "openai/clip-vit-large-patch14"
 
 
 class HFClipEncoder(ClipEncoder):
     """`CLIPModel` + `AutoTokenizer` + `AutoImageProcessor` (mean/std only) from one hub id or folder."""
 
-    def __init__(self, model_id: str = DEFAULT_CLIP, *, device: str = "auto", key: str = "clip") -> None:
+    def __init__(self, model_id: str = DEFAULT_CLIP, *, device: str = "auto", key: str = "clip",
+                 hub_id: str = DEFAULT_CLIP) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         self.device = resolve_device(device)
         self.source = model_id
-        load = dict(role="CLIP", key=key, hub_id=DEFAULT_CLIP)
+        load = dict(role="CLIP", key=key, hub_id=hub_id)
         # float32 weights whatever the checkpoint stores; CUDA speed comes from autocast.
         self.model = hf_load(CLIPModel.from_pretrained, model_id, dtype=torch.float32, **load).to(self.device).eval()
         self.tokenizer = hf_load(AutoTokenizer.from_pretrained, model_id, **load)
@@ -118,52 +122,133 @@ class HFClipEncoder(ClipEncoder):
             emb = self.model.text_projection(out.pooler_output)
         return to_numpy(l2_normalize(emb))
 
-    def gradcam(self, image_crop: np.ndarray, text_embeddings: np.ndarray, *, layer: int = -2,
-                attention_layers: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Grad-CAM class activation maps (CaR's mask proposal generator, car-paper §3.3; as CLIP-ES).
+    # ------------------------------------------------------------------------------------------ CaR (car-paper)
+    def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch + CLS embeddings with position embeddings resized BILINEARLY to the input's patch grid (any H, W
+        multiples of p), then the pre-layernorm: the official CaR / CLIP-ES image stem (`upsample_position_embedding`),
+        not transformers' bicubic `interpolate_pos_encoding`. Returns [B, 1 + h*w, C]."""
+        emb = self.model.vision_model.embeddings
+        b, _, height, width = pixel_values.shape
+        gh, gw = height // self.patch_size, width // self.patch_size
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        pos = emb.position_embedding.weight
+        side = int(round((pos.shape[0] - 1) ** 0.5))
+        grid = pos[1:].T.reshape(1, -1, side, side)
+        grid = torch.nn.functional.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+        pos = torch.cat([pos[:1], grid.reshape(pos.shape[1], -1).T])
+        tokens = torch.cat([emb.class_embedding.expand(b, 1, -1).to(patches.dtype), patches], dim=1) + pos
+        return self.model.vision_model.pre_layrnorm(tokens)
 
-        image_crop: uint8 RGB [S, S, 3] (S == image_size); text_embeddings: float [T, D] L2-normalised (the queries,
-        then any background queries: they share the softmax). Score of text t = softmax over the T texts of
-        logit_scale · cos(image, text)[t]; its gradient w.r.t. the patch tokens of block `layer`'s output gives
-        per-channel weights (mean over patches); map = ReLU(Σ_c weight_c · token_c), divided by its max.
-        Returns float32 [T, S/p, S/p] in [0, 1]; [t, i, j] = row i, column j of the crop's patch grid.
-        attention_layers > 0: also returns the patch-to-patch attention [N, N] (N = (S/p)², row-major like the maps)
-        averaged over the heads of the last `attention_layers` blocks, from the same forward pass (CLIP-ES CAA).
+    def _normalised(self, images: np.ndarray) -> torch.Tensor:
+        images = np.asarray(images)
+        p = self.patch_size
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or images.shape[1] % p \
+                or images.shape[2] % p:
+            raise ValueError(f"expected uint8 [B, H, W, 3] with H, W multiples of {p}, got {images.dtype} "
+                             f"{images.shape}")
+        x = torch.from_numpy(np.array(images, copy=True)).to(self.device).permute(0, 3, 1, 2).float()
+        return (x * self._rescale - self._mean) / self._std
+
+    @torch.inference_mode()
+    def encode_image_car(self, images: np.ndarray, *, skip_last_block: bool = True) -> np.ndarray:
+        """CaR's mask-classifier image embedding (car-paper g; official `CLIPWrapper.forward`): the CLS token
+        after the vision blocks — all but the LAST one when `skip_last_block` (the official wrapper runs L-1
+        blocks on images and never repeats the last one for this call) — post-layernorm, projected, L2-normalised.
+        images: uint8 RGB [B, S, S, 3] (S = image_size). Returns float32 [B, D]."""
+        x = self._normalised(images)
+        layers = self.model.vision_model.encoder.layers
+        with autocast(self.device):
+            h = self._tokens(x)
+            for block in layers[: len(layers) - 1 if skip_last_block else len(layers)]:
+                h = block(h, None)
+            cls = self.model.visual_projection(self.model.vision_model.post_layernorm(h[:, 0]))
+        return to_numpy(l2_normalize(cls))
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the learned temperature (100 for OpenAI's CLIPs)."""
+        return float(self.model.logit_scale.detach().exp())
+
+    def gradcam(self, image: np.ndarray, fg_text: np.ndarray, bg_text: np.ndarray | None = None, *,
+                attention_layers: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Grad-CAM of CaR's mask proposal generator f exactly as the official code (CLIP-ES `CLIPCAM`).
+
+        image: uint8 RGB [H, W, 3] with H, W multiples of patch_size (any aspect: position embeddings are resized
+        bilinearly). fg_text [T, D], bg_text [B, D]: L2-normalised text embeddings (queries, background queries).
+        Blocks 0..L-2 run without gradient; the last block runs with it. Image embedding = the MEAN of the
+        post-layernormed patch tokens (not CLS), projected and normalised; score of text t = softmax over the
+        T + B texts of logit_scale · cosine. Target layer: the last block's layer_norm1 output (car-paper App. B).
+        map_t = ReLU(Σ_c mean_patches(∂score_t/∂A_c) · A_c) on the patch grid, min-max scaled (`scale_cam_image`);
+        a map that is all zero is recomputed with the softmax over the fg texts only (as the official code).
+        Returns float32 [T, H/p, W/p]; with attention_layers > 0 also the patch-to-patch attention [N, N]
+        (N = H/p · W/p, row-major as the maps) averaged over heads and the last `attention_layers` blocks.
         """
-        x = self.pixel_values(np.asarray(image_crop)[None])
-        text = torch.as_tensor(np.asarray(text_embeddings, np.float32), device=self.device)
-        with torch.enable_grad():
-            out = self.model.vision_model(pixel_values=x, output_hidden_states=True)
-            feats = out.hidden_states[layer]  # [1, 1 + N, C], the output of block `layer`
-            feats.retain_grad()
-            img = l2_normalize(self.model.visual_projection(out.pooler_output))
-            probs = torch.softmax(self.model.logit_scale.exp() * img @ l2_normalize(text).T, dim=-1)[0]
-            side = self.image_size // self.patch_size
-            maps = []
-            for t in range(len(text)):
-                feats.grad = None
-                probs[t].backward(retain_graph=t + 1 < len(text))
-                tokens, grad = feats[0, 1:].detach().float(), feats.grad[0, 1:].float()
-                cam = torch.relu(tokens @ grad.mean(0))
-                maps.append((cam / cam.max().clamp_min(1e-12)).reshape(side, side))
-        maps = to_numpy(torch.stack(maps)) if maps else np.zeros((0, side, side), np.float32)
+        x = self._normalised(np.asarray(image)[None])
+        fg = torch.as_tensor(np.asarray(fg_text, np.float32), device=self.device)
+        texts = fg if bg_text is None or len(bg_text) == 0 else \
+            torch.cat([fg, torch.as_tensor(np.asarray(bg_text, np.float32), device=self.device)])
+        vm, gh, gw = self.model.vision_model, x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
+        layers = vm.encoder.layers
+        block_inputs = []
+        with torch.no_grad(), autocast(self.device):
+            h = self._tokens(x)
+            for block in layers[:-1]:
+                block_inputs.append(h)
+                h = block(h, None)
+        block_inputs.append(h)
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(_module, _args, output):
+            output.retain_grad()
+            captured["a"] = output
+
+        handle = layers[-1].layer_norm1.register_forward_hook(keep)
+        try:
+            with torch.enable_grad(), autocast(self.device):
+                out = layers[-1](h.detach(), None)
+                pooled = vm.post_layernorm(out)[:, 1:].mean(1)
+                img = l2_normalize(self.model.visual_projection(pooled))
+                logits = self.model.logit_scale.exp() * img @ l2_normalize(texts).T
+                probs = torch.softmax(logits.float(), dim=-1)[0]
+                fg_only = torch.softmax(logits[:, : len(fg)].float(), dim=-1)[0] if len(texts) > len(fg) else probs
+                act = captured["a"]
+                maps = []
+                for t in range(len(fg)):
+                    cam = self._cam_of(probs[t], act, gh, gw)
+                    if cam.max() == 0 and fg_only is not probs:
+                        cam = self._cam_of(fg_only[t], act, gh, gw)
+                    maps.append(cam)
+        finally:
+            handle.remove()
+        maps = to_numpy(torch.stack(maps)) if maps else np.zeros((0, gh, gw), np.float32)
         if attention_layers <= 0:
             return maps
         with torch.no_grad():
-            attention = self._patch_attention(out.hidden_states, attention_layers)
+            attention = self._patch_attention(block_inputs, attention_layers)
         return maps, to_numpy(attention)
 
-    def _patch_attention(self, hidden_states: Sequence[torch.Tensor], last: int) -> torch.Tensor:
+    @staticmethod
+    def _cam_of(score: torch.Tensor, act: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        """Grad-CAM of one scalar score w.r.t. the activation [1, 1 + N, C] (CLS dropped): channel weights = mean
+        gradient over patches, ReLU of the weighted sum, then (x - min) / (max + 1e-15) as CLIP-ES."""
+        act.grad = None
+        score.backward(retain_graph=True)
+        tokens, grad = act[0, 1:].detach().float(), act.grad[0, 1:].float()
+        cam = torch.relu(tokens @ grad.mean(0)).reshape(gh, gw)
+        cam = cam - cam.min()
+        return cam / (cam.max() + 1e-15)
+
+    def _patch_attention(self, block_inputs: Sequence[torch.Tensor], last: int) -> torch.Tensor:
         """Mean over heads and the last `last` blocks of softmax(q·kᵀ · scale), patches only: float32 [N, N].
 
-        Computed from each block's input (hidden_states[i] feeds block i) through its layer_norm1, q_proj, k_proj:
+        Computed from each block's input (block_inputs[i] feeds block i) through its layer_norm1, q_proj, k_proj:
         the attention implementation (sdpa) does not return weights, and switching it to eager would slow every
         other call."""
         layers = self.model.vision_model.encoder.layers
         total = None
         for i in range(max(0, len(layers) - last), len(layers)):
             block = layers[i]
-            x = block.layer_norm1(hidden_states[i].float())[0]  # [1 + N, C]
+            x = block.layer_norm1(block_inputs[i].float())[0]  # [1 + N, C]
             attn = block.self_attn
             heads, dim = attn.num_heads, attn.head_dim
             q = attn.q_proj(x).reshape(-1, heads, dim).transpose(0, 1)

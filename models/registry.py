@@ -18,7 +18,7 @@ from typing import Any
 
 from models._hf import ModelUnavailableError
 from models.captioner import DEFAULT_CAPTIONER
-from models.clip import DEFAULT_CLIP
+from models.clip import DEFAULT_CAM_CLIP, DEFAULT_CLASSIFIER_CLIP, DEFAULT_CLIP
 from models.dense import DEFAULT_DINO
 from models.grounder import DEFAULT_GROUNDER
 from models.segmenter import SAM_CHECKPOINT_URLS
@@ -32,7 +32,7 @@ __all__ = [
     "registered_presets",
 ]
 
-ROLES = ("captioner", "grounder", "segmenter", "clip", "dense")
+ROLES = ("captioner", "grounder", "segmenter", "clip", "dense", "cam_clip", "classifier_clip")
 Factory = Callable[["ModelSettings"], Any]
 
 
@@ -45,6 +45,8 @@ class ModelSettings:
     device: str = "auto"  # "auto" → cuda if available else cpu
     captioner: str = DEFAULT_CAPTIONER
     clip: str = DEFAULT_CLIP
+    cam_clip: str = DEFAULT_CAM_CLIP  # CaR's mask proposal generator f (car-paper §4: ViT-B/16)
+    classifier_clip: str = DEFAULT_CLASSIFIER_CLIP  # CaR's mask classifier g (car-paper §4: ViT-L/14)
     dino: str = DEFAULT_DINO
     grounder: str = DEFAULT_GROUNDER
     grounder_backend: str = "transformers"  # "transformers" | "groundingdino"
@@ -108,6 +110,18 @@ def _clip(s: ModelSettings):
     return HFClipEncoder(s.clip, device=s.device)
 
 
+def _cam_clip(s: ModelSettings):
+    from models.clip import HFClipEncoder
+
+    return HFClipEncoder(s.cam_clip, device=s.device, key="cam_clip", hub_id=DEFAULT_CAM_CLIP)
+
+
+def _classifier_clip(s: ModelSettings):
+    from models.clip import HFClipEncoder
+
+    return HFClipEncoder(s.classifier_clip, device=s.device, key="classifier_clip", hub_id=DEFAULT_CLASSIFIER_CLIP)
+
+
 def _dense(s: ModelSettings):
     from models.dense import HFDinoEncoder
 
@@ -116,6 +130,7 @@ def _dense(s: ModelSettings):
 
 REAL: dict[str, Factory] = {
     "captioner": _captioner, "grounder": _grounder, "segmenter": _segmenter, "clip": _clip, "dense": _dense,
+    "cam_clip": _cam_clip, "classifier_clip": _classifier_clip,
 }
 
 
@@ -132,7 +147,8 @@ def tiny_settings(s: ModelSettings, roles: tuple[str, ...] = ROLES) -> ModelSett
         elif role == "grounder":
             swap.update(grounder=folder, grounder_backend="transformers")
         else:
-            swap[{"captioner": "captioner", "clip": "clip", "dense": "dino"}[role]] = folder
+            swap[{"captioner": "captioner", "clip": "clip", "dense": "dino", "cam_clip": "cam_clip",
+                  "classifier_clip": "classifier_clip"}[role]] = folder
     return dataclasses.replace(s, **swap)
 
 

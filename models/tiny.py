@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 TINY_VERSION = "tiny-v1"
-TINY_ROLES = ("captioner", "grounder", "segmenter", "clip", "dense")
+TINY_ROLES = ("captioner", "grounder", "segmenter", "clip", "dense", "cam_clip", "classifier_clip")
 SAM_TINY_CHECKPOINT = "sam_tiny.pth"
 
 # Fixed English word list the tiny tokenizers are trained on: common caption words plus the VOC class names.
@@ -160,14 +160,14 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def _tiny_vision(image_size: int) -> dict:
+def _tiny_vision(image_size: int, patch_size: int = 14) -> dict:
     return dict(
-        image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2,
     )
 
 
-def build_clip(out: Path) -> None:
+def build_clip(out: Path, *, image_size: int = 56, patch_size: int = 14, seed: int = 1) -> None:
     """CLIPModel (ViT/14 at 56 px → 4×4 patches, joint dim 16) + CLIPTokenizer + CLIPImageProcessor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -178,13 +178,13 @@ def build_clip(out: Path) -> None:
             max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         ),
-        vision_config=_tiny_vision(56),
+        vision_config=_tiny_vision(image_size, patch_size),
         projection_dim=16,
     )
-    _seeded(1)
+    _seeded(seed)
     CLIPModel(config).eval().save_pretrained(out)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
@@ -290,6 +290,9 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "grounder": build_grounder,
     "segmenter": build_segmenter,
     "clip": build_clip,
+    # CaR's two CLIPs: f is a ViT-B/16 (patch 16, 64 px → 4×4), g a ViT-L/14 like `clip` (same tiny weights).
+    "cam_clip": lambda out: build_clip(out, image_size=64, patch_size=16, seed=6),
+    "classifier_clip": build_clip,
     "dense": build_dense,
 }
 

@@ -78,6 +78,39 @@ def resize_label_map(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(label, (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_NEAREST)
 
 
+def resize_bicubic_pil(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` → ``[h, w, 3]`` with PIL's bicubic filter (antialiased when shrinking): the resize
+    of torchvision's ``Resize`` on PIL images, which OpenAI CLIP's and CaR's preprocessing use."""
+    from PIL import Image
+
+    image = np.ascontiguousarray(image, np.uint8)
+    if tuple(image.shape[:2]) == tuple(hw):
+        return image.copy()
+    return np.asarray(Image.fromarray(image).resize((int(hw[1]), int(hw[0])), Image.BICUBIC))
+
+
+def patch_multiple_size(orig_hw: tuple[int, int], patch: int) -> tuple[int, int]:
+    """(h, w) = each side rounded UP to a multiple of ``patch``: how CaR's official code (CLIP-ES) feeds the mask
+    proposal CLIP an image at its own resolution and aspect (e.g. (375, 500), 16 → (384, 512))."""
+    h, w = (int(v) for v in orig_hw)
+    return -(-h // patch) * patch, -(-w // patch) * patch
+
+
+def clip_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """OpenAI CLIP's preprocess geometry: short side → ``size`` (bicubic, long side truncated as torchvision's
+    ``Resize(size)``), then the centred ``size × size`` crop (offsets rounded as torchvision's ``CenterCrop``).
+    uint8 RGB ``[H, W, 3]`` → ``[size, size, 3]``."""
+    h, w = image.shape[:2]
+    if h <= w:
+        new_hw = (size, int(size * w / h))
+    else:
+        new_hw = (int(size * h / w), size)
+    resized = resize_bicubic_pil(image, new_hw)
+    top = int(round((new_hw[0] - size) / 2.0))
+    left = int(round((new_hw[1] - size) / 2.0))
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
 @dataclass(frozen=True)
 class Resize:
     """The map between the original frame ``orig_hw = (H, W)`` and the working frame ``new_hw = (h, w)``.

@@ -66,6 +66,8 @@ def model_identity(role: str, settings: ModelSettings) -> str:
         "grounder": f"{settings.grounder_backend}:{settings.grounder}",
         "segmenter": f"{settings.sam_arch}:{Path(settings.sam_checkpoint_path()).name}",
         "clip": settings.clip,
+        "cam_clip": settings.cam_clip,
+        "classifier_clip": settings.classifier_clip,
         "dense": settings.dino,
     }[role]
     return f"{settings.preset}:{name}"

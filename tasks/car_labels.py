@@ -1,16 +1,17 @@
 """CaR (car-paper) as a third pseudo-label source: IngestShard → CaRLabelShard.
 
-One label map per image from ``pipeline.car.CaRSegmenter`` over the preset's ``clip`` role (``clip_cam`` as the
-proposal generator, ``clip_classifier`` as the mask classifier), written in exactly PseudoLabelShard's layout so
-the trainers can read either:
+One label map per image from ``pipeline.car.CaRSegmenter`` over the preset's ``cam_clip`` role (``clip_cam``, the
+proposal generator f) and ``classifier_clip`` role (``clip_classifier``, the mask classifier g), written in exactly
+PseudoLabelShard's layout so the trainers can read either:
 
 - ``shard-N.tar``: WebDataset samples ``<image_id>.png`` (uint8 label map, 255 = unlabelled) + ``<image_id>.json``
   (schemas.fmbseg.LABEL_MAP_META, ``precedence = "car"``);
 - ``shard-N.classes.json``: the label value → class name table (``pipeline.fmbseg.class_table``);
 - ``shard-N.parquet``: LABEL_REGIONS rows, one per (image, class) region (``pixels_stage11/12`` are 0: no Stage-1
   masks are involved);
-- ``shard-N.rejects.parquet``: ``no_query_left`` when the recurrence drops every query, ``no_pseudo_label`` when
-  the kept queries label no pixel with a foreground class.
+- ``shard-N.rejects.parquet``: ``no_confident_query`` when no query passed θ (the recurrence then keeps only its
+  best query, as the official code; a label source should not train on it), ``no_pseudo_label`` when the kept
+  queries label no pixel with a foreground class.
 
 Vocabulary: ``[car_labels] vocabulary`` (empty = ``[fmbseg] vocabulary``). A vocabulary whose class 0 is
 ``background`` (voc21) labels the pixels the background wins 0; without one, every pixel gets the best kept query.
@@ -33,8 +34,10 @@ from pipeline.car import (
     VISUAL_PROMPTS,
     CarParams,
     CaRSegmenter,
+    car_family,
     clip_cam,
     clip_classifier,
+    official_query_name,
 )
 from pipeline.fmbseg import class_table, label_map_meta, label_region_rows
 from pipeline.images import encode_png
@@ -58,46 +61,44 @@ class car_labels(luigi.Config):  # noqa: N801 — section [car_labels] of luigi.
     vocabulary = luigi.Parameter(default="", description="vocabulary name or .txt path; empty = [fmbseg]'s")
     params = luigi.Parameter(default="", description="η/θ/λ of car-paper §4: voc | coco | context; empty = by "
                                                      "vocabulary name (coco_* → coco, context* → context, else voc)")
-    prompts = luigi.Parameter(default="circle,blur", description="visual prompts (car-paper App. F)")
+    theta = luigi.Parameter(default="", description="θ: a query survives a step when its score P_ii > θ; empty = "
+                                                    "the official config of `params` (voc 0.6, coco 0.3, context 0.25)")
+    prompts = luigi.Parameter(default="", description="visual prompts (comma list); empty = the official config "
+                                                      "of `params` (voc: circle,blur; coco: blur,gray; ...)")
     crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                               description="dense-CRF post-processing (needs pydensecrf2)")
     sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                               description="CaR+SAM ensemble with the segmenter role (car-paper §3.4)")
     cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
                                 description="mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
-    template = luigi.Parameter(default="a photo of a {}.", description="CLIP text template for the queries")
-    short_side = luigi.IntParameter(default=336, description="CaR runs at this short side, labels are resized "
-                                                              "back (nearest); 0 = original size")
+    short_side = luigi.IntParameter(default=0, description="CaR runs at this short side, labels are resized "
+                                                            "back (nearest); 0 = original size (official code)")
 
 
 def car_vocabulary() -> Vocabulary:
     return load_vocabulary(car_labels().vocabulary or fmbseg().vocabulary)
 
 
+def car_label_family() -> str:
+    """The CAR_DEFAULTS family whose official settings apply: ``[car_labels] params`` or by vocabulary name."""
+    family = car_labels().params.strip()
+    if family and family not in CAR_DEFAULTS:
+        raise ValueError(f"[car_labels] params must be one of {sorted(CAR_DEFAULTS)} or empty, got {family!r}")
+    return family or car_family(car_vocabulary().name.lower())
+
+
 def car_label_params() -> CarParams:
-    """The paper's per-dataset η/θ/λ (``[car_labels] params``) with the configured prompts and CRF switch."""
+    """The official per-dataset settings of ``[car_labels] params`` with the configured prompts, CRF and CAM."""
     from pipeline.car import car_params
 
     cfg = car_labels()
-    family = cfg.params.strip()
-    if family and family not in CAR_DEFAULTS:
-        raise ValueError(f"[car_labels] params must be one of {sorted(CAR_DEFAULTS)} or empty, got {family!r}")
-    prompts = tuple(p.strip() for p in cfg.prompts.split(",") if p.strip())
+    base = car_params(car_label_family())
+    prompts = tuple(p.strip() for p in cfg.prompts.split(",") if p.strip()) or base.prompts
     unknown = set(prompts) - set(VISUAL_PROMPTS)
-    if unknown or not prompts:
+    if unknown:
         raise ValueError(f"[car_labels] prompts {cfg.prompts!r}: use a comma list of {VISUAL_PROMPTS}")
-    name = car_vocabulary().name
-    base = car_params(family) if family else car_params(_family_of(name))
-    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam)
-
-
-def _family_of(vocabulary_name: str) -> str:
-    low = vocabulary_name.lower()
-    if low.startswith("coco"):
-        return "coco"
-    if low.startswith("context"):
-        return "context"
-    return "voc"
+    theta = float(cfg.theta) if cfg.theta.strip() else base.theta
+    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam, theta=theta)
 
 
 class CaRLabelShard(ChainedShardTask):
@@ -108,23 +109,27 @@ class CaRLabelShard(ChainedShardTask):
     def content_params(self) -> dict[str, Any]:
         cfg, settings = car_labels(), model_settings()
         vocab = car_vocabulary()
-        params = {**self.upstream_params(), "clip": model_identity("clip", settings),
+        params = {**self.upstream_params(), "cam_clip": model_identity("cam_clip", settings),
+                  "classifier_clip": model_identity("classifier_clip", settings),
                   "vocabulary": vocab.name, "vocabulary_digest": vocab.digest,
-                  "car": dataclasses.asdict(car_label_params()), "sam": cfg.sam, "template": cfg.template,
-                  "short_side": cfg.short_side}
+                  "car": dataclasses.asdict(car_label_params()), "sam": cfg.sam, "short_side": cfg.short_side}
         if cfg.sam:
             params["segmenter"] = model_identity("segmenter", settings)
         return params
 
     def segmenter(self, vocab: Vocabulary):
         cfg, settings = car_labels(), model_settings()
-        clip = load_role("clip", settings)
         sam = load_role("segmenter", settings) if cfg.sam else None
-        prompt_of = {c: (p[0] if p else c) for c, p in zip(vocab.classes, vocab.prompts, strict=True)}
+        family = car_label_family()
+        # the official code's query text where it has one, else the vocabulary's (first) prompt name
+        query_of = {c: official_query_name(family, c, p[0] if p else c)
+                    for c, p in zip(vocab.classes, vocab.prompts, strict=True)}
         params = car_label_params()
-        seg = CaRSegmenter(clip_cam(clip, cfg.template, method=params.cam, lam=params.lam),
-                           clip_classifier(clip, cfg.template), params, sam=sam,
-                           prompt_names=lambda n: prompt_of.get(n, n))
+        classifier = load_role("classifier_clip", settings)
+        seg = CaRSegmenter(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
+                           clip_classifier(classifier, params.classifier_templates,
+                                           skip_last_block=params.classifier_skip_last_block),
+                           params, sam=sam, query_names=lambda n: query_of.get(n, n))
         return ShortSide(seg, cfg.short_side) if cfg.short_side > 0 else seg
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
@@ -140,10 +145,11 @@ class CaRLabelShard(ChainedShardTask):
         for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
             progress.step(i)
             label, scores = seg.segment(rgb, names, image_id=image_id)
-            # A query is kept iff its last diagonal score passed θ (dropped ones end below, unqueried stay 0).
-            if not (np.asarray(scores)[first:] >= params.theta).any():
-                rejects.append(reject(image_id, sources[image_id], self.stage, "no_query_left",
-                                      f"CaR dropped all {len(names) - first} queries (θ = {params.theta})"))
+            # CaR never empties its query set (the best one stays); as a label source, an image where no query
+            # ever passed θ is not trusted.
+            if not (np.asarray(scores)[first:] > params.theta).any():
+                rejects.append(reject(image_id, sources[image_id], self.stage, "no_confident_query",
+                                      f"no query of {len(names) - first} passed θ = {params.theta}"))
                 continue
             label = np.asarray(label, np.uint8)
             fg = (label != IGNORE) & (label >= first)

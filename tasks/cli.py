@@ -96,9 +96,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4. Random
     # tiny SAM predicts IoUs far below the papers' thresholds (USE 0.6, automatic generator 0.88/0.95), which would
     # leave the USE head nothing to train on and Stage 1.2 no mask to label (its masks also cover ~the whole image,
-    # above the 90 % size limit).
+    # above the 90 % size limit). Random tiny CLIPs score every CaR query near 1/K, below any θ; CaR labels the demo
+    # with VOC's 21 classes (a CRF over COCO-Stuff's 172 labels takes ~9 s per image here).
     args.set = ["fmbseg.points_per_side=4", "fmbseg.pred_iou_thresh=-1", "fmbseg.stability_score_thresh=-1",
                 "fmbseg.max_area_fraction=1", "use.pred_iou_thresh=-1", "use.stability_thresh=-1",
+                "car_labels.theta=0", "car_labels.vocabulary=voc21",
                 *(args.set or [])]
     _apply_config(args)
     out = Path(args.out).resolve()

@@ -3,8 +3,9 @@
     Evaluate(benchmark="voc21", data_root="/data/VOCdevkit/VOC2012", method="car", limit=0)
 
 Methods and what they need:
-- ``car``: training-free CaR (car-paper) over the preset's ``clip`` role (``clip_cam`` / ``clip_classifier``);
-  no upstream task. The image is resized to the protocol's short side, the label map resized back.
+- ``car``: training-free CaR (car-paper) over the preset's ``cam_clip`` (f, ``clip_cam``) and ``classifier_clip``
+  (g, ``clip_classifier``) roles with the official per-dataset settings (pipeline.car.CAR_DEFAULTS); no upstream
+  task. The image is resized to the protocol's short side, the label map resized back.
 - ``fmbseg``: DINOv2 + the alignment block of ``TrainAlignment`` (``images``/``dataset`` = the training run, e.g.
   the COCO-Stuff images the pseudo labels came from); sliding window crop/stride and background threshold of the
   protocol.
@@ -47,7 +48,8 @@ class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg 
     split = luigi.Parameter(default="val", description="benchmark split (the split file / folder name)")
     grid_images = luigi.IntParameter(default=4, description="rows of grid.png: the first N images by id")
     template = luigi.Parameter(default="a photo of a {}.", description="CLIP text template for class names")
-    car_prompts = luigi.Parameter(default="circle,blur", description="CaR visual prompts (car-paper App. F)")
+    car_prompts = luigi.Parameter(default="", description="CaR visual prompts (comma list); empty = the official "
+                                                          "config of the benchmark (voc: circle,blur; coco: blur,gray)")
     car_crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                   description="dense-CRF post-processing (needs pydensecrf2)")
     car_sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
@@ -131,21 +133,24 @@ class Evaluate(luigi.Task):
         from pipeline.car import car_params
 
         cfg = evaluate()
-        prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip())
-        return dataclasses.replace(car_params(self.benchmark), prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam)
+        base = car_params(self.benchmark)
+        prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip()) or base.prompts
+        return dataclasses.replace(base, prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam)
 
     def segmenter(self):
         settings, cfg = model_settings(), evaluate()
         protocol = PROTOCOLS[self.benchmark]
         threshold = protocol.bg_threshold if protocol.background == "threshold" else None
         if self.method == "car":
-            from pipeline.car import CaRSegmenter, clip_cam, clip_classifier
+            from pipeline.car import CaRSegmenter, car_family, clip_cam, clip_classifier, official_query_name
 
-            clip = load_role("clip", settings)
             sam = load_role("segmenter", settings) if cfg.car_sam else None
             params = self.car_params()
-            seg = CaRSegmenter(clip_cam(clip, cfg.template, method=params.cam, lam=params.lam),
-                               clip_classifier(clip, cfg.template), params, sam=sam)
+            family = car_family(self.benchmark)
+            classifier = clip_classifier(load_role("classifier_clip", settings), params.classifier_templates,
+                                         skip_last_block=params.classifier_skip_last_block)
+            seg = CaRSegmenter(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
+                               classifier, params, sam=sam, query_names=lambda n: official_query_name(family, n))
             return ShortSide(seg, protocol.short_side)
         if self.method == "pseudo":
             return self.pseudo_segmenter()

@@ -1,17 +1,25 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.car import (
+    BACKGROUND_QUERIES,
+    CAM_TEMPLATE,
     CAR_DEFAULTS,
     CarParams,
     CaRSegmenter,
+    _softmax,
     affinity_refine,
     apply_visual_prompts,
     cam_box_mask,
     car_loop,
     car_params,
+    clip_classifier,
     iom,
+    masks_to_label_map,
+    proposals_to_labels,
     sam_ensemble,
     sinkhorn_affinity,
 )
@@ -53,7 +61,8 @@ class OracleCam:
 
 class OracleClassifier:
     """Mask-classifier double for the "black" prompt: the visible (non-black) region of each prompted image is
-    the proposal; the logit of a query = 20 × the fraction of that region whose GT class the query names."""
+    the proposal; the logit of a query = 20 × the fraction of that region whose GT class the query names; returns
+    P = softmax over the queries (a ClassifyFn's contract)."""
 
     def __init__(self, gt):
         self.gt = gt
@@ -66,7 +75,7 @@ class OracleClassifier:
                 c = self.gt.class_in_text(q)
                 if c is not None and region.any():
                     logits[i, j] = 20 * (self.gt.class_label[region] == c).mean()
-        return logits
+        return _softmax(logits, axis=1)
 
 
 def test_loop_drops_absent_and_stops(gt):
@@ -77,9 +86,116 @@ def test_loop_drops_absent_and_stops(gt):
     present = {gt.class_names[c] for c in np.unique(gt.class_label) if c not in (0, 255)}
     assert set(res.queries) == present
     assert len(res.steps) == 2 and len(res.steps[0].queries) == 20 and res.steps[1].queries == res.queries
-    assert (res.steps[-1].scores >= params.theta).all()
+    assert (res.steps[-1].scores > params.theta).all()
     assert res.proposals.shape == (len(present), *gt.size)
-    assert cam.calls[0][:2] == fg[:2] and len(cam.calls) == 2
+    # official CAM texts: the bare names at the first step, "a clean origami {}." from the second on
+    assert cam.calls[0] == fg and cam.calls[1] == [CAM_TEMPLATE.format(q) for q in res.queries]
+    assert len(cam.calls) == 2
+
+
+def test_loop_first_step_never_ends_it_and_best_query_is_kept(gt):
+    """Official stopping rule: the loop ends when a step keeps every query it scored, never at the first step;
+    when no query passes θ the best one is kept (the set never empties) and, alone, it then scores 1."""
+    present = [gt.class_names[c] for c in np.unique(gt.class_label) if c not in (0, 255)]
+    cam = OracleCam(gt)
+    res = car_loop(gt.rgb, present, cam, OracleClassifier(gt), CarParams(prompts=("black",), crf=False))
+    assert len(res.steps) == 2 and res.queries == tuple(present)  # all kept at step 1, still a second step
+
+    def flat(images, queries):  # no query ever passes θ = 0.6: uniform, the first is the argmax
+        return np.full((len(images), len(queries)), 1.0 / len(queries))
+
+    res = car_loop(gt.rgb, ["cat", "dog", "person"], cam, flat, CarParams(prompts=("black",), crf=False))
+    assert res.queries == ("cat",) and res.proposals.shape == (1, *gt.size)
+    assert [s.queries for s in res.steps] == [("cat", "dog", "person"), ("cat",)]
+    np.testing.assert_allclose(res.steps[-1].scores, [1.0])
+    seg = CaRSegmenter(cam, flat, CarParams(prompts=("black",), crf=False))
+    _, scores = seg.segment(gt.rgb, ["background", "cat", "dog", "person"])
+    assert 0 < scores[1] < 0.6  # the lowest score over the steps: the fallback stays below θ
+
+
+def test_mutual_background_for_stuff(gt):
+    """car-paper App. E / official evaluate.py: stuff classes run a second loop whose background queries are the
+    thing classes (as "a clean origami {}."), with the stuff visual prompts; things use the 23 official
+    background queries; stuff is painted first, things on top."""
+    calls = []
+
+    def cam(image, queries, background):
+        calls.append((tuple(queries), tuple(background)))
+        h, w = image.shape[:2]
+        out = np.zeros((len(queries), h, w), np.float32)
+        for i, q in enumerate(queries):
+            if "sky" in q:
+                out[i, : h // 2] = 1.0  # top half
+            if "person" in q:
+                out[i, h // 4 : h // 2, : w // 2] = 1.0  # overlaps the sky: things end on top
+        return out
+
+    def classify(images, queries):
+        return np.eye(len(queries))[: len(images)]
+
+    params = dataclasses.replace(CAR_DEFAULTS["context"], crf=False, stuff=("sky", "grass"))
+    seg = CaRSegmenter(cam, classify, params)
+    names = ["background", "person", "sky", "cat", "grass"]
+    label, _ = seg.segment(gt.rgb, names)
+    stuff_calls = [c for c in calls if c[0][0] in ("sky", "grass", CAM_TEMPLATE.format("sky"))]
+    thing_calls = [c for c in calls if c not in stuff_calls]
+    assert stuff_calls and thing_calls
+    assert all(bg == (CAM_TEMPLATE.format("person"), CAM_TEMPLATE.format("cat")) for _, bg in stuff_calls)
+    assert all(bg == tuple(CAM_TEMPLATE.format(q) for q in BACKGROUND_QUERIES) for _, bg in thing_calls)
+    h, w = gt.size
+    assert (label[h // 4 : h // 2, : w // 2] == 1).all()  # person over sky
+    assert (label[: h // 4] == 2).all() and (label[h // 2 :] == 0).all()
+
+
+def test_post_processing_background_unary_and_score_order():
+    """Official PostProcess: background = (1 - max proposal)^bg_factor; official assign_label: masks painted in
+    ascending score order (the most confident on top)."""
+    img = np.zeros((2, 3, 3), np.uint8)
+    p = np.array([[[0.9, 0.3, 0.0], [0.2, 0.6, 0.0]], [[0.1, 0.5, 0.45], [0.0, 0.0, 0.1]]], np.float32)
+    # bg = 1 - max = [[0.1, 0.5, 0.55], [0.8, 0.4, 0.9]] → argmax over [bg, p0, p1]
+    lab = proposals_to_labels(img, p, crf=False, background=True)
+    np.testing.assert_array_equal(lab, [[0, -1, -1], [-1, 0, -1]])
+    lab2 = proposals_to_labels(img, p, crf=False, background=True, bg_factor=2.0)  # bg = (1 - max)^2
+    np.testing.assert_array_equal(lab2, [[0, 1, 1], [-1, 0, -1]])
+    np.testing.assert_array_equal(proposals_to_labels(img, p, crf=False, background=False), [[0, 1, 1], [0, 0, 1]])
+    masks = np.zeros((2, 2, 3), bool)
+    masks[0, 0] = masks[1, :, 0] = True
+    np.testing.assert_array_equal(masks_to_label_map(masks, [5, 7], [0.9, 0.4], 0), [[5, 5, 5], [7, 0, 0]])
+    np.testing.assert_array_equal(masks_to_label_map(masks, [5, 7], [0.3, 0.4], 0), [[7, 5, 5], [7, 0, 0]])
+
+
+def test_clip_classifier_is_the_official_template_ensemble():
+    """g's score (official forward_clip): per template softmax(logit_scale · cos), summed over templates, softmaxed
+    again; images through CLIP's centre crop; the penultimate-block CLS (skip_last_block) is what is asked for."""
+    rng = np.random.default_rng(0)
+    templates = ("a {}.", "b {}.", "c {}.")
+    queries = ["cat", "dog"]
+    text = {f"{t[0]} {q}.": v / np.linalg.norm(v) for t in templates for q in queries
+            for v in [rng.normal(size=8)]}
+    img_emb = rng.normal(size=(3, 8))
+    img_emb /= np.linalg.norm(img_emb, axis=1, keepdims=True)
+    asked = {}
+
+    class FakeClip:
+        image_size, logit_scale = 4, 100.0
+
+        def encode_text(self, texts):
+            return np.stack([text[t] for t in texts])
+
+        def encode_image_car(self, crops, skip_last_block):
+            asked.update(shape=crops.shape, skip=skip_last_block)
+            return img_emb
+
+    images = rng.integers(0, 255, (3, 6, 10, 3), dtype=np.uint8)
+    p = clip_classifier(FakeClip(), templates)(images, queries)
+    assert asked == {"shape": (3, 4, 4, 3), "skip": True}
+    ref = np.zeros((3, 2))
+    for t in templates:
+        logits = 100.0 * img_emb @ np.stack([text[t.format(q)] for q in queries]).T
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        ref += e / e.sum(1, keepdims=True)
+    ref = np.exp(ref) / np.exp(ref).sum(1, keepdims=True)
+    np.testing.assert_allclose(p, ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize("crf", [False, True])
@@ -104,12 +220,29 @@ def test_visual_prompts(gt):
     out = apply_visual_prompts(gt.rgb, mask, ("circle", "blur", "gray", "contour", "rectangle"))
     assert out.shape == gt.rgb.shape and out.dtype == np.uint8
     black = apply_visual_prompts(gt.rgb, mask, ("black",))
-    np.testing.assert_array_equal(black.any(-1) | mask, mask | gt.rgb.any(-1) & mask)
     assert (black[~mask] == 0).all() and (black[mask] == gt.rgb[mask]).all()
-    circle = apply_visual_prompts(gt.rgb, mask, ("circle",))
-    assert ((circle == [255, 0, 0]).all(-1)).sum() > 100
     with pytest.raises(ValueError):
         apply_visual_prompts(gt.rgb, mask, ("sparkles",))
+
+
+def test_visual_prompts_as_the_official_code():
+    """Official `apply_visual_prompts`: 1 px red ellipse centred on the mask's (truncated) mean pixel with half its
+    pixel extents as axes; "gray" with OpenCV's BGR weights applied to the RGB array."""
+    import cv2
+
+    img = np.full((40, 60, 3), 80, np.uint8)
+    mask = np.zeros((40, 60), bool)
+    mask[10:20, 10:40] = True
+    mask[10:12, 40:50] = True  # a tail: the mean pixel is left of the box centre
+    ys, xs = np.nonzero(mask)
+    center = (int(xs.mean()), int(ys.mean()))
+    axes = ((xs.max() - xs.min() + 1) // 2, (ys.max() - ys.min() + 1) // 2)
+    expected = cv2.ellipse(img.copy(), center, axes, 0, 0, 360, (255, 0, 0), 1)
+    np.testing.assert_array_equal(apply_visual_prompts(img, mask, ("circle",)), expected)
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 200  # pure red: BGR weights give 0.114 · 200 ≈ 23 (RGB weights would give 60)
+    gray = apply_visual_prompts(rgb, np.zeros((4, 4), bool), ("gray",))
+    assert (gray == 23).all()
 
 
 def test_iom_and_sam_ensemble(gt):
@@ -132,38 +265,49 @@ def test_iom_and_sam_ensemble(gt):
     assert (sam_ensemble(tiny[None], sam)[0] == tiny).all()
 
 
-def test_defaults_table():
-    assert (CAR_DEFAULTS["voc"].eta, CAR_DEFAULTS["voc"].theta, CAR_DEFAULTS["voc"].lam) == (0.4, 0.6, 0.4)
-    assert (car_params("coco_object").eta, car_params("coco_object").theta) == (0.5, 0.3)
-    assert car_params("context59").lam == 0.4 and car_params("context59").theta == 0.2
+def test_defaults_are_the_official_configs():
+    """configs/voc.yaml, coco.yaml, pascal_context.yaml: mask_threshold (η), confidence_threshold (θ),
+    clipes_threshold (λ), visual_prompt_type, stuff_visual_prompt_type, bg_cls, semantic_templates."""
+    voc, coco, ctx = (car_params(n) for n in ("voc21", "coco_object", "context60"))
+    assert (voc.eta, voc.theta, voc.lam, set(voc.prompts)) == (0.4, 0.6, 0.4, {"circle", "blur"})
+    assert (coco.eta, coco.theta, coco.lam, set(coco.prompts)) == (0.5, 0.3, 0.5, {"blur", "gray"})
+    assert (ctx.eta, ctx.theta, ctx.lam, set(ctx.prompts)) == (0.6, 0.25, 0.4, {"blur", "circle"})
+    assert set(ctx.stuff_prompts) == {"blur", "gray"} and len(ctx.stuff) == 21 and not voc.stuff
+    assert car_params("context59") == ctx and car_params("voc20") == voc == CAR_DEFAULTS["voc"]
+    assert len(BACKGROUND_QUERIES) == 23 and voc.background == coco.background == BACKGROUND_QUERIES
+    assert len(voc.classifier_templates) == 15 and voc.classifier_templates[0] == CAM_TEMPLATE
+    assert voc.crf and voc.bg_factor == 1.0 and voc.raw_first_step and voc.classifier_skip_last_block
 
 
 def test_gradcam_and_clip_adapters_tiny(tmp_path, gt):
     from models import tiny
     from models.clip import HFClipEncoder
-    from pipeline.car import clip_cam, clip_classifier
+    from pipeline.car import clip_cam
 
-    clip = HFClipEncoder(str(tiny.ensure_tiny("clip", tmp_path)), device="cpu")
-    s, g = clip.image_size, clip.image_size // clip.patch_size
-    text = clip.encode_text(["a photo of a cat.", "a photo of a dog.", "a photo of grass."])
-    maps = clip.gradcam(gt.rgb[:s, :s], text)
-    assert maps.shape == (3, g, g) and maps.dtype == np.float32 and maps.min() >= 0 and maps.max() <= 1
+    f = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tmp_path)), device="cpu")
+    g = HFClipEncoder(str(tiny.ensure_tiny("classifier_clip", tmp_path)), device="cpu")
+    p = f.patch_size
+    image = gt.rgb[: 3 * p, : 5 * p]  # non-square, not the native size: bilinear position embeddings
+    fg = f.encode_text(["cat", "dog"])
+    bg = f.encode_text(["a clean origami grass.", "a clean origami sky."])
+    maps = f.gradcam(image, fg, bg)
+    assert maps.shape == (2, 3, 5) and maps.dtype == np.float32 and maps.min() >= 0 and maps.max() <= 1
     with torch.no_grad():  # also fine when called under no_grad
-        assert clip.gradcam(gt.rgb[:s, :s], text[:1]).shape == (1, g, g)
+        assert f.gradcam(image, fg[:1]).shape == (1, 3, 5)
     for method in ("gradcam", "clip_es"):
-        res = car_loop(gt.rgb, ["cat", "dog"], clip_cam(clip, method=method), clip_classifier(clip),
+        res = car_loop(gt.rgb, ["cat", "dog"], clip_cam(f, method=method), clip_classifier(g),
                        CarParams(crf=False, background=("grass", "sky"), theta=0.0))
         assert res.queries == ("cat", "dog") and res.proposals.shape == (2, *gt.size)
         assert np.isfinite(res.proposals).all() and res.proposals.max() <= 1 + 1e-6
 
 
 def test_gradcam_attention_equals_eager_attention_weights(tmp_path, gt):
-    """The CAA attention (recomputed from hidden states, sdpa returns no weights) equals transformers' own eager
-    attention weights, averaged over heads and the last blocks, CLS dropped."""
+    """The CAA attention (recomputed from the blocks' inputs: sdpa returns no weights) equals transformers' own
+    eager attention weights, averaged over heads and the last blocks, CLS dropped."""
     from models import tiny
     from models.clip import HFClipEncoder
 
-    clip = HFClipEncoder(str(tiny.ensure_tiny("clip", tmp_path)), device="cpu")
+    clip = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tmp_path)), device="cpu")
     s, g = clip.image_size, clip.image_size // clip.patch_size
     text = clip.encode_text(["a photo of a cat.", "a photo of a dog."])
     maps, attention = clip.gradcam(gt.rgb[:s, :s], text, attention_layers=8)
@@ -190,14 +334,28 @@ def test_sinkhorn_affinity_is_symmetric_and_doubly_stochastic():
 def test_cam_box_mask_hand():
     cam = np.zeros((6, 8), np.float32)
     cam[1, 1], cam[2, 2] = 1.0, 0.5  # one 8-connected region (diagonal): box rows 1-2, cols 1-2
-    cam[4, 6] = 0.45                 # a second region at >= 0.4 · max
-    cam[0, 7] = 0.3                  # below λ · max: no box
+    cam[4, 6] = 0.45                 # a second region above int(λ · 255)
+    cam[0, 7] = 0.3                  # below: no box
     box = cam_box_mask(cam, 0.4)
     expected = np.zeros_like(box)
     expected[1:3, 1:3] = True
     expected[4, 6] = True
     np.testing.assert_array_equal(box, expected)
     assert not cam_box_mask(np.zeros((3, 3)), 0.4).any()
+
+
+def test_cam_box_mask_quirks_of_the_official_scoremap2bbox():
+    """uint8 quantisation with a STRICT threshold int(λ · max); boxes end one short of the last row/column (the
+    official code clips x1 to W - 1 and slices end-exclusive)."""
+    cam = np.zeros((5, 6), np.float32)
+    cam[1:5, 3:6] = 1.0                          # touches the bottom and right borders
+    box = cam_box_mask(cam, 0.4)
+    expected = np.zeros_like(box)
+    expected[1:4, 3:5] = True                    # rows 1..3, columns 3..4: the last row and column stay out
+    np.testing.assert_array_equal(box, expected)
+    edge = np.zeros((4, 4), np.float32)
+    edge[1, 1], edge[2, 2] = 1.0, 0.4            # 0.4·255 = 102 = int(0.4 · 255): not strictly above
+    assert cam_box_mask(edge, 0.4).sum() == 1
 
 
 def test_affinity_refine_equals_formula_loop():

@@ -1,6 +1,6 @@
 """CaRLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/test_evaluate.py: the label
 maps match GT, the artifact has PseudoLabelShard's layout (tar members, classes.json, LABEL_REGIONS rows) and an
-image where CaR drops every query is a ``no_query_left`` reject."""
+image where no query passes θ is a ``no_confident_query`` reject."""
 
 import json
 import tarfile
@@ -40,7 +40,7 @@ def images(tmp_path_factory, gt):
     cv2.imwrite(str(folder / "photo.png"), cv2.cvtColor(gt.rgb, cv2.COLOR_RGB2BGR))  # lossless
     # all black: every prompted image is black, the oracle classifier scores all queries alike (1/20 < θ)
     cv2.imwrite(str(folder / "black.png"), np.zeros((64, 80, 3), np.uint8))
-    register_preset(PRESET, {"clip": lambda s: CarOracleClip(gt)})
+    register_preset(PRESET, {"cam_clip": lambda s: CarOracleClip(gt), "classifier_clip": lambda s: CarOracleClip(gt)})
     return folder
 
 
@@ -62,7 +62,8 @@ def test_car_labels_oracle(images, gt, tmp_path):
         params = task.content_params()
     assert folder.parent.name == "car_labels"
     assert params["car"]["eta"] == 0.4 and params["car"]["theta"] == 0.6 and tuple(params["car"]["prompts"]) == ("black",)
-    assert params["clip"].startswith(PRESET) and "ingest" in params and params["vocabulary"] == "voc21"
+    assert params["cam_clip"].startswith(PRESET) and params["classifier_clip"].startswith(PRESET)
+    assert "ingest" in params and params["vocabulary"] == "voc21"
 
     # PseudoLabelShard's layout: <id>.png + <id>.json per labelled image, classes.json, LABEL_REGIONS, rejects
     shard = folder / "shard-000000"
@@ -90,5 +91,5 @@ def test_car_labels_oracle(images, gt, tmp_path):
     assert sum(r["area"] for r in rows) == meta["labelled_pixels"]
 
     rejects = REJECTS.read_parquet(f"{shard}.rejects.parquet").to_pylist()
-    assert [(r["reason"], r["stage"]) for r in rejects] == [("no_query_left", "car_labels")]
+    assert [(r["reason"], r["stage"]) for r in rejects] == [("no_confident_query", "car_labels")]
     assert rejects[0]["source"].endswith("black.png")

