@@ -42,6 +42,33 @@ def char_spans(
     return tuple(spans)
 
 
+def official_resize_hw(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
+    """Output (h, w) of groundingdino-py's `RandomResize([size], max_size)`: the short side becomes `size`, unless the
+    long side would then exceed `max_size`, in which case the short side becomes round(max_size * short / long); the
+    long side is then truncated (int) from the *rounded* short side. (transformers' GroundingDinoImageProcessor
+    derives the long side from the unrounded value instead, so when the cap applies it can be 1 px off.)"""
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def official_pixels(image: np.ndarray, size: int, max_size: int | None, mean: Sequence[float],
+                    std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB [H, W, 3] → float32 [3, h, w] exactly as groundingdino-py's `load_image` transform: PIL bilinear
+    resize of the uint8 image (`official_resize_hw`), /255, (x - mean) / std."""
+    from PIL import Image
+
+    h, w = official_resize_hw(image.shape[0], image.shape[1], size, max_size)
+    resized = np.array(Image.fromarray(np.asarray(image)).resize((w, h), Image.BILINEAR))  # a writable copy
+    x = torch.from_numpy(resized).permute(2, 0, 1).float().div(255)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def to_grounding(
     probs: torch.Tensor, boxes_cxcywh: torch.Tensor, spans: tuple[tuple[int, int], ...], image_hw: tuple[int, int],
     box_threshold: float, text_threshold: float,
@@ -69,9 +96,22 @@ def to_grounding(
 
 
 class HFGroundingDino(Grounder):
-    """transformers `GroundingDinoForObjectDetection` + `AutoProcessor` (tokenizer + image processor)."""
+    """transformers `GroundingDinoForObjectDetection` + `AutoProcessor` (tokenizer + image processor settings).
 
-    def __init__(self, model_id: str = DEFAULT_GROUNDER, *, device: str = "auto", key: str = "grounder") -> None:
+    Inputs are prepared as the official groundingdino-py does, not by transformers' image processor: the image is
+    resized by `official_pixels` with the processor's size, longest edge, mean and std (the processor's own
+    torchvision resize differs by up to one grey level per pixel, and under the max_size cap its long side can be
+    1 px off), and the caption is tokenised untruncated and cut to `max_text_tokens` inside the model (a
+    truncating tokenizer would re-append [SEP] and change the last phrase's text mask). size / max_size override
+    the processor's shortest / longest edge.
+
+    Known model-level difference (not fixable here): transformers' box refinement inverts the sigmoid with
+    eps=1e-5 where the official uses 1e-3; they agree for reference coordinates in [1e-3, 1 - 1e-3] (see
+    tests/test_grounding_parity.py).
+    """
+
+    def __init__(self, model_id: str = DEFAULT_GROUNDER, *, device: str = "auto", key: str = "grounder",
+                 size: int | None = None, max_size: int | None = None) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         self.device = resolve_device(device)
@@ -81,6 +121,20 @@ class HFGroundingDino(Grounder):
         self.model = self.model.to(self.device).eval()
         self.processor = hf_load(AutoProcessor.from_pretrained, model_id, **load)
         self.max_text_tokens = int(self.model.config.max_text_len)
+        ip = self.processor.image_processor
+        sizes = ip.size or {}  # a dict or transformers' SizeDict
+        rescale = ip.rescale_factor if ip.do_rescale else 1.0
+        if not sizes.get("shortest_edge") or not ip.do_resize or not ip.do_normalize or abs(rescale * 255 - 1) > 1e-6:
+            raise ValueError(f"{model_id}: expected a Grounding DINO image processor that resizes by shortest_edge, "
+                             f"rescales by 1/255 and normalises, got size={sizes}, do_resize={ip.do_resize}, "
+                             f"rescale={rescale}, do_normalize={ip.do_normalize}")
+        self.size = int(size or sizes.get("shortest_edge"))
+        self.max_size = max_size or sizes.get("longest_edge")
+        self.mean, self.std = [float(v) for v in ip.image_mean], [float(v) for v in ip.image_std]
+
+    def pixel_values(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [H, W, 3] → float32 [3, h, w], the official transform (see the class docstring)."""
+        return official_pixels(image, self.size, self.max_size, self.mean, self.std)
 
     def count_tokens(self, caption: str) -> int:
         """Tokens incl. [CLS]/[SEP] and the appended '.' that `ground` would see, before truncation."""
@@ -94,15 +148,19 @@ class HFGroundingDino(Grounder):
         T tokens (T <= max_text_tokens, special tokens included with span (-1, -1)).
         """
         text, lead, length = prepare_caption(caption)
-        enc = self.processor.tokenizer(
-            text, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=True,
-            max_length=self.max_text_tokens,
-        )
-        spans = char_spans(enc["offset_mapping"], enc["special_tokens_mask"], lead, length)
-        pixels = self.processor.image_processor(images=np.asarray(image), return_tensors="pt").to(self.device)
-        ids = {k: torch.tensor([enc[k]], device=self.device) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        # Untruncated, like the official forward: the model cuts ids, text masks and position ids to max_text_len.
+        enc = self.processor.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        spans = char_spans(enc["offset_mapping"], enc["special_tokens_mask"], lead, length)[: self.max_text_tokens]
+        pixels = self.pixel_values(np.asarray(image))[None].to(self.device)
+        mask = torch.ones((1, *pixels.shape[-2:]), dtype=torch.long, device=self.device)  # one image: no padding
+        ids = {k: torch.tensor([enc[k]], device=self.device) for k in ("input_ids", "token_type_ids")}
+        # The model derives the phrase masks and position ids from the full ids and then cuts everything to
+        # max_text_len (as the official forward does); the detection head applies `attention_mask` to the cut
+        # logits, so it is given at the cut length.
+        attention = torch.ones((1, min(len(enc["input_ids"]), self.max_text_tokens)), dtype=torch.long,
+                               device=self.device)
         with autocast(self.device):
-            out = self.model(pixel_values=pixels["pixel_values"], pixel_mask=pixels["pixel_mask"], **ids)
+            out = self.model(pixel_values=pixels, pixel_mask=mask, attention_mask=attention, **ids)
         return to_grounding(
             out.logits[0].float().sigmoid(), out.pred_boxes[0], spans, image.shape[:2], box_threshold, text_threshold
         )

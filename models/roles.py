@@ -118,7 +118,7 @@ class Captioner(ABC):
 
 
 class Grounder(ABC):
-    max_text_tokens: int  # captions are truncated to this many tokens (special tokens included)
+    max_text_tokens: int  # captions are cut to this many tokens (special tokens included; as officially, no [SEP] re-added)
 
     @abstractmethod
     def ground(self, image: np.ndarray, caption: str, *, box_threshold: float, text_threshold: float) -> Grounding:
