@@ -79,7 +79,11 @@ class train_alignment(luigi.Config):  # noqa: N801 — section [train_alignment]
     num_heads = luigi.IntParameter(default=8)
     mlp_ratio = luigi.FloatParameter(default=4.0)
     dropout = luigi.FloatParameter(default=0.0)
-    temperature = luigi.FloatParameter(default=0.1, description="TSupCon temperature (see alignment_step)")
+    temperature = luigi.FloatParameter(default=1.0, description="TSupCon temperature; 1 = Eq. 1-4 as written (plain "
+                                       "dot products), 0.1 = SupCon's usual value (faster, see alignment_step)")
+    anchor_positive = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                          description="Eq. 4 as printed: the anchor is one of its own positives; "
+                                          "false = SupCon's P(i) without it")
     label_mode = luigi.ChoiceParameter(choices=["majority", "centre"], default="majority")
     dino_block = luigi.IntParameter(default=-1, description="which stored DINOv2 block (index into its layers)")
     crop_patches = luigi.IntParameter(default=0, description="random crop of the patch grid per item; 0 = whole")
@@ -290,7 +294,7 @@ class TrainAlignment(TrainTask):
         return {"train": _content(self.config()),
                 "head": {"variant": cfg.variant, "width": cfg.width, "num_heads": cfg.num_heads,
                          "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout},
-                "loss": {"temperature": cfg.temperature},
+                "loss": {"temperature": cfg.temperature, "anchor_positive": cfg.anchor_positive},
                 "data": {"label_source": cfg.label_source, "label_mode": cfg.label_mode, "dino_block": cfg.dino_block,
                          "crop_patches": cfg.crop_patches, "repeats": cfg.repeats}}
 
@@ -326,5 +330,6 @@ class TrainAlignment(TrainTask):
                               if k in ("short_side", "max_long_side")} | {"resize": meta["resize"]},
                     "images": len(dataset.ids)}
         self.set_status_message(f"training on {len(dataset.ids)} images")
-        train(block, alignment_step(protos, cfg.temperature), dataset, self.config(), stage_dir.path, resume=True,
-              metadata=metadata, collate_fn=collate_alignment)
+        step = alignment_step(protos, cfg.temperature, anchor_positive=cfg.anchor_positive)
+        train(block, step, dataset, self.config(), stage_dir.path, resume=True, metadata=metadata,
+              collate_fn=collate_alignment)
