@@ -272,12 +272,17 @@ def embed_texts(clip, texts: Sequence[str], templates: Sequence[str], batch_size
 
 
 def text_rows(texts: Sequence[str], embeddings: np.ndarray, *, kind: str, template_set: str,
-              class_indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """TEXT_EMBEDDINGS rows (one per text, in the given order)."""
+              class_indices: Sequence[int] | None = None, as_phrase: Sequence[bool] | None = None,
+              as_expression: Sequence[bool] | None = None) -> list[dict[str, Any]]:
+    """TEXT_EMBEDDINGS rows (one per text, in the given order); flags default to False (classes)."""
     emb = np.asarray(embeddings, np.float32)
-    idx = list(class_indices) if class_indices is not None else [-1] * len(texts)
-    return [{"text": t, "kind": kind, "class_index": int(c), "template_set": template_set,
-             "embedding": e.tolist(), "dim": int(emb.shape[1])} for t, c, e in zip(texts, idx, emb, strict=True)]
+    n = len(texts)
+    idx = list(class_indices) if class_indices is not None else [-1] * n
+    phrase = list(as_phrase) if as_phrase is not None else [False] * n
+    expression = list(as_expression) if as_expression is not None else [False] * n
+    return [{"text": t, "kind": kind, "as_phrase": bool(p), "as_expression": bool(x), "class_index": int(c),
+             "template_set": template_set, "embedding": e.tolist(), "dim": int(emb.shape[1])}
+            for t, p, x, c, e in zip(texts, phrase, expression, idx, emb, strict=True)]
 
 
 def text_matrix(tables: Sequence[Any]) -> tuple[dict[str, int], np.ndarray]:
