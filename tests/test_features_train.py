@@ -392,3 +392,28 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, tiny_cac
         np.testing.assert_allclose(value[0], stored, rtol=2e-3, atol=2e-3 * np.abs(stored).max())
     first = [json.loads((d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in (cache_dir, online_dir)]
     assert first[0] == pytest.approx(first[1], rel=1e-3), first
+
+
+def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> None:
+    from tasks.dag import FullDAG
+
+    write_good_images(tmp_path / "images", 1)
+    args = {"images": str(tmp_path / "images"), "dataset": "d", "out": str(tmp_path / "out")}
+    for mode, expected in (("cache", True), ("online", False)):
+        with luigi_settings(train_use={"features": mode}):
+            leaves = FullDAG(**args).requires()
+            assert any(isinstance(t, UseFeatures) for t in leaves) is expected
+            assert any(isinstance(t, FmbsegFeatures) for t in leaves)
+
+
+def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:
+    """Defaults are Eq. 1–4 as written (τ 1, the anchor among its positives); each setting moves the folder."""
+    from tasks.train import train_alignment
+
+    assert train_alignment().temperature == 1.0 and train_alignment().anchor_positive is True
+    write_good_images(tmp_path / "images", 1)
+    args = {"images": str(tmp_path / "images"), "dataset": "d", "out": str(tmp_path / "out")}
+    base = TrainAlignment(**args).stage_dir.hash
+    for change in ({"temperature": 0.1}, {"anchor_positive": "false"}):
+        with luigi_settings(train_alignment=change):
+            assert TrainAlignment(**args).stage_dir.hash != base, change
