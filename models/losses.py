@@ -28,22 +28,28 @@ def _zero_like_graph(*tensors: torch.Tensor) -> torch.Tensor:
     return sum((t.float().sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
 
 
-def tsupcon_loss(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def tsupcon_loss(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float = 1.0, *,
+                 anchor_positive: bool = True) -> torch.Tensor:
     """TSupCon (fmbseg-paper Eq. 1–4) over the non-ignored patches of a batch.
 
     z: float [M0, D] patch embeddings (all images of the batch, flattened); labels: int [M0], class index into
     `text`, negative = ignore (an ignored patch is neither anchor, positive nor negative); text: float [K, D], one
     prototype per class (all K classes count in the denominator, also those absent from the batch).
-    Both z and text are L2-normalised here; every similarity is divided by `temperature` (the paper uses plain
-    dot products, i.e. temperature 1). With M non-ignored patches z_i of class y_i:
+    Both z and text are L2-normalised here (the paper: "all the feature vectors ... have unit norm, and the
+    similarities are expressed as a dot product"). With M non-ignored patches z_i of class y_i and s(a, b) = a·b/τ:
 
-      ℓ_t(z_i)  = −z_i·t_{y_i} + log(Σ_k exp(z_i·t_k) + Σ_{j≠i} exp(z_i·z_j))
-      ℓ_t(t_k)  = mean of ℓ_t(z_i) over patches with y_i = k   (0 when class k has no patch)
-      ℓ_im(z_i) = mean over l ≠ i with y_l = y_i of (−z_i·z_l + log Σ_{j≠i} exp(z_i·z_j))   (0 without such l)
-      loss      = (Σ_k ℓ_t(t_k) + Σ_i ℓ_im(z_i)) / (M + K)
+      Eq. 3  ℓ_t(z_i, t_{y_i}) = −s(z_i, t_{y_i}) + log(Σ_k exp s(z_i, t_k) + Σ_{j≠i} exp s(z_i, z_j))
+      Eq. 2  ℓ_t(t_k)  = (1/N_k) Σ_{i: y_i=k} ℓ_t(z_i, t_k)       (0 when class k has no patch)
+      Eq. 4  ℓ_im(z_i) = (1/N_{y_i}) Σ_{l: y_l=y_i} (−s(z_i, z_l) + log Σ_{j≠i} exp s(z_i, z_j))
+      Eq. 1  loss      = (Σ_k ℓ_t(t_k) + Σ_i ℓ_im(z_i)) / (M + K)
 
-    Eq. 4 in the paper writes the mean over l with y_l = y_i; the anchor itself (l = i) is excluded here, as in
-    SupCon. M = 0 gives 0 (connected to z and text). Memory is O(M²): 5 images × 1,600 patches → 8,000² floats.
+    temperature τ: the equations have none, i.e. τ = 1 (the default); other values divide every similarity.
+    anchor_positive=True is Eq. 4 as written: l runs over every patch with y_l = y_i, the anchor l = i included,
+    and N_{y_i} counts it (its term −s(z_i, z_i) = −1/τ is a constant: it changes the value and the weight
+    (N−1)/N of the attraction, and a patch alone in its class still gets the repulsion log Σ_{j≠i}).
+    anchor_positive=False is SupCon's convention (Khosla et al., P(i) excludes i): the mean over l ≠ i, and 0 for
+    a patch with no other patch of its class. M = 0 gives 0 and M = 1 gives only the ℓ_t term (Σ_{j≠i} is empty,
+    ℓ_im is taken as 0), both connected to z and text. Memory is O(M²): 5 images × 1,600 patches → 8,000² floats.
     Returns a float32 scalar.
     """
     if z.ndim != 2 or text.ndim != 2 or z.shape[1] != text.shape[1] or labels.shape != z.shape[:1]:
@@ -75,7 +81,9 @@ def tsupcon_loss(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temp
 
         # ℓ_im: SupCon over patch pairs. With m == 1 there is no pair at all (and the j ≠ i logsumexp is empty).
         if m > 1:
-            pos = (y[:, None] == y[None, :]) & ~eye
+            pos = y[:, None] == y[None, :]
+            if not anchor_positive:
+                pos = pos & ~eye
             n_pos = pos.sum(1)
             lse_im = torch.logsumexp(s_zz_off, dim=1)  # finite: every row has m − 1 ≥ 1 entries
             mean_pos = (s_zz * pos).sum(1) / n_pos.clamp_min(1)

@@ -471,22 +471,26 @@ def _tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None else t
 
 
-def collate_use(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+def collate_use(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """USE samples (one image each) → one batch.
 
     Sample keys (arrays or tensors; features may be float16):
       clip_patches [Lc, h, w, Cc], clip_cls [Cc] or [Lc, Cc]      (optional if the head uses no CLIP)
       dino_patches [Ld, h, w, Cd], dino_cls [Cd] or [Ld, Cd]      (optional if the head uses no DINOv2)
+      image uint8 [H, W, 3]      instead of the features, for online encoding (`use_step(encode=...)`)
       weights float [S_i, h*w]   mask-pooling weights (`models.heads.mask_pooling_weights`), S_i ≥ 0
       text_emb float [S_i, D]    CLIP text embedding of one text per segment (the dataset samples one of a
                                  segment's texts per epoch, as the paper does)
       text_ids int [S_i]         id of that text (equal id = identical text), for the dedup loss
-    Batch: features stacked [B, ...]; weights / text_emb / text_ids concatenated [S, ...]; image_index int [S].
+    Batch: features stacked [B, ...]; images a list of B numpy arrays (left on the host: the encoders take
+    numpy); weights / text_emb / text_ids concatenated [S, ...]; image_index int [S].
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for key in ("clip_patches", "clip_cls", "dino_patches", "dino_cls"):
         if key in samples[0] and samples[0][key] is not None:
             out[key] = torch.stack([_tensor(s[key]) for s in samples])
+    if "image" in samples[0]:
+        out["images"] = [np.asarray(s["image"]) for s in samples]
     weights = [_tensor(s["weights"], torch.float32) for s in samples]
     out["weights"] = torch.cat(weights)
     out["image_index"] = torch.cat([torch.full((len(w),), b, dtype=torch.long) for b, w in enumerate(weights)])
@@ -495,11 +499,21 @@ def collate_use(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]
     return out
 
 
-def use_step(logit_scale: float = 30.0, dedup: bool = True) -> Callable[[nn.Module, dict], torch.Tensor]:
+def use_step(logit_scale: float = 30.0, dedup: bool = True,
+             encode: Callable[[list[np.ndarray]], Mapping[str, np.ndarray]] | None = None
+             ) -> Callable[[nn.Module, dict], torch.Tensor]:
     """Step for `USEHead` on `collate_use` batches: segment embeddings vs their texts, symmetric contrastive loss
-    (use-paper Eq. 1, logit scale 30); dedup=True masks identical texts (`segment_text_loss_dedup`)."""
+    (use-paper Eq. 1, logit scale 30); dedup=True masks identical texts (`segment_text_loss_dedup`).
+
+    encode: online features — called with the batch's `images` (list of uint8 [H, W, 3]), it runs the frozen
+    encoders and returns float32 arrays keyed like the cached ones ({clip,dino}_{patches,cls}, batch first, e.g.
+    `pipeline.feature_cache.encode_use_batch` with the roles bound); they join the batch on the head's device."""
 
     def step(model: nn.Module, batch: dict) -> torch.Tensor:
+        if encode is not None:
+            dev = batch["weights"].device
+            batch = {**batch, **{k: torch.from_numpy(np.ascontiguousarray(v)).to(dev, torch.float32)
+                                 for k, v in encode(batch["images"]).items()}}
         seg = model(weights=batch["weights"], image_index=batch["image_index"],
                     clip_patches=batch.get("clip_patches"), dino_patches=batch.get("dino_patches"),
                     clip_cls=batch.get("clip_cls"), dino_cls=batch.get("dino_cls"))
@@ -531,14 +545,17 @@ def collate_alignment(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.T
     return {"tokens": tokens, "labels": labels, "padding_mask": pad}
 
 
-def alignment_step(text_protos: torch.Tensor | np.ndarray, temperature: float = 0.1
+def alignment_step(text_protos: torch.Tensor | np.ndarray, temperature: float = 1.0, *, anchor_positive: bool = True
                    ) -> Callable[[nn.Module, dict], torch.Tensor]:
-    """Step for `AlignmentBlock` on `collate_alignment` batches: TSupCon (fmbseg-paper Eq. 1) of all patches of the
+    """Step for `AlignmentBlock` on `collate_alignment` batches: TSupCon (fmbseg-paper Eq. 1–4) of all patches of the
     batch against the K frozen text prototypes [K, D] (labels index them; −1 = ignore).
 
-    temperature 0.1 (SupCon's usual value), not the paper's bare dot products (= 1): with unit vectors, τ = 1 caps
-    every logit at ±1, and the prototype term — K of the M + K summands — then barely moves the patches towards
-    their texts (measured on synthetic clusters: 0.3 patch accuracy at τ = 1 vs 0.99 at τ = 0.1, same budget)."""
+    temperature 1.0 and anchor_positive=True are the equations as written (bare dot products of unit vectors; the
+    anchor among its own positives in Eq. 4); see `models.losses.tsupcon_loss`. With unit vectors τ = 1 bounds
+    every logit to [−1, 1]: the loss is flat and patches move slowly. Measured (`make bench`,
+    bench/results/tsupcon_temperature.json, 3 seeds, CPU): held-out accuracy 0.43 at τ 1 vs 0.94 at τ 0.1 on the
+    synthetic clusters (10 epochs), 0.11 vs 0.90 on the oracle VOC features (4 epochs); 10× the learning rate
+    does not help τ 1 (0.52, 0.10), 10× the epochs does (1.00, 0.91). τ 0.1 stays an option for short budgets."""
     protos = torch.as_tensor(np.asarray(text_protos) if not isinstance(text_protos, torch.Tensor) else text_protos)
     cache: dict[torch.device, torch.Tensor] = {}
 
@@ -547,6 +564,7 @@ def alignment_step(text_protos: torch.Tensor | np.ndarray, temperature: float = 
         dev = z.device
         if dev not in cache:
             cache[dev] = protos.to(dev, torch.float32)
-        return tsupcon_loss(z.reshape(-1, z.shape[-1]), batch["labels"].reshape(-1), cache[dev], temperature)
+        return tsupcon_loss(z.reshape(-1, z.shape[-1]), batch["labels"].reshape(-1), cache[dev], temperature,
+                            anchor_positive=anchor_positive)
 
     return step

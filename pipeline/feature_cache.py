@@ -8,7 +8,9 @@ Two configurations ("purposes"):
   (S = its native image_size by default, g = S / p_clip), DINOv2 ``g·p_dino`` square: both on the same grid. The
   grid spans the whole image, so a segment mask of the ORIGINAL image pools onto it by exact area
   (``models.heads.mask_pooling_weights(mask, (g, g))``) without any coordinate transform. The paper instead
-  trains on random 0.5–2× rescaled 560×560 crops; a cache of frozen features cannot be augmented that way.
+  trains on random 0.5–2× rescaled 560×560 crops; a cache of frozen features cannot be augmented that way, so
+  ``[train_use] features = online`` runs the same ``encode_use`` inside the training loop on such crops
+  (``pipeline.transforms.random_scale_crop``; ``encode_use_batch``) instead of reading this cache.
 - ``fmbseg`` (alignment block, fmbseg-paper §3.3): DINOv2 on the image resized keeping its aspect
   (``transforms.working_size``: short side, patch multiples, long side capped); the grid again spans the whole
   image, so ``pipeline.transforms.patch_labels(label_map, grid)`` reads the original-size label map directly.
@@ -142,6 +144,14 @@ def encode_use(
     return results
 
 
+def encode_use_batch(images: Sequence[np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+    """:func:`encode_use` for the online trainer: the arrays of all images stacked, float32 ``{clip_patches
+    [B, Lc, g, g, Cc], clip_cls [B, Lc, Cc], dino_patches [B, Ld, g, g, Cd], dino_cls [B, Ld, Cd]}`` (the backbones
+    with layers) — the keys and layout ``models.training.collate_use`` gives cached features."""
+    encoded = encode_use(images, **kwargs)
+    return {name: np.stack([arrays[name] for arrays, _ in encoded]) for name in ARRAY_NAMES if name in encoded[0][0]}
+
+
 def encode_fmbseg(
     image: np.ndarray, *, dense, dino_layers: Sequence[int], short_side: int, max_long_side: int = 0,
     dino_name: str = "",
@@ -262,12 +272,17 @@ def embed_texts(clip, texts: Sequence[str], templates: Sequence[str], batch_size
 
 
 def text_rows(texts: Sequence[str], embeddings: np.ndarray, *, kind: str, template_set: str,
-              class_indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """TEXT_EMBEDDINGS rows (one per text, in the given order)."""
+              class_indices: Sequence[int] | None = None, as_phrase: Sequence[bool] | None = None,
+              as_expression: Sequence[bool] | None = None) -> list[dict[str, Any]]:
+    """TEXT_EMBEDDINGS rows (one per text, in the given order); flags default to False (classes)."""
     emb = np.asarray(embeddings, np.float32)
-    idx = list(class_indices) if class_indices is not None else [-1] * len(texts)
-    return [{"text": t, "kind": kind, "class_index": int(c), "template_set": template_set,
-             "embedding": e.tolist(), "dim": int(emb.shape[1])} for t, c, e in zip(texts, idx, emb, strict=True)]
+    n = len(texts)
+    idx = list(class_indices) if class_indices is not None else [-1] * n
+    phrase = list(as_phrase) if as_phrase is not None else [False] * n
+    expression = list(as_expression) if as_expression is not None else [False] * n
+    return [{"text": t, "kind": kind, "as_phrase": bool(p), "as_expression": bool(x), "class_index": int(c),
+             "template_set": template_set, "embedding": e.tolist(), "dim": int(emb.shape[1])}
+            for t, p, x, c, e in zip(texts, phrase, expression, idx, emb, strict=True)]
 
 
 def text_matrix(tables: Sequence[Any]) -> tuple[dict[str, int], np.ndarray]:

@@ -135,3 +135,10 @@ def iter_ingested_images(tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[
         meta = json.loads(sample["json"])
         decoded = decode_image(sample[meta["stored_ext"]], max_side=1 << 30, max_pixels=1 << 62)
         yield sample["__key__"], decoded.rgb, meta
+
+
+def read_ingested_image(store: Any, image_id: str) -> np.ndarray:
+    """rgb uint8 [H, W, 3] of one ingested image, by random access: ``store`` is a
+    ``pipeline.feature_cache.TarStore`` over ingest shard tars (its ``read(key, ext)``)."""
+    meta = json.loads(store.read(image_id, "json"))
+    return decode_image(store.read(image_id, meta["stored_ext"]), max_side=1 << 30, max_pixels=1 << 62).rgb

@@ -8,6 +8,8 @@ Frames and conventions (every function below names the frame and the order it us
 - **crop**: a ``S × S`` window of the working image; its patch grid is ``[S/p, S/p]``.
 - **grid**: the full working image's patch grid ``[h/p, w/p]``; cell ``(row, col)`` covers working rows
   ``row*p:(row+1)*p`` and columns ``col*p:(col+1)*p``.
+- **training crop** (:class:`ScaleCrop`, USE augmentation): the original rescaled, then a fixed-size window of it,
+  padded at the bottom/right where the window passes the rescaled image's edge.
 - Points are **(x, y)** = (column, row) and continuous: pixel ``(col, row)`` spans ``[col, col+1) × [row, row+1)``,
   so its centre is ``(col + 0.5, row + 0.5)``. Scaling a point multiplies x by the width ratio and y by the height
   ratio (as SAM's ``apply_coords``). Grid/array indices are **(row, col)** and always say so.
@@ -169,6 +171,99 @@ class Resize:
     def invert_boxes(self, boxes_xyxy: np.ndarray) -> np.ndarray:
         """float ``[N, 4]`` xyxy working → xyxy original."""
         return self.invert_coords(np.asarray(boxes_xyxy, np.float64).reshape(-1, 2, 2)).reshape(-1, 4)
+
+
+# ----------------------------------------------------------------------------------------------------- training crop
+PAD_VALUE = 128  # pixel value of padding in a training crop (detectron2's FixedSizeCrop default)
+
+
+@dataclass(frozen=True)
+class ScaleCrop:
+    """Rescale, then a fixed-size window: the USE training augmentation (use-paper §4.2: "random image resizing with
+    a scaling factor from 0.5 to 2 and random cropping with a size of 560×560"; see :func:`random_scale_crop`).
+
+    The original ``orig_hw = (H, W)`` is resized to ``scaled_hw = (h, w)`` (x by w/W, y by h/H, as :class:`Resize`);
+    the crop is the window of that image with top-left corner ``offset_xy = (x0, y0)`` (scaled pixels) and size
+    ``crop_hw``. Where the window passes the scaled image's bottom or right edge it holds padding (``valid_hw`` is
+    the part holding image pixels, top-left aligned). A point maps as ``x_crop = x · w/W − x0`` (continuous, pixel
+    centres at +0.5), so the image and every mask go through the same map.
+    """
+
+    orig_hw: tuple[int, int]
+    scaled_hw: tuple[int, int]
+    offset_xy: tuple[int, int]
+    crop_hw: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        (h, w), (x0, y0) = self.scaled_hw, self.offset_xy
+        if min(*self.orig_hw, h, w, *self.crop_hw) < 1 or not (0 <= x0 < w and 0 <= y0 < h):
+            raise ValueError(f"bad ScaleCrop {self}")
+
+    @property
+    def resize(self) -> Resize:
+        return Resize(tuple(self.orig_hw), tuple(self.scaled_hw))
+
+    @property
+    def valid_hw(self) -> tuple[int, int]:
+        """(rows, cols) of the crop's top-left part that holds image pixels (the rest is padding)."""
+        (h, w), (x0, y0) = self.scaled_hw, self.offset_xy
+        return min(self.crop_hw[0], h - y0), min(self.crop_hw[1], w - x0)
+
+    def apply_image(self, image: np.ndarray, pad_value: int = PAD_VALUE) -> np.ndarray:
+        """uint8 ``[H, W, C]`` original → uint8 ``[ch, cw, C]`` crop (:meth:`Resize.apply_image`, then the window)."""
+        scaled = self.resize.apply_image(image)
+        out = np.full((*self.crop_hw, *scaled.shape[2:]), pad_value, dtype=scaled.dtype)
+        (vh, vw), (x0, y0) = self.valid_hw, self.offset_xy
+        out[:vh, :vw] = scaled[y0 : y0 + vh, x0 : x0 + vw]
+        return out
+
+    def source_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row_of_y int64 ``[vh]``, col_of_x int64 ``[vw]``): the original pixel whose square holds the centre of
+        each valid crop pixel — crop pixel (x, y) shows original pixel (col_of_x[x], row_of_y[y])."""
+        (vh, vw), (x0, y0) = self.valid_hw, self.offset_xy
+        sx, sy = self.resize.scale_xy
+        rows = np.floor((np.arange(vh) + y0 + 0.5) / sy).astype(np.int64)
+        cols = np.floor((np.arange(vw) + x0 + 0.5) / sx).astype(np.int64)
+        return np.clip(rows, 0, self.orig_hw[0] - 1), np.clip(cols, 0, self.orig_hw[1] - 1)
+
+    def apply_masks(self, masks: np.ndarray) -> np.ndarray:
+        """bool ``[S, H, W]`` (or ``[H, W]``) original → bool ``[S, ch, cw]`` crop, nearest by pixel centre (the
+        same centre convention as the image's resize); padding is False. Costs one gather over the crop only,
+        whatever the scale."""
+        m = np.asarray(masks, dtype=bool)
+        single = m.ndim == 2
+        m = m[None] if single else m
+        if m.shape[1:] != tuple(self.orig_hw):
+            raise ValueError(f"masks are {m.shape[1:]}, this ScaleCrop expects {self.orig_hw}")
+        rows, cols = self.source_pixels()
+        out = np.zeros((m.shape[0], *self.crop_hw), dtype=bool)
+        out[:, : len(rows), : len(cols)] = m[:, rows[:, None], cols[None, :]]
+        return out[0] if single else out
+
+    def apply_coords(self, points_xy: np.ndarray) -> np.ndarray:
+        """float ``[..., 2]`` (x, y) original → (x, y) crop pixels (may fall outside the crop)."""
+        return self.resize.apply_coords(points_xy) - np.array(self.offset_xy, np.float64)
+
+
+def random_scale_crop(orig_hw: tuple[int, int], crop: int, scale_range: tuple[float, float],
+                      rng: np.random.Generator) -> ScaleCrop:
+    """A random :class:`ScaleCrop` of an ``orig_hw = (H, W)`` image into a ``crop × crop`` window.
+
+    Large-scale jitter (detectron2's ``ResizeScale`` + ``FixedSizeCrop``, the recipe of Mask2Former-style
+    trainers): the image is first fitted inside ``crop × crop`` (aspect kept), then scaled by s ~ U(scale_range),
+    sides rounded; the window's offset is uniform over the positions that keep it inside the scaled image, each
+    axis on its own (detectron2 draws one fraction for both); a scaled side shorter than ``crop`` is padded.
+    Draws exactly three numbers from ``rng`` (s, then the y and x fractions)."""
+    lo, hi = (float(v) for v in scale_range)
+    if crop < 1 or not 0 < lo <= hi:
+        raise ValueError(f"bad crop {crop} or scale range {scale_range}")
+    h0, w0 = (int(v) for v in orig_hw)
+    s = float(rng.uniform(lo, hi))
+    fy, fx = rng.uniform(0.0, 1.0, 2)
+    f = s * min(crop / h0, crop / w0)
+    h, w = max(1, int(round(h0 * f))), max(1, int(round(w0 * f)))
+    y0, x0 = int(round(max(0, h - crop) * fy)), int(round(max(0, w - crop) * fx))
+    return ScaleCrop((h0, w0), (h, w), (x0, y0), (crop, crop))
 
 
 # ----------------------------------------------------------------------------------------------------- windows

@@ -1,7 +1,9 @@
 """USE segment–text pairs of one image (use-paper §3.1, hyperparameters of §4.1 "Training Data").
 
 captions → referring expressions → grounded boxes (the whole caption is the query) → SAM box masks (best
-stability of the three multimask outputs, thresholds, cleanup) → mask NMS, expressions merged into a list.
+stability of the three multimask outputs, thresholds, cleanup) → mask NMS, expressions merged into a list;
+then the texts of a segment for training: its noun phrases AND referring expressions (§3.1 "store both"), one
+drawn uniformly per segment and epoch (§3.2).
 
 Pure per-image logic: the Grounder / Segmenter roles and the spaCy ``nlp`` are passed in; nothing is loaded
 here.
@@ -16,7 +18,7 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -385,3 +387,52 @@ def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_
 def segment_mask(row: Mapping) -> np.ndarray:
     """bool [H, W] mask of a BOX_MASKS or SEGMENTS row."""
     return decode_rle(_rle_of(row))
+
+
+# ----------------------------------------------------------------------------------------------------- training texts
+# use-paper §3.1: "we also extend box-phrase pairs to box-expression pairs and store both because the description of
+# an image region can be ambiguous and from multiple levels of detail"; §3.2: "a segment may correspond to multiple
+# text descriptions ... At each training iteration, we randomly sample a text description for each segment".
+TEXT_KINDS = ("phrase", "expression")
+TEXT_CHOICES: dict[str, tuple[str, ...]] = {"both": TEXT_KINDS, "phrases": ("phrase",), "expressions": ("expression",)}
+
+
+def segment_texts(texts: Sequence[Mapping], kinds: Sequence[str] = TEXT_KINDS) -> list[str]:
+    """The distinct training texts of one segment, from its TEXT structs (a SEGMENTS row's ``texts``).
+
+    Each struct gives its ``phrase`` and its ``expression`` (``kinds`` picks which; the paper: both), in struct
+    order, phrase first; a text already listed (an unexpanded phrase is its own expression; the same phrase from
+    two captions) and empty texts are not repeated. Returns ``[]`` for a segment without texts.
+    """
+    bad = [k for k in kinds if k not in TEXT_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"text kinds must be a non-empty subset of {TEXT_KINDS}, got {list(kinds)}")
+    out: dict[str, None] = {}
+    for t in texts:
+        for kind in TEXT_KINDS:
+            if kind in kinds and str(t[kind]).strip():
+                out.setdefault(str(t[kind]), None)
+    return list(out)
+
+
+def text_pool(segments: Iterable[Mapping]) -> list[tuple[str, bool, bool]]:
+    """Every distinct text of the segments' TEXT structs, phrases and expressions alike, sorted:
+    ``(text, as_phrase, as_expression)`` with the flags telling whether it occurs as a phrase / an expression of
+    some segment (both for an unexpanded phrase). What the text encoder must embed, each text once."""
+    flags: dict[str, list[bool]] = {}
+    for segment in segments:
+        for t in segment["texts"]:
+            for i, kind in enumerate(TEXT_KINDS):
+                text = str(t[kind])
+                if text.strip():
+                    flags.setdefault(text, [False, False])[i] = True
+    return [(text, f[0], f[1]) for text, f in sorted(flags.items())]
+
+
+def draw_segment_texts(options: Sequence[Sequence[int]], rng: np.random.Generator) -> np.ndarray:
+    """One text per segment, uniformly among that segment's distinct texts (``options[s]``: its text ids, as
+    :func:`segment_texts` lists them, mapped to ids by the caller). Returns int64 ``[S]`` (the drawn ids); draws
+    in segment order from ``rng``, so a seeded rng gives the same texts whatever else runs."""
+    if any(len(o) == 0 for o in options):
+        raise ValueError("every segment needs at least one text to draw from")
+    return np.array([o[int(rng.integers(len(o)))] for o in options], np.int64)

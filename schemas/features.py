@@ -20,9 +20,13 @@ SAM image embeddings (stage ``sam_embeddings``), WebDataset tar, one sample per 
 ``[1, 256, 64, 64]`` (the image encoder's output, ``dtype``) + ``<id>.json`` = its SAM_EMBEDDINGS record: the
 original size and SAM's resized input size (longest side 1024, before padding), which prompts are mapped with.
 
-Text embeddings (Parquet): one row per distinct text — expressions of USE segments (``kind = "expression"``,
-``class_index = -1``) or vocabulary classes (``kind = "class"``, text = class name, ``class_index`` = label value);
-``embedding`` is the L2-normalised mean over the template set's prompts (and, for classes, over prompt names).
+Text embeddings (Parquet): one row per distinct text — the texts of USE segments, noun phrases and referring
+expressions alike (``kind = "segment_text"``, ``class_index = -1``; ``as_phrase`` / ``as_expression`` say whether
+the text occurs as a phrase / an expression of some segment, both for an unexpanded phrase) or vocabulary classes
+(``kind = "class"``, text = class name, ``class_index`` = label value, both flags false); ``embedding`` is the
+L2-normalised mean over the template set's prompts (and, for classes, over prompt names).
+v2 (the phrases joined the pool, use-paper §3.1): ``as_phrase`` / ``as_expression`` added, ``kind = "expression"``
+became ``"segment_text"``; a v1 file fails to read with a schema version mismatch (rerun the stage).
 """
 
 from __future__ import annotations
@@ -91,12 +95,14 @@ SAM_EMBEDDINGS = Contract(
 
 TEXT_EMBEDDINGS = Contract(
     "text_embeddings",
-    1,
+    2,
     pa.schema(
         [
             _f("text", pa.string()),
-            _f("kind", pa.string()),  # "expression" | "class"
-            _f("class_index", pa.int32()),  # label value for classes, -1 for expressions
+            _f("kind", pa.string()),  # "segment_text" | "class"
+            _f("as_phrase", pa.bool_()),  # a noun phrase of some USE segment
+            _f("as_expression", pa.bool_()),  # a referring expression of some USE segment
+            _f("class_index", pa.int32()),  # label value for classes, -1 for segment texts
             _f("template_set", pa.string()),  # e.g. "use4", "single"
             _f("embedding", pa.list_(pa.float32())),
             _f("dim", pa.int32()),

@@ -3,7 +3,7 @@ dataset):
 
 IngestShard ──→ FeatureCacheShard(purpose=use)     frozen CLIP + DINOv2 blocks, USE square   (stage features_use)
             └─→ FeatureCacheShard(purpose=fmbseg)  frozen DINOv2 tokens, aspect kept        (stage features_fmbseg)
-SegmentNMSShard → UseTextEmbeddingShard            CLIP text of every distinct expression   (stage use_text)
+SegmentNMSShard → UseTextEmbeddingShard            CLIP text of every distinct phrase and expression (use_text)
 ClassTextEmbeddings                                CLIP text of every vocabulary class      (stage text_classes)
 
 Disk (defaults, ViT-L/14 CLIP-336 and DINOv2-L, width 1024, float16): USE 336² → 24×24 grid, CLIP blocks 7/15/23
@@ -35,6 +35,7 @@ from pipeline.feature_cache import (
 )
 from pipeline.fmbseg import class_text_embeddings
 from pipeline.ingest import iter_ingested_images
+from pipeline.use_pairs import text_pool
 from pipeline.vocabularies import load_templates, load_vocabulary
 from schemas import MANIFEST, REJECTS, SEGMENTS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
@@ -176,8 +177,9 @@ class FeatureCacheShard(ShardTask):
 
 
 class UseTextEmbeddingShard(ShardTask):
-    """CLIP text embeddings of every distinct expression of one shard's USE segments (use-paper §4.2: the mean
-    over 4 templates), deduplicated within the shard (the trainer deduplicates across shards)."""
+    """CLIP text embeddings of every distinct text of one shard's USE segments — noun phrases and referring
+    expressions, the paper stores both (use-paper §3.1) — as the mean over the 4 templates of §4.2; each text once
+    within the shard (``pipeline.use_pairs.text_pool``; the trainer deduplicates across shards)."""
 
     stage = "use_text"
 
@@ -188,7 +190,7 @@ class UseTextEmbeddingShard(ShardTask):
         name = features_use().text_templates
         return {"segments": self.requires()["segments"].stage_dir.hash,
                 "clip": model_identity("clip", model_settings()), "template_set": name,
-                "templates": list(text_templates(name)), "field": "expression"}
+                "templates": list(text_templates(name)), "texts": "phrase+expression", "schema": TEXT_EMBEDDINGS.tag}
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
@@ -197,12 +199,13 @@ class UseTextEmbeddingShard(ShardTask):
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         name = features_use().text_templates
         path = self.requires()["segments"].stage_dir.shard_path(self.shard, "parquet")
-        segments = SEGMENTS.read_parquet(path).to_pylist()
-        texts = sorted({t["expression"] for s in segments for t in s["texts"]})
+        pool = text_pool(SEGMENTS.read_parquet(path).to_pylist())
+        texts = [t for t, _, _ in pool]
         progress.start(1)
         emb = embed_texts(load_role("clip", model_settings()), texts, text_templates(name), TEXT_BATCH) \
             if texts else np.zeros((0, 0), np.float32)
-        rows = text_rows(texts, emb, kind="expression", template_set=name)
+        rows = text_rows(texts, emb, kind="segment_text", template_set=name, as_phrase=[p for _, p, _ in pool],
+                         as_expression=[x for _, _, x in pool])
         output = ShardOutput(in_count=len(texts), ok_count=len(texts), rejected_count=0)
         output.add_table("parquet", TEXT_EMBEDDINGS, TEXT_EMBEDDINGS.table(rows))
         output.add_table("rejects.parquet", REJECTS, REJECTS.table([]))
@@ -226,7 +229,7 @@ class ClassTextEmbeddings(DatasetTask):
         vocab = load_vocabulary(vocab_spec)
         params = {"clip": model_identity("clip", model_settings()), "vocabulary": vocab.name,
                   "vocabulary_digest": vocab.digest, "template_set": templates,
-                  "templates": list(load_templates(templates))}
+                  "templates": list(load_templates(templates)), "schema": TEXT_EMBEDDINGS.tag}
         return StageDir(self.root, self.dataset, "text_classes", params)
 
     def output(self) -> luigi.LocalTarget:

@@ -1,7 +1,13 @@
 """The two trainers as dataset-level Luigi tasks over the cached shards:
 
 FeatureCacheShard(use) + SegmentNMSShard + UseTextEmbeddingShard  →  TrainUSEHead   (use-paper §3.2, §4.2)
+IngestShard + SegmentNMSShard + UseTextEmbeddingShard             →  TrainUSEHead   ([train_use] features = online)
 FeatureCacheShard(fmbseg) + PseudoLabelShard + ClassTextEmbeddings →  TrainAlignment (fmbseg-paper §3.3, §4.1)
+
+TrainUSEHead's ``features``: ``cache`` reads the frozen CLIP/DINOv2 tokens of the feature cache (each image squashed
+to one square, computed once: cheap epochs, disk-bound); ``online`` runs the frozen encoders inside the training
+loop on the paper's augmented crops (random 0.5–2× rescale + 560² crop, use-paper §4.2; masks through the same
+``pipeline.transforms.ScaleCrop``): the paper's setting, one CLIP + DINOv2 forward per image per epoch (GPU).
 
 Output ``<out>/<dataset>/train_use|train_alignment/<hash>/``: ``model.pt`` (the Luigi target, written last),
 ``metrics.jsonl``, ``loss.png``, ``checkpoints/epoch-NNNN.pt``, ``params.json`` — see ``models.training.train``. The
@@ -25,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.heads import AlignmentBlock, USEHead, mask_pooling_weights
+from models.registry import load_role
 from models.training import (
     TrainConfig,
     alignment_step,
@@ -34,16 +41,28 @@ from models.training import (
     use_step,
 )
 from pipeline.artifacts import StageDir
-from pipeline.feature_cache import TarStore, crop_cells, read_features, sample_rng, text_matrix
+from pipeline.feature_cache import (
+    TarStore,
+    crop_cells,
+    encode_use_batch,
+    read_features,
+    resolve_blocks,
+    sample_rng,
+    text_matrix,
+    use_grid,
+)
 from pipeline.images import decode_label_png
+from pipeline.ingest import read_ingested_image
 from pipeline.masks import decode_rle
-from pipeline.transforms import patch_labels
+from pipeline.transforms import PAD_VALUE, patch_labels, random_scale_crop
+from pipeline.use_pairs import TEXT_CHOICES, draw_segment_texts, segment_texts
 from pipeline.vocabularies import UNLABELLED, load_vocabulary
 from schemas import SEGMENTS
 from schemas.features import TEXT_EMBEDDINGS
-from tasks.base import DatasetTask, model_settings, uses_gpu
-from tasks.features import ClassTextEmbeddings, FeatureCacheShard, UseTextEmbeddingShard
+from tasks.base import DatasetTask, model_identity, model_settings, uses_gpu
+from tasks.features import ClassTextEmbeddings, FeatureCacheShard, UseTextEmbeddingShard, features_use
 from tasks.fmbseg import PseudoLabelShard
+from tasks.ingest import IngestShard
 from tasks.use import SegmentNMSShard
 
 
@@ -59,6 +78,17 @@ class train_use(luigi.Config):  # noqa: N801 — section [train_use] of luigi.cf
     logit_scale = luigi.FloatParameter(default=30.0, description="the paper's temperature 30 (multiplies)")
     dedup = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                 description="identical texts of one batch are not negatives of each other")
+    texts = luigi.ChoiceParameter(choices=list(TEXT_CHOICES), default="both",
+                                  description="texts a segment's text is drawn from: both = noun phrases and "
+                                  "referring expressions (use-paper §3.1), or only one kind (ablation)")
+    features = luigi.ChoiceParameter(choices=["cache", "online"], default="cache",
+                                     description="cache: read [features_use] tokens; online: frozen encoders in "
+                                     "the loop on augmented crops (the paper's setting, GPU)")
+    augment = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                  description="online only: random rescale + crop; false = the cache's squash")
+    crop_size = luigi.IntParameter(default=560, description="online: crop side (patch multiple), use-paper §4.2")
+    scale_min = luigi.FloatParameter(default=0.5, description="online: rescale factor range (of the crop-fit size)")
+    scale_max = luigi.FloatParameter(default=2.0)
     seed = luigi.IntParameter(default=0)
     num_workers = luigi.IntParameter(default=4, description="DataLoader workers (not a content parameter)")
     keep_checkpoints = luigi.IntParameter(default=2)
@@ -79,7 +109,11 @@ class train_alignment(luigi.Config):  # noqa: N801 — section [train_alignment]
     num_heads = luigi.IntParameter(default=8)
     mlp_ratio = luigi.FloatParameter(default=4.0)
     dropout = luigi.FloatParameter(default=0.0)
-    temperature = luigi.FloatParameter(default=0.1, description="TSupCon temperature (see alignment_step)")
+    temperature = luigi.FloatParameter(default=1.0, description="TSupCon temperature; 1 = Eq. 1-4 as written (plain "
+                                       "dot products), 0.1 = SupCon's usual value (faster, see alignment_step)")
+    anchor_positive = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                          description="Eq. 4 as printed: the anchor is one of its own positives; "
+                                          "false = SupCon's P(i) without it")
     label_mode = luigi.ChoiceParameter(choices=["majority", "centre"], default="majority")
     dino_block = luigi.IntParameter(default=-1, description="which stored DINOv2 block (index into its layers)")
     crop_patches = luigi.IntParameter(default=0, description="random crop of the patch grid per item; 0 = whole")
@@ -90,23 +124,37 @@ class train_alignment(luigi.Config):  # noqa: N801 — section [train_alignment]
 
 
 # ----------------------------------------------------------------------------------------------------- datasets
+def use_items(image_ids: list[str], segments: dict[str, list[dict]], text_index: dict[str, int],
+              kinds: tuple[str, ...]) -> list[tuple[str, list[tuple[dict, list[int]]]]]:
+    """(image_id, [(segment RLE, its text ids)]) of the images with at least one non-empty segment with a text, in
+    ``image_ids`` order; a segment's texts are ``pipeline.use_pairs.segment_texts`` of the ``kinds`` wanted."""
+    items = []
+    for image_id in image_ids:
+        segs = []
+        for s in sorted(segments.get(image_id, []), key=lambda r: r["segment_id"]):
+            texts = segment_texts(s["texts"], kinds)
+            missing = [t for t in texts if t not in text_index]
+            if missing:
+                raise ValueError(f"{image_id} segment {s['segment_id']}: no embedding for {missing[:3]}; the use_text "
+                                 "stage embeds every phrase and expression (an artifact from another run?)")
+            if texts and s["area"] > 0:
+                segs.append(({"size": [s["height"], s["width"]], "counts": s["rle_counts"]},
+                             [text_index[t] for t in texts]))
+        if segs:
+            items.append((image_id, segs))
+    return items
+
+
 class UseSegmentDataset(Dataset):
     """One item per image with segments: its cached features, the segments' pooling weights at the feature grid
     (``mask_pooling_weights`` of the original-size masks: the grid spans the whole image) and, per segment, one of
-    its expressions drawn for this epoch (use-paper §3.2). Items follow ``collate_use``'s sample format."""
+    its texts drawn for this epoch (use-paper §3.2; ``draw_segment_texts``, uniform over the segment's distinct
+    phrases and expressions). Items follow ``collate_use``'s sample format."""
 
     def __init__(self, features: TarStore, segments: dict[str, list[dict]], text_index: dict[str, int],
-                 text_emb: np.ndarray, seed: int) -> None:
+                 text_emb: np.ndarray, seed: int, kinds: tuple[str, ...] = TEXT_CHOICES["both"]) -> None:
         self.features, self.text_emb, self.seed, self.epoch = features, text_emb, seed, 0
-        self.items: list[tuple[str, list[tuple[dict, list[int]]]]] = []
-        for image_id in features.keys():
-            segs = []
-            for s in sorted(segments.get(image_id, []), key=lambda r: r["segment_id"]):
-                ids = sorted({text_index[t["expression"]] for t in s["texts"] if t["expression"] in text_index})
-                if ids and s["area"] > 0:
-                    segs.append(({"size": [s["height"], s["width"]], "counts": s["rle_counts"]}, ids))
-            if segs:
-                self.items.append((image_id, segs))
+        self.items = use_items(features.keys(), segments, text_index, kinds)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -119,10 +167,50 @@ class UseSegmentDataset(Dataset):
         meta, arrays = read_features(self.features, image_id)
         masks = np.stack([decode_rle(rle) for rle, _ in segs])
         weights = mask_pooling_weights(masks, (meta["grid_height"], meta["grid_width"]))
-        rng = sample_rng(self.seed, self.epoch, i)
-        ids = np.array([opts[int(rng.integers(len(opts)))] for _, opts in segs], np.int64)
+        ids = draw_segment_texts([opts for _, opts in segs], sample_rng(self.seed, self.epoch, i))
         return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "weights": weights,
                 "text_emb": torch.from_numpy(self.text_emb[ids]), "text_ids": torch.from_numpy(ids)}
+
+
+class UseOnlineDataset(Dataset):
+    """One item per image with segments, for online encoding (``use_step(encode=...)``): the image and the
+    segments' pooling weights on the ``grid × grid`` patch grid of the encoder input, texts as in
+    ``UseSegmentDataset`` (same draw, same stream: the first numbers of ``sample_rng(seed, epoch, index)``).
+
+    crop > 0 (the paper's augmentation): a ``random_scale_crop`` of the image (scale ``scale_range`` of the
+    crop-fitting size, ``crop × crop`` window, padded), the masks through the same ``ScaleCrop``; segments that
+    leave the crop are dropped with their texts. crop = 0: the whole image as ingested (the encoder squashes it to
+    the cache's square) and the original masks, exactly what the cache mode pools."""
+
+    def __init__(self, images: TarStore, segments: dict[str, list[dict]], text_index: dict[str, int],
+                 text_emb: np.ndarray, seed: int, kinds: tuple[str, ...], *, grid: int, crop: int = 0,
+                 scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
+        self.images, self.text_emb, self.seed, self.epoch = images, text_emb, seed, 0
+        self.grid, self.crop, self.scale_range = grid, crop, scale_range
+        self.items = use_items(images.keys(), segments, text_index, kinds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_id, segs = self.items[i]
+        rgb = read_ingested_image(self.images, image_id)
+        masks = np.stack([decode_rle(rle) for rle, _ in segs])
+        rng = sample_rng(self.seed, self.epoch, i)
+        ids = draw_segment_texts([opts for _, opts in segs], rng)
+        if self.crop > 0:
+            geometry = random_scale_crop(rgb.shape[:2], self.crop, self.scale_range, rng)
+            rgb = geometry.apply_image(rgb)
+            weights, valid = mask_pooling_weights(geometry.apply_masks(masks), (self.grid, self.grid),
+                                                  return_valid=True)
+            weights, ids = weights[valid], ids[valid.numpy()]
+        else:
+            weights = mask_pooling_weights(masks, (self.grid, self.grid))
+        return {"image": rgb, "weights": weights, "text_emb": torch.from_numpy(self.text_emb[ids]),
+                "text_ids": torch.from_numpy(ids)}
 
 
 class AlignmentDataset(Dataset):
@@ -201,15 +289,20 @@ def _content(config: TrainConfig) -> dict[str, Any]:
 
 class TrainUSEHead(TrainTask):
     """USE segment-embedding head (``models.heads.USEHead``) on the USE segment–text pairs with the symmetric
-    segment–text contrastive loss; AdamW + poly by default (use-paper §4.2)."""
+    segment–text contrastive loss; AdamW + poly by default (use-paper §4.2). ``[train_use] features`` picks cached
+    tokens or online encoding on augmented crops (module docstring); ``requires`` follows it."""
 
     stage = "train_use"
 
     def requires(self) -> dict[str, list[luigi.Task]]:
         c, n = self.common(), self.shard_count
-        return {"features": [FeatureCacheShard(purpose="use", shard=i, **c) for i in range(n)],
-                "segments": [SegmentNMSShard(shard=i, **c) for i in range(n)],
-                "text": [UseTextEmbeddingShard(shard=i, **c) for i in range(n)]}
+        deps: dict[str, list[luigi.Task]] = {"segments": [SegmentNMSShard(shard=i, **c) for i in range(n)],
+                                             "text": [UseTextEmbeddingShard(shard=i, **c) for i in range(n)]}
+        if train_use().features == "online":
+            deps["images"] = [IngestShard(shard=i, **c) for i in range(n)]
+        else:
+            deps["features"] = [FeatureCacheShard(purpose="use", shard=i, **c) for i in range(n)]
+        return deps
 
     def config(self) -> TrainConfig:
         cfg = train_use()
@@ -219,42 +312,99 @@ class TrainUSEHead(TrainTask):
             num_workers=_workers(cfg.num_workers), keep_checkpoints=cfg.keep_checkpoints,
             device=model_settings().device)
 
+    def online_spec(self) -> dict[str, Any]:
+        """What the online features depend on (the cache mode has them in the feature cache's hash instead)."""
+        cfg, fu, settings = train_use(), features_use(), model_settings()
+        clip_blocks = fu.clip_blocks.strip().lower() not in ("", "none")
+        need_clip = clip_blocks or (not cfg.augment and fu.input_size == 0)  # the squash defaults to CLIP's size
+        need_dino = fu.dino_blocks.strip().lower() not in ("", "none")
+        spec: dict[str, Any] = {"clip": model_identity("clip", settings) if need_clip else "",
+                                "dense": model_identity("dense", settings) if need_dino else "",
+                                "clip_blocks": fu.clip_blocks if clip_blocks else "none",
+                                "dino_blocks": fu.dino_blocks if need_dino else "none", "augment": cfg.augment}
+        if cfg.augment:
+            spec.update(crop_size=cfg.crop_size, scale_range=[cfg.scale_min, cfg.scale_max], pad_value=PAD_VALUE)
+        else:
+            spec["input_size"] = fu.input_size
+        return spec
+
     def train_params(self) -> dict[str, Any]:
         cfg = train_use()
-        return {"train": _content(self.config()), "head": {"width": cfg.width, "use_cls": cfg.use_cls},
-                "loss": {"logit_scale": cfg.logit_scale, "dedup": cfg.dedup}}
+        params = {"train": _content(self.config()), "head": {"width": cfg.width, "use_cls": cfg.use_cls},
+                  "loss": {"logit_scale": cfg.logit_scale, "dedup": cfg.dedup}, "texts": cfg.texts,
+                  "features": cfg.features}
+        if cfg.features == "online":
+            params["online"] = self.online_spec()
+        return params
 
     def run(self) -> None:
         cfg, stage_dir = train_use(), self.stage_dir
         stage_dir.write_params()
-        self.set_status_message("indexing features, segments and texts")
-        features = TarStore(self.shard_paths("features", "tar"))
+        self.set_status_message("indexing segments and texts")
         segments: dict[str, list[dict]] = defaultdict(list)
         for path in self.shard_paths("segments", "parquet"):
             for row in SEGMENTS.read_parquet(path).to_pylist():
                 segments[row["image_id"]].append(row)
         text_index, text_emb = text_matrix([TEXT_EMBEDDINGS.read_parquet(p) for p in self.shard_paths("text", "parquet")])
-        dataset = UseSegmentDataset(features, segments, text_index, text_emb, seed=cfg.seed)
-        if len(dataset) == 0:
-            raise ValueError(f"{self.stage}: no image has both cached features and a segment with an embedded text")
-        meta, _ = read_features(features, dataset.items[0][0], names=())
+        kinds, hashes = TEXT_CHOICES[cfg.texts], self.hashes()
+        metadata: dict[str, Any] = {"segments": hashes["segments"], "text_embeddings": hashes["text"],
+                                    "text_kinds": cfg.texts, "features": cfg.features}
+        encode = None
+        if cfg.features == "online":
+            dataset, dims, encode = self._online(segments, text_index, text_emb, kinds, metadata)
+        else:
+            features = TarStore(self.shard_paths("features", "tar"))
+            dataset = UseSegmentDataset(features, segments, text_index, text_emb, seed=cfg.seed, kinds=kinds)
+            if len(dataset) == 0:
+                raise ValueError(f"{self.stage}: no image has both cached features and a segment with a text")
+            meta, _ = read_features(features, dataset.items[0][0], names=())
+            dims = {"clip": (meta["clip_patches_shape"][-1], len(meta["clip_layers"])) if meta["clip_layers"] else (0, 0),
+                    "dino": (meta["dino_patches_shape"][-1], len(meta["dino_layers"])) if meta["dino_layers"] else (0, 0)}
+            metadata.update({"feature_cache": hashes["features"],
+                             "models": {"clip": meta["clip_model"], "dense": meta["dino_model"]},
+                             "clip_layers": meta["clip_layers"], "dino_layers": meta["dino_layers"],
+                             "grid": [meta["grid_height"], meta["grid_width"]], "resize": meta["resize"],
+                             "input_hw": {"clip": meta["clip_input_hw"], "dino": meta["dino_input_hw"]}})
+        metadata.update({"images": len(dataset), "texts": len(text_index)})
         torch.manual_seed(cfg.seed)
-        head = USEHead(
-            clip_dim=meta["clip_patches_shape"][-1] if meta["clip_layers"] else 0,
-            clip_blocks=len(meta["clip_layers"]),
-            dino_dim=meta["dino_patches_shape"][-1] if meta["dino_layers"] else 0,
-            dino_blocks=len(meta["dino_layers"]), embed_dim=int(text_emb.shape[1]), width=cfg.width,
-            use_cls=cfg.use_cls)
-        hashes = self.hashes()
-        metadata = {"feature_cache": hashes["features"], "segments": hashes["segments"],
-                    "text_embeddings": hashes["text"], "models": {"clip": meta["clip_model"], "dense": meta["dino_model"]},
-                    "clip_layers": meta["clip_layers"], "dino_layers": meta["dino_layers"],
-                    "grid": [meta["grid_height"], meta["grid_width"]], "resize": meta["resize"],
-                    "input_hw": {"clip": meta["clip_input_hw"], "dino": meta["dino_input_hw"]},
-                    "images": len(dataset), "texts": len(text_index)}
-        self.set_status_message(f"training on {len(dataset)} images")
-        train(head, use_step(cfg.logit_scale, cfg.dedup), dataset, self.config(), stage_dir.path, resume=True,
-              metadata=metadata, collate_fn=collate_use)
+        head = USEHead(clip_dim=dims["clip"][0], clip_blocks=dims["clip"][1], dino_dim=dims["dino"][0],
+                       dino_blocks=dims["dino"][1], embed_dim=int(text_emb.shape[1]), width=cfg.width,
+                       use_cls=cfg.use_cls)
+        self.set_status_message(f"training on {len(dataset)} images ({cfg.features} features)")
+        train(head, use_step(cfg.logit_scale, cfg.dedup, encode=encode), dataset, self.config(), stage_dir.path,
+              resume=True, metadata=metadata, collate_fn=collate_use)
+
+    def _online(self, segments: dict[str, list[dict]], text_index: dict[str, int], text_emb: np.ndarray,
+                kinds: tuple[str, ...], metadata: dict[str, Any]):
+        """(UseOnlineDataset, head input dims, the encode function of use_step) for features = online."""
+        cfg, fu, settings, spec = train_use(), features_use(), model_settings(), self.online_spec()
+        clip = load_role("clip", settings) if spec["clip"] else None
+        dense = load_role("dense", settings) if spec["dense"] else None
+        if spec["clip_blocks"] != "none" and not hasattr(clip, "encode_image_blocks"):
+            raise ValueError(f"the CLIP adapter of preset {settings.preset!r} ({type(clip).__name__}) cannot return "
+                             "block tokens (encode_image_blocks); set [features_use] clip_blocks = none")
+        clip_layers = resolve_blocks(spec["clip_blocks"], clip.vision_layers) if spec["clip_blocks"] != "none" else ()
+        dino_layers = resolve_blocks(spec["dino_blocks"], dense.num_layers) if dense is not None else ()
+        size = cfg.crop_size if cfg.augment else (fu.input_size or clip.image_size)
+        grid = use_grid(size, clip.patch_size if clip_layers else dense.patch_size)
+
+        def encode(images: list[np.ndarray]) -> dict[str, np.ndarray]:
+            return encode_use_batch(images, clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
+                                    input_size=size)
+
+        dataset = UseOnlineDataset(TarStore(self.shard_paths("images", "tar")), segments, text_index, text_emb,
+                                   seed=cfg.seed, kinds=kinds, grid=grid, crop=size if cfg.augment else 0,
+                                   scale_range=(cfg.scale_min, cfg.scale_max))
+        if len(dataset) == 0:
+            raise ValueError(f"{self.stage}: no ingested image has a segment with a text")
+        probe = encode([np.zeros((size, size, 3), np.uint8)])  # the head's input widths
+        dims = {p: (probe[f"{p}_patches"].shape[-1], probe[f"{p}_patches"].shape[1]) if f"{p}_patches" in probe
+                else (0, 0) for p in ("clip", "dino")}
+        metadata.update({"ingest": self.hashes()["images"], "online": spec,
+                         "models": {"clip": spec["clip"], "dense": spec["dense"]},
+                         "clip_layers": list(clip_layers), "dino_layers": list(dino_layers), "grid": [grid, grid],
+                         "resize": "scale_crop" if cfg.augment else "squash", "input_size": size})
+        return dataset, dims, encode
 
 
 class TrainAlignment(TrainTask):
@@ -290,7 +440,7 @@ class TrainAlignment(TrainTask):
         return {"train": _content(self.config()),
                 "head": {"variant": cfg.variant, "width": cfg.width, "num_heads": cfg.num_heads,
                          "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout},
-                "loss": {"temperature": cfg.temperature},
+                "loss": {"temperature": cfg.temperature, "anchor_positive": cfg.anchor_positive},
                 "data": {"label_source": cfg.label_source, "label_mode": cfg.label_mode, "dino_block": cfg.dino_block,
                          "crop_patches": cfg.crop_patches, "repeats": cfg.repeats}}
 
@@ -326,5 +476,6 @@ class TrainAlignment(TrainTask):
                               if k in ("short_side", "max_long_side")} | {"resize": meta["resize"]},
                     "images": len(dataset.ids)}
         self.set_status_message(f"training on {len(dataset.ids)} images")
-        train(block, alignment_step(protos, cfg.temperature), dataset, self.config(), stage_dir.path, resume=True,
-              metadata=metadata, collate_fn=collate_alignment)
+        step = alignment_step(protos, cfg.temperature, anchor_positive=cfg.anchor_positive)
+        train(block, step, dataset, self.config(), stage_dir.path, resume=True, metadata=metadata,
+              collate_fn=collate_alignment)

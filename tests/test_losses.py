@@ -24,37 +24,45 @@ def _dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def ref_tsupcon(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float = 1.0) -> float:
-    """Plain-Python loops over i, k, l, written from the paper's equations (anchor excluded from its positives)."""
+def ref_tsupcon(z: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, temperature: float = 1.0,
+                anchor_positive: bool = True) -> float:
+    """fmbseg-paper Eq. 1–4 written out with plain-Python float64 loops over i, j, k, l (no tensor code).
+
+    Eq. 4 as printed sums over l with y_l = y_i (the anchor l = i included) and divides by N_{y_i}, the number of
+    patches of that label (i included); anchor_positive=False is SupCon's P(i) = {l ≠ i} instead (0 if empty).
+    temperature divides every dot product (the equations have none: 1). Ignored patches (label < 0) are not in
+    the batch; M = 1 has no pair (Σ_{j≠i} empty): ℓ_im is taken as 0 there, as the loss documents."""
     idx = [i for i, y in enumerate(labels.tolist()) if y >= 0]
     zs = _unit_rows(z)
     zs = [zs[i] for i in idx]
     ys = [int(labels[i]) for i in idx]
     ts = _unit_rows(text)
-    m, k = len(zs), len(ts)
+    m, k = len(zs), len(ts)  # M = B*N patches of the batch, K text features
     if m == 0:
         return 0.0
 
     def sim(a, b):
         return _dot(a, b) / temperature
 
-    def l_t_patch(i):
-        denom = sum(math.exp(sim(zs[i], ts[c])) for c in range(k))
+    def l_t_pair(i, c):  # Eq. 3: ℓ_t(z_i, t_c) with c = y_i
+        denom = sum(math.exp(sim(zs[i], ts[q])) for q in range(k))
         denom += sum(math.exp(sim(zs[i], zs[j])) for j in range(m) if j != i)
-        return -sim(zs[i], ts[ys[i]]) + math.log(denom)
+        return -sim(zs[i], ts[c]) + math.log(denom)
 
-    total = 0.0
-    for c in range(k):
+    def l_t(c):  # Eq. 2
         members = [i for i in range(m) if ys[i] == c]
-        if members:
-            total += sum(l_t_patch(i) for i in members) / len(members)
-    for i in range(m):
-        positives = [q for q in range(m) if q != i and ys[q] == ys[i]]
-        if not positives:
-            continue
+        return sum(l_t_pair(i, c) for i in members) / len(members) if members else 0.0
+
+    def l_im(i):  # Eq. 4
+        if m == 1:
+            return 0.0
         log_denom = math.log(sum(math.exp(sim(zs[i], zs[j])) for j in range(m) if j != i))
-        total += sum(-sim(zs[i], zs[q]) + log_denom for q in positives) / len(positives)  # q = the paper's l
-    return total / (m + k)
+        same = [q for q in range(m) if ys[q] == ys[i] and (anchor_positive or q != i)]
+        if not same:
+            return 0.0
+        return sum(-sim(zs[i], zs[q]) + log_denom for q in same) / len(same)  # q = the paper's l
+
+    return (sum(l_t(c) for c in range(k)) + sum(l_im(i) for i in range(m))) / (m + k)  # Eq. 1
 
 
 def ref_segment_text(seg: torch.Tensor, txt: torch.Tensor, scale: float, ids: list[int] | None = None) -> float:
@@ -84,13 +92,41 @@ def _case(seed: int, m: int = 13, k: int = 5, d: int = 8) -> tuple[torch.Tensor,
     return z, labels, text
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("temperature", [1.0, 0.1])
-def test_tsupcon_matches_loops(seed: int, temperature: float) -> None:
+@pytest.mark.parametrize("anchor_positive", [True, False])
+def test_tsupcon_matches_equations_1_to_4(seed: int, temperature: float, anchor_positive: bool) -> None:
+    """The loss against the loop reference of Eq. 1–4 on random inputs (singleton, absent and ignored classes)."""
     z, labels, text = _case(seed)
-    got = tsupcon_loss(z, labels, text, temperature=temperature)
+    got = tsupcon_loss(z, labels, text, temperature=temperature, anchor_positive=anchor_positive)
     assert got.dtype == torch.float32 and got.ndim == 0
-    assert abs(float(got) - ref_tsupcon(z, labels, text, temperature)) < 1e-5 * max(1.0, abs(float(got)))
+    want = ref_tsupcon(z, labels, text, temperature, anchor_positive)
+    assert abs(float(got) - want) < 1e-5 * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tsupcon_matches_equations_on_random_batches(seed: int) -> None:
+    """Random sizes, label sets and dimensions; the defaults are the paper's: τ = 1, Eq. 4 as printed."""
+    g = torch.Generator().manual_seed(100 + seed)
+    m, k, d = (int(v) for v in torch.randint(2, 24, (3,), generator=g))
+    z, text = torch.randn(m, d, generator=g) * 3, torch.randn(k, d, generator=g)
+    labels = torch.randint(-1, k, (m,), generator=g)
+    want = ref_tsupcon(z, labels, text)
+    assert abs(float(tsupcon_loss(z, labels, text)) - want) < 1e-5 * max(1.0, abs(want))
+
+
+def test_tsupcon_anchor_term_is_eq4_as_printed() -> None:
+    """With the anchor among its positives, a class-k patch's ℓ_im is the SupCon one reweighted by (N−1)/N plus the
+    constant −1/(N·τ); a patch alone in its class gets −1/τ + log Σ_{j≠i} instead of 0."""
+    z, labels, text = _case(7)
+    a = float(tsupcon_loss(z, labels, text, anchor_positive=True))
+    b = float(tsupcon_loss(z, labels, text, anchor_positive=False))
+    assert a != pytest.approx(b)
+    single = torch.tensor([0, 1])  # two singleton classes: SupCon's ℓ_im is 0, Eq. 4's is −1 + log exp(z_0·z_1)
+    zn = torch.nn.functional.normalize(z[:2], dim=-1)
+    gap = 2 * (-1.0 + float(zn[0] @ zn[1])) / (2 + text.shape[0])
+    got = float(tsupcon_loss(z[:2], single, text)) - float(tsupcon_loss(z[:2], single, text, anchor_positive=False))
+    assert got == pytest.approx(gap, abs=1e-6)
 
 
 def test_tsupcon_ignored_patches_take_no_part() -> None:

@@ -1,5 +1,6 @@
 """pipeline/transforms.py: property tests (hypothesis) for every coordinate map FMbSeg relies on — windows cover
-every pixel, round trips, odd sizes — and stitching of known synthetic feature fields."""
+every pixel, round trips, odd sizes — stitching of known synthetic feature fields, and the USE training crop
+(rescale + fixed-size crop): masks drawn from known geometry land on the pixels showing that geometry."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.transforms import (
+    PAD_VALUE,
     Resize,
+    ScaleCrop,
     SlidingWindows,
     cell_centers_xy,
     flat_to_rowcol,
     grid_cells_to_original_xy,
     pixel_cell_index,
     pixel_cells,
+    random_scale_crop,
     upsample_grid,
     window_starts,
     working_size,
@@ -203,3 +207,88 @@ def test_upsample_grid_matches_pixel_cell_index():
     assert up.shape == (373, 499)
     np.testing.assert_array_equal(up, pixel_cell_index(r, 16))
     assert up[0, 0] == 0 and up[-1, -1] == grid[-1, -1]
+
+
+# ----------------------------------------------------------------------------------------------------- training crop
+def _shape_distance(kind: str, params: tuple, xy: np.ndarray) -> np.ndarray:
+    """Signed distance (original pixels, negative inside) of points (x, y) [..., 2] to a rectangle or a disk."""
+    x, y = xy[..., 0], xy[..., 1]
+    if kind == "rect":
+        x0, y0, x1, y1 = params
+        dx, dy = np.maximum(x0 - x, x - x1), np.maximum(y0 - y, y - y1)
+        outside = np.hypot(np.maximum(dx, 0), np.maximum(dy, 0))
+        return np.where((dx <= 0) & (dy <= 0), np.maximum(dx, dy), outside)
+    cx, cy, r = params
+    return np.hypot(x - cx, y - cy) - r
+
+
+@FAST
+@given(h=st.integers(20, 320), w=st.integers(20, 320), crop=st.sampled_from([56, 112, 140]),
+       seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["rect", "disk"]))
+def test_scale_crop_keeps_masks_on_their_pixels(h, w, crop, seed, kind) -> None:
+    """A red shape drawn at known (continuous) geometry and its mask (pixel centres inside the shape) go through the
+    same random rescale + crop: the crop's mask is the shape up to the original raster (pixels whose centre, mapped
+    back, is within 0.71 original px of the boundary), and every crop pixel clearly inside / outside the mask shows
+    red / not red in the crop's image (cv2 resampling, an independent implementation)."""
+    rng = np.random.default_rng(seed)
+    if kind == "rect":
+        x0, x1 = np.sort(rng.uniform(-0.2 * w, 1.2 * w, 2))
+        y0, y1 = np.sort(rng.uniform(-0.2 * h, 1.2 * h, 2))
+        params = (x0, y0, x1, y1)
+    else:
+        params = (rng.uniform(0, w), rng.uniform(0, h), rng.uniform(2, 0.6 * max(h, w)))
+    centres = np.stack(np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5), -1)  # [H, W, 2] (x, y)
+    mask = _shape_distance(kind, params, centres) < 0
+    image = np.full((h, w, 3), 90, np.uint8)
+    image[mask] = (255, 0, 0)
+    geo = random_scale_crop((h, w), crop, (0.5, 2.0), rng)
+    assert geo.crop_hw == (crop, crop) and geo.valid_hw[0] >= 1 and geo.valid_hw[1] >= 1
+    out_mask, out_image = geo.apply_masks(mask[None])[0], geo.apply_image(image)
+    assert out_mask.shape == (crop, crop) and out_image.shape == (crop, crop, 3) and out_image.dtype == np.uint8
+    vh, vw = geo.valid_hw
+    assert not out_mask[vh:].any() and not out_mask[:, vw:].any()  # padding: no mask, pad colour
+    assert (out_image[vh:] == PAD_VALUE).all() and (out_image[:, vw:] == PAD_VALUE).all()
+    # crop pixel centres back in the original frame through the public coordinate maps
+    crop_xy = np.stack(np.meshgrid(np.arange(vw) + 0.5, np.arange(vh) + 0.5), -1)
+    orig_xy = geo.resize.invert_coords(crop_xy + np.array(geo.offset_xy))
+    np.testing.assert_allclose(geo.apply_coords(orig_xy), crop_xy, atol=1e-9)
+    dist = _shape_distance(kind, params, orig_xy)
+    got = out_mask[:vh, :vw]
+    assert not (got != (dist < 0))[np.abs(dist) > 0.71].any()  # geometry: wrong only at the raster's boundary
+    sx, sy = geo.resize.scale_xy
+    far = np.abs(dist) > 1.5 + 0.5 / min(sx, sy)  # beyond the resampling kernel of the image (linear / area)
+    red = (out_image[:vh, :vw, 0] > 200) & (out_image[:vh, :vw, 1] < 60)
+    assert (red[far] == got[far]).all()
+    assert got[far].any() or not (dist < -(1.5 + 0.5 / min(sx, sy))).any()
+
+
+def test_scale_crop_identity_scale_is_a_slice_and_small_images_pad() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask = rng.random((3, 40, 60)) > 0.5
+    geo = ScaleCrop((40, 60), (40, 60), (12, 5), (28, 28))
+    np.testing.assert_array_equal(geo.apply_image(image), image[5:33, 12:40])
+    np.testing.assert_array_equal(geo.apply_masks(mask), mask[:, 5:33, 12:40])
+    small = ScaleCrop((40, 60), (20, 30), (0, 0), (28, 28))  # 0.5×: the window is larger than the image
+    assert small.valid_hw == (20, 28)
+    out = small.apply_masks(mask)
+    np.testing.assert_array_equal(out[:, :20, :28], mask[:, 1::2, 1:57:2])  # centre of 2×2 blocks → odd pixel
+    assert not out[:, 20:].any()
+    with pytest.raises(ValueError):
+        geo.apply_masks(mask[:, :30])
+
+
+def test_random_scale_crop_draws_the_paper_range() -> None:
+    """use-paper §4.2: scale factor 0.5–2, 560×560 crops. Scale relative to the crop-fitting size; offsets inside."""
+    rng = np.random.default_rng(1)
+    scales = []
+    for _ in range(300):
+        geo = random_scale_crop((480, 640), 560, (0.5, 2.0), rng)
+        h, w = geo.scaled_hw
+        scales.append(w / 560)  # 640 is the long side: fitted to 560, then × s
+        x0, y0 = geo.offset_xy
+        assert 0 <= x0 <= max(0, w - 560) and 0 <= y0 <= max(0, h - 560)
+        assert abs(h / w - 480 / 640) < 0.01
+    assert 0.5 <= min(scales) < 0.55 and 1.95 < max(scales) <= 2.0
+    a = random_scale_crop((480, 640), 560, (0.5, 2.0), np.random.default_rng(7))
+    assert a == random_scale_crop((480, 640), 560, (0.5, 2.0), np.random.default_rng(7))  # seeded

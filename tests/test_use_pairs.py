@@ -5,6 +5,7 @@ thresholds and cleanup, and mask NMS with merged texts. CPU only; the SAM is a s
 from __future__ import annotations
 
 import re
+import zlib
 
 import cv2
 import numpy as np
@@ -530,6 +531,114 @@ def test_merge_segments_agrees_with_mask_nms():
             want = list(dict.fromkeys(f"p{i % 7}" for i in g))
             assert [t["phrase"] for t in s["texts"]] == want
             assert s["rle_counts"] == rows[g[0]]["rle_counts"]
+
+
+# ----------------------------------------------------------------------------------------------------- training texts
+def _text(phrase: str, expression: str, caption_index: int = 0) -> dict:
+    return {"phrase": phrase, "expression": expression, "source": "gt", "caption_index": caption_index}
+
+
+# A hand-made segment table (SEGMENTS rows, texts only): the paper's example caption, merged by NMS.
+TEXT_SEGMENTS = [
+    {"segment_id": 0, "texts": [_text("the right side", "the right side of the rabbit"),
+                                _text("the rabbit", "the rabbit")]},  # an unexpanded phrase is its own expression
+    {"segment_id": 1, "texts": [_text("another red apple", "another red apple visible behind the rabbit"),
+                                _text("an orange-red apple", "an orange-red apple"),
+                                _text("another red apple", "another red apple visible behind the rabbit", 1)]},
+    {"segment_id": 2, "texts": [_text("the rabbit", "the rabbit", 2)]},
+    {"segment_id": 3, "texts": []},
+]
+
+
+class _WordClip:
+    """encode_text stand-in: a deterministic unit vector per prompt (what each prompt was is all that matters)."""
+
+    embed_dim = 8
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def encode_text(self, prompts):
+        self.prompts += list(prompts)
+        out = np.stack([np.random.default_rng(zlib.crc32(p.encode())).standard_normal(8) for p in prompts])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_segment_text_pool_holds_phrases_and_expressions_each_once():
+    """use-paper §3.1 "store both": a segment's texts are its noun phrases AND its referring expressions; the pool
+    the text encoder embeds is every distinct one of them, each embedded once, with where it came from."""
+    from pipeline.feature_cache import USE_TEMPLATES, embed_texts, text_matrix, text_rows
+    from pipeline.use_pairs import segment_texts, text_pool
+    from schemas.features import TEXT_EMBEDDINGS
+
+    assert segment_texts(TEXT_SEGMENTS[0]["texts"]) == ["the right side", "the right side of the rabbit", "the rabbit"]
+    assert segment_texts(TEXT_SEGMENTS[1]["texts"]) == [
+        "another red apple", "another red apple visible behind the rabbit", "an orange-red apple"]
+    assert segment_texts(TEXT_SEGMENTS[0]["texts"], ("expression",)) == ["the right side of the rabbit", "the rabbit"]
+    assert segment_texts(TEXT_SEGMENTS[0]["texts"], ("phrase",)) == ["the right side", "the rabbit"]
+    assert segment_texts(TEXT_SEGMENTS[3]["texts"]) == []
+    with pytest.raises(ValueError):
+        segment_texts(TEXT_SEGMENTS[0]["texts"], ("caption",))
+
+    pool = text_pool(TEXT_SEGMENTS)
+    assert pool == [
+        ("an orange-red apple", True, True),
+        ("another red apple", True, False),
+        ("another red apple visible behind the rabbit", False, True),
+        ("the rabbit", True, True),
+        ("the right side", True, False),
+        ("the right side of the rabbit", False, True),
+    ]
+    clip = _WordClip()
+    texts = [t for t, _, _ in pool]
+    emb = embed_texts(clip, texts, USE_TEMPLATES, batch_size=5)
+    assert sorted(clip.prompts) == sorted(t.format(x) for x in texts for t in USE_TEMPLATES)  # each text once
+    rows = text_rows(texts, emb, kind="segment_text", template_set="use4", as_phrase=[p for _, p, _ in pool],
+                     as_expression=[x for _, _, x in pool])
+    table = TEXT_EMBEDDINGS.table(rows)
+    index, matrix = text_matrix([table, table])  # a second shard with the same texts adds nothing
+    assert sorted(index) == texts and matrix.shape == (6, 8)
+    every = {t for s in TEXT_SEGMENTS for t in segment_texts(s["texts"])}
+    assert every == set(index)
+
+
+def test_segment_texts_are_drawn_from_both_kinds_seeded():
+    """use-paper §3.2: one text per segment per iteration, at random: over epochs every text of a segment comes
+    up, phrases and expressions alike, uniformly; the same (seed, epoch, index) draws the same texts."""
+    from pipeline.feature_cache import sample_rng
+    from pipeline.use_pairs import draw_segment_texts, segment_texts, text_pool
+
+    index = {t: i for i, (t, _, _) in enumerate(text_pool(TEXT_SEGMENTS))}
+    options = [[index[t] for t in segment_texts(s["texts"])] for s in TEXT_SEGMENTS[:3]]
+    draws = np.stack([draw_segment_texts(options, sample_rng(0, epoch, 7)) for epoch in range(600)])
+    for s, opts in enumerate(options):
+        counts = np.array([(draws[:, s] == o).sum() for o in opts])
+        assert set(np.unique(draws[:, s])) == set(opts)
+        assert (np.abs(counts / len(draws) - 1 / len(opts)) < 0.07).all(), counts
+    phrases_only = {index["the right side"], index["another red apple"]}
+    expressions_only = {index["the right side of the rabbit"], index["another red apple visible behind the rabbit"]}
+    assert phrases_only & set(draws.ravel()) and expressions_only & set(draws.ravel())
+    again = np.stack([draw_segment_texts(options, sample_rng(0, epoch, 7)) for epoch in range(600)])
+    assert np.array_equal(draws, again)
+    assert not np.array_equal(draws, np.stack([draw_segment_texts(options, sample_rng(1, e, 7)) for e in range(600)]))
+    with pytest.raises(ValueError):
+        draw_segment_texts([[0], []], np.random.default_rng(0))
+
+
+def test_text_embeddings_of_an_older_version_fail_clearly(tmp_path):
+    """v1 (expressions only, no as_phrase / as_expression) must not be read as a v2 pool."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas.contract import META_KEY, SchemaError
+    from schemas.features import TEXT_EMBEDDINGS
+
+    v1 = pa.table({"text": ["a dog"], "kind": ["expression"], "class_index": pa.array([-1], pa.int32()),
+                   "template_set": ["use4"], "embedding": [[1.0, 0.0]], "dim": pa.array([2], pa.int32())})
+    path = tmp_path / "shard-000000.parquet"
+    pq.write_table(v1.replace_schema_metadata({META_KEY: b"text_embeddings/v1"}), path)
+    with pytest.raises(SchemaError, match="expected text_embeddings/v2, found text_embeddings/v1"):
+        TEXT_EMBEDDINGS.read_parquet(path)
 
 
 # ----------------------------------------------------------------------------------------------------- end to end
