@@ -37,7 +37,7 @@ from pipeline.transforms import (
     pixel_cell_index,
     working_size,
 )
-from pipeline.vocabularies import UNLABELLED, Vocabulary
+from pipeline.vocabularies import UNLABELLED, Vocabulary, class_text_embeddings  # noqa: F401 — re-exported
 
 STAGE_11 = "1.1"
 STAGE_12 = "1.2"
@@ -171,16 +171,6 @@ def join_features(
 
 
 # ----------------------------------------------------------------------------------------------------- text + detection
-def class_text_embeddings(clip, vocab: Vocabulary, templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """float32 ``[K, D]``: per class the mean of its (prompt name × template) text embeddings, L2-normalised."""
-    texts, owner = vocab.texts(tuple(templates))
-    chunks = [clip.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    emb = np.concatenate(chunks).astype(np.float32)
-    out = np.zeros((len(vocab), emb.shape[1]), np.float32)
-    np.add.at(out, np.asarray(owner), emb)
-    return _unit(out)
-
-
 @dataclass(frozen=True)
 class Detection:
     """crop_classes int64 ``[C]`` (argmax class per crop), crop_scores float32 ``[C]`` (its CLS·text cosine),

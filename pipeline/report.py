@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pipeline.datasets import BENCHMARKS, Protocol
 from pipeline.metrics import IGNORE, ConfusionMatrix
 from pipeline.transforms import Resize, resize_label_map, short_side_size
 
 # --------------------------------------------------------------------------------------------- published numbers
-# mIoU (%) as printed in the seed papers, keyed by pipeline.datasets.PROTOCOLS name. Copied from
+# mIoU (%) as printed in the seed papers, keyed by pipeline.datasets.BENCHMARKS name. Copied from
 # /work/shared/papers/*.txt; each entry names the table, row and column it comes from.
 
 
@@ -30,25 +31,34 @@ class Published:
     method: str  # row label in the table
     source: str  # table and column
     miou: float
+    note: str = ""  # how the paper's number was obtained, where that differs from a run of ours
 
 
-def _p(paper: str, table: str, row: str, columns: dict[str, tuple[str, float]]) -> dict[str, Published]:
-    return {bench: Published(paper, row, f"{table}, column {col}", v) for bench, (col, v) in columns.items()}
+def _p(paper: str, table: str, row: str, columns: dict[str, tuple[str, float]],
+       notes: dict[str, str] | None = None) -> dict[str, Published]:
+    return {bench: Published(paper, row, f"{table}, column {col}", v, (notes or {}).get(bench, ""))
+            for bench, (col, v) in columns.items()}
 
 
+USE_ENSEMBLE_NOTE = ("ensemble: the paper combines this USE model's predictions with those of an extra model "
+                     "trained on COCO ground-truth annotations (use-paper §4.3); a pseudoseg run is the USE model "
+                     "alone")
 PUBLISHED: dict[str, dict[str, Published]] = {
     # fmbseg-paper Table 1 ("FMbSeg (ours) 0.12M" row; columns PV-21 PV-20 PC-59 CO-80 CS-171 City ADE).
-    # CO-80 is "object categories only"; we compare it with coco_object (80 things + background).
+    # CO-80 is "object categories only" (§4 Datasets): the benchmark coco_object80 (80 classes, background not
+    # scored), not the 81-class coco_object.
     "fmbseg": _p("fmbseg-paper", "Table 1", "FMbSeg (ours)", {
         "voc21": ("PV-21", 67.73), "voc20": ("PV-20", 85.65), "context59": ("PC-59", 42.72),
-        "coco_object": ("CO-80", 57.63), "coco_stuff171": ("CS-171", 29.88), "cityscapes19": ("City", 28.36),
+        "coco_object80": ("CO-80", 57.63), "coco_stuff171": ("CS-171", 29.88), "cityscapes19": ("City", 28.36),
         "ade150": ("ADE", 16.25),
-    }),
+    }, {"voc21": "background predicted by added Stuff categories (fmbseg-paper §4 Datasets)",
+        "coco_object80": "the 80 object classes only (fmbseg-paper §4 Datasets)"}),
     # use-paper Table 2 ("USE+SAM (ours) two-stage COCO,VG" row; columns ADE-150 ADE-847 PC-59 PC-459 Average).
-    # The COCO† row reads 37.0 / 57.8. No VOC, COCO, Cityscapes or PC-60 numbers in the paper.
+    # The COCO† row reads 37.0 / 57.8. No VOC, COCO, Cityscapes or PC-60 numbers in the paper. Both rows are
+    # ensembled with a model trained on COCO ground truth (use-paper §4.3).
     "use_sam": _p("use-paper", "Table 2", "USE+SAM (ours), COCO+VG", {
         "ade150": ("ADE-150", 37.1), "context59": ("PC-59", 58.0),
-    }),
+    }, {"ade150": USE_ENSEMBLE_NOTE, "context59": USE_ENSEMBLE_NOTE}),
     # car-paper Table 1 ("CaR (Ours, w/o SAM)" row; columns VOC-20 VOC-21 COCO Object PC-59 PC-60 A-150 A-847
     # PC-459). fmbseg-paper Table 1 cites CaR's PC-60 value (30.5) under PC-59; we keep CaR's own columns.
     # No COCO-Stuff-171 or Cityscapes numbers in the paper.
@@ -105,27 +115,32 @@ def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
 
 class ShortSide:
     """Wraps a segmenter working on whole images (CaR): the image is resized to the protocol's short side, the
-    label map is resized back to the original frame with nearest neighbour."""
+    label map is resized back to the original frame with nearest neighbour; short_side 0 = original resolution
+    (the segmenter gets the image as is)."""
 
     def __init__(self, segmenter, short_side: int) -> None:
         self.segmenter, self.short_side = segmenter, short_side
 
     def segment(self, image, class_names, *, image_id=None):
         image = np.asarray(image, np.uint8)
+        if not self.short_side:
+            return self.segmenter.segment(image, class_names, image_id=image_id)
         label, scores = self.segmenter.segment(resize_short_side(image, self.short_side), class_names,
                                                image_id=image_id)
         return resize_label_map(label, image.shape[:2]), scores
 
 
 def run_evaluation(segmenter, samples: Iterable, class_names: Sequence[str], *, keep: int = 4,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
+                   progress: Callable[[int], None] | None = None, ignore_unlabelled: bool = False) -> EvalResult:
     """Run `segmenter` over `samples` (``pipeline.datasets.Sample``: image_id, rgb, gt) in order, accumulating one
-    confusion matrix (GT 255 ignored, predictions outside the classes counted wrong)."""
+    confusion matrix (GT 255 ignored; predictions outside the classes counted wrong, or with `ignore_unlabelled`
+    predictions of 255 left out of the score — a protocol's ``unlabelled = "ignored"``)."""
     result = EvalResult(tuple(class_names), ConfusionMatrix(len(class_names), IGNORE))
     for i, s in enumerate(samples):
         pred, _ = segmenter.segment(s.rgb, list(class_names), image_id=s.image_id)
         pred = np.asarray(pred, np.uint8)
-        result.matrix.update(pred, s.gt)
+        gt = np.where(pred == IGNORE, IGNORE, s.gt).astype(np.uint8) if ignore_unlabelled else s.gt
+        result.matrix.update(pred, gt)
         result.images += 1
         if len(result.samples) < keep:
             result.samples.append((s.image_id, s.rgb, s.gt, pred))
@@ -139,22 +154,39 @@ def _fmt(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def report_markdown(result: EvalResult, *, benchmark: str, method: str, params: dict | None = None) -> str:
-    """The run's mIoU beside the seed papers' published numbers for the same benchmark, then per-class IoU."""
+# Benchmarks whose name could be mistaken for a seed paper's column that scores other classes.
+BENCHMARK_NOTES = {
+    "coco_object": "fmbseg-paper's CO-80 (57.63) scores the 80 object classes without background: benchmark "
+                   "coco_object80, not this 81-class set.",
+    "coco_object80": "car-paper's COCO Object (36.6) scores 81 classes (80 objects + background): benchmark "
+                     "coco_object, not this set.",
+}
+
+
+def report_markdown(result: EvalResult, *, benchmark: str, method: str, params: dict | None = None,
+                    protocol: Protocol | None = None) -> str:
+    """The run's mIoU beside the seed papers' published numbers for the same benchmark (with how each was
+    obtained), which classes are scored, the protocol (``pipeline.datasets.Protocol``) and per-class IoU."""
     ours = 100 * result.miou
     lines = [f"# Evaluation: {method} on {benchmark}", "",
              f"{result.images} images; mIoU over {int((~np.isnan(result.per_class)).sum())} of "
-             f"{len(result.class_names)} classes with a non-empty union.", "",
-             "| method | source | mIoU (%) |", "|---|---|---:|",
-             f"| **{method} (this run)** | pseudoseg | **{_fmt(ours)}** |"]
+             f"{len(result.class_names)} classes with a non-empty union.", ""]
+    if benchmark in BENCHMARKS:
+        lines += [f"Scored classes: {BENCHMARKS[benchmark].scored}.", ""]
+    if protocol is not None:
+        lines += [f"Protocol ({protocol.paper}): {protocol.describe()}. Source: {protocol.source}.", ""]
+    lines += ["| method | source | mIoU (%) | note |", "|---|---|---:|---|",
+              f"| **{method} (this run)** | pseudoseg | **{_fmt(ours)}** | |"]
     for p in published_for(benchmark):
-        lines.append(f"| {p.method} | {p.paper} {p.source} | {_fmt(p.miou)} |")
+        lines.append(f"| {p.method} | {p.paper} {p.source} | {_fmt(p.miou)} | {p.note} |")
     if not published_for(benchmark):
-        lines.append("| (no seed paper reports this benchmark) | | |")
+        lines.append("| (no seed paper reports this benchmark) | | | |")
     ref = METHOD_PAPER.get(method)
     if ref and benchmark not in PUBLISHED[ref]:
         paper = next(iter(PUBLISHED[ref].values())).paper
         lines += ["", f"The {paper} does not report {benchmark}."]
+    if benchmark in BENCHMARK_NOTES:
+        lines += ["", BENCHMARK_NOTES[benchmark]]
     lines += ["", "## Per-class IoU", "", "| index | class | IoU (%) | intersection | union |",
               "|---:|---|---:|---:|---:|"]
     for r in result.rows():

@@ -64,24 +64,44 @@ def scores_to_labels(scores: np.ndarray, background_threshold: float | None = No
     return label.numpy().astype(np.uint8), per.numpy().astype(np.float32)
 
 
+def stuff_as_background(scores: np.ndarray, num_foreground: int) -> tuple[np.ndarray, np.ndarray]:
+    """The "stuff" background rule (fmbseg-paper §4, PV-21: "we add different Stuff categories to predict the
+    background class"): scores float [K' + S, H, W] of K' foreground classes then S stuff classes → (label uint8
+    [H, W], per-class max score float32 [K' + 1]): label = 1 + argmax where the argmax is a foreground class, 0
+    (background) where it is a stuff class; class_scores[0] = max over pixels of the best stuff score."""
+    s = torch.as_tensor(np.asarray(scores, np.float32))
+    if not 0 < num_foreground < s.shape[0]:
+        raise ValueError(f"need foreground and stuff scores, got {s.shape[0]} rows for {num_foreground} foreground")
+    best = s.argmax(0)
+    label = torch.where(best >= num_foreground, 0, best + 1)
+    flat = s.flatten(1).max(1).values
+    per = torch.cat([flat[num_foreground:].max().reshape(1), flat[:num_foreground]])
+    return label.numpy().astype(np.uint8), per.numpy().astype(np.float32)
+
+
 # ------------------------------------------------------------------------------------------------ FMbSeg
 class FMbSegSegmenter(SemanticSegmenter):
     """Frozen dense encoder (DINOv2) → alignment block ℳ → cosine to text prototypes → bilinear upsampling of the
     similarities to the original size → argmax (fmbseg-paper §3.3 "Deployment").
 
-    The image is resized to short side `short_side` (rounded to patch multiples, see
-    :func:`pipeline.transforms.working_size`), cut into `crop`² windows every `stride` pixels; each crop's tokens
-    go through the block (it attends within a crop, as in training) and the per-crop similarities are averaged
-    where crops overlap (:meth:`SlidingWindows.stitch`). text_protos: [K, D] rows aligned with the foreground
-    class names, or a callable names → [K, D]. background_threshold: see :func:`scores_to_labels`
-    (then class_names[0] is the background and is not prompted).
+    The image is resized to short side `short_side` with the long side capped at `max_long_side` (0 = no cap;
+    rounded to patch multiples, see :func:`pipeline.transforms.working_size`), cut into `crop`² windows every
+    `stride` pixels; each crop's tokens go through the block (it attends within a crop, as in training) and the
+    per-crop similarities are averaged where crops overlap (:meth:`SlidingWindows.stitch`). text_protos: [K, D]
+    rows aligned with the names prompted, or a callable names → [K, D]. Background (class_names[0], never
+    prompted itself): background_threshold, see :func:`scores_to_labels`; or background_classes, extra names
+    prompted after the foreground classes whose pixels become background (:func:`stuff_as_background`).
     """
 
     def __init__(self, dense_encoder, alignment_block, text_protos: TextProtos, *, short_side: int = 336,
-                 crop: int = 224, stride: int = 112, layer: int = -1, background_threshold: float | None = None,
+                 crop: int = 224, stride: int = 112, max_long_side: int = 0, layer: int = -1,
+                 background_threshold: float | None = None, background_classes: Sequence[str] = (),
                  temperature: float = 0.01, batch_size: int = 16) -> None:
+        if background_threshold is not None and background_classes:
+            raise ValueError("background by threshold or by background classes, not both")
         self.encoder, self.block, self.text_protos = dense_encoder, alignment_block, text_protos
         self.short_side, self.crop, self.stride, self.layer = short_side, crop, stride, layer
+        self.max_long_side, self.background_classes = max_long_side, tuple(background_classes)
         self.background_threshold, self.temperature, self.batch_size = background_threshold, temperature, batch_size
 
     def similarities(self, image: np.ndarray, protos: np.ndarray) -> np.ndarray:
@@ -89,7 +109,8 @@ class FMbSegSegmenter(SemanticSegmenter):
         image = np.asarray(image)
         p = self.encoder.patch_size
         resize = Resize(tuple(image.shape[:2]), working_size(image.shape[:2], short_side=self.short_side,
-                                                              multiple=p, min_side=self.crop))
+                                                              multiple=p, min_side=self.crop,
+                                                              max_long_side=self.max_long_side))
         windows = SlidingWindows(resize.new_hw, self.crop, self.stride, p)
         crops = windows.cut(resize.apply_image(image))
         text = torch.from_numpy(protos)
@@ -105,8 +126,11 @@ class FMbSegSegmenter(SemanticSegmenter):
         return F.interpolate(t, size=tuple(image.shape[:2]), mode="bilinear", align_corners=False)[0].numpy()
 
     def segment(self, image, class_names, *, image_id=None):
-        names = list(class_names)[1:] if self.background_threshold is not None else list(class_names)
-        sim = self.similarities(image, _protos(self.text_protos, names))
+        with_bg = self.background_threshold is not None or bool(self.background_classes)
+        names = list(class_names)[1:] if with_bg else list(class_names)
+        sim = self.similarities(image, _protos(self.text_protos, names + list(self.background_classes)))
+        if self.background_classes:
+            return stuff_as_background(sim, len(names))
         return scores_to_labels(sim, self.background_threshold, self.temperature)
 
 
@@ -214,18 +238,22 @@ class PseudoLabelSegmenter(SemanticSegmenter):
     label_maps: image_id → uint8 [h, w] label map in the Stage-1 vocabulary `source_classes` (255 = unlabelled);
     values are mapped to the evaluation classes by name (case-insensitive; names missing there → 255) and resized
     to the image with nearest-neighbour. An image without a label map predicts 255 everywhere (counted wrong).
+    background_classes: source class names that map to the evaluation's class 0 (background), e.g. the COCO-Stuff
+    stuff classes under the "stuff" background rule (:func:`stuff_as_background`).
     """
 
     def __init__(self, label_maps: Mapping[str, np.ndarray], source_classes: Sequence[str],
-                 unlabelled: int = IGNORE) -> None:
+                 unlabelled: int = IGNORE, background_classes: Sequence[str] = ()) -> None:
         self.label_maps, self.source_classes, self.unlabelled = label_maps, list(source_classes), unlabelled
+        self.background_classes = {n.lower() for n in background_classes}
 
     def segment(self, image, class_names, *, image_id=None):
         h, w = np.asarray(image).shape[:2]
         target = {n.lower(): i for i, n in enumerate(class_names)}
+        background = target.get("background", self.unlabelled)
         lut = np.full(256, self.unlabelled, np.uint8)
         for i, n in enumerate(self.source_classes):
-            lut[i] = target.get(n.lower(), self.unlabelled)
+            lut[i] = background if n.lower() in self.background_classes else target.get(n.lower(), self.unlabelled)
         src = self.label_maps.get(image_id) if image_id is not None else None
         if src is None:
             return np.full((h, w), self.unlabelled, np.uint8), np.zeros(len(class_names), np.float32)

@@ -1,4 +1,7 @@
-"""Class vocabularies (label index → class name) and CLIP prompt templates for FMbSeg's category detection.
+"""Class vocabularies (label index → class name), CLIP prompt templates, and THE function that turns a
+vocabulary's classes into CLIP text embeddings (:func:`class_text_embeddings`: prompt names × templates, averaged
+per class). Training (FMbSeg Stage 1, ``ClassTextEmbeddings``) and evaluation (``Evaluate``: fmbseg, use_sam) all
+call it, so a class is prompted with the same texts everywhere.
 
 Vocabulary file format (``pipeline/data/vocab/<name>.txt`` or any custom path), UTF-8, one class per line:
 - the line's position among non-comment lines is the class's label value (0-based), as in the dataset's GT;
@@ -15,8 +18,11 @@ coco_stuff171, coco_object80, ade150, cityscapes19.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 VOCAB_DIR = Path(__file__).parent / "data" / "vocab"
 BUILTIN_VOCABULARIES = ("voc20", "voc21", "context59", "coco_stuff171", "coco_object80", "ade150", "cityscapes19")
@@ -80,7 +86,7 @@ class Vocabulary:
         body = "\n".join(f"{c}|{'|'.join(p)}" for c, p in zip(self.classes, self.prompts, strict=True))
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
-    def texts(self, templates: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    def texts(self, templates: Sequence[str]) -> tuple[list[str], list[int]]:
         """Every prompt text (template × prompt name) and the class index it belongs to, in class order."""
         texts, owner = [], []
         for i, names in enumerate(self.prompts):
@@ -89,6 +95,40 @@ class Vocabulary:
                     texts.append(t.format(n))
                     owner.append(i)
         return texts, owner
+
+    def select(self, names: Sequence[str], name: str | None = None) -> Vocabulary:
+        """The vocabulary of `names` in that order (each a class name or one of its prompt names, see
+        :meth:`index`), with their prompt names; a name this vocabulary lacks raises VocabularyError."""
+        idx = []
+        for n in names:
+            i = self.index(n)
+            if i is None:
+                raise VocabularyError(f"{self.name}: no class or prompt name {n!r}")
+            idx.append(i)
+        return Vocabulary(name=name or self.name, classes=tuple(self.classes[i] for i in idx),
+                          prompts=tuple(self.prompts[i] for i in idx))
+
+    def __add__(self, other: Vocabulary) -> Vocabulary:
+        """This vocabulary's classes, then `other`'s (class names must stay distinct)."""
+        clash = sorted(set(self.classes) & set(other.classes))
+        if clash:
+            raise VocabularyError(f"{self.name} + {other.name}: duplicate class names {clash}")
+        return Vocabulary(name=f"{self.name}+{other.name}", classes=self.classes + other.classes,
+                          prompts=self.prompts + other.prompts)
+
+
+def class_text_embeddings(clip, vocab: Vocabulary, templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """float32 ``[K, D]``: per class the mean of its (prompt name × template) text embeddings
+    (:meth:`Vocabulary.texts`, sent to ``clip.encode_text`` in that order, `batch_size` at a time), L2-normalised.
+    The one way class texts reach CLIP: FMbSeg Stage 1, ClassTextEmbeddings (training) and Evaluate use it."""
+    texts, owner = vocab.texts(tuple(templates))
+    if not texts:
+        raise VocabularyError(f"{vocab.name}: no prompt text (empty vocabulary or template set)")
+    chunks = [np.asarray(clip.encode_text(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+    emb = np.concatenate(chunks).astype(np.float32)
+    out = np.zeros((len(vocab), emb.shape[1]), np.float32)
+    np.add.at(out, np.asarray(owner), emb)
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def parse_vocabulary(text: str, name: str) -> Vocabulary:

@@ -1,15 +1,19 @@
-"""Evaluate: mIoU of one segmentation method on one benchmark (training-free protocol of pipeline.datasets.PROTOCOLS).
+"""Evaluate: mIoU of one segmentation method on one benchmark, under the protocol of the method's paper
+(``pipeline.datasets.protocol_for``: FMbSeg / pseudo → TCL's configs as fmbseg-paper §4 says, CaR → its official
+evaluate.py, USE → use-paper §4.3).
 
     Evaluate(benchmark="voc21", data_root="/data/VOCdevkit/VOC2012", method="car", limit=0)
 
 Methods and what they need:
 - ``car``: training-free CaR (car-paper) over the preset's ``cam_clip`` (f, ``clip_cam``) and ``classifier_clip``
-  (g, ``clip_classifier``) roles with the official per-dataset settings (pipeline.car.CAR_DEFAULTS); no upstream
-  task. The image is resized to the protocol's short side, the label map resized back.
+  (g, ``clip_classifier``) roles with the official per-dataset settings and texts (pipeline.car.CAR_DEFAULTS);
+  no upstream task. The image at its original resolution (CaR's protocol).
 - ``fmbseg``: DINOv2 + the alignment block of ``TrainAlignment`` (``images``/``dataset`` = the training run, e.g.
-  the COCO-Stuff images the pseudo labels came from); sliding window crop/stride and background threshold of the
-  protocol.
-- ``use_sam``: SAM automatic masks + the USE head of ``TrainUSEHead`` (same ``images``/``dataset`` convention).
+  the COCO-Stuff images the pseudo labels came from); short side, sliding window and background rule of the
+  protocol. Class texts: the benchmark classes' prompt names × the template set the block was trained with
+  (``[fmbseg] templates``), through ``pipeline.vocabularies.class_text_embeddings`` as in training.
+- ``use_sam``: SAM automatic masks + the USE head of ``TrainUSEHead`` (same ``images``/``dataset`` convention);
+  class texts: prompt names × ``[evaluate] use_sam_templates``, same function.
 - ``pseudo``: the FMbSeg Stage-1 label maps of ``PseudoLabels`` run over the benchmark's own images (``images`` =
   e.g. ``<data_root>/JPEGImages`` or a .txt listing the split's JPEGs; ``dataset`` = the run's name). Label maps
   are matched to benchmark ids by the source file's stem and mapped to the benchmark classes by name.
@@ -34,8 +38,18 @@ from PIL import Image
 
 from models.registry import load_role
 from pipeline.artifacts import StageDir, atomic_write_bytes
-from pipeline.datasets import PROTOCOLS, DatasetError, open_dataset
+from pipeline.datasets import (
+    BENCHMARKS,
+    DatasetError,
+    Protocol,
+    coco_stuff_classes,
+    open_dataset,
+    prompt_vocabulary,
+    protocol_for,
+)
+from pipeline.feature_cache import text_templates
 from pipeline.report import ShortSide, grid_png, report_markdown, run_evaluation
+from pipeline.vocabularies import class_text_embeddings
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
 from tasks.base import model_settings, pseudoseg, uses_gpu
@@ -47,7 +61,9 @@ NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUSEHead", "pseudo": "P
 class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
     split = luigi.Parameter(default="val", description="benchmark split (the split file / folder name)")
     grid_images = luigi.IntParameter(default=4, description="rows of grid.png: the first N images by id")
-    template = luigi.Parameter(default="a photo of a {}.", description="CLIP text template for class names")
+    use_sam_templates = luigi.Parameter(
+        default="single", description="use_sam: template set of the class texts (use-paper §4.3: one noun "
+        "template, 'a photo of a {}.'); single | imagenet80 | use4")
     car_prompts = luigi.Parameter(default="", description="CaR visual prompts (comma list); empty = the official "
                                                           "config of the benchmark (voc: circle,blur; coco: blur,gray)")
     car_crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
@@ -61,7 +77,7 @@ class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg 
 
 
 class Evaluate(luigi.Task):
-    benchmark = luigi.ChoiceParameter(choices=sorted(PROTOCOLS), description="a pipeline.datasets.PROTOCOLS key")
+    benchmark = luigi.ChoiceParameter(choices=sorted(BENCHMARKS), description="a pipeline.datasets.BENCHMARKS key")
     data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.datasets)")
     method = luigi.ChoiceParameter(choices=METHODS, default="car")
     limit = luigi.IntParameter(default=0, description="evaluate the first N images by id; 0 = all")
@@ -92,6 +108,22 @@ class Evaluate(luigi.Task):
     def resources(self) -> dict[str, int]:  # type: ignore[override]
         return {"gpu": 1} if self.method != "pseudo" and uses_gpu(model_settings()) else {}
 
+    @property
+    def protocol(self) -> Protocol:
+        return protocol_for(self.method, self.benchmark)
+
+    def text_templates(self) -> tuple[str, tuple[str, ...]]:
+        """(template set name, templates) of the class texts: fmbseg → the set its alignment block was trained
+        with (the ClassTextEmbeddings of the TrainAlignment run, i.e. [fmbseg] templates); use_sam →
+        [evaluate] use_sam_templates."""
+        if self.method == "fmbseg":
+            name = self.requires()["model"].requires()["text"].spec()[1]
+        elif self.method == "use_sam":
+            name = evaluate().use_sam_templates
+        else:
+            raise ValueError(f"method {self.method!r} prompts no class texts through Evaluate.protos")
+        return name, text_templates(name)  # the template sets of pipeline.vocabularies + USE's "use4"
+
     def content_params(self) -> dict[str, Any]:
         cfg = evaluate()
         settings = dataclasses.asdict(model_settings())
@@ -99,10 +131,14 @@ class Evaluate(luigi.Task):
         params: dict[str, Any] = {
             "benchmark": self.benchmark, "data_root": str(Path(self.data_root).expanduser().resolve()),
             "split": cfg.split, "limit": self.limit, "method": self.method, "grid_images": cfg.grid_images,
-            "protocol": dataclasses.asdict(PROTOCOLS[self.benchmark]),
+            "protocol": self.protocol.content(),
         }
         if self.method != "pseudo":
-            params.update(models=settings, template=cfg.template)
+            params["models"] = settings
+        if self.method in ("fmbseg", "use_sam"):
+            name, templates = self.text_templates()
+            params["text"] = {"template_set": name, "templates": list(templates),
+                              "vocabulary_digest": prompt_vocabulary(self.protocol).digest}
         if self.method == "car":
             params["car"] = dataclasses.asdict(self.car_params())
         if self.method == "use_sam":
@@ -139,7 +175,7 @@ class Evaluate(luigi.Task):
 
     def segmenter(self):
         settings, cfg = model_settings(), evaluate()
-        protocol = PROTOCOLS[self.benchmark]
+        protocol = self.protocol
         threshold = protocol.bg_threshold if protocol.background == "threshold" else None
         if self.method == "car":
             from pipeline.car import CaRSegmenter, car_family, clip_cam, clip_classifier, official_query_name
@@ -157,19 +193,28 @@ class Evaluate(luigi.Task):
         from models.training import load_trained
 
         clip = load_role("clip", settings)
+        template_set, templates = self.text_templates()
+        vocab = prompt_vocabulary(protocol)
 
         def protos(names):
-            return clip.encode_text([cfg.template.format(n) for n in names])
+            # benchmark class names → their prompt names (e.g. diningtable → "dining table"), the training texts
+            return class_text_embeddings(clip, vocab.select(names), templates)
 
         path = self.input()["model"].path
         if self.method == "fmbseg":
             from pipeline.segmenters import FMbSegSegmenter
 
             block, record = load_trained(path, "alignment")
-            layer = int(record.get("metadata", {}).get("dino_layer", -1))
+            meta = record.get("metadata", {})
+            if meta.get("template_set", template_set) != template_set:
+                raise ValueError(f"{path}: alignment block trained on template set {meta['template_set']!r}, "
+                                 f"evaluation would prompt with {template_set!r}")
+            layer = int(meta.get("dino_layer", -1))
+            stuff = coco_stuff_classes().classes if protocol.background == "stuff" else ()
             return FMbSegSegmenter(load_role("dense", settings), block.eval(), protos,
-                                   short_side=protocol.short_side, crop=protocol.crop, stride=protocol.stride,
-                                   layer=layer, background_threshold=threshold)
+                                   short_side=protocol.short_side, max_long_side=protocol.max_long_side,
+                                   crop=protocol.crop, stride=protocol.stride, layer=layer,
+                                   background_threshold=threshold, background_classes=stuff)
         from pipeline.segmenters import UseSamSegmenter, use_head_embedder
 
         head, record = load_trained(path, "use")
@@ -182,7 +227,7 @@ class Evaluate(luigi.Task):
                                   dense=load_role("dense", settings) if dino_layers else None,
                                   clip_layers=clip_layers, dino_layers=dino_layers, image_size=image_size)
         return UseSamSegmenter(load_role("segmenter", settings), embed, protos,
-                               uncovered=0 if threshold is not None else 255,
+                               uncovered=255 if protocol.background == "none" else 0,
                                amg_params={"points_per_side": cfg.use_sam_points_per_side})
 
     def pseudo_segmenter(self):
@@ -206,7 +251,8 @@ class Evaluate(luigi.Task):
                     if ext == "png" and key in stems:
                         with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
                             maps[stems[key]] = np.asarray(im, np.uint8)
-        return PseudoLabelSegmenter(maps, classes or [])
+        stuff = coco_stuff_classes().classes if self.protocol.background == "stuff" else ()
+        return PseudoLabelSegmenter(maps, classes or [], background_classes=stuff)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> None:
@@ -220,7 +266,9 @@ class Evaluate(luigi.Task):
                 self.set_progress_percentage(round(100.0 * i / max(total, 1), 1))
                 self.set_status_message(f"{i}/{total} images")
 
-        result = run_evaluation(segmenter, data, data.class_names, keep=cfg.grid_images, progress=progress)
+        protocol = self.protocol
+        result = run_evaluation(segmenter, data, data.class_names, keep=cfg.grid_images, progress=progress,
+                                ignore_unlabelled=protocol.unlabelled == "ignored")
         stage_dir = self.stage_dir
         stage_dir.write_params()
         atomic_write_bytes(stage_dir.path / "per_class.parquet",
@@ -228,5 +276,6 @@ class Evaluate(luigi.Task):
         atomic_write_bytes(stage_dir.path / "grid.png", grid_png(result.samples))
         params = {"benchmark": self.benchmark, "method": self.method, "split": cfg.split, "limit": self.limit,
                   "hash": stage_dir.hash}
-        report = report_markdown(result, benchmark=self.benchmark, method=self.method, params=params)
+        report = report_markdown(result, benchmark=self.benchmark, method=self.method, params=params,
+                                 protocol=protocol)
         atomic_write_bytes(stage_dir.path / "report.md", report.encode())

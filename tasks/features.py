@@ -33,10 +33,9 @@ from pipeline.feature_cache import (
     text_rows,
     text_templates,
 )
-from pipeline.fmbseg import class_text_embeddings
 from pipeline.ingest import iter_ingested_images
 from pipeline.use_pairs import text_pool
-from pipeline.vocabularies import load_templates, load_vocabulary
+from pipeline.vocabularies import class_text_embeddings, load_templates, load_vocabulary
 from schemas import MANIFEST, REJECTS, SEGMENTS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from tasks.base import (
@@ -213,9 +212,10 @@ class UseTextEmbeddingShard(ShardTask):
 
 
 class ClassTextEmbeddings(DatasetTask):
-    """CLIP text embeddings of a vocabulary's classes (FMbSeg: "a photo of a {}.", averaged over a class's prompt
-    names), one Parquet row per class in label-value order. Defaults: ``[fmbseg] vocabulary`` / ``templates``,
-    i.e. the classes the pseudo-label maps index."""
+    """CLIP text embeddings of a vocabulary's classes (``pipeline.vocabularies.class_text_embeddings``: prompt
+    names × templates, averaged per class — the function Evaluate uses too), one Parquet row per class in
+    label-value order. Defaults: ``[fmbseg] vocabulary`` / ``templates``, i.e. the classes the pseudo-label maps
+    index; ``[fmbseg] templates`` is also the template set Evaluate prompts FMbSeg's benchmark classes with."""
 
     vocabulary = luigi.Parameter(default="", description="built-in name or .txt path; '' = [fmbseg] vocabulary")
     templates = luigi.Parameter(default="", description="template set; '' = [fmbseg] templates")

@@ -180,7 +180,9 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None
         from tests.test_evaluate import CarOracleClip
 
         preset = "car_train_oracle"
-        register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "dense": lambda s: OracleDenseEncoder(gt)})
+        register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "cam_clip": lambda s: CarOracleClip(gt),
+                                 "classifier_clip": lambda s: CarOracleClip(gt),
+                                 "dense": lambda s: OracleDenseEncoder(gt)})
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "voc.png"), cv2.cvtColor(gt.rgb, cv2.COLOR_RGB2BGR))

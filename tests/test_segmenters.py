@@ -11,6 +11,7 @@ from pipeline.segmenters import (
     PseudoLabelSegmenter,
     UseSamSegmenter,
     scores_to_labels,
+    stuff_as_background,
     use_head_embedder,
     vote_segments,
 )
@@ -120,6 +121,59 @@ def test_fmbseg_background_threshold(gt):
     m, _ = miou([label], [gt.class_label], 21)
     print("FMbSeg oracle mIoU (background by threshold)", m)
     assert m >= 0.9
+
+
+def test_stuff_as_background_hand():
+    """PV-21 rule (fmbseg-paper §4): 2 foreground classes (labels 1, 2) + 2 stuff classes; a pixel whose best
+    class is a stuff class is background (0), whatever its margin; no threshold."""
+    s = np.array([
+        [[0.9, 0.1, 0.2, 0.30]],  # fg "aeroplane"
+        [[0.1, 0.8, 0.1, 0.29]],  # fg "bicycle"
+        [[0.0, 0.2, 0.7, 0.10]],  # stuff "sky"
+        [[0.2, 0.0, 0.1, 0.31]],  # stuff "wall": best by 0.01 in the last pixel
+    ], np.float32)  # [K' + S = 4, H = 1, W = 4]
+    label, per = stuff_as_background(s, num_foreground=2)
+    assert label.tolist() == [[1, 2, 0, 0]] and label.dtype == np.uint8
+    np.testing.assert_allclose(per, [0.7, 0.9, 0.8])  # [background = best stuff score, aeroplane, bicycle]
+    with pytest.raises(ValueError):
+        stuff_as_background(s, num_foreground=4)
+
+
+def test_fmbseg_stuff_classes_predict_background(gt):
+    """FMbSegSegmenter with background_classes: the foreground names then the stuff names are prompted (never
+    "background" itself); GT background patches (code 0) match a stuff prototype → label 0."""
+    names = list(gt.class_names)
+    stuff = ("sky-other", "wall-other", "grass")
+    asked = []
+
+    def protos(ns):
+        asked.append(list(ns))
+        eye = np.eye(DIM, dtype=np.float32)
+        return np.stack([eye[1 + names[1:].index(n)] if n in names else eye[0] if n == "wall-other" else eye[-1]
+                         for n in ns])
+
+    seg = FMbSegSegmenter(CropOracleDense(gt), identity_block(), protos, crop=16, stride=8,
+                          background_classes=stuff)
+    label, scores = seg.segment(gt.rgb, names)
+    assert asked == [names[1:] + list(stuff)] and scores.shape == (21,)
+    m, per = miou([label], [gt.class_label], 21)
+    print("FMbSeg oracle mIoU (background by stuff classes)", m)
+    assert m >= 0.9 and per[0] >= 0.9
+    with pytest.raises(ValueError, match="not both"):
+        FMbSegSegmenter(CropOracleDense(gt), identity_block(), protos, background_threshold=0.5,
+                        background_classes=stuff)
+
+
+def test_pseudo_labels_stuff_as_background():
+    src = np.array([[0, 1], [2, 255]], np.uint8)  # Stage-1 labels in a COCO-Stuff-like vocabulary
+    seg = PseudoLabelSegmenter({"x": src}, ["dog", "sky-other", "wall-other"], background_classes=["sky-other",
+                                                                                                    "wall-other"])
+    voc21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+             "diningtable", "dog"]
+    label, _ = seg.segment(np.zeros((2, 2, 3), np.uint8), voc21, image_id="x")
+    assert label.tolist() == [[12, 0], [0, 255]]
+    label, _ = seg.segment(np.zeros((2, 2, 3), np.uint8), voc21[1:], image_id="x")  # no background class
+    assert label.tolist() == [[11, 255], [255, 255]]
 
 
 def test_scores_to_labels():
