@@ -54,6 +54,12 @@ CONTEXT_STUFF = (
     "bedclothes", "ceiling", "cloth", "curtain", "door", "fence", "floor", "grass", "ground", "light", "mountain",
     "platform", "road", "rock", "sidewalk", "sky", "snow", "wall", "water", "window", "wood",
 )
+# ADE20K-150's stuff classes (official data/ade.py ADE_STUFF_CLASS_ID, as ade150 names).
+ADE_STUFF = (
+    "apparel", "bridge", "ceiling", "dirt track", "earth", "field", "floor", "flower", "grass", "hill", "lake",
+    "land", "mountain", "path", "plant", "river", "road", "sand", "sea", "sky", "skyscraper", "tree", "wall",
+    "water", "waterfall",
+)
 # The official code's query text for class names that differ from the dataset's own (data/voc.py VOC_CLASSES,
 # data/context.py PASCAL_CONTEXT_CLASSES); other classes are queried by their dataset name.
 OFFICIAL_QUERY_NAMES = {
@@ -98,7 +104,8 @@ class CarParams:
     phi_iou: float = 0.7
 
 
-# Official configs (configs/voc.yaml, coco.yaml, pascal_context.yaml) for the semantic benchmarks; car-paper App. F
+# Official configs (configs/voc.yaml, coco.yaml, pascal_context.yaml, ade_150.yaml) for the semantic benchmarks
+# (ADE's queries are ade150's names, not the official comma-joined WordNet synonym lists); car-paper App. F
 # for referring segmentation (prompts circle + blur). The paper's §4 prints θ = 0.2 for Pascal Context; the
 # released config uses 0.25.
 CAR_DEFAULTS: dict[str, CarParams] = {
@@ -106,22 +113,27 @@ CAR_DEFAULTS: dict[str, CarParams] = {
     "coco": CarParams(eta=0.5, theta=0.3, lam=0.5, prompts=("blur", "gray")),
     "context": CarParams(eta=0.6, theta=0.25, lam=0.4, prompts=("blur", "circle"), stuff=CONTEXT_STUFF,
                          stuff_prompts=("blur", "gray")),
+    "ade": CarParams(eta=0.6, theta=0.25, lam=0.7, prompts=("gray", "blur"), stuff=ADE_STUFF,
+                     stuff_prompts=("gray", "blur")),
     "refcoco": CarParams(eta=0.5, theta=0.3, lam=0.5),
     "refcoco+": CarParams(eta=0.2, theta=0.1, lam=0.5),
     "refcocog": CarParams(eta=0.5, theta=0.1, lam=0.6),
 }
-DATASET_FAMILY = {"voc20": "voc", "voc21": "voc", "coco_object": "coco", "coco_stuff171": "coco",
-                  "context59": "context", "context60": "context"}
+DATASET_FAMILY = {"voc20": "voc", "voc21": "voc", "coco_object": "coco", "coco_object80": "coco",
+                  "coco_stuff171": "coco", "context59": "context", "context60": "context", "ade150": "ade"}
 
 
 def car_family(dataset: str) -> str:
-    """The CAR_DEFAULTS key of an evaluation dataset name (pipeline.datasets.PROTOCOLS key) or family; VOC's
-    otherwise (names starting coco_ / context map to their family)."""
+    """The CAR_DEFAULTS key of a benchmark or vocabulary name (pipeline.datasets) or a family; names starting
+    coco / context / ade map to their family, anything else (cityscapes19, custom vocabularies) to VOC's."""
     if dataset in CAR_DEFAULTS:
         return dataset
     if dataset in DATASET_FAMILY:
         return DATASET_FAMILY[dataset]
-    return "coco" if dataset.startswith("coco") else "context" if dataset.startswith("context") else "voc"
+    for family in ("coco", "context", "ade"):
+        if dataset.startswith(family):
+            return family
+    return "voc"
 
 
 def car_params(dataset: str) -> CarParams:

@@ -277,6 +277,14 @@ def test_defaults_are_the_official_configs():
     assert len(BACKGROUND_QUERIES) == 23 and voc.background == coco.background == BACKGROUND_QUERIES
     assert len(voc.classifier_templates) == 15 and voc.classifier_templates[0] == CAM_TEMPLATE
     assert voc.crf and voc.bg_factor == 1.0 and voc.raw_first_step and voc.classifier_skip_last_block
+    ade = car_params("ade150")
+    assert (ade.eta, ade.theta, ade.lam, set(ade.prompts), set(ade.stuff_prompts), len(ade.stuff)) == \
+        (0.6, 0.25, 0.7, {"gray", "blur"}, {"gray", "blur"}, 25)
+    assert car_params("coco_object80") == coco and car_params("cityscapes19") == voc
+    from pipeline.vocabularies import load_vocabulary
+
+    assert set(ctx.stuff) <= set(load_vocabulary("context59").classes)  # official ids → our class names
+    assert set(ade.stuff) <= set(load_vocabulary("ade150").classes)
 
 
 def test_gradcam_and_clip_adapters_tiny(tmp_path, gt):
