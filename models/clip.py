@@ -199,28 +199,26 @@ class HFClipEncoder(ClipEncoder):
         captured: dict[str, torch.Tensor] = {}
 
         def keep(_module, _args, output):
-            output.retain_grad()
             captured["a"] = output
 
         handle = layers[-1].layer_norm1.register_forward_hook(keep)
         try:
             with torch.enable_grad(), autocast(self.device):
-                out = layers[-1](h.detach(), None)
+                out = layers[-1](h.detach().requires_grad_(), None)
                 pooled = vm.post_layernorm(out)[:, 1:].mean(1)
                 img = l2_normalize(self.model.visual_projection(pooled))
                 logits = self.model.logit_scale.exp() * img @ l2_normalize(texts).T
                 probs = torch.softmax(logits.float(), dim=-1)[0]
-                fg_only = torch.softmax(logits[:, : len(fg)].float(), dim=-1)[0] if len(texts) > len(fg) else probs
                 act = captured["a"]
-                maps = []
-                for t in range(len(fg)):
-                    cam = self._cam_of(probs[t], act, gh, gw)
-                    if cam.max() == 0 and fg_only is not probs:
-                        cam = self._cam_of(fg_only[t], act, gh, gw)
-                    maps.append(cam)
+                maps = self._cams_of(probs[: len(fg)], act, gh, gw)
+                if len(texts) > len(fg) and len(fg):
+                    zero = maps.flatten(1).amax(1) == 0
+                    if zero.any():  # official: a map that is all zero is redone with the fg texts only
+                        fg_only = torch.softmax(logits[:, : len(fg)].float(), dim=-1)[0]
+                        maps[zero] = self._cams_of(fg_only, act, gh, gw)[zero]
         finally:
             handle.remove()
-        maps = to_numpy(torch.stack(maps)) if maps else np.zeros((0, gh, gw), np.float32)
+        maps = to_numpy(maps)
         if attention_layers <= 0:
             return maps
         with torch.no_grad():
@@ -228,15 +226,18 @@ class HFClipEncoder(ClipEncoder):
         return maps, to_numpy(attention)
 
     @staticmethod
-    def _cam_of(score: torch.Tensor, act: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-        """Grad-CAM of one scalar score w.r.t. the activation [1, 1 + N, C] (CLS dropped): channel weights = mean
-        gradient over patches, ReLU of the weighted sum, then (x - min) / (max + 1e-15) as CLIP-ES."""
-        act.grad = None
-        score.backward(retain_graph=True)
-        tokens, grad = act[0, 1:].detach().float(), act.grad[0, 1:].float()
-        cam = torch.relu(tokens @ grad.mean(0)).reshape(gh, gw)
-        cam = cam - cam.min()
-        return cam / (cam.max() + 1e-15)
+    def _cams_of(scores: torch.Tensor, act: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        """Grad-CAM of each of T scalar scores w.r.t. the activation [1, 1 + N, C] (CLS dropped), all T gradients in
+        one batched backward: channel weights = mean gradient over patches, ReLU of the weighted sum, then
+        (x - min) / (max + 1e-15) as CLIP-ES. Returns [T, gh, gw]."""
+        if len(scores) == 0:
+            return torch.zeros((0, gh, gw), device=act.device)
+        (grads,) = torch.autograd.grad(scores, act, grad_outputs=torch.eye(len(scores), device=scores.device),
+                                       retain_graph=True, is_grads_batched=True)
+        tokens, grads = act[0, 1:].detach().float(), grads[:, 0, 1:].float()  # [N, C], [T, N, C]
+        cams = torch.relu(torch.einsum("nc,tc->tn", tokens, grads.mean(1))).reshape(-1, gh, gw)
+        cams = cams - cams.flatten(1).amin(1)[:, None, None]
+        return cams / (cams.flatten(1).amax(1)[:, None, None] + 1e-15)
 
     def _patch_attention(self, block_inputs: Sequence[torch.Tensor], last: int) -> torch.Tensor:
         """Mean over heads and the last `last` blocks of softmax(q·kᵀ · scale), patches only: float32 [N, N].
