@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "ModelSettings",
     "ModelUnavailableError",
     "load_role",
+    "load_spacy",
     "register_preset",
     "registered_presets",
 ]
@@ -56,6 +58,7 @@ class ModelSettings:
     sam_arch: str = "vit_h"
     sam_checkpoint: str = ""  # "" → <cache_dir>/<official file name of sam_arch>, e.g. sam_vit_h_4b8939.pth
     plugins: tuple[str, ...] = ()
+    keep_loaded: int = 8  # adapters a process keeps for later shards (least recently used dropped); 0 = none
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, str]) -> ModelSettings:
@@ -67,13 +70,31 @@ class ModelSettings:
         kw: dict[str, Any] = {k: str(v).strip() for k, v in d.items() if str(v).strip()}
         if "plugins" in kw:
             kw["plugins"] = tuple(p.strip() for p in kw["plugins"].split(",") if p.strip())
+        if "keep_loaded" in kw:
+            try:
+                kw["keep_loaded"] = int(kw["keep_loaded"])
+            except ValueError:
+                kw["keep_loaded"] = -1
+            if kw["keep_loaded"] < 0:
+                raise ValueError(f"[models] keep_loaded must be an integer >= 0, got {d['keep_loaded']!r}")
         return cls(**kw)
+
+    def content(self) -> dict[str, Any]:
+        """The fields that say WHAT the models are (for stage hashes): where they run and how long a process keeps
+        them (`RUNTIME_FIELDS`) are left out."""
+        d = dataclasses.asdict(self)
+        for name in RUNTIME_FIELDS:
+            d.pop(name)
+        return d
 
     def sam_checkpoint_path(self) -> str:
         if self.sam_checkpoint:
             return self.sam_checkpoint
         url = SAM_CHECKPOINT_URLS.get(self.sam_arch, f"/sam_{self.sam_arch}.pth")
         return f"{self.cache_dir}/{url.rsplit('/', 1)[-1]}"
+
+
+RUNTIME_FIELDS = ("device", "keep_loaded")
 
 
 # ----------------------------------------------------------------------------------------------------- real
@@ -169,8 +190,15 @@ def registered_presets() -> tuple[str, ...]:
     return tuple(sorted(_PRESETS))
 
 
+# Adapters already loaded by this process, least recently used first: a worker process (`pseudoseg workers`, or
+# `run` with --workers 1, where Luigi runs tasks in-process) loads each model once and reuses it for every shard.
+_LOADED: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+LOADS: Counter[str] = Counter()  # factory calls per role in this process (tests count them)
+
+
 def load_role(role: str, settings: ModelSettings) -> Any:
-    """The adapter for `role` ('captioner', 'grounder', 'segmenter', 'clip', 'dense') under `settings.preset`.
+    """The adapter for `role` (one of ROLES) under `settings.preset`, reused when this process already loaded it
+    with the same settings and factory (`[models] keep_loaded` adapters are kept; 0 loads on every call).
 
     Plugin modules in `settings.plugins` are imported first (they call `register_preset`). Raises
     ModelUnavailableError when a configured model cannot be loaded offline.
@@ -184,4 +212,34 @@ def load_role(role: str, settings: ModelSettings) -> Any:
         raise ValueError(f"unknown [models] preset {settings.preset!r}; registered: {registered_presets()}")
     if role not in preset:
         raise ModelUnavailableError(f"preset {settings.preset!r} has no {role!r} model (it provides {sorted(preset)})")
-    return preset[role](settings)
+    factory = preset[role]
+    key = (role, dataclasses.replace(settings, keep_loaded=0), factory)
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    model = factory(settings)
+    LOADS[role] += 1
+    if settings.keep_loaded > 0:
+        _LOADED[key] = model
+        while len(_LOADED) > settings.keep_loaded:
+            _LOADED.popitem(last=False)
+    return model
+
+
+def release_models() -> None:
+    """Drop every kept adapter (their memory is freed once nothing else refers to them)."""
+    _LOADED.clear()
+    _SPACY.clear()
+
+
+_SPACY: dict[str, Any] = {}
+
+
+def load_spacy(name: str) -> Any:
+    """spaCy pipeline `name`, loaded once per process (a load costs more than a small shard's parsing)."""
+    if name not in _SPACY:
+        import spacy
+
+        _SPACY[name] = spacy.load(name)
+        LOADS["spacy"] += 1
+    return _SPACY[name]

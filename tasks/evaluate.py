@@ -126,8 +126,7 @@ class Evaluate(luigi.Task):
 
     def content_params(self) -> dict[str, Any]:
         cfg = evaluate()
-        settings = dataclasses.asdict(model_settings())
-        settings.pop("device")
+        settings = model_settings().content()
         params: dict[str, Any] = {
             "benchmark": self.benchmark, "data_root": str(Path(self.data_root).expanduser().resolve()),
             "split": cfg.split, "limit": self.limit, "method": self.method, "grid_images": cfg.grid_images,

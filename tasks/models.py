@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import luigi
 import numpy as np
 
@@ -21,8 +19,7 @@ class ModelProbe(DatasetTask):
 
     @property
     def stage_dir(self) -> StageDir:
-        settings = dataclasses.asdict(model_settings())
-        settings.pop("device")  # where it runs does not change what it is
+        settings = model_settings().content()  # where it runs does not change what it is
         params = {"ingest": self.requires().stage_dir.hash, "models": settings}
         return StageDir(self.root, self.dataset, "model_probe", params)
 

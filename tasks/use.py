@@ -13,7 +13,7 @@ from typing import Any
 import luigi
 import numpy as np
 
-from models.registry import load_role
+from models.registry import load_role, load_spacy
 from pipeline.artifacts import ShardOutput
 from pipeline.captions import load_gt_captions
 from pipeline.use_pairs import (
@@ -139,10 +139,8 @@ class ExpressionShard(ChainedShardTask):
                 "max_tokens": cfg.max_expression_tokens}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        import spacy
-
         cfg = use()
-        nlp = spacy.load(cfg.spacy_model)
+        nlp = load_spacy(cfg.spacy_model)
         captions = self.read("captions", CAPTIONS)
         progress.start(len(captions))
         rows, rejects = [], []
@@ -170,10 +168,8 @@ class GroundShard(ChainedShardTask):
                 "text_threshold": cfg.text_threshold, "box_nms_iou": cfg.box_nms_iou}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        import spacy
-
         cfg = use()
-        nlp = spacy.load(cfg.spacy_model)
+        nlp = load_spacy(cfg.spacy_model)
         grounder = load_role("grounder", model_settings())
         captions = group_by_image(self.read("captions", CAPTIONS))
         expressions = group_by_image(self.read("expressions", EXPRESSIONS))

@@ -365,3 +365,42 @@ def test_oracle_answers_from_ground_truth(gt):
     assert sorted(set(top)) == ["bottle", "person"]
     assert load_role("captioner", settings).caption([gt.rgb], "", max_new_tokens=1, temperature=0, top_p=1,
                                                     top_k=1, seed=0)[0].startswith("a photo of a person")
+
+
+def test_a_process_loads_each_model_once_across_shards(tmp_path):
+    """Three one-image shards of Expressions (captioner + spaCy) and SamEmbeddings (SAM) in one worker process:
+    each model is loaded once and reused for every shard (models.registry keeps the adapters)."""
+    from models import registry
+    from tasks.base import build_tasks
+    from tasks.sam import SamEmbeddings
+    from tasks.use import Expressions
+    from tests.helpers import luigi_settings, write_good_images
+
+    images = tmp_path / "images"
+    write_good_images(images, 3)
+    calls: dict[str, int] = {}
+
+    def counting(role):
+        def factory(settings):
+            calls[role] = calls.get(role, 0) + 1
+            return registry.TINY[role](settings)
+
+        return factory
+
+    register_preset("counting", {r: counting(r) for r in ("captioner", "segmenter")})
+    registry.release_models()
+    spacy_before = registry.LOADS["spacy"]
+    args = {"images": str(images), "dataset": "ds", "out": str(tmp_path / "out")}
+    with luigi_settings(models={"preset": "counting", "cache_dir": str(tmp_path / "models")},
+                        ingest={"shard_size": 1}, use={"caption_max_new_tokens": 4}):
+        tasks = [Expressions(**args), SamEmbeddings(**args)]
+        result = build_tasks(tasks, local_scheduler=True, workers=1)
+        assert all(t.complete() for t in tasks), result.summary_text
+        assert len(SamEmbeddings(**args).requires()) == 3
+    assert calls == {"captioner": 1, "segmenter": 1}
+    assert registry.LOADS["spacy"] - spacy_before == 1
+    # keep_loaded = 0: every call loads
+    s = ModelSettings(preset="counting", cache_dir=str(tmp_path / "models"), keep_loaded=0)
+    load_role("segmenter", s)
+    load_role("segmenter", s)
+    assert calls["segmenter"] == 3
