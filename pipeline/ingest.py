@@ -13,7 +13,7 @@ import webdataset as wds
 
 from pipeline.artifacts import sha256_hex
 from pipeline.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
-from pipeline.sources import PlannedEntry
+from pipeline.sources import PlannedEntry, plan_reject, read_error_text
 from schemas import IMAGE_META
 
 STAGE = "ingest"
@@ -57,15 +57,15 @@ def ingest_entries(
         if on_entry is not None:
             on_entry(i)
         if entry.read_error is not None:
-            result.rejects.append(reject_row(entry, "unreadable", entry.read_error))
+            result.rejects.append(reject_row(entry, *plan_reject(entry.read_error)))
             continue
         if entry.duplicate_of is not None:
             result.rejects.append(reject_row(entry, "duplicate", f"same content as {entry.duplicate_of}"))
             continue
         try:
             data = read(entry.source)
-        except OSError as exc:
-            result.rejects.append(reject_row(entry, "unreadable", f"{type(exc).__name__}: {exc}"))
+        except OSError as exc:  # read after planning: the entry changed in between
+            result.rejects.append(reject_row(entry, *plan_reject(read_error_text(exc))))
             continue
         if sha256_hex(data) != entry.sha256:
             # The file changed after planning; its id would lie about its content.
