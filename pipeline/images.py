@@ -2,7 +2,8 @@
 
 Every image, whatever its container or PIL mode, leaves :func:`decode_image` as an RGB ``uint8`` array of
 shape ``[H, W, 3]`` (row, col, channel; C-contiguous), upright (EXIF orientation applied), first frame only,
-and no larger than ``max_side`` on its long side. Anything that cannot become such an array raises
+no larger than ``max_side`` on its long side and no smaller than ``min_side`` on its short side (also after
+the downsize). Anything that cannot become such an array raises
 :class:`ImageRejected` with one of :data:`REJECT_CODES`, so callers record a reject row instead of crashing.
 
 Conventions
@@ -44,7 +45,7 @@ REJECT_CODES: tuple[str, ...] = (
     "unsupported_format",  # a real format we do not decode: not in allowed_formats, PDF, SVG, HEIF/AVIF, ...
     "truncated",  # the data ends before the pixels do
     "corrupt",  # an image signature, but the header or pixel data is broken
-    "too_small",  # min(width, height) < min_side
+    "too_small",  # min(width, height) < min_side, before or after the downsize to max_side
     "decompression_bomb",  # width * height > max_pixels according to the header (nothing is allocated)
     "bad_dimensions",  # the header declares a zero width or height
 )
@@ -305,6 +306,13 @@ def decode_image(
                 )
             if min(width, height) < min_side:
                 raise ImageRejected("too_small", f"{width}x{height}: shorter side < {min_side}")
+            # What is stored and handed to every later stage is the downsized image: a thin giant (20000x2) would
+            # pass the check above and be stored 2048x1. fit_long_side rounds the short side the same way for
+            # either orientation, so the header size decides it before any pixel is decoded.
+            stored_h, stored_w = fit_long_side((height, width), max_side)
+            if min(stored_w, stored_h) < min_side:
+                raise ImageRejected("too_small", f"{width}x{height} is stored as {stored_w}x{stored_h} (long side "
+                                                 f"fit to max_side {max_side}): shorter side < {min_side}")
             orig_mode = img.mode
             declared_bits = _declared_bits(img)
 

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from pipeline.artifacts import sha256_hex
 from pipeline.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
-from pipeline.sources import PlannedEntry
+from pipeline.sources import PlannedEntry, plan_reject, read_error_text
 from schemas import IMAGE_META
 
 STAGE = "ingest"
@@ -57,15 +57,15 @@ def ingest_entries(
         if on_entry is not None:
             on_entry(i)
         if entry.read_error is not None:
-            result.rejects.append(reject_row(entry, "unreadable", entry.read_error))
+            result.rejects.append(reject_row(entry, *plan_reject(entry.read_error)))
             continue
         if entry.duplicate_of is not None:
             result.rejects.append(reject_row(entry, "duplicate", f"same content as {entry.duplicate_of}"))
             continue
         try:
             data = read(entry.source)
-        except OSError as exc:
-            result.rejects.append(reject_row(entry, "unreadable", f"{type(exc).__name__}: {exc}"))
+        except OSError as exc:  # read after planning: the entry changed in between
+            result.rejects.append(reject_row(entry, *plan_reject(read_error_text(exc))))
             continue
         if sha256_hex(data) != entry.sha256:
             # The file changed after planning; its id would lie about its content.
@@ -126,19 +126,29 @@ def _json_bytes(meta: Mapping[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def iter_ingested_images(tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-    """(image_id, rgb uint8 [H, W, 3], meta) for every sample of an ingest shard tar, in manifest order.
-
-    Decoding goes through decode_image with no size limit: giants were already downsized at ingest."""
+def iter_ingested_samples(tar_path: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """(image_id, stored payload bytes, meta) for every sample of an ingest shard tar, in manifest order; nothing
+    decoded, so a caller can decode each image under its own error handling (``decode_stored``)."""
     dataset = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
     for sample in dataset:
         meta = json.loads(sample["json"])
-        decoded = decode_image(sample[meta["stored_ext"]], max_side=1 << 30, max_pixels=1 << 62)
-        yield sample["__key__"], decoded.rgb, meta
+        yield sample["__key__"], sample[meta["stored_ext"]], meta
+
+
+def decode_stored(data: bytes) -> np.ndarray:
+    """rgb uint8 [H, W, 3] of an ingested payload. No size limits: ingest already applied its own (giants were
+    downsized, too-small images rejected), and a reader must not judge an accepted image by other limits."""
+    return decode_image(data, max_side=1 << 30, min_side=1, max_pixels=1 << 62).rgb
+
+
+def iter_ingested_images(tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+    """(image_id, rgb uint8 [H, W, 3], meta) for every sample of an ingest shard tar, in manifest order."""
+    for image_id, data, meta in iter_ingested_samples(tar_path):
+        yield image_id, decode_stored(data), meta
 
 
 def read_ingested_image(store: Any, image_id: str) -> np.ndarray:
     """rgb uint8 [H, W, 3] of one ingested image, by random access: ``store`` is a
     ``pipeline.feature_cache.TarStore`` over ingest shard tars (its ``read(key, ext)``)."""
     meta = json.loads(store.read(image_id, "json"))
-    return decode_image(store.read(image_id, meta["stored_ext"]), max_side=1 << 30, max_pixels=1 << 62).rgb
+    return decode_stored(store.read(image_id, meta["stored_ext"]))

@@ -23,7 +23,9 @@ PLAN = Contract(
             _f("image_id", pa.string()),  # sha256 prefix of content; of "unreadable:<source>" when unreadable
             _f("sha256", pa.string()),  # full content hash ("" when unreadable)
             _f("num_bytes", pa.int64()),
-            _f("read_error", pa.string(), nullable=True),  # reject reason found while planning, e.g. unreadable
+            # "<reason>: <detail>" of an entry rejected while planning: unreadable, not_a_regular_file,
+            # unreadable_folder (source = the folder); a bare detail (older plans) means unreadable
+            _f("read_error", pa.string(), nullable=True),
             _f("duplicate_of", pa.string(), nullable=True),  # source of the first entry with the same content
         ]
     ),

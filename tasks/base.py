@@ -11,7 +11,7 @@ import functools
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +26,7 @@ from pipeline.artifacts import ShardOutput, StageDir, TarSpool, commit_shard
 from pipeline.ingest import iter_ingested_images
 from pipeline.sources import Listing, list_source, num_shards
 from schemas import MANIFEST, REJECTS, Contract
+from tasks.image_errors import ImageErrors
 
 
 class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
@@ -190,10 +191,21 @@ class ChainedShardTask(ShardTask):
         """image_id → source of every image accepted into this shard, in manifest order."""
         return {r["image_id"]: r["source"] for r in self.read("ingest", MANIFEST)}
 
-    def ingested(self) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-        """(image_id, rgb uint8 [H, W, 3], meta) of the shard's images. (Not named ``images``: that is a
-        Luigi parameter, and a method of the same name would hide it.)"""
-        return iter(iter_ingested_images(self.path("ingest", "tar")))
+    def ingested(self, errors: ImageErrors | None = None) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
+        """(image_id, rgb uint8 [H, W, 3], meta) of the shard's images; with ``errors``, an image that does not
+        decode becomes reject rows and is skipped. (Not named ``images``: that is a Luigi parameter, and a method of
+        the same name would hide it.)"""
+        tar = self.path("ingest", "tar")
+        return errors.images(tar) if errors is not None else iter(iter_ingested_images(tar))
+
+    def image_errors(self, rejects: list[dict[str, str]],
+                     units: Callable[[str], Sequence[str]] | None = None) -> ImageErrors:
+        """Per-image error handling for this shard's loop (see ImageErrors); ``units`` defaults to one reject row
+        per image, with the image's source."""
+        if units is None:
+            sources = self.sources()
+            units = lambda image_id: [sources[image_id]]  # noqa: E731
+        return ImageErrors(self.stage, rejects, units)
 
     def finish(self, contract: Contract, rows: list[dict], rejects: list[dict], in_count: int,
                **files: bytes) -> ShardOutput:

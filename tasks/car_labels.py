@@ -53,6 +53,7 @@ from tasks.base import (
     reject,
 )
 from tasks.fmbseg import fmbseg
+from tasks.image_errors import REJECTED
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 
@@ -142,26 +143,30 @@ class CaRLabelShard(ChainedShardTask):
         sources = self.sources()
         progress.start(len(sources))
         samples, rows, rejects = [], [], []
-        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
-            progress.step(i)
-            label, scores = seg.segment(rgb, names, image_id=image_id)
-            # CaR never empties its query set (the best one stays); as a label source, an image where no query
-            # ever passed θ is not trusted.
-            if not (np.asarray(scores)[first:] > params.theta).any():
-                rejects.append(reject(image_id, sources[image_id], self.stage, "no_confident_query",
-                                      f"no query of {len(names) - first} passed θ = {params.theta}"))
-                continue
-            label = np.asarray(label, np.uint8)
-            fg = (label != IGNORE) & (label >= first)
-            if not fg.any():
-                rejects.append(reject(image_id, sources[image_id], self.stage, "no_pseudo_label",
-                                      "the kept queries label no pixel"))
-                continue
-            meta = label_map_meta(image_id, vocab, label, PRECEDENCE)
-            LABEL_MAP_META.table([meta])
-            samples.append({"__key__": image_id, "png": encode_png(label),
-                            "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
-            rows.extend(label_region_rows(image_id, vocab, label, np.zeros(label.shape, np.uint8)))
+        with self.image_errors(rejects) as errors:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+                progress.step(i)
+                segmented = errors.run(image_id, seg.segment, rgb, names, image_id=image_id)
+                if segmented is REJECTED:
+                    continue
+                label, scores = segmented
+                # CaR never empties its query set (the best one stays); as a label source, an image where no query
+                # ever passed θ is not trusted.
+                if not (np.asarray(scores)[first:] > params.theta).any():
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_confident_query",
+                                          f"no query of {len(names) - first} passed θ = {params.theta}"))
+                    continue
+                label = np.asarray(label, np.uint8)
+                fg = (label != IGNORE) & (label >= first)
+                if not fg.any():
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_pseudo_label",
+                                          "the kept queries label no pixel"))
+                    continue
+                meta = label_map_meta(image_id, vocab, label, PRECEDENCE)
+                LABEL_MAP_META.table([meta])
+                samples.append({"__key__": image_id, "png": encode_png(label),
+                                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
+                rows.extend(label_region_rows(image_id, vocab, label, np.zeros(label.shape, np.uint8)))
         table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()
         return self.finish(LABEL_REGIONS, rows, rejects, len(sources), tar=webdataset_tar_bytes(samples),
                            classes_json=table)

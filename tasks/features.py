@@ -33,7 +33,6 @@ from pipeline.feature_cache import (
     text_rows,
     text_templates,
 )
-from pipeline.ingest import iter_ingested_images
 from pipeline.use_pairs import text_pool
 from pipeline.vocabularies import class_text_embeddings, load_templates, load_vocabulary
 from schemas import MANIFEST, REJECTS, SEGMENTS
@@ -48,6 +47,7 @@ from tasks.base import (
     uses_gpu,
 )
 from tasks.fmbseg import fmbseg
+from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
 from tasks.use import SegmentNMSShard, reject
 
@@ -133,7 +133,8 @@ class FeatureCacheShard(ShardTask):
         sources = {r["image_id"]: r["source"] for r in manifest}
         progress.start(len(manifest))
         rows, rejects = [], []
-        with self.tar_spool() as tar:  # on an error the temporary is removed
+        errors = ImageErrors(self.stage, rejects, lambda image_id: [sources[image_id]])
+        with self.tar_spool() as tar, errors:  # on an error the temporary is removed
             batch: list[tuple[str, np.ndarray]] = []
 
             def keep(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -146,17 +147,22 @@ class FeatureCacheShard(ShardTask):
                 tar.write(sample)
                 rows.append(record)
 
+            def encode(rgbs: list[np.ndarray]) -> list:
+                size = features_use().input_size or clip.image_size
+                return encode_use(rgbs, clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
+                                  input_size=size, **names)
+
             def flush() -> None:
                 if batch:
-                    size = features_use().input_size or clip.image_size
-                    encoded = encode_use([rgb for _, rgb in batch], clip=clip, dense=dense,
-                                         clip_layers=clip_layers, dino_layers=dino_layers, input_size=size, **names)
-                    for (image_id, _), (arrays, meta) in zip(batch, encoded, strict=True):
-                        keep(image_id, arrays, meta)
+                    encoded = errors.run_batch([image_id for image_id, _ in batch],
+                                               lambda: encode([rgb for _, rgb in batch]),
+                                               lambda k: encode([batch[k][1]])[0])
+                    for (image_id, _), result in zip(batch, encoded, strict=True):
+                        if result is not REJECTED:
+                            keep(image_id, *result)
                     batch.clear()
 
-            images = iter_ingested_images(str(ingest.shard_path(self.shard, "tar")))
-            for i, (image_id, rgb, _meta) in enumerate(images):
+            for i, (image_id, rgb, _meta) in enumerate(errors.images(str(ingest.shard_path(self.shard, "tar")))):
                 progress.step(i)
                 if self.purpose == "use":
                     batch.append((image_id, rgb))
@@ -164,9 +170,11 @@ class FeatureCacheShard(ShardTask):
                         flush()
                 else:
                     cfg = features_fmbseg()
-                    keep(image_id, *encode_fmbseg(rgb, dense=dense, dino_layers=dino_layers,
-                                                  short_side=cfg.short_side, max_long_side=cfg.max_long_side,
-                                                  dino_name=names["dino_name"]))
+                    result = errors.run(image_id, encode_fmbseg, rgb, dense=dense, dino_layers=dino_layers,
+                                        short_side=cfg.short_side, max_long_side=cfg.max_long_side,
+                                        dino_name=names["dino_name"])
+                    if result is not REJECTED:
+                        keep(image_id, *result)
             flush()
         output = ShardOutput(files={"tar": tar.path}, in_count=len(manifest),
                              ok_count=len(rows), rejected_count=len(rejects))

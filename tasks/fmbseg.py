@@ -64,6 +64,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.image_errors import REJECTED, ImageErrors
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 
 
@@ -130,11 +131,14 @@ class ClipDenseShard(FmbsegShardTask):
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
-        with self.tar_spool() as tar:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
+        with self.tar_spool() as tar, self.image_errors(rejects) as errors:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
                 progress.step(i)
-                features = clip_dense_features(clip, rgb, short_side=cfg.short_side, stride=cfg.stride,
-                                               max_long_side=cfg.max_long_side, batch_size=cfg.clip_batch_size)
+                features = errors.run(image_id, clip_dense_features, clip, rgb, short_side=cfg.short_side,
+                                      stride=cfg.stride, max_long_side=cfg.max_long_side,
+                                      batch_size=cfg.clip_batch_size)
+                if features is REJECTED:
+                    continue
                 if not (np.isfinite(features.dense).all() and np.isfinite(features.cls).all()):
                     rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
                                           "CLIP returned NaN/inf features"))
@@ -184,16 +188,19 @@ class DetectShard(FmbsegShardTask):
                     continue
                 rows.extend(detection_rows(image_id, vocab, None, known, "image_labels"))
         else:
-            for i, (image_id, features) in enumerate(self.dense()):
-                progress.step(i)
-                detection = detect_classes(features.cls, text, min_crops=cfg.min_crops)
-                if not detection.present:
-                    top = int(detection.counts.argmax())
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_class_detected",
-                                          f"no class won more than {cfg.min_crops} of {len(features.cls)} crops "
-                                          f"(best: {vocab.classes[top]} with {int(detection.counts[top])})"))
-                    continue
-                rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
+            with self.image_errors(rejects) as errors:
+                for i, (image_id, features) in enumerate(self.dense()):
+                    progress.step(i)
+                    detection = errors.run(image_id, detect_classes, features.cls, text, min_crops=cfg.min_crops)
+                    if detection is REJECTED:
+                        continue
+                    if not detection.present:
+                        top = int(detection.counts.argmax())
+                        rejects.append(reject(image_id, sources[image_id], self.stage, "no_class_detected",
+                                              f"no class won more than {cfg.min_crops} of {len(features.cls)} "
+                                              f"crops (best: {vocab.classes[top]} with {int(detection.counts[top])})"))
+                        continue
+                    rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
         buf = io.BytesIO()
         np.save(buf, text.astype(np.float32), allow_pickle=False)
         return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=buf.getvalue())
@@ -204,25 +211,37 @@ class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
 
     upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
 
-    def missing_embedding_rejects(self, image_id: str, classes: list[int]) -> list[dict[str, str]]:
+    def units(self, image_id: str, classes: list[int]) -> list[str]:
+        """REJECTS sources of one image's units (what this stage's in_count counts)."""
         raise NotImplementedError
 
     def sam_inputs(self, segmenter, detections: dict[str, list[dict]], progress: ProgressReporter,
-                   rejects: list[dict[str, str]]) -> Iterator[tuple[str, np.ndarray, Any, list[int], Any]]:
+                   errors: ImageErrors) -> Iterator[tuple[str, np.ndarray, Any, list[int], Any]]:
         """(image_id, rgb, dense features, detected class indices, SAM embedding) per image, in manifest order;
-        images without detections are skipped (rejected upstream), images without an embedding become rejects."""
+        images without detections are skipped (rejected upstream), images without an embedding become rejects,
+        so do images whose decoding or encoding raised a per-image error (``errors``)."""
         embed = self.sam_embedder(segmenter)
         progress.start(len(detections))
-        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(), self.dense())):
+        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(errors), self.dense())):
             progress.step(i)
-            classes = sorted(r["class_index"] for r in detections.get(image_id, []))
+            classes = self.detected(detections, image_id)
             if not classes:
                 continue
-            embedding = embed(image_id, rgb)
+            embedding = errors.run(image_id, embed, image_id, rgb)
+            if embedding is REJECTED:
+                continue
             if embedding is None:
-                rejects.extend(self.missing_embedding_rejects(image_id, classes))
+                errors.rejects.extend(reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
+                                      for unit in self.units(image_id, classes))
                 continue
             yield image_id, rgb, features, classes, embedding
+
+    @staticmethod
+    def detected(detections: dict[str, list[dict]], image_id: str) -> list[int]:
+        return sorted(r["class_index"] for r in detections.get(image_id, []))
+
+    def stage1_errors(self, detections: dict[str, list[dict]], rejects: list[dict[str, str]]) -> ImageErrors:
+        return self.image_errors(rejects, lambda image_id: self.units(image_id, self.detected(detections, image_id)))
 
 
 class QueryPointMaskShard(SamStage1Shard):
@@ -241,22 +260,26 @@ class QueryPointMaskShard(SamStage1Shard):
         detections = group_by_image(self.read("detect", DETECTIONS))
         segmenter = load_role("segmenter", model_settings())
         rows, rejects = [], []
-        for image_id, _rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress, rejects):
-            masks = query_point_masks(segmenter, embedding, features, text, classes, top_k=cfg.top_k,
-                                      multimask=cfg.multimask)
-            kept = []
-            for m in masks:
-                if m.area == 0:
-                    rejects.append(reject(image_id, f"class:{m.class_index}", self.stage, "empty_mask",
-                                          f"{vocab.classes[m.class_index]}: SAM returned an empty mask"))
-                else:
-                    kept.append(m)
-            rows.extend(mask_rows(image_id, vocab, kept))
+        with self.stage1_errors(detections, rejects) as errors:
+            for image_id, _rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
+                                                                                 errors):
+                masks = errors.run(image_id, query_point_masks, segmenter, embedding, features, text, classes,
+                                   top_k=cfg.top_k, multimask=cfg.multimask)
+                if masks is REJECTED:
+                    continue
+                kept = []
+                for m in masks:
+                    if m.area == 0:
+                        rejects.append(reject(image_id, f"class:{m.class_index}", self.stage, "empty_mask",
+                                              f"{vocab.classes[m.class_index]}: SAM returned an empty mask"))
+                    else:
+                        kept.append(m)
+                rows.extend(mask_rows(image_id, vocab, kept))
         in_count = sum(len(v) for v in detections.values())
         return self.finish(PSEUDO_MASKS, rows, rejects, in_count)
 
-    def missing_embedding_rejects(self, image_id: str, classes: list[int]) -> list[dict[str, str]]:
-        return [reject(image_id, f"class:{c}", self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL) for c in classes]
+    def units(self, image_id: str, classes: list[int]) -> list[str]:
+        return [f"class:{c}" for c in classes]
 
 
 class AutoMaskLabelShard(SamStage1Shard):
@@ -278,20 +301,29 @@ class AutoMaskLabelShard(SamStage1Shard):
         sources = self.sources()
         segmenter = load_role("segmenter", model_settings())
         rows, rejects = [], []
-        for image_id, rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress, rejects):
+
+        def auto_masks(rgb: np.ndarray, features: Any, classes: list[int], embedding: Any) -> tuple[int, list]:
             auto = segmenter.automatic_masks(rgb, embedding=embedding, **amg_params())
-            masks = label_auto_masks(auto, features, text, classes, min_area_fraction=cfg.min_area_fraction,
-                                     max_area_fraction=cfg.max_area_fraction)
-            if not masks:
-                rejects.append(reject(image_id, sources[image_id], self.stage, "no_auto_mask",
-                                      f"{len(auto)} automatic masks, none within the size limits"))
-                continue
-            rows.extend(mask_rows(image_id, vocab, masks))
+            return len(auto), label_auto_masks(auto, features, text, classes,
+                                               min_area_fraction=cfg.min_area_fraction,
+                                               max_area_fraction=cfg.max_area_fraction)
+
+        with self.stage1_errors(detections, rejects) as errors:
+            for image_id, rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
+                                                                                errors):
+                found = errors.run(image_id, auto_masks, rgb, features, classes, embedding)
+                if found is REJECTED:
+                    continue
+                count, masks = found
+                if not masks:
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_auto_mask",
+                                          f"{count} automatic masks, none within the size limits"))
+                    continue
+                rows.extend(mask_rows(image_id, vocab, masks))
         return self.finish(PSEUDO_MASKS, rows, rejects, len(detections))
 
-    def missing_embedding_rejects(self, image_id: str, classes: list[int]) -> list[dict[str, str]]:
-        source = self.sources()[image_id]
-        return [reject(image_id, source, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)]
+    def units(self, image_id: str, classes: list[int]) -> list[str]:
+        return [self.sources()[image_id]]
 
 
 def _pseudo_mask(row: dict[str, Any]) -> PseudoMask:
@@ -338,22 +370,31 @@ class PseudoLabelShard(FmbsegShardTask):
         manifest = self.read("ingest", MANIFEST)
         progress.start(len(detections))
         samples, rows, rejects = [], [], []
-        for i, entry in enumerate(r for r in manifest if r["image_id"] in detections):
-            progress.step(i)
-            image_id = entry["image_id"]
-            image_masks = sorted(masks.get(image_id, []), key=lambda r: (r["stage"] != STAGE_11, r["mask_index"]))
+
+        def merge(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+            image_masks = sorted(masks.get(entry["image_id"], []),
+                                 key=lambda r: (r["stage"] != STAGE_11, r["mask_index"]))
             label, source = merge_label_map((entry["height"], entry["width"]),
                                             [_pseudo_mask(r) for r in image_masks], cfg.precedence)
-            meta = label_map_meta(image_id, vocab, label, cfg.precedence)
-            if meta["labelled_pixels"] == 0:
-                stages = "/".join(s for s, on in ((STAGE_11, cfg.stage11), (STAGE_12, cfg.stage12)) if on)
-                rejects.append(reject(image_id, entry["source"], self.stage, "no_pseudo_label",
-                                      f"no Stage {stages} mask for the detected classes"))
-                continue
-            LABEL_MAP_META.table([meta])
-            samples.append({"__key__": image_id, "png": encode_png(label),
-                            "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
-            rows.extend(label_region_rows(image_id, vocab, label, source))
+            return label, source, label_map_meta(entry["image_id"], vocab, label, cfg.precedence)
+
+        with self.image_errors(rejects) as errors:
+            for i, entry in enumerate(r for r in manifest if r["image_id"] in detections):
+                progress.step(i)
+                image_id = entry["image_id"]
+                merged = errors.run(image_id, merge, entry)
+                if merged is REJECTED:
+                    continue
+                label, source, meta = merged
+                if meta["labelled_pixels"] == 0:
+                    stages = "/".join(s for s, on in ((STAGE_11, cfg.stage11), (STAGE_12, cfg.stage12)) if on)
+                    rejects.append(reject(image_id, entry["source"], self.stage, "no_pseudo_label",
+                                          f"no Stage {stages} mask for the detected classes"))
+                    continue
+                LABEL_MAP_META.table([meta])
+                samples.append({"__key__": image_id, "png": encode_png(label),
+                                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
+                rows.extend(label_region_rows(image_id, vocab, label, source))
         table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()
         return self.finish(LABEL_REGIONS, rows, rejects, len(detections), tar=webdataset_tar_bytes(samples),
                            classes_json=table)

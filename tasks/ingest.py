@@ -25,7 +25,8 @@ class PlanIngest(DatasetTask):
 
     def run(self) -> None:
         self.set_status_message(f"hashing {len(self.listing.entries)} entries")
-        rows = [e.__dict__ for e in plan_entries(self.listing.entries, ingest().shard_size)]
+        listing = self.listing
+        rows = [e.__dict__ for e in plan_entries(listing.entries, ingest().shard_size, problems=listing.problems)]
         stage_dir = self.stage_dir
         stage_dir.write_params()
         atomic_write_bytes(stage_dir.path / "plan.parquet", PLAN.to_parquet_bytes(PLAN.table(rows)))

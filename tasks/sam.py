@@ -30,6 +30,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.image_errors import REJECTED, ArtifactMismatchError
 
 
 class sam_embeddings(luigi.Config):  # noqa: N801 — section [sam_embeddings] of luigi.cfg
@@ -53,11 +54,18 @@ class SamEmbedShard(ChainedShardTask):
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
-        with self.tar_spool() as tar:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
+
+        def encode(rgb: np.ndarray) -> tuple[SamImageEmbedding, np.ndarray]:
+            embedding = segmenter.embed(rgb)
+            return embedding, embedding.features.detach().float().cpu().numpy()
+
+        with self.tar_spool() as tar, self.image_errors(rejects) as errors:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
                 progress.step(i)
-                embedding = segmenter.embed(rgb)
-                features = embedding.features.detach().float().cpu().numpy()
+                encoded = errors.run(image_id, encode, rgb)
+                if encoded is REJECTED:
+                    continue
+                embedding, features = encoded
                 if not np.isfinite(features).all():
                     rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_embedding",
                                           "SAM's image encoder returned NaN/inf"))
@@ -100,7 +108,7 @@ class UsesSamEmbeddings(ChainedShardTask):
                 return None
             features, record = lookup.get(image_id)
             if (record["height"], record["width"]) != tuple(rgb.shape[:2]):
-                raise ValueError(f"{image_id}: stored SAM embedding is of a {record['height']}x{record['width']} "
+                raise ArtifactMismatchError(f"{image_id}: stored SAM embedding is of a {record['height']}x{record['width']} "
                                  f"image, the ingested image is {rgb.shape[0]}x{rgb.shape[1]}")
             return SamImageEmbedding(features=torch.from_numpy(features), original_size=(record["height"],
                                      record["width"]), input_size=(record["input_height"], record["input_width"]))

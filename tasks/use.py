@@ -35,6 +35,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.image_errors import REJECTED
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 
 
@@ -94,17 +95,25 @@ class CaptionShard(ChainedShardTask):
         batch: list[tuple[str, np.ndarray]] = []
         sources = {r["image_id"]: r["source"] for r in manifest}
 
+        def caption(items: list[tuple[str, np.ndarray]]) -> list[str]:
+            if captioner is None:
+                return [""] * len(items)
+            # Seed per batch from the first image id, so a shard's captions do not depend on which batches came
+            # before it (reruns of one shard reproduce it). A batch redone image by image (one image failed) seeds
+            # each from its own id.
+            seed = cfg.seed + int(items[0][0][:8], 16)
+            return captioner.caption([img for _, img in items], cfg.caption_prompt,
+                                     max_new_tokens=cfg.caption_max_new_tokens, temperature=cfg.caption_temperature,
+                                     top_p=cfg.caption_top_p, top_k=cfg.caption_top_k, seed=seed)
+
         def flush() -> None:
-            generated: list[str] = [""] * len(batch)
-            if captioner is not None and batch:
-                # Seed per batch from the first image id, so a shard's captions do not depend on which
-                # batches came before it (reruns of one shard reproduce it).
-                seed = cfg.seed + int(batch[0][0][:8], 16)
-                generated = captioner.caption([img for _, img in batch], cfg.caption_prompt,
-                                              max_new_tokens=cfg.caption_max_new_tokens,
-                                              temperature=cfg.caption_temperature, top_p=cfg.caption_top_p,
-                                              top_k=cfg.caption_top_k, seed=seed)
+            if not batch:
+                return
+            generated = errors.run_batch([image_id for image_id, _ in batch], lambda: caption(batch),
+                                         lambda k: caption([batch[k]])[0])
             for (image_id, _), text in zip(batch, generated, strict=True):
+                if text is REJECTED:
+                    continue
                 gt_caps = gt.lookup(image_id, sources[image_id]) if gt is not None else []
                 gen = [text] if text.strip() else []
                 image_rows = caption_rows(image_id, gt_caps, gen, captioner.source if captioner else "")
@@ -115,12 +124,13 @@ class CaptionShard(ChainedShardTask):
                                           "no ground-truth caption and no generated text"))
             batch.clear()
 
-        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
-            progress.step(i)
-            batch.append((image_id, rgb))
-            if len(batch) >= cfg.caption_batch_size:
-                flush()
-        flush()
+        with self.image_errors(rejects) as errors:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+                progress.step(i)
+                batch.append((image_id, rgb))
+                if len(batch) >= cfg.caption_batch_size:
+                    flush()
+            flush()
         return self.finish(CAPTIONS, rows, rejects, in_count=len(manifest))
 
 
@@ -176,33 +186,49 @@ class GroundShard(ChainedShardTask):
         in_count = sum(len({r["caption_index"] for r in rows}) for rows in expressions.values())
         progress.start(len(expressions))
         rows, rejects = [], []
-        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
-            progress.step(i)
+
+        def units(image_id: str) -> list[str]:  # what in_count counts: the image's captions with expressions
+            return [f"caption:{c}" for c in sorted({r["caption_index"] for r in expressions.get(image_id, [])})]
+
+        def ground_image(image_id: str, rgb: np.ndarray) -> list[tuple[dict, list[dict], list]]:
             by_caption: dict[int, list[dict]] = defaultdict(list)
             for expr in expressions.get(image_id, []):
                 by_caption[expr["caption_index"]].append(expr)
-            box_index = 0
+            found = []
             for caption in captions.get(image_id, []):
                 exprs = sorted(by_caption.get(caption["caption_index"], []), key=lambda r: r["phrase_index"])
                 if not exprs:
                     continue  # rejected upstream (no noun phrase)
                 text = caption["caption"]
                 sentences = [(s.start_char, s.end_char) for s in nlp(text).sents]
-                boxes = ground_caption(grounder, rgb, text, [(e["phrase_start"], e["phrase_end"]) for e in exprs],
-                                       sentence_spans=sentences, box_threshold=cfg.box_threshold,
-                                       text_threshold=cfg.text_threshold, box_nms_iou=cfg.box_nms_iou)
-                if not boxes:
-                    rejects.append(reject(image_id, f"caption:{caption['caption_index']}", self.stage, "no_box",
-                                          "no box matched a noun phrase of the caption"))
+                found.append((caption, exprs, ground_caption(
+                    grounder, rgb, text, [(e["phrase_start"], e["phrase_end"]) for e in exprs],
+                    sentence_spans=sentences, box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold,
+                    box_nms_iou=cfg.box_nms_iou)))
+            return found
+
+        with self.image_errors(rejects, units) as errors:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+                progress.step(i)
+                if not units(image_id):
                     continue
-                for box in boxes:
-                    expr = exprs[box.phrase_index]
-                    rows.append({"image_id": image_id, "box_index": box_index,
-                                 "caption_index": caption["caption_index"], "source": caption["source"],
-                                 "phrase_index": expr["phrase_index"], "phrase": expr["phrase"],
-                                 "expression": expr["expression"],
-                                 "box_xyxy": [float(v) for v in box.box_xyxy], "score": float(box.score)})
-                    box_index += 1
+                grounded = errors.run(image_id, ground_image, image_id, rgb)
+                if grounded is REJECTED:
+                    continue
+                box_index = 0
+                for caption, exprs, boxes in grounded:
+                    if not boxes:
+                        rejects.append(reject(image_id, f"caption:{caption['caption_index']}", self.stage,
+                                              "no_box", "no box matched a noun phrase of the caption"))
+                        continue
+                    for box in boxes:
+                        expr = exprs[box.phrase_index]
+                        rows.append({"image_id": image_id, "box_index": box_index,
+                                     "caption_index": caption["caption_index"], "source": caption["source"],
+                                     "phrase_index": expr["phrase_index"], "phrase": expr["phrase"],
+                                     "expression": expr["expression"],
+                                     "box_xyxy": [float(v) for v in box.box_xyxy], "score": float(box.score)})
+                        box_index += 1
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
@@ -229,31 +255,46 @@ class BoxMaskShard(UsesSamEmbeddings):
         embed = self.sam_embedder(segmenter)
         progress.start(len(boxes))
         rows, rejects = [], []
-        for i, (image_id, rgb, _meta) in enumerate(self.ingested()):
-            progress.step(i)
-            image_boxes = sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
-            if not image_boxes:
-                continue
+
+        def image_boxes(image_id: str) -> list[dict]:
+            return sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
+
+        def segment(image_id: str, rgb: np.ndarray, these: list[dict]) -> list | None:
             embedding = embed(image_id, rgb)
             if embedding is None:
-                rejects.extend(reject(image_id, f"box:{b['box_index']}", self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
-                               for b in image_boxes)
-                continue
-            results = masks_for_boxes(
-                segmenter, rgb, np.asarray([b["box_xyxy"] for b in image_boxes], np.float32),
+                return None
+            return masks_for_boxes(
+                segmenter, rgb, np.asarray([b["box_xyxy"] for b in these], np.float32),
                 pred_iou_thresh=cfg.pred_iou_thresh, stability_thresh=cfg.stability_thresh,
                 cleanup_area=cfg.cleanup_area, whole_image_fraction=cfg.whole_image_fraction,
                 max_boxes_per_call=cfg.sam_boxes_per_call or None, embedding=embedding,
             )
-            for box, result in zip(image_boxes, results, strict=True):
-                if result.reject_reason is not None:
-                    rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
-                                          f"predicted_iou={result.predicted_iou:.3f} "
-                                          f"stability={result.stability:.3f}"))
+
+        def units(image_id: str) -> list[str]:  # what in_count counts: the image's boxes
+            return [f"box:{b['box_index']}" for b in image_boxes(image_id)]
+
+        with self.image_errors(rejects, units) as errors:
+            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+                progress.step(i)
+                these = image_boxes(image_id)
+                if not these:
                     continue
-                text = {"phrase": box["phrase"], "expression": box["expression"], "source": box["source"],
-                        "caption_index": box["caption_index"]}
-                rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [text]))
+                results = errors.run(image_id, segment, image_id, rgb, these)
+                if results is REJECTED:
+                    continue
+                if results is None:
+                    rejects.extend(reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
+                                   for unit in units(image_id))
+                    continue
+                for box, result in zip(these, results, strict=True):
+                    if result.reject_reason is not None:
+                        rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
+                                              f"predicted_iou={result.predicted_iou:.3f} "
+                                              f"stability={result.stability:.3f}"))
+                        continue
+                    text = {"phrase": box["phrase"], "expression": box["expression"], "source": box["source"],
+                            "caption_index": box["caption_index"]}
+                    rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [text]))
         return self.finish(BOX_MASKS, rows, rejects, in_count=in_count)
 
 

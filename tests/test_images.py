@@ -128,6 +128,17 @@ def test_allowed_formats_and_min_side_are_parameters() -> None:
     assert decode_image(png, min_side=4).rgb.shape == (4, 5, 3)
 
 
+def test_a_thin_giant_is_too_small_by_its_stored_size() -> None:
+    # 20000x2 passes min_side before the downsize; stored at max_side 2048 it would be 2048x1, which every later
+    # stage would refuse. The check runs on the header, before any pixel is decoded.
+    thin = pil_bytes(Image.new("RGB", (20000, 2), (90, 120, 150)), "PNG")
+    with pytest.raises(ImageRejected, match="^too_small") as info:
+        decode_image(thin)
+    assert info.value.detail == ("20000x2 is stored as 2048x1 (long side fit to max_side 2048): shorter side < 2")
+    assert decode_image(thin, max_side=20000).rgb.shape == (2, 20000, 3)  # stored as is: kept
+    assert decode_image(thin, min_side=1).rgb.shape == (1, 2048, 3)
+
+
 def test_reject_is_picklable_and_validates_code() -> None:
     err = pickle.loads(pickle.dumps(ImageRejected("corrupt", "bad scan")))
     assert (err.code, err.detail, str(err)) == ("corrupt", "bad scan", "corrupt: bad scan")
@@ -236,8 +247,11 @@ def test_giant_image_downsized_to_max_side(height: int, width: int, max_side: in
 def test_small_images_never_upscaled_and_thin_ones_keep_one_pixel() -> None:
     small = decode_image(pil_bytes(Image.fromarray(photo_like(20, 30)), "PNG"), max_side=4096)
     assert not small.resized and small.rgb.shape == (20, 30, 3)
-    thin = decode_image(pil_bytes(Image.fromarray(photo_like(2, 600)), "PNG"), max_side=100)
+    thin_png = pil_bytes(Image.fromarray(photo_like(2, 600)), "PNG")
+    thin = decode_image(thin_png, max_side=100, min_side=1)
     assert thin.rgb.shape == (1, 100, 3)  # 2 * 100 / 600 rounds to 0 → at least 1
+    with pytest.raises(ImageRejected, match="^too_small: 600x2 is stored as 100x1"):
+        decode_image(thin_png, max_side=100)  # below the default min_side once stored
 
 
 def test_sniff_extension() -> None:
