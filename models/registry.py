@@ -22,7 +22,7 @@ from models.captioner import DEFAULT_CAPTIONER
 from models.clip import DEFAULT_CAM_CLIP, DEFAULT_CLASSIFIER_CLIP, DEFAULT_CLIP
 from models.dense import DEFAULT_DINO
 from models.grounder import DEFAULT_GROUNDER
-from models.segmenter import SAM_CHECKPOINT_URLS
+from models.segmenter import SAM_ARCHS, SAM_CHECKPOINT_URLS
 
 __all__ = [
     "ROLES",
@@ -32,6 +32,7 @@ __all__ = [
     "load_spacy",
     "register_preset",
     "registered_presets",
+    "setting_problems",
 ]
 
 ROLES = ("captioner", "grounder", "segmenter", "clip", "dense", "cam_clip", "classifier_clip")
@@ -97,6 +98,42 @@ class ModelSettings:
 RUNTIME_FIELDS = ("device", "keep_loaded")
 
 
+GROUNDER_BACKENDS = ("transformers", "groundingdino")
+
+
+def setting_problems(d: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(key, what it accepts) for each value of a `[models]` mapping that cannot work, checked before a run.
+
+    Unknown keys are `from_mapping`'s error. Plugin modules are imported here (as `load_role` would) so that
+    the presets they register count as known."""
+    def blank(key: str) -> bool:
+        return not str(d.get(key, "")).strip()
+
+    problems: list[tuple[str, str]] = []
+    for module in (p.strip() for p in str(d.get("plugins", "")).split(",")):
+        if module:
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001 — any import failure is a bad setting
+                problems.append(("plugins", f"a comma list of importable modules ({module}: {type(e).__name__}: {e})"))
+    if not blank("preset") and d["preset"].strip() not in _PRESETS:
+        problems.append(("preset", f"one of {' | '.join(registered_presets())} (others come from [models] plugins)"))
+    if not blank("device") and d["device"].strip() != "auto":
+        import torch
+
+        try:
+            torch.device(d["device"].strip())
+        except (RuntimeError, ValueError):
+            problems.append(("device", "auto or a torch device (cpu, cuda, cuda:N, mps)"))
+    if not blank("grounder_backend") and d["grounder_backend"].strip() not in GROUNDER_BACKENDS:
+        problems.append(("grounder_backend", f"one of {' | '.join(GROUNDER_BACKENDS)}"))
+    if not blank("sam_arch") and d["sam_arch"].strip() not in SAM_ARCHS:
+        problems.append(("sam_arch", f"one of {' | '.join(sorted(SAM_ARCHS))}"))
+    if not blank("keep_loaded") and not (d["keep_loaded"].strip().isdigit()):
+        problems.append(("keep_loaded", "an integer ≥ 0"))
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------------- real
 def _captioner(s: ModelSettings):
     from models.captioner import HFCaptioner
@@ -113,7 +150,7 @@ def _grounder(s: ModelSettings):
             text_encoder=s.groundingdino_text_encoder,
         )
     if s.grounder_backend != "transformers":
-        raise ValueError(f"[models] grounder_backend must be 'transformers' or 'groundingdino', got {s.grounder_backend!r}")
+        raise ValueError(f"[models] grounder_backend must be one of {GROUNDER_BACKENDS}, got {s.grounder_backend!r}")
     from models.grounder import HFGroundingDino
 
     return HFGroundingDino(s.grounder, device=s.device)

@@ -26,7 +26,9 @@ from pipeline.artifacts import ShardOutput, StageDir, TarSpool, commit_shard
 from pipeline.ingest import iter_ingested_images
 from pipeline.sources import Listing, list_source, num_shards
 from schemas import MANIFEST, REJECTS, Contract
+from tasks.failures import explain
 from tasks.image_errors import ImageErrors
+from tasks.params import IntParameter, NameParameter
 
 
 class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
@@ -34,10 +36,10 @@ class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg
 
 
 class ingest(luigi.Config):  # noqa: N801
-    shard_size = luigi.IntParameter(default=1000)
-    max_side = luigi.IntParameter(default=2048, description="longer side above this is downsized")
-    min_side = luigi.IntParameter(default=2, description="shorter side below this is rejected (too_small)")
-    max_pixels = luigi.IntParameter(default=178_956_970, description="more pixels = decompression_bomb")
+    shard_size = IntParameter(default=1000, ge=1)
+    max_side = IntParameter(default=2048, ge=1, description="longer side above this is downsized")
+    min_side = IntParameter(default=2, ge=1, description="shorter side below this is rejected (too_small)")
+    max_pixels = IntParameter(default=178_956_970, ge=1, description="more pixels = decompression_bomb")
 
 
 @functools.lru_cache(maxsize=32)
@@ -74,6 +76,10 @@ def model_identity(role: str, settings: ModelSettings) -> str:
     return f"{settings.preset}:{name}"
 
 
+GPU = "gpu"  # the one [resources] pool the tasks request (luigi.cfg caps it per worker host)
+RESOURCES = (GPU,)
+
+
 def uses_gpu(settings: ModelSettings) -> bool:
     """Model tasks then take one unit of the [resources] gpu pool."""
     import torch
@@ -85,8 +91,12 @@ class DatasetTask(luigi.Task):
     """Parameters every stage of one dataset shares."""
 
     images = luigi.Parameter(description="folder, .txt/.parquet list, or WebDataset .tar shards")
-    dataset = luigi.Parameter(description="dataset name: the folder under the output root")
+    dataset = NameParameter(description="dataset name: the folder under the output root")
     out = luigi.Parameter(default=None, significant=True)
+
+    def on_failure(self, exception: BaseException) -> str:
+        # A missing model or a mismatched artifact: one line, and no retries (tasks.failures).
+        return explain(exception) or super().on_failure(exception)
 
     @property
     def root(self) -> Path:
@@ -178,7 +188,7 @@ class ChainedShardTask(ShardTask):
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return {"gpu": 1} if self.uses_model and uses_gpu(model_settings()) else {}
+        return {GPU: 1} if self.uses_model and uses_gpu(model_settings()) else {}
 
     def path(self, name: str, suffix: str) -> str:
         """File ``shard-N.<suffix>`` of upstream ``name`` ('ingest' or a key of ``upstreams``)."""

@@ -54,16 +54,19 @@ from tasks.base import (
 )
 from tasks.fmbseg import fmbseg
 from tasks.image_errors import REJECTED
+from tasks.params import IntParameter, OptionalFloatParameter
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 
 
 class car_labels(luigi.Config):  # noqa: N801 — section [car_labels] of luigi.cfg
     vocabulary = luigi.Parameter(default="", description="vocabulary name or .txt path; empty = [fmbseg]'s")
-    params = luigi.Parameter(default="", description="η/θ/λ of car-paper §4: voc | coco | context; empty = by "
-                                                     "vocabulary name (coco_* → coco, context* → context, else voc)")
-    theta = luigi.Parameter(default="", description="θ: a query survives a step when its score P_ii > θ; empty = "
-                                                    "the official config of `params` (voc 0.6, coco 0.3, context 0.25)")
+    params = luigi.ChoiceParameter(choices=("", *sorted(CAR_DEFAULTS)), default="",
+                                   description="η/θ/λ of car-paper §4: voc | coco | context; empty = by vocabulary "
+                                   "name (coco_* → coco, context* → context, else voc)")
+    theta = OptionalFloatParameter(default="", ge=0, le=1,
+                                   description="θ: a query survives a step when its score P_ii > θ; empty = the "
+                                   "official config of `params` (voc 0.6, coco 0.3, context 0.25)")
     prompts = luigi.Parameter(default="", description="visual prompts (comma list); empty = the official config "
                                                       "of `params` (voc: circle,blur; coco: blur,gray; ...)")
     crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
@@ -72,7 +75,7 @@ class car_labels(luigi.Config):  # noqa: N801 — section [car_labels] of luigi.
                               description="CaR+SAM ensemble with the segmenter role (car-paper §3.4)")
     cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
                                 description="mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
-    short_side = luigi.IntParameter(default=0, description="CaR runs at this short side, labels are resized "
+    short_side = IntParameter(default=0, ge=0, description="CaR runs at this short side, labels are resized "
                                                             "back (nearest); 0 = original size (official code)")
 
 

@@ -7,14 +7,17 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import luigi
 import luigi.cmdline
-import luigi.configuration
 from luigi.execution_summary import LuigiStatusCode
 
 from tasks.base import build_tasks
+from tasks.failures import FailFastWorkers
+from tasks.params import name_problem
+from tasks.settings import SettingsError, closest, configure
 from tasks.summary import format_table, summarise
 
 
@@ -33,24 +36,8 @@ def stage_classes() -> dict[str, type[luigi.Task]]:
     return found
 
 
-def _apply_config(args: argparse.Namespace) -> None:
-    if args.config:
-        luigi.configuration.add_config_path(str(Path(args.config).resolve()))
-    cfg = luigi.configuration.get_config()
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        section, _, option = key.partition(".")
-        if not (section and option and _):
-            raise SystemExit(f"--set expects section.option=value, got {item!r}")
-        if not cfg.has_section(section):
-            cfg.add_section(section)
-        cfg.set(section, option, value)
-
-
 def make_task(stage: str, images: str, dataset: str, out: str) -> luigi.Task:
     classes = stage_classes()
-    if stage not in classes:
-        raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(sorted(classes))}")
     images = str(Path(images).resolve()) if Path(images).exists() else images
     return classes[stage](images=images, dataset=dataset, out=str(Path(out).resolve()))
 
@@ -66,9 +53,12 @@ FAILED_STATUSES = {
 
 
 def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, central: bool = False,
-          scheduler_host: str | None = None, scheduler_port: int | None = None, summary: bool = True) -> bool:
+          scheduler_host: str | None = None, scheduler_port: int | None = None,
+          summary: bool = True) -> tuple[bool, list[str]]:
+    """Run ``stage`` (and what it needs); (success, the one-line causes of failures no retry could fix)."""
     task = make_task(stage, images, dataset, out)
-    kwargs: dict = {"workers": workers, "local_scheduler": not central}
+    factory = FailFastWorkers()
+    kwargs: dict = {"workers": workers, "local_scheduler": not central, "worker_scheduler_factory": factory}
     if central:
         kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
                                          ("scheduler_port", scheduler_port)) if v is not None})
@@ -78,36 +68,45 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
         print()
         print(format_table(summarise([task])))
     if not ok:
+        sys.stdout.flush()
         print(f"\n{result.summary_text}", file=sys.stderr)
-    return ok
+    return ok, factory.causes
+
+
+def print_causes(causes: list[str]) -> None:
+    """The last lines of a run: each failure no retry can fix, once (tasks.failures)."""
+    sys.stdout.flush()
+    for cause in causes:
+        print(f"pseudoseg: failed, not retried: {cause}", file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _apply_config(args)
-    ok = build(args.stage, args.images, args.dataset or Path(args.images).name, args.out, workers=args.workers,
-               central=args.central, scheduler_host=args.scheduler_host, scheduler_port=args.scheduler_port,
-               summary=not args.no_summary)
+    ok, causes = build(args.stage, args.images, args.dataset, args.out, workers=args.workers,
+                       central=args.central, scheduler_host=args.scheduler_host,
+                       scheduler_port=args.scheduler_port, summary=not args.no_summary)
+    print_causes(causes)
     return 0 if ok else 1
+
+
+# SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4. Random
+# tiny SAM predicts IoUs far below the papers' thresholds (USE 0.6, automatic generator 0.88/0.95), which would
+# leave the USE head nothing to train on and Stage 1.2 no mask to label (its masks also cover ~the whole image,
+# above the 90 % size limit). Random tiny CLIPs score every CaR query near 1/K, below any θ; CaR labels the demo
+# with VOC's 21 classes (a CRF over COCO-Stuff's 172 labels takes ~9 s per image here).
+DEMO_SETS = ("fmbseg.points_per_side=4", "fmbseg.pred_iou_thresh=-1", "fmbseg.stability_score_thresh=-1",
+             "fmbseg.max_area_fraction=1", "use.pred_iou_thresh=-1", "use.stability_thresh=-1",
+             "car_labels.theta=0", "car_labels.vocabulary=voc21")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.sample_set import write_sample_set
 
-    # SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4. Random
-    # tiny SAM predicts IoUs far below the papers' thresholds (USE 0.6, automatic generator 0.88/0.95), which would
-    # leave the USE head nothing to train on and Stage 1.2 no mask to label (its masks also cover ~the whole image,
-    # above the 90 % size limit). Random tiny CLIPs score every CaR query near 1/K, below any θ; CaR labels the demo
-    # with VOC's 21 classes (a CRF over COCO-Stuff's 172 labels takes ~9 s per image here).
-    args.set = ["fmbseg.points_per_side=4", "fmbseg.pred_iou_thresh=-1", "fmbseg.stability_score_thresh=-1",
-                "fmbseg.max_area_fraction=1", "use.pred_iou_thresh=-1", "use.stability_thresh=-1",
-                "car_labels.theta=0", "car_labels.vocabulary=voc21",
-                *(args.set or [])]
-    _apply_config(args)
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")
-    ok = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
+    ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
     print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/: shard-NNNNNN.parquet (manifest), "
           f".rejects.parquet, .tar (WebDataset), .done.json; sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt")
+    print_causes(causes)
     return 0 if ok else 1
 
 
@@ -132,15 +131,36 @@ def cmd_workers(args: argparse.Namespace) -> int:
         base += ["--set", item]
     procs = [subprocess.Popen(base, env=os.environ.copy()) for _ in range(args.n)]
     codes = [p.wait() for p in procs]
-    _apply_config(args)
-    task = make_task(args.stage, args.images, args.dataset or Path(args.images).name, args.out)
+    task = make_task(args.stage, args.images, args.dataset, args.out)
     print("\nall workers finished:")
     print(format_table(summarise([task])))
     return 0 if all(c == 0 for c in codes) and task.complete() else 1
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line (and exit status 2), like a bad setting."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be an integer {f'in [{low}, {high}]' if high is not None else f'≥ {low}'}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pseudoseg", description=__doc__)
+    p = OneLineParser(prog="pseudoseg", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -152,11 +172,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one stage (and what it needs) over a dataset")
     run.add_argument("stage")
     run.add_argument("--images", required=True, help="folder, .txt/.parquet list, or WebDataset tars")
-    run.add_argument("--dataset", help="dataset name (default: the images folder's name)")
-    run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--dataset", help="dataset name, the folder under --out (default: the images folder's name)")
+    run.add_argument("--workers", type=integer(1), default=1, help="worker processes (≥ 1)")
     run.add_argument("--central", action="store_true", help="use the luigid scheduler instead of a local one")
     run.add_argument("--scheduler-host")
-    run.add_argument("--scheduler-port", type=int)
+    run.add_argument("--scheduler-port", type=integer(1, 65535))
     run.add_argument("--no-summary", action="store_true", help="skip the end-of-run table (workers print one)")
     common(run)
     run.set_defaults(func=cmd_run)
@@ -167,22 +187,49 @@ def parser() -> argparse.ArgumentParser:
 
     lg = sub.add_parser("luigid", help="start the central scheduler (state under <out>/.luigid)")
     lg.add_argument("--out", default="out")
-    lg.add_argument("--port", type=int, default=8082)
+    lg.add_argument("--port", type=integer(1, 65535), default=8082)
     lg.set_defaults(func=cmd_luigid)
 
     wk = sub.add_parser("workers", help="start N worker processes against luigid")
     wk.add_argument("stage")
-    wk.add_argument("--n", type=int, default=2)
+    wk.add_argument("--n", type=integer(1), default=2)
     wk.add_argument("--images", required=True)
     wk.add_argument("--dataset")
-    wk.add_argument("--scheduler-port", type=int, default=8082)
+    wk.add_argument("--scheduler-port", type=integer(1, 65535), default=8082)
     common(wk)
     wk.set_defaults(func=cmd_workers)
     return p
 
 
+def check(args: argparse.Namespace) -> None:
+    """Arguments and every setting, before anything runs or is written; SettingsError lists the problems."""
+    lines: list[str] = []
+    if hasattr(args, "stage"):
+        classes = stage_classes()
+        if args.stage not in classes:
+            lines.append(f"pseudoseg: unknown stage {args.stage!r}; did you mean {closest(args.stage, classes)}?")
+    if hasattr(args, "images"):
+        args.dataset = args.dataset or Path(args.images).name
+        problem = name_problem(args.dataset)
+        if problem:
+            lines.append(f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under --out "
+                         f"(no '/', '\\' or '..'): {problem}")
+    sets = [*DEMO_SETS, *(args.set or [])] if args.command == "demo" else getattr(args, "set", None) or []
+    try:
+        configure(getattr(args, "config", None), sets)
+    except SettingsError as e:
+        lines += e.lines
+    if lines:
+        raise SettingsError(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        check(args)
+    except SettingsError as e:
+        print("\n".join(e.lines), file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -40,19 +40,20 @@ from models.registry import load_role
 from pipeline.artifacts import StageDir, atomic_write_bytes
 from pipeline.datasets import (
     BENCHMARKS,
-    DatasetError,
     Protocol,
     coco_stuff_classes,
     open_dataset,
     prompt_vocabulary,
     protocol_for,
 )
-from pipeline.feature_cache import text_templates
+from pipeline.feature_cache import TEXT_TEMPLATE_SETS, text_templates
 from pipeline.report import ShortSide, grid_png, report_markdown, run_evaluation
 from pipeline.vocabularies import class_text_embeddings
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
-from tasks.base import model_settings, pseudoseg, uses_gpu
+from tasks.base import GPU, model_settings, pseudoseg, uses_gpu
+from tasks.failures import explain
+from tasks.params import IntParameter
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUSEHead", "pseudo": "PseudoLabels"}
@@ -60,9 +61,9 @@ NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUSEHead", "pseudo": "P
 
 class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
     split = luigi.Parameter(default="val", description="benchmark split (the split file / folder name)")
-    grid_images = luigi.IntParameter(default=4, description="rows of grid.png: the first N images by id")
-    use_sam_templates = luigi.Parameter(
-        default="single", description="use_sam: template set of the class texts (use-paper §4.3: one noun "
+    grid_images = IntParameter(default=4, ge=0, description="rows of grid.png: the first N images by id")
+    use_sam_templates = luigi.ChoiceParameter(
+        choices=sorted(TEXT_TEMPLATE_SETS), default="single", description="use_sam: template set of the class texts (use-paper §4.3: one noun "
         "template, 'a photo of a {}.'); single | imagenet80 | use4")
     car_prompts = luigi.Parameter(default="", description="CaR visual prompts (comma list); empty = the official "
                                                           "config of the benchmark (voc: circle,blur; coco: blur,gray)")
@@ -72,15 +73,15 @@ class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg 
                                   description="CaR+SAM ensemble with the segmenter role")
     car_cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
                                     description="CaR mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
-    use_sam_points_per_side = luigi.IntParameter(
-        default=32, description="use_sam: SAM automatic-mask point grid per side (use-paper §4.3: a regular grid)")
+    use_sam_points_per_side = IntParameter(
+        default=32, ge=1, description="use_sam: SAM automatic-mask point grid per side (use-paper §4.3: a regular grid)")
 
 
 class Evaluate(luigi.Task):
     benchmark = luigi.ChoiceParameter(choices=sorted(BENCHMARKS), description="a pipeline.datasets.BENCHMARKS key")
     data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.datasets)")
     method = luigi.ChoiceParameter(choices=METHODS, default="car")
-    limit = luigi.IntParameter(default=0, description="evaluate the first N images by id; 0 = all")
+    limit = IntParameter(default=0, ge=0, description="evaluate the first N images by id; 0 = all")
     images = luigi.Parameter(default="", description="fmbseg/use_sam: training images; pseudo: benchmark images")
     dataset = luigi.Parameter(default="", description="the upstream run's dataset name (fmbseg/use_sam/pseudo)")
     out = luigi.Parameter(default=None, significant=True)
@@ -106,7 +107,7 @@ class Evaluate(luigi.Task):
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return {"gpu": 1} if self.method != "pseudo" and uses_gpu(model_settings()) else {}
+        return {GPU: 1} if self.method != "pseudo" and uses_gpu(model_settings()) else {}
 
     @property
     def protocol(self) -> Protocol:
@@ -158,10 +159,9 @@ class Evaluate(luigi.Task):
         return luigi.LocalTarget(str(self.stage_dir.path / "report.md"))
 
     def on_failure(self, exception: BaseException) -> str:
-        # A missing dataset: the message itself (it names the expected layout), not a traceback.
-        if isinstance(exception, DatasetError):
-            return f"Evaluate {self.benchmark}: {exception}"
-        return super().on_failure(exception)
+        # A missing dataset or model: the message itself (it names the expected layout / the config key), not a
+        # traceback, and no retries (tasks.failures).
+        return explain(exception, f"Evaluate {self.benchmark}") or super().on_failure(exception)
 
     # ------------------------------------------------------------------------------------------------ methods
     def car_params(self):

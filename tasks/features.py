@@ -24,6 +24,7 @@ from models.registry import load_role
 from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pipeline.feature_cache import (
     PURPOSES,
+    TEXT_TEMPLATE_SETS,
     embed_texts,
     encode_fmbseg,
     encode_use,
@@ -49,22 +50,24 @@ from tasks.base import (
 from tasks.fmbseg import fmbseg
 from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
+from tasks.params import IntParameter
 from tasks.use import SegmentNMSShard, reject
 
 
 class features_use(luigi.Config):  # noqa: N801 — section [features_use] of luigi.cfg
-    input_size = luigi.IntParameter(default=0, description="square side images are squashed to; 0 = CLIP's "
+    input_size = IntParameter(default=0, ge=0, description="square side images are squashed to; 0 = CLIP's "
                                     "image_size (336 for ViT-L/14-336); other sizes interpolate CLIP's positions")
     clip_blocks = luigi.Parameter(default="every:8", description="all | none | last:N | every:K | i,j,k")
     dino_blocks = luigi.Parameter(default="last:2", description="all | none | last:N | every:K | i,j,k")
-    text_templates = luigi.Parameter(default="use4", description="templates averaged per expression")
-    batch_size = luigi.IntParameter(default=8, description="images per encoder call (not a content parameter)")
+    text_templates = luigi.ChoiceParameter(choices=sorted(TEXT_TEMPLATE_SETS), default="use4",
+                                         description="templates averaged per expression")
+    batch_size = IntParameter(default=8, ge=1, description="images per encoder call (not a content parameter)")
 
 
 class features_fmbseg(luigi.Config):  # noqa: N801 — section [features_fmbseg]
     dino_blocks = luigi.Parameter(default="last:1")
-    short_side = luigi.IntParameter(default=336, description="DINOv2 input short side (patch multiples)")
-    max_long_side = luigi.IntParameter(default=672, description="cap on the input long side; 0 = none")
+    short_side = IntParameter(default=336, ge=1, description="DINOv2 input short side (patch multiples)")
+    max_long_side = IntParameter(default=672, ge=0, description="cap on the input long side; 0 = none")
 
 
 TEXT_BATCH = 256  # texts per CLIP text-encoder call

@@ -50,7 +50,7 @@ from pipeline.fmbseg import (
 )
 from pipeline.images import encode_png
 from pipeline.masks import decode_rle
-from pipeline.vocabularies import Vocabulary, load_templates, load_vocabulary
+from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
 from schemas import MANIFEST
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
 from tasks.base import (
@@ -65,31 +65,34 @@ from tasks.base import (
     reject,
 )
 from tasks.image_errors import REJECTED, ImageErrors
+from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 
 
 class fmbseg(luigi.Config):  # noqa: N801 — section [fmbseg] of luigi.cfg
     vocabulary = luigi.Parameter(default="coco_stuff171", description="built-in vocabulary name or a .txt path")
-    templates = luigi.Parameter(default="single", description="'single' (a photo of a {}.) or 'imagenet80'")
+    templates = luigi.ChoiceParameter(choices=sorted(TEMPLATE_SETS), default="single",
+                                    description="'single' (a photo of a {}.) or 'imagenet80'")
     image_labels = luigi.Parameter(default="", description="Parquet of image-level labels replacing detection")
-    short_side = luigi.IntParameter(default=DEFAULT_SHORT_SIDE, description="working image short side (pixels) for CLIP crops")
-    max_long_side = luigi.IntParameter(default=1792, description="cap on the working long side; 0 = none")
-    stride = luigi.IntParameter(default=0, description="sliding-window stride, patch multiple; 0 = half a crop")
-    clip_batch_size = luigi.IntParameter(default=16)
-    min_crops = luigi.IntParameter(default=1, description="a class is present if assigned to MORE crops")
-    top_k = luigi.IntParameter(default=5, description="Stage 1.1 query points per class (one SAM prompt)")
+    short_side = IntParameter(default=DEFAULT_SHORT_SIDE, ge=1, description="working image short side (pixels) for CLIP crops")
+    max_long_side = IntParameter(default=1792, ge=0, description="cap on the working long side; 0 = none")
+    stride = IntParameter(default=0, ge=0, description="sliding-window stride, patch multiple; 0 = half a crop")
+    clip_batch_size = IntParameter(default=16, ge=1)
+    min_crops = IntParameter(default=1, ge=0, description="a class is present if assigned to MORE crops")
+    top_k = IntParameter(default=5, ge=1, description="Stage 1.1 query points per class (one SAM prompt)")
     multimask = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    points_per_side = luigi.IntParameter(default=32)
-    points_per_batch = luigi.IntParameter(default=64)
-    pred_iou_thresh = luigi.FloatParameter(default=0.88)
-    stability_score_thresh = luigi.FloatParameter(default=0.95)
-    box_nms_thresh = luigi.FloatParameter(default=0.7)
-    min_mask_region_area = luigi.IntParameter(default=100)
-    min_area_fraction = luigi.FloatParameter(default=0.0005)
-    max_area_fraction = luigi.FloatParameter(default=0.9)
+    points_per_side = IntParameter(default=32, ge=1)
+    points_per_batch = IntParameter(default=64, ge=1)
+    pred_iou_thresh = FloatParameter(default=0.88, ge=-1, le=1)
+    stability_score_thresh = FloatParameter(default=0.95, ge=-1, le=1)
+    box_nms_thresh = FloatParameter(default=0.7, ge=0, le=1)
+    min_mask_region_area = IntParameter(default=100, ge=0)
+    min_area_fraction = FloatParameter(default=0.0005, ge=0, le=1)
+    max_area_fraction = FloatParameter(default=0.9, ge=0, le=1)
     stage11 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     stage12 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    precedence = luigi.Parameter(default="stage11_first", description=" | ".join(PRECEDENCES))
+    precedence = luigi.ChoiceParameter(choices=PRECEDENCES, default="stage11_first",
+                                     description="which Stage wins where both label a pixel")
 
 
 def vocabulary() -> Vocabulary:

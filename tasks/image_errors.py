@@ -31,13 +31,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from models._hf import ModelUnavailableError
 from pipeline.artifacts import AccountingError
 from pipeline.captions import CaptionFileError
 from pipeline.images import ImageRejected
 from pipeline.ingest import decode_stored, iter_ingested_samples
 from pipeline.vocabularies import VocabularyError
-from schemas.contract import SchemaError
+from tasks.failures import PERMANENT_ERRORS
 
 logger = logging.getLogger("luigi-interface.pseudoseg")
 
@@ -52,8 +51,8 @@ class ArtifactMismatchError(ValueError):
 PER_IMAGE_ERRORS: tuple[type[BaseException], ...] = (ImageRejected, ValueError, RuntimeError, ArithmeticError,
                                                      IndexError, cv2.error)
 SHARD_ERRORS: tuple[type[BaseException], ...] = (
-    MemoryError, NotImplementedError, RecursionError, ModelUnavailableError, SchemaError, AccountingError,
-    VocabularyError, CaptionFileError, ArtifactMismatchError, json.JSONDecodeError, pa.ArrowException,
+    MemoryError, NotImplementedError, RecursionError, AccountingError, VocabularyError, CaptionFileError,
+    ArtifactMismatchError, json.JSONDecodeError, pa.ArrowException, *PERMANENT_ERRORS,
 )
 
 

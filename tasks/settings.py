@@ -1,0 +1,215 @@
+"""Every setting checked before anything runs: luigi.cfg (and LUIGI_CONFIG_PATH), ``--config FILE``, ``--set``.
+
+The known sections and keys come from the code that reads them, never from a list kept here:
+
+- every registered Luigi task family: our ``luigi.Config`` sections (``[ingest]``, ``[use]``, ...), task-parameter
+  sections (``[Evaluate] benchmark``) and Luigi's own (``[core]``, ``[worker]``, ``[scheduler]``, ...), each key a
+  parameter of that class (or a parameter's ``config_path`` alias);
+- ``[models]``: the fields of ``models.registry.ModelSettings``;
+- ``[resources]``: the pools tasks request (``tasks.base.RESOURCES``);
+- ``[core]`` keys Luigi reads without a parameter (``LUIGI_RAW_CORE``: logging, range autoload, RPC retries).
+
+A value is checked by its parameter's own ``parse`` + ``normalize`` (type, choices, and the ranges declared with
+``tasks.params``), ``[models]`` values by ``models.registry.setting_problems``. Each problem is one line naming
+the section, key, value, where it came from and what is allowed (or the closest known name); ``SettingsError``
+carries them and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import difflib
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import luigi
+import luigi.configuration
+from luigi.task_register import Register
+
+import tasks
+from models.registry import ModelSettings, setting_problems
+from tasks.params import IntParameter
+
+Check = Callable[[str], "str | None"]  # value → what is allowed (None: fine)
+
+# [core] keys Luigi reads directly from the config, not through a parameter (luigi/setup_logging.py,
+# luigi/__init__.py, luigi/rpc.py).
+LUIGI_RAW_CORE: dict[str, luigi.Parameter] = {
+    "no_configure_logging": luigi.BoolParameter(),
+    "autoload_range": luigi.BoolParameter(),
+    "rpc_connect_timeout": luigi.FloatParameter(),
+    "rpc_retry_attempts": luigi.IntParameter(),
+    "rpc_retry_wait": luigi.IntParameter(),
+    "rpc_log_retries": luigi.BoolParameter(),
+}
+
+
+class SettingsError(Exception):
+    """One or more bad settings; ``lines`` holds one message per problem."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")  # Luigi accepts dashed option names too
+
+
+def allowed(param: luigi.Parameter, error: Exception) -> str:
+    """What ``param`` accepts, in words."""
+    if hasattr(param, "allowed"):
+        return param.allowed()
+    if isinstance(param, luigi.ChoiceParameter):
+        return "one of " + " | ".join(str(c) if str(c) else "(empty)" for c in param._choices)
+    if isinstance(param, luigi.BoolParameter):
+        return "true or false"
+    if isinstance(param, luigi.IntParameter):
+        return "an integer"
+    if isinstance(param, luigi.FloatParameter):
+        return "a number"
+    return f"a valid {type(param).__name__} value ({error})"
+
+
+def param_check(param: luigi.Parameter) -> Check:
+    def check(value: str) -> str | None:
+        try:
+            param.normalize(param.parse(value))
+        except Exception as e:  # noqa: BLE001 — whatever the parameter refuses is a bad value
+            return allowed(param, e)
+        return None
+
+    return check
+
+
+def import_task_modules() -> None:
+    """Every module of the ``tasks`` package, so that every luigi.Config and task class is registered."""
+    for info in pkgutil.iter_modules(tasks.__path__):
+        importlib.import_module(f"tasks.{info.name}")
+
+
+def known_sections() -> dict[str, dict[str, Check | None]]:
+    """section → {key (underscored, lower case) → value check}; ``[models]`` values are checked together."""
+    from tasks.base import RESOURCES
+
+    import_task_modules()
+    sections: dict[str, dict[str, Check | None]] = {}
+    for family, cls in Register._get_reg().items():
+        if cls is Register.AMBIGUOUS_CLASS:
+            continue
+        for name, param in cls.get_params():
+            sections.setdefault(family, {})[_key(name)] = param_check(param)
+            alias = getattr(param, "_config_path", None)
+            if alias:
+                sections.setdefault(alias["section"], {})[_key(alias["name"])] = param_check(param)
+    sections.setdefault("core", {}).update({k: param_check(p) for k, p in LUIGI_RAW_CORE.items()})
+    sections["models"] = {f.name: None for f in dataclasses.fields(ModelSettings)}
+    sections["resources"] = {name: param_check(IntParameter(ge=0)) for name in RESOURCES}
+    return sections
+
+
+def closest(name: str, known: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+@dataclasses.dataclass
+class Origins:
+    """Where each value came from, for the messages: ``--set`` or the last config file defining it."""
+
+    sets: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, section: str, option: str) -> str:
+        if (section, _key(option)) in self.sets:
+            return f"--set {self.sets[section, _key(option)]}"
+        for path in reversed(config_paths()):
+            parser = configparser.RawConfigParser(strict=False)
+            try:
+                parser.read(path)
+            except configparser.Error:
+                continue
+            if parser.has_section(section) and any(_key(o) == _key(option) for o in parser.options(section)):
+                return str(Path(path).resolve())
+        return "the configuration"
+
+
+def config_paths() -> list[str]:
+    """The config files Luigi read, in order (later ones win)."""
+    cls = luigi.configuration.LuigiConfigParser
+    return [p for p in cls._config_paths if os.path.isfile(p)]
+
+
+def configure(config: str | None, sets: Iterable[str]) -> Origins:
+    """Read ``--config``, apply ``--set`` items, then check every section and key; SettingsError on any problem."""
+    lines: list[str] = []
+    env_path = os.environ.get("LUIGI_CONFIG_PATH")
+    if env_path and not os.path.isfile(env_path):
+        lines.append(f"pseudoseg: LUIGI_CONFIG_PATH={env_path}: no such file")
+    if config:
+        if not Path(config).is_file():
+            raise SettingsError(lines + [f"pseudoseg: --config {config}: no such file"])
+        try:
+            luigi.configuration.add_config_path(str(Path(config).resolve()))
+        except configparser.Error as e:
+            raise SettingsError(lines + [f"pseudoseg: --config {config}: not a config file: "
+                                         f"{' '.join(str(e).split())}"]) from None
+    cfg = luigi.configuration.get_config()
+    origins = Origins()
+    for item in sets:
+        key, eq, value = item.partition("=")
+        section, dot, option = key.strip().partition(".")
+        if not (eq and dot and section and option.strip()):
+            lines.append(f"pseudoseg: --set expects SECTION.KEY=VALUE, got {item!r}")
+            continue
+        option = option.strip()
+        if not cfg.has_section(section):
+            cfg.add_section(section)
+        try:
+            cfg.set(section, option, value)
+        except ValueError as e:  # configparser's interpolation syntax ('%')
+            lines.append(f"pseudoseg: --set {item}: {e}")
+            continue
+        origins.sets[section, _key(option)] = item
+    lines += problems(cfg, origins)
+    if lines:
+        raise SettingsError(lines)
+    return origins
+
+
+def problems(cfg: configparser.ConfigParser, origin: Callable[[str, str], str]) -> list[str]:
+    """One line per unknown section, unknown key or bad value in ``cfg``."""
+    known = known_sections()
+    lines: list[str] = []
+    for section in cfg.sections():
+        keys = known.get(section)
+        if keys is None:
+            first = next(iter(cfg.options(section)), "")
+            lines.append(f"pseudoseg: unknown section [{section}] (from {origin(section, first)}); "
+                         f"did you mean [{closest(section, known)}]?")
+            continue
+        values: dict[str, str] = {}
+        for option in cfg.options(section):
+            where = origin(section, option)
+            if _key(option) not in keys:
+                lines.append(f"pseudoseg: unknown key {option} in [{section}] (from {where}); "
+                             f"did you mean {closest(_key(option), keys)}?")
+                continue
+            try:
+                value = cfg.get(section, option)
+            except (configparser.Error, ValueError) as e:
+                lines.append(f"pseudoseg: [{section}] {option} (from {where}): {' '.join(str(e).split())}")
+                continue
+            values[_key(option)] = value
+            check = keys[_key(option)]
+            what = check(value) if check else None
+            if what:
+                lines.append(f"pseudoseg: [{section}] {option} = {value!r} (from {where}): must be {what}")
+        if section == "models":
+            for key, what in setting_problems(values):
+                lines.append(f"pseudoseg: [models] {key} = {values[key]!r} (from {origin(section, key)}): "
+                             f"must be {what}")
+    return lines
