@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,7 +38,7 @@ from pipeline.ingest import iter_ingested_images
 from pipeline.locks import UnitLock
 from pipeline.locks import describe as describe_holder
 from pipeline.sources import Listing, list_source, num_shards
-from schemas import MANIFEST, REJECTS, Contract
+from schemas import MANIFEST, REJECTS, Contract, SchemaError
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
@@ -190,8 +191,27 @@ class CommittedTask(DatasetTask):
         stage_dir.clear_unfinished(self.unit)
         verify_inputs(self, self.inputs_to_verify())
         started = time.perf_counter()
-        output = self.produce_unit()
+        try:
+            output = self.produce_unit()
+        except SchemaError as exc:
+            # An input that matches its record but not its contract (e.g. left by an older schema version under
+            # the same hash): that upstream is redone like a corrupt one, then this unit is produced again.
+            upstream, name = self.upstream_of(exc)
+            if upstream is None:
+                raise
+            detail = str(exc).split(f"{upstream.stage_dir.path / name}: ", 1)[-1]
+            redo(self, upstream, {name: detail}, why="failed its contract")
+            output = self.produce_unit()
         commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+
+    def upstream_of(self, exc: SchemaError) -> tuple[CommittedTask | None, str]:
+        """The input unit (and file name) a contract error names, if any."""
+        message = str(exc)
+        for upstream in self.inputs_to_verify():
+            folder = f"{upstream.stage_dir.path}{os.sep}"
+            if folder in message:
+                return upstream, message.split(folder, 1)[1].split(":", 1)[0]
+        return None, ""
 
     def invalidate(self, problems: Mapping[str, str], *, why: str, before: str = "") -> None:
         """Quarantine this unit's record (and its bad files) and say so in one line."""
@@ -213,22 +233,28 @@ def verify_inputs(reader: luigi.Task, upstreams: Iterable[CommittedTask], mode: 
     if mode == "off":
         return
     for upstream in upstreams:
-        if not upstream.problems(mode):
-            continue
-        with upstream.lock():
-            problems = upstream.problems(mode)  # someone may have redone it while we waited for the lock
-            if problems:
-                if upstream.stage_dir.done_path(upstream.unit).exists():
-                    name = reader.describe() if isinstance(reader, CommittedTask) else reader.task_family
-                    upstream.invalidate(problems, why="failed verification", before=f" before {name} read it")
-                # Its progress shows as the reader's (the worker knows only the reader).
-                upstream.set_status_message = reader.set_status_message
-                upstream.set_progress_percentage = reader.set_progress_percentage
-                upstream.run_locked()
-        problems = upstream.problems(mode)
-        if problems:
-            raise CorruptInput(f"{upstream.describe()} still fails verification after being redone: "
-                               + "; ".join(f"{n}: {p}" for n, p in sorted(problems.items())))
+        if upstream.problems(mode):
+            redo(reader, upstream, None, why="failed verification", mode=mode)
+
+
+def redo(reader: luigi.Task, upstream: CommittedTask, problems: Mapping[str, str] | None, *, why: str,
+         mode: str = "size") -> None:
+    """Under ``upstream``'s lock: quarantine its record (one warning line) and produce it again, here; then check
+    it (``mode``). ``problems`` None = find them now (another process may have redone it while we waited)."""
+    with upstream.lock():
+        found = upstream.problems(mode) if problems is None else problems
+        if found:
+            if upstream.stage_dir.done_path(upstream.unit).exists():
+                name = reader.describe() if isinstance(reader, CommittedTask) else reader.task_family
+                upstream.invalidate(found, why=why, before=f" before {name} read it")
+            # Its progress shows as the reader's (the worker knows only the reader).
+            upstream.set_status_message = reader.set_status_message
+            upstream.set_progress_percentage = reader.set_progress_percentage
+            upstream.run_locked()
+    left = upstream.problems(mode)
+    if left:
+        raise CorruptInput(f"{upstream.describe()} still fails verification after being redone: "
+                           + "; ".join(f"{n}: {p}" for n, p in sorted(left.items())))
 
 
 class ShardTask(CommittedTask):

@@ -107,6 +107,19 @@ def foreign_schema_version(path: Path) -> None:
                    use_dictionary=True)
 
 
+def stale_schema_version_matching_its_record(path: Path) -> None:
+    """As an older pseudoseg would have left it: a v0 file whose done.json records exactly its bytes."""
+    import hashlib
+
+    foreign_schema_version(path)
+    done = path.with_name(path.name.split(".")[0] + ".done.json")
+    record = json.loads(done.read_text())
+    for entry in record["files"]:
+        if entry["name"] == path.name:
+            entry.update(num_bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    done.write_text(json.dumps(record, sort_keys=True, indent=2) + "\n")
+
+
 FAULTS = {
     # name: (file to damage, damage, expected warning fragments)
     "flipped_tar_bytes": ("ingest/*/shard-000001.tar", flip,
@@ -118,6 +131,10 @@ FAULTS = {
                     ["ingest shard 1 is invalid", "shard-000001.tar: missing"]),
     "foreign_schema_version": ("ingest/*/shard-000001.parquet", foreign_schema_version,
                                ["ingest shard 1 ", "shard-000001.parquet: "]),
+    "stale_schema_version_matching_its_record": (
+        "ingest/*/shard-000001.parquet", stale_schema_version_matching_its_record,
+        ["ingest shard 1 failed its contract before sam_embeddings shard 1 read it",
+         "shard-000001.parquet: schema version mismatch: expected manifest/v1, found manifest/v0"]),
     "flipped_plan_bytes": ("plan/*/plan.parquet", flip,
                            ["ingest plan failed verification before ingest shard 1 read it", "plan.parquet: sha256"]),
 }

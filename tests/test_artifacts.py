@@ -248,3 +248,30 @@ def test_garbage_done_json_is_not_done_and_the_summary_counts_it_so(tmp_path):
         after.pop("seconds"), expected.pop("seconds")
         assert after == expected
         assert len(list((task.stage_dir.path / QUARANTINE).iterdir())) == 1
+
+
+def test_verify_setting_size_misses_flipped_bytes_sha256_heals_them(tmp_path):
+    import luigi
+
+    from tasks.base import verify_inputs
+    from tasks.ingest import IngestShard
+
+    write_good_images(tmp_path / "images", 3)
+    with luigi_settings(ingest={"shard_size": 2}):
+        shard = IngestShard(images=str(tmp_path / "images"), dataset="ds", out=str(tmp_path / "out"), shard=1)
+        assert luigi.build([shard], local_scheduler=True, log_level="WARNING")
+        plan = shard.requires()
+        good = plan.plan_path.read_bytes()
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0xFF
+        plan.plan_path.write_bytes(bytes(data))
+        for mode in ("off", "size"):
+            with luigi_settings(pseudoseg={"verify": mode}):
+                verify_inputs(shard, [plan])
+            assert plan.plan_path.read_bytes() == bytes(data) and plan.complete(), mode
+        with luigi_settings(pseudoseg={"verify": "sha256"}):
+            verify_inputs(shard, [plan])
+        assert plan.plan_path.read_bytes() == good and plan.complete()
+        (evidence,) = (plan.stage_dir.path / QUARANTINE).iterdir()
+        assert "plan.parquet: sha256" in (evidence / "reason.txt").read_text()
+        assert (evidence / "plan.parquet").read_bytes() == bytes(data)
