@@ -250,7 +250,10 @@ def redo(reader: luigi.Task, upstream: CommittedTask, problems: Mapping[str, str
             # Its progress shows as the reader's (the worker knows only the reader).
             upstream.set_status_message = reader.set_status_message
             upstream.set_progress_percentage = reader.set_progress_percentage
-            upstream.run_locked()
+            try:
+                upstream.run_locked()
+            finally:
+                upstream.set_status_message = upstream.set_progress_percentage = None
     left = upstream.problems(mode)
     if left:
         raise CorruptInput(f"{upstream.describe()} still fails verification after being redone: "
