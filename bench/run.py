@@ -481,9 +481,102 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     return results
 
 
+def bench_verify_cost(repeats: int = 3) -> dict:
+    """What checking every input file against its done.json costs, per stage: `make demo`'s DAG (tiny models,
+    sample set) run once with ``[pseudoseg] verify = off``, each task's run time taken from Luigi's
+    PROCESSING_TIME event; then, files hot in the page cache as when a stage reads them, the time to check each
+    task's inputs by size and by sha256 (best of ``repeats``). Plus this machine's sha256 throughput, which
+    with bytes per image gives the cost at real-model scale (see the README's numbers)."""
+    import hashlib
+    import statistics
+
+    import luigi
+
+    from pipeline.artifacts import record_problems
+    from tasks import cli
+    from tasks.base import CommittedTask
+    from tasks.dag import FullDAG
+    from tasks.summary import walk_dag
+    from tasks.train import TrainTask
+
+    block = os.urandom(256 << 20)
+    sha_mb_s = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        hashlib.sha256(block).hexdigest()
+        sha_mb_s.append(256 * 1.048576 / (time.perf_counter() - t0))
+    del block
+
+    run_s: dict[str, float] = {}
+
+    @luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
+    def record(task, seconds):  # noqa: ANN001
+        run_s[task.task_id] = seconds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        code = cli.main(["demo", "--out", tmp, "--set", "pseudoseg.verify=off"])
+        demo_s = time.perf_counter() - t0
+        assert code == 0, "demo failed"
+        dag = FullDAG(images=str(Path(tmp) / "demo" / "samples" / "images"), dataset="demo",
+                      out=str(Path(tmp).resolve()))
+        stages: dict[str, dict] = {}
+        for task in walk_dag([dag]):
+            if isinstance(task, CommittedTask):
+                inputs, name = task.inputs_to_verify(), task.stage_dir.stage
+            elif isinstance(task, TrainTask):
+                inputs = [t for g in task.requires().values() for t in (g if isinstance(g, list) else [g])
+                          if isinstance(t, CommittedTask)]
+                name = task.stage
+            else:
+                continue
+            if task.task_id not in run_s or not inputs:
+                continue
+            row = stages.setdefault(name, {"tasks": 0, "input_mb": 0.0, "run_s": 0.0, "size_s": 0.0,
+                                           "sha256_s": 0.0})
+            row["tasks"] += 1
+            row["run_s"] += run_s[task.task_id]
+            row["input_mb"] += sum((u.stage_dir.path / f).stat().st_size
+                                   for u in inputs for f in _record_files(u)) / 1e6
+            for mode in ("size", "sha256"):
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for u in inputs:
+                        assert not record_problems(u.stage_dir, u.unit, mode)
+                    times.append(time.perf_counter() - t0)
+                row[f"{mode}_s"] += min(times)
+        units = [t for t in walk_dag([dag]) if isinstance(t, CommittedTask)]
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            assert all(t.complete() for t in units)
+        complete_ms = (time.perf_counter() - t0) / repeats / len(units) * 1e3
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            assert all(os.path.exists(t.output().path) for t in units)
+        exists_ms = (time.perf_counter() - t0) / repeats / len(units) * 1e3
+        for row in stages.values():
+            row["sha256_share"] = round(row["sha256_s"] / row["run_s"], 4) if row["run_s"] else None
+            row["size_share"] = round(row["size_s"] / row["run_s"], 5) if row["run_s"] else None
+            # hashing alone (sha256 minus the size check, whose cost is reading records + computing folders)
+            row["hash_share"] = round(max(0.0, row["sha256_s"] - row["size_s"]) / row["run_s"], 5) if row["run_s"] else None
+            for key in ("input_mb", "run_s", "size_s", "sha256_s"):
+                row[key] = round(row[key], 4)
+    return {"sha256_mb_per_s": [round(x) for x in sha_mb_s], "sha256_mb_per_s_median": round(statistics.median(sha_mb_s)),
+            "demo_s": round(demo_s, 1), "repeats": repeats, "load_avg_1m_at_end": os.getloadavg()[0],
+            "complete_ms_per_unit": round(complete_ms, 3), "output_exists_ms_per_unit": round(exists_ms, 3),
+            "stages": dict(sorted(stages.items()))}
+
+
+def _record_files(unit) -> list[str]:  # noqa: ANN001
+    from pipeline.artifacts import read_record
+
+    return [f["name"] for f in read_record(unit.stage_dir, unit.unit)["files"]]
+
+
 BENCHMARKS = {"ingest": bench_ingest, "sam_boxes": bench_sam_boxes, "fmbseg_stages": bench_fmbseg_stages,
               "trainer_loader": bench_trainer_loader, "sam_embedding_share": bench_sam_embedding_share,
-              "tsupcon_temperature": bench_tsupcon_temperature}
+              "tsupcon_temperature": bench_tsupcon_temperature, "verify_cost": bench_verify_cost}
 
 
 def main() -> None:

@@ -2,7 +2,12 @@
 
 Layout: ``<root>/<dataset>/<stage>/<params-hash>/shard-NNNNNN.<suffix>`` plus ``params.json`` beside.
 Every file is written to a hidden temporary name in the same folder and renamed into place, and the shard's
-``done.json`` is renamed last, so a crash at any point leaves no visible artifact for that shard.
+``done.json`` is renamed last, so a crash at any point leaves no visible artifact for that shard. The folder is
+fsynced after the payload renames and again after ``done.json``: a record that was reported survives a power cut.
+
+``done.json`` records size and sha256 of every file; :func:`record_problems` checks a unit against it (a missing,
+unreadable or inconsistent record, a missing file, a size or sha256 mismatch) and :meth:`StageDir.quarantine`
+moves a bad record aside (into the hidden ``.quarantine/`` folder) so the unit counts as not done and is redone.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import hashlib
 import io
 import json
 import os
+import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -20,9 +27,11 @@ from typing import Any
 import pyarrow as pa
 import webdataset as wds
 
-from schemas import SHARD_STATS, Contract
+from schemas import SHARD_STATS, Contract, SchemaError
 
 TMP_PREFIX = ".tmp-"
+QUARANTINE = ".quarantine"  # hidden: bad records and files moved aside, never read as artifacts
+VERIFY_MODES = ("sha256", "size", "off")
 # Packages whose version can change an artifact's bytes; recorded in every done.json.
 VERSIONED_PACKAGES = ("pseudoseg", "numpy", "pillow", "opencv-python", "pyarrow", "webdataset", "torch",
                       "transformers", "segment-anything", "spacy", "pycocotools")
@@ -46,6 +55,38 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}"
 
 
+def unit_name(unit: int | str) -> str:
+    """File-name stem of one committed unit: a shard number → ``shard-NNNNNN``; a name (``plan``) as is."""
+    return unit if isinstance(unit, str) else shard_name(unit)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames and creations inside ``path`` durable (no-op where the file system refuses)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. EINVAL on file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, fsyncing the parent of every folder it creates, so the folder survives a power cut too."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
 @dataclass(frozen=True)
 class StageDir:
     """One stage's output folder for one parameter set."""
@@ -67,32 +108,68 @@ class StageDir:
         """``suffix`` without the leading dot, e.g. 'parquet', 'rejects.parquet', 'tar', 'done.json'."""
         return self.path / f"{shard_name(shard)}.{suffix}"
 
-    def done_path(self, shard: int) -> Path:
-        return self.shard_path(shard, "done.json")
+    def unit_path(self, unit: int | str, suffix: str) -> Path:
+        """File ``<unit>.<suffix>`` of a shard (number) or of a named unit such as the ingest ``plan``."""
+        return self.path / f"{unit_name(unit)}.{suffix}"
+
+    def done_path(self, shard: int | str) -> Path:
+        return self.unit_path(shard, "done.json")
+
+    def lock_path(self, unit: int | str) -> Path:
+        """Hidden per-unit lock file (see pipeline.locks); never an artifact, never cleared by another run."""
+        return self.path / f".lock-{unit_name(unit)}"
 
     def write_params(self) -> None:
         """params.json: the parameters behind the hash, human-readable. Idempotent."""
         target = self.path / "params.json"
         body = (json.dumps(dict(self.params), sort_keys=True, indent=2, default=str) + "\n").encode()
         if not target.exists() or target.read_bytes() != body:
+            make_dirs(self.path)
             atomic_write_bytes(target, body)
+            # First commit into this folder (a TarSpool may have created it with a plain mkdir): make its entry
+            # and its parents' durable before any done.json inside is reported.
+            for folder in (self.path, *list(self.path.parents)[:3]):
+                fsync_dir(folder)
 
-    def clear_unfinished(self, shard: int) -> None:
+    def clear_unfinished(self, shard: int | str) -> None:
         """Before (re)running a shard: remove what a killed attempt left behind — hidden temporaries, and
-        payloads renamed into place before the attempt died without writing done.json."""
+        payloads renamed into place before the attempt died without writing done.json. Call it only while
+        holding the unit's lock: the temporaries of a live writer are indistinguishable from a dead one's."""
         if not self.path.exists() or self.done_path(shard).exists():
             return
-        name = shard_name(shard)
+        name = unit_name(shard)
         for p in self.path.iterdir():
             if p.name.startswith(f"{TMP_PREFIX}{name}.") or p.name.startswith(f"{name}."):
                 p.unlink(missing_ok=True)
+
+    def quarantine(self, unit: int | str, reason: str, files: Iterable[str] = ()) -> Path:
+        """Invalidate a committed unit: move its done.json (first: that alone makes it not done) and the named
+        bad ``files`` into ``.quarantine/<unit>-<utc time>-<pid>/`` with ``reason.txt``. Returns that folder.
+        A done.json another process already moved away is not an error."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.path / QUARANTINE / f"{unit_name(unit)}-{stamp}-{os.getpid()}"
+        make_dirs(dest)
+        (dest / "reason.txt").write_text(reason + "\n")  # first: a moved record always has its reason
+        for name in [self.done_path(unit).name, *files]:
+            try:
+                os.replace(self.path / name, dest / name)
+            except FileNotFoundError:
+                pass
+        fsync_dir(dest)
+        fsync_dir(self.path)
+        return dest
+
+
+def _tmp_suffix() -> str:
+    """pid + random: two processes (or two hosts with the same pid on a shared file system) never share one."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     """Write to a hidden temporary sibling, fsync, then rename: readers see all of the file or none of it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{os.getpid()}")
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -120,7 +197,7 @@ class TarSpool:
 
     def __init__(self, target: Path) -> None:
         self.target = Path(target)
-        self.path = self.target.with_name(f"{TMP_PREFIX}{self.target.name}.{os.getpid()}")
+        self.path = self.target.with_name(f"{TMP_PREFIX}{self.target.name}.{_tmp_suffix()}")
         self.count = 0
 
     def __enter__(self) -> TarSpool:
@@ -178,8 +255,9 @@ class AccountingError(RuntimeError):
     """A shard's counts do not add up (in != ok + rejected): a bug, never written as done."""
 
 
-def commit_shard(stage_dir: StageDir, shard: int, output: ShardOutput, *, seconds: float) -> dict[str, Any]:
-    """Rename every payload into place, then write done.json last. Returns the stats record."""
+def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, seconds: float) -> dict[str, Any]:
+    """Rename every payload into place, fsync the folder, then write done.json last and fsync the folder again.
+    ``shard`` is a shard number, or a unit name (``"plan"``: recorded as shard -1). Returns the stats record."""
     if output.in_count != output.ok_count + output.rejected_count:
         raise AccountingError(
             f"{stage_dir.stage} shard {shard}: in={output.in_count} != ok={output.ok_count} "
@@ -189,7 +267,7 @@ def commit_shard(stage_dir: StageDir, shard: int, output: ShardOutput, *, second
     files = []
     for suffix in sorted(output.files):
         data = output.files[suffix]
-        path = stage_dir.shard_path(shard, suffix)
+        path = stage_dir.unit_path(shard, suffix)
         if isinstance(data, Path):  # a spooled temporary, already fsynced
             num_bytes, digest = _file_digest(data)
             os.replace(data, path)
@@ -197,10 +275,11 @@ def commit_shard(stage_dir: StageDir, shard: int, output: ShardOutput, *, second
             atomic_write_bytes(path, data)
             num_bytes, digest = len(data), sha256_hex(data)
         files.append({"name": path.name, "num_bytes": num_bytes, "sha256": digest})
+    fsync_dir(stage_dir.path)  # payload renames durable before done.json can name them
     stats = {
         "stage": stage_dir.stage,
         "dataset": stage_dir.dataset,
-        "shard": shard,
+        "shard": _record_shard(shard),
         "params_hash": stage_dir.hash,
         "params": {k: canonical_json(v) for k, v in sorted(stage_dir.params.items())},
         "in_count": output.in_count,
@@ -211,8 +290,73 @@ def commit_shard(stage_dir: StageDir, shard: int, output: ShardOutput, *, second
         "files": files,
     }
     atomic_write_bytes(stage_dir.done_path(shard), SHARD_STATS.to_json_bytes(stats))
+    fsync_dir(stage_dir.path)  # the reported done.json survives a power cut
     return stats
+
+
+def _record_shard(unit: int | str) -> int:
+    return unit if isinstance(unit, int) else -1
 
 
 def read_shard_stats(path: Path) -> dict[str, Any]:
     return SHARD_STATS.read_json(path)
+
+
+def load_shard_stats(path: Path) -> dict[str, Any] | None:
+    """The record, or None where it is missing or not a valid SHARD_STATS record (= not done)."""
+    try:
+        return SHARD_STATS.read_json(path)
+    except (SchemaError, OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def read_record(stage_dir: StageDir, unit: int | str) -> dict[str, Any]:
+    """The unit's done.json, checked against the contract AND against where it lies (stage, dataset, shard,
+    params hash): a record copied or left from elsewhere is invalid. Raises SchemaError naming the file."""
+    path = stage_dir.done_path(unit)
+    try:
+        record = SHARD_STATS.read_json(path)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:  # SchemaError is a ValueError
+        raise SchemaError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from exc
+    expected = {"stage": stage_dir.stage, "dataset": stage_dir.dataset, "shard": _record_shard(unit),
+                "params_hash": stage_dir.hash}
+    wrong = {k: record.get(k) for k, v in expected.items() if record.get(k) != v}
+    if wrong:
+        raise SchemaError(f"{path}: record of another unit: {wrong} (expected {expected})")
+    return record
+
+
+def file_problems(folder: Path, record: Mapping[str, Any], mode: str) -> dict[str, str]:
+    """file name → what is wrong with it against ``record``'s size (and, for mode sha256, its sha256)."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode {mode!r}: expected one of {', '.join(VERIFY_MODES)}")
+    problems: dict[str, str] = {}
+    if mode == "off":
+        return problems
+    for entry in record["files"]:
+        path = Path(folder) / entry["name"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems[entry["name"]] = "missing"
+            continue
+        if size != entry["num_bytes"]:
+            problems[entry["name"]] = f"{size} bytes, recorded {entry['num_bytes']}"
+        elif mode == "sha256":
+            _, digest = _file_digest(path)
+            if digest != entry["sha256"]:
+                problems[entry["name"]] = f"sha256 {digest[:12]}…, recorded {entry['sha256'][:12]}…"
+    return problems
+
+
+def record_problems(stage_dir: StageDir, unit: int | str, mode: str) -> dict[str, str]:
+    """Everything wrong with a committed unit (file name → problem; empty = valid): no done.json, an invalid
+    done.json, or files that do not match it (size always unless mode is off; sha256 in mode sha256)."""
+    done = stage_dir.done_path(unit)
+    if not done.exists():
+        return {done.name: "missing"}
+    try:
+        record = read_record(stage_dir, unit)
+    except SchemaError as exc:
+        return {done.name: f"invalid: {str(exc).replace(str(done) + ': ', '')}"}
+    return file_problems(stage_dir.path, record, mode)

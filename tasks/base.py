@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
+import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,20 +21,40 @@ import luigi
 import luigi.configuration
 import luigi.execution_summary
 import numpy as np
+from luigi.task import flatten
 from tqdm import tqdm
 
 from models.registry import ModelSettings
-from pipeline.artifacts import ShardOutput, StageDir, TarSpool, commit_shard
+from pipeline.artifacts import (
+    VERIFY_MODES,
+    ShardOutput,
+    StageDir,
+    TarSpool,
+    commit_shard,
+    record_problems,
+    unit_name,
+)
 from pipeline.ingest import iter_ingested_images
+from pipeline.locks import UnitLock
+from pipeline.locks import describe as describe_holder
 from pipeline.sources import Listing, list_source, num_shards
-from schemas import MANIFEST, REJECTS, Contract
-from tasks.failures import explain
+from schemas import MANIFEST, REJECTS, Contract, SchemaError
+from tasks.failures import CorruptInput, explain
 from tasks.image_errors import ImageErrors
-from tasks.params import IntParameter, NameParameter
+from tasks.params import FloatParameter, IntParameter, NameParameter
+
+LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
 
 class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
     out = luigi.Parameter(default="out", description="output root shared by all stages")
+    verify = luigi.ChoiceParameter(
+        default="sha256", choices=VERIFY_MODES, var_type=str,
+        description="check every input file against its upstream done.json before a task reads it: sha256 "
+                    "(size + content), size, or off. Completeness checks always compare sizes unless off.")
+    lock_stale_seconds = FloatParameter(
+        default=600.0, gt=0, description="a shard lock held from another host whose heartbeat is older than this is "
+                                   "taken over (same host: as soon as its process is gone)")
 
 
 class ingest(luigi.Config):  # noqa: N801
@@ -114,7 +136,138 @@ class DatasetTask(luigi.Task):
         return {"images": self.images, "dataset": self.dataset, "out": self.out}
 
 
-class ShardTask(DatasetTask):
+class CommittedTask(DatasetTask):
+    """A unit of work whose output is named files + a ``done.json`` record written last (a shard, or the ingest
+    plan). Done = a valid record for exactly this unit whose files exist at their recorded sizes; ``run`` holds
+    the unit's lock, so two runs on one output root never work on (or clear) the same unit at once."""
+
+    @property
+    def stage_dir(self) -> StageDir:
+        raise NotImplementedError
+
+    @property
+    def unit(self) -> int | str:
+        """Shard number, or a name (``plan``): the stem of the unit's files."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.stage_dir.stage} {unit_name(self.unit)}"
+
+    def produce_unit(self) -> ShardOutput:
+        raise NotImplementedError
+
+    def inputs_to_verify(self) -> list[CommittedTask]:
+        """Upstream units whose files this task reads (default: its requirements)."""
+        return [t for t in flatten(self.requires()) if isinstance(t, CommittedTask)]
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(self.stage_dir.done_path(self.unit)))
+
+    def problems(self, mode: str | None = None) -> dict[str, str]:
+        """File name → what is wrong (empty: valid). ``mode`` None = the completeness check (sizes)."""
+        if mode is None:
+            mode = "off" if pseudoseg().verify == "off" else "size"
+        return record_problems(self.stage_dir, self.unit, mode)
+
+    def complete(self) -> bool:
+        return not self.problems()
+
+    def lock(self) -> UnitLock:
+        def waiting(holder: dict[str, Any]) -> None:
+            message = f"waiting for {self.describe()}: in progress in {describe_holder(holder)}"
+            LOG.info("pseudoseg: %s", message)
+            if callable(self.set_status_message):  # None outside a Luigi worker
+                self.set_status_message(message)
+
+        return UnitLock(self.stage_dir.lock_path(self.unit), stale_after=pseudoseg().lock_stale_seconds,
+                        on_wait=waiting)
+
+    def run(self) -> None:
+        with self.lock():
+            self.run_locked()
+
+    def run_locked(self) -> None:
+        """With the unit's lock held: nothing if another process finished it meanwhile; otherwise move an invalid
+        record aside, clear what a killed attempt left, verify the inputs (healing bad ones), produce, commit."""
+        stage_dir = self.stage_dir
+        problems = self.problems()
+        if not problems:
+            return
+        if stage_dir.done_path(self.unit).exists():
+            self.invalidate(problems, why="is invalid")
+        stage_dir.clear_unfinished(self.unit)
+        verify_inputs(self, self.inputs_to_verify())
+        started = time.perf_counter()
+        try:
+            output = self.produce_unit()
+        except SchemaError as exc:
+            # An input that matches its record but not its contract (e.g. left by an older schema version under
+            # the same hash): that upstream is redone like a corrupt one, then this unit is produced again.
+            upstream, name = self.upstream_of(exc)
+            if upstream is None:
+                raise
+            detail = str(exc).split(f"{upstream.stage_dir.path / name}: ", 1)[-1]
+            redo(self, upstream, {name: detail}, why="failed its contract")
+            output = self.produce_unit()
+        commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+
+    def upstream_of(self, exc: SchemaError) -> tuple[CommittedTask | None, str]:
+        """The input unit (and file name) a contract error names, if any."""
+        message = str(exc)
+        for upstream in self.inputs_to_verify():
+            folder = f"{upstream.stage_dir.path}{os.sep}"
+            if folder in message:
+                return upstream, message.split(folder, 1)[1].split(":", 1)[0]
+        return None, ""
+
+    def invalidate(self, problems: Mapping[str, str], *, why: str, before: str = "") -> None:
+        """Quarantine this unit's record (and its bad files) and say so in one line."""
+        stage_dir = self.stage_dir
+        done = stage_dir.done_path(self.unit).name
+        listed = "; ".join(f"{name}: {problem}" for name, problem in sorted(problems.items()))
+        where = stage_dir.quarantine(self.unit, f"{self.describe()} {why}{before}: {listed}",
+                                     files=[n for n in problems if n != done])
+        LOG.warning("pseudoseg: %s %s%s: %s; moved to %s; redoing it", self.describe(), why, before, listed,
+                    where.relative_to(self.root))
+
+
+def verify_inputs(reader: luigi.Task, upstreams: Iterable[CommittedTask], mode: str | None = None) -> None:
+    """Before ``reader`` reads them: check every file of every upstream unit against its done.json ([pseudoseg]
+    verify: size + sha256, size, or off). A unit that fails is invalidated (record moved to .quarantine/, one
+    warning line naming the file) and redone here under its lock, then checked again; the reader goes on with
+    good inputs, in this same run. A unit that another process is already redoing is waited for."""
+    mode = mode or pseudoseg().verify
+    if mode == "off":
+        return
+    for upstream in upstreams:
+        if upstream.problems(mode):
+            redo(reader, upstream, None, why="failed verification", mode=mode)
+
+
+def redo(reader: luigi.Task, upstream: CommittedTask, problems: Mapping[str, str] | None, *, why: str,
+         mode: str = "size") -> None:
+    """Under ``upstream``'s lock: quarantine its record (one warning line) and produce it again, here; then check
+    it (``mode``). ``problems`` None = find them now (another process may have redone it while we waited)."""
+    with upstream.lock():
+        found = upstream.problems(mode) if problems is None else problems
+        if found:
+            if upstream.stage_dir.done_path(upstream.unit).exists():
+                name = reader.describe() if isinstance(reader, CommittedTask) else reader.task_family
+                upstream.invalidate(found, why=why, before=f" before {name} read it")
+            # Its progress shows as the reader's (the worker knows only the reader).
+            upstream.set_status_message = reader.set_status_message
+            upstream.set_progress_percentage = reader.set_progress_percentage
+            try:
+                upstream.run_locked()
+            finally:
+                upstream.set_status_message = upstream.set_progress_percentage = None
+    left = upstream.problems(mode)
+    if left:
+        raise CorruptInput(f"{upstream.describe()} still fails verification after being redone: "
+                           + "; ".join(f"{n}: {p}" for n, p in sorted(left.items())))
+
+
+class ShardTask(CommittedTask):
     """One stage applied to one shard. Subclasses define ``stage``, ``content_params`` and ``produce``."""
 
     stage: ClassVar[str]
@@ -133,20 +286,20 @@ class ShardTask(DatasetTask):
     def stage_dir(self) -> StageDir:
         return StageDir(self.root, self.dataset, self.stage, dict(self.content_params()))
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.stage_dir.done_path(self.shard)))
+    @property
+    def unit(self) -> int:
+        return self.shard
+
+    def describe(self) -> str:
+        return f"{self.stage} shard {self.shard}"
 
     def tar_spool(self, suffix: str = "tar") -> TarSpool:
         """A streaming writer for this shard's ``shard-N.<suffix>`` WebDataset tar (see TarSpool)."""
         return TarSpool(self.stage_dir.shard_path(self.shard, suffix))
 
-    def run(self) -> None:
-        stage_dir = self.stage_dir
-        stage_dir.clear_unfinished(self.shard)
-        started = time.perf_counter()
+    def produce_unit(self) -> ShardOutput:
         with ProgressReporter(self) as progress:
-            output = self.produce(progress)
-        commit_shard(stage_dir, self.shard, output, seconds=time.perf_counter() - started)
+            return self.produce(progress)
 
 
 def reject(image_id: str, source: str, stage: str, reason: str, detail: str) -> dict[str, str]:
@@ -245,6 +398,8 @@ class ProgressReporter:
         if self.bar is not None:
             self.bar.update(1)
         now = time.monotonic()
+        if not callable(self.task.set_progress_percentage):  # None outside a Luigi worker
+            return
         if self.total and now - self._last > 1.0:  # throttle: each call is an RPC under luigid
             self._last = now
             self.task.set_progress_percentage(round(100.0 * index / self.total, 1))

@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tasks.base import build_tasks
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
 from tasks.settings import SettingsError, closest, configure
-from tasks.summary import format_table, summarise
+from tasks.summary import format_table, quarantine_notes, summarise
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
@@ -62,11 +63,16 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
     if central:
         kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
                                          ("scheduler_port", scheduler_port)) if v is not None})
+    started = time.time()
     result = build_tasks([task], **kwargs)
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
     if summary:
         print()
         print(format_table(summarise([task])))
+        notes = quarantine_notes([task], since=started)
+        if notes:
+            print(f"\n{len(notes)} unit(s) failed verification or had an invalid done.json and were redone:")
+            print("\n".join(f"  {note}" for note in notes))
     if not ok:
         sys.stdout.flush()
         print(f"\n{result.summary_text}", file=sys.stderr)

@@ -51,7 +51,7 @@ from pipeline.report import ShortSide, grid_png, report_markdown, run_evaluation
 from pipeline.vocabularies import class_text_embeddings
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
-from tasks.base import GPU, model_settings, pseudoseg, uses_gpu
+from tasks.base import GPU, model_settings, pseudoseg, uses_gpu, verify_inputs
 from tasks.failures import explain
 from tasks.params import IntParameter
 
@@ -237,7 +237,9 @@ class Evaluate(luigi.Task):
 
         maps: dict[str, np.ndarray] = {}
         classes: list[str] | None = None
-        for shard in self.requires()["pseudo"].requires():
+        shards = self.requires()["pseudo"].requires()
+        verify_inputs(self, [u for shard in shards for u in (shard, shard.requires()["ingest"])])
+        for shard in shards:
             labels_dir = shard.stage_dir
             stems = {r["image_id"]: Path(r["source"]).stem
                      for r in MANIFEST.read_parquet(shard.requires()["ingest"].stage_dir.shard_path(

@@ -8,7 +8,7 @@ from pipeline.artifacts import ShardOutput, StageDir
 from pipeline.export import coco_from_segments, write_coco_json
 from pipeline.preview import preview_shard
 from schemas import MANIFEST, SEGMENTS
-from tasks.base import DatasetTask, ProgressReporter, ShardTask, StageWrapper
+from tasks.base import CommittedTask, DatasetTask, ProgressReporter, ShardTask, StageWrapper, verify_inputs
 from tasks.ingest import IngestShard
 from tasks.use import SegmentNMSShard
 
@@ -27,6 +27,7 @@ class ExportCoco(DatasetTask):
         return luigi.LocalTarget(str(self.stage_dir.path / "coco.json"))
 
     def run(self) -> None:
+        verify_inputs(self, [u for t in self.requires() for u in (t, IngestShard(shard=t.shard, **self.common()))])
         manifest, segments = [], []
         for task in self.requires():
             ingest = IngestShard(shard=task.shard, **self.common()).stage_dir
@@ -46,6 +47,9 @@ class PreviewShard(ShardTask):
 
     def content_params(self) -> dict:
         return {"segments": self.requires().stage_dir.hash}
+
+    def inputs_to_verify(self) -> list[CommittedTask]:
+        return [self.requires(), IngestShard(shard=self.shard, **self.common())]
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         segments_task = self.requires()

@@ -28,7 +28,12 @@ from models._hf import ModelUnavailableError
 from pipeline.datasets import DatasetError
 from schemas.contract import SchemaError
 
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ModelUnavailableError, DatasetError, SchemaError)
+
+class CorruptInput(RuntimeError):
+    """An upstream unit failed verification and redoing it did not repair it (a retry would redo it the same way)."""
+
+
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ModelUnavailableError, DatasetError, SchemaError, CorruptInput)
 PERMANENT = "[not retried] "  # prefix of a task's failure explanation
 
 

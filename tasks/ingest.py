@@ -2,34 +2,45 @@
 
 from __future__ import annotations
 
-import luigi
+from pathlib import Path
+
 import pyarrow.compute as pc
 
-from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
+from pipeline.artifacts import ShardOutput, StageDir
 from pipeline.ingest import STAGE, DecodeLimits, ingest_entries
 from pipeline.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS
-from tasks.base import DatasetTask, ProgressReporter, ShardTask, StageWrapper, ingest
+from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageWrapper, ingest
 
 
-class PlanIngest(DatasetTask):
-    """Hashes every entry once (ids, duplicates, unreadable paths) and fixes the shard of each."""
+class PlanIngest(CommittedTask):
+    """Hashes every entry once (ids, duplicates, unreadable paths) and fixes the shard of each: ``plan.parquet``
+    and its record ``plan.done.json`` (same contract as a shard's, shard -1), which every IngestShard verifies."""
 
     @property
     def stage_dir(self) -> StageDir:
         params = {"listing": self.listing.fingerprint, "shard_size": ingest().shard_size}
         return StageDir(self.root, self.dataset, "plan", params)
 
-    def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(self.stage_dir.path / "plan.parquet"))
+    @property
+    def unit(self) -> str:
+        return "plan"
 
-    def run(self) -> None:
-        self.set_status_message(f"hashing {len(self.listing.entries)} entries")
+    def describe(self) -> str:
+        return "ingest plan"
+
+    @property
+    def plan_path(self) -> Path:
+        return self.stage_dir.unit_path(self.unit, "parquet")
+
+    def produce_unit(self) -> ShardOutput:
+        if callable(self.set_status_message):  # None outside a Luigi worker
+            self.set_status_message(f"hashing {len(self.listing.entries)} entries")
         listing = self.listing
         rows = [e.__dict__ for e in plan_entries(listing.entries, ingest().shard_size, problems=listing.problems)]
-        stage_dir = self.stage_dir
-        stage_dir.write_params()
-        atomic_write_bytes(stage_dir.path / "plan.parquet", PLAN.to_parquet_bytes(PLAN.table(rows)))
+        output = ShardOutput(in_count=len(rows), ok_count=len(rows))
+        output.add_table("parquet", PLAN, PLAN.table(rows))
+        return output
 
 
 def read_plan_shard(path: str, shard: int) -> list[PlannedEntry]:
@@ -54,7 +65,7 @@ class IngestShard(ShardTask):
         return {"plan": self.requires().stage_dir.hash, **self.limits().__dict__}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        entries = read_plan_shard(self.input().path, self.shard)
+        entries = read_plan_shard(str(self.requires().plan_path), self.shard)
         progress.start(len(entries))
         with EntryReader() as reader, self.tar_spool() as tar:
             result = ingest_entries(entries, reader.read, self.limits(), on_entry=progress.step, sink=tar.write)

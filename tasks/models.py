@@ -9,7 +9,7 @@ from models.probe import probe_roles
 from pipeline.artifacts import StageDir, atomic_write_bytes
 from pipeline.ingest import iter_ingested_images
 from schemas import MODEL_PROBE
-from tasks.base import DatasetTask, model_settings
+from tasks.base import DatasetTask, model_settings, verify_inputs
 from tasks.ingest import IngestShard
 
 
@@ -27,6 +27,7 @@ class ModelProbe(DatasetTask):
         return luigi.LocalTarget(str(self.stage_dir.path / "probe.parquet"))
 
     def run(self) -> None:
+        verify_inputs(self, [self.requires()])
         tar = self.requires().stage_dir.shard_path(0, "tar")
         first = next(iter_ingested_images(str(tar)), None)
         image = first[1] if first else np.full((96, 128, 3), 127, np.uint8)  # empty shard: a grey image

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import luigi
 from luigi.task import flatten
 
-from pipeline.artifacts import read_shard_stats
-from tasks.base import ShardTask
+from pipeline.artifacts import QUARANTINE, load_shard_stats
+from tasks.base import CommittedTask, ShardTask
 
 
 def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
@@ -49,9 +49,9 @@ def summarise(roots: Iterable[luigi.Task]) -> list[StageRow]:
         row = rows[task.stage]
         row.stage = task.stage
         row.shards += 1
-        done = task.stage_dir.done_path(task.shard)
-        if done.exists():
-            stats = read_shard_stats(done)
+        # Done = a valid record whose files are in place (CommittedTask.complete); garbage counts as not done.
+        stats = load_shard_stats(task.stage_dir.done_path(task.shard)) if task.complete() else None
+        if stats is not None:
             row.done += 1
             row.records_in += stats["in_count"]
             row.ok += stats["ok_count"]
@@ -69,3 +69,15 @@ def format_table(rows: list[StageRow]) -> str:
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def quarantine_notes(roots: Iterable[luigi.Task], since: float) -> list[str]:
+    """One line per unit invalidated since ``since`` (epoch seconds) under the DAG of ``roots``: the reason
+    recorded in its ``.quarantine/<unit>-<time>-<pid>/reason.txt``, and where the evidence lies."""
+    folders = {task.stage_dir.path for task in walk_dag(roots) if isinstance(task, CommittedTask)}
+    notes = []
+    for folder in sorted(folders):
+        for reason in sorted((folder / QUARANTINE).glob("*/reason.txt")):
+            if reason.stat().st_mtime >= since:
+                notes.append(f"{reason.read_text().strip()} (evidence: {reason.parent})")
+    return notes

@@ -59,7 +59,15 @@ from pipeline.use_pairs import TEXT_CHOICES, draw_segment_texts, segment_texts
 from pipeline.vocabularies import UNLABELLED, load_vocabulary
 from schemas import SEGMENTS
 from schemas.features import TEXT_EMBEDDINGS
-from tasks.base import DatasetTask, model_identity, model_settings, uses_gpu
+from tasks.base import (
+    CommittedTask,
+    DatasetTask,
+    model_identity,
+    model_settings,
+    pseudoseg,
+    uses_gpu,
+    verify_inputs,
+)
 from tasks.features import ClassTextEmbeddings, FeatureCacheShard, UseTextEmbeddingShard, features_use
 from tasks.fmbseg import PseudoLabelShard
 from tasks.ingest import IngestShard
@@ -276,6 +284,14 @@ class TrainTask(DatasetTask):
     def shard_paths(self, name: str, suffix: str) -> list[str]:
         return [str(t.stage_dir.shard_path(t.shard, suffix)) for t in self.requires()[name]]
 
+    def check_inputs(self) -> None:
+        """Every input shard against its done.json before training. sha256 is capped at size here: hashing a
+        whole feature cache is one more full read of it (≈ 1/epochs of the training's I/O, bench verify_cost)."""
+        mode = "size" if pseudoseg().verify == "sha256" else pseudoseg().verify
+        units = [t for group in self.requires().values()
+                 for t in (group if isinstance(group, list) else [group]) if isinstance(t, CommittedTask)]
+        verify_inputs(self, units, mode=mode)
+
 
 def _workers(requested: int) -> int:
     """DataLoader workers, at most one per CPU (never changes the numbers: items are seeded per index)."""
@@ -339,6 +355,7 @@ class TrainUSEHead(TrainTask):
         return params
 
     def run(self) -> None:
+        self.check_inputs()
         cfg, stage_dir = train_use(), self.stage_dir
         stage_dir.write_params()
         self.set_status_message("indexing segments and texts")
@@ -446,6 +463,7 @@ class TrainAlignment(TrainTask):
                          "crop_patches": cfg.crop_patches, "repeats": cfg.repeats}}
 
     def run(self) -> None:
+        self.check_inputs()
         cfg, stage_dir = train_alignment(), self.stage_dir
         stage_dir.write_params()
         text_task = self.requires()["text"]

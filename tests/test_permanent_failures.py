@@ -78,18 +78,37 @@ object.__setattr__(schemas.ingest.MANIFEST, "version", 0)
 """
 
 
-def test_schema_mismatch_of_an_upstream_parquet_fails_once(tmp_path, images):
+# A writer that stamps the manifest with an older version tag while this version's reader checks it.
+STALE_MANIFEST_WRITER = """
+import schemas.ingest
+from schemas.contract import META_KEY
+_stamp = type(schemas.ingest.MANIFEST).stamp
+def stamp(table):
+    table = _stamp(schemas.ingest.MANIFEST, table)
+    return table.replace_schema_metadata({**table.schema.metadata, META_KEY: b"manifest/v0"})
+object.__setattr__(schemas.ingest.MANIFEST, "stamp", stamp)
+"""
+
+
+def test_schema_mismatch_of_an_upstream_parquet_heals_or_fails_once(tmp_path, images):
+    """An upstream Parquet of another schema version is redone by its reader (tasks.base.redo) and the run heals;
+    when the redone file still mismatches (here: the writer itself is old), the reader fails once, not retried,
+    and the cause is the last line."""
     out = tmp_path / "out"
     common = ["--images", str(images), "--dataset", "ds", "--out", str(out)]
     code, text = run(["run", "Ingest", *common], cli_env(tmp_path, OLD_MANIFEST_WRITER))
     assert code == 0, text
     (manifest,) = (out / "ds" / "ingest").rglob("shard-000000.parquet")
-    code, text = run(["run", "Captions", *common, "--set", "use.generate_captions=false"], cli_env(tmp_path))
+    captions = ["run", "Captions", *common, "--set", "use.generate_captions=false"]
+    code, text = run(captions, cli_env(tmp_path, STALE_MANIFEST_WRITER))
     assert code == 1, text
-    assert "running   IngestShard(" not in text  # the upstream shard is done; only its reader fails
+    assert "running   IngestShard(" not in text  # the upstream is redone inside its reader, not rescheduled
     assert text.count("running   CaptionShard(") == 1
     assert_one_cause_last(text, f"SchemaError: {manifest}: schema version mismatch: expected manifest/v1, "
                                 "found manifest/v0")
+    code, text = run(captions, cli_env(tmp_path))  # today's writer: the reader redoes the shard and goes on
+    assert code == 0, text
+    assert "schema version mismatch: expected manifest/v1, found manifest/v0" in text and CAUSE not in text
 
 
 FAIL_FIRST_ATTEMPT = """
