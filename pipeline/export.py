@@ -3,9 +3,11 @@
 Shape of the output (``coco_from_segments``)
 - ``info``: description and version only — no dates, so the same rows always give the same bytes.
 - ``images``: one per manifest row, sorted by ``image_id`` (the ingest content id); COCO ``id`` = 1-based
-  position in that order. ``file_name`` is the manifest ``source`` (file path, or ``<tar>::<member>``);
-  ``pseudoseg_image_id`` keeps the ingest id. ``width``/``height`` are those of the *ingested* image (after
-  EXIF orientation and any downsizing), which is the frame every mask lives in.
+  position in that order. ``file_name`` is the image as exported beside the JSON (``file_names``: relative to
+  the ``data/`` folder that holds each image at the size its masks were made on, see :func:`export_image`) or,
+  without that, the manifest ``source``; ``pseudoseg_source`` keeps the source (file path, or
+  ``<tar>::<member>``) and ``pseudoseg_image_id`` the ingest id. ``width``/``height`` are those of the *ingested*
+  image (after EXIF orientation and any downsizing), which is the frame every mask lives in.
 - ``annotations``: one per segment, sorted by (``image_id``, ``segment_id``); ``id`` = 1-based position.
   ``segmentation`` is the stored compressed RLE, unchanged: ``{"size": [h, w], "counts": str}``
   (pycocotools reads ``str`` counts). ``area`` and ``bbox`` (xywh, x = column) are the SEGMENTS values,
@@ -31,7 +33,8 @@ from typing import Any
 from pipeline.artifacts import atomic_write_bytes
 from schemas import SEGMENTS
 
-COCO_EXPORT_VERSION = "1"
+COCO_EXPORT_VERSION = "2"
+IMAGES_DIR = "data"  # beside coco.json: FiftyOne's COCO layout (data/ + labels), pycocotools takes any folder
 CATEGORY = {"id": 1, "name": "segment", "supercategory": "segment"}
 
 
@@ -53,11 +56,33 @@ def _unique(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def export_image(payload: bytes, meta: Mapping[str, Any]) -> tuple[bytes, str]:
+    """(file bytes, extension) of one ingested image for the COCO export: pixels exactly as the masks saw them.
+
+    The stored payload is written unchanged when every reader decodes it to those pixels (a JPEG or PNG in RGB
+    or grey, no EXIF orientation, at the stored size); anything else (EXIF-rotated, CMYK, 16-bit, WEBP/TIFF/GIF,
+    …) is re-encoded as PNG from the decoded upright RGB, which is what the masks were made on."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.images import encode_png, exif_orientation
+    from pipeline.ingest import decode_stored
+
+    with Image.open(io.BytesIO(payload)) as img:  # header only
+        plain = (img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") and exif_orientation(img) == 1
+                 and img.size == (int(meta["width"]), int(meta["height"])))
+    if plain:
+        return payload, str(meta["stored_ext"])
+    return encode_png(decode_stored(payload)), "png"
+
+
 def coco_from_segments(
     manifest_rows: Iterable[Mapping[str, Any]],
     segment_rows: Iterable[Mapping[str, Any]],
     *,
     dataset: str,
+    file_names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """COCO dict of SEGMENTS rows over the images of MANIFEST rows (any number of shards, any order).
 
@@ -80,10 +105,11 @@ def coco_from_segments(
         images.append(
             {
                 "id": n,
-                "file_name": str(row["source"]),
+                "file_name": file_names[image_id] if file_names is not None else str(row["source"]),
                 "width": int(row["width"]),
                 "height": int(row["height"]),
                 "pseudoseg_image_id": image_id,
+                "pseudoseg_source": str(row["source"]),
             }
         )
 
@@ -129,6 +155,7 @@ def coco_from_segments(
             "version": COCO_EXPORT_VERSION,
             "contributor": "pseudoseg",
             "segments_schema": SEGMENTS.tag,
+            **({"images_dir": IMAGES_DIR} if file_names is not None else {}),
         },
         "licenses": [],
         "images": images,

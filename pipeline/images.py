@@ -207,7 +207,7 @@ def _declared_bits(img: Image.Image) -> int | None:
     return int(bits) if isinstance(bits, int) and bits > 0 else None
 
 
-def _exif_orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image) -> int:
     """EXIF Orientation (1..8); 1 when absent or unreadable, since broken EXIF should not lose the pixels."""
     try:
         value = img.getexif().get(0x0112, 1)
@@ -319,7 +319,7 @@ def decode_image(
             try:
                 # Multi-frame files (GIF, TIFF) are positioned on frame 0 after open; load() decodes only it.
                 img.load()
-                exif_rotated = _exif_orientation(img) in (2, 3, 4, 5, 6, 7, 8)
+                exif_rotated = exif_orientation(img) in (2, 3, 4, 5, 6, 7, 8)
                 upright = ImageOps.exif_transpose(img) if exif_rotated else img
                 rgb = _to_rgb_array(upright, declared_bits)
             except ImageRejected:

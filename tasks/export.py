@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import luigi
 
-from pipeline.artifacts import ShardOutput, StageDir
-from pipeline.export import coco_from_segments, write_coco_json
+from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
+from pipeline.export import COCO_EXPORT_VERSION, IMAGES_DIR, coco_from_segments, export_image, write_coco_json
+from pipeline.ingest import iter_ingested_samples
 from pipeline.preview import preview_shard
 from schemas import MANIFEST, SEGMENTS
 from tasks.base import CommittedTask, DatasetTask, ProgressReporter, ShardTask, StageWrapper, verify_inputs
@@ -14,27 +15,36 @@ from tasks.use import SegmentNMSShard
 
 
 class ExportCoco(DatasetTask):
-    """`coco.json` (images, RLE annotations with their expressions) that pycocotools loads."""
+    """`coco.json` (images, RLE annotations with their expressions) that pycocotools and FiftyOne load, and beside
+    it `data/<image_id>.<ext>`: every image at the size its masks were made on (`file_name` is relative to
+    `data/`), so masks and pixels line up whatever the source was (a giant downsized at ingest, EXIF rotation)."""
 
     def requires(self) -> list[SegmentNMSShard]:
         return [SegmentNMSShard(shard=i, **self.common()) for i in range(self.shard_count)]
 
     @property
     def stage_dir(self) -> StageDir:
-        return StageDir(self.root, self.dataset, "export_coco", {"segments": self.requires()[0].stage_dir.hash})
+        return StageDir(self.root, self.dataset, "export_coco", {"segments": self.requires()[0].stage_dir.hash,
+                                                                  "format": COCO_EXPORT_VERSION})
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir.path / "coco.json"))
 
     def run(self) -> None:
         verify_inputs(self, [u for t in self.requires() for u in (t, IngestShard(shard=t.shard, **self.common()))])
-        manifest, segments = [], []
+        manifest, segments, file_names = [], [], {}
+        data_dir = self.stage_dir.path / IMAGES_DIR
         for task in self.requires():
             ingest = IngestShard(shard=task.shard, **self.common()).stage_dir
             manifest += MANIFEST.read_parquet(ingest.shard_path(task.shard, "parquet")).to_pylist()
             segments += SEGMENTS.read_parquet(task.stage_dir.shard_path(task.shard, "parquet")).to_pylist()
+            for image_id, payload, meta in iter_ingested_samples(str(ingest.shard_path(task.shard, "tar"))):
+                data, ext = export_image(payload, meta)
+                file_names[image_id] = f"{image_id}.{ext}"
+                atomic_write_bytes(data_dir / file_names[image_id], data)
         self.stage_dir.write_params()
-        write_coco_json(coco_from_segments(manifest, segments, dataset=self.dataset), self.output().path)
+        coco = coco_from_segments(manifest, segments, dataset=self.dataset, file_names=file_names)
+        write_coco_json(coco, self.output().path)  # last: the task's target
 
 
 class PreviewShard(ShardTask):

