@@ -23,18 +23,19 @@ from tasks.summary import format_table, quarantine_notes, summarise
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
-    """Stage wrappers by class name (what `run STAGE` accepts), plus FullDAG and ModelProbe."""
-    from tasks import dag, evaluate, export, models
-    from tasks.base import StageWrapper
+    """Every task `run STAGE` accepts, in DAG order (tasks.dag.STAGES)."""
+    from tasks.dag import stage_classes
 
-    found: dict[str, type[luigi.Task]] = {"FullDAG": dag.FullDAG, "ModelProbe": models.ModelProbe,
-                                          "ExportCoco": export.ExportCoco, "Evaluate": evaluate.Evaluate}
-    pending = list(StageWrapper.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        found[cls.__name__] = cls
-        pending.extend(cls.__subclasses__())
-    return found
+    return stage_classes()
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from tasks.dag import STAGES
+
+    width = max(len(name) for name, _ in STAGES)
+    for name, what in STAGES:
+        print(f"{name:<{width}}  {what}")
+    return 0
 
 
 def make_task(stage: str, images: str, dataset: str, out: str) -> luigi.Task:
@@ -175,7 +176,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set ingest.shard_size=500")
 
-    run = sub.add_parser("run", help="run one stage (and what it needs) over a dataset")
+    stages = sub.add_parser("stages", help="every task `run` accepts, in DAG order, with what it makes")
+    stages.set_defaults(func=cmd_stages)
+
+    run = sub.add_parser("run", help="run one stage (and what it needs) over a dataset; see `pseudoseg stages`")
     run.add_argument("stage")
     run.add_argument("--images", required=True, help="folder, .txt/.parquet list, or WebDataset tars")
     run.add_argument("--dataset", help="dataset name, the folder under --out (default: the images folder's name)")
