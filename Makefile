@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out
 CONFIG ?= luigi.cfg
 N ?= 2
+PORT ?= 8082
 STAGE ?= Ingest
 IMAGES ?=
 DATASET ?= $(notdir $(patsubst %/,%,$(IMAGES)))
@@ -21,7 +22,7 @@ export PYTHONHASHSEED := 0
 .PHONY: help venv test demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
 help:
-	@echo "make demo | make test | make pseudo-labels STAGE=<Ingest|Captions|UseSegments|PseudoLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid | make workers N=2 STAGE=FullDAG IMAGES=dir | make bench"
+	@echo "make demo | make test | make pseudo-labels STAGE=<Ingest|Captions|UseSegments|PseudoLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,11 +56,12 @@ eval: $(STAMP)
 		--set Evaluate.method=$(or $(METHOD),car) --set Evaluate.limit=$(or $(LIMIT),0)
 
 luigid: $(STAMP)
-	$(VENV)/bin/pseudoseg luigid --out $(OUT)
+	$(VENV)/bin/pseudoseg luigid --out $(OUT) --port $(PORT)
 
 workers: $(STAMP)
 	@test -n "$(IMAGES)" || { echo "usage: make workers N=2 STAGE=<stage> IMAGES=<dir> [DATASET=name]"; exit 2; }
-	$(VENV)/bin/pseudoseg workers --n $(N) $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT)
+	$(VENV)/bin/pseudoseg workers --n $(N) $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT) \
+		--scheduler-port $(PORT)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results
