@@ -11,8 +11,8 @@ Conventions
 - What changes: pixels of a mask are blended with its colour (``alpha``; where masks overlap, the smaller
   mask is on top), the mask's boundary pixels take its full colour (1-pixel contour *inside* the mask),
   and each label is a filled dark box. Every other pixel is exactly the downscaled input.
-- cv2's Hershey fonts draw ASCII only: other characters are shown as ``?`` in the image (the HTML gallery
-  lists the full, HTML-escaped texts).
+- Labels are drawn with DejaVu Sans (the TrueType font matplotlib ships), so any UTF-8 text renders as itself;
+  the HTML gallery lists the full, HTML-escaped texts.
 - Deterministic: same inputs → same bytes (for a given OpenCV build); no randomness, no time.
 """
 
@@ -35,9 +35,7 @@ from pipeline.ingest import iter_ingested_images
 from pipeline.masks import decode_rle
 from pipeline.transforms import Resize, fit_long_side
 
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-FONT_SCALE = 0.4
-FONT_THICKNESS = 1
+FONT_PX = 11  # label font size in pixels
 LABEL_PAD = 2  # pixels around the text inside its box
 LABEL_MAX_CHARS = 40
 LABEL_BG = (16, 16, 16)
@@ -70,9 +68,18 @@ def segment_expressions(segment: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(str(t["expression"]) for t in (segment.get("texts") or [])))
 
 
-def _ascii_label(text: str) -> str:
-    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
-    return text if len(text) <= LABEL_MAX_CHARS else text[: LABEL_MAX_CHARS - 3] + "..."
+def _label_text(text: str) -> str:
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= LABEL_MAX_CHARS else text[: LABEL_MAX_CHARS - 1] + "…"
+
+
+@functools.cache
+def _font():
+    """DejaVu Sans from matplotlib's data (a project dependency): Latin, Greek, Cyrillic and many symbols."""
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), FONT_PX)
 
 
 def _rects_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
@@ -89,10 +96,13 @@ def _draw_label(
 ) -> None:
     """Draw ``lines`` in a dark box whose top-left is near ``anchor_xy`` (preview ``(x, y)``), moved down (then
     kept) to avoid earlier labels, and clamped inside the canvas. Appends the box to ``placed``."""
+    from PIL import Image, ImageDraw
+
     out_h, out_w = canvas.shape[:2]
-    sizes = [cv2.getTextSize(line, FONT, FONT_SCALE, FONT_THICKNESS) for line in lines]
-    line_h = max(h + base for (_, h), base in sizes)
-    box_w = min(out_w, SWATCH_W + 2 * LABEL_PAD + max(w for (w, _), _ in sizes))
+    font = _font()
+    ascent, descent = font.getmetrics()
+    line_h = ascent + descent
+    box_w = min(out_w, SWATCH_W + 2 * LABEL_PAD + max(int(np.ceil(font.getlength(line))) for line in lines))
     box_h = min(out_h, len(lines) * line_h + 2 * LABEL_PAD)
 
     def clamp(x: int, y: int) -> tuple[int, int, int, int]:
@@ -109,13 +119,12 @@ def _draw_label(
     placed.append(rect)
     x0, y0, x1, y1 = rect
     # Draw on a copy of the box region, so glyphs (antialiasing, descenders) never change pixels outside it.
-    box = np.empty((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-    box[:] = LABEL_BG
-    box[:, :SWATCH_W] = color
-    for i, ((_, h), _base) in enumerate(sizes):
-        origin = (SWATCH_W + LABEL_PAD, LABEL_PAD + i * line_h + h)  # putText's origin: text's bottom-left (x, y)
-        cv2.putText(box, lines[i], origin, FONT, FONT_SCALE, LABEL_FG, FONT_THICKNESS, cv2.LINE_AA)
-    canvas[y0:y1, x0:x1] = box
+    box = Image.new("RGB", (x1 - x0, y1 - y0), LABEL_BG)
+    draw = ImageDraw.Draw(box)
+    draw.rectangle((0, 0, SWATCH_W - 1, y1 - y0 - 1), fill=tuple(int(c) for c in color))
+    for i, line in enumerate(lines):
+        draw.text((SWATCH_W + LABEL_PAD, LABEL_PAD + i * line_h), line, font=font, fill=LABEL_FG)
+    canvas[y0:y1, x0:x1] = np.asarray(box)
 
 
 def render_overlay(
@@ -174,7 +183,7 @@ def render_overlay(
     if max_expressions > 0:
         placed: list[tuple[int, int, int, int]] = []
         for _, segment_id, seg, _ in decoded:
-            lines = [_ascii_label(e) for e in segment_expressions(seg)[:max_expressions]] or [f"#{segment_id}"]
+            lines = [_label_text(e) for e in segment_expressions(seg)[:max_expressions]] or [f"#{segment_id}"]
             x, y = float(seg["bbox"][0]), float(seg["bbox"][1])  # COCO xywh: (x, y) = (column, row)
             _draw_label(canvas, lines, frame.apply_pixel(x, y), segment_color(segment_id), placed)
     return canvas
@@ -186,8 +195,7 @@ def _check_name(image_id: str) -> str:
     return image_id
 
 
-def gallery_html(title: str, entries: Sequence[tuple[str, Sequence[str]]]) -> str:
-    """The ``index.html`` of a gallery: ``entries`` are ``(png file name, texts)``; everything escaped."""
+def _page_head(title: str, banner: str | None) -> list[str]:
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -200,17 +208,27 @@ def gallery_html(title: str, entries: Sequence[tuple[str, Sequence[str]]]) -> st
         "figure{display:inline-block;vertical-align:top;margin:0.5em;max-width:784px}",
         "img{max-width:100%;border:1px solid #ccc}",
         "figcaption ul{margin:0.2em 0;padding-left:1.2em;font-size:90%}",
+        ".banner{background:#fff3cd;border:1px solid #e0c060;padding:0.5em 1em}",
         "</style>",
         "</head>",
         "<body>",
         f"<h1>{esc(title)}</h1>",
-        f"<p>{len(entries)} images</p>",
     ]
-    for name, texts in entries:
+    if banner:
+        parts.append(f'<p class="banner">{esc(banner)}</p>')
+    return parts
+
+
+def gallery_html(title: str, entries: Sequence[tuple[str, Sequence[str], str]], *, banner: str | None = None) -> str:
+    """The ``index.html`` of a gallery: ``entries`` are ``(png file name, texts, heading)`` (heading: e.g. the
+    source file's name); ``banner`` an optional notice above the images; everything escaped."""
+    esc = html.escape
+    parts = [*_page_head(title, banner), f"<p>{len(entries)} images</p>"]
+    for name, texts, heading in entries:
         href = esc(quote(name), quote=True)
         parts.append(f'<figure id="{esc(name, quote=True)}">')
-        parts.append(f'<a href="{href}"><img src="{href}" alt="{esc(name, quote=True)}" loading="lazy"></a>')
-        parts.append(f"<figcaption><code>{esc(name)}</code><ul>")
+        parts.append(f'<a href="{href}"><img src="{href}" alt="{esc(heading, quote=True)}" loading="lazy"></a>')
+        parts.append(f"<figcaption><strong>{esc(heading)}</strong> <code>{esc(name)}</code><ul>")
         parts.extend(f"<li>{esc(t)}</li>" for t in texts)
         parts.append("</ul></figcaption>")
         parts.append("</figure>")
@@ -218,15 +236,27 @@ def gallery_html(title: str, entries: Sequence[tuple[str, Sequence[str]]]) -> st
     return "\n".join(parts)
 
 
+def index_html(title: str, shards: Sequence[tuple[str, str, int]], *, banner: str | None = None) -> str:
+    """One page over every shard's gallery: ``shards`` are ``(relative href, label, image count)``."""
+    esc = html.escape
+    total = sum(n for _, _, n in shards)
+    parts = [*_page_head(title, banner), f"<p>{total} images in {len(shards)} shards</p>", "<ul>"]
+    parts += [f'<li><a href="{esc(quote(href), quote=True)}">{esc(label)}</a> ({n} images)</li>'
+              for href, label, n in shards]
+    parts += ["</ul>", "</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
 def write_gallery(
     out_dir: str | Path,
-    items: Iterable[tuple[str, bytes, Sequence[str]]],
+    items: Iterable[tuple[str, bytes, Sequence[str]] | tuple[str, bytes, Sequence[str], str]],
     *,
     title: str,
+    banner: str | None = None,
 ) -> Path:
     """Write ``<image_id>.png`` per item and then ``index.html`` (relative ``<img src>``, texts listed below
-    each image, HTML-escaped). ``items`` is ``(image_id, png_bytes, texts)``, shown in the given order; it may
-    be a generator (each PNG is written as it arrives). Every file is written atomically and ``index.html``
+    each image, HTML-escaped). ``items`` is ``(image_id, png_bytes, texts[, heading])`` (heading defaults to the
+    image id), shown in the given order; it may be a generator (each PNG is written as it arrives). Every file is written atomically and ``index.html``
     last, so its presence means the gallery is complete. Returns the path of ``index.html``.
 
     Raises ``ValueError`` for a duplicate image id or one that is not a plain file name
@@ -235,16 +265,16 @@ def write_gallery(
     out_dir = Path(out_dir)
     entries: list[tuple[str, list[str]]] = []
     seen: set[str] = set()
-    for image_id, png, texts in items:
+    for image_id, png, texts, *heading in items:
         image_id = _check_name(str(image_id))
         if image_id in seen:
             raise ValueError(f"duplicate image_id {image_id!r} in gallery items")
         seen.add(image_id)
         name = f"{image_id}.png"
         atomic_write_bytes(out_dir / name, bytes(png))
-        entries.append((name, [str(t) for t in texts]))
+        entries.append((name, [str(t) for t in texts], str(heading[0]) if heading else image_id))
     index = out_dir / "index.html"
-    atomic_write_bytes(index, gallery_html(title, entries).encode("utf-8"))
+    atomic_write_bytes(index, gallery_html(title, entries, banner=banner).encode("utf-8"))
     return index
 
 
@@ -266,10 +296,12 @@ def preview_shard(
     max_side: int = 768,
     alpha: float = 0.5,
     max_images: int | None = None,
+    banner: str | None = None,
 ) -> Path:
     """Gallery of one shard: images of the ingest tar (manifest order) with their SEGMENTS rows overlaid.
 
-    Images without segments are shown as they are. ``max_images`` keeps the first N images. Raises
+    Images without segments are shown as they are; each is headed by its source file's name. ``max_images``
+    keeps the first N images. Raises
     ``ValueError`` (before ``index.html`` is written) when a segment's image is not in the tar — checked only
     when every image was read. Returns the path of ``index.html``.
     """
@@ -278,16 +310,18 @@ def preview_shard(
         by_image.setdefault(str(row["image_id"]), []).append(row)
     seen: set[str] = set()
 
-    def items() -> Iterable[tuple[str, bytes, list[str]]]:
-        for n, (image_id, rgb, _meta) in enumerate(iter_ingested_images(str(tar_path))):
+    def items() -> Iterable[tuple[str, bytes, list[str], str]]:
+        for n, (image_id, rgb, meta) in enumerate(iter_ingested_images(str(tar_path))):
             if max_images is not None and n >= max_images:
                 return
             seen.add(image_id)
             segs = sorted(by_image.get(image_id, []), key=lambda s: int(s["segment_id"]))
             overlay = render_overlay(rgb, segs, max_side=max_side, alpha=alpha)
-            yield image_id, encode_png(overlay), segment_caption_lines(segs)
+            source = str(meta.get("source", image_id))
+            name = source.rsplit("::", 1)[-1].rsplit("/", 1)[-1]  # of a path or a tar member
+            yield image_id, encode_png(overlay), segment_caption_lines(segs), name
         missing = sorted(set(by_image) - seen)
         if missing:  # raised before index.html is written: no gallery claims to be complete
             raise ValueError(f"{len(missing)} images have segments but are not in {tar_path}: {missing[:5]}")
 
-    return write_gallery(out_dir, items(), title=title)
+    return write_gallery(out_dir, items(), title=title, banner=banner)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import luigi
 
 from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pipeline.export import COCO_EXPORT_VERSION, IMAGES_DIR, coco_from_segments, export_image, write_coco_json
 from pipeline.ingest import iter_ingested_samples
-from pipeline.preview import preview_shard
+from pipeline.preview import index_html, preview_shard
 from schemas import MANIFEST, SEGMENTS
-from tasks.base import CommittedTask, DatasetTask, ProgressReporter, ShardTask, StageWrapper, verify_inputs
+from tasks.base import (
+    CommittedTask,
+    DatasetTask,
+    ProgressReporter,
+    ShardTask,
+    StageWrapper,
+    model_settings,
+    verify_inputs,
+)
 from tasks.ingest import IngestShard
 from tasks.use import SegmentNMSShard
 
@@ -56,7 +66,7 @@ class PreviewShard(ShardTask):
         return SegmentNMSShard(shard=self.shard, **self.common())
 
     def content_params(self) -> dict:
-        return {"segments": self.requires().stage_dir.hash}
+        return {"segments": self.requires().stage_dir.hash, "banner": preview_banner()}
 
     def inputs_to_verify(self) -> list[CommittedTask]:
         return [self.requires(), IngestShard(shard=self.shard, **self.common())]
@@ -67,9 +77,37 @@ class PreviewShard(ShardTask):
         ingest = IngestShard(shard=self.shard, **self.common()).stage_dir
         manifest = MANIFEST.read_parquet(ingest.shard_path(self.shard, "parquet"))
         preview_shard(ingest.shard_path(self.shard, "tar"), rows, self.stage_dir.path / f"shard-{self.shard:06d}",
-                      title=f"{self.dataset} shard {self.shard}: USE segment–text pairs")
+                      title=f"{self.dataset} shard {self.shard}: USE segment–text pairs", banner=preview_banner())
         return ShardOutput(in_count=len(manifest), ok_count=len(manifest))
 
 
-class Preview(StageWrapper):
+def preview_banner() -> str | None:
+    """The notice a gallery of random models carries (the tiny preset: outputs are random by design)."""
+    if model_settings().preset == "tiny":
+        return ("Made with the tiny preset: random-init models, so boxes, masks and captions are random by design. "
+                "This gallery shows the machinery, not quality (set [models] preset = real for real models).")
+    return None
+
+
+class PreviewShards(StageWrapper):
+    """Every shard's gallery (`shard-N/index.html`)."""
+
     shard_task = PreviewShard
+
+
+class Preview(DatasetTask):
+    """`use_preview/<hash>/index.html`: one page linking every shard's gallery, with its image count."""
+
+    def requires(self) -> PreviewShards:
+        return PreviewShards(**self.common())
+
+    def output(self) -> luigi.LocalTarget:
+        return luigi.LocalTarget(str(PreviewShard(shard=0, **self.common()).stage_dir.path / "index.html"))
+
+    def run(self) -> None:
+        shards = []
+        for task in self.requires().requires():
+            count = len(list((task.stage_dir.path / f"shard-{task.shard:06d}").glob("*.png")))
+            shards.append((f"shard-{task.shard:06d}/index.html", f"shard {task.shard}", count))
+        page = index_html(f"{self.dataset}: USE segment–text pairs", shards, banner=preview_banner())
+        atomic_write_bytes(Path(self.output().path), page.encode("utf-8"))

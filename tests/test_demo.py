@@ -49,3 +49,5 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
         (model,) = demo.glob(f"{trainer}/*/model.pt")
         assert (model.parent / "metrics.jsonl").stat().st_size > 0
     assert next(demo.glob("export_coco/*/coco.json")).stat().st_size > 0
+    top = next(demo.glob("use_preview/*/index.html")).read_text(encoding="utf-8")
+    assert 'class="banner"' in top and "random by design" in top  # tiny preset: the gallery says so

@@ -319,3 +319,18 @@ def test_preview_shard_joins_tar_and_segments(data, tmp_path):
     assert not (tmp_path / "bad" / "index.html").exists()
     limited = preview_shard(tar, voc_segs, tmp_path / "first", title="t", max_images=1)
     assert "img_voc.png" not in limited.read_text() and (tmp_path / "first" / "img_small.png").exists()
+
+
+def test_labels_render_utf8_and_pages_carry_banner_heading_and_shard_links(data, tmp_path):
+    from pipeline.preview import gallery_html, index_html
+
+    rgb, segs = data["small"]
+    seg = {**segs[0], "texts": [{**segs[0]["texts"][0], "expression": "café crème"}]}
+    accented = render_overlay(rgb, [seg], max_side=256)
+    ascii_q = render_overlay(rgb, [{**seg, "texts": [{**seg["texts"][0], "expression": "caf? cr?me"}]}],
+                             max_side=256)
+    assert not np.array_equal(accented, ascii_q)  # é is drawn as é, not as "?"
+    page = gallery_html("t", [("a.png", ["x"], "IMG_0001.JPG")], banner="random <models>")
+    assert '<p class="banner">random &lt;models&gt;</p>' in page and "<strong>IMG_0001.JPG</strong>" in page
+    top = index_html("d", [("shard-000000/index.html", "shard 0", 3), ("shard-000001/index.html", "shard 1", 2)])
+    assert "5 images in 2 shards" in top and '<a href="shard-000001/index.html">shard 1</a> (2 images)' in top

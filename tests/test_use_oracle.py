@@ -155,6 +155,10 @@ def test_coco_export_and_preview_gallery(voc_folder, tmp_path):
     (index,) = out.glob("use_preview/*/shard-000000/index.html")
     html = index.read_text()
     assert "chair" in html and len(list(index.parent.glob("*.png"))) == 1
+    assert f"<strong>{next(images.iterdir()).name}</strong>" in html  # headed by the source file's name
+    top = (index.parent.parent / "index.html").read_text()  # one page over every shard
+    assert '<a href="shard-000000/index.html">shard 0</a> (1 images)' in top
+    assert 'class="banner"' not in top  # oracle, not the tiny preset
 
 
 def test_coco_export_images_line_up_with_their_masks(voc_folder, tmp_path):
