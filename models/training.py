@@ -23,7 +23,12 @@ keep_checkpoints) or different metadata raises `CheckpointMismatchError`. `epoch
 Data: any map-style or `IterableDataset` whose samples `collate_fn` turns into a batch; `loss_fn_step(model,
 batch) -> loss` or `(loss, {name: float})` runs under `models._hf.autocast`. For an IterableDataset without
 `__len__` set `config.steps_per_epoch` (the epoch is cut there); a dataset with `set_epoch(epoch)` is told the
-epoch before each pass (WebDataset-style reshuffling). `use_step` / `collate_use` and `alignment_step` /
+epoch before each pass (WebDataset-style reshuffling). A dataset with `epoch_indexed = True` (the trainers' own:
+every random choice from (seed, epoch, index)) is asked for `(epoch, index)` pairs by an `EpochSampler` (same
+order as the shuffled DataLoader) and gets persistent workers: started once per `train` call, prefetching
+`PREFETCH_FACTOR` batches each, never seeing a stale epoch; its `__getitems__` may return a `Collated` batch it
+built in place (read straight into one tensor, in shared memory inside a worker), which the collate functions
+pass through. `use_step` / `collate_use` and `alignment_step` /
 `collate_alignment` are the two heads' step functions and sample formats.
 """
 
