@@ -37,6 +37,7 @@ from pipeline.vocabularies import TEMPLATE_SETS
 PURPOSES = ("use", "fmbseg")
 FEATURE_DTYPE = np.float16  # on disk; encoders and heads compute in float32
 ARRAY_NAMES = ("clip_patches", "clip_cls", "dino_patches", "dino_cls")  # = the sample keys collate_use reads
+MAX_OPEN_SHARDS = 128  # tar descriptors a TarStore keeps open per process (oldest closed first)
 NPY_HEADER_READ = 4096  # bytes read to parse an .npy header (numpy pads headers to 64 bytes; shapes are short)
 NPY_HEADER_BYTES = 128  # numpy's .npy v1 header for 1-4-D float16 arrays of realistic shapes (64-byte aligned)
 
@@ -248,6 +249,8 @@ class TarStore:
             self._fds, self._pid = {}, os.getpid()  # but open our own so closing never touches the parent's
         fd = self._fds.get(path)
         if fd is None:
+            if len(self._fds) >= MAX_OPEN_SHARDS:  # many small shards: stay far below the descriptor limit
+                os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return fd
 

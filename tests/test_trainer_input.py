@@ -225,3 +225,22 @@ def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_pat
     persistent = run(tmp_path / "full", 2)
     for other in (resumed, persistent):
         assert all(torch.equal(reference[k], other[k]) for k in reference)
+
+
+def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.feature_cache as fc
+
+    monkeypatch.setattr(fc, "MAX_OPEN_SHARDS", 2)
+    paths = []
+    for s in range(4):
+        target = tmp_path / f"shard-{s}.tar"
+        with TarSpool(target) as spool:
+            spool.write({"__key__": f"k{s}", "txt": f"v{s}".encode()})
+        spool.path.rename(target)
+        paths.append(str(target))
+    store = TarStore(paths)
+    for _ in range(2):
+        assert [store.read(f"k{s}", "txt") for s in range(4)] == [f"v{s}".encode() for s in range(4)]
+    assert len(store._fds) == 2
+    store.close()
+    assert store.read("k0", "txt") == b"v0"
