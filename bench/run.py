@@ -1,32 +1,29 @@
 """Benchmarks (never timed tests): `make bench` writes results to bench/results/<name>.json.
 
-Each benchmark records the machine (cores, torch device) next to its numbers, so results from a laptop and
-a GPU host are never compared by accident.
+Every benchmark times through ``bench.timing`` (warm-up, variants interleaved, min and median, CUDA synchronised
+before each clock read, CPU time beside wall time) and every result file records the machine and the load
+average before and after (``bench.timing.envelope``), so results from a loaded laptop, an idle server and a GPU
+host are never compared by accident. ``--prefix gpu-`` and ``--kw key=value`` (passed to the benchmarks that take
+that argument) are what ``bench/gpu.sh`` uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+from bench.timing import ForwardTimer, compare, envelope, load_avg, time_call, write_result
 from pipeline.ingest import DecodeLimits, ingest_entries
 from pipeline.sources import EntryReader, list_source, plan_entries
 
 
-def machine() -> dict:
-    import torch
-
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def bench_ingest(n_images: int = 200) -> dict:
-    """Plan + ingest throughput on photo-sized JPEGs (640x480) in one shard."""
+def bench_ingest(n_images: int = 200, repeats: int = 3) -> dict:
+    """Plan + ingest throughput on photo-sized JPEGs (640x480) in one shard (files in the page cache)."""
     import cv2
     import numpy as np
 
@@ -35,29 +32,30 @@ def bench_ingest(n_images: int = 200) -> dict:
         for i in range(n_images):
             img = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (9, 9), 0)
             cv2.imwrite(f"{tmp}/img_{i:05d}.jpg", img)
-        t0 = time.perf_counter()
-        listing = list_source(tmp)
-        plan = list(plan_entries(listing.entries, shard_size=n_images))
-        t1 = time.perf_counter()
-        with EntryReader() as reader:
-            result = ingest_entries(plan, reader.read, DecodeLimits())
-        t2 = time.perf_counter()
-    assert len(result.manifest) == n_images
-    return {"images": n_images, "plan_images_per_s": n_images / (t1 - t0),
-            "ingest_images_per_s": n_images / (t2 - t1)}
+        plan = list(plan_entries(list_source(tmp).entries, shard_size=n_images))
+
+        def ingest() -> None:
+            with EntryReader() as reader:
+                result = ingest_entries(plan, reader.read, DecodeLimits())
+            assert len(result.manifest) == n_images
+
+        t = compare({"plan": lambda: list(plan_entries(list_source(tmp).entries, shard_size=n_images)),
+                     "ingest": ingest}, repeats=repeats, warmup=1)
+    return {"images": n_images, "repeats": repeats,
+            "plan_images_per_s": round(n_images / t["plan"]["wall_s"]["median"], 1),
+            "ingest_images_per_s": round(n_images / t["ingest"]["wall_s"]["median"], 1),
+            "ingest_cpu_s_per_image": round(t["ingest"]["cpu_s"]["median"] / n_images, 6), "timings": t}
 
 
-def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3) -> dict:
-    """SAM box→mask on one 640x480 image, real-size vit_b at random init (seed 0) on this machine's device.
+def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3, arch: str = "vit_b") -> dict:
+    """SAM box→mask on one 640x480 image, real-size ``arch`` at random init (seed 0) on this machine's device.
 
     Batched: `SamSegmenter.embed` once + ONE `predict` call for all boxes (the `masks_for_boxes` path).
     Per box: `SamPredictor.set_image` once + `predict(box=..., multimask_output=True, return_logits=True)` per
-    box. Decoder times are the best of `repeats`; both produce full-resolution logits for 3 masks per box. The
-    batched decode is also timed in chunks of 1 and 4 boxes per call (`max_boxes_per_call`). `embed_s` is the first
-    (cold) encoder forward, `predictor_set_image_s` the second (warm).
-    `masks_for_boxes_s` adds the stability choice and cleanup to the batched decode (thresholds off, so every
-    mask is cleaned); random-init masks are noisier than trained ones, so treat it as an upper bound.
-    """
+    box. Both produce full-resolution logits for 3 masks per box; the batched decode is also timed in chunks of 1
+    and 4 boxes per call (`max_boxes_per_call`). `masks_for_boxes` adds the stability choice and cleanup
+    (thresholds off, so every mask is cleaned; random-init masks are noisier than trained ones: an upper bound).
+    Encoder and decoder variants each: 1 warm-up, then `repeats` interleaved runs (min and median)."""
     import cv2
     import numpy as np
     import torch
@@ -68,43 +66,22 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3) -> dict:
     from pipeline.use_pairs import masks_for_boxes
 
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    sam = build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None)
-    build_s = time.perf_counter() - t0
+    sam, build = time_call(lambda: build_sam_arch(SAM_ARCHS[arch], checkpoint=None))
     seg = SamSegmenter(sam, device="auto")
     rng = np.random.default_rng(0)
     image = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
     xy0 = rng.uniform([0, 0], [560, 400], size=(n_boxes, 2))
     wh = rng.uniform(20, 240, size=(n_boxes, 2))
     boxes = np.concatenate([xy0, np.minimum(xy0 + wh, [640, 480])], axis=1).astype(np.float32)
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    sync()
-    t0 = time.perf_counter()
+    predictor = SamPredictor(seg.sam)
+    encoders = compare({"embed": lambda: seg.embed(image), "predictor_set_image": lambda: predictor.set_image(image)},
+                       repeats=repeats, warmup=1)
     embedding = seg.embed(image)
-    sync()
-    embed_s = time.perf_counter() - t0
-    batched_s = best(lambda: seg.predict(embedding, boxes_xyxy=boxes, multimask=True))
+    predictor.set_image(image)
 
     def chunked(size: int) -> None:
         for c in range(0, n_boxes, size):
             seg.predict(embedding, boxes_xyxy=boxes[c : c + size], multimask=True)
-
-    # Where one big batch stops paying (memory traffic grows with N on CPU): `max_boxes_per_call`.
-    by_chunk = {str(size): best(lambda size=size: chunked(size)) for size in (1, 4)}
 
     class Cached(Segmenter):  # the embedding above, so masks_for_boxes is timed without the encoder
         def embed(self, image):
@@ -116,41 +93,29 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3) -> dict:
         def automatic_masks(self, image, **params):
             raise NotImplementedError
 
-    masks_s = best(
-        lambda: masks_for_boxes(Cached(), image, boxes, pred_iou_thresh=-np.inf, stability_thresh=-np.inf)
-    )
-
-    predictor = SamPredictor(seg.sam)
-    sync()
-    t0 = time.perf_counter()
-    predictor.set_image(image)
-    sync()
-    set_image_s = time.perf_counter() - t0
-
     def per_box() -> None:
         for box in boxes:
             predictor.predict(box=box, multimask_output=True, return_logits=True)
 
-    per_box_s = best(per_box)
+    decoders = compare({
+        "batched": lambda: seg.predict(embedding, boxes_xyxy=boxes, multimask=True),
+        "per_box": per_box, "chunks_of_1": lambda: chunked(1), "chunks_of_4": lambda: chunked(4),
+        "masks_for_boxes": lambda: masks_for_boxes(Cached(), image, boxes, pred_iou_thresh=-np.inf,
+                                                   stability_thresh=-np.inf),
+    }, repeats=repeats, warmup=1)
+    med = {k: v["wall_s"]["median"] for k, v in {**encoders, **decoders}.items()}
     return {
-        "arch": "vit_b (random init)",
-        "image_hw": [480, 640],
-        "boxes": n_boxes,
-        "repeats": repeats,
-        "device": str(seg.device),
-        "torch_threads": torch.get_num_threads(),
-        "build_s": build_s,
-        "embed_s": embed_s,
-        "predictor_set_image_s": set_image_s,
-        "batched_decoder_s": batched_s,
-        "per_box_decoder_s": per_box_s,
-        "batched_decoder_s_by_max_boxes_per_call": by_chunk,
-        "per_box_over_batched": per_box_s / batched_s,
-        "masks_for_boxes_s": masks_s,
+        "arch": f"{arch} (random init)", "image_hw": [480, 640], "boxes": n_boxes, "repeats": repeats,
+        "device": str(seg.device), "torch_threads": torch.get_num_threads(), "build_s": round(build["wall_s"], 3),
+        "embed_s": med["embed"], "predictor_set_image_s": med["predictor_set_image"],
+        "batched_decoder_s": med["batched"], "per_box_decoder_s": med["per_box"],
+        "batched_decoder_s_by_max_boxes_per_call": {"1": med["chunks_of_1"], "4": med["chunks_of_4"]},
+        "per_box_over_batched": round(med["per_box"] / med["batched"], 3), "masks_for_boxes_s": med["masks_for_boxes"],
+        "timings": {**encoders, **decoders},
     }
 
 
-def bench_fmbseg_stages(classes_11: int = 5) -> dict:
+def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_b") -> dict:
     """FMbSeg Stage 1 per-image seconds on one 640x480 image with real-size random-init models on this machine:
     CLIP ViT-B/16 (transformers CLIPConfig defaults, vision patch 16, image 224; saved and loaded back through
     `HFClipEncoder` like real weights) and SAM vit_b (`_build_sam` vit_b dims), both seed 0.
@@ -162,8 +127,10 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
     `classes_11` class prompts), 1.2 (segment-anything's automatic generator on the shared embedding + mask
     labelling), merge (label map + region RLEs + PNG).
     `outside_model_share`: 1 - (time inside any torch module forward) / stage time — the pipeline's own cost
-    (resizing, stitching, mask upsampling/thresholding, NMS, RLE...). Random-init SAM predicts low IoUs, so the
-    automatic generator keeps few masks; trained weights keep more and spend more time in RLE/NMS/labelling.
+    (resizing, stitching, mask upsampling/thresholding, NMS, RLE...), from one extra pass under a synchronised
+    ``ForwardTimer``. Random-init SAM predicts low IoUs, so the automatic generator keeps few masks; trained weights
+    keep more and spend more time in RLE/NMS/labelling. Seconds: median of ``repeats`` interleaved runs after one
+    warm-up pass in pipeline order.
     """
     import tempfile
 
@@ -179,32 +146,6 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
     from pipeline.images import encode_png
     from pipeline.vocabularies import load_templates, load_vocabulary
 
-    inside = {"depth": 0, "start": 0.0, "total": 0.0}
-
-    def pre(_module, _args):
-        if inside["depth"] == 0:
-            inside["start"] = time.perf_counter()
-        inside["depth"] += 1
-
-    def post(_module, _args, _out):
-        inside["depth"] -= 1
-        if inside["depth"] == 0:
-            inside["total"] += time.perf_counter() - inside["start"]
-
-    results: dict = {}
-
-    def timed(name: str, fn):
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        inside["total"] = 0.0
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        seconds = time.perf_counter() - t
-        results[name] = {"seconds": round(seconds, 4), "model_forward_s": round(inside["total"], 4),
-                         "outside_model_share": round(1 - inside["total"] / seconds, 4)}
-        return out
-
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tok = build_clip_tokenizer()
@@ -216,60 +157,62 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
                                        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
         CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(tmp)
         clip = HFClipEncoder(tmp, device="auto")
-    seg = SamSegmenter(build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None), device="auto")
+    seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
     rng = np.random.default_rng(0)
     rgb = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
     vocab = load_vocabulary("coco_stuff171")
     amg = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
            "box_nms_thresh": 0.7, "min_mask_region_area": 100}
 
-    handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-               torch.nn.modules.module.register_module_forward_hook(post)]
-    try:
-        timed("warmup_dense", lambda: F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE))
-        dense = timed("dense", lambda: F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE))
-        text = timed("text_embeddings_per_shard",
-                     lambda: F.class_text_embeddings(clip, vocab, load_templates("single")))
-        det = timed("detect", lambda: F.detect_classes(dense.cls, text, min_crops=1))
-        classes = list(range(classes_11))
-        seg.embed(rgb)  # warm-up
-        embedding = timed("sam_embed", lambda: seg.embed(rgb))  # SamEmbedShard: once per image, shared
-        m11 = timed("stage11", lambda: F.query_point_masks(seg, embedding, dense, text, classes, top_k=5))
-        auto = timed("stage12_generator", lambda: seg.automatic_masks(rgb, embedding=embedding, **amg))
-        m12 = timed("stage12_labelling", lambda: F.label_auto_masks(
-            auto, dense, text, classes, min_area_fraction=0.0005, max_area_fraction=0.9))
+    classes = list(range(classes_11))
+    # Random-init SAM keeps ~no automatic masks, so labelling + merge are also timed on 100 synthetic masks
+    # (random rectangles, 0.1%-20% of the image): the pipeline's own per-mask cost with trained weights.
+    synthetic = []
+    for x0, y0, x1, y1 in rng.integers(0, [640, 480, 640, 480], size=(100, 4)):
+        m = np.zeros((480, 640), bool)
+        m[min(y0, y1) : max(y0, y1) + 25, min(x0, x1) : max(x0, x1) + 25] = True
+        synthetic.append({"segmentation": m, "predicted_iou": 0.9, "stability_score": 0.96,
+                          "point_coords": [[float(x0), float(y0)]]})
+    # One pass in pipeline order: the outputs the later stages need (and everyone's warm-up).
+    dense = F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE)
+    text = F.class_text_embeddings(clip, vocab, load_templates("single"))
+    det = F.detect_classes(dense.cls, text, min_crops=1)
+    embedding = seg.embed(rgb)
+    m11 = F.query_point_masks(seg, embedding, dense, text, classes, top_k=5)
+    auto = seg.automatic_masks(rgb, embedding=embedding, **amg)
+    m12 = F.label_auto_masks(auto, dense, text, classes, min_area_fraction=0.0005, max_area_fraction=0.9)
+    m100 = F.label_auto_masks(synthetic, dense, text, classes, min_area_fraction=0.0, max_area_fraction=1.0)
 
-        def merge():
-            label, source = F.merge_label_map(rgb.shape[:2], m11 + m12, "stage11_first")
-            F.label_region_rows("x", vocab, label, source)
-            F.mask_rows("x", vocab, m11 + m12)
-            return encode_png(label)
+    def merge(masks) -> bytes:
+        label, source = F.merge_label_map(rgb.shape[:2], masks, "stage11_first")
+        F.label_region_rows("x", vocab, label, source)
+        F.mask_rows("x", vocab, masks)
+        return encode_png(label)
 
-        timed("merge", merge)
-
-        # Random-init SAM keeps ~no automatic masks, so time labelling + merge on 100 synthetic masks (random
-        # rectangles, 0.1%-20% of the image) too: the pipeline's own per-mask cost with trained weights.
-        boxes = rng.integers(0, [640, 480, 640, 480], size=(100, 4))
-        synthetic = []
-        for x0, y0, x1, y1 in boxes:
-            m = np.zeros((480, 640), bool)
-            m[min(y0, y1) : max(y0, y1) + 25, min(x0, x1) : max(x0, x1) + 25] = True
-            synthetic.append({"segmentation": m, "predicted_iou": 0.9, "stability_score": 0.96,
-                              "point_coords": [[float(x0), float(y0)]]})
-        m100 = timed("stage12_labelling_100_masks", lambda: F.label_auto_masks(
-            synthetic, dense, text, classes, min_area_fraction=0.0, max_area_fraction=1.0))
-        m11_100 = m11 + m100
-
-        def merge_100():
-            label, source = F.merge_label_map(rgb.shape[:2], m11_100, "stage11_first")
-            F.label_region_rows("x", vocab, label, source)
-            F.mask_rows("x", vocab, m11_100)
-            return encode_png(label)
-
-        timed("merge_105_masks", merge_100)
-    finally:
-        for h in handles:
-            h.remove()
+    stages = {
+        "dense": lambda: F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE),
+        "text_embeddings_per_shard": lambda: F.class_text_embeddings(clip, vocab, load_templates("single")),
+        "detect": lambda: F.detect_classes(dense.cls, text, min_crops=1),
+        "sam_embed": lambda: seg.embed(rgb),  # SamEmbedShard: once per image, shared
+        "stage11": lambda: F.query_point_masks(seg, embedding, dense, text, classes, top_k=5),
+        "stage12_generator": lambda: seg.automatic_masks(rgb, embedding=embedding, **amg),
+        "stage12_labelling": lambda: F.label_auto_masks(auto, dense, text, classes, min_area_fraction=0.0005,
+                                                        max_area_fraction=0.9),
+        "merge": lambda: merge(m11 + m12),
+        "stage12_labelling_100_masks": lambda: F.label_auto_masks(synthetic, dense, text, classes,
+                                                                  min_area_fraction=0.0, max_area_fraction=1.0),
+        "merge_105_masks": lambda: merge(m11 + m100),
+    }
+    timings = compare(stages, repeats=repeats, warmup=0)  # the pass above was the warm-up
+    results: dict = {}
+    for name, fn in stages.items():
+        with ForwardTimer() as fwd:  # one more, synced pass: time inside module forwards
+            _, t = time_call(fn)
+        med = timings[name]["wall_s"]["median"]
+        share = 1 - fwd.total / t["wall_s"] if t["wall_s"] > 0 else 0.0
+        results[name] = {"seconds": med, "min_s": timings[name]["wall_s"]["min"],
+                         "cpu_s": timings[name]["cpu_s"]["median"], "model_forward_s": round(med * (1 - share), 4),
+                         "outside_model_share": round(share, 4)}
     s12 = {k: results["stage12_generator"][k] + results["stage12_labelling"][k]
            for k in ("seconds", "model_forward_s")}
     results["stage12"] = {**{k: round(v, 4) for k, v in s12.items()},
@@ -278,7 +221,7 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
     total = sum(results[k]["seconds"] for k in per_image)
     inside_total = sum(results[k]["model_forward_s"] for k in per_image)
     return {
-        "models": "CLIP ViT-B/16 + SAM vit_b, random init", "device": str(seg.device),
+        "models": f"CLIP ViT-B/16 + SAM {arch}, random init", "repeats": repeats, "device": str(seg.device),
         "torch_threads": torch.get_num_threads(), "image_hw": [480, 640],
         "working_hw": list(dense.resize.new_hw), "crops": len(dense.windows), "grid_hw": list(dense.windows.grid_hw),
         "vocabulary": f"{vocab.name} ({len(vocab)} classes)", "detected_classes": len(det.present),
@@ -290,61 +233,205 @@ def bench_fmbseg_stages(classes_11: int = 5) -> dict:
     }
 
 
-def bench_trainer_loader(n_samples: int = 256, n_shards: int = 4, grid: int = 24, channels: int = 768,
-                         batch_size: int = 8, epochs: int = 2) -> dict:
-    """Trainer input throughput: float16 `.npy` patch-token samples ([grid, grid, channels] + int16 patch labels
-    + JSON) read back from WebDataset tar shards (`wds.WebDataset(...).decode()`, DataLoader with 2 workers) vs
-    the same tensors from memory (TensorDataset, shuffled, no workers). Samples/s per epoch (the first epoch
-    includes worker start-up); `ratio_wds_over_memory` compares the best epochs. Shards sit in a temp dir (page
-    cache warm after writing), so this measures decode + IPC, not disk."""
+def _synthetic_training_caches(root: Path, *, n_use: int, n_align: int, shards: int, image_hw=(480, 640),
+                               segments: int = 8, clip=(3, 24, 24, 1024), dino_use=(2, 24, 24, 1024),
+                               dino_align=(1, 24, 32, 1024), seed: int = 0) -> dict:
+    """Feature caches, label maps and segments in the exact on-disk format the trainers read (``feature_sample``
+    written by ``TarSpool``, PNG label maps, SEGMENTS-like rows with compressed RLEs), at the default real sizes:
+    USE = CLIP L/14-336 blocks 7/15/23 + DINOv2-L last 2 on the 24×24 grid (5.9 MB/image); FMbSeg = DINOv2-L last
+    block at short side 336 of a 480×640 image (24×32, 1.6 MB/image). Random values; ellipse segments."""
+    import cv2
     import numpy as np
+
+    from pipeline.artifacts import TarSpool
+    from pipeline.feature_cache import feature_sample
+    from pipeline.images import encode_png
+    from pipeline.masks import encode_rle, rle_area
+
+    rng = np.random.default_rng(seed)
+    hh, ww = image_hw
+
+    def meta(purpose: str, grid: tuple[int, int], parts: dict) -> dict:
+        m = {"purpose": purpose, "height": hh, "width": ww, "resize": "squash", "grid_height": grid[0],
+             "grid_width": grid[1]}
+        for p in ("clip", "dino"):
+            shape = parts.get(p)
+            m.update({f"{p}_model": p if shape else "", f"{p}_patch_size": 14 if shape else 0, f"{p}_input_hw": [],
+                      f"{p}_layers": list(range(shape[0])) if shape else [],
+                      f"{p}_patches_shape": list(shape) if shape else [],
+                      f"{p}_cls_shape": [shape[0], shape[-1]] if shape else []})
+        return m
+
+    def write(kind: str, n: int, make) -> list[str]:
+        per, paths = -(-n // shards), []
+        for s in range(shards):
+            target = root / kind / f"shard-{s:06d}.tar"
+            with TarSpool(target) as spool:
+                for i in range(s * per, min(n, (s + 1) * per)):
+                    spool.write(make(i))
+            spool.path.rename(target)
+            paths.append(str(target))
+        return paths
+
+    def arrays(parts: dict) -> dict:
+        out = {}
+        for p, shape in parts.items():
+            out[f"{p}_patches"] = rng.standard_normal(shape, np.float32)
+            out[f"{p}_cls"] = rng.standard_normal((shape[0], shape[-1]), np.float32)
+        return out
+
+    use_parts, align_parts = {"clip": clip, "dino": dino_use}, {"dino": dino_align}
+    use = write("use", n_use, lambda i: feature_sample(f"u{i:06d}", arrays(use_parts),
+                                                        meta("use", clip[1:3], use_parts))[0])
+    align = write("align", n_align, lambda i: feature_sample(f"a{i:06d}", arrays(align_parts),
+                                                              meta("fmbseg", dino_align[1:3], align_parts))[0])
+
+    def label(i: int) -> dict:
+        lab = np.full(image_hw, 255, np.uint8)
+        for _ in range(6):
+            y, x = rng.integers(0, hh - 40), rng.integers(0, ww - 40)
+            lab[y : y + rng.integers(40, 240), x : x + rng.integers(40, 320)] = rng.integers(0, 171)
+        return {"__key__": f"a{i:06d}", "png": encode_png(lab)}
+
+    labels = write("labels", n_align, label)
+    texts = [f"text {k}" for k in range(200)]
+    rows: dict[str, list[dict]] = {}
+    for i in range(n_use):
+        rows[f"u{i:06d}"] = []
+        for s in range(segments):
+            m = np.zeros(image_hw, np.uint8)
+            cv2.ellipse(m, (int(rng.integers(0, ww)), int(rng.integers(0, hh))),
+                        (int(rng.integers(10, 200)), int(rng.integers(10, 160))), 0, 0, 360, 1, -1)
+            rle = encode_rle(m.astype(bool))
+            t = rng.choice(len(texts), 2, replace=False)
+            rows[f"u{i:06d}"].append({"segment_id": s, "height": hh, "width": ww, "rle_counts": rle["counts"],
+                                      "area": rle_area(rle),
+                                      "texts": [{"phrase": texts[t[0]], "expression": texts[t[1]]}]})
+    return {"use": use, "align": align, "labels": labels, "segments": rows,
+            "text_index": {t: k for k, t in enumerate(texts)},
+            "text_emb": rng.standard_normal((len(texts), 768)).astype(np.float32)}
+
+
+def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, workers: int = 2,
+                         repeats: int = 3, legacy: bool = True, device: str = "cpu") -> dict:
+    """Trainer input: samples/s of the training DataLoader (``models.training.make_loader`` over the trainers'
+    own datasets, ``tasks.train.UseSegmentDataset`` / ``AlignmentDataset``, ``collate_use`` /
+    ``collate_alignment``, the trainers' batch sizes 32 / 5) against a raw sequential read of the same tar files
+    (4 MiB reads, bytes discarded), USE and alignment caches at real sizes (``_synthetic_training_caches``).
+
+    Raw reads are timed **cold** (each file's pages dropped first with posix_fadvise DONTNEED: the disk; what a
+    COCO-sized cache of ~900 GB sees) and **warm** (page cache: memory bandwidth). One repeat of a loader = one
+    epoch over the dataset with persistent workers kept between epochs (the first epoch, with worker start-up, is
+    the warm-up); the loader reads the page cache (the raw warm read just before it). ``legacy``: the same
+    datasets through the pre-issue-12 path (one item at a time, ``collate_*`` stacking, workers restarted every
+    epoch) — dense mask pooling is not reproduced there, so legacy USE is faster than the old code was (see the
+    results' ``notes``). All variants interleaved, min and median of ``repeats``. ``device`` "cuda" (or "auto"
+    on a GPU host): pinned batches, each moved to the GPU as ``train`` does (``to_device``), synchronised."""
     import torch
-    import webdataset as wds
-    from torch.utils.data import DataLoader, TensorDataset
 
-    rng = np.random.default_rng(0)
-    tokens = rng.standard_normal((n_samples, grid, grid, channels)).astype(np.float16)
-    labels = rng.integers(-1, 20, (n_samples, grid, grid)).astype(np.int16)
+    from models._hf import resolve_device
+    from models.training import TrainConfig, collate_alignment, collate_use, make_loader, to_device
+    from pipeline.feature_cache import TarStore
+    from tasks.train import AlignmentDataset, UseSegmentDataset
 
-    def run(loader) -> list[float]:
-        rates = []
-        for _ in range(epochs):
-            t0, seen = time.perf_counter(), 0
-            for x, _y in loader:
-                seen += len(x)
-            rates.append(seen / (time.perf_counter() - t0))
-            assert seen == n_samples, seen
-        return rates
+    torch.set_num_threads(1)
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        t0 = time.perf_counter()
+        d = _synthetic_training_caches(Path(tmp), n_use=n_use, n_align=n_align, shards=shards)
+        build_s = time.perf_counter() - t0
+        files = {"use": d["use"], "alignment": d["align"] + d["labels"]}
+        use = UseSegmentDataset(TarStore(d["use"]), d["segments"], d["text_index"], d["text_emb"], seed=0)
+        align = AlignmentDataset(TarStore(d["align"]), TarStore(d["labels"]), block=-1, mode="majority", crop=0,
+                                 repeats=1, seed=0)
+        datasets = {"use": (use, collate_use, TrainConfig.use_paper(num_workers=workers)),
+                    "alignment": (align, collate_alignment, TrainConfig.alignment_paper(num_workers=workers))}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        per = -(-n_samples // n_shards)
-        urls = []
-        for s in range(n_shards):
-            url = f"{tmp}/shard-{s:06d}.tar"
-            with wds.TarWriter(url) as sink:
-                for i in range(s * per, min(n_samples, (s + 1) * per)):
-                    sink.write({"__key__": f"img{i:06d}", "tokens.npy": tokens[i], "labels.npy": labels[i],
-                                "json": {"shape": list(tokens[i].shape), "dtype": "float16"}})
-            urls.append(url)
-        shard_mb = sum(os.path.getsize(u) for u in urls) / 2**20
-        ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
-              .to_tuple("tokens.npy", "labels.npy").map_tuple(torch.from_numpy, torch.from_numpy))
-        wds_rates = run(DataLoader(ds, batch_size=batch_size, num_workers=2))
-    mem = TensorDataset(torch.from_numpy(tokens), torch.from_numpy(labels))
-    mem_rates = run(DataLoader(mem, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    return {"samples": n_samples, "shards": n_shards, "sample_shape": [grid, grid, channels], "dtype": "float16",
-            "sample_mb": round(tokens[0].nbytes / 2**20, 3), "shards_mb": round(shard_mb, 1),
-            "batch_size": batch_size, "wds_workers": 2,
-            "wds_samples_per_s": [round(r, 1) for r in wds_rates],
-            "memory_samples_per_s": [round(r, 1) for r in mem_rates],
-            "ratio_wds_over_memory": round(max(wds_rates) / max(mem_rates), 4)}
+        def raw(paths: list[str], cold: bool):
+            def run() -> int:
+                n = 0
+                for p in paths:
+                    fd = os.open(p, os.O_RDONLY)
+                    try:
+                        if cold:
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        while chunk := os.read(fd, 4 << 20):
+                            n += len(chunk)
+                    finally:
+                        os.close(fd)
+                return n
+            return run
+
+        class Legacy(torch.utils.data.Dataset):  # one item at a time, per-epoch workers (before issue 12)
+            def __init__(self, ds) -> None:
+                self.ds = ds
+
+            def __len__(self) -> int:
+                return len(self.ds)
+
+            def __getitem__(self, i: int):
+                return self.ds[i]
+
+            def set_epoch(self, epoch: int) -> None:
+                self.ds.set_epoch(epoch)
+
+        def epoch_of(loader, n_items: int):
+            state = {"epoch": 0}
+
+            def run() -> None:
+                state["epoch"] += 1
+                if hasattr(loader.sampler, "set_epoch"):
+                    loader.sampler.set_epoch(state["epoch"])
+                seen = 0
+                for batch in loader:
+                    batch = to_device(batch, dev) if dev.type == "cuda" else batch
+                    seen += int(batch["image_index"].max()) + 1 if "image_index" in batch else len(batch["tokens"])
+                assert seen == n_items, (seen, n_items)
+            return run
+
+        variants, loaders = {}, []
+        for name, (ds, collate, cfg) in datasets.items():
+            variants[f"{name}/raw_cold"] = raw(files[name], True)
+            variants[f"{name}/raw_warm"] = raw(files[name], False)
+            loader, _ = make_loader(ds, cfg, collate, dev)
+            loaders.append(loader)
+            variants[f"{name}/loader"] = epoch_of(loader, len(ds))
+            if legacy:
+                old, _ = make_loader(Legacy(ds), cfg, collate, dev)
+                variants[f"{name}/loader_legacy"] = epoch_of(old, len(ds))
+        timings = compare(variants, repeats=repeats, warmup=1)
+        out: dict = {"build_s": round(build_s, 1), "workers": workers, "device": str(dev),
+                     "torch_threads_per_process": 1,
+                     "repeats": repeats}
+        for name, (ds, _, cfg) in datasets.items():
+            mb = sum(os.path.getsize(p) for p in files[name]) / 1e6
+            n = len(ds)
+            row = {"images": n, "batch_size": cfg.batch_size, "tar_mb": round(mb, 1),
+                   "mb_per_image": round(mb / n, 3)}
+            for v in ("raw_cold", "raw_warm", "loader", "loader_legacy"):
+                t = timings.get(f"{name}/{v}")
+                if t is None:
+                    continue
+                row[v] = {"images_per_s_median": round(n / t["wall_s"]["median"], 1),
+                          "images_per_s_best": round(n / t["wall_s"]["min"], 1),
+                          "mb_per_s_median": round(mb / t["wall_s"]["median"], 1),
+                          "main_process_cpu_s_median": t["cpu_s"]["median"], "wall_s": t["wall_s"]}
+            for ref in ("raw_cold", "raw_warm"):
+                row[f"loader_over_{ref}"] = round(row["loader"]["images_per_s_median"]
+                                                  / row[ref]["images_per_s_median"], 3)
+            if "loader_legacy" in row:
+                row["loader_over_legacy"] = round(row["loader"]["images_per_s_median"]
+                                                  / row["loader_legacy"]["images_per_s_median"], 3)
+            out[name] = row
+        del loaders
+    return out
 
 
-def bench_sam_embedding_share(repeats: int = 5) -> dict:
-    """What sharing SAM image embeddings (tasks/sam.py) trades: one vit_b encoder forward (random init, seed 0, one
-    640x480 image, this machine's device) against reading the stored float16 embedding back from a WebDataset tar
-    (best of `repeats`), and the bytes it costs per image. With both branches, each image is otherwise encoded 3
-    times (USE box masks, FMbSeg Stage 1.1, Stage 1.2)."""
+def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
+    """What sharing SAM image embeddings (tasks/sam.py) trades: one ``arch`` encoder forward (random init, seed 0,
+    one 640x480 image, this machine's device) against reading the stored float16 embedding back from a WebDataset
+    tar (both: 1 warm-up, median of ``repeats`` interleaved), and the bytes it costs per image. With both branches,
+    each image is otherwise encoded 3 times (USE box masks, FMbSeg Stage 1.1, Stage 1.2)."""
     import numpy as np
     import torch
 
@@ -353,30 +440,26 @@ def bench_sam_embedding_share(repeats: int = 5) -> dict:
     from pipeline.sam_embeddings import embedding_sample, iter_sam_embeddings
 
     torch.manual_seed(0)
-    seg = SamSegmenter(build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None), device="auto")
+    seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    seg.embed(rgb)  # warm-up
-    t = time.perf_counter()
     emb = seg.embed(rgb)
-    encode_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "shard-000000.tar"
         with TarSpool(target) as spool:
             sample, record = embedding_sample("img", emb.features.float().cpu().numpy(), emb.original_size,
-                                              emb.input_size, "vit_b:random")
+                                              emb.input_size, f"{arch}:random")
             spool.write(sample)
-        reads = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            (_, features, _), = list(iter_sam_embeddings(str(spool.path)))
-            reads.append(time.perf_counter() - t)
+        t = compare({"encode": lambda: seg.embed(rgb), "read": lambda: list(iter_sam_embeddings(str(spool.path)))},
+                    repeats=repeats, warmup=1)
+        (_, features, _), = list(iter_sam_embeddings(str(spool.path)))
     err = float(np.abs(features - emb.features.float().cpu().numpy()).max())
-    return {"model": "SAM vit_b, random init", "device": str(seg.device), "image_hw": [480, 640],
-            "encode_s": round(encode_s, 4), "read_stored_s": round(min(reads), 5),
+    encode_s, read_s = t["encode"]["wall_s"]["median"], t["read"]["wall_s"]["median"]
+    return {"model": f"SAM {arch}, random init", "device": str(seg.device), "image_hw": [480, 640],
+            "repeats": repeats, "encode_s": encode_s, "read_stored_s": read_s,
             "bytes_per_image": record["embedding_bytes"], "float16_max_abs_error": err,
             "encoder_passes_saved_per_image_both_branches": 2,
-            "seconds_saved_per_image_both_branches": round(2 * encode_s - 3 * min(reads), 3)}
+            "seconds_saved_per_image_both_branches": round(2 * encode_s - 3 * read_s, 4), "timings": t}
 
 
 def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
@@ -574,22 +657,48 @@ def _record_files(unit) -> list[str]:  # noqa: ANN001
     return [f["name"] for f in read_record(unit.stage_dir, unit.unit)["files"]]
 
 
+def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1) -> dict:
+    """Every model stage per image at the papers' sizes (``size="real"``, GPU) or with the tiny models: see
+    ``bench/stages.py``."""
+    from bench.stages import bench_stages as run
+
+    return run(size=size, repeats=repeats, warmup=warmup)
+
+
 BENCHMARKS = {"ingest": bench_ingest, "sam_boxes": bench_sam_boxes, "fmbseg_stages": bench_fmbseg_stages,
               "trainer_loader": bench_trainer_loader, "sam_embedding_share": bench_sam_embedding_share,
-              "tsupcon_temperature": bench_tsupcon_temperature, "verify_cost": bench_verify_cost}
+              "tsupcon_temperature": bench_tsupcon_temperature, "verify_cost": bench_verify_cost,
+              "stages": bench_stages}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--prefix", default="", help="result file name prefix, e.g. gpu-")
+    ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
+                    help="argument for every benchmark that takes KEY (JSON value or string), e.g. arch=vit_h")
     ap.add_argument("names", nargs="*", default=sorted(BENCHMARKS))
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = ap.parse_args(argv)
+    kw = dict(item.split("=", 1) for item in args.kw)
     for name in args.names:
-        result = {"benchmark": name, "machine": machine(), "results": BENCHMARKS[name]()}
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
+        fn = BENCHMARKS[name]
+        params = inspect.signature(fn).parameters
+        call = {k: _value(v) for k, v in kw.items() if k in params}
+        before = load_avg()
+        t0 = time.perf_counter()
+        results = fn(**call)
+        payload = envelope(name, results, load_before=before)
+        payload["arguments"] = call
+        payload["seconds"] = round(time.perf_counter() - t0, 1)
+        path = write_result(args.out, f"{args.prefix}{name}", payload)
+        print(f"{path}: {payload['seconds']} s, load {before['1m']} -> {payload['load_after']['1m']}", flush=True)
 
 
 if __name__ == "__main__":

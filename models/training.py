@@ -23,7 +23,12 @@ keep_checkpoints) or different metadata raises `CheckpointMismatchError`. `epoch
 Data: any map-style or `IterableDataset` whose samples `collate_fn` turns into a batch; `loss_fn_step(model,
 batch) -> loss` or `(loss, {name: float})` runs under `models._hf.autocast`. For an IterableDataset without
 `__len__` set `config.steps_per_epoch` (the epoch is cut there); a dataset with `set_epoch(epoch)` is told the
-epoch before each pass (WebDataset-style reshuffling). `use_step` / `collate_use` and `alignment_step` /
+epoch before each pass (WebDataset-style reshuffling). A dataset with `epoch_indexed = True` (the trainers' own:
+every random choice from (seed, epoch, index)) is asked for `(epoch, index)` pairs by an `EpochSampler` (same
+order as the shuffled DataLoader) and gets persistent workers: started once per `train` call, prefetching
+`PREFETCH_FACTOR` batches each, never seeing a stale epoch; its `__getitems__` may return a `Collated` batch it
+built in place (read straight into one tensor, in shared memory inside a worker), which the collate functions
+pass through. `use_step` / `collate_use` and `alignment_step` /
 `collate_alignment` are the two heads' step functions and sample formats.
 """
 
@@ -44,19 +49,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from models._hf import autocast, resolve_device
 from models.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 
 __all__ = [
     "TrainConfig", "TrainResult", "CheckpointMismatchError", "train", "seed_everything", "latest_checkpoint",
-    "load_trained", "use_step", "collate_use", "alignment_step", "collate_alignment",
+    "load_trained", "use_step", "collate_use", "alignment_step", "collate_alignment", "Collated", "EpochSampler",
+    "empty_batch", "epoch_index",
 ]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 _CKPT = re.compile(r"^epoch-(\d{4,})\.pt$")
+# Batches each DataLoader worker keeps ready (torch's default is 2): covers a slow item or two without stalling.
+PREFETCH_FACTOR = 4
 # Fields that may change between a run and its resumption without changing the numbers on CPU.
 _RESUMABLE_FIELDS = frozenset({"num_workers", "device", "keep_checkpoints"})
 
@@ -215,15 +223,76 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+class Collated(dict):
+    """A batch that a dataset's ``__getitems__`` assembled itself (e.g. reading each sample's arrays straight into
+    one batch tensor): ``collate_use`` / ``collate_alignment`` hand it on unchanged."""
+
+
+def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch a dataset fills in place. Inside a DataLoader worker it is allocated in
+    shared memory, as ``default_collate`` does, so sending it to the main process copies nothing."""
+    shape = tuple(int(v) for v in shape)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).resize_(shape)
+
+
+def epoch_index(index: Any, epoch: int) -> tuple[int, int]:
+    """(epoch, index) of an item request: ``EpochSampler`` sends pairs, a plain loader ints (then ``epoch`` is
+    the dataset's own, from ``set_epoch``)."""
+    if isinstance(index, (tuple, list)):
+        return int(index[0]), int(index[1])
+    return int(epoch), int(index)
+
+
+class EpochSampler(Sampler):
+    """The item order of one epoch as ``(epoch, index)`` pairs, for datasets whose items depend on the epoch
+    (``epoch_indexed = True``: their random choices come from (seed, epoch, index) alone, e.g.
+    ``pipeline.feature_cache.sample_rng``). The epoch travels with each index, so persistent DataLoader workers
+    and batches prefetched across an epoch boundary can never use a stale ``set_epoch``.
+
+    The order is the one ``DataLoader(shuffle=True, generator=g)`` gives after ``g.manual_seed(_epoch_seed(seed,
+    epoch))`` (its worker-seed draw first, then ``randperm``): runs are unchanged by the switch and an epoch's
+    order never depends on what ran before it."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), bool(shuffle), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch = self.epoch
+        if not self.shuffle:
+            return iter([(epoch, i) for i in range(self.n)])
+        g = torch.Generator()
+        g.manual_seed(_epoch_seed(self.seed, epoch))
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # DataLoader's base-seed draw precedes the order
+        return iter([(epoch, i) for i in torch.randperm(self.n, generator=g).tolist()])
+
+
 def make_loader(dataset: Dataset | IterableDataset, config: TrainConfig, collate_fn: Callable | None,
                 device: torch.device) -> tuple[DataLoader, torch.Generator]:
+    """The training DataLoader. Pinned memory on CUDA; ``PREFETCH_FACTOR`` batches per worker. A dataset with
+    ``epoch_indexed = True`` gets an ``EpochSampler`` and persistent workers (started once per ``train`` call,
+    not once per epoch); any other keeps per-epoch workers (it may draw from the worker's global RNG, which
+    ``_seed_worker`` reseeds per epoch)."""
     generator = torch.Generator()
     iterable = isinstance(dataset, IterableDataset)
+    workers = config.num_workers
+    epoch_indexed = bool(getattr(dataset, "epoch_indexed", False)) and not iterable
+    sampler = EpochSampler(len(dataset), config.seed, config.shuffle) if epoch_indexed else None
     loader = DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=config.shuffle and not iterable,
-        num_workers=config.num_workers, collate_fn=collate_fn or default_collate,
+        dataset, batch_size=config.batch_size, shuffle=None if epoch_indexed else config.shuffle and not iterable,
+        sampler=sampler, num_workers=workers, collate_fn=collate_fn or default_collate,
         worker_init_fn=_seed_worker, generator=generator, drop_last=config.drop_last,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=epoch_indexed and workers > 0,
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
     )
     return loader, generator
 
@@ -386,6 +455,8 @@ def train(
     last_plot, plot_every_s = time.perf_counter(), 60.0
     for epoch in range(start_epoch, last_epoch):
         generator.manual_seed(_epoch_seed(config.seed, epoch))
+        if isinstance(loader.sampler, EpochSampler):
+            loader.sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         model.train()
@@ -485,6 +556,8 @@ def collate_use(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Batch: features stacked [B, ...]; images a list of B numpy arrays (left on the host: the encoders take
     numpy); weights / text_emb / text_ids concatenated [S, ...]; image_index int [S].
     """
+    if isinstance(samples, Collated):
+        return dict(samples)
     out: dict[str, Any] = {}
     for key in ("clip_patches", "clip_cls", "dino_patches", "dino_cls"):
         if key in samples[0] and samples[0][key] is not None:
@@ -531,6 +604,8 @@ def collate_alignment(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.T
     Images of one batch may have different grids: tokens are then padded to the longest N (labels −1 there) and
     `padding_mask` bool [B, N] (True = padding) is added. Batch: tokens [B, N, C], labels [B, N].
     """
+    if isinstance(samples, Collated):
+        return dict(samples)
     toks = [_tensor(s["tokens"]) for s in samples]
     toks = [t.reshape(-1, t.shape[-1]) for t in toks]
     labs = [_tensor(s["labels"], torch.long).reshape(-1) for s in samples]

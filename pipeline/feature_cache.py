@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from pipeline.vocabularies import TEMPLATE_SETS
 PURPOSES = ("use", "fmbseg")
 FEATURE_DTYPE = np.float16  # on disk; encoders and heads compute in float32
 ARRAY_NAMES = ("clip_patches", "clip_cls", "dino_patches", "dino_cls")  # = the sample keys collate_use reads
+MAX_OPEN_SHARDS = 128  # tar descriptors a TarStore keeps open per process (oldest closed first)
+NPY_HEADER_READ = 4096  # bytes read to parse an .npy header (numpy pads headers to 64 bytes; shapes are short)
 NPY_HEADER_BYTES = 128  # numpy's .npy v1 header for 1-4-D float16 arrays of realistic shapes (64-byte aligned)
 
 # use-paper §4.2: "4 prompt templates including: a photo of {}, This is a photo of {}, There is {} in the scene,
@@ -205,8 +208,9 @@ def estimate_feature_bytes(shapes: Sequence[Sequence[int]], itemsize: int = 2) -
 # ----------------------------------------------------------------------------------------------------- reading
 class TarStore:
     """Random access to the WebDataset samples of tar shards, without extracting: every member's offset is indexed
-    once (headers only), then ``read`` seeks. Keys follow WebDataset (the file name up to its first dot), the
-    first shard holding a key wins. Picklable (DataLoader workers reopen the files)."""
+    once (headers only), then ``read`` / ``read_into`` fetch a member with one ``os.pread`` (no seek, no per-read
+    ``open``: each process keeps its shards' descriptors open). Keys follow WebDataset (the file name up to its
+    first dot), the first shard holding a key wins. Picklable (DataLoader workers reopen the files)."""
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
         self._index: dict[str, tuple[str, dict[str, tuple[int, int]]]] = {}
@@ -221,6 +225,34 @@ class TarStore:
                     seen.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext] = (m.offset_data, m.size)
             for key, members in seen.items():
                 self._index.setdefault(key, (str(path), members))
+        self._fds: dict[str, int] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_index": self._index}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._index, self._fds, self._pid = state["_index"], {}, os.getpid()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the descriptors this process opened (reopened on the next read)."""
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def _fd(self, path: str) -> int:
+        if self._pid != os.getpid():  # forked: the parent's descriptors share its file offsets; pread needs none,
+            self._fds, self._pid = {}, os.getpid()  # but open our own so closing never touches the parent's
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= MAX_OPEN_SHARDS:  # many small shards: stay far below the descriptor limit
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd
 
     def keys(self) -> list[str]:
         """In shard order, then stored order."""
@@ -235,27 +267,204 @@ class TarStore:
     def members(self, key: str) -> tuple[str, ...]:
         return tuple(self._index[key][1])
 
-    def read(self, key: str, ext: str) -> bytes:
+    def member(self, key: str, ext: str) -> tuple[str, int, int]:
+        """(tar path, byte offset of the member's data, its size)."""
         path, members = self._index[key]
         offset, size = members[ext]
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        return path, offset, size
+
+    def read(self, key: str, ext: str) -> bytes:
+        path, offset, size = self.member(key, ext)
+        data = os.pread(self._fd(path), size, offset)
+        if len(data) != size:
+            raise OSError(f"{path}: member {key}.{ext} cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def read_into(self, key: str, ext: str, buffers: Sequence[Any], start: int = 0) -> None:
+        """Fill ``buffers`` (writable buffers: bytearray, memoryview, C-contiguous arrays), in order, with the
+        member's bytes from ``start`` on — one ``os.preadv``, straight into the caller's memory."""
+        path, offset, size = self.member(key, ext)
+        views = [memoryview(b).cast("B") for b in buffers]
+        want = sum(v.nbytes for v in views)
+        if start + want > size:
+            raise ValueError(f"{key}.{ext}: {want} bytes from {start} wanted, the member has {size}")
+        fd, pos, done = self._fd(path), offset + start, 0
+        while views:
+            n = os.preadv(fd, views, pos)
+            if n <= 0:
+                raise OSError(f"{path}: member {key}.{ext} cut short at byte {start + done} of {size}")
+            done, pos = done + n, pos + n
+            while views and n >= views[0].nbytes:  # a short read: continue where it stopped
+                n -= views[0].nbytes
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+
+def npy_header(store: TarStore, key: str, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset within the member) of ``<key>.<name>.npy``, from its header alone (C order)."""
+    _, _, size = store.member(key, f"{name}.npy")
+    first = bytearray(min(size, NPY_HEADER_READ))
+    store.read_into(key, f"{name}.npy", [first])
+    buf = io.BytesIO(first)
+    version = np.lib.format.read_magic(buf)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(buf)
+    if fortran:
+        raise ValueError(f"{key}.{name}.npy is stored in Fortran order; feature caches are C order")
+    return np.dtype(dtype), tuple(int(v) for v in shape), buf.tell()
+
+
+def read_npy_into(store: TarStore, key: str, name: str, out: np.ndarray, *, index: int | None = None) -> None:
+    """Read ``<key>.<name>.npy`` (or, with ``index``, its sub-array ``[index]`` along the first axis) straight
+    into ``out`` (C-contiguous, of the stored dtype and that shape): the payload goes from the file to ``out``
+    with no intermediate copy. Raises ValueError when the stored dtype or shape differ from ``out``'s."""
+    dtype, shape, data_offset = npy_header(store, key, name)
+    want = shape if index is None else shape[1:]
+    if index is not None:
+        if not shape or not -shape[0] <= index < shape[0]:
+            raise ValueError(f"{key}.{name}.npy {shape}: no index {index} along its first axis")
+        index %= shape[0]
+    if dtype != out.dtype or tuple(out.shape) != want or not out.flags.c_contiguous:
+        raise ValueError(f"{key}.{name}.npy{'' if index is None else f'[{index}]'} is {dtype} {list(want)}, "
+                         f"the batch slot {out.dtype} {list(out.shape)}")
+    start = data_offset + (0 if index is None else index * out.nbytes)
+    store.read_into(key, f"{name}.npy", [out.reshape(-1).view(np.uint8)], start)
 
 
 def read_features(store: TarStore, key: str, names: Sequence[str] | None = None
                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(FEATURE_CACHE record, {name: float16 array}) of one image; ``names`` limits the arrays read."""
+    """(FEATURE_CACHE record, {name: float16 array}) of one image; ``names`` limits the arrays read. Each array is
+    read straight into its own (writable) buffer."""
     meta = json.loads(store.read(key, "json"))
     wanted = [m.removesuffix(".npy") for m in meta["members"]]
     if names is not None:
         wanted = [n for n in wanted if n in names]
-    arrays = {n: np.load(io.BytesIO(store.read(key, f"{n}.npy")), allow_pickle=False) for n in wanted}
-    for n, a in arrays.items():
-        if list(a.shape) != meta[f"{n}_shape"] or a.dtype != FEATURE_DTYPE:
-            raise ValueError(f"{key}.{n}.npy is {a.dtype} {a.shape}, its record says {meta['dtype']} "
-                             f"{meta[f'{n}_shape']}")
+    arrays = {}
+    for n in wanted:
+        a = np.empty(meta[f"{n}_shape"], FEATURE_DTYPE)
+        try:
+            read_npy_into(store, key, n, a)
+        except ValueError:
+            dtype, shape, _ = npy_header(store, key, n)
+            raise ValueError(f"{key}.{n}.npy is {dtype} {shape}, its record says {meta['dtype']} "
+                             f"{meta[f'{n}_shape']}") from None
+        arrays[n] = a
     return meta, arrays
+
+
+def _rle_counts(rle: Mapping[str, Any]) -> np.ndarray:
+    """Uncompressed COCO RLE counts (int64: alternating 0- and 1-runs in column-major order, starting with 0s) of
+    an RLE whose ``counts`` is the compressed string (or already a list), decoded as pycocotools' rleFrString."""
+    counts = rle["counts"]
+    if not isinstance(counts, (str, bytes)):
+        return np.asarray(counts, np.int64)
+    s = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, np.uint8).astype(np.int64) - 48
+    if not len(s):
+        return np.zeros(0, np.int64)
+    ends = np.flatnonzero((s & 0x20) == 0)  # the last character of each number
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    digit = np.arange(len(s)) - np.repeat(starts, ends - starts + 1)
+    x = np.add.reduceat((s & 0x1F) << (5 * digit), starts)
+    neg = (s[ends] & 0x10) != 0
+    x = np.where(neg, x | np.left_shift(-1, 5 * (ends - starts + 1)), x)
+    out = x.copy()
+    out[1::2] = np.cumsum(x[1::2])  # cnts[m] += cnts[m - 2] for m > 2: two interleaved running sums
+    out[2::2] = np.cumsum(x[2::2])
+    return out
+
+
+def rle_pooling_weights(rles: Sequence[Mapping[str, Any]], grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``models.heads.mask_pooling_weights`` of COCO RLE masks, computed from the runs without decoding a pixel.
+
+    Each mask spans the whole ``grid`` (h, w); a patch's weight is the exact area of the mask inside it (pixels
+    straddling a patch border count fractionally), normalised to sum 1 per mask. Areas are integers after
+    scaling by h·w, summed exactly, then divided once in float64: float32 ``[S, h*w]`` (an empty mask: a zero row)
+    and bool ``[S]`` "not empty". Equal to ``mask_pooling_weights`` of the decoded masks up to its float32
+    rounding (≤ 1e-6), independent of thread count and summation order."""
+    h, w = int(grid[0]), int(grid[1])
+    out = np.zeros((len(rles), h * w), np.float32)
+    valid = np.zeros(len(rles), bool)
+    bands_h = np.arange(h, dtype=np.int64)
+    bands_w = np.arange(w, dtype=np.int64)
+    for k, rle in enumerate(rles):
+        hh, ww = int(rle["size"][0]), int(rle["size"][1])
+        cnts = _rle_counts(rle)
+        pos = np.concatenate([[0], np.cumsum(cnts)])
+        if pos[-1] != hh * ww:
+            raise ValueError(f"RLE of {pos[-1]} pixels for a {hh}x{ww} mask")
+        begin, length = pos[1:-1:2], cnts[1::2]
+        begin, length = begin[length > 0], length[length > 0]
+        if not len(begin):
+            continue
+        end = begin + length  # [begin, end) in column-major pixel order
+        col0, col1 = begin // hh, (end - 1) // hh
+        n = col1 - col0 + 1  # columns each run touches
+        run = np.repeat(np.arange(len(begin)), n)
+        col = col0[run] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        y0 = np.where(col == col0[run], begin[run] % hh, 0)
+        y1 = np.where(col == col1[run], (end[run] - 1) % hh + 1, hh)
+        # rows [y0, y1) of column `col` against band i = [i·H/h, (i+1)·H/h), in units of 1/h pixel (integers)
+        ov = np.clip(np.minimum(y1[:, None] * h, (bands_h + 1) * hh) - np.maximum(y0[:, None] * h, bands_h * hh),
+                     0, None)
+        first = np.flatnonzero(np.diff(col, prepend=-1))  # runs are column-ordered: one group per column
+        per_col = np.add.reduceat(ov, first, axis=0)  # [U, h]
+        cols = col[first]
+        cw = np.clip(np.minimum((cols[:, None] + 1) * w, (bands_w + 1) * ww) - np.maximum(cols[:, None] * w,
+                                                                                             bands_w * ww), 0, None)
+        cover = per_col.T.astype(np.float64) @ cw.astype(np.float64)  # exact: integers far below 2**53
+        total = cover.sum()
+        if total > 0:
+            out[k] = (cover / total).reshape(-1)
+            valid[k] = True
+    return out, valid
+
+
+class PatchLabeler:
+    """``pipeline.transforms.patch_labels`` for uint8 label maps (PNG label maps), with the per-pixel cell index
+    of each map size computed once: equal output (int64 [h, w], ``ignore`` where void wins), ~3× faster. Other
+    dtypes and ``mode="centre"`` go to ``patch_labels`` itself. Also decodes label PNGs: 8-bit grayscale through
+    OpenCV, anything else (palette PNGs) through ``pipeline.images.decode_label_png``."""
+
+    def __init__(self, mode: str = "majority", *, void: int = 255, ignore: int = -1) -> None:
+        self.mode, self.void, self.ignore = mode, int(void), int(ignore)
+        self._cells: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+    @staticmethod
+    def decode_png(data: bytes) -> np.ndarray:
+        import cv2
+
+        from pipeline.images import decode_label_png
+
+        # IHDR: bit depth at byte 24, colour type at 25 (0 = grayscale); OpenCV keeps such a PNG as uint8 [H, W]
+        if len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[24] == 8 and data[25] == 0:
+            out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if out is not None and out.ndim == 2 and out.dtype == np.uint8:
+                return out
+        return decode_label_png(data)
+
+    def _cell(self, hh: int, ww: int, h: int, w: int) -> np.ndarray:
+        key = (hh, ww, h, w)
+        cell = self._cells.get(key)
+        if cell is None:
+            ys = np.linspace(0, hh, h + 1).round().astype(np.int64)  # the same cell borders as patch_labels
+            xs = np.linspace(0, ww, w + 1).round().astype(np.int64)
+            row = np.searchsorted(ys[1:], np.arange(hh), side="right")
+            col = np.searchsorted(xs[1:], np.arange(ww), side="right")
+            cell = self._cells[key] = ((row[:, None] * w + col[None, :]) * 256).astype(np.int32).ravel()
+        return cell
+
+    def __call__(self, label_map: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        from pipeline.transforms import patch_labels
+
+        lm = np.asarray(label_map)
+        h, w = int(grid[0]), int(grid[1])
+        if self.mode != "majority" or lm.dtype != np.uint8 or lm.ndim != 2 or not lm.size:
+            return patch_labels(lm, (h, w), self.mode, void=self.void, ignore=self.ignore)
+        counts = np.bincount(self._cell(*lm.shape, h, w) + lm.ravel(), minlength=h * w * 256).reshape(h * w, 256)
+        out = counts.argmax(1)  # ties: the smaller value, as patch_labels
+        out[counts.sum(1) == 0] = self.void  # a cell with no pixel
+        return np.where(out == self.void, self.ignore, out).astype(np.int64).reshape(h, w)
 
 
 # ----------------------------------------------------------------------------------------------------- text
