@@ -12,6 +12,7 @@ moves a bad record aside (into the hidden ``.quarantine/`` folder) so the unit c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -227,14 +228,20 @@ def _file_digest(path: Path) -> tuple[int, str]:
     return path.stat().st_size, h.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
-    out = {}
+@functools.cache
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    out = []
     for name in VERSIONED_PACKAGES:
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+            out.append((name, "absent"))
+    return tuple(out)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of VERSIONED_PACKAGES, looked up once per process (11 metadata reads ≈ 13 ms)."""
+    return dict(_package_versions())
 
 
 @dataclass

@@ -19,8 +19,11 @@ class PlanIngest(CommittedTask):
 
     @property
     def stage_dir(self) -> StageDir:
-        params = {"listing": self.listing.fingerprint, "shard_size": ingest().shard_size}
-        return StageDir(self.root, self.dataset, "plan", params)
+        def compute() -> StageDir:
+            params = {"listing": self.listing.fingerprint, "shard_size": ingest().shard_size}
+            return StageDir(self.root, self.dataset, "plan", params)
+
+        return self.cached_stage_dir(compute)
 
     @property
     def unit(self) -> str:
