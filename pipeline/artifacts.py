@@ -8,6 +8,11 @@ fsynced after the payload renames and again after ``done.json``: a record that w
 ``done.json`` records size and sha256 of every file; :func:`record_problems` checks a unit against it (a missing,
 unreadable or inconsistent record, a missing file, a size or sha256 mismatch) and :meth:`StageDir.quarantine`
 moves a bad record aside (into the hidden ``.quarantine/`` folder) so the unit counts as not done and is redone.
+
+While a unit is being made, its temporaries live in its hidden scratch folder ``.tmp-<unit>/``, next to a list of
+the final names a commit is about to rename into place (or that a moved record left behind): clearing what a
+killed attempt left is then a matter of names (:meth:`StageDir.clear_unfinished`), never a scan of a folder that
+holds every shard of the stage.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +37,7 @@ import webdataset as wds
 from schemas import SHARD_STATS, Contract, SchemaError
 
 TMP_PREFIX = ".tmp-"
+STALE = "stale.json"  # in a unit's scratch folder: final names to remove before the unit is made again
 QUARANTINE = ".quarantine"  # hidden: bad records and files moved aside, never read as artifacts
 VERIFY_MODES = ("sha256", "size", "off")
 # Packages whose version can change an artifact's bytes; recorded in every done.json.
@@ -132,16 +139,46 @@ class StageDir:
             for folder in (self.path, *list(self.path.parents)[:3]):
                 fsync_dir(folder)
 
+    def scratch_path(self, unit: int | str) -> Path:
+        """Hidden folder of one attempt at a unit: its temporaries (``TarSpool``, ``atomic_write_bytes`` of the
+        unit's files) and ``stale.json``. Created by :meth:`begin`, removed by a successful commit."""
+        return self.path / f"{TMP_PREFIX}{unit_name(unit)}"
+
+    def begin(self, unit: int | str) -> None:
+        """Before producing a unit (holding its lock): its scratch folder, so its temporaries go there."""
+        self.scratch_path(unit).mkdir(parents=True, exist_ok=True)
+
+    def mark_stale(self, unit: int | str, names: Iterable[str] | None) -> None:
+        """Record final file names of ``unit`` that must go before it is made again (None: unknown, scan)."""
+        self.begin(unit)
+        body = {"scan": True} if names is None else {"files": sorted(set(names))}
+        (self.scratch_path(unit) / STALE).write_text(json.dumps(body) + "\n")
+
     def clear_unfinished(self, shard: int | str) -> None:
-        """Before (re)running a shard: remove what a killed attempt left behind — hidden temporaries, and
-        payloads renamed into place before the attempt died without writing done.json. Call it only while
-        holding the unit's lock: the temporaries of a live writer are indistinguishable from a dead one's."""
-        if not self.path.exists() or self.done_path(shard).exists():
+        """Before (re)running a shard: remove what a killed attempt left behind — its hidden temporaries, and
+        payloads renamed into place before the attempt died without writing done.json — by name: the unit's
+        scratch folder and the names listed in its ``stale.json``. No scratch folder: nothing was left.
+        Call it only while holding the unit's lock: a live writer's temporaries look like a dead one's."""
+        if self.done_path(shard).exists():
+            return
+        scratch = self.scratch_path(shard)
+        if not scratch.is_dir():
             return
         name = unit_name(shard)
-        for p in self.path.iterdir():
-            if p.name.startswith(f"{TMP_PREFIX}{name}.") or p.name.startswith(f"{name}."):
-                p.unlink(missing_ok=True)
+        try:
+            stale = json.loads((scratch / STALE).read_text())
+        except (OSError, ValueError):
+            stale = {"files": []}
+        if not isinstance(stale, dict) or stale.get("scan") or not isinstance(stale.get("files"), list):
+            # Names unknown (a garbage record was moved aside): look, as a fallback (rare).
+            names = [p.name for p in self.path.iterdir()
+                     if p.name.startswith(f"{TMP_PREFIX}{name}.") or p.name.startswith(f"{name}.")]
+        else:
+            names = [n for n in stale["files"] if isinstance(n, str) and n.split(".", 1)[0] == name]
+        for n in names:
+            if "/" not in n and n != self.done_path(shard).name:
+                (self.path / n).unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     def quarantine(self, unit: int | str, reason: str, files: Iterable[str] = ()) -> Path:
         """Invalidate a committed unit: move its done.json (first: that alone makes it not done) and the named
@@ -151,13 +188,20 @@ class StageDir:
         dest = self.path / QUARANTINE / f"{unit_name(unit)}-{stamp}-{os.getpid()}"
         make_dirs(dest)
         (dest / "reason.txt").write_text(reason + "\n")  # first: a moved record always has its reason
-        for name in [self.done_path(unit).name, *files]:
+        done, files = self.done_path(unit).name, list(files)
+        for name in [done, *files]:
             try:
                 os.replace(self.path / name, dest / name)
             except FileNotFoundError:
                 pass
         fsync_dir(dest)
         fsync_dir(self.path)
+        # The record's other files stay until the unit is redone: clear_unfinished removes them by name.
+        try:
+            listed = [f["name"] for f in json.loads((dest / done).read_text())["files"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            listed = None
+        self.mark_stale(unit, None if listed is None else [n for n in listed if n not in files])
         return dest
 
 
@@ -166,11 +210,21 @@ def _tmp_suffix() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def temporary_path(target: Path) -> Path:
+    """Hidden temporary for ``target``: in its unit's scratch folder while the unit is being made
+    (``StageDir.begin``; the unit is the name's stem, ``shard-000001`` of ``shard-000001.tar``), else beside it."""
+    target = Path(target)
+    scratch = target.parent / f"{TMP_PREFIX}{target.name.split('.', 1)[0]}"
+    folder = scratch if scratch.is_dir() else target.parent
+    return folder / f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}"
+
+
 def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write to a hidden temporary sibling, fsync, then rename: readers see all of the file or none of it."""
+    """Write to a hidden temporary (``temporary_path``), fsync, then rename: readers see all of the file or
+    none of it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}")
+    tmp = temporary_path(target)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -198,7 +252,7 @@ class TarSpool:
 
     def __init__(self, target: Path) -> None:
         self.target = Path(target)
-        self.path = self.target.with_name(f"{TMP_PREFIX}{self.target.name}.{_tmp_suffix()}")
+        self.path = temporary_path(self.target)
         self.count = 0
 
     def __enter__(self) -> TarSpool:
@@ -239,6 +293,34 @@ def _package_versions() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# sha256 of files this process hashed, by (path, device, inode, size, mtime, ctime): a plan that every ingest shard
+# verifies, or an ingest shard that ten stages read, is hashed once per process while it stays the same file.
+# Committed files are only ever replaced by rename (a new inode); an in-place write changes mtime/ctime. A file
+# changed within TRUST_AFTER_NS of being hashed could keep the same timestamps (coarse file-system clocks), so
+# such a digest is not remembered.
+_DIGESTS: dict[tuple, str] = {}
+_DIGESTS_LIMIT = 65536
+TRUST_AFTER_NS = 1_000_000_000
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, remembered while its stat is unchanged (see _DIGESTS)."""
+    before = os.stat(path)
+    key = (str(path), before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is not None:
+        return digest
+    started = time.time_ns()
+    _, digest = _file_digest(Path(path))
+    if max(before.st_mtime_ns, before.st_ctime_ns) < started - TRUST_AFTER_NS:
+        after = os.stat(path)
+        if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == key[2:]:
+            if len(_DIGESTS) >= _DIGESTS_LIMIT:
+                _DIGESTS.clear()
+            _DIGESTS[key] = digest
+    return digest
+
+
 def package_versions() -> dict[str, str]:
     """Versions of VERSIONED_PACKAGES, looked up once per process (11 metadata reads ≈ 13 ms)."""
     return dict(_package_versions())
@@ -271,6 +353,9 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
             f"+ rejected={output.rejected_count}"
         )
     stage_dir.write_params()
+    # What a kill between the renames and done.json would leave visible, by name (not fsynced: after a power
+    # cut the redo overwrites the same names anyway).
+    stage_dir.mark_stale(shard, [stage_dir.unit_path(shard, suffix).name for suffix in output.files])
     files = []
     for suffix in sorted(output.files):
         data = output.files[suffix]
@@ -298,6 +383,7 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
     }
     atomic_write_bytes(stage_dir.done_path(shard), SHARD_STATS.to_json_bytes(stats))
     fsync_dir(stage_dir.path)  # the reported done.json survives a power cut
+    shutil.rmtree(stage_dir.scratch_path(shard), ignore_errors=True)
     return stats
 
 
@@ -350,7 +436,7 @@ def file_problems(folder: Path, record: Mapping[str, Any], mode: str) -> dict[st
         if size != entry["num_bytes"]:
             problems[entry["name"]] = f"{size} bytes, recorded {entry['num_bytes']}"
         elif mode == "sha256":
-            _, digest = _file_digest(path)
+            digest = file_sha256(path)
             if digest != entry["sha256"]:
                 problems[entry["name"]] = f"sha256 {digest[:12]}…, recorded {entry['sha256'][:12]}…"
     return problems

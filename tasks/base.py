@@ -257,19 +257,25 @@ class CommittedTask(DatasetTask):
             self.invalidate(problems, why="is invalid")
         stage_dir.clear_unfinished(self.unit)
         verify_inputs(self, self.inputs_to_verify())
+        stage_dir.begin(self.unit)  # this attempt's temporaries go to the unit's scratch folder
         started = time.perf_counter()
         try:
-            output = self.produce_unit()
-        except SchemaError as exc:
-            # An input that matches its record but not its contract (e.g. left by an older schema version under
-            # the same hash): that upstream is redone like a corrupt one, then this unit is produced again.
-            upstream, name = self.upstream_of(exc)
-            if upstream is None:
-                raise
-            detail = str(exc).split(f"{upstream.stage_dir.path / name}: ", 1)[-1]
-            redo(self, upstream, {name: detail}, why="failed its contract")
-            output = self.produce_unit()
-        commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+            try:
+                output = self.produce_unit()
+            except SchemaError as exc:
+                # An input that matches its record but not its contract (e.g. left by an older schema version
+                # under the same hash): that upstream is redone like a corrupt one, then this unit is produced
+                # again.
+                upstream, name = self.upstream_of(exc)
+                if upstream is None:
+                    raise
+                detail = str(exc).split(f"{upstream.stage_dir.path / name}: ", 1)[-1]
+                redo(self, upstream, {name: detail}, why="failed its contract")
+                output = self.produce_unit()
+            commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+        except BaseException:
+            stage_dir.clear_unfinished(self.unit)  # a failed attempt leaves nothing behind (we hold the lock)
+            raise
 
     def upstream_of(self, exc: SchemaError) -> tuple[CommittedTask | None, str]:
         """The input unit (and file name) a contract error names, if any."""
