@@ -1,8 +1,15 @@
-"""Luigi mechanics shared by every stage: common parameters, the per-shard task, the per-stage wrapper.
+"""Luigi mechanics shared by every stage: common parameters, the per-shard task, shard ranges, the per-stage wrapper.
 
-A stage = one ``ShardTask`` subclass (one Luigi task per shard) + one ``StageWrapper`` requiring all shards.
-Outputs are content-addressed: the folder name hashes the stage's content-affecting parameters together with
-its upstream stage hashes, so changing any of them runs into a new folder instead of reusing a stale one.
+A stage = one ``ShardTask`` subclass (the unit of work, retry and accounting: one shard, its own ``done.json``) +
+one ``StageWrapper`` requiring all shards. Outputs are content-addressed: the folder name hashes the stage's
+content-affecting parameters together with its upstream stage hashes, so changing any of them runs into a new
+folder instead of reusing a stale one.
+
+The unit of *scheduling* is decoupled from the shard: with ``[pseudoseg] shards_per_task`` K > 1, Luigi sees one
+``ShardRange`` task per K consecutive shards of a stage (``IngestShardRange(first=0, stop=K)``), which runs its
+shards one by one, each exactly as a lone ShardTask would run (lock, verification, commit, done.json). Every
+``requires()`` keeps naming shards; ``DatasetTask._requires`` (what Luigi schedules from) maps each required
+shard to the range holding it, so ranges depend on ranges. K = 1 schedules the shards themselves.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,11 +47,14 @@ from pipeline.locks import UnitLock
 from pipeline.locks import describe as describe_holder
 from pipeline.sources import Listing, list_source, num_shards
 from schemas import MANIFEST, REJECTS, Contract, SchemaError
-from tasks.failures import CorruptInput, explain
+from tasks.failures import CorruptInput, explain, permanent_cause
 from tasks.image_errors import ImageErrors
-from tasks.params import FloatParameter, IntParameter, NameParameter
+from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
+
+
+RANGES_PER_STAGE = 250  # `auto`: FullDAG's 17 per-shard stages stay under ~4,300 Luigi tasks at any shard count
 
 
 class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
@@ -55,6 +66,19 @@ class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg
     lock_stale_seconds = FloatParameter(
         default=600.0, gt=0, description="a shard lock held from another host whose heartbeat is older than this is "
                                    "taken over (same host: as soon as its process is gone)")
+    shards_per_task = AutoIntParameter(
+        default="auto", ge=1,
+        description="shards per Luigi task (a range of one stage's shards, each still its own unit with done.json); "
+                    f"auto: at most {RANGES_PER_STAGE} tasks per stage; 1: one task per shard. Never changes an "
+                    "artifact")
+
+
+def shards_per_task(shard_count: int) -> int:
+    """K, the shards of one Luigi task, for a dataset of ``shard_count`` shards ([pseudoseg] shards_per_task)."""
+    value = current(pseudoseg).shards_per_task
+    if value == "auto":
+        return max(1, -(-shard_count // RANGES_PER_STAGE))
+    return int(value)
 
 
 class ingest(luigi.Config):  # noqa: N801
@@ -169,6 +193,10 @@ class DatasetTask(luigi.Task):
             params = super().get_params()
             cls._params = params
         return list(params)
+
+    def _requires(self) -> list[luigi.Task]:
+        # What Luigi schedules from (Task.deps): the required shards grouped into the ranges that hold them.
+        return coarsen(flatten(self.requires()))
 
     def cached_stage_dir(self, compute: Callable[[], StageDir]) -> StageDir:
         """The stage folder once per (class, parameters except ``shard``, settings): every shard of a stage shares
@@ -360,6 +388,20 @@ class ShardTask(CommittedTask):
     def describe(self) -> str:
         return f"{self.stage} shard {self.shard}"
 
+    def unit_kwargs(self) -> dict[str, Any]:
+        """This task's parameters but ``shard``: what every shard of the stage shares."""
+        return {k: v for k, v in self.param_kwargs.items() if k != "shard"}
+
+    def scheduled(self) -> luigi.Task:
+        """The Luigi task that runs this shard: itself (K = 1) or the ShardRange of K shards holding it."""
+        count = self.shard_count
+        k = shards_per_task(count)
+        if k <= 1:
+            return self
+        first = self.shard // k * k
+        stop = max(min(first + k, count), self.shard + 1)
+        return range_class(type(self))(first=first, stop=stop, **self.unit_kwargs())
+
     def tar_spool(self, suffix: str = "tar") -> TarSpool:
         """A streaming writer for this shard's ``shard-N.<suffix>`` WebDataset tar (see TarSpool)."""
         return TarSpool(self.stage_dir.shard_path(self.shard, suffix))
@@ -480,10 +522,151 @@ class ProgressReporter:
             self.bar.close()
 
 
+def coarsen(tasks: Iterable[luigi.Task]) -> list[luigi.Task]:
+    """``tasks`` with each shard replaced by the Luigi task that runs it (``ShardTask.scheduled``), each once."""
+    out: dict[str, luigi.Task] = {}
+    for task in tasks:
+        if isinstance(task, ShardTask):
+            task = task.scheduled()
+        out.setdefault(task.task_id, task)
+    return list(out.values())
+
+
+class ShardRange(DatasetTask):
+    """Shards [first, stop) of one stage as ONE Luigi task (the unit of scheduling; the shard stays the unit of
+    work, retry and accounting). Complete = every shard done. ``run`` skips the shards already done and runs each
+    other one as a lone ShardTask would (its lock, input verification, commit and done.json), so the files are
+    the same for any range size and a kill loses at most the shard in progress. A shard that fails does not stop
+    the others: the range fails after trying them all (Luigi retries it; done shards are skipped), except on a
+    failure no retry can fix (tasks.failures), which ends it at once. Progress shows per range in luigid (N/M
+    shards) with the current shard's own progress.
+
+    One subclass per stage, made by ``range_class`` (``IngestShardRange``, ...) with the shard task's
+    parameters but ``shard``."""
+
+    unit_class: ClassVar[type[ShardTask]]
+    first = luigi.IntParameter(description="first shard of the range")
+    stop = luigi.IntParameter(description="one past the last shard of the range")
+
+    def units(self) -> list[ShardTask]:
+        units = self.__dict__.get("_units")
+        if units is None:
+            kwargs = {k: v for k, v in self.param_kwargs.items() if k not in ("first", "stop")}
+            units = self._units = [self.unit_class(shard=i, **kwargs) for i in range(self.first, self.stop)]
+        return units
+
+    def requires(self) -> list[luigi.Task]:
+        """The upstream units of every shard of the range, each once (``_requires`` groups them into ranges)."""
+        out: dict[str, luigi.Task] = {}
+        for unit in self.units():
+            for task in flatten(unit.requires()):
+                out.setdefault(task.task_id, task)
+        return list(out.values())
+
+    def output(self) -> list[luigi.LocalTarget]:
+        return [unit.output() for unit in self.units()]
+
+    def complete(self) -> bool:
+        return all(unit.complete() for unit in self.units())
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return dict(self.units()[0].resources) if self.units() else {}
+
+    @property
+    def stage(self) -> str:
+        return self.unit_class.stage
+
+    def describe(self) -> str:
+        return f"{self.stage} shards {self.first}-{self.stop - 1}"
+
+    def run(self) -> None:
+        units = self.units()
+        progress = RangeProgress(self, len(units))
+        failed: list[tuple[ShardTask, Exception]] = []
+        for index, unit in enumerate(units):
+            progress.at(index)
+            if unit.complete():
+                continue
+            unit.set_status_message, unit.set_progress_percentage = progress.message, progress.percentage
+            try:
+                unit.run()
+            except Exception as exc:
+                if permanent_cause(exc) is not None:
+                    raise
+                LOG.error("pseudoseg: %s failed (%s: %s); going on with the other shards of %s",
+                          unit.describe(), type(exc).__name__, exc, self.describe(), exc_info=True)
+                failed.append((unit, exc))
+            finally:
+                unit.set_status_message = unit.set_progress_percentage = None
+        progress.at(len(units), final=True)
+        if failed:
+            if len(failed) > 1:
+                LOG.error("pseudoseg: %d shards of %s failed: %s", len(failed), self.describe(),
+                          ", ".join(str(unit.shard) for unit, _ in failed))
+            raise failed[0][1]
+
+
+class RangeProgress:
+    """A range's progress to luigid: ``done/total shards`` + the current shard's own message, and a percentage
+    that counts the current shard's fraction; at most one report per second (each is an RPC under luigid)."""
+
+    def __init__(self, task: ShardRange, total: int) -> None:
+        self.task, self.total = task, total
+        self.index, self.shard, self._last = 0, None, 0.0
+
+    def _due(self, final: bool = False) -> bool:
+        now = time.monotonic()
+        if not final and now - self._last < 1.0:
+            return False
+        self._last = now
+        return True
+
+    def at(self, index: int, final: bool = False) -> None:
+        self.index = index
+        self.shard = self.task.units()[index].shard if index < self.total else None
+        if (callable(self.task.set_status_message) and callable(self.task.set_progress_percentage)
+                and self._due(final)):
+            self.task.set_progress_percentage(round(100.0 * index / max(self.total, 1), 1))
+            self.task.set_status_message(f"{index}/{self.total} shards")
+
+    def percentage(self, percent: float) -> None:
+        if callable(self.task.set_progress_percentage) and self._due():
+            self.task.set_progress_percentage(round((self.index + percent / 100.0) * 100.0 / max(self.total, 1), 1))
+
+    def message(self, text: str) -> None:
+        if callable(self.task.set_status_message):  # a shard's own messages (waiting for a lock, ...) always pass
+            self.task.set_status_message(f"{self.index}/{self.total} shards; shard {self.shard}: {text}")
+
+
+_RANGE_CLASSES: dict[type, type[ShardRange]] = {}
+
+
+def range_class(unit_class: type[ShardTask]) -> type[ShardRange]:
+    """The ShardRange task class of one stage (``<ShardTask name>Range``), made once per process; it carries the
+    shard task's parameters but ``shard`` and lives in the shard task's module (Luigi can load it by name)."""
+    cls = _RANGE_CLASSES.get(unit_class)
+    if cls is None:
+        name = f"{unit_class.__name__}Range"
+        attrs: dict[str, Any] = {n: p for n, p in unit_class.get_params() if n != "shard"}
+        attrs.update(unit_class=unit_class, __module__=unit_class.__module__, __qualname__=name,
+                     __doc__=f"Shards [first, stop) of {unit_class.__name__} as one Luigi task (see ShardRange).")
+        cls = _RANGE_CLASSES[unit_class] = type(name, (ShardRange,), attrs)
+        module = sys.modules.get(unit_class.__module__)
+        if module is not None and not hasattr(module, name):
+            setattr(module, name, cls)
+    return cls
+
+
 class StageWrapper(luigi.WrapperTask, DatasetTask):
-    """Requires every shard of one stage."""
+    """Requires every shard of one stage (Luigi schedules their ranges: ``DatasetTask._requires``)."""
 
     shard_task: ClassVar[type[ShardTask]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "shard_task" in cls.__dict__:
+            range_class(cls.shard_task)  # defined at import, beside its stage
 
     def requires(self) -> list[ShardTask]:
         return [self.shard_task(shard=i, **self.common()) for i in range(self.shard_count)]
