@@ -9,10 +9,11 @@ fsynced after the payload renames and again after ``done.json``: a record that w
 unreadable or inconsistent record, a missing file, a size or sha256 mismatch) and :meth:`StageDir.quarantine`
 moves a bad record aside (into the hidden ``.quarantine/`` folder) so the unit counts as not done and is redone.
 
-While a unit is being made, its temporaries live in its hidden scratch folder ``.tmp-<unit>/``, next to a list of
-the final names a commit is about to rename into place (or that a moved record left behind): clearing what a
-killed attempt left is then a matter of names (:meth:`StageDir.clear_unfinished`), never a scan of a folder that
-holds every shard of the stage.
+While units are being made, their temporaries live in the stage's hidden ``.tmp/`` folder, which therefore holds
+only what is in flight (or what a killed attempt left): a commit writes its done.json there first (listing every
+file it is about to rename into place) and renames it into the stage folder last. Clearing what a killed attempt
+left (:meth:`StageDir.clear_unfinished`) reads ``.tmp/`` and removes names, never scanning the stage folder,
+which holds every shard of the stage.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ import webdataset as wds
 from schemas import SHARD_STATS, Contract, SchemaError
 
 TMP_PREFIX = ".tmp-"
-STALE = "stale.json"  # in a unit's scratch folder: final names to remove before the unit is made again
+TMP_DIR = ".tmp"  # in a stage folder: temporaries of the units in flight (and hints of what a redo must remove)
 QUARANTINE = ".quarantine"  # hidden: bad records and files moved aside, never read as artifacts
 VERIFY_MODES = ("sha256", "size", "off")
 # Packages whose version can change an artifact's bytes; recorded in every done.json.
@@ -104,11 +104,11 @@ class StageDir:
     stage: str
     params: Mapping[str, Any]
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
         return params_hash(self.params)
 
-    @property
+    @functools.cached_property
     def path(self) -> Path:
         return Path(self.root) / self.dataset / self.stage / self.hash
 
@@ -139,46 +139,49 @@ class StageDir:
             for folder in (self.path, *list(self.path.parents)[:3]):
                 fsync_dir(folder)
 
-    def scratch_path(self, unit: int | str) -> Path:
-        """Hidden folder of one attempt at a unit: its temporaries (``TarSpool``, ``atomic_write_bytes`` of the
-        unit's files) and ``stale.json``. Created by :meth:`begin`, removed by a successful commit."""
-        return self.path / f"{TMP_PREFIX}{unit_name(unit)}"
+    @property
+    def tmp_path(self) -> Path:
+        """The stage's hidden folder of temporaries (see the module docstring)."""
+        return self.path / TMP_DIR
 
     def begin(self, unit: int | str) -> None:
-        """Before producing a unit (holding its lock): its scratch folder, so its temporaries go there."""
-        self.scratch_path(unit).mkdir(parents=True, exist_ok=True)
+        """Before producing ``unit`` (holding its lock): temporaries of this stage's units go to ``.tmp/``."""
+        self.tmp_path.mkdir(parents=True, exist_ok=True)
 
     def mark_stale(self, unit: int | str, names: Iterable[str] | None) -> None:
         """Record final file names of ``unit`` that must go before it is made again (None: unknown, scan)."""
         self.begin(unit)
         body = {"scan": True} if names is None else {"files": sorted(set(names))}
-        (self.scratch_path(unit) / STALE).write_text(json.dumps(body) + "\n")
+        (self.tmp_path / f"{TMP_PREFIX}{unit_name(unit)}.stale").write_text(json.dumps(body) + "\n")
 
     def clear_unfinished(self, shard: int | str) -> None:
-        """Before (re)running a shard: remove what a killed attempt left behind — its hidden temporaries, and
-        payloads renamed into place before the attempt died without writing done.json — by name: the unit's
-        scratch folder and the names listed in its ``stale.json``. No scratch folder: nothing was left.
-        Call it only while holding the unit's lock: a live writer's temporaries look like a dead one's."""
+        """Before (re)running a shard: remove what a killed attempt left behind — its temporaries in ``.tmp/``,
+        and payloads renamed into place before the attempt died without its done.json — by name: the names the
+        unit's done.json temporary (or a ``.stale`` hint) lists. Reads ``.tmp/`` (what is in flight), never the
+        stage folder. Call it only while holding the unit's lock: a live writer's temporaries look like a dead
+        one's."""
         if self.done_path(shard).exists():
-            return
-        scratch = self.scratch_path(shard)
-        if not scratch.is_dir():
             return
         name = unit_name(shard)
         try:
-            stale = json.loads((scratch / STALE).read_text())
-        except (OSError, ValueError):
-            stale = {"files": []}
-        if not isinstance(stale, dict) or stale.get("scan") or not isinstance(stale.get("files"), list):
-            # Names unknown (a garbage record was moved aside): look, as a fallback (rare).
-            names = [p.name for p in self.path.iterdir()
-                     if p.name.startswith(f"{TMP_PREFIX}{name}.") or p.name.startswith(f"{name}.")]
-        else:
-            names = [n for n in stale["files"] if isinstance(n, str) and n.split(".", 1)[0] == name]
+            entries = [e for e in os.scandir(self.tmp_path) if e.name.startswith(f"{TMP_PREFIX}{name}.")]
+        except FileNotFoundError:
+            return
+        names: set[str] = set()
+        scan = False
+        for entry in entries:
+            if entry.name.endswith(".stale") or entry.name.startswith(f"{TMP_PREFIX}{name}.done.json."):
+                listed = _listed_names(Path(entry.path))
+                scan = scan or listed is None
+                names.update(listed or ())
+        if scan:  # a garbage record was moved aside: its names are unknown, so look (rare)
+            names.update(p.name for p in self.path.iterdir() if p.name.startswith(f"{name}."))
+        done = self.done_path(shard).name
         for n in names:
-            if "/" not in n and n != self.done_path(shard).name:
+            if n.split(".", 1)[0] == name and n != done and "/" not in n:
                 (self.path / n).unlink(missing_ok=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for entry in entries:
+            Path(entry.path).unlink(missing_ok=True)
 
     def quarantine(self, unit: int | str, reason: str, files: Iterable[str] = ()) -> Path:
         """Invalidate a committed unit: move its done.json (first: that alone makes it not done) and the named
@@ -197,12 +200,20 @@ class StageDir:
         fsync_dir(dest)
         fsync_dir(self.path)
         # The record's other files stay until the unit is redone: clear_unfinished removes them by name.
-        try:
-            listed = [f["name"] for f in json.loads((dest / done).read_text())["files"]]
-        except (OSError, ValueError, TypeError, KeyError):
-            listed = None
+        listed = _listed_names(dest / done)
         self.mark_stale(unit, None if listed is None else [n for n in listed if n not in files])
         return dest
+
+
+def _listed_names(record: Path) -> list[str] | None:
+    """File names a done.json (or its temporary, or a ``.stale`` hint) lists; None: unreadable or ``scan``."""
+    try:
+        body = json.loads(record.read_text())
+        if body.get("scan"):
+            return None
+        return [f["name"] if isinstance(f, dict) else str(f) for f in body["files"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _tmp_suffix() -> str:
@@ -211,12 +222,22 @@ def _tmp_suffix() -> str:
 
 
 def temporary_path(target: Path) -> Path:
-    """Hidden temporary for ``target``: in its unit's scratch folder while the unit is being made
-    (``StageDir.begin``; the unit is the name's stem, ``shard-000001`` of ``shard-000001.tar``), else beside it."""
+    """Hidden temporary for ``target``: ``.tmp-<name>.<pid>-<random>`` in the folder's ``.tmp/`` where it has one
+    (``StageDir.begin``), else beside ``target``."""
     target = Path(target)
-    scratch = target.parent / f"{TMP_PREFIX}{target.name.split('.', 1)[0]}"
-    folder = scratch if scratch.is_dir() else target.parent
-    return folder / f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}"
+    folder = target.parent / TMP_DIR
+    name = f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}"
+    return folder / name if folder.is_dir() else target.with_name(name)
+
+
+def _write_temporary(target: Path, data: bytes) -> Path:
+    """``data`` in an fsynced temporary for ``target`` (``temporary_path``); the caller renames it."""
+    tmp = temporary_path(target)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
@@ -224,12 +245,7 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     none of it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(target)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    os.replace(_write_temporary(target, data), target)
 
 
 def webdataset_tar_bytes(samples: Iterable[Mapping[str, Any]]) -> bytes:
@@ -353,21 +369,12 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
             f"+ rejected={output.rejected_count}"
         )
     stage_dir.write_params()
-    # What a kill between the renames and done.json would leave visible, by name (not fsynced: after a power
-    # cut the redo overwrites the same names anyway).
-    stage_dir.mark_stale(shard, [stage_dir.unit_path(shard, suffix).name for suffix in output.files])
+    stage_dir.begin(shard)
     files = []
     for suffix in sorted(output.files):
         data = output.files[suffix]
-        path = stage_dir.unit_path(shard, suffix)
-        if isinstance(data, Path):  # a spooled temporary, already fsynced
-            num_bytes, digest = _file_digest(data)
-            os.replace(data, path)
-        else:
-            atomic_write_bytes(path, data)
-            num_bytes, digest = len(data), sha256_hex(data)
-        files.append({"name": path.name, "num_bytes": num_bytes, "sha256": digest})
-    fsync_dir(stage_dir.path)  # payload renames durable before done.json can name them
+        num_bytes, digest = _file_digest(data) if isinstance(data, Path) else (len(data), sha256_hex(data))
+        files.append({"name": stage_dir.unit_path(shard, suffix).name, "num_bytes": num_bytes, "sha256": digest})
     stats = {
         "stage": stage_dir.stage,
         "dataset": stage_dir.dataset,

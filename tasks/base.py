@@ -285,7 +285,7 @@ class CommittedTask(DatasetTask):
             self.invalidate(problems, why="is invalid")
         stage_dir.clear_unfinished(self.unit)
         verify_inputs(self, self.inputs_to_verify())
-        stage_dir.begin(self.unit)  # this attempt's temporaries go to the unit's scratch folder
+        stage_dir.begin(self.unit)  # this attempt's temporaries go to the stage's .tmp/ folder
         started = time.perf_counter()
         try:
             try:

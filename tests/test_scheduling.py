@@ -5,6 +5,7 @@ part of the plan; unfinished shards are cleared by name; per-process caches foll
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import luigi
@@ -210,29 +211,39 @@ def test_each_shard_reads_only_its_row_groups_of_the_plan(tmp_path, monkeypatch)
         assert read_groups == ([0, 1, 2, 3] if path == grouped else [0]), path.name
 
 
-def test_unfinished_units_are_cleared_by_name_without_listing_the_folder(tmp_path, monkeypatch):
+def test_unfinished_units_are_cleared_by_name_without_listing_the_stage_folder(tmp_path, monkeypatch):
     stage = StageDir(tmp_path, "ds", "st", {"a": 1})
     for shard in range(3):
         commit_shard(stage, shard, ShardOutput(files={"parquet": b"p", "tar": b"t"}, in_count=1, ok_count=1),
                      seconds=0)
-    assert not list(stage.path.glob(".tmp-*")), "a commit leaves no scratch folder"
-    # a killed attempt at shard 3: a temporary in its scratch folder, one payload renamed, no done.json
-    stage.begin(3)
-    temporary = artifacts.temporary_path(stage.shard_path(3, "tar"))
-    temporary.write_bytes(b"half")
-    assert temporary.parent == stage.scratch_path(3)
-    stage.mark_stale(3, ["shard-000003.parquet", "shard-000003.tar"])
-    stage.shard_path(3, "parquet").write_bytes(b"p")
+    assert not list(stage.tmp_path.iterdir()), "a commit leaves nothing in .tmp/"
+    done = sorted(p.name for p in stage.path.iterdir())
+    # a commit of shard 3 killed between its first payload rename and its done.json
+    real_replace = os.replace
 
-    def no_listing(self):
-        raise AssertionError(f"listed {self}")
+    def die_after_first_payload(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("shard-000003.parquet"):
+            raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(Path, "iterdir", no_listing)
-    for shard in range(4):
+    monkeypatch.setattr(artifacts.os, "replace", die_after_first_payload)
+    with pytest.raises(KeyboardInterrupt):
+        commit_shard(stage, 3, ShardOutput(files={"parquet": b"p", "tar": b"t"}, in_count=1, ok_count=1),
+                     seconds=0)
+    monkeypatch.undo()
+    stage.begin(4)  # and an attempt at shard 4 killed while writing its tar
+    artifacts.temporary_path(stage.shard_path(4, "tar")).write_bytes(b"half")
+    assert stage.shard_path(3, "parquet").exists() and len(list(stage.tmp_path.iterdir())) == 2  # done.json, tar
+
+    listed: list[str] = []
+    real_scandir, real_iterdir = os.scandir, Path.iterdir
+    monkeypatch.setattr(artifacts.os, "scandir", lambda p: (listed.append(str(p)), real_scandir(p))[1])
+    monkeypatch.setattr(Path, "iterdir", lambda p: (listed.append(str(p)), real_iterdir(p))[1])
+    for shard in range(5):
         stage.clear_unfinished(shard)
     monkeypatch.undo()
-    assert sorted(p.name for p in stage.path.iterdir()) == sorted(
-        [f"shard-00000{i}.{s}" for i in range(3) for s in ("parquet", "tar", "done.json")] + ["params.json"])
+    assert str(stage.path) not in listed and set(listed) <= {str(stage.tmp_path)}
+    assert sorted(p.name for p in stage.path.iterdir()) == done and not list(stage.tmp_path.iterdir())
 
 
 def test_sha256_of_an_unchanged_file_is_computed_once(tmp_path, monkeypatch):
