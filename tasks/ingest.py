@@ -6,8 +6,8 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import ShardOutput, StageDir
@@ -85,24 +85,32 @@ def _plan_file(path: str, key: tuple[int, ...]) -> tuple[pq.ParquetFile, list[tu
 
 
 @functools.lru_cache(maxsize=2)
-def _plan_group(path: str, key: tuple[int, ...], index: int) -> pa.Table:
-    """One row group of the plan, checked against the contract (the shards of a range share it)."""
+def _plan_group(path: str, key: tuple[int, ...], index: int) -> tuple[pa.Table, np.ndarray, bool]:
+    """One row group of the plan, checked against the contract (the shards of a range share it), its shard
+    column and whether that column is sorted."""
     plan, _ = _plan_file(path, key)
     table = plan.read_row_group(index)
     PLAN.validate(table, where=path)
-    return table
+    shards = table.column("shard").to_numpy()
+    return table, shards, bool(np.all(shards[1:] >= shards[:-1]))
 
 
 def read_plan_shard(path: str, shard: int) -> list[PlannedEntry]:
     """The plan's entries of ``shard``, by position."""
     key = _file_key(path)
     _, groups = _plan_file(path, key)
-    tables = [_plan_group(path, key, i) for i, (low, high) in enumerate(groups)
-              if low is None or low <= shard <= high]
-    if not tables:
-        return []
-    table = pa.concat_tables(tables).filter(pc.field("shard") == shard)
-    return [PlannedEntry(**row) for row in table.sort_by("position").to_pylist()]
+    parts = []
+    for i, (low, high) in enumerate(groups):
+        if low is not None and not low <= shard <= high:
+            continue
+        table, shards, ordered = _plan_group(path, key, i)
+        if ordered:
+            start, stop = np.searchsorted(shards, [shard, shard + 1])
+            parts.append(table.slice(start, stop - start))
+        else:
+            parts.append(table.filter(pa.array(shards == shard)))
+    rows = sorted((row for part in parts for row in part.to_pylist()), key=lambda row: row["position"])
+    return [PlannedEntry(**row) for row in rows]
 
 
 class IngestShard(ShardTask):
