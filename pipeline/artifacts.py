@@ -316,6 +316,7 @@ def _package_versions() -> tuple[tuple[str, str], ...]:
 # such a digest is not remembered.
 _DIGESTS: dict[tuple, str] = {}
 _DIGESTS_LIMIT = 65536
+_VALID_RECORDS_LIMIT = 1 << 18
 TRUST_AFTER_NS = 1_000_000_000
 
 
@@ -407,34 +408,45 @@ def _record_shard(unit: int | str) -> int:
     return unit if isinstance(unit, int) else -1
 
 
-# done.json records that passed their contract in this process, by stat key (as _DIGESTS): Luigi's completeness
-# checks, the run and the end-of-run table each read every record, and checking one against its contract costs
-# more than the rest of the check.
-_RECORDS: dict[tuple, str] = {}
+# done.json files whose record passed its contract in this process, by stat key (as _DIGESTS; keys only, ~200
+# bytes each): Luigi's completeness checks, the run and the end-of-run table each read every record, and checking
+# one against its contract costs ten times reading and parsing it.
+_VALID_RECORDS: set[tuple] = set()
+
+
+def _stat_key(path: Path, st: os.stat_result) -> tuple:
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def read_shard_stats(path: Path) -> dict[str, Any]:
-    """A SHARD_STATS record (``SHARD_STATS.read_json``), remembered while its file is unchanged (_RECORDS)."""
+    """A SHARD_STATS record (``SHARD_STATS.read_json``); the contract check is skipped for a file this process
+    already checked and that is unchanged since (_VALID_RECORDS)."""
     try:
         before = os.stat(path)
     except OSError:
         return SHARD_STATS.read_json(path)  # raises as it always did
-    key = (str(path), before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
-    text = _RECORDS.get(key)
-    if text is not None:
-        record = json.loads(text)
-        record.pop("schema", None)
-        return record
+    key = _stat_key(path, before)
+    if key in _VALID_RECORDS:
+        try:
+            text = Path(path).read_text()
+            if _stat_key(path, os.stat(path)) == key:
+                record = json.loads(text)
+                record.pop("schema", None)
+                return record
+        except (OSError, ValueError):
+            pass
+        _VALID_RECORDS.discard(key)
     started = time.time_ns()
     record = SHARD_STATS.read_json(path)
     if max(before.st_mtime_ns, before.st_ctime_ns) < started - TRUST_AFTER_NS:
-        text = Path(path).read_text()
-        after = os.stat(path)
-        if (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == key[2:] and \
-                json.loads(text) == {"schema": SHARD_STATS.tag, **record}:
-            if len(_RECORDS) >= _DIGESTS_LIMIT:
-                _RECORDS.clear()
-            _RECORDS[key] = text
+        try:
+            unchanged = _stat_key(path, os.stat(path)) == key
+        except OSError:
+            unchanged = False
+        if unchanged:
+            if len(_VALID_RECORDS) >= _VALID_RECORDS_LIMIT:
+                _VALID_RECORDS.clear()
+            _VALID_RECORDS.add(key)
     return record
 
 

@@ -15,7 +15,7 @@ import luigi
 import luigi.cmdline
 from luigi.execution_summary import LuigiStatusCode
 
-from tasks.base import build_tasks
+from tasks.base import build_tasks, frozen_settings
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
 from tasks.settings import SettingsError, closest, configure
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print("\n".join(e.lines), file=sys.stderr)
         return 2
-    return args.func(args)
+    with frozen_settings():  # nothing changes the settings from here on
+        return args.func(args)
 
 
 if __name__ == "__main__":
