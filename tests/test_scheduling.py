@@ -275,3 +275,30 @@ def test_stage_folders_follow_settings_changed_in_process(tmp_path, images):
             changed = IngestShard(shard=0, **common).stage_dir
         assert IngestShard(shard=1, **common).stage_dir == before
     assert changed.hash != before.hash and changed.params["max_side"] == 99
+
+
+def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys):
+    from tasks import cli
+
+    started: list[list[str]] = []
+
+    class Worker:
+        def __init__(self, args, **kwargs) -> None:
+            started.append(args)
+
+        def wait(self) -> int:
+            return 0
+
+    class Done(luigi.Task):
+        def complete(self) -> bool:
+            return True
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Worker)
+    monkeypatch.setattr(cli, "make_task", lambda *args: Done())
+    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--dataset", "x",
+                                    "--scheduler-host", "sched.example", "--scheduler-port", "8099"])
+    assert cli.cmd_workers(args) == 0
+    assert len(started) == 3
+    for argv in started:
+        assert argv[argv.index("--scheduler-host") + 1] == "sched.example" and "--central" in argv
+        assert argv[argv.index("--scheduler-port") + 1] == "8099"
