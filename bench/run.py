@@ -671,6 +671,244 @@ BENCHMARKS = {"ingest": bench_ingest, "sam_boxes": bench_sam_boxes, "fmbseg_stag
               "stages": bench_stages}
 
 
+
+# ---------------------------------------------------------------------------------------- scheduling, memory
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_png(rgb) -> bytes:  # noqa: ANN001 — uint8 [H, W, 3]
+    """A minimal PNG (no encoder library): 100k of them in seconds."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _image_lists(folder: Path, sizes: list[int], side: int = 8) -> dict[int, Path]:
+    """max(sizes) distinct random side×side PNGs (1,000 per subfolder) and one .txt list per size (the first n)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(max(sizes)):
+        sub = folder / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"img_{i:07d}.png").write_bytes(_tiny_png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+        names.append(f"{i // 1000:04d}/img_{i:07d}.png")
+    lists = {}
+    for n in sizes:
+        lists[n] = folder / f"list-{n}.txt"
+        lists[n].write_text("\n".join(names[:n]) + "\n")
+    return lists
+
+
+def _timed_cli(args: list[str], code: Path = REPO, timeout: float | None = None) -> dict:
+    """`python -m tasks.cli ARGS` with ``code`` first on PYTHONPATH: wall time, CPU time (user + sys of the
+    process and every worker process it waited for: os.wait4) and peak RSS, with the load average before/after."""
+    import subprocess
+    import sys
+
+    env = os.environ.copy()
+    env.update(PYTHONPATH=str(code), LUIGI_CONFIG_PATH=str(code / "luigi.cfg"), PYTHONHASHSEED="0")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=code, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    output = []
+    import threading
+
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    reader.join(timeout=10)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = "".join(output)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{text[-3000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2),
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def _fit(points: list[tuple[int, float]]) -> dict:
+    """Least-squares a + b·T and a + b·T + c·T² over (T, seconds) points."""
+    import numpy as np
+
+    t = np.array([p[0] for p in points], float)
+    y = np.array([p[1] for p in points], float)
+    out = {}
+    for degree, names in ((1, ("a_s", "b_ms_per_shard")), (2, ("a_s", "b_ms_per_shard", "c_us_per_shard2"))):
+        if len(set(t)) <= degree:
+            continue
+        coef = np.polyfit(t, y, degree)[::-1]  # a, b, c
+        scale = (1.0, 1e3, 1e6)
+        out[f"degree_{degree}"] = {n: round(float(c * k), 6) for n, c, k in zip(names, coef, scale, strict=False)}
+    return out
+
+
+def _summarise_runs(runs: list[dict], key: str) -> dict:
+    import statistics
+
+    by: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by.setdefault((r["phase"], r[key]), []).append(r)
+    out: dict[str, dict] = {}
+    for (phase, n), rows in sorted(by.items()):
+        entry = out.setdefault(phase, {}).setdefault(str(n), {})
+        for metric in ("cpu_s", "wall_s", "max_rss_mb"):
+            values = [r[metric] for r in rows]
+            entry[metric] = {"min": min(values), "median": round(statistics.median(values), 2)}
+        entry["load_1m"] = [r["load_before"][0] for r in rows]
+    return out
+
+
+def bench_scheduling(sizes: tuple[int, ...] = (1_000, 10_000, 100_000), repeats: int = 2, workers: int = 2,
+                     baseline: str | None = None, baseline_sizes: tuple[int, ...] = (500, 1_000, 2_000)) -> dict:
+    """Run overhead against the number of shards: `pseudoseg run Ingest` over n one-image shards (8×8 PNGs,
+    ``ingest.shard_size=1``, ``--workers`` 2, default ``[pseudoseg] shards_per_task``), first run and no-op
+    rerun, for each n in ``sizes``; repeats interleaved (all sizes, then again). Images and outputs on tmpfs
+    (/dev/shm) where there is one, so the disk's fsync latency (6 fsyncs per shard commit) does not hide the
+    scheduling cost. Each number: wall and CPU time (user + sys of the command and its worker processes:
+    os.wait4) and peak RSS, with the load average; per size min and median, and a + b·T (+ c·T²) fits of the
+    minima. ``baseline``: a git revision of this repository run the same way at ``baseline_sizes`` (one
+    task per shard there), for the before/after per-shard cost."""
+    import shutil
+    import subprocess
+
+    shm = Path("/dev/shm")
+    base = Path(tempfile.mkdtemp(prefix="pseudoseg-sched-", dir=shm if shm.is_dir() else None))
+    try:
+        all_sizes = sorted(set(sizes) | (set(baseline_sizes) if baseline else set()))
+        t0 = time.perf_counter()
+        lists = _image_lists(base / "images", all_sizes)
+        make_images_s = time.perf_counter() - t0
+        code_before = None
+        if baseline:
+            code_before = base / "baseline-code"
+            code_before.mkdir()
+            archive = subprocess.run(["git", "archive", baseline], cwd=REPO, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(code_before)], input=archive, check=True)
+
+        def one(n: int, rep: int, code: Path, label: str) -> list[dict]:
+            out = base / f"out-{label}-{n}-{rep}"
+            args = ["run", "Ingest", "--images", str(lists[n]), "--dataset", "ds", "--out", str(out),
+                    "--set", "ingest.shard_size=1", "--set", "core.log_level=WARNING", "--workers", str(workers)]
+            rows = []
+            for phase in ("first", "rerun"):
+                row = {"shards": n, "repeat": rep, "phase": phase, **_timed_cli(args, code)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            shutil.rmtree(out, ignore_errors=True)
+            return rows
+
+        runs, before = [], []
+        for rep in range(repeats):
+            for n in sizes:
+                runs += one(n, rep, REPO, "now")
+            if code_before is not None:
+                for n in baseline_sizes:
+                    before += one(n, rep, code_before, "baseline")
+
+        from tasks.base import RANGES_PER_STAGE  # the default `auto`
+
+        result: dict = {
+            "storage": "tmpfs (/dev/shm)" if base.parent == shm else "disk",
+            "workers": workers, "images_per_shard": 1, "shards_per_task": "auto",
+            "luigi_tasks": {str(n): -(-n // -(-n // RANGES_PER_STAGE)) + 2 for n in sizes},  # ranges + plan + wrapper
+            "make_images_s": round(make_images_s, 1), "repeats": repeats,
+            "by_shards": _summarise_runs(runs, "shards"), "runs": runs,
+        }
+        result["fits_of_minima"] = {
+            phase: {metric: _fit([(int(n), v[metric]["min"]) for n, v in rows.items()])
+                    for metric in ("cpu_s", "wall_s")}
+            for phase, rows in result["by_shards"].items()}
+        if code_before is not None:
+            result["baseline"] = {"revision": baseline, "by_shards": _summarise_runs(before, "shards"), "runs": before}
+            result["baseline"]["fits_of_minima"] = {
+                phase: {metric: _fit([(int(n), v[metric]["min"]) for n, v in rows.items()])
+                        for metric in ("cpu_s", "wall_s")}
+                for phase, rows in result["baseline"]["by_shards"].items()}
+        return result
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def bench_memory(shard_counts: tuple[int, ...] = (10, 100), repeats: int = 3) -> dict:
+    """Peak RSS (os.wait4 ru_maxrss of the command and its workers) of `pseudoseg run Ingest` and of `run
+    SamEmbeddings` (tiny SAM; its ingest already done, so the process runs the model stage) over 10 vs 100
+    one-image shards (32×40 PNGs), one worker, default shards_per_task; repeats interleaved, min and median, the
+    load average with each run. The tiny model is built once before (not measured)."""
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    base = Path(tempfile.mkdtemp(prefix="pseudoseg-mem-"))
+    try:
+        folder = base / "images"
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        names = []
+        for i in range(max(shard_counts)):
+            img = cv2.GaussianBlur(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), (5, 5), 0)
+            cv2.imwrite(str(folder / f"img_{i:04d}.png"), img)
+            names.append(f"img_{i:04d}.png")
+        lists = {}
+        for n in (2, *shard_counts):
+            lists[n] = base / f"list-{n}.txt"
+            lists[n].write_text("\n".join(f"images/{name}" for name in names[:n]) + "\n")
+        common = ["--dataset", "ds", "--set", "ingest.shard_size=1", "--set", f"models.cache_dir={base / 'models'}",
+                  "--set", "models.device=cpu", "--set", "core.log_level=WARNING"]
+        _timed_cli(["run", "SamEmbeddings", "--images", str(lists[2]), "--out", str(base / "warm"), *common])
+
+        runs = []
+        for rep in range(repeats):
+            for n in shard_counts:
+                out = base / f"out-{n}-{rep}"
+                for stage in ("Ingest", "SamEmbeddings"):
+                    row = {"stage": stage, "shards": n, "repeat": rep,
+                           **_timed_cli(["run", stage, "--images", str(lists[n]), "--out", str(out), *common])}
+                    print(json.dumps(row), flush=True)
+                    runs.append(row)
+                shutil.rmtree(out, ignore_errors=True)
+        import statistics
+
+        summary: dict = {}
+        for stage in ("Ingest", "SamEmbeddings"):
+            entry = summary.setdefault(stage, {})
+            for n in shard_counts:
+                values = [r["max_rss_mb"] for r in runs if r["stage"] == stage and r["shards"] == n]
+                entry[str(n)] = {"max_rss_mb_min": min(values), "max_rss_mb_median": statistics.median(values),
+                                 "load_1m": [r["load_before"][0] for r in runs
+                                             if r["stage"] == stage and r["shards"] == n]}
+            low, high = (entry[str(n)]["max_rss_mb_median"] for n in (min(shard_counts), max(shard_counts)))
+            entry["growth_median"] = round(high / low - 1, 4)
+        return {"repeats": repeats, "summary": summary, "runs": runs}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+BENCHMARKS.update({"scheduling": bench_scheduling, "memory": bench_memory})
+
+
 def _value(text: str):
     try:
         return json.loads(text)

@@ -87,11 +87,13 @@ class Contract:
             raise SchemaError(f"{where}: schema version mismatch: expected {self.tag}, found {found}")
 
     # -- Parquet ------------------------------------------------------------------------------------------
-    def to_parquet_bytes(self, table: pa.Table) -> bytes:
-        """Serialise deterministically (no statistics timestamps exist in Parquet; fixed writer options)."""
+    def to_parquet_bytes(self, table: pa.Table, *, row_group_size: int | None = None) -> bytes:
+        """Serialise deterministically (no statistics timestamps exist in Parquet; fixed writer options).
+        ``row_group_size``: rows per row group (default: pyarrow's), e.g. so a reader can fetch one part."""
         table = self.stamp(table)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", write_statistics=True, use_dictionary=True)
+        pq.write_table(table, buf, compression="zstd", write_statistics=True, use_dictionary=True,
+                       row_group_size=row_group_size)
         return buf.getvalue()
 
     def read_parquet(self, path: str | Path) -> pa.Table:

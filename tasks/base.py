@@ -1,16 +1,25 @@
-"""Luigi mechanics shared by every stage: common parameters, the per-shard task, the per-stage wrapper.
+"""Luigi mechanics shared by every stage: common parameters, the per-shard task, shard ranges, the per-stage wrapper.
 
-A stage = one ``ShardTask`` subclass (one Luigi task per shard) + one ``StageWrapper`` requiring all shards.
-Outputs are content-addressed: the folder name hashes the stage's content-affecting parameters together with
-its upstream stage hashes, so changing any of them runs into a new folder instead of reusing a stale one.
+A stage = one ``ShardTask`` subclass (the unit of work, retry and accounting: one shard, its own ``done.json``) +
+one ``StageWrapper`` requiring all shards. Outputs are content-addressed: the folder name hashes the stage's
+content-affecting parameters together with its upstream stage hashes, so changing any of them runs into a new
+folder instead of reusing a stale one.
+
+The unit of *scheduling* is decoupled from the shard: with ``[pseudoseg] shards_per_task`` K > 1, Luigi sees one
+``ShardRange`` task per K consecutive shards of a stage (``IngestShardRange(first=0, stop=K)``), which runs its
+shards one by one, each exactly as a lone ShardTask would run (lock, verification, commit, done.json). Every
+``requires()`` keeps naming shards; ``DatasetTask._requires`` (what Luigi schedules from) maps each required
+shard to the range holding it, so ranges depend on ranges. K = 1 schedules the shards themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,11 +48,14 @@ from pipeline.locks import UnitLock
 from pipeline.locks import describe as describe_holder
 from pipeline.sources import Listing, list_source, num_shards
 from schemas import MANIFEST, REJECTS, Contract, SchemaError
-from tasks.failures import CorruptInput, explain
+from tasks.failures import CorruptInput, explain, permanent_cause
 from tasks.image_errors import ImageErrors
-from tasks.params import FloatParameter, IntParameter, NameParameter
+from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
+
+
+RANGES_PER_STAGE = 250  # `auto`: FullDAG's 17 per-shard stages stay under ~4,300 Luigi tasks at any shard count
 
 
 class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
@@ -55,6 +67,19 @@ class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg
     lock_stale_seconds = FloatParameter(
         default=600.0, gt=0, description="a shard lock held from another host whose heartbeat is older than this is "
                                    "taken over (same host: as soon as its process is gone)")
+    shards_per_task = AutoIntParameter(
+        default="auto", ge=1,
+        description="shards per Luigi task (a range of one stage's shards, each still its own unit with done.json); "
+                    f"auto: at most {RANGES_PER_STAGE} tasks per stage; 1: one task per shard. Never changes an "
+                    "artifact")
+
+
+def shards_per_task(shard_count: int) -> int:
+    """K, the shards of one Luigi task, for a dataset of ``shard_count`` shards ([pseudoseg] shards_per_task)."""
+    value = current(pseudoseg).shards_per_task
+    if value == "auto":
+        return max(1, -(-shard_count // RANGES_PER_STAGE))
+    return int(value)
 
 
 class ingest(luigi.Config):  # noqa: N801
@@ -71,17 +96,81 @@ def cached_listing(images: str) -> Listing:
     return list_source(images)
 
 
-def build_tasks(tasks: list[luigi.Task], **kwargs: Any) -> luigi.execution_summary.LuigiRunResult:
-    """luigi.build with a fresh listing cache; always returns the detailed result."""
+# Per-process caches of what every task recomputes otherwise (settings objects, stage folders): Luigi calls
+# requires()/output()/complete() many times per task, and a stage's folder hash recurses through every upstream.
+# Each entry is keyed by the settings in effect (``settings_token``), so a changed luigi.cfg value (tests change
+# them in-process) is seen at once; ``new_build`` drops them all, so a new build also sees changed input files
+# (listings, side inputs hashed into a stage's parameters).
+_BY_SETTINGS: dict[tuple, Any] = {}
+_CACHE_LIMIT = 4096  # entries; far above one build's needs (a few per stage), bounds in-process test suites
+
+
+_FROZEN_TOKEN: tuple | None = None
+
+
+def settings_token() -> tuple:
+    """The luigi configuration in effect, as a hashable value (≈ 10 µs: cheaper than reading one setting; constant
+    inside ``frozen_settings``)."""
+    if _FROZEN_TOKEN is not None:
+        return _FROZEN_TOKEN
+    cfg = luigi.configuration.get_config()
+    return (id(cfg), tuple(cfg._defaults.items()),
+            tuple((section, tuple(values.items())) for section, values in cfg._sections.items()))
+
+
+@contextlib.contextmanager
+def frozen_settings() -> Iterator[None]:
+    """For a whole command (``pseudoseg run``): the settings are read and checked once, then nothing changes
+    them, so their token is computed once instead of on every cached lookup (a dozen per shard)."""
+    global _FROZEN_TOKEN
+    before = _FROZEN_TOKEN
+    _FROZEN_TOKEN = None
+    _FROZEN_TOKEN = settings_token()
+    try:
+        yield
+    finally:
+        _FROZEN_TOKEN = before
+
+
+def by_settings(key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per ``key`` and settings state (see _BY_SETTINGS)."""
+    full = (key, settings_token())
+    try:
+        return _BY_SETTINGS[full]
+    except KeyError:
+        pass
+    if len(_BY_SETTINGS) >= _CACHE_LIMIT:
+        _BY_SETTINGS.clear()
+    value = _BY_SETTINGS[full] = compute()
+    return value
+
+
+def current(section: type[luigi.Config]) -> Any:
+    """``section()`` (a luigi.Config), built once per settings state: instantiating one reads every one of its
+    parameters from the configuration (≈ 70 µs), and hot paths read settings per shard."""
+    return by_settings((section,), section)
+
+
+def new_build() -> None:
+    """Forget everything cached from earlier builds in this process (listings, stage folders, settings)."""
     cached_listing.cache_clear()
+    _BY_SETTINGS.clear()
+
+
+def build_tasks(tasks: list[luigi.Task], **kwargs: Any) -> luigi.execution_summary.LuigiRunResult:
+    """luigi.build with fresh caches (``new_build``); always returns the detailed result."""
+    new_build()
     return luigi.build(tasks, detailed_summary=True, **kwargs)
 
 
 def model_settings() -> ModelSettings:
     """The [models] section of luigi.cfg as typed settings (cache_dir relative to the working directory)."""
-    cfg = luigi.configuration.get_config()
-    items = dict(cfg.items("models")) if cfg.has_section("models") else {}
-    return ModelSettings.from_mapping(items)
+    def read() -> ModelSettings:
+        cfg = luigi.configuration.get_config()
+        items = dict(cfg.items("models")) if cfg.has_section("models") else {}
+        return ModelSettings.from_mapping(items)
+
+    return by_settings(("models", os.getcwd()), read)
 
 
 def model_identity(role: str, settings: ModelSettings) -> str:
@@ -116,13 +205,33 @@ class DatasetTask(luigi.Task):
     dataset = NameParameter(description="dataset name: the folder under the output root")
     out = luigi.Parameter(default=None, significant=True)
 
+    @classmethod
+    def get_params(cls) -> list[tuple[str, luigi.Parameter]]:
+        # Luigi walks dir(cls) on every instantiation (twice; ≈ 55 µs each); our classes never gain parameters
+        # after they are defined, so once per class is enough.
+        params = cls.__dict__.get("_params")
+        if params is None:
+            params = super().get_params()
+            cls._params = params
+        return list(params)
+
+    def _requires(self) -> list[luigi.Task]:
+        # What Luigi schedules from (Task.deps): the required shards grouped into the ranges that hold them.
+        return coarsen(flatten(self.requires()))
+
+    def cached_stage_dir(self, compute: Callable[[], StageDir]) -> StageDir:
+        """The stage folder once per (class, parameters except ``shard``, settings): every shard of a stage shares
+        one folder, and computing it hashes every upstream stage's folder in turn."""
+        key = (type(self), tuple(kv for kv in self.param_kwargs.items() if kv[0] != "shard"))
+        return by_settings(key, compute)
+
     def on_failure(self, exception: BaseException) -> str:
         # A missing model or a mismatched artifact: one line, and no retries (tasks.failures).
         return explain(exception) or super().on_failure(exception)
 
     @property
     def root(self) -> Path:
-        return Path(self.out or pseudoseg().out).resolve()
+        return Path(self.out or current(pseudoseg).out).resolve()
 
     @property
     def listing(self) -> Listing:
@@ -130,7 +239,7 @@ class DatasetTask(luigi.Task):
 
     @property
     def shard_count(self) -> int:
-        return num_shards(len(self.listing.entries), ingest().shard_size)
+        return num_shards(len(self.listing.entries), current(ingest).shard_size)
 
     def common(self) -> dict[str, Any]:
         return {"images": self.images, "dataset": self.dataset, "out": self.out}
@@ -166,7 +275,7 @@ class CommittedTask(DatasetTask):
     def problems(self, mode: str | None = None) -> dict[str, str]:
         """File name → what is wrong (empty: valid). ``mode`` None = the completeness check (sizes)."""
         if mode is None:
-            mode = "off" if pseudoseg().verify == "off" else "size"
+            mode = "off" if current(pseudoseg).verify == "off" else "size"
         return record_problems(self.stage_dir, self.unit, mode)
 
     def complete(self) -> bool:
@@ -179,7 +288,7 @@ class CommittedTask(DatasetTask):
             if callable(self.set_status_message):  # None outside a Luigi worker
                 self.set_status_message(message)
 
-        return UnitLock(self.stage_dir.lock_path(self.unit), stale_after=pseudoseg().lock_stale_seconds,
+        return UnitLock(self.stage_dir.lock_path(self.unit), stale_after=current(pseudoseg).lock_stale_seconds,
                         on_wait=waiting)
 
     def run(self) -> None:
@@ -197,19 +306,25 @@ class CommittedTask(DatasetTask):
             self.invalidate(problems, why="is invalid")
         stage_dir.clear_unfinished(self.unit)
         verify_inputs(self, self.inputs_to_verify())
+        stage_dir.begin(self.unit)  # this attempt's temporaries go to the stage's .tmp/ folder
         started = time.perf_counter()
         try:
-            output = self.produce_unit()
-        except SchemaError as exc:
-            # An input that matches its record but not its contract (e.g. left by an older schema version under
-            # the same hash): that upstream is redone like a corrupt one, then this unit is produced again.
-            upstream, name = self.upstream_of(exc)
-            if upstream is None:
-                raise
-            detail = str(exc).split(f"{upstream.stage_dir.path / name}: ", 1)[-1]
-            redo(self, upstream, {name: detail}, why="failed its contract")
-            output = self.produce_unit()
-        commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+            try:
+                output = self.produce_unit()
+            except SchemaError as exc:
+                # An input that matches its record but not its contract (e.g. left by an older schema version
+                # under the same hash): that upstream is redone like a corrupt one, then this unit is produced
+                # again.
+                upstream, name = self.upstream_of(exc)
+                if upstream is None:
+                    raise
+                detail = str(exc).split(f"{upstream.stage_dir.path / name}: ", 1)[-1]
+                redo(self, upstream, {name: detail}, why="failed its contract")
+                output = self.produce_unit()
+            commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+        except BaseException:
+            stage_dir.clear_unfinished(self.unit)  # a failed attempt leaves nothing behind (we hold the lock)
+            raise
 
     def upstream_of(self, exc: SchemaError) -> tuple[CommittedTask | None, str]:
         """The input unit (and file name) a contract error names, if any."""
@@ -236,7 +351,7 @@ def verify_inputs(reader: luigi.Task, upstreams: Iterable[CommittedTask], mode: 
     verify: size + sha256, size, or off). A unit that fails is invalidated (record moved to .quarantine/, one
     warning line naming the file) and redone here under its lock, then checked again; the reader goes on with
     good inputs, in this same run. A unit that another process is already redoing is waited for."""
-    mode = mode or pseudoseg().verify
+    mode = mode or current(pseudoseg).verify
     if mode == "off":
         return
     for upstream in upstreams:
@@ -284,7 +399,8 @@ class ShardTask(CommittedTask):
 
     @property
     def stage_dir(self) -> StageDir:
-        return StageDir(self.root, self.dataset, self.stage, dict(self.content_params()))
+        return self.cached_stage_dir(
+            lambda: StageDir(self.root, self.dataset, self.stage, dict(self.content_params())))
 
     @property
     def unit(self) -> int:
@@ -292,6 +408,20 @@ class ShardTask(CommittedTask):
 
     def describe(self) -> str:
         return f"{self.stage} shard {self.shard}"
+
+    def unit_kwargs(self) -> dict[str, Any]:
+        """This task's parameters but ``shard``: what every shard of the stage shares."""
+        return {k: v for k, v in self.param_kwargs.items() if k != "shard"}
+
+    def scheduled(self) -> luigi.Task:
+        """The Luigi task that runs this shard: itself (K = 1) or the ShardRange of K shards holding it."""
+        count = self.shard_count
+        k = shards_per_task(count)
+        if k <= 1:
+            return self
+        first = self.shard // k * k
+        stop = max(min(first + k, count), self.shard + 1)
+        return range_class(type(self))(first=first, stop=stop, **self.unit_kwargs())
 
     def tar_spool(self, suffix: str = "tar") -> TarSpool:
         """A streaming writer for this shard's ``shard-N.<suffix>`` WebDataset tar (see TarSpool)."""
@@ -413,10 +543,151 @@ class ProgressReporter:
             self.bar.close()
 
 
+def coarsen(tasks: Iterable[luigi.Task]) -> list[luigi.Task]:
+    """``tasks`` with each shard replaced by the Luigi task that runs it (``ShardTask.scheduled``), each once."""
+    out: dict[str, luigi.Task] = {}
+    for task in tasks:
+        if isinstance(task, ShardTask):
+            task = task.scheduled()
+        out.setdefault(task.task_id, task)
+    return list(out.values())
+
+
+class ShardRange(DatasetTask):
+    """Shards [first, stop) of one stage as ONE Luigi task (the unit of scheduling; the shard stays the unit of
+    work, retry and accounting). Complete = every shard done. ``run`` skips the shards already done and runs each
+    other one as a lone ShardTask would (its lock, input verification, commit and done.json), so the files are
+    the same for any range size and a kill loses at most the shard in progress. A shard that fails does not stop
+    the others: the range fails after trying them all (Luigi retries it; done shards are skipped), except on a
+    failure no retry can fix (tasks.failures), which ends it at once. Progress shows per range in luigid (N/M
+    shards) with the current shard's own progress.
+
+    One subclass per stage, made by ``range_class`` (``IngestShardRange``, ...) with the shard task's
+    parameters but ``shard``."""
+
+    unit_class: ClassVar[type[ShardTask]]
+    first = luigi.IntParameter(description="first shard of the range")
+    stop = luigi.IntParameter(description="one past the last shard of the range")
+
+    def units(self) -> list[ShardTask]:
+        units = self.__dict__.get("_units")
+        if units is None:
+            kwargs = {k: v for k, v in self.param_kwargs.items() if k not in ("first", "stop")}
+            units = self._units = [self.unit_class(shard=i, **kwargs) for i in range(self.first, self.stop)]
+        return units
+
+    def requires(self) -> list[luigi.Task]:
+        """The upstream units of every shard of the range, each once (``_requires`` groups them into ranges)."""
+        out: dict[str, luigi.Task] = {}
+        for unit in self.units():
+            for task in flatten(unit.requires()):
+                out.setdefault(task.task_id, task)
+        return list(out.values())
+
+    def output(self) -> list[luigi.LocalTarget]:
+        return [unit.output() for unit in self.units()]
+
+    def complete(self) -> bool:
+        return all(unit.complete() for unit in self.units())
+
+    @property
+    def resources(self) -> dict[str, int]:  # type: ignore[override]
+        return dict(self.units()[0].resources) if self.units() else {}
+
+    @property
+    def stage(self) -> str:
+        return self.unit_class.stage
+
+    def describe(self) -> str:
+        return f"{self.stage} shards {self.first}-{self.stop - 1}"
+
+    def run(self) -> None:
+        units = self.units()
+        progress = RangeProgress(self, len(units))
+        failed: list[tuple[ShardTask, Exception]] = []
+        for index, unit in enumerate(units):
+            progress.at(index)
+            if unit.complete():
+                continue
+            unit.set_status_message, unit.set_progress_percentage = progress.message, progress.percentage
+            try:
+                unit.run()
+            except Exception as exc:
+                if permanent_cause(exc) is not None:
+                    raise
+                LOG.error("pseudoseg: %s failed (%s: %s); going on with the other shards of %s",
+                          unit.describe(), type(exc).__name__, exc, self.describe(), exc_info=True)
+                failed.append((unit, exc))
+            finally:
+                unit.set_status_message = unit.set_progress_percentage = None
+        progress.at(len(units), final=True)
+        if failed:
+            if len(failed) > 1:
+                LOG.error("pseudoseg: %d shards of %s failed: %s", len(failed), self.describe(),
+                          ", ".join(str(unit.shard) for unit, _ in failed))
+            raise failed[0][1]
+
+
+class RangeProgress:
+    """A range's progress to luigid: ``done/total shards`` + the current shard's own message, and a percentage
+    that counts the current shard's fraction; at most one report per second (each is an RPC under luigid)."""
+
+    def __init__(self, task: ShardRange, total: int) -> None:
+        self.task, self.total = task, total
+        self.index, self.shard, self._last = 0, None, 0.0
+
+    def _due(self, final: bool = False) -> bool:
+        now = time.monotonic()
+        if not final and now - self._last < 1.0:
+            return False
+        self._last = now
+        return True
+
+    def at(self, index: int, final: bool = False) -> None:
+        self.index = index
+        self.shard = self.task.units()[index].shard if index < self.total else None
+        if (callable(self.task.set_status_message) and callable(self.task.set_progress_percentage)
+                and self._due(final)):
+            self.task.set_progress_percentage(round(100.0 * index / max(self.total, 1), 1))
+            self.task.set_status_message(f"{index}/{self.total} shards")
+
+    def percentage(self, percent: float) -> None:
+        if callable(self.task.set_progress_percentage) and self._due():
+            self.task.set_progress_percentage(round((self.index + percent / 100.0) * 100.0 / max(self.total, 1), 1))
+
+    def message(self, text: str) -> None:
+        if callable(self.task.set_status_message):  # a shard's own messages (waiting for a lock, ...) always pass
+            self.task.set_status_message(f"{self.index}/{self.total} shards; shard {self.shard}: {text}")
+
+
+_RANGE_CLASSES: dict[type, type[ShardRange]] = {}
+
+
+def range_class(unit_class: type[ShardTask]) -> type[ShardRange]:
+    """The ShardRange task class of one stage (``<ShardTask name>Range``), made once per process; it carries the
+    shard task's parameters but ``shard`` and lives in the shard task's module (Luigi can load it by name)."""
+    cls = _RANGE_CLASSES.get(unit_class)
+    if cls is None:
+        name = f"{unit_class.__name__}Range"
+        attrs: dict[str, Any] = {n: p for n, p in unit_class.get_params() if n != "shard"}
+        attrs.update(unit_class=unit_class, __module__=unit_class.__module__, __qualname__=name,
+                     __doc__=f"Shards [first, stop) of {unit_class.__name__} as one Luigi task (see ShardRange).")
+        cls = _RANGE_CLASSES[unit_class] = type(name, (ShardRange,), attrs)
+        module = sys.modules.get(unit_class.__module__)
+        if module is not None and not hasattr(module, name):
+            setattr(module, name, cls)
+    return cls
+
+
 class StageWrapper(luigi.WrapperTask, DatasetTask):
-    """Requires every shard of one stage."""
+    """Requires every shard of one stage (Luigi schedules their ranges: ``DatasetTask._requires``)."""
 
     shard_task: ClassVar[type[ShardTask]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "shard_task" in cls.__dict__:
+            range_class(cls.shard_task)  # defined at import, beside its stage
 
     def requires(self) -> list[ShardTask]:
         return [self.shard_task(shard=i, **self.common()) for i in range(self.shard_count)]

@@ -15,7 +15,7 @@ import luigi
 import luigi.cmdline
 from luigi.execution_summary import LuigiStatusCode
 
-from tasks.base import build_tasks
+from tasks.base import build_tasks, frozen_settings
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
 from tasks.settings import SettingsError, closest, configure
@@ -127,9 +127,12 @@ def cmd_luigid(args: argparse.Namespace) -> int:
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    """N worker processes against a running luigid: the scheduler hands each shard to exactly one of them."""
+    """N worker processes against a running luigid (on this host or ``--scheduler-host``): the scheduler hands
+    each task (a shard, or a range of shards) to exactly one of them."""
     base = [sys.executable, "-m", "tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
             "--central", "--scheduler-port", str(args.scheduler_port), "--no-summary"]
+    if args.scheduler_host:
+        base += ["--scheduler-host", args.scheduler_host]
     if args.dataset:
         base += ["--dataset", args.dataset]
     if args.config:
@@ -205,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--n", type=integer(1), default=2)
     wk.add_argument("--images", required=True)
     wk.add_argument("--dataset")
+    wk.add_argument("--scheduler-host", help="luigid's host (default: [core] scheduler_host, localhost)")
     wk.add_argument("--scheduler-port", type=integer(1, 65535), default=8082)
     common(wk)
     wk.set_defaults(func=cmd_workers)
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print("\n".join(e.lines), file=sys.stderr)
         return 2
-    return args.func(args)
+    with frozen_settings():  # nothing changes the settings from here on
+        return args.func(args)
 
 
 if __name__ == "__main__":

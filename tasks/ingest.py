@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
-import pyarrow.compute as pc
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.artifacts import ShardOutput, StageDir
 from pipeline.ingest import STAGE, DecodeLimits, ingest_entries
 from pipeline.sources import EntryReader, PlannedEntry, plan_entries
-from schemas import MANIFEST, PLAN, REJECTS
+from schemas import MANIFEST, PLAN, REJECTS, SchemaError
 from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageWrapper, ingest
 
 
@@ -19,8 +23,11 @@ class PlanIngest(CommittedTask):
 
     @property
     def stage_dir(self) -> StageDir:
-        params = {"listing": self.listing.fingerprint, "shard_size": ingest().shard_size}
-        return StageDir(self.root, self.dataset, "plan", params)
+        def compute() -> StageDir:
+            params = {"listing": self.listing.fingerprint, "shard_size": ingest().shard_size}
+            return StageDir(self.root, self.dataset, "plan", params)
+
+        return self.cached_stage_dir(compute)
 
     @property
     def unit(self) -> str:
@@ -39,13 +46,71 @@ class PlanIngest(CommittedTask):
         listing = self.listing
         rows = [e.__dict__ for e in plan_entries(listing.entries, ingest().shard_size, problems=listing.problems)]
         output = ShardOutput(in_count=len(rows), ok_count=len(rows))
-        output.add_table("parquet", PLAN, PLAN.table(rows))
+        output.files["parquet"] = PLAN.to_parquet_bytes(
+            PLAN.table(rows), row_group_size=plan_row_group_size(ingest().shard_size))
         return output
 
 
+# The plan holds every entry (a million rows at COCO-like scale); each ingest shard needs only its own. The plan
+# is written in whole-shard Parquet row groups of about PLAN_GROUP_ROWS rows, sorted by position (= by shard), so
+# a shard reads the row group(s) whose `shard` statistics cover it, not the file: reading stays constant per
+# shard as the plan grows. Plans written otherwise (one row group) are read the same way, only slower.
+PLAN_GROUP_ROWS = 8192
+
+
+def plan_row_group_size(shard_size: int) -> int:
+    """Rows per row group of the plan: a whole number of shards, about PLAN_GROUP_ROWS rows."""
+    return shard_size * max(1, PLAN_GROUP_ROWS // shard_size)
+
+
+def _file_key(path: str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_file(path: str, key: tuple[int, ...]) -> tuple[pq.ParquetFile, list[tuple[int | None, int | None]]]:
+    """The open plan (version checked) and (min, max) shard of each row group; once per file version."""
+    try:
+        plan = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SchemaError(f"{path}: not a readable Parquet file for {PLAN.tag}: {exc}") from exc
+    PLAN.check_version(plan.schema_arrow.metadata, where=path)
+    column = plan.schema_arrow.get_field_index("shard")
+    groups = []
+    for i in range(plan.metadata.num_row_groups):
+        stats = plan.metadata.row_group(i).column(column).statistics if column >= 0 else None
+        groups.append((stats.min, stats.max) if stats is not None and stats.has_min_max else (None, None))
+    return plan, groups
+
+
+@functools.lru_cache(maxsize=2)
+def _plan_group(path: str, key: tuple[int, ...], index: int) -> tuple[pa.Table, np.ndarray, bool]:
+    """One row group of the plan, checked against the contract (the shards of a range share it), its shard
+    column and whether that column is sorted."""
+    plan, _ = _plan_file(path, key)
+    table = plan.read_row_group(index)
+    PLAN.validate(table, where=path)
+    shards = table.column("shard").to_numpy()
+    return table, shards, bool(np.all(shards[1:] >= shards[:-1]))
+
+
 def read_plan_shard(path: str, shard: int) -> list[PlannedEntry]:
-    table = PLAN.read_parquet(path).filter(pc.field("shard") == shard)
-    return [PlannedEntry(**row) for row in table.sort_by("position").to_pylist()]
+    """The plan's entries of ``shard``, by position."""
+    key = _file_key(path)
+    _, groups = _plan_file(path, key)
+    parts = []
+    for i, (low, high) in enumerate(groups):
+        if low is not None and not low <= shard <= high:
+            continue
+        table, shards, ordered = _plan_group(path, key, i)
+        if ordered:
+            start, stop = np.searchsorted(shards, [shard, shard + 1])
+            parts.append(table.slice(start, stop - start))
+        else:
+            parts.append(table.filter(pa.array(shards == shard)))
+    rows = sorted((row for part in parts for row in part.to_pylist()), key=lambda row: row["position"])
+    return [PlannedEntry(**row) for row in rows]
 
 
 class IngestShard(ShardTask):

@@ -87,6 +87,30 @@ class OptionalFloatParameter(luigi.Parameter):
         return x
 
 
+class AutoIntParameter(luigi.Parameter):
+    """``auto`` or an integer in a declared range, e.g. ``AutoIntParameter(default="auto", ge=1)``; the value is
+    the string ``"auto"`` or an int."""
+
+    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, **kwargs) -> None:
+        self.range = Range(ge, gt, le, lt)
+        super().__init__(*args, **kwargs)
+
+    def allowed(self) -> str:
+        return f"auto or an integer {self.range.text}".strip()
+
+    def normalize(self, x):
+        x = super().normalize(x)
+        if isinstance(x, str) and x.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = int(str(x).strip())
+        except ValueError:
+            raise ValueError(f"{x!r} is not {self.allowed()}") from None
+        if value not in self.range:
+            raise ValueError(f"{x!r} is not {self.allowed()}")
+        return value
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be one folder name under the output root (None: it can)."""
     if not name or not name.strip():

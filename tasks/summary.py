@@ -7,14 +7,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import luigi
-from luigi.task import flatten
 
 from pipeline.artifacts import QUARANTINE, load_shard_stats
-from tasks.base import CommittedTask, ShardTask
+from tasks.base import CommittedTask, ShardRange, ShardTask
 
 
 def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
-    """Every task reachable from ``roots`` once (requires() is cheap: listings are cached)."""
+    """Every task Luigi schedules from ``roots`` (``deps()``: shard ranges where [pseudoseg] shards_per_task > 1),
+    once, and the shards of every range (requires() is cheap: listings and stage folders are cached)."""
     seen: set[str] = set()
     stack = list(roots)
     while stack:
@@ -23,7 +23,12 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
             continue
         seen.add(task.task_id)
         yield task
-        stack.extend(flatten(task.requires()))
+        if isinstance(task, ShardRange):
+            for unit in task.units():
+                if unit.task_id not in seen:
+                    seen.add(unit.task_id)
+                    yield unit
+        stack.extend(task.deps())
 
 
 @dataclass

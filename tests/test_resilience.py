@@ -98,11 +98,13 @@ artifacts.atomic_write_bytes = write_then_die
 """
 
 
-def test_sigkill_mid_shard_leaves_no_visible_artifact_and_rerun_is_byte_identical(tmp_path,
-                                                                                   images_and_reference):
+@pytest.mark.parametrize("shards_per_task", ["auto", "3"])  # auto = 1 here; 3: one Luigi task for all 3 shards
+def test_sigkill_mid_shard_leaves_no_visible_artifact_and_rerun_is_byte_identical(tmp_path, images_and_reference,
+                                                                                   shards_per_task):
     images, reference = images_and_reference
     out, marker = tmp_path / "out", tmp_path / "hanging"
-    proc = run_ingest(images, out, cli_env(tmp_path, HANG_IN_DECODE.format(marker=str(marker))))
+    proc = run_ingest(images, out, cli_env(tmp_path, HANG_IN_DECODE.format(marker=str(marker))),
+                      "--set", f"pseudoseg.shards_per_task={shards_per_task}")
     wait_for(marker, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -112,7 +114,7 @@ def test_sigkill_mid_shard_leaves_no_visible_artifact_and_rerun_is_byte_identica
     (finished,) = files.values()
     assert any(name.endswith(".done.json") for name in finished)
 
-    finish(run_ingest(images, out, cli_env(tmp_path)))
+    finish(run_ingest(images, out, cli_env(tmp_path), "--set", f"pseudoseg.shards_per_task={shards_per_task}"))
     assert_same_artifacts(out, reference)
 
 
@@ -150,7 +152,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path):
+@pytest.mark.parametrize("shards_per_task", ["auto", "3"])  # auto = 1 here; 3: ranges [0, 3), [3, 6), [6, 7)
+def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per_task):
     images = tmp_path / "images"
     write_good_images(images, 14)
     out, log, port = tmp_path / "out", tmp_path / "runs.log", free_port()
@@ -166,7 +169,8 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path):
                 time.sleep(0.2)
         workers = cli(["workers", "Ingest", "--n", "2", "--images", str(images), "--dataset", "ds",
                        "--out", str(out), "--scheduler-port", str(port),
-                       "--set", "ingest.shard_size=2"], cli_env(tmp_path, RUN_LOG.format(log=str(log))))
+                       "--set", "ingest.shard_size=2", "--set", f"pseudoseg.shards_per_task={shards_per_task}"],
+                      cli_env(tmp_path, RUN_LOG.format(log=str(log))))
         finish(workers)
     finally:
         luigid.terminate()
