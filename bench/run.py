@@ -939,5 +939,362 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{path}: {payload['seconds']} s, load {before['1m']} -> {payload['load_after']['1m']}", flush=True)
 
 
+
+# ----------------------------------------------------------------------------------------------------- stage overhead
+STAGE_OVERHEAD_CAPTIONS = (
+    "A man riding a brown horse on the beach next to the water.",
+    "Two dogs are playing with a ball in the green grass of a park.",
+    "A red bus is parked on the street in front of a tall building.",
+    "A woman sitting on a wooden bench holding a cup of coffee.",
+    "A cat lying on a sofa beside a lamp in the living room.",
+    "People walking on the road near a train station at night.",
+    "A plate of food on a table with a glass of water and a book.",
+    "A small boat on the lake with trees and a mountain behind it.",
+)
+
+
+def _stage_overhead_models(folder: Path, grounder_short_side: int) -> dict[str, str]:
+    """Real-size random-init models (seed 0) written as real weights are, loaded back by the `real` preset: SAM
+    vit_b, CLIP ViT-B/16 (224), DINOv2-S/14, Grounding DINO with transformers' default config (Swin-T, BERT-base
+    width, 6+6 layers, 900 queries; text features scaled so token probabilities spread) at a reduced input size, LLaVA with a ViT-B/16 tower and an 8-block 1024-wide
+    Llama. Tokenizers are the tiny ones (vocabulary size only changes the embedding tables)."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from models import tiny
+    from models.segmenter import SAM_ARCHS, build_sam_arch
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {k: str(folder / k) for k in ("clip", "dino", "grounder", "captioner")}
+    paths["sam_checkpoint"] = str(folder / "sam_vit_b.pth")
+    torch.save(build_sam_arch(SAM_ARCHS["vit_b"], checkpoint=None).state_dict(), paths["sam_checkpoint"])
+    tok = tiny.build_clip_tokenizer()
+    clip_config = CLIPConfig(text_config=dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                             vision_config=dict(patch_size=16))
+    CLIPModel(clip_config).eval().save_pretrained(paths["clip"])
+    clip_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                        image_mean=tiny.OPENAI_CLIP_MEAN, image_std=tiny.OPENAI_CLIP_STD)
+    CLIPProcessor(image_processor=clip_processor, tokenizer=tok).save_pretrained(paths["clip"])
+    Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+                             image_size=518)).eval().save_pretrained(paths["dino"])
+    BitImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                      image_mean=tiny.IMAGENET_MEAN, image_std=tiny.IMAGENET_STD).save_pretrained(paths["dino"])
+    bert = tiny.build_bert_tokenizer()
+    grounder = GroundingDinoForObjectDetection(GroundingDinoConfig(text_config=BertConfig(vocab_size=len(bert))))
+    with torch.no_grad():  # random text features saturate every token probability at 1: scale them to spread
+        norm = grounder.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after
+        norm.weight.fill_(0.03)
+        norm.bias.zero_()
+    grounder.eval().save_pretrained(paths["grounder"])
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(
+        size={"shortest_edge": grounder_short_side, "longest_edge": grounder_short_side * 5 // 3},
+        image_mean=tiny.IMAGENET_MEAN, image_std=tiny.IMAGENET_STD), tokenizer=bert).save_pretrained(paths["grounder"])
+    llama = tiny.build_llama_tokenizer()
+    text = LlamaConfig(vocab_size=len(llama), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024,
+                       bos_token_id=llama.bos_token_id, eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id)
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", image_size=224, patch_size=16), text_config=text,
+        image_token_index=llama.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-2, pad_token_id=llama.pad_token_id)).eval()
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(llava.generation_config, key, getattr(llama, key))
+    llava.save_pretrained(paths["captioner"])
+    LlavaProcessor(image_processor=clip_processor, tokenizer=llama, patch_size=16,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=tiny.LLAVA_CHAT_TEMPLATE).save_pretrained(paths["captioner"])
+    return paths
+
+
+def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "") -> dict:
+    """Whole-stage wall time vs the time spent inside model forwards, per model stage, on one shard of `n_images`
+    480x640 JPEGs with real-size random-init models (see `_stage_overhead_models`; on this machine's device).
+
+    The DAG runs once untimed (inputs of every stage); then, `repeats` times and interleaved (every stage once per
+    round), each stage's shard task is redone in this process exactly as a worker runs it — model load (kept models
+    dropped first), input verification (sha256), reading, decoding, forwards, post-processing, writing, commit.
+    model_s = wall time inside top-level torch module forwards (torch.cuda.synchronize at their edges on CUDA);
+    load_s = time in the role factories; ratio = wall_s / model_s; ratio_without_load = (wall_s - load_s) / model_s
+    (a worker keeps its models for every later shard: `[models] keep_loaded`). cpu_s = process CPU time (all
+    threads) — the machine is shared, so loadavg is recorded before every stage run. Reported: min and median over
+    the rounds (`ratio` from the medians). Reduced settings to fit a 2-core CPU, recorded in `settings`.
+    `stages`: comma list of stage names to time (empty: all)."""
+    import gc
+    import shutil
+    import statistics
+    import threading
+
+    import cv2
+    import luigi
+    import luigi.configuration
+    import numpy as np
+    import torch
+
+    from models import registry
+    from tasks.base import build_tasks
+    from tasks.features import FeatureCacheShard
+    from tasks.fmbseg import (
+        AutoMaskLabelShard,
+        ClipDenseShard,
+        DetectShard,
+        PseudoLabels,
+        QueryPointMaskShard,
+    )
+    from tasks.sam import SamEmbedShard
+    from tasks.use import BoxMaskShard, CaptionShard, GroundShard, UseSegments
+
+    cuda = torch.cuda.is_available()
+    settings = {
+        "ingest": {"shard_size": n_images},
+        # random SAM fails the papers' quality thresholds: off, so every mask is cleaned, encoded and written
+        "use": {"caption_max_new_tokens": 32, "box_threshold": 0.76, "caption_batch_size": 8,
+                "pred_iou_thresh": -1, "stability_thresh": -1},
+        "fmbseg": {"short_side": 448, "points_per_side": 8, "min_crops": 0, "pred_iou_thresh": -1,
+                   "stability_score_thresh": -1, "min_area_fraction": 0.0, "max_area_fraction": 1.0},
+        "features_use": {"clip_blocks": "every:4", "dino_blocks": "last:2"},
+    }
+    grounder_short_side = 256
+    local = threading.local()
+    inside = {"total": 0.0}
+
+    def pre(_module, _args):
+        depth = getattr(local, "depth", 0)
+        if depth == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            local.start = time.perf_counter()
+        local.depth = depth + 1
+
+    def post(_module, _args, _out):
+        local.depth -= 1
+        if local.depth == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            inside["total"] += time.perf_counter() - local.start
+
+    loading = {"total": 0.0}
+    real = registry._PRESETS["real"]
+
+    def timed_factory(factory):
+        def load(s):
+            t = time.perf_counter()
+            try:
+                return factory(s)
+            finally:
+                loading["total"] += time.perf_counter() - t
+        return load
+
+    work = Path(tempfile.mkdtemp(prefix="stage-overhead-"))
+    cfg = luigi.configuration.get_config()
+    saved_real = dict(real)
+    try:
+        paths = _stage_overhead_models(work / "models", grounder_short_side)
+        images = work / "images"
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        annotations, entries = [], []
+        for i in range(n_images):
+            img = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
+            cv2.imwrite(str(images / f"img_{i:03d}.jpg"), img)
+            entries.append({"id": i, "file_name": f"img_{i:03d}.jpg"})
+            for k in range(2):
+                annotations.append({"image_id": i, "caption": STAGE_OVERHEAD_CAPTIONS[(i + k) % 8]})
+        (work / "captions.json").write_text(json.dumps({"images": entries, "annotations": annotations}))
+        values = {**settings, "use": {**settings["use"], "gt_captions": str(work / "captions.json")},
+                  "models": {"preset": "real", "cache_dir": str(work / "models"), "sam_arch": "vit_b",
+                             "sam_checkpoint": paths["sam_checkpoint"], "clip": paths["clip"], "dino": paths["dino"],
+                             "grounder": paths["grounder"], "captioner": paths["captioner"], "keep_loaded": 8}}
+        for section, kv in values.items():
+            if not cfg.has_section(section):
+                cfg.add_section(section)
+            for key, value in kv.items():
+                cfg.set(section, key, str(value))
+        common = {"images": str(images), "dataset": "bench", "out": str(work / "out")}
+        registry.release_models()
+        build = build_tasks([UseSegments(**common), PseudoLabels(**common)], local_scheduler=True, workers=1)
+        assert build.scheduling_succeeded, build.summary_text
+        build = build_tasks([FeatureCacheShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg")],
+                            local_scheduler=True, workers=1)
+        assert build.scheduling_succeeded, build.summary_text
+        tasks = {
+            "SamEmbeddings": SamEmbedShard(shard=0, **common), "Captions": CaptionShard(shard=0, **common),
+            "Boxes": GroundShard(shard=0, **common), "BoxMasks": BoxMaskShard(shard=0, **common),
+            "ClipDense": ClipDenseShard(shard=0, **common), "Detections": DetectShard(shard=0, **common),
+            "QueryPointMasks": QueryPointMaskShard(shard=0, **common),
+            "AutoMaskLabels": AutoMaskLabelShard(shard=0, **common),
+            "UseFeatures": FeatureCacheShard(purpose="use", shard=0, **common),
+            "FmbsegFeatures": FeatureCacheShard(purpose="fmbseg", shard=0, **common),
+        }
+        wanted = [s.strip() for s in stages.split(",") if s.strip()] or list(tasks)
+        counts = {}
+        for name in wanted:
+            record = json.loads(tasks[name].stage_dir.done_path(0).read_text())
+            counts[name] = {k: record.get(k) for k in ("in_count", "ok_count", "rejected_count")}
+        for role, factory in saved_real.items():
+            real[role] = timed_factory(factory)
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                   torch.nn.modules.module.register_module_forward_hook(post)]
+        runs: dict[str, list[dict]] = {name: [] for name in wanted}
+        try:
+            for _ in range(repeats):
+                for name in wanted:
+                    task = tasks[name]
+                    task.stage_dir.done_path(0).unlink()
+                    registry.release_models()
+                    gc.collect()
+                    load = os.getloadavg()[0]
+                    inside["total"] = loading["total"] = 0.0
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    task.run()
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    runs[name].append({"wall_s": wall, "model_s": inside["total"], "load_s": loading["total"],
+                                       "cpu_s": cpu, "loadavg_1m_before": load})
+        finally:
+            for h in handles:
+                h.remove()
+            real.update(saved_real)
+        results = {}
+        for name, rows in runs.items():
+            def stat(key, rows=rows):
+                vals = [r[key] for r in rows]
+                return {"min": round(min(vals), 3), "median": round(statistics.median(vals), 3)}
+
+            wall, model, load = (statistics.median(r[k] for r in rows) for k in ("wall_s", "model_s", "load_s"))
+            results[name] = {
+                "wall_s": round(wall, 3), "model_s": round(model, 3), "ratio": round(wall / model, 3) if model else None,
+                "load_s": round(load, 3),
+                "ratio_without_load": round((wall - load) / model, 3) if model else None,
+                "min": {k: round(min(r[k] for r in rows), 3) for k in ("wall_s", "model_s", "load_s", "cpu_s")},
+                "cpu_s": stat("cpu_s"), "loadavg_1m_before": [round(r["loadavg_1m_before"], 2) for r in rows],
+                "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rows], "counts": counts[name],
+            }
+        return {
+            "models": "random init, real sizes: SAM vit_b, CLIP ViT-B/16 (224), DINOv2-S/14, Grounding DINO "
+                      f"(transformers defaults: Swin-T + BERT-base width, 6+6 layers, 900 queries) at short side "
+                      f"{grounder_short_side}, LLaVA (ViT-B/16 tower + 8-block 1024-wide Llama)",
+            "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
+            "images": f"{n_images} JPEG 480x640, one shard; 2 GT captions per image + 1 generated",
+            "settings": settings, "repeats": repeats, "stages": results,
+            "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
+        }
+    finally:
+        registry.release_models()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+BENCHMARKS["stage_overhead"] = bench_stage_overhead
+
+
+
+def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: int = 2) -> dict:
+    """Grounding DINO with the ~6 captions of one COCO-like image (640x480): one call per caption (the old path),
+    one batched call with the image repeated per caption (the backbone runs per caption), and one batched call
+    reusing ONE backbone forward for all captions (`HFGroundingDino.ground_batch`, the stage's path). Real-size
+    random-init model (transformers' GroundingDinoConfig defaults: Swin-T + BERT-base width, 6+6 layers, 900
+    queries) at `short_side` (800 in the papers; smaller keeps the CPU run short), this machine's device, best of
+    `repeats`. `backbone_share`: the backbone's part of one single-caption forward (what reuse saves per extra
+    caption). Differences are against the per-caption outputs (box threshold 0: all 900 queries compared)."""
+    import cv2
+    import numpy as np
+    import torch
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
+
+    from models import tiny
+    from models.grounder import HFGroundingDino
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        bert = tiny.build_bert_tokenizer()
+        GroundingDinoForObjectDetection(GroundingDinoConfig(text_config=BertConfig(vocab_size=len(bert)))).eval() \
+            .save_pretrained(tmp)
+        GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(
+            size={"shortest_edge": short_side, "longest_edge": short_side * 5 // 3}, image_mean=tiny.IMAGENET_MEAN,
+            image_std=tiny.IMAGENET_STD), tokenizer=bert).save_pretrained(tmp)
+        grounder = HFGroundingDino(tmp, device="auto")
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
+    texts = [STAGE_OVERHEAD_CAPTIONS[k % len(STAGE_OVERHEAD_CAPTIONS)] for k in range(captions)]
+    queries = [(0, t) for t in texts]
+    kw = dict(box_threshold=0.0, text_threshold=0.25)
+    backbone = {"s": 0.0}
+
+    def pre(*_):
+        sync()
+        backbone["t"] = time.perf_counter()
+
+    def post(*_):
+        sync()
+        backbone["s"] += time.perf_counter() - backbone["t"]
+
+    swin = grounder.model.model.backbone.conv_encoder
+    handles = [swin.register_forward_pre_hook(pre), swin.register_forward_hook(post)]
+
+    def timed(fn):
+        best, out = float("inf"), None
+        for _ in range(repeats):
+            backbone["s"] = 0.0
+            sync()
+            t = time.perf_counter()
+            out = fn()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return best, out, backbone["s"]
+
+    grounder.ground(image, texts[0], **kw)  # warm-up
+    per_caption_s, single, single_backbone_s = timed(lambda: [grounder.ground(image, t, **kw) for t in texts])
+    repeated_s, repeated, _ = timed(lambda: grounder.ground_batch([image], queries, reuse_backbone=False, **kw))
+    reused_s, reused, _ = timed(lambda: grounder.ground_batch([image], queries, **kw))
+    for h in handles:
+        h.remove()
+
+    def diff(batch) -> dict:
+        pairs = list(zip(single, batch, strict=True))
+        return {"max_abs_box_px": float(max(np.abs(a.boxes_xyxy - b.boxes_xyxy).max() for a, b in pairs)),
+                "max_abs_token_prob": float(max(np.abs(a.token_probs - b.token_probs).max() for a, b in pairs)),
+                "bitwise_equal": all(np.array_equal(a.token_probs, b.token_probs)
+                                     and np.array_equal(a.boxes_xyxy, b.boxes_xyxy) for a, b in pairs)}
+
+    return {"model": "Grounding DINO, transformers defaults (Swin-T, BERT-base width, 6+6 layers, 900 queries), "
+                     "random init", "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
+            "input_hw": list(grounder.pixel_values(image).shape[1:]), "captions": captions, "repeats": repeats,
+            "per_caption_s": round(per_caption_s, 3), "batched_image_repeated_s": round(repeated_s, 3),
+            "batched_backbone_once_s": round(reused_s, 3),
+            "backbone_share": round(single_backbone_s / per_caption_s, 3),
+            "speedup_backbone_once_vs_per_caption": round(per_caption_s / reused_s, 3),
+            "speedup_image_repeated_vs_per_caption": round(per_caption_s / repeated_s, 3),
+            "image_repeated_vs_per_caption": diff(repeated), "backbone_once_vs_per_caption": diff(reused),
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+BENCHMARKS["grounder_batching"] = bench_grounder_batching
+
+
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import Callable
@@ -23,6 +24,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def model_device(device: str | torch.device = "auto") -> torch.device:
+    """`resolve_device` for a frozen model being loaded: on CUDA it also turns TF32 on (`cuda_fast_float32`)."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        cuda_fast_float32()
+    return resolved
+
+
+@functools.cache
+def cuda_fast_float32() -> None:
+    """TF32 tensor cores for the float32 matmuls and convolutions autocast leaves in float32 (SAM's mask decoder and
+    upsampling, the automatic mask generator, Grounding DINO's box heads, ...). Process-wide, set once, on CUDA
+    only: CPU runs stay exact float32."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

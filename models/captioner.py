@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models._hf import autocast, hf_load, resolve_device
+from models._hf import autocast, hf_load, model_device
 from models.roles import Captioner
 
 DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
@@ -19,7 +19,7 @@ class HFCaptioner(Captioner):
     def __init__(self, model_id: str = DEFAULT_CAPTIONER, *, device: str = "auto", key: str = "captioner") -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = resolve_device(device)
+        self.device = model_device(device)
         self.source = model_id
         load = dict(role="captioner", key=key, hub_id=DEFAULT_CAPTIONER)
         # bf16 weights on CUDA (a 7B VLM in float32 would double memory for no gain in captions), float32 on CPU.

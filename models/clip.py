@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models._hf import autocast, hf_load, l2_normalize, resolve_device, to_numpy
+from models._hf import autocast, hf_load, l2_normalize, model_device, to_numpy
 from models.roles import ClipEncoder, ClipImageFeatures
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -23,7 +23,7 @@ class HFClipEncoder(ClipEncoder):
                  hub_id: str = DEFAULT_CLIP) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.device = resolve_device(device)
+        self.device = model_device(device)
         self.source = model_id
         load = dict(role="CLIP", key=key, hub_id=hub_id)
         # float32 weights whatever the checkpoint stores; CUDA speed comes from autocast.

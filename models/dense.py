@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models._hf import autocast, hf_load, resolve_device, to_numpy
+from models._hf import autocast, hf_load, model_device, to_numpy
 from models.roles import DenseEncoder, DenseFeatures
 
 DEFAULT_DINO = "facebook/dinov2-large"
@@ -19,7 +19,7 @@ class HFDinoEncoder(DenseEncoder):
     def __init__(self, model_id: str = DEFAULT_DINO, *, device: str = "auto", key: str = "dino") -> None:
         from transformers import AutoImageProcessor, Dinov2Model
 
-        self.device = resolve_device(device)
+        self.device = model_device(device)
         self.source = model_id
         load = dict(role="DINOv2", key=key, hub_id=DEFAULT_DINO)
         self.model = hf_load(Dinov2Model.from_pretrained, model_id, dtype=torch.float32, **load).to(self.device).eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models._hf import ModelUnavailableError, autocast, hf_load, resolve_device, to_numpy
+from models._hf import ModelUnavailableError, autocast, hf_load, model_device, to_numpy
 from models.roles import Grounder, Grounding
 
 DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
@@ -114,7 +114,7 @@ class HFGroundingDino(Grounder):
                  size: int | None = None, max_size: int | None = None) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        self.device = resolve_device(device)
+        self.device = model_device(device)
         self.source = model_id
         load = dict(role="Grounding DINO grounder", key=key, hub_id=DEFAULT_GROUNDER)
         self.model = hf_load(GroundingDinoForObjectDetection.from_pretrained, model_id, dtype=torch.float32, **load)
@@ -136,34 +136,113 @@ class HFGroundingDino(Grounder):
         """uint8 RGB [H, W, 3] → float32 [3, h, w], the official transform (see the class docstring)."""
         return official_pixels(image, self.size, self.max_size, self.mean, self.std)
 
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """`pixel_values` (host, thread-safe): what `ground_batch` takes as `prepared`."""
+        return self.pixel_values(np.asarray(image))
+
     def count_tokens(self, caption: str) -> int:
         """Tokens incl. [CLS]/[SEP] and the appended '.' that `ground` would see, before truncation."""
         return len(self.processor.tokenizer(prepare_caption(caption)[0])["input_ids"])
 
-    @torch.inference_mode()
     def ground(self, image: np.ndarray, caption: str, *, box_threshold: float, text_threshold: float) -> Grounding:
         """image: uint8 RGB [H, W, 3]; caption: free text (lowercased and '.'-terminated internally, as officially).
 
         Returns `Grounding`: boxes xyxy float32 pixels of `image`, token_probs = sigmoid(logits) over the caption's
         T tokens (T <= max_text_tokens, special tokens included with span (-1, -1)).
         """
-        text, lead, length = prepare_caption(caption)
-        # Untruncated, like the official forward: the model cuts ids, text masks and position ids to max_text_len.
-        enc = self.processor.tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-        spans = char_spans(enc["offset_mapping"], enc["special_tokens_mask"], lead, length)[: self.max_text_tokens]
-        pixels = self.pixel_values(np.asarray(image))[None].to(self.device)
-        mask = torch.ones((1, *pixels.shape[-2:]), dtype=torch.long, device=self.device)  # one image: no padding
-        ids = {k: torch.tensor([enc[k]], device=self.device) for k in ("input_ids", "token_type_ids")}
-        # The model derives the phrase masks and position ids from the full ids and then cuts everything to
-        # max_text_len (as the official forward does); the detection head applies `attention_mask` to the cut
-        # logits, so it is given at the cut length.
-        attention = torch.ones((1, min(len(enc["input_ids"]), self.max_text_tokens)), dtype=torch.long,
-                               device=self.device)
-        with autocast(self.device):
-            out = self.model(pixel_values=pixels, pixel_mask=mask, attention_mask=attention, **ids)
-        return to_grounding(
-            out.logits[0].float().sigmoid(), out.pred_boxes[0], spans, image.shape[:2], box_threshold, text_threshold
-        )
+        return self.ground_batch([image], [(0, caption)], box_threshold=box_threshold,
+                                 text_threshold=text_threshold)[0]
+
+    @torch.inference_mode()
+    def ground_batch(self, images: Sequence[np.ndarray], queries: Sequence[tuple[int, str]], *, box_threshold: float,
+                     text_threshold: float, batch_size: int | None = None,
+                     prepared: Sequence[torch.Tensor] | None = None, reuse_backbone: bool = True) -> list[Grounding]:
+        """`ground(images[i], caption)` for every query `(i, caption)`, in query order, with each image encoded ONCE.
+
+        The vision backbone (Swin) runs once per image — one forward for all images of the same input size — and
+        its output is handed to every caption of that image: the model's own forward runs with the backbone
+        answering from these features (`_backbone_answers`), so the text encoder, the fusion encoder and the decoder
+        see exactly what they see in a one-caption call. Up to `batch_size` captions (None: all of a size) go
+        through them together, padded to the longest (padding is masked out of every attention and of the
+        logits); results equal one-caption calls up to float rounding. prepared: the images' `prepare` outputs.
+        reuse_backbone = False: each caption's image is repeated in the batch and the backbone runs per caption (the
+        plain batched call; bench/run.py `grounder_batching` compares the two).
+        """
+        queries = list(queries)
+        if not queries:
+            return []
+        tokenizer = self.processor.tokenizer
+        pixels = {i: prepared[i] if prepared is not None else self.prepare(images[i])
+                  for i in sorted({i for i, _ in queries})}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for q, (i, _) in enumerate(queries):
+            groups.setdefault(tuple(pixels[i].shape), []).append(q)
+        results: list[Grounding | None] = [None] * len(queries)
+        for members in groups.values():
+            image_ids = sorted({queries[q][0] for q in members})
+            row = {i: r for r, i in enumerate(image_ids)}
+            batch = torch.stack([pixels[i] for i in image_ids]).to(self.device)
+            mask = torch.ones((len(image_ids), *batch.shape[-2:]), dtype=torch.long, device=self.device)
+            if reuse_backbone:
+                with autocast(self.device):
+                    features = self.model.model.backbone(batch, mask)
+            step = batch_size or len(members)
+            for c in range(0, len(members), step):
+                chunk = members[c : c + step]
+                prepared = [prepare_caption(queries[q][1]) for q in chunk]
+                # Untruncated, like the official forward: the model builds the phrase masks and position ids from the
+                # full ids and then cuts ids, masks and the detection head's attention mask to max_text_len.
+                encs = [tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+                        for text, _, _ in prepared]
+                width = max(len(e["input_ids"]) for e in encs)
+                ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+                types = torch.zeros((len(chunk), width), dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for b, e in enumerate(encs):
+                    n = len(e["input_ids"])
+                    ids[b, :n] = torch.tensor(e["input_ids"])
+                    types[b, :n] = torch.tensor(e["token_type_ids"])
+                    attention[b, :n] = 1
+                # The detection head applies `attention_mask` to the cut logits, so it is given at the cut length.
+                attention = attention[:, : self.max_text_tokens]
+                index = torch.tensor([row[queries[q][0]] for q in chunk], device=self.device)
+                text = dict(input_ids=ids.to(self.device), token_type_ids=types.to(self.device),
+                            attention_mask=attention.to(self.device))
+                if reuse_backbone:
+                    with _backbone_answers(self.model.model.backbone, features, index), autocast(self.device):
+                        out = self.model(pixel_values=batch[:1].expand(len(chunk), -1, -1, -1),
+                                         pixel_mask=mask[:1].expand(len(chunk), -1, -1), **text)
+                else:
+                    with autocast(self.device):
+                        out = self.model(pixel_values=batch.index_select(0, index),
+                                         pixel_mask=mask.index_select(0, index), **text)
+                for b, (q, e, (_, lead, length)) in enumerate(zip(chunk, encs, prepared, strict=True)):
+                    spans = char_spans(e["offset_mapping"], e["special_tokens_mask"], lead, length)
+                    image = images[queries[q][0]]
+                    results[q] = to_grounding(out.logits[b].float().sigmoid(), out.pred_boxes[b],
+                                              spans[: self.max_text_tokens], np.asarray(image).shape[:2],
+                                              box_threshold, text_threshold)
+        return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _backbone_answers(backbone: torch.nn.Module, features: tuple, index: torch.Tensor) -> Iterator[None]:
+    """While active, `backbone(pixel_values, pixel_mask)` returns the given output of an earlier call (features and
+    masks per level, position embeddings per level) at batch rows `index` instead of computing it: how
+    `HFGroundingDino.ground_batch` reuses one image encoding for many captions through the model's own forward."""
+    maps, positions = features
+
+    def answer(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> tuple[list, list]:
+        if len(index) != len(pixel_values):
+            raise RuntimeError(f"backbone asked for {len(pixel_values)} images, {len(index)} prepared")
+        return ([(f.index_select(0, index), m.index_select(0, index)) for f, m in maps],
+                [p.index_select(0, index) for p in positions])
+
+    backbone.forward = answer  # an instance attribute: nn.Module.__call__ (and its hooks) calls it
+    try:
+        yield
+    finally:
+        del backbone.forward
 
 
 @contextlib.contextmanager
@@ -252,7 +331,7 @@ class GroundingDinoPy(Grounder):
         self, config_path: str, checkpoint_path: str, *, device: str = "auto", text_encoder: str = "",
         size: int = 800, max_size: int = 1333,
     ) -> None:
-        self.device = resolve_device(device)
+        self.device = model_device(device)
         self.source = checkpoint_path
         self.model = load_groundingdino(config_path, checkpoint_path, text_encoder=text_encoder).to(self.device)
         self.max_text_tokens = int(self.model.max_text_len)

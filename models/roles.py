@@ -4,7 +4,10 @@ Conventions at every boundary (stated again on each method):
 - images: `np.ndarray` uint8 RGB, shape `[H, W, 3]` (row-major: H rows, W columns);
 - boxes: `xyxy` float32 `[N, 4]` = (x0, y0, x1, y1) in pixels of the given image, x = column, y = row;
 - points: `(x, y)` pixels, x = column, y = row — never (row, col);
-- all returned arrays are numpy float32 on the host, whatever device the model ran on.
+- all returned arrays are numpy float32 on the host, whatever device the model ran on (except where a caller asks
+  for device tensors: `Segmenter.predict_device`).
+Batch methods (`Segmenter.embed_batch`, `Grounder.ground_batch`) return exactly what the one-item methods return for
+each item, up to float rounding; their defaults here loop over the one-item methods.
 """
 
 from __future__ import annotations
@@ -128,6 +131,20 @@ class Grounder(ABC):
         `image` (x = column). See `Grounding` for the token axes.
         """
 
+    def prepare(self, image: np.ndarray) -> Any:
+        """Host-side preprocessing of one image for `ground_batch` (thread-safe: stages run it beside decoding,
+        ahead of the model loop). Default: the image itself."""
+        return image
+
+    def ground_batch(self, images: Sequence[np.ndarray], queries: Sequence[tuple[int, str]], *, box_threshold: float,
+                     text_threshold: float, batch_size: int | None = None,
+                     prepared: Sequence[Any] | None = None) -> list[Grounding]:
+        """`ground(images[i], caption)` for every query `(i, caption)`, in query order. A backend encodes each image
+        once for all its captions and runs up to `batch_size` captions per forward (None: all); prepared: the
+        images' `prepare` outputs, if computed ahead. The default loops over `ground`."""
+        return [self.ground(images[i], caption, box_threshold=box_threshold, text_threshold=text_threshold)
+                for i, caption in queries]
+
     @abstractmethod
     def count_tokens(self, caption: str) -> int:
         """Tokens (special tokens included) `ground` would feed the model for `caption`, before truncation to
@@ -138,6 +155,16 @@ class Segmenter(ABC):
     @abstractmethod
     def embed(self, image: np.ndarray) -> SamImageEmbedding:
         """Encode one uint8 RGB image [H, W, 3] once; the result serves any number of `predict` calls."""
+
+    def prepare(self, image: np.ndarray) -> Any:
+        """Host-side preprocessing of one image for `embed_batch` (thread-safe: stages run it beside decoding,
+        ahead of the model loop). Default: the image itself."""
+        return image
+
+    def embed_batch(self, images: Sequence[np.ndarray], prepared: Sequence[Any] | None = None
+                    ) -> list[SamImageEmbedding]:
+        """`embed` of each image (one encoder forward for all where the model allows); prepared: `prepare` outputs."""
+        return [self.embed(image) for image in images]
 
     @abstractmethod
     def predict(
@@ -156,6 +183,12 @@ class Segmenter(ABC):
             1 = foreground, 0 = background. Boxes and points may be combined (same N).
         Returns `MaskPrediction` with M = 3 masks per prompt if multimask else 1.
         """
+
+    def predict_device(self, embedding: SamImageEmbedding, **prompts: Any) -> MaskPrediction:
+        """`predict` (same keyword arguments), with the arrays left where the model computed them: float32 torch
+        tensors on its device, nothing copied to the host and no synchronisation, for callers that reduce the logits
+        there (thresholds, stability) and copy only binary masks. Default: `predict` (numpy arrays)."""
+        return self.predict(embedding, **prompts)
 
     @abstractmethod
     def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None,

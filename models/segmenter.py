@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from models._hf import ModelUnavailableError, autocast, resolve_device, to_numpy
+from models._hf import ModelUnavailableError, autocast, model_device, to_numpy
 from models.roles import MaskPrediction, SamImageEmbedding, Segmenter
 
 # `_build_sam` keyword arguments per image-encoder size; vit_* are the official ones (segment_anything.build_sam).
@@ -53,7 +54,7 @@ class SamSegmenter(Segmenter):
     def __init__(self, sam, *, device: str = "auto", source: str = "") -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.device = resolve_device(device)
+        self.device = model_device(device)
         self.sam = sam.to(self.device).eval()
         self.source = source
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
@@ -67,23 +68,39 @@ class SamSegmenter(Segmenter):
             arch = SAM_ARCHS[arch]
         return cls(load_sam(arch, checkpoint), device=device, source=str(checkpoint))
 
-    @torch.inference_mode()
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Host half of `SamPredictor.set_image` for one uint8 RGB image [H, W, 3]: ResizeLongestSide to 1024 →
+        uint8 [h, w, 3]. Thread-safe: stages run it ahead of the model loop, beside the decoding."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"SAM expects uint8 RGB [H, W, 3], got {image.dtype} {image.shape}")
+        return self.transform.apply_image(image)
+
     def embed(self, image: np.ndarray) -> SamImageEmbedding:
         """image: uint8 RGB [H, W, 3] → `SamImageEmbedding` (features [1, 256, 64, 64], original (H, W), input (h, w)).
 
         Same steps as `SamPredictor.set_image`: resize longest side to 1024, normalise, pad, encode.
         """
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"SAM expects uint8 RGB [H, W, 3], got {image.dtype} {image.shape}")
-        resized = self.transform.apply_image(image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        input_size = tuple(int(s) for s in x.shape[-2:])
+        return self.embed_batch([image])[0]
+
+    @torch.inference_mode()
+    def embed_batch(self, images: Sequence[np.ndarray], prepared: Sequence[np.ndarray] | None = None
+                    ) -> list[SamImageEmbedding]:
+        """`embed` of several images in ONE image-encoder forward (each is padded to 1024² by SAM's `preprocess`, so
+        any sizes stack). prepared: their `prepare` outputs, if already computed. features[i] is a [1, 256, 64, 64]
+        view of the batch output, on the device."""
+        if not len(images):
+            return []
+        resized = list(prepared) if prepared is not None else [self.prepare(im) for im in images]
+        inputs, sizes = [], []
+        for r in resized:
+            x = torch.as_tensor(r, device=self.device).permute(2, 0, 1).contiguous()[None]
+            sizes.append(tuple(int(v) for v in x.shape[-2:]))
+            inputs.append(self.sam.preprocess(x))
         with autocast(self.device):
-            features = self.sam.image_encoder(self.sam.preprocess(x))
-        return SamImageEmbedding(
-            features=features.float(), original_size=(int(image.shape[0]), int(image.shape[1])), input_size=input_size
-        )
+            features = self.sam.image_encoder(torch.cat(inputs)).float()
+        return [SamImageEmbedding(features=features[i : i + 1], original_size=(int(im.shape[0]), int(im.shape[1])),
+                                  input_size=size) for i, (im, size) in enumerate(zip(images, sizes, strict=True))]
 
     @torch.inference_mode()
     def predict(
@@ -94,6 +111,7 @@ class SamSegmenter(Segmenter):
         points_xy: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
         multimask: bool = True,
+        device_output: bool = False,
     ) -> MaskPrediction:
         """All N prompts in one batched decoder call (as `SamPredictor.predict_torch`).
 
@@ -102,7 +120,9 @@ class SamSegmenter(Segmenter):
             (1 foreground, 0 background; default all 1).
         Returns logits float32 [N, M, H, W] (original size; > 0 is the mask), iou_pred [N, M],
         low_res_logits [N, M, 256, 256]; M = 3 if multimask else 1. Memory is N*M*H*W*4 bytes: callers with
-        hundreds of prompts on large images pass them in chunks.
+        hundreds of prompts on large images pass them in chunks. device_output: the three as float32 torch tensors
+        on the segmenter's device (nothing copied to the host, no synchronisation), for callers that reduce the
+        logits there (`predict_device`).
         """
         size = embedding.original_size
         boxes = points = None
@@ -132,7 +152,13 @@ class SamSegmenter(Segmenter):
                 multimask_output=multimask,
             )
         logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
+        if device_output:
+            return MaskPrediction(logits=logits, iou_pred=iou.float(), low_res_logits=low_res.float())
         return MaskPrediction(logits=to_numpy(logits), iou_pred=to_numpy(iou), low_res_logits=to_numpy(low_res))
+
+    def predict_device(self, embedding: SamImageEmbedding, **prompts: Any) -> MaskPrediction:
+        """`predict(..., device_output=True)`: logits, iou_pred, low_res_logits as float32 tensors on the device."""
+        return self.predict(embedding, **prompts, device_output=True)
 
     def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None,
                         **params: Any) -> list[dict]:

@@ -104,34 +104,56 @@ def use_grid(input_size: int, patch: int) -> int:
     return input_size // patch
 
 
+def use_input_sides(*, clip=None, dense=None, clip_layers: Sequence[int] = (), dino_layers: Sequence[int] = (),
+                    input_size: int) -> dict[str, int]:
+    """The square side each backbone with layers gets for the USE features: ``{"clip": g·p_clip, "dino": g·p_dino}``
+    with g = input_size / p_clip (without CLIP layers: input_size / p_dino), so both share the g×g grid."""
+    if not clip_layers and not dino_layers:
+        raise ValueError("USE features need CLIP or DINOv2 blocks")
+    g = use_grid(input_size, clip.patch_size if clip_layers else dense.patch_size)
+    sides = {}
+    if clip_layers:
+        sides["clip"] = g * clip.patch_size
+    if dino_layers:
+        sides["dino"] = g * dense.patch_size
+    return sides
+
+
+def use_inputs(image: np.ndarray, sides: dict[str, int]) -> dict[str, np.ndarray]:
+    """``image`` (uint8 ``[H, W, 3]``) squashed to each backbone's square (:func:`use_input_sides`): the host half of
+    :func:`encode_use` (thread-safe)."""
+    return {name: Resize(image.shape[:2], (side, side)).apply_image(image) for name, side in sides.items()}
+
+
 def encode_use(
     images: Sequence[np.ndarray], *, clip=None, dense=None, clip_layers: Sequence[int] = (),
     dino_layers: Sequence[int] = (), input_size: int, clip_name: str = "", dino_name: str = "",
+    prepared: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:
     """USE features of ``images`` (uint8 ``[H, W, 3]`` each, sizes may differ), encoded as one batch.
 
     Each image is squashed to ``input_size²`` for CLIP (grid g = input_size / p_clip) and to ``(g·p_dino)²`` for
     DINOv2, so both backbones share the g×g grid (without CLIP, g = input_size / p_dino). Returns per image
     (arrays float32 {clip_patches [Lc, g, g, Cc], clip_cls [Lc, Cc], dino_patches [Ld, g, g, Cd], dino_cls
-    [Ld, Cd]} — only the backbones with layers — and the partial FEATURE_CACHE record).
+    [Ld, Cd]} — only the backbones with layers — and the partial FEATURE_CACHE record). prepared: the images'
+    :func:`use_inputs`, if computed ahead.
     """
-    if not clip_layers and not dino_layers:
-        raise ValueError("USE features need CLIP or DINOv2 blocks")
+    sides = use_input_sides(clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
+                            input_size=input_size)
     g = use_grid(input_size, clip.patch_size if clip_layers else dense.patch_size)
+    inputs = list(prepared) if prepared is not None else [use_inputs(im, sides) for im in images]
     out_arrays: list[dict[str, np.ndarray]] = [{} for _ in images]
     parts = {"clip": dict(_NO_BACKBONE), "dino": dict(_NO_BACKBONE)}
     if clip_layers:
-        side = g * clip.patch_size
-        batch = np.stack([Resize(im.shape[:2], (side, side)).apply_image(im) for im in images])
-        cls, patches = clip.encode_image_blocks(batch, clip_layers)
+        side = sides["clip"]
+        cls, patches = clip.encode_image_blocks(np.stack([x["clip"] for x in inputs]), clip_layers)
         for a, c, p in zip(out_arrays, cls, patches, strict=True):
             a["clip_patches"], a["clip_cls"] = p, c
         parts["clip"] = {"name": clip_name, "patch": clip.patch_size, "input_hw": (side, side),
                          "layers": clip_layers}
     if dino_layers:
-        side = g * dense.patch_size
-        batch = np.stack([Resize(im.shape[:2], (side, side)).apply_image(im) for im in images])
-        feats = dense.encode(batch, dino_layers)
+        side = sides["dino"]
+        feats = dense.encode(np.stack([x["dino"] for x in inputs]), dino_layers)
         for a, c, p in zip(out_arrays, feats.cls, feats.patches, strict=True):
             a["dino_patches"], a["dino_cls"] = p, c
         parts["dino"] = {"name": dino_name, "patch": dense.patch_size, "input_hw": (side, side),
@@ -155,6 +177,43 @@ def encode_use_batch(images: Sequence[np.ndarray], **kwargs: Any) -> dict[str, n
     return {name: np.stack([arrays[name] for arrays, _ in encoded]) for name in ARRAY_NAMES if name in encoded[0][0]}
 
 
+def fmbseg_input(image: np.ndarray, *, patch_size: int, short_side: int, max_long_side: int = 0
+                 ) -> tuple[Resize, np.ndarray]:
+    """The host half of :func:`encode_fmbseg` (thread-safe): the resize keeping the aspect (short side
+    ``short_side``, sides rounded to patch multiples, long side at most ``max_long_side``, 0 = no cap) and the
+    resized uint8 image."""
+    resize = Resize(image.shape[:2], working_size(image.shape[:2], short_side=short_side, multiple=patch_size,
+                                                  max_long_side=max_long_side))
+    return resize, resize.apply_image(image)
+
+
+def encode_fmbseg_batch(
+    images: Sequence[np.ndarray], *, dense, dino_layers: Sequence[int], short_side: int, max_long_side: int = 0,
+    dino_name: str = "", prepared: Sequence[tuple[Resize, np.ndarray]] | None = None,
+) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """:func:`encode_fmbseg` of several images whose inputs have ONE size (e.g. all 640×480), in one DINOv2
+    forward. prepared: their :func:`fmbseg_input`, if computed ahead."""
+    if not dino_layers:
+        raise ValueError("FMbSeg features need DINOv2 blocks")
+    p = dense.patch_size
+    inputs = list(prepared) if prepared is not None else [
+        fmbseg_input(im, patch_size=p, short_side=short_side, max_long_side=max_long_side) for im in images]
+    if len({x[1].shape for x in inputs}) > 1:
+        raise ValueError(f"encode_fmbseg_batch needs inputs of one size, got {sorted({x[1].shape for x in inputs})}")
+    feats = dense.encode(np.stack([x[1] for x in inputs]), dino_layers)
+    results = []
+    for k, (image, (resize, _)) in enumerate(zip(images, inputs, strict=True)):
+        arrays = {"dino_patches": feats.patches[k], "dino_cls": feats.cls[k]}
+        gh, gw = arrays["dino_patches"].shape[1:3]
+        meta = {"purpose": "fmbseg", "height": int(image.shape[0]), "width": int(image.shape[1]),
+                "resize": "short_side", "grid_height": int(gh), "grid_width": int(gw),
+                **_backbone_meta("clip", "", 0, (), (), None, None),
+                **_backbone_meta("dino", dino_name, p, resize.new_hw, feats.layers, arrays["dino_patches"],
+                                 arrays["dino_cls"])}
+        results.append((arrays, meta))
+    return results
+
+
 def encode_fmbseg(
     image: np.ndarray, *, dense, dino_layers: Sequence[int], short_side: int, max_long_side: int = 0,
     dino_name: str = "",
@@ -162,20 +221,8 @@ def encode_fmbseg(
     """DINOv2 tokens of one image (uint8 ``[H, W, 3]``) resized keeping its aspect: short side ``short_side``,
     sides rounded to patch multiples, long side at most ``max_long_side`` (0 = no cap).
     Returns (arrays float32 {dino_patches [Ld, gh, gw, Cd], dino_cls [Ld, Cd]}, partial FEATURE_CACHE record)."""
-    if not dino_layers:
-        raise ValueError("FMbSeg features need DINOv2 blocks")
-    p = dense.patch_size
-    resize = Resize(image.shape[:2], working_size(image.shape[:2], short_side=short_side, multiple=p,
-                                                  max_long_side=max_long_side))
-    feats = dense.encode(resize.apply_image(image)[None], dino_layers)
-    arrays = {"dino_patches": feats.patches[0], "dino_cls": feats.cls[0]}
-    gh, gw = arrays["dino_patches"].shape[1:3]
-    meta = {"purpose": "fmbseg", "height": int(image.shape[0]), "width": int(image.shape[1]),
-            "resize": "short_side", "grid_height": int(gh), "grid_width": int(gw),
-            **_backbone_meta("clip", "", 0, (), (), None, None),
-            **_backbone_meta("dino", dino_name, p, resize.new_hw, feats.layers, arrays["dino_patches"],
-                             arrays["dino_cls"])}
-    return arrays, meta
+    return encode_fmbseg_batch([image], dense=dense, dino_layers=dino_layers, short_side=short_side,
+                               max_long_side=max_long_side, dino_name=dino_name)[0]
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -106,27 +106,54 @@ class DenseClip:
         return cls(dense=dense, cls=np.asarray(cls_tokens, np.float32), resize=resize, windows=windows)
 
 
+@dataclass(frozen=True)
+class DenseCrops:
+    """The crops of one image for :func:`stitch_dense`: uint8 ``[C, S, S, 3]`` cut from the working image."""
+
+    crops: np.ndarray
+    resize: Resize
+    windows: SlidingWindows
+
+
+def dense_crops(rgb: np.ndarray, *, image_size: int, patch_size: int, short_side: int, stride: int = 0,
+                max_long_side: int = 0) -> DenseCrops:
+    """The host half of :func:`clip_dense_features` before CLIP (thread-safe): ``rgb`` (uint8 ``[H, W, 3]``) resized
+    to the working size (short side ``short_side``, patch multiples, at least one crop; :func:`transforms.working_size`)
+    and cut into ``image_size`` square crops every ``stride`` working pixels (0 = half a crop), edges included."""
+    rgb = np.asarray(rgb)
+    s, p = int(image_size), int(patch_size)
+    resize = Resize(rgb.shape[:2], working_size(rgb.shape[:2], short_side=short_side, multiple=p, min_side=s,
+                                                 max_long_side=max_long_side))
+    windows = SlidingWindows(resize.new_hw, s, auto_stride(s, p, stride), p)
+    return DenseCrops(crops=windows.cut(resize.apply_image(rgb)), resize=resize, windows=windows)
+
+
+def stitch_dense(crops: DenseCrops, patch: np.ndarray, cls: np.ndarray) -> DenseClip:
+    """The host half after CLIP: the crops' patch tokens ``[C, S/p, S/p, D]`` stitched into the working image's
+    grid (overlaps averaged) and L2-normalised, with the crops' CLS tokens ``[C, D]`` normalised."""
+    dense = _unit(crops.windows.stitch(np.asarray(patch)))
+    return DenseClip(dense=dense, cls=_unit(cls), resize=crops.resize, windows=crops.windows)
+
+
 def clip_dense_features(
     clip, rgb: np.ndarray, *, short_side: int, stride: int = 0, max_long_side: int = 0, batch_size: int = 16
 ) -> DenseClip:
     """Sliding-window MaskCLIP features of ``rgb`` (uint8 ``[H, W, 3]``).
 
     Working size: short side ``short_side`` (patch multiples, at least one crop; :func:`transforms.working_size`).
-    Crops: ``clip.image_size`` square, every ``stride`` working pixels (0 = half a crop), edges included.
+    Crops: ``clip.image_size`` square, every ``stride`` working pixels (0 = half a crop), edges included, encoded
+    ``batch_size`` per call. = :func:`stitch_dense` of :func:`dense_crops` (the stage packs the crops of several
+    images into its batches: ``pipeline.overlap.packed_batches``).
     """
-    rgb = np.asarray(rgb)
-    s, p = int(clip.image_size), int(clip.patch_size)
-    resize = Resize(rgb.shape[:2], working_size(rgb.shape[:2], short_side=short_side, multiple=p, min_side=s,
-                                                 max_long_side=max_long_side))
-    windows = SlidingWindows(resize.new_hw, s, auto_stride(s, p, stride), p)
-    crops = windows.cut(resize.apply_image(rgb))
+    crops = dense_crops(rgb, image_size=clip.image_size, patch_size=clip.patch_size, short_side=short_side,
+                        stride=stride, max_long_side=max_long_side)
     patches, tokens = [], []
-    for i in range(0, len(crops), max(1, batch_size)):
-        f = clip.encode_image(crops[i : i + batch_size])
+    step = max(1, batch_size)
+    for i in range(0, len(crops.crops), step):
+        f = clip.encode_image(crops.crops[i : i + step])
         patches.append(f.patch)
         tokens.append(f.cls)
-    dense = _unit(windows.stitch(np.concatenate(patches)))
-    return DenseClip(dense=dense, cls=_unit(np.concatenate(tokens)), resize=resize, windows=windows)
+    return stitch_dense(crops, np.concatenate(patches), np.concatenate(tokens))
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -242,6 +269,66 @@ def query_points(features: DenseClip, text_vec: np.ndarray, top_k: int) -> tuple
     return grid_cells_to_original_xy(rows, cols, features.patch, features.resize), sim[order]
 
 
+@dataclass(frozen=True)
+class DecodedQueries:
+    """Stage 1.1's SAM decoding of one image (:func:`decode_query_points`), reduced where the model ran: per class
+    (``classes`` order) the query points (x, y) original pixels float32 ``[k, 2]``, their mean cosine, and — as
+    :class:`pipeline.overlap.HostCopy` chunks on their way to the host — the highest-IoU output's index, predicted
+    IoU and binary mask (logits > 0) bool ``[H, W]``."""
+
+    classes: tuple[int, ...]
+    points: tuple[np.ndarray, ...]
+    similarity: tuple[float, ...]
+    index: tuple[Any, ...] = ()
+    iou: tuple[Any, ...] = ()
+    masks: tuple[Any, ...] = ()
+
+
+def decode_query_points(
+    segmenter, embedding, features: DenseClip, text: np.ndarray, classes: Sequence[int], *, top_k: int,
+    multimask: bool = True, chunk: int = 8,
+) -> DecodedQueries:
+    """The model half of :func:`query_point_masks`: one prompt of ``top_k`` positive points per class, decoded by
+    ``segmenter.predict_device`` ``chunk`` classes per call; the best-IoU output is chosen and thresholded on the
+    device, only binary masks start their copy to the host. Nothing here waits for the device."""
+    import torch
+
+    from pipeline.overlap import HostCopy
+
+    classes = tuple(int(c) for c in classes)
+    if not classes:
+        return DecodedQueries(classes=(), points=(), similarity=())
+    pts, sims = zip(*(query_points(features, text[c], top_k) for c in classes), strict=True)
+    points = tuple(p.astype(np.float32) for p in pts)  # [k, 2] (x, y) original pixels
+    index, iou, masks = [], [], []
+    for start in range(0, len(classes), chunk):
+        batch = np.stack(points[start : start + chunk])
+        predict = getattr(segmenter, "predict_device", segmenter.predict)  # duck-typed segmenters: predict
+        pred = predict(embedding, points_xy=batch, point_labels=np.ones(batch.shape[:2], np.int64), multimask=multimask)
+        logits, iou_pred = pred.logits, pred.iou_pred
+        if not torch.is_tensor(logits):  # a backend without a device answered with numpy arrays
+            logits, iou_pred = torch.from_numpy(np.asarray(logits)), torch.from_numpy(np.asarray(iou_pred))
+        best = iou_pred.argmax(dim=1)
+        rows = torch.arange(len(batch), device=best.device)
+        index.append(HostCopy(best))
+        iou.append(HostCopy(iou_pred[rows, best]))
+        masks.append(HostCopy(logits[rows, best] > 0.0))
+    return DecodedQueries(classes=classes, points=points, similarity=tuple(float(np.mean(s)) for s in sims),
+                          index=tuple(index), iou=tuple(iou), masks=tuple(masks))
+
+
+def finish_query_points(decoded: DecodedQueries) -> list[PseudoMask]:
+    """The host half of :func:`query_point_masks` (thread-safe): one :class:`PseudoMask` per class, in order."""
+    if not decoded.classes:
+        return []
+    index, iou, masks = (np.concatenate([c.numpy() for c in parts])
+                         for parts in (decoded.index, decoded.iou, decoded.masks))
+    return [PseudoMask(stage=STAGE_11, class_index=c, mask=masks[n], score=float(iou[n]),
+                       similarity=decoded.similarity[n], points_xy=decoded.points[n].astype(np.float64),
+                       multimask_index=int(index[n]))
+            for n, c in enumerate(decoded.classes)]
+
+
 def query_point_masks(
     segmenter, embedding, features: DenseClip, text: np.ndarray, classes: Sequence[int], *, top_k: int,
     multimask: bool = True, chunk: int = 8,
@@ -250,26 +337,11 @@ def query_point_masks(
     one decoder call per ``chunk`` classes; keeps each prompt's mask with the highest predicted IoU.
 
     embedding: ``segmenter.embed(rgb)`` of the original image (one encoding for all classes).
+    = :func:`finish_query_points` of :func:`decode_query_points` (the stage runs the halves on either side of its
+    model loop).
     """
-    classes = list(classes)
-    if not classes:
-        return []
-    pts, sims = zip(*(query_points(features, text[c], top_k) for c in classes), strict=True)
-    out: list[PseudoMask] = []
-    for start in range(0, len(classes), chunk):
-        sel = slice(start, start + chunk)
-        points = np.stack(pts[sel]).astype(np.float32)  # [N, k, 2] (x, y) original pixels
-        pred = segmenter.predict(embedding, points_xy=points, point_labels=np.ones(points.shape[:2], np.int64),
-                                 multimask=multimask)
-        best = pred.iou_pred.argmax(axis=1)
-        for n, c in enumerate(classes[sel]):
-            m = int(best[n])
-            out.append(PseudoMask(
-                stage=STAGE_11, class_index=int(c), mask=pred.logits[n, m] > 0.0, score=float(pred.iou_pred[n, m]),
-                similarity=float(np.mean(sims[start + n])), points_xy=points[n].astype(np.float64),
-                multimask_index=m,
-            ))
-    return out
+    return finish_query_points(decode_query_points(segmenter, embedding, features, text, classes, top_k=top_k,
+                                                   multimask=multimask, chunk=chunk))
 
 
 def mask_mean_features(features: DenseClip, masks: Sequence[np.ndarray]) -> np.ndarray:

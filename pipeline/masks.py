@@ -11,6 +11,7 @@ Conventions
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -94,14 +95,29 @@ def mask_nms(rles: Sequence[RLE], scores: Sequence[float], iou_threshold: float)
     return [[k, *sorted(members[k])] for k in kept]
 
 
-def stability_score(logits: np.ndarray, mask_threshold: float = 0.0, offset: float = 1.0) -> np.ndarray:
+def is_tensor(x: object) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch when the caller never did)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def stability_score(logits, mask_threshold: float = 0.0, offset: float = 1.0):
     """SAM's stability score of mask logits ``[..., H, W]``: float32 ``[...]``.
 
     IoU of the masks ``logits > mask_threshold + offset`` and ``logits > mask_threshold - offset`` (the first
     lies inside the second, so IoU = count_high / count_low). Same numbers as
     ``segment_anything.utils.amg.calculate_stability_score`` (float32 division), except that where the low
     mask is empty this returns 0 instead of SAM's NaN (0/0), so an empty mask never wins an argmax.
+
+    ``logits`` may be a numpy array or a torch tensor (on any device): the result is of the same kind, and the
+    two agree bit for bit (integer counts, one float32 division).
     """
+    if is_tensor(logits):
+        import torch
+
+        high = (logits > (mask_threshold + offset)).sum(dim=(-2, -1), dtype=torch.int64).to(torch.float32)
+        low = (logits > (mask_threshold - offset)).sum(dim=(-2, -1), dtype=torch.int64).to(torch.float32)
+        return torch.where(low > 0, high / torch.where(low > 0, low, torch.ones_like(low)), torch.zeros_like(low))
     logits = np.asarray(logits)
     high = np.count_nonzero(logits > (mask_threshold + offset), axis=(-2, -1))
     low = np.count_nonzero(logits > (mask_threshold - offset), axis=(-2, -1))

@@ -32,11 +32,13 @@ from pipeline.masks import (
     decode_rle,
     encode_rle,
     full_image_mask,
+    is_tensor,
     mask_nms,
     rle_area,
     rle_bbox,
     stability_score,
 )
+from pipeline.overlap import HostCopy
 
 if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the model layer at run time
     from models.roles import Grounder, SamImageEmbedding, Segmenter
@@ -115,6 +117,79 @@ class GroundedBox:
     phrase_index: int
 
 
+@dataclass(frozen=True)
+class CaptionQuery:
+    """One caption of one image to ground: ``image`` indexes the caller's image list; ``phrase_spans`` are
+    character spans of its phrases; ``sentence_spans`` its sentences (None: one sentence), used only when it is
+    longer than the grounder's text limit (see :func:`ground_caption`)."""
+
+    image: int
+    caption: str
+    phrase_spans: tuple[tuple[int, int], ...]
+    sentence_spans: tuple[tuple[int, int], ...] | None = None
+
+
+def caption_windows(grounder: Grounder, query: CaptionQuery) -> list[tuple[int, int]]:
+    """Character windows of the caption the grounder is asked with: the whole caption, or, past
+    ``grounder.max_text_tokens``, runs of whole sentences that fit (:func:`pipeline.grounding.split_caption_windows`).
+    No window when the caption cannot receive a box (no phrase, or blank): the model is not asked about it."""
+    caption = query.caption
+    if not query.phrase_spans or not caption.strip():
+        return []
+    if grounder.count_tokens(caption) > grounder.max_text_tokens:
+        spans = list(query.sentence_spans) if query.sentence_spans is not None else [(0, len(caption))]
+        return split_caption_windows(caption, spans, grounder.count_tokens, grounder.max_text_tokens)
+    return [(0, len(caption))]
+
+
+def caption_boxes(query: CaptionQuery, windows: Sequence[tuple[int, int]], groundings: Sequence,
+                  box_nms_iou: float) -> list[GroundedBox]:
+    """The boxes of one caption from the grounder's answers for its ``windows`` (same order): each window's token
+    spans shifted back into caption coordinates, each box given to the phrase holding its most probable token
+    (:func:`pipeline.grounding.match_boxes_to_phrases`; boxes outside every phrase dropped), then box NMS at
+    ``box_nms_iou`` over all the caption's boxes, whatever their phrase."""
+    boxes: list[np.ndarray] = []
+    scores: list[float] = []
+    phrases: list[int] = []
+    for (start, _end), g in zip(windows, groundings, strict=True):
+        if len(g.boxes_xyxy) == 0:
+            continue
+        token_spans = shift_spans(g.token_char_spans, start)
+        matched = match_boxes_to_phrases(g.token_probs, token_spans, list(query.phrase_spans))
+        for box, score, k in zip(g.boxes_xyxy, g.scores, matched, strict=True):
+            if k is not None:
+                boxes.append(np.asarray(box, dtype=np.float32).reshape(4))
+                scores.append(float(score))
+                phrases.append(k)
+    if not boxes:
+        return []
+    keep = box_nms(np.stack(boxes), np.asarray(scores, dtype=np.float32), box_nms_iou)
+    return [GroundedBox(box_xyxy=boxes[i], score=scores[i], phrase_index=phrases[i]) for i in keep.tolist()]
+
+
+def ground_captions(
+    grounder: Grounder,
+    images: Sequence[np.ndarray],
+    queries: Sequence[CaptionQuery],
+    *,
+    box_threshold: float = BOX_THRESHOLD,
+    text_threshold: float = TEXT_THRESHOLD,
+    box_nms_iou: float = BOX_NMS_IOU,
+    batch_size: int | None = None,
+    prepared: Sequence | None = None,
+) -> list[list[GroundedBox]]:
+    """:func:`ground_caption` of every query (captions of one or several ``images``, uint8 RGB [H, W, 3]) with ONE
+    ``grounder.ground_batch`` call for all their windows: each image is encoded once for all its captions, and
+    ``batch_size`` windows go through the text and fusion layers together (None: all). prepared: the images'
+    ``grounder.prepare`` outputs, if computed ahead. One list per query."""
+    windows = [caption_windows(grounder, q) for q in queries]
+    texts = [(q.image, q.caption[s:e]) for q, ws in zip(queries, windows, strict=True) for s, e in ws]
+    answers = iter(grounder.ground_batch(images, texts, box_threshold=box_threshold, text_threshold=text_threshold,
+                                         batch_size=batch_size, prepared=prepared) if texts else [])
+    return [caption_boxes(q, ws, [next(answers) for _ in ws], box_nms_iou) if ws else []
+            for q, ws in zip(queries, windows, strict=True)]
+
+
 def ground_caption(
     grounder: Grounder,
     image: np.ndarray,
@@ -137,35 +212,12 @@ def ground_caption(
     at ``box_nms_iou`` over all the caption's boxes, whatever their phrase.
 
     ``phrase_spans``: character spans of the phrases in ``caption``. Returns boxes by descending score (equal
-    scores: earlier window, then the grounder's order first).
+    scores: earlier window, then the grounder's order first). = :func:`ground_captions` of this one caption.
     """
-    if not phrase_spans or not caption.strip():
-        return []  # no phrase could receive a box: skip the model call
-    if grounder.count_tokens(caption) > grounder.max_text_tokens:
-        spans = list(sentence_spans) if sentence_spans is not None else [(0, len(caption))]
-        windows = split_caption_windows(caption, spans, grounder.count_tokens, grounder.max_text_tokens)
-    else:
-        windows = [(0, len(caption))]
-    boxes: list[np.ndarray] = []
-    scores: list[float] = []
-    phrases: list[int] = []
-    for start, end in windows:
-        g = grounder.ground(
-            image, caption[start:end], box_threshold=box_threshold, text_threshold=text_threshold
-        )
-        if len(g.boxes_xyxy) == 0:
-            continue
-        token_spans = shift_spans(g.token_char_spans, start)
-        matched = match_boxes_to_phrases(g.token_probs, token_spans, phrase_spans)
-        for box, score, k in zip(g.boxes_xyxy, g.scores, matched, strict=True):
-            if k is not None:
-                boxes.append(np.asarray(box, dtype=np.float32).reshape(4))
-                scores.append(float(score))
-                phrases.append(k)
-    if not boxes:
-        return []
-    keep = box_nms(np.stack(boxes), np.asarray(scores, dtype=np.float32), box_nms_iou)
-    return [GroundedBox(box_xyxy=boxes[i], score=scores[i], phrase_index=phrases[i]) for i in keep.tolist()]
+    query = CaptionQuery(0, caption, tuple(tuple(p) for p in phrase_spans),
+                         None if sentence_spans is None else tuple(tuple(s) for s in sentence_spans))
+    return ground_captions(grounder, [image], [query], box_threshold=box_threshold, text_threshold=text_threshold,
+                           box_nms_iou=box_nms_iou)[0]
 
 
 def text_of(row: Mapping) -> dict:
@@ -217,15 +269,26 @@ class BoxMaskResult:
         return self.reject_reason is None
 
 
-def choose_by_stability(
-    logits: np.ndarray, iou_pred: np.ndarray, *, mask_threshold: float = 0.0, offset: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
+def choose_by_stability(logits, iou_pred, *, mask_threshold: float = 0.0, offset: float = 1.0):
     """Per prompt, the multimask output with the highest SAM stability score.
 
     logits: float [N, M, H, W] at image resolution; iou_pred: float [N, M]. Ties on stability go to the higher
     predicted IoU, then to the lower index. Returns (index int64 [N], stability float32 [N]) of the chosen
-    outputs.
+    outputs. Numpy arrays in → numpy out; torch tensors in (any device) → tensors on that device, the same values
+    (the stability counts are integers and the order rule is one stable two-key sort either way).
     """
+    if is_tensor(logits):
+        import torch
+
+        if logits.ndim != 4:
+            raise ValueError(f"logits must be [N, M, H, W], got {tuple(logits.shape)}")
+        stab = stability_score(logits, mask_threshold, offset)  # [N, M]
+        iou = torch.as_tensor(iou_pred, device=stab.device).to(torch.float32).reshape(stab.shape)
+        # np.lexsort((-iou, -stab)) as two stable sorts: by the secondary key, then by the primary one.
+        by_iou = torch.argsort(-iou, dim=-1, stable=True)
+        order = by_iou.gather(-1, torch.argsort(-stab.gather(-1, by_iou), dim=-1, stable=True))
+        index = order[:, 0] if len(order) else torch.zeros(0, dtype=torch.int64, device=stab.device)
+        return index, stab.gather(-1, index[:, None])[:, 0]
     logits = np.asarray(logits)
     if logits.ndim != 4:
         raise ValueError(f"logits must be [N, M, H, W], got {logits.shape}")
@@ -234,6 +297,99 @@ def choose_by_stability(
     # lexsort: last key is primary; it is stable, so remaining ties keep the lower index first.
     index = np.lexsort((-iou, -stab), axis=-1)[:, 0].astype(np.int64) if stab.size else np.zeros(0, np.int64)
     return index, stab[np.arange(len(index)), index].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DecodedBoxes:
+    """SAM's decoding of one image's box prompts, reduced where the model ran (:func:`decode_boxes`): what
+    :func:`finish_box_masks` needs on the host, each a :class:`pipeline.overlap.HostCopy` already on its way.
+
+    size: (H, W); whole: indices of boxes taking the whole-image mask (never sent to SAM); to_sam: the others, in
+    input order, with per box the chosen multimask ``index`` int64 [K], its predicted ``iou`` float32 [K] and
+    ``stability`` float32 [K], and its binary ``masks`` bool [K, H, W] (logits > mask_threshold, before cleanup).
+    """
+
+    size: tuple[int, int]
+    whole: tuple[int, ...]
+    to_sam: tuple[int, ...]
+    index: tuple[HostCopy, ...] = ()
+    iou: tuple[HostCopy, ...] = ()
+    stability: tuple[HostCopy, ...] = ()
+    masks: tuple[HostCopy, ...] = ()
+
+
+def decode_boxes(
+    segmenter: Segmenter,
+    image_hw: tuple[int, int],
+    boxes_xyxy: np.ndarray,
+    *,
+    whole_image_fraction: float,
+    embedding: SamImageEmbedding,
+    mask_threshold: float = 0.0,
+    stability_offset: float = 1.0,
+    max_boxes_per_call: int | None = None,
+) -> DecodedBoxes:
+    """The model half of :func:`masks_for_boxes` on one image of ``image_hw`` = (H, W): boxes covering more than
+    ``whole_image_fraction`` are set aside; the others are decoded by ``segmenter.predict_device`` (one call, or
+    chunks of ``max_boxes_per_call``), the most stable output chosen (:func:`choose_by_stability`) and thresholded
+    where the logits are (the accelerator), and only the chosen binary masks and three numbers per box start their
+    copy to the host. Nothing here waits for the device."""
+    import torch
+
+    h, w = int(image_hw[0]), int(image_hw[1])
+    boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+    whole = tuple(i for i, box in enumerate(boxes) if box_covers_image(box, h, w, whole_image_fraction))
+    to_sam = tuple(i for i in range(len(boxes)) if i not in set(whole))
+    if not to_sam:
+        return DecodedBoxes(size=(h, w), whole=whole, to_sam=())
+    parts: dict[str, list[HostCopy]] = {"index": [], "iou": [], "stability": [], "masks": []}
+    step = max_boxes_per_call or len(to_sam)
+    for c in range(0, len(to_sam), step):
+        chunk = list(to_sam[c : c + step])
+        predict = getattr(segmenter, "predict_device", segmenter.predict)  # duck-typed segmenters: predict
+        pred = predict(embedding, boxes_xyxy=boxes[chunk], multimask=True)
+        logits, iou_pred = pred.logits, pred.iou_pred
+        if not is_tensor(logits):  # a backend without a device answered with numpy arrays
+            logits, iou_pred = torch.from_numpy(np.asarray(logits)), torch.from_numpy(np.asarray(iou_pred))
+        index, stab = choose_by_stability(logits, iou_pred, mask_threshold=mask_threshold, offset=stability_offset)
+        rows = torch.arange(len(chunk), device=index.device)
+        parts["index"].append(HostCopy(index))
+        parts["iou"].append(HostCopy(iou_pred.reshape(len(chunk), -1)[rows, index]))
+        parts["stability"].append(HostCopy(stab))
+        parts["masks"].append(HostCopy(logits[rows, index] > mask_threshold))
+    return DecodedBoxes(size=(h, w), whole=whole, to_sam=to_sam,
+                        **{k: tuple(v) for k, v in parts.items()})
+
+
+def finish_box_masks(
+    decoded: DecodedBoxes, *, pred_iou_thresh: float, stability_thresh: float, cleanup_area: float,
+) -> list[BoxMaskResult]:
+    """The host half of :func:`masks_for_boxes` (thread-safe: stages run it behind the model loop): the decisions
+    on the chosen outputs — rejected when the predicted IoU is below ``pred_iou_thresh`` or the stability below
+    ``stability_thresh``; else holes and islands under ``cleanup_area`` pixels fixed
+    (:func:`pipeline.masks.clean_mask`), empty → rejected — and the whole-image boxes. One result per box, in
+    input order."""
+    h, w = decoded.size
+    results: dict[int, BoxMaskResult] = {i: BoxMaskResult(full_image_mask(h, w), 1.0, 1.0, -1, True)
+                                         for i in decoded.whole}
+    arrays = {k: np.concatenate([c.numpy() for c in getattr(decoded, k)]) if decoded.to_sam else None
+              for k in ("index", "iou", "stability", "masks")}
+    for n, i in enumerate(decoded.to_sam):
+        m = int(arrays["index"][n])
+        iou = float(arrays["iou"][n])
+        s = float(arrays["stability"][n])
+        reason = None
+        mask = None
+        if iou < pred_iou_thresh:
+            reason = LOW_PREDICTED_IOU
+        elif s < stability_thresh:
+            reason = LOW_STABILITY
+        else:
+            mask = clean_mask(arrays["masks"][n], cleanup_area)
+            if not mask.any():
+                reason, mask = EMPTY_MASK, None
+        results[i] = BoxMaskResult(mask, iou, s, m, False, reason)
+    return [results[i] for i in sorted(results)]
 
 
 def masks_for_boxes(
@@ -262,43 +418,20 @@ def masks_for_boxes(
       is below ``pred_iou_thresh`` or its stability below ``stability_thresh``; then holes and islands under
       ``cleanup_area`` pixels are fixed (:func:`pipeline.masks.clean_mask`); empty → rejected.
     Returns one :class:`BoxMaskResult` per box, in input order.
+
+    = :func:`finish_box_masks` of :func:`decode_boxes` (the stages run the two halves on either side of the model
+    loop; the stability choice and the threshold happen where the logits are, only binary masks reach the host).
     """
     image = np.asarray(image)
     h, w = int(image.shape[0]), int(image.shape[1])
     boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-    results: list[BoxMaskResult | None] = [None] * len(boxes)
-    to_sam: list[int] = []
-    for i, box in enumerate(boxes):
-        if box_covers_image(box, h, w, whole_image_fraction):
-            results[i] = BoxMaskResult(full_image_mask(h, w), 1.0, 1.0, -1, True)
-        else:
-            to_sam.append(i)
-    if to_sam:
-        if embedding is None:
-            embedding = segmenter.embed(image)
-        step = max_boxes_per_call or len(to_sam)
-        for c in range(0, len(to_sam), step):
-            chunk = to_sam[c : c + step]
-            pred = segmenter.predict(embedding, boxes_xyxy=boxes[chunk], multimask=True)
-            index, stab = choose_by_stability(
-                pred.logits, pred.iou_pred, mask_threshold=mask_threshold, offset=stability_offset
-            )
-            for n, i in enumerate(chunk):
-                m = int(index[n])
-                iou = float(pred.iou_pred[n, m])
-                s = float(stab[n])
-                reason = None
-                mask = None
-                if iou < pred_iou_thresh:
-                    reason = LOW_PREDICTED_IOU
-                elif s < stability_thresh:
-                    reason = LOW_STABILITY
-                else:
-                    mask = clean_mask(pred.logits[n, m] > mask_threshold, cleanup_area)
-                    if not mask.any():
-                        reason, mask = EMPTY_MASK, None
-                results[i] = BoxMaskResult(mask, iou, s, m, False, reason)
-    return [r for r in results if r is not None]
+    if embedding is None and any(not box_covers_image(b, h, w, whole_image_fraction) for b in boxes):
+        embedding = segmenter.embed(image)
+    decoded = decode_boxes(segmenter, (h, w), boxes, whole_image_fraction=whole_image_fraction, embedding=embedding,
+                           mask_threshold=mask_threshold, stability_offset=stability_offset,
+                           max_boxes_per_call=max_boxes_per_call)
+    return finish_box_masks(decoded, pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh,
+                            cleanup_area=cleanup_area)
 
 
 def box_mask_row(

@@ -26,14 +26,18 @@ from pipeline.feature_cache import (
     PURPOSES,
     TEXT_TEMPLATE_SETS,
     embed_texts,
-    encode_fmbseg,
+    encode_fmbseg_batch,
     encode_use,
     feature_sample,
     finite,
+    fmbseg_input,
     resolve_blocks,
     text_rows,
     text_templates,
+    use_input_sides,
+    use_inputs,
 )
+from pipeline.overlap import Outcome
 from pipeline.use_pairs import text_pool
 from pipeline.vocabularies import class_text_embeddings, load_templates, load_vocabulary
 from schemas import MANIFEST, REJECTS, SEGMENTS
@@ -51,6 +55,7 @@ from tasks.fmbseg import fmbseg
 from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
 from tasks.params import IntParameter
+from tasks.throughput import behind, decoded_images, manifest_order
 from tasks.use import SegmentNMSShard, reject
 
 
@@ -61,13 +66,16 @@ class features_use(luigi.Config):  # noqa: N801 — section [features_use] of lu
     dino_blocks = luigi.Parameter(default="last:2", description="all | none | last:N | every:K | i,j,k")
     text_templates = luigi.ChoiceParameter(choices=sorted(TEXT_TEMPLATE_SETS), default="use4",
                                          description="templates averaged per expression")
-    batch_size = IntParameter(default=8, ge=1, description="images per encoder call (not a content parameter)")
+    batch_size = IntParameter(default=8, ge=1, description="images per encoder forward (float rounding may differ "
+                              "with it, so it is part of the stage hash)")
 
 
 class features_fmbseg(luigi.Config):  # noqa: N801 — section [features_fmbseg]
     dino_blocks = luigi.Parameter(default="last:1")
     short_side = IntParameter(default=336, ge=1, description="DINOv2 input short side (patch multiples)")
     max_long_side = IntParameter(default=672, ge=0, description="cap on the input long side; 0 = none")
+    batch_size = IntParameter(default=8, ge=1, description="images of one input size per DINOv2 forward (float "
+                              "rounding may differ with it, so it is part of the stage hash)")
 
 
 TEXT_BATCH = 256  # texts per CLIP text-encoder call
@@ -107,10 +115,10 @@ class FeatureCacheShard(ShardTask):
                                   "clip": model_identity("clip", settings) if need_clip else "",
                                   "dense": model_identity("dense", settings) if need_dino else ""}
         if self.purpose == "use":
-            params["input_size"] = features_use().input_size
+            params.update(input_size=features_use().input_size, batch_size=features_use().batch_size)
         else:
             cfg = features_fmbseg()
-            params.update(short_side=cfg.short_side, max_long_side=cfg.max_long_side)
+            params.update(short_side=cfg.short_side, max_long_side=cfg.max_long_side, batch_size=cfg.batch_size)
         return params
 
     @property
@@ -137,48 +145,88 @@ class FeatureCacheShard(ShardTask):
         progress.start(len(manifest))
         rows, rejects = [], []
         errors = ImageErrors(self.stage, rejects, lambda image_id: [sources[image_id]])
-        with self.tar_spool() as tar, errors:  # on an error the temporary is removed
-            batch: list[tuple[str, np.ndarray]] = []
+        if self.purpose == "use":
+            size = features_use().input_size or clip.image_size
+            batch_size = features_use().batch_size
+            sides = use_input_sides(clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
+                                    input_size=size)
 
-            def keep(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-                if not finite(arrays):
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
-                                          "an encoder returned NaN/inf features"))
-                    return
-                sample, record = feature_sample(image_id, arrays, meta)
-                FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
-                tar.write(sample)
-                rows.append(record)
+            def prepare(rgb: np.ndarray) -> Any:
+                return use_inputs(rgb, sides)
 
-            def encode(rgbs: list[np.ndarray]) -> list:
-                size = features_use().input_size or clip.image_size
-                return encode_use(rgbs, clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
-                                  input_size=size, **names)
+            def encode(items: list[tuple[str, np.ndarray, Any]]) -> list:
+                return encode_use([rgb for _, rgb, _ in items], clip=clip, dense=dense, clip_layers=clip_layers,
+                                  dino_layers=dino_layers, input_size=size, prepared=[p for _, _, p in items],
+                                  **names)
 
-            def flush() -> None:
-                if batch:
-                    encoded = errors.run_batch([image_id for image_id, _ in batch],
-                                               lambda: encode([rgb for _, rgb in batch]),
-                                               lambda k: encode([batch[k][1]])[0])
-                    for (image_id, _), result in zip(batch, encoded, strict=True):
-                        if result is not REJECTED:
-                            keep(image_id, *result)
-                    batch.clear()
+            def groups(items: list) -> list[list[int]]:  # one square for all: the batch is one forward
+                return [list(range(len(items)))]
+        else:
+            cfg = features_fmbseg()
+            batch_size = cfg.batch_size
 
-            for i, (image_id, rgb, _meta) in enumerate(errors.images(str(ingest.shard_path(self.shard, "tar")))):
+            def prepare(rgb: np.ndarray) -> Any:
+                return fmbseg_input(rgb, patch_size=dense.patch_size, short_side=cfg.short_side,
+                                    max_long_side=cfg.max_long_side)
+
+            def encode(items: list[tuple[str, np.ndarray, Any]]) -> list:
+                return encode_fmbseg_batch([rgb for _, rgb, _ in items], dense=dense, dino_layers=dino_layers,
+                                           short_side=cfg.short_side, max_long_side=cfg.max_long_side,
+                                           dino_name=names["dino_name"], prepared=[p for _, _, p in items])
+
+            def groups(items: list) -> list[list[int]]:  # aspect kept: one forward per input size, in order
+                by_size: dict[tuple[int, ...], list[int]] = {}
+                for k, (_, _, (_, resized)) in enumerate(items):
+                    by_size.setdefault(resized.shape, []).append(k)
+                return list(by_size.values())
+
+        def serialise(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple | None:
+            if not finite(arrays):
+                return None
+            sample, record = feature_sample(image_id, arrays, meta)
+            FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
+            return sample, record
+
+        def deliver(image_id: str, outcome: Outcome) -> None:
+            result = errors.run(image_id, outcome.get)
+            if result is REJECTED:
+                return
+            if result is None:
+                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
+                                      "an encoder returned NaN/inf features"))
+                return
+            tar.write(result[0])
+            rows.append(result[1])
+
+        window: list[tuple[str, np.ndarray, Any]] = []
+
+        def flush() -> None:
+            """The window's images, same-size groups of at most batch_size per forward, results in window order."""
+            results: dict[int, Any] = {}
+            for group in groups(window):
+                for c in range(0, len(group), batch_size):
+                    members = group[c : c + batch_size]
+                    items = [window[k] for k in members]
+                    encoded = errors.run_batch([image_id for image_id, _, _ in items], lambda items=items: encode(items),
+                                               lambda j, items=items: encode([items[j]])[0])
+                    results.update(zip(members, encoded, strict=True))
+            for k, (image_id, _, _) in enumerate(window):
+                if results[k] is not REJECTED:
+                    post.submit(image_id, serialise, image_id, *results[k])
+            window.clear()
+
+        # a window of images is grouped by input size (FMbSeg keeps the aspect: only equal sizes share a forward)
+        window_size = batch_size if self.purpose == "use" else 4 * batch_size
+        with self.tar_spool() as tar, errors, behind(deliver) as post:  # on an error the temporary is removed
+            tar_path = str(ingest.shard_path(self.shard, "tar"))
+            for i, (image_id, rgb, prepared) in enumerate(decoded_images(errors, tar_path, prepare)):
                 progress.step(i)
-                if self.purpose == "use":
-                    batch.append((image_id, rgb))
-                    if len(batch) >= max(1, features_use().batch_size):
-                        flush()
-                else:
-                    cfg = features_fmbseg()
-                    result = errors.run(image_id, encode_fmbseg, rgb, dense=dense, dino_layers=dino_layers,
-                                        short_side=cfg.short_side, max_long_side=cfg.max_long_side,
-                                        dino_name=names["dino_name"])
-                    if result is not REJECTED:
-                        keep(image_id, *result)
-            flush()
+                window.append((image_id, rgb, prepared))
+                if len(window) >= window_size:
+                    flush()
+            if window:
+                flush()
+        rejects.sort(key=manifest_order(sources))
         output = ShardOutput(files={"tar": tar.path}, in_count=len(manifest),
                              ok_count=len(rows), rejected_count=len(rejects))
         output.add_table("parquet", FEATURE_CACHE, FEATURE_CACHE.table(rows))

@@ -31,13 +31,17 @@ from pipeline.fmbseg import (
     PRECEDENCES,
     STAGE_11,
     STAGE_12,
+    DecodedQueries,
+    DenseCrops,
     PseudoMask,
     class_table,
     class_text_embeddings,
-    clip_dense_features,
+    decode_query_points,
+    dense_crops,
     dense_sample,
     detect_classes,
     detection_rows,
+    finish_query_points,
     iter_dense_features,
     join_features,
     label_auto_masks,
@@ -46,10 +50,11 @@ from pipeline.fmbseg import (
     load_image_labels,
     mask_rows,
     merge_label_map,
-    query_point_masks,
+    stitch_dense,
 )
 from pipeline.images import encode_png
 from pipeline.masks import decode_rle
+from pipeline.overlap import Outcome, packed_batches
 from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
 from schemas import MANIFEST
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
@@ -64,9 +69,10 @@ from tasks.base import (
     model_settings,
     reject,
 )
-from tasks.image_errors import REJECTED, ImageErrors
+from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
 from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
+from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
 
 
 class fmbseg(luigi.Config):  # noqa: N801 — section [fmbseg] of luigi.cfg
@@ -124,32 +130,60 @@ class ClipDenseShard(FmbsegShardTask):
 
     def content_params(self) -> dict[str, Any]:
         cfg = fmbseg()
-        # clip_batch_size only groups crops per forward call: not a content parameter.
+        # clip_batch_size: crops per forward, packed across images; float rounding may differ with the batch.
         return {**self.upstream_params(), "clip": model_identity("clip", model_settings()),
-                "short_side": cfg.short_side, "max_long_side": cfg.max_long_side, "stride": cfg.stride}
+                "short_side": cfg.short_side, "max_long_side": cfg.max_long_side, "stride": cfg.stride,
+                "clip_batch_size": cfg.clip_batch_size}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
+        """Images decoded, resized and cut into crops ahead (``[throughput]``); the crops of consecutive images packed
+        into ``[fmbseg] clip_batch_size`` per CLIP forward (``packed_batches``); stitching and float16 serialisation
+        behind the loop. Tar members, rows and rejects in manifest order."""
         cfg = fmbseg()
         clip = load_role("clip", model_settings())
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
-        with self.tar_spool() as tar, self.image_errors(rejects) as errors:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+
+        def prepare(rgb: np.ndarray) -> DenseCrops:
+            return dense_crops(rgb, image_size=clip.image_size, patch_size=clip.patch_size,
+                               short_side=cfg.short_side, stride=cfg.stride, max_long_side=cfg.max_long_side)
+
+        def encode(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            f = clip.encode_image(crops)
+            return f.patch, f.cls
+
+        def serialise(image_id: str, crops: DenseCrops, encoded: tuple) -> tuple[dict, dict] | None:
+            features = stitch_dense(crops, *encoded)
+            if not (np.isfinite(features.dense).all() and np.isfinite(features.cls).all()):
+                return None
+            sample, meta = dense_sample(image_id, features)
+            DENSE_FEATURES.table([meta])  # the sample's JSON obeys the contract too
+            return sample, meta
+
+        def deliver(image_id: str, outcome: Outcome) -> None:
+            result = errors.run(image_id, outcome.get)
+            if result is REJECTED:
+                return
+            if result is None:
+                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
+                                      "CLIP returned NaN/inf features"))
+                return
+            tar.write(result[0])
+            rows.append(result[1])
+
+        def images() -> Iterator[tuple[tuple[str, DenseCrops], np.ndarray]]:
+            for i, (image_id, _rgb, crops) in enumerate(decoded_images(errors, self.path("ingest", "tar"), prepare)):
                 progress.step(i)
-                features = errors.run(image_id, clip_dense_features, clip, rgb, short_side=cfg.short_side,
-                                      stride=cfg.stride, max_long_side=cfg.max_long_side,
-                                      batch_size=cfg.clip_batch_size)
-                if features is REJECTED:
-                    continue
-                if not (np.isfinite(features.dense).all() and np.isfinite(features.cls).all()):
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
-                                          "CLIP returned NaN/inf features"))
-                    continue
-                sample, meta = dense_sample(image_id, features)
-                DENSE_FEATURES.table([meta])  # the sample's JSON obeys the contract too
-                tar.write(sample)
-                rows.append(meta)
+                yield (image_id, crops), crops.crops
+
+        with self.tar_spool() as tar, self.image_errors(rejects) as errors, behind(deliver) as post:
+            for (image_id, crops), outcome in packed_batches(images(), encode, cfg.clip_batch_size,
+                                                              retry=lambda exc: per_image_reason(exc) is not None):
+                encoded = errors.run(image_id, outcome.get)
+                if encoded is not REJECTED:
+                    post.submit(image_id, serialise, image_id, crops, encoded)
+        rejects.sort(key=manifest_order(sources))
         return self.finish(DENSE_FEATURES, rows, rejects, len(sources), tar=tar.path)
 
 
@@ -192,7 +226,7 @@ class DetectShard(FmbsegShardTask):
                 rows.extend(detection_rows(image_id, vocab, None, known, "image_labels"))
         else:
             with self.image_errors(rejects) as errors:
-                for i, (image_id, features) in enumerate(self.dense()):
+                for i, (image_id, features) in enumerate(read_ahead(self.dense())):
                     progress.step(i)
                     detection = errors.run(image_id, detect_classes, features.cls, text, min_crops=cfg.min_crops)
                     if detection is REJECTED:
@@ -225,7 +259,8 @@ class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
         so do images whose decoding or encoding raised a per-image error (``errors``)."""
         embed = self.sam_embedder(segmenter)
         progress.start(len(detections))
-        for i, (image_id, rgb, features) in enumerate(join_features(self.ingested(errors), self.dense())):
+        images = decoded_images(errors, self.path("ingest", "tar"))  # decoded ahead, as the features are read
+        for i, (image_id, rgb, features) in enumerate(join_features(images, read_ahead(self.dense()))):
             progress.step(i)
             classes = self.detected(detections, image_id)
             if not classes:
@@ -258,26 +293,39 @@ class QueryPointMaskShard(SamStage1Shard):
                 "top_k": cfg.top_k, "multimask": cfg.multimask}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
+        """Per image: the prompts decoded and the best-IoU masks thresholded on the device
+        (``decode_query_points``); behind the loop on the host: empty-mask checks, RLE and rows. Manifest order."""
         cfg = fmbseg()
         vocab, text = vocabulary(), self.text()
         detections = group_by_image(self.read("detect", DETECTIONS))
         segmenter = load_role("segmenter", model_settings())
+        sources = self.sources()
         rows, rejects = [], []
-        with self.stage1_errors(detections, rejects) as errors:
+
+        def finish(image_id: str, decoded: DecodedQueries) -> tuple[list[dict], list[dict]]:
+            kept, image_rejects = [], []
+            for m in finish_query_points(decoded):
+                if m.area == 0:
+                    image_rejects.append(reject(image_id, f"class:{m.class_index}", self.stage, "empty_mask",
+                                                f"{vocab.classes[m.class_index]}: SAM returned an empty mask"))
+                else:
+                    kept.append(m)
+            return mask_rows(image_id, vocab, kept), image_rejects
+
+        def deliver(image_id: str, outcome: Outcome) -> None:
+            result = errors.run(image_id, outcome.get)
+            if result is not REJECTED:
+                rows.extend(result[0])
+                rejects.extend(result[1])
+
+        with self.stage1_errors(detections, rejects) as errors, behind(deliver) as post:
             for image_id, _rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
                                                                                  errors):
-                masks = errors.run(image_id, query_point_masks, segmenter, embedding, features, text, classes,
-                                   top_k=cfg.top_k, multimask=cfg.multimask)
-                if masks is REJECTED:
-                    continue
-                kept = []
-                for m in masks:
-                    if m.area == 0:
-                        rejects.append(reject(image_id, f"class:{m.class_index}", self.stage, "empty_mask",
-                                              f"{vocab.classes[m.class_index]}: SAM returned an empty mask"))
-                    else:
-                        kept.append(m)
-                rows.extend(mask_rows(image_id, vocab, kept))
+                decoded = errors.run(image_id, decode_query_points, segmenter, embedding, features, text, classes,
+                                     top_k=cfg.top_k, multimask=cfg.multimask)
+                if decoded is not REJECTED:
+                    post.submit(image_id, finish, image_id, decoded)
+        rejects.sort(key=manifest_order(sources))
         in_count = sum(len(v) for v in detections.values())
         return self.finish(PSEUDO_MASKS, rows, rejects, in_count)
 
@@ -305,24 +353,28 @@ class AutoMaskLabelShard(SamStage1Shard):
         segmenter = load_role("segmenter", model_settings())
         rows, rejects = [], []
 
-        def auto_masks(rgb: np.ndarray, features: Any, classes: list[int], embedding: Any) -> tuple[int, list]:
-            auto = segmenter.automatic_masks(rgb, embedding=embedding, **amg_params())
-            return len(auto), label_auto_masks(auto, features, text, classes,
-                                               min_area_fraction=cfg.min_area_fraction,
-                                               max_area_fraction=cfg.max_area_fraction)
+        def label(image_id: str, auto: list[dict], features: Any, classes: list[int]) -> tuple[list, list]:
+            """Behind the loop: size limits, labels by mean dense feature, RLE rows (or the image's reject)."""
+            masks = label_auto_masks(auto, features, text, classes, min_area_fraction=cfg.min_area_fraction,
+                                     max_area_fraction=cfg.max_area_fraction)
+            if not masks:
+                return [], [reject(image_id, sources[image_id], self.stage, "no_auto_mask",
+                                   f"{len(auto)} automatic masks, none within the size limits")]
+            return mask_rows(image_id, vocab, masks), []
 
-        with self.stage1_errors(detections, rejects) as errors:
+        def deliver(image_id: str, outcome: Outcome) -> None:
+            result = errors.run(image_id, outcome.get)
+            if result is not REJECTED:
+                rows.extend(result[0])
+                rejects.extend(result[1])
+
+        with self.stage1_errors(detections, rejects) as errors, behind(deliver) as post:
             for image_id, rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
                                                                                 errors):
-                found = errors.run(image_id, auto_masks, rgb, features, classes, embedding)
-                if found is REJECTED:
-                    continue
-                count, masks = found
-                if not masks:
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_auto_mask",
-                                          f"{count} automatic masks, none within the size limits"))
-                    continue
-                rows.extend(mask_rows(image_id, vocab, masks))
+                auto = errors.run(image_id, segmenter.automatic_masks, rgb, embedding=embedding, **amg_params())
+                if auto is not REJECTED:
+                    post.submit(image_id, label, image_id, auto, features, classes)
+        rejects.sort(key=manifest_order(sources))
         return self.finish(PSEUDO_MASKS, rows, rejects, len(detections))
 
     def units(self, image_id: str, classes: list[int]) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 from models.registry import load_role
 from models.roles import SamImageEmbedding
 from pipeline.artifacts import ShardOutput
+from pipeline.overlap import HostCopy, Outcome
 from pipeline.sam_embeddings import DTYPES, ForwardLookup, embedding_sample, iter_sam_embeddings
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
@@ -31,12 +32,16 @@ from tasks.base import (
     reject,
 )
 from tasks.image_errors import REJECTED, ArtifactMismatchError
+from tasks.params import IntParameter
+from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
 
 
 class sam_embeddings(luigi.Config):  # noqa: N801 — section [sam_embeddings] of luigi.cfg
     share = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                 description="encode each image once and share it between the SAM stages")
     dtype = luigi.ChoiceParameter(choices=DTYPES, default="float16", description="stored embedding dtype")
+    batch_size = IntParameter(default=4, ge=1, description="images per image-encoder forward (float rounding may "
+                              "differ with it, so it is part of the stage hash)")
 
 
 class SamEmbedShard(ChainedShardTask):
@@ -45,36 +50,63 @@ class SamEmbedShard(ChainedShardTask):
     stage = "sam_embeddings"
 
     def content_params(self) -> dict[str, Any]:
+        cfg = sam_embeddings()
         return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
-                "dtype": sam_embeddings().dtype}
+                "dtype": cfg.dtype, "batch_size": cfg.batch_size}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
+        """Images decoded and resized ahead (``[throughput]``), ``[sam_embeddings] batch_size`` per encoder forward,
+        the features copied to the host, checked and serialised behind the loop; tar members and rows in manifest
+        order."""
         segmenter = load_role("segmenter", model_settings())
-        identity, dtype = model_identity("segmenter", model_settings()), sam_embeddings().dtype
+        identity, cfg = model_identity("segmenter", model_settings()), sam_embeddings()
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
+        batch: list[tuple[str, np.ndarray, Any]] = []
 
-        def encode(rgb: np.ndarray) -> tuple[SamImageEmbedding, np.ndarray]:
-            embedding = segmenter.embed(rgb)
-            return embedding, embedding.features.detach().float().cpu().numpy()
+        def serialise(image_id: str, embedding: SamImageEmbedding, features: HostCopy) -> tuple[dict, dict] | None:
+            array = features.numpy()
+            if not np.isfinite(array).all():
+                return None
+            sample, record = embedding_sample(image_id, array, embedding.original_size,
+                                              embedding.input_size, identity, cfg.dtype)
+            SAM_EMBEDDINGS.table([record])  # the sample's JSON obeys the contract too
+            return sample, record
 
-        with self.tar_spool() as tar, self.image_errors(rejects) as errors:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+        def deliver(image_id: str, outcome: Outcome) -> None:
+            result = errors.run(image_id, outcome.get)
+            if result is REJECTED:
+                return
+            if result is None:
+                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_embedding",
+                                      "SAM's image encoder returned NaN/inf"))
+                return
+            sample, record = result
+            tar.write(sample)
+            rows.append(record)
+
+        def flush() -> None:
+            if not batch:
+                return
+            embeddings = errors.run_batch(
+                [image_id for image_id, _, _ in batch],
+                lambda: segmenter.embed_batch([rgb for _, rgb, _ in batch], [p for _, _, p in batch]),
+                lambda k: segmenter.embed_batch([batch[k][1]], [batch[k][2]])[0])
+            for (image_id, _, _), embedding in zip(batch, embeddings, strict=True):
+                if embedding is not REJECTED:
+                    post.submit(image_id, serialise, image_id, embedding, HostCopy(embedding.features.float()))
+            batch.clear()
+
+        with self.tar_spool() as tar, self.image_errors(rejects) as errors, behind(deliver) as post:
+            for i, (image_id, rgb, prepared) in enumerate(decoded_images(errors, self.path("ingest", "tar"),
+                                                                         segmenter.prepare)):
                 progress.step(i)
-                encoded = errors.run(image_id, encode, rgb)
-                if encoded is REJECTED:
-                    continue
-                embedding, features = encoded
-                if not np.isfinite(features).all():
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_embedding",
-                                          "SAM's image encoder returned NaN/inf"))
-                    continue
-                sample, record = embedding_sample(image_id, features, embedding.original_size,
-                                                  embedding.input_size, identity, dtype)
-                SAM_EMBEDDINGS.table([record])  # the sample's JSON obeys the contract too
-                tar.write(sample)
-                rows.append(record)
+                batch.append((image_id, rgb, prepared))
+                if len(batch) >= cfg.batch_size:
+                    flush()
+            flush()
+        rejects.sort(key=manifest_order(sources))
         return self.finish(SAM_EMBEDDINGS, rows, rejects, len(sources), tar=tar.path)
 
 
@@ -101,7 +133,7 @@ class UsesSamEmbeddings(ChainedShardTask):
         if not sam_embeddings().share:
             return lambda image_id, rgb: segmenter.embed(rgb)
         stored = {r["image_id"] for r in self.read("sam", SAM_EMBEDDINGS)}
-        lookup = ForwardLookup(iter_sam_embeddings(self.path("sam", "tar")))
+        lookup = ForwardLookup(read_ahead(iter_sam_embeddings(self.path("sam", "tar"))))
 
         def get(image_id: str, rgb: np.ndarray) -> SamImageEmbedding | None:
             if image_id not in stored:

@@ -7,6 +7,7 @@ Each task reads its inputs, calls pipeline/ (and a model role from models/), and
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any
 
@@ -16,12 +17,16 @@ import numpy as np
 from models.registry import load_role, load_spacy
 from pipeline.artifacts import ShardOutput
 from pipeline.captions import load_gt_captions
+from pipeline.overlap import Outcome
 from pipeline.use_pairs import (
+    CaptionQuery,
+    DecodedBoxes,
     box_mask_row,
     caption_rows,
+    decode_boxes,
     expression_rows,
-    ground_caption,
-    masks_for_boxes,
+    finish_box_masks,
+    ground_captions,
     merge_segments,
 )
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
@@ -38,6 +43,7 @@ from tasks.base import (
 from tasks.image_errors import REJECTED
 from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
+from tasks.throughput import behind, decoded_images, manifest_order
 
 
 class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
@@ -58,6 +64,8 @@ class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
     box_threshold = FloatParameter(default=0.05, ge=0, le=1)
     text_threshold = FloatParameter(default=0.25, ge=0, le=1)
     box_nms_iou = FloatParameter(default=0.7, ge=0, le=1)
+    grounder_batch_size = IntParameter(default=8, ge=1, description="captions (sentence windows) per Grounding DINO "
+                                       "forward; each image is encoded once for all its captions")
     pred_iou_thresh = FloatParameter(default=0.6, ge=-1, le=1)
     stability_thresh = FloatParameter(default=0.6, ge=-1, le=1)
     cleanup_area = IntParameter(default=20, ge=0)
@@ -126,7 +134,7 @@ class CaptionShard(ChainedShardTask):
             batch.clear()
 
         with self.image_errors(rejects) as errors:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+            for i, (image_id, rgb, _) in enumerate(decoded_images(errors, self.path("ingest", "tar"))):
                 progress.step(i)
                 batch.append((image_id, rgb))
                 if len(batch) >= cfg.caption_batch_size:
@@ -176,9 +184,13 @@ class GroundShard(ChainedShardTask):
         cfg = use()
         return {**self.upstream_params(), "grounder": model_identity("grounder", model_settings()),
                 "spacy_model": cfg.spacy_model, "box_threshold": cfg.box_threshold,
-                "text_threshold": cfg.text_threshold, "box_nms_iou": cfg.box_nms_iou}
+                "text_threshold": cfg.text_threshold, "box_nms_iou": cfg.box_nms_iou,
+                # captions per forward: float rounding may differ with the batch, so it is part of the hash
+                "grounder_batch_size": cfg.grounder_batch_size}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
+        """Images decoded and resized ahead (``[throughput]``); the captions of consecutive images are grounded
+        together, ``[use] grounder_batch_size`` per forward, each image encoded once (``ground_captions``)."""
         cfg = use()
         nlp = load_spacy(cfg.spacy_model)
         grounder = load_role("grounder", model_settings())
@@ -187,11 +199,12 @@ class GroundShard(ChainedShardTask):
         in_count = sum(len({r["caption_index"] for r in rows}) for rows in expressions.values())
         progress.start(len(expressions))
         rows, rejects = [], []
+        pending: list[tuple[str, np.ndarray, Any, list[tuple[dict, list[dict], CaptionQuery]]]] = []
 
         def units(image_id: str) -> list[str]:  # what in_count counts: the image's captions with expressions
             return [f"caption:{c}" for c in sorted({r["caption_index"] for r in expressions.get(image_id, [])})]
 
-        def ground_image(image_id: str, rgb: np.ndarray) -> list[tuple[dict, list[dict], list]]:
+        def image_queries(image_id: str) -> list[tuple[dict, list[dict], CaptionQuery]]:
             by_caption: dict[int, list[dict]] = defaultdict(list)
             for expr in expressions.get(image_id, []):
                 by_caption[expr["caption_index"]].append(expr)
@@ -201,35 +214,61 @@ class GroundShard(ChainedShardTask):
                 if not exprs:
                     continue  # rejected upstream (no noun phrase)
                 text = caption["caption"]
-                sentences = [(s.start_char, s.end_char) for s in nlp(text).sents]
-                found.append((caption, exprs, ground_caption(
-                    grounder, rgb, text, [(e["phrase_start"], e["phrase_end"]) for e in exprs],
-                    sentence_spans=sentences, box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold,
-                    box_nms_iou=cfg.box_nms_iou)))
+                # sentences matter only for a caption past the grounder's text limit (windows of sentences)
+                long = grounder.count_tokens(text) > grounder.max_text_tokens
+                sentences = tuple((s.start_char, s.end_char) for s in nlp(text).sents) if long else None
+                phrases = tuple((e["phrase_start"], e["phrase_end"]) for e in exprs)
+                found.append((caption, exprs, CaptionQuery(0, text, phrases, sentences)))
             return found
 
+        def ground(items: list) -> list[list[tuple[dict, list[dict], list]]]:
+            queries = [dataclasses.replace(q, image=k) for k, item in enumerate(items) for _, _, q in item[3]]
+            boxes = iter(ground_captions(grounder, [item[1] for item in items], queries,
+                                         prepared=[item[2] for item in items], box_threshold=cfg.box_threshold,
+                                         text_threshold=cfg.text_threshold, box_nms_iou=cfg.box_nms_iou,
+                                         batch_size=cfg.grounder_batch_size))
+            return [[(caption, exprs, next(boxes)) for caption, exprs, _ in item[3]] for item in items]
+
+        def flush() -> None:
+            if not pending:
+                return
+            grounded_images = errors.run_batch([item[0] for item in pending], lambda: ground(pending),
+                                               lambda k: ground([pending[k]])[0])
+            for (image_id, *_), grounded in zip(pending, grounded_images, strict=True):
+                if grounded is not REJECTED:
+                    add_rows(image_id, grounded)
+            pending.clear()
+
+        def add_rows(image_id: str, grounded: list[tuple[dict, list[dict], list]]) -> None:
+            box_index = 0
+            for caption, exprs, boxes in grounded:
+                if not boxes:
+                    rejects.append(reject(image_id, f"caption:{caption['caption_index']}", self.stage,
+                                          "no_box", "no box matched a noun phrase of the caption"))
+                    continue
+                for box in boxes:
+                    expr = exprs[box.phrase_index]
+                    rows.append({"image_id": image_id, "box_index": box_index,
+                                 "caption_index": caption["caption_index"], "source": caption["source"],
+                                 "phrase_index": expr["phrase_index"], "phrase": expr["phrase"],
+                                 "expression": expr["expression"],
+                                 "box_xyxy": [float(v) for v in box.box_xyxy], "score": float(box.score)})
+                    box_index += 1
+
         with self.image_errors(rejects, units) as errors:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+            for i, (image_id, rgb, prepared) in enumerate(decoded_images(errors, self.path("ingest", "tar"),
+                                                                         grounder.prepare)):
                 progress.step(i)
                 if not units(image_id):
                     continue
-                grounded = errors.run(image_id, ground_image, image_id, rgb)
-                if grounded is REJECTED:
+                queries = errors.run(image_id, image_queries, image_id)
+                if queries is REJECTED:
                     continue
-                box_index = 0
-                for caption, exprs, boxes in grounded:
-                    if not boxes:
-                        rejects.append(reject(image_id, f"caption:{caption['caption_index']}", self.stage,
-                                              "no_box", "no box matched a noun phrase of the caption"))
-                        continue
-                    for box in boxes:
-                        expr = exprs[box.phrase_index]
-                        rows.append({"image_id": image_id, "box_index": box_index,
-                                     "caption_index": caption["caption_index"], "source": caption["source"],
-                                     "phrase_index": expr["phrase_index"], "phrase": expr["phrase"],
-                                     "expression": expr["expression"],
-                                     "box_xyxy": [float(v) for v in box.box_xyxy], "score": float(box.score)})
-                        box_index += 1
+                pending.append((image_id, rgb, prepared, queries))
+                if sum(len(item[3]) for item in pending) >= cfg.grounder_batch_size:
+                    flush()
+            flush()
+        rejects.sort(key=manifest_order(self.sources()))
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
@@ -249,53 +288,68 @@ class BoxMaskShard(UsesSamEmbeddings):
                 "sam_boxes_per_call": cfg.sam_boxes_per_call}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
+        """Per image (decoded ahead, ``[throughput]``): its stored embedding, one batched decoder call, the stability
+        choice and threshold on the device (``decode_boxes``); behind the loop, on the host: the decisions, cleanup,
+        RLE and rows (``finish_box_masks``). Rows and rejects in manifest and box order."""
         cfg = use()
         segmenter = load_role("segmenter", model_settings())
         boxes = group_by_image(self.read("boxes", BOXES))
         in_count = sum(len(v) for v in boxes.values())
         embed = self.sam_embedder(segmenter)
+        sources = self.sources()
         progress.start(len(boxes))
         rows, rejects = [], []
 
         def image_boxes(image_id: str) -> list[dict]:
             return sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
 
-        def segment(image_id: str, rgb: np.ndarray, these: list[dict]) -> list | None:
+        def decode(image_id: str, rgb: np.ndarray, these: list[dict]) -> DecodedBoxes | None:
             embedding = embed(image_id, rgb)
             if embedding is None:
                 return None
-            return masks_for_boxes(
-                segmenter, rgb, np.asarray([b["box_xyxy"] for b in these], np.float32),
-                pred_iou_thresh=cfg.pred_iou_thresh, stability_thresh=cfg.stability_thresh,
-                cleanup_area=cfg.cleanup_area, whole_image_fraction=cfg.whole_image_fraction,
-                max_boxes_per_call=cfg.sam_boxes_per_call or None, embedding=embedding,
-            )
+            return decode_boxes(segmenter, rgb.shape[:2], np.asarray([b["box_xyxy"] for b in these], np.float32),
+                                whole_image_fraction=cfg.whole_image_fraction, embedding=embedding,
+                                max_boxes_per_call=cfg.sam_boxes_per_call or None)
+
+        def finish(image_id: str, these: list[dict], decoded: DecodedBoxes) -> tuple[list[dict], list[dict]]:
+            results = finish_box_masks(decoded, pred_iou_thresh=cfg.pred_iou_thresh,
+                                       stability_thresh=cfg.stability_thresh, cleanup_area=cfg.cleanup_area)
+            image_rows, image_rejects = [], []
+            for box, result in zip(these, results, strict=True):
+                if result.reject_reason is not None:
+                    image_rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
+                                                f"predicted_iou={result.predicted_iou:.3f} "
+                                                f"stability={result.stability:.3f}"))
+                    continue
+                text = {"phrase": box["phrase"], "expression": box["expression"], "source": box["source"],
+                        "caption_index": box["caption_index"]}
+                image_rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [text]))
+            return image_rows, image_rejects
+
+        def deliver(image_id: str, outcome: Outcome) -> None:
+            result = errors.run(image_id, outcome.get)
+            if result is not REJECTED:
+                rows.extend(result[0])
+                rejects.extend(result[1])
 
         def units(image_id: str) -> list[str]:  # what in_count counts: the image's boxes
             return [f"box:{b['box_index']}" for b in image_boxes(image_id)]
 
-        with self.image_errors(rejects, units) as errors:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+        with self.image_errors(rejects, units) as errors, behind(deliver) as post:
+            for i, (image_id, rgb, _) in enumerate(decoded_images(errors, self.path("ingest", "tar"))):
                 progress.step(i)
                 these = image_boxes(image_id)
                 if not these:
                     continue
-                results = errors.run(image_id, segment, image_id, rgb, these)
-                if results is REJECTED:
+                decoded = errors.run(image_id, decode, image_id, rgb, these)
+                if decoded is REJECTED:
                     continue
-                if results is None:
+                if decoded is None:
                     rejects.extend(reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
                                    for unit in units(image_id))
                     continue
-                for box, result in zip(these, results, strict=True):
-                    if result.reject_reason is not None:
-                        rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
-                                              f"predicted_iou={result.predicted_iou:.3f} "
-                                              f"stability={result.stability:.3f}"))
-                        continue
-                    text = {"phrase": box["phrase"], "expression": box["expression"], "source": box["source"],
-                            "caption_index": box["caption_index"]}
-                    rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [text]))
+                post.submit(image_id, finish, image_id, these, decoded)
+        rejects.sort(key=manifest_order(sources))
         return self.finish(BOX_MASKS, rows, rejects, in_count=in_count)
 
 

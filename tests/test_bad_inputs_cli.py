@@ -25,14 +25,16 @@ pytestmark = pytest.mark.slow
 
 VICTIM_HW = (40, 56)  # the one image whose processing the fault below makes raise
 
+# SAM's encoder runs on batches of images (embed is a batch of one): a batch holding the victim fails, and the stage
+# redoes its images one by one to find it.
 FAIL_ONE_IMAGE = f"""
 import models.segmenter as segmenter
-_embed = segmenter.SamSegmenter.embed
-def embed_or_fail(self, image):
-    if tuple(image.shape[:2]) == {VICTIM_HW!r}:
+_embed_batch = segmenter.SamSegmenter.embed_batch
+def embed_batch_or_fail(self, images, prepared=None):
+    if any(tuple(image.shape[:2]) == {VICTIM_HW!r} for image in images):
         raise RuntimeError("injected: this image breaks SAM's image encoder")
-    return _embed(self, image)
-segmenter.SamSegmenter.embed = embed_or_fail
+    return _embed_batch(self, images, prepared)
+segmenter.SamSegmenter.embed_batch = embed_batch_or_fail
 """
 
 
