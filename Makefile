@@ -61,7 +61,7 @@ luigid: $(STAMP)
 workers: $(STAMP)
 	@test -n "$(IMAGES)" || { echo "usage: make workers N=2 STAGE=<stage> IMAGES=<dir> [DATASET=name]"; exit 2; }
 	$(VENV)/bin/pseudoseg workers --n $(N) $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT) \
-		--scheduler-port $(PORT)
+		--scheduler-port $(PORT) $(if $(GPUS),--gpus $(GPUS))
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results

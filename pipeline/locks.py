@@ -2,7 +2,8 @@
 
 A lock is a hidden file ``<stage>/<hash>/.lock-shard-NNNNNN`` created with ``O_CREAT | O_EXCL`` (atomic on local
 file systems and on NFSv3+), holding JSON: pid, host, the process start time (``/proc/<pid>/stat``), a random
-token and the time taken. The holder refreshes its mtime every ``stale_after / 4`` seconds from a daemon thread.
+token and the time taken. The holder refreshes its mtime every ``stale_after / 4`` seconds from one daemon thread
+per process shared by all its locks (a thread per lock cost ~4 ms per shard to start and join).
 
 A lock is **stale** (and taken over) when
 - its holder ran on this host and that process is gone (no such pid, a zombie, or a pid reused by a process
@@ -28,6 +29,16 @@ from typing import Any
 
 UNREADABLE_GRACE = 30.0
 _HELD: set[str] = set()  # tokens of the locks this process holds now
+
+
+_OWN_START: dict[int, str | None] = {}  # this process's start time, by pid (a forked child has another pid)
+
+
+def own_start() -> str | None:
+    pid = os.getpid()
+    if pid not in _OWN_START:
+        _OWN_START[pid] = process_start(pid)
+    return _OWN_START[pid]
 
 
 def process_start(pid: int) -> str | None:
@@ -75,12 +86,10 @@ class UnitLock:
         self.poll = poll
         self.on_wait = on_wait
         self.token: str | None = None
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
 
     # -- holder identity --------------------------------------------------------------------------------
     def _content(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()),
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start": own_start(),
                 "token": self.token, "since": time.time()}
 
     @staticmethod
@@ -163,28 +172,22 @@ class UnitLock:
         return bool(holder) and holder.get("token") == self.token
 
     def release(self) -> None:
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=5)
+        _HEARTBEAT.remove(self)
         if self.held():
             self.path.unlink(missing_ok=True)
         _HELD.discard(self.token)
         self.token = None
 
     def _start_heartbeat(self) -> None:
-        self._stop.clear()
-        interval = max(0.05, self.stale_after / 4)
+        _HEARTBEAT.add(self, interval=max(0.05, self.stale_after / 4))
 
-        def beat() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    if self.held():
-                        os.utime(self.path)
-                except OSError:
-                    pass
-
-        self._beat = threading.Thread(target=beat, name=f"lock-heartbeat {self.path.name}", daemon=True)
-        self._beat.start()
+    def beat(self) -> None:
+        """Refresh the lock's mtime if this holder still holds it."""
+        try:
+            if self.held():
+                os.utime(self.path)
+        except OSError:
+            pass
 
     def __enter__(self) -> UnitLock:
         self.acquire()
@@ -192,6 +195,58 @@ class UnitLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class Heartbeat:
+    """One daemon thread per process refreshing every held lock when its interval is due."""
+
+    def __init__(self) -> None:
+        self._due: dict[UnitLock, tuple[float, float]] = {}  # lock -> (interval, next refresh at)
+        self._cond = threading.Condition()
+        self._owner: int | None = None  # pid that started the thread (a forked child must start its own)
+
+    def add(self, lock: UnitLock, interval: float) -> None:
+        with self._cond:
+            self._due[lock] = (interval, time.monotonic() + interval)
+            if self._owner != os.getpid():
+                self._owner = os.getpid()
+                threading.Thread(target=self._run, name="lock-heartbeat", daemon=True).start()
+            self._cond.notify()
+
+    def remove(self, lock: UnitLock) -> None:
+        with self._cond:
+            self._due.pop(lock, None)
+
+    def _run(self) -> None:
+        owner = os.getpid()
+        while True:
+            with self._cond:
+                if self._owner != owner:
+                    return
+                now = time.monotonic()
+                due = [lock for lock, (_, at) in self._due.items() if at <= now]
+                for lock in due:
+                    interval = self._due[lock][0]
+                    self._due[lock] = (interval, now + interval)
+                wait = min((at for _, at in self._due.values()), default=now + 60.0) - now
+            for lock in due:
+                lock.beat()
+            with self._cond:
+                self._cond.wait(timeout=max(wait, 0.0))
+
+
+_HEARTBEAT = Heartbeat()
+
+
+def _fresh_heartbeat_in_child() -> None:
+    # A forked child holds none of its parent's locks, and the parent's thread may hold the condition's lock
+    # at the fork: the child starts clean.
+    global _HEARTBEAT
+    _HEARTBEAT = Heartbeat()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_heartbeat_in_child)
 
 
 def describe(holder: dict[str, Any] | None) -> str:

@@ -120,7 +120,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_luigid(args: argparse.Namespace) -> int:
     state = Path(args.out).resolve() / ".luigid"
     (state / "logs").mkdir(parents=True, exist_ok=True)
-    print(f"luigid on port {args.port}; state {state}/state.pickle; UI http://localhost:{args.port}/")
+    # luigid counts [resources] over every worker of every host: its gpu pool is cluster-wide, not per host.
+    luigi.configuration.get_config().set("resources", "gpu", str(args.gpu_slots))
+    print(f"luigid on port {args.port}; state {state}/state.pickle; UI http://localhost:{args.port}/; "
+          f"GPU tasks at once, cluster-wide: {args.gpu_slots}")
     luigi.cmdline.luigid(["--port", str(args.port), "--state-path", str(state / "state.pickle"),
                           "--logdir", str(state / "logs")])
     return 0
@@ -139,12 +142,28 @@ def cmd_workers(args: argparse.Namespace) -> int:
         base += ["--config", args.config]
     for item in args.set or []:
         base += ["--set", item]
-    procs = [subprocess.Popen(base, env=os.environ.copy()) for _ in range(args.n)]
+    procs = [subprocess.Popen(base, env=worker_env(i, args.gpus)) for i in range(args.n)]
     codes = [p.wait() for p in procs]
     task = make_task(args.stage, args.images, args.dataset, args.out)
     print("\nall workers finished:")
     print(format_table(summarise([task])))
     return 0 if all(c == 0 for c in codes) and task.complete() else 1
+
+
+def worker_env(index: int, gpus: list[str] | None) -> dict[str, str]:
+    """Worker ``index``'s environment: pinned to one of ``gpus`` (round robin) through CUDA_VISIBLE_DEVICES."""
+    env = os.environ.copy()
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    return env
+
+
+def gpu_list(text: str) -> list[str]:
+    """argparse type: comma-separated CUDA device indices or UUIDs, e.g. 0,1,2,3."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"must be comma-separated GPU indices, e.g. 0,1,2,3; got {text!r}")
+    return items
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -201,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("luigid", help="start the central scheduler (state under <out>/.luigid)")
     lg.add_argument("--out", default="out")
     lg.add_argument("--port", type=integer(1, 65535), default=8082)
+    lg.add_argument("--gpu-slots", type=integer(1), default=1024,
+                    help="model tasks running at once in the whole cluster (luigid's [resources] gpu; default: "
+                         "no cap, each worker process has its own GPU: workers --gpus)")
     lg.set_defaults(func=cmd_luigid)
 
     wk = sub.add_parser("workers", help="start N worker processes against luigid")
@@ -210,6 +232,8 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--dataset")
     wk.add_argument("--scheduler-host", help="luigid's host (default: [core] scheduler_host, localhost)")
     wk.add_argument("--scheduler-port", type=integer(1, 65535), default=8082)
+    wk.add_argument("--gpus", type=gpu_list, help="pin worker i to GPU gpus[i %% len] (CUDA_VISIBLE_DEVICES), "
+                                                   "e.g. --n 4 --gpus 0,1,2,3 on a 4-GPU host")
     common(wk)
     wk.set_defaults(func=cmd_workers)
     return p

@@ -275,3 +275,20 @@ def test_verify_setting_size_misses_flipped_bytes_sha256_heals_them(tmp_path):
         (evidence,) = (plan.stage_dir.path / QUARANTINE).iterdir()
         assert "plan.parquet: sha256" in (evidence / "reason.txt").read_text()
         assert (evidence / "plan.parquet").read_bytes() == bytes(data)
+
+
+def test_one_heartbeat_thread_serves_every_held_lock(tmp_path):
+    locks = [UnitLock(tmp_path / f".lock-shard-{i:06d}", stale_after=0.4) for i in range(3)]
+    for lock in locks:
+        lock.acquire()
+    try:
+        old = time.time() - 100
+        for lock in locks:
+            os.utime(lock.path, (old, old))
+        time.sleep(0.35)
+        assert all(time.time() - lock.path.stat().st_mtime < 1 for lock in locks)
+        assert sum(t.name == "lock-heartbeat" for t in threading.enumerate()) == 1
+    finally:
+        for lock in locks:
+            lock.release()
+    assert not any(lock.path.exists() for lock in locks)

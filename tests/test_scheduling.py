@@ -302,3 +302,42 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys):
     for argv in started:
         assert argv[argv.index("--scheduler-host") + 1] == "sched.example" and "--central" in argv
         assert argv[argv.index("--scheduler-port") + 1] == "8099"
+
+
+def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch):
+    from tasks import cli
+
+    envs: list[dict] = []
+
+    class Worker:
+        def __init__(self, args, env=None, **kwargs) -> None:
+            envs.append(env)
+
+        def wait(self) -> int:
+            return 0
+
+    class Done(luigi.Task):
+        def complete(self) -> bool:
+            return True
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Worker)
+    monkeypatch.setattr(cli, "make_task", lambda *args: Done())
+    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--gpus", "0,1"])
+    assert cli.cmd_workers(args) == 0
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["0", "1", "0"]
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["workers", "FullDAG", "--images", "/data/x", "--gpus", "0,,1"])
+
+
+def test_luigid_gpu_pool_is_cluster_wide_and_set_from_the_command(monkeypatch, tmp_path):
+    """luigid counts [resources] over all workers of all hosts, so its gpu pool cannot be luigi.cfg's per-host 1."""
+    from tasks import cli
+
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(cli.luigi.cmdline, "luigid",
+                        lambda argv: seen.update(gpu=luigi.configuration.get_config().get("resources", "gpu")))
+    with luigi_settings(resources={"gpu": 1}):
+        assert cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path), "--gpu-slots", "12"])) == 0
+        assert seen["gpu"] == "12"
+        cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path)]))
+        assert seen["gpu"] == "1024"
