@@ -178,8 +178,8 @@ def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[S
         elif not isinstance(task, CommittedTask) and hasattr(type(task), "stage_dir"):
             try:
                 stage_dir = task.stage_dir
-            except ValueError:  # a trainer over an empty source
-                continue
+            except Exception:  # noqa: BLE001 — e.g. a trainer over an empty source, a benchmark not found: the
+                continue       # run's own failure says why; the summary shows what exists
             row = rows.get(stage_dir.stage) or rows.setdefault(stage_dir.stage, _new_row(stage_dir.stage, stage_dir))
             _single(task, row, since)
         elif type(task).__name__ == "Preview" and task.complete():
