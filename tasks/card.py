@@ -19,6 +19,13 @@ MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "cam_clip", "classif
 PARAM_WIDTH = 100
 
 
+def singular(unit: str) -> str:
+    """images → image, boxes → box, classes → class."""
+    if unit.endswith(("xes", "sses")):
+        return unit[:-2]
+    return unit[:-1] if unit.endswith("s") else unit
+
+
 def _description(name: str) -> str:
     from tasks.dag import STAGES
 
@@ -38,10 +45,12 @@ def _short(value: Any) -> str:
 
 
 def _models(params: dict[str, Any]) -> dict[str, str]:
-    found = {k: str(v) for k, v in params.items() if k in MODEL_KEYS and isinstance(v, str)}
+    # "<preset>:<name>"; the same key may name an upstream stage's hash instead (``dense`` = the ClipDense folder)
+    found = {k: v for k, v in params.items() if k in MODEL_KEYS and isinstance(v, str) and ":" in v}
     nested = params.get("models")  # ModelProbe: the whole [models] content
     if isinstance(nested, dict):
-        found.update({k: str(v) for k, v in nested.items() if v not in ("", None)})
+        found.update({k: str(v) for k, v in nested.items() if v not in ("", None, []) and k not in ("cache_dir",
+                                                                                                   "plugins")})
     return found
 
 
@@ -62,7 +71,7 @@ def _schema_lines(row: StageRow) -> list[str]:
     contract = output_of(row.stage).contract
     if contract is None:
         return []
-    lines = [f"Schema `{contract.tag}` (one row per {row.rows_unit.rstrip('s') or 'row'}):", "",
+    lines = [f"Schema `{contract.tag}` (one row per {singular(row.rows_unit)}):", "",
              "| field | type |", "|---|---|"]
     lines += [f"| `{f.name}` | `{f.type}`{'' if f.nullable else ', not null'} |" for f in contract.schema]
     return [*lines, ""]
@@ -87,7 +96,7 @@ def _stage_section(row: StageRow, root: Path) -> list[str]:
     main, rejects = _glob(row, "parquet"), _glob(row, "rejects.parquet")
     if main and output_of(row.stage).contract is not None:
         lines.append(f"Files: `{main}` (the rows below), `{rejects}` (schema `{REJECTS.tag}`: one row per "
-                     f"rejected {row.unit.rstrip('s')}, with `reason` and `detail`), and per shard a done "
+                     f"rejected {singular(row.unit)}, with `reason` and `detail`), and per shard a done "
                      f"record listing every file with its size and sha256.")
         lines.append("")
     params = _params(row)
