@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -34,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 import webdataset as wds
 
-from schemas import SHARD_STATS, Contract, SchemaError
+from schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
 
 TMP_PREFIX = ".tmp-"
 TMP_DIR = ".tmp"  # in a stage folder: temporaries of the units in flight (and hints of what a redo must remove)
@@ -352,9 +353,17 @@ class ShardOutput:
     in_count: int = 0
     ok_count: int = 0
     rejected_count: int = 0
+    rows: int | None = None  # rows of the main table (``parquet``); None: the unit has none
+    reject_reasons: dict[str, int] = field(default_factory=dict)  # reason code -> rejects, from the rejects table
 
     def add_table(self, suffix: str, contract: Contract, table: pa.Table) -> None:
+        """Serialise ``table`` as ``shard-N.<suffix>``; the main table's row count and the rejects' reason counts
+        go into the record (done.json), so a summary never has to open a Parquet file."""
         self.files[suffix] = contract.to_parquet_bytes(table)
+        if suffix == "parquet":
+            self.rows = table.num_rows
+        if contract is REJECTS:
+            self.reject_reasons = dict(Counter(table.column("reason").to_pylist()))
 
 
 class AccountingError(RuntimeError):
@@ -385,6 +394,8 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
         "in_count": output.in_count,
         "ok_count": output.ok_count,
         "rejected_count": output.rejected_count,
+        "rows": output.rows,
+        "reject_reasons": dict(sorted(output.reject_reasons.items())) if output.rejected_count else None,
         "seconds": round(float(seconds), 3),
         "versions": package_versions(),
         "files": files,
@@ -424,7 +435,7 @@ def read_shard_stats(path: Path) -> dict[str, Any]:
     try:
         before = os.stat(path)
     except OSError:
-        return SHARD_STATS.read_json(path)  # raises as it always did
+        return _read_stats_json(path)  # raises as it always did
     key = _stat_key(path, before)
     if key in _VALID_RECORDS:
         try:
@@ -432,12 +443,12 @@ def read_shard_stats(path: Path) -> dict[str, Any]:
             if _stat_key(path, os.stat(path)) == key:
                 record = json.loads(text)
                 record.pop("schema", None)
-                return record
+                return _upgraded(record)
         except (OSError, ValueError):
             pass
         _VALID_RECORDS.discard(key)
     started = time.time_ns()
-    record = SHARD_STATS.read_json(path)
+    record = _read_stats_json(path)
     if max(before.st_mtime_ns, before.st_ctime_ns) < started - TRUST_AFTER_NS:
         try:
             unchanged = _stat_key(path, os.stat(path)) == key
@@ -448,6 +459,23 @@ def read_shard_stats(path: Path) -> dict[str, Any]:
                 _VALID_RECORDS.clear()
             _VALID_RECORDS.add(key)
     return record
+
+
+def _upgraded(record: dict[str, Any]) -> dict[str, Any]:
+    """A v1 record as a current one: what v1 did not record is null (unknown)."""
+    record.setdefault("rows", None)
+    record.setdefault("reject_reasons", None)
+    return record
+
+
+def _read_stats_json(path: Path) -> dict[str, Any]:
+    """A current SHARD_STATS record, or a v1 one (written before ``rows``/``reject_reasons``) upgraded."""
+    try:
+        return SHARD_STATS.read_json(path)
+    except SchemaError as exc:
+        if f"found {SHARD_STATS_V1.tag}" not in str(exc):
+            raise
+    return _upgraded(SHARD_STATS_V1.read_json(path))
 
 
 def load_shard_stats(path: Path) -> dict[str, Any] | None:

@@ -4,12 +4,13 @@ from schemas.contract import Contract, SchemaError
 from schemas.evaluation import CLASS_IOU
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
-from schemas.ingest import IMAGE_META, MANIFEST, PLAN, REJECTS, SHARD_STATS
+from schemas.ingest import IMAGE_META, MANIFEST, PLAN, REJECTS, SHARD_STATS, SHARD_STATS_V1
 from schemas.models import MODEL_PROBE
 from schemas.use import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS
 
 __all__ = [
-    "Contract", "SchemaError", "IMAGE_META", "MANIFEST", "PLAN", "REJECTS", "SHARD_STATS", "MODEL_PROBE",
+    "Contract", "SchemaError", "IMAGE_META", "MANIFEST", "PLAN", "REJECTS", "SHARD_STATS", "SHARD_STATS_V1",
+    "MODEL_PROBE",
     "CAPTIONS", "EXPRESSIONS", "BOXES", "BOX_MASKS", "SEGMENTS",
     "DENSE_FEATURES", "DETECTIONS", "PSEUDO_MASKS", "LABEL_REGIONS", "LABEL_MAP_META", "CLASS_IOU",
     "FEATURE_CACHE", "TEXT_EMBEDDINGS",

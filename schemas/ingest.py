@@ -71,37 +71,44 @@ REJECTS = Contract(
     ),
 )
 
-# shard-NNNNNN.done.json: written last; its presence is the Luigi target.
+def _shard_stats_fields(extra: list[pa.Field]) -> list[pa.Field]:
+    return [
+        _f("stage", pa.string()),
+        _f("dataset", pa.string()),
+        _f("shard", pa.int32()),
+        _f("params_hash", pa.string()),
+        _f("params", pa.map_(pa.string(), pa.string())),  # values are canonical JSON
+        _f("in_count", pa.int64()),
+        _f("ok_count", pa.int64()),
+        _f("rejected_count", pa.int64()),
+        *extra,
+        _f("seconds", pa.float64()),
+        _f("versions", pa.map_(pa.string(), pa.string())),
+        _f(
+            "files",
+            pa.list_(
+                pa.struct(
+                    [
+                        pa.field("name", pa.string(), nullable=False),
+                        pa.field("num_bytes", pa.int64(), nullable=False),
+                        pa.field("sha256", pa.string(), nullable=False),
+                    ]
+                )
+            ),
+        ),
+    ]
+
+
+# shard-NNNNNN.done.json: written last; its presence is the Luigi target. v2 adds what the end-of-run summary
+# reads without opening any Parquet: ``rows`` (rows of the shard's main table, null where it has none) and
+# ``reject_reasons`` (reason code -> rejects). v1 records (no such fields) stay valid: readers fill them with null.
 SHARD_STATS = Contract(
     "shard_stats",
-    1,
-    pa.schema(
-        [
-            _f("stage", pa.string()),
-            _f("dataset", pa.string()),
-            _f("shard", pa.int32()),
-            _f("params_hash", pa.string()),
-            _f("params", pa.map_(pa.string(), pa.string())),  # values are canonical JSON
-            _f("in_count", pa.int64()),
-            _f("ok_count", pa.int64()),
-            _f("rejected_count", pa.int64()),
-            _f("seconds", pa.float64()),
-            _f("versions", pa.map_(pa.string(), pa.string())),
-            _f(
-                "files",
-                pa.list_(
-                    pa.struct(
-                        [
-                            pa.field("name", pa.string(), nullable=False),
-                            pa.field("num_bytes", pa.int64(), nullable=False),
-                            pa.field("sha256", pa.string(), nullable=False),
-                        ]
-                    )
-                ),
-            ),
-        ]
-    ),
+    2,
+    pa.schema(_shard_stats_fields([_f("rows", pa.int64(), nullable=True),
+                                   _f("reject_reasons", pa.map_(pa.string(), pa.int64()), nullable=True)])),
 )
+SHARD_STATS_V1 = Contract("shard_stats", 1, pa.schema(_shard_stats_fields([])))
 
 # The `.json` member of each WebDataset sample in an ingest tar (key = image_id). The image payload sits
 # beside it as `<image_id>.<stored_ext>`; `tar tf shard-000000.tar` lists both.

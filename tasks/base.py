@@ -322,6 +322,8 @@ class CommittedTask(DatasetTask):
                 redo(self, upstream, {name: detail}, why="failed its contract")
                 output = self.produce_unit()
             commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
+            if isinstance(self, ShardTask) and STAGE_BARS.active:
+                STAGE_BARS.committed(self)
         except BaseException:
             stage_dir.clear_unfinished(self.unit)  # a failed attempt leaves nothing behind (we hold the lock)
             raise
@@ -510,37 +512,109 @@ class ChainedShardTask(ShardTask):
         return output
 
 
+class StageBars:
+    """One tqdm line per running stage on the terminal, advanced as its shards commit, with the current shard's
+    progress as the line's postfix. The CLI turns it on (``activate``) for a local run in one process; it draws
+    only where the stream is a terminal (tests, CI logs: nothing). While it is active, shards draw no bar of
+    their own."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.stream: Any = None
+        self.bars: dict[str, tqdm] = {}
+        self._last = 0.0
+
+    def activate(self, stream: Any = None) -> None:
+        self.active, self.stream, self.bars = True, stream or sys.stderr, {}
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.active, self.bars = False, {}
+
+    @property
+    def drawing(self) -> bool:
+        return self.active and bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def bar(self, task: ShardTask) -> tqdm | None:
+        if not self.drawing:
+            return None
+        bar = self.bars.get(task.stage)
+        if bar is None:
+            from tasks.summary import output_of  # tasks.summary imports this module
+
+            out = output_of(task.stage)
+            bar = self.bars[task.stage] = tqdm(total=task.shard_count, desc=f"{out.stage:<19}", unit="shard",
+                                               position=len(self.bars), leave=True, file=self.stream,
+                                               dynamic_ncols=True)
+        return bar
+
+    def step(self, task: ShardTask, index: int, total: int, unit: str) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.5:
+            return
+        self._last = now
+        bar = self.bar(task)
+        if bar is not None:
+            bar.set_postfix_str(f"shard {task.shard}: {index}/{total} {unit}")
+
+    def committed(self, task: ShardTask) -> None:
+        bar = self.bar(task)
+        if bar is not None:
+            bar.set_postfix_str(f"shard {task.shard} done", refresh=False)
+            bar.update(1)
+
+
+STAGE_BARS = StageBars()
+
+
 class ProgressReporter:
-    """Progress of one shard, to luigid's UI (percentage + status message) and to a local tqdm bar."""
+    """Progress of one shard, to luigid's UI (percentage + status message) and to the terminal (the stage's line,
+    see StageBars, or else a tqdm bar of the shard's own). At the end of a shard that succeeded: ``N/N <unit>``
+    and 100 %, so luigid never shows a finished shard as partly done."""
 
     def __init__(self, task: ShardTask) -> None:
         self.task = task
         self.bar: tqdm | None = None
         self.total = 0
+        self.unit = "images"
+        self.started = False
         self._last = 0.0
 
-    def start(self, total: int) -> None:
-        self.total = total
-        self.bar = tqdm(total=total, desc=f"{self.task.stage} shard {self.task.shard}", unit="img",
-                        leave=False, disable=None)
+    def start(self, total: int, unit: str = "images") -> None:
+        self.total, self.unit, self.started = total, unit, True
+        if not STAGE_BARS.active:
+            self.bar = tqdm(total=total, desc=f"{self.task.stage} shard {self.task.shard}", unit="img",
+                            leave=False, disable=None)
 
     def step(self, index: int) -> None:
         if self.bar is not None:
             self.bar.update(1)
+        if STAGE_BARS.active:
+            STAGE_BARS.step(self.task, index, self.total, self.unit)
         now = time.monotonic()
         if not callable(self.task.set_progress_percentage):  # None outside a Luigi worker
             return
         if self.total and now - self._last > 1.0:  # throttle: each call is an RPC under luigid
             self._last = now
             self.task.set_progress_percentage(round(100.0 * index / self.total, 1))
-            self.task.set_status_message(f"{index}/{self.total} images")
+            self.task.set_status_message(f"{index}/{self.total} {self.unit}")
+
+    def finished(self) -> None:
+        """The shard's work is done: report it whole (not throttled)."""
+        if callable(self.task.set_status_message):
+            self.task.set_status_message(f"{self.total}/{self.total} {self.unit}" if self.started else "done")
+        if callable(self.task.set_progress_percentage):
+            self.task.set_progress_percentage(100)
 
     def __enter__(self) -> ProgressReporter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+        if exc_type is None:
+            self.finished()
 
 
 def coarsen(tasks: Iterable[luigi.Task]) -> list[luigi.Task]:

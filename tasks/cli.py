@@ -4,22 +4,28 @@ workers, and the offline demo. Thin: it builds Luigi tasks and prints the end-of
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import luigi
 import luigi.cmdline
+import luigi.configuration
+import luigi.setup_logging
 from luigi.execution_summary import LuigiStatusCode
 
-from tasks.base import build_tasks, frozen_settings
+from pipeline.artifacts import params_hash
+from tasks.base import STAGE_BARS, build_tasks, frozen_settings
+from tasks.card import write_card
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
 from tasks.settings import SettingsError, closest, configure
-from tasks.summary import format_table, quarantine_notes, summarise
+from tasks.summary import RunInfo, footer, format_table, quarantine_notes, summarise, write_run_json
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
@@ -54,10 +60,62 @@ FAILED_STATUSES = {
 }
 
 
+LOGGERS = ("luigi-interface", "luigi")  # Luigi's worker/interface and scheduler loggers
+
+
+@contextlib.contextmanager
+def run_logging(log: Path, *, terminal_level: int) -> Iterator[None]:
+    """For one build: Luigi's logging (INFO and up) goes to ``log``; the terminal (stderr) gets only
+    ``terminal_level`` and up (WARNING for a local run: redone units, failures; INFO under luigid, as before).
+    Luigi's own logging setup is skipped; what this adds is removed afterwards."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log, encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setLevel(terminal_level)
+    to_terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    # Luigi configures its logging once per process unless told it is done: it is (here).
+    interface, configured = luigi.setup_logging.InterfaceLogging, luigi.setup_logging.InterfaceLogging._configured
+    interface._configured = True
+    saved = []
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, list(logger.handlers)))
+        for handler in list(logger.handlers):  # a stream handler from an earlier luigi.build in this process
+            logger.removeHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(to_file)
+        logger.addHandler(to_terminal)
+    try:
+        yield
+    finally:
+        interface._configured = configured
+        for logger, level, propagate, handlers in saved:
+            logger.removeHandler(to_file)
+            logger.removeHandler(to_terminal)
+            logger.setLevel(level)
+            logger.propagate = propagate
+            for handler in handlers:
+                logger.addHandler(handler)
+        to_file.close()
+
+
+def settings_hash() -> str:
+    """A short hash of every setting in effect (luigi.cfg + --config + --set): two runs with the same hash ran
+    with the same configuration."""
+    cfg = luigi.configuration.get_config()
+    return params_hash({section: dict(cfg.items(section)) for section in sorted(cfg.sections())})
+
+
 def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, central: bool = False,
           scheduler_host: str | None = None, scheduler_port: int | None = None,
           summary: bool = True) -> tuple[bool, list[str]]:
-    """Run ``stage`` (and what it needs); (success, the one-line causes of failures no retry could fix)."""
+    """Run ``stage`` (and what it needs); (success, the one-line causes of failures no retry could fix).
+    Luigi logs to ``<out>/<dataset>/logs/run-<time>-<pid>.log``; the terminal shows one progress line per running
+    stage (on a terminal, one local worker process) and, once at the end, the summary table, which is also
+    written as ``run.json`` beside the dataset card (``README.md``)."""
     task = make_task(stage, images, dataset, out)
     factory = FailFastWorkers()
     kwargs: dict = {"workers": workers, "local_scheduler": not central, "worker_scheduler_factory": factory}
@@ -65,19 +123,42 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
         kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
                                          ("scheduler_port", scheduler_port)) if v is not None})
     started = time.time()
-    result = build_tasks([task], **kwargs)
+    root = Path(out).resolve() / dataset
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    log = root / "logs" / f"run-{stamp}-{os.getpid()}.log"
+    if summary and workers == 1 and not central:
+        STAGE_BARS.activate(sys.stderr)
+    try:
+        with run_logging(log, terminal_level=logging.INFO if central else logging.WARNING):
+            result = build_tasks([task], **kwargs)
+    finally:
+        STAGE_BARS.close()
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
     if summary:
-        print()
-        print(format_table(summarise([task])))
-        notes = quarantine_notes([task], since=started)
-        if notes:
-            print(f"\n{len(notes)} unit(s) failed verification or had an invalid done.json and were redone:")
-            print("\n".join(f"  {note}" for note in notes))
+        report(task, stage, images, dataset, out, started=started, ok=ok, log=log, causes=factory.causes)
     if not ok:
         sys.stdout.flush()
         print(f"\n{result.summary_text}", file=sys.stderr)
     return ok, factory.causes
+
+
+def report(task: luigi.Task, stage: str, images: str, dataset: str, out: str, *, started: float, ok: bool,
+           log: Path | None, causes: list[str]) -> None:
+    """The end of a run, once: run.json and the dataset card written, then the table (DAG order) and its footer
+    (outputs, ran/skipped, where the record, card and log are) printed."""
+    rows = summarise([task], since=started)
+    info = RunInfo(command=stage, dataset=dataset, root=Path(out).resolve() / dataset, images=images,
+                   started=started, ended=time.time(), ok=ok, log=log, settings_hash=settings_hash(),
+                   causes=list(causes))
+    write_run_json(rows, info)
+    write_card(rows, info)
+    print()
+    print(format_table(rows))
+    print(footer(rows, info))
+    notes = quarantine_notes([task], since=started)
+    if notes:
+        print(f"\n{len(notes)} unit(s) failed verification or had an invalid done.json and were redone:")
+        print("\n".join(f"  {note}" for note in notes))
 
 
 def print_causes(causes: list[str]) -> None:
@@ -111,8 +192,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")
     ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
-    print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/: shard-NNNNNN.parquet (manifest), "
-          f".rejects.parquet, .tar (WebDataset), .done.json; sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt")
+    print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/ (what each folder holds, its schema and how to "
+          f"read it: {out}/demo/README.md); sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt")
     print_causes(causes)
     return 0 if ok else 1
 
@@ -142,12 +223,14 @@ def cmd_workers(args: argparse.Namespace) -> int:
         base += ["--config", args.config]
     for item in args.set or []:
         base += ["--set", item]
+    started = time.time()
     procs = [subprocess.Popen(base, env=worker_env(i, args.gpus)) for i in range(args.n)]
     codes = [p.wait() for p in procs]
     task = make_task(args.stage, args.images, args.dataset, args.out)
-    print("\nall workers finished:")
-    print(format_table(summarise([task])))
-    return 0 if all(c == 0 for c in codes) and task.complete() else 1
+    ok = all(c == 0 for c in codes) and task.complete()
+    print("\nall workers finished (each logs to <out>/<dataset>/logs/run-<time>-<pid>.log):")
+    report(task, args.stage, args.images, args.dataset, args.out, started=started, ok=ok, log=None, causes=[])
+    return 0 if ok else 1
 
 
 def worker_env(index: int, gpus: list[str] | None) -> dict[str, str]:
@@ -262,6 +345,9 @@ def check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The terminal shows our progress lines, not one bar per model file loaded (Hugging Face reads this once,
+    # at import: the model stages import it later).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
     try:
         check(args)

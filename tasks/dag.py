@@ -3,8 +3,27 @@ one line saying what it makes (`pseudoseg stages` prints them)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import luigi
 
+from schemas import (
+    BOX_MASKS,
+    BOXES,
+    CAPTIONS,
+    DENSE_FEATURES,
+    DETECTIONS,
+    EXPRESSIONS,
+    FEATURE_CACHE,
+    LABEL_REGIONS,
+    MANIFEST,
+    MODEL_PROBE,
+    PSEUDO_MASKS,
+    SEGMENTS,
+    TEXT_EMBEDDINGS,
+    Contract,
+)
+from schemas.features import SAM_EMBEDDINGS
 from tasks.base import DatasetTask
 from tasks.car_labels import CaRLabels
 from tasks.export import ExportCoco, Preview
@@ -55,6 +74,48 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("Evaluate", "mIoU of a method on a benchmark (--set Evaluate.benchmark=... Evaluate.data_root=...)"),
     ("FullDAG", "every branch above except Evaluate"),
 )
+
+
+@dataclass(frozen=True)
+class Output:
+    """One stage folder (``<out>/<dataset>/<folder>/<hash>/``) as the end-of-run summary, run.json and the dataset
+    card describe it: the STAGES name that makes it, what its in/ok/rejected counts count (``unit``), what its rows
+    are (``rows``), and the contract of its main table (None: not a table)."""
+
+    folder: str
+    stage: str
+    unit: str
+    rows: str
+    contract: Contract | None = None
+
+
+# Every stage folder, in DAG order (the summary's order); tests/test_run_summary.py checks it covers FullDAG.
+OUTPUTS: tuple[Output, ...] = (
+    Output("ingest", "Ingest", "images", "images", MANIFEST),
+    Output("model_probe", "ModelProbe", "roles", "roles", MODEL_PROBE),
+    Output("sam_embeddings", "SamEmbeddings", "images", "embeddings", SAM_EMBEDDINGS),
+    Output("use_captions", "Captions", "images", "captions", CAPTIONS),
+    Output("use_expressions", "Expressions", "captions", "expressions", EXPRESSIONS),
+    Output("use_boxes", "Boxes", "captions", "boxes", BOXES),
+    Output("use_box_masks", "BoxMasks", "boxes", "masks", BOX_MASKS),
+    Output("use_segments", "UseSegments", "masks", "segments", SEGMENTS),
+    Output("export_coco", "ExportCoco", "segments", "COCO files"),
+    Output("use_preview", "Preview", "images", "pages"),
+    Output("fmbseg_dense", "ClipDense", "images", "images", DENSE_FEATURES),
+    Output("fmbseg_detect", "Detections", "images", "detections", DETECTIONS),
+    Output("fmbseg_query_masks", "QueryPointMasks", "detections", "masks", PSEUDO_MASKS),
+    Output("fmbseg_auto_masks", "AutoMaskLabels", "images", "masks", PSEUDO_MASKS),
+    Output("fmbseg_labels", "PseudoLabels", "images", "regions", LABEL_REGIONS),
+    Output("car_labels", "CaRLabels", "images", "regions", LABEL_REGIONS),
+    Output("features_use", "UseFeatures", "images", "images", FEATURE_CACHE),
+    Output("features_fmbseg", "FmbsegFeatures", "images", "images", FEATURE_CACHE),
+    Output("use_text", "UseTextEmbeddings", "texts", "texts", TEXT_EMBEDDINGS),
+    Output("text_classes", "ClassTextEmbeddings", "classes", "classes", TEXT_EMBEDDINGS),
+    Output("train_use", "TrainUSEHead", "runs", "steps"),
+    Output("train_alignment", "TrainAlignment", "runs", "steps"),
+    Output("evaluate", "Evaluate", "runs", "classes"),
+)
+OUTPUT_OF: dict[str, Output] = {o.folder: o for o in OUTPUTS}
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:

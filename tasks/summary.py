@@ -1,15 +1,25 @@
-"""End-of-run summary: per stage, shards done/failed, records in/ok/rejected, seconds — read from done.json files."""
+"""End-of-run summary of one dataset, from the records alone (done.json files, output files): per stage in DAG
+order (tasks.dag.OUTPUTS) its unit, shards done/failed, shards ran in this invocation vs. already done, records
+in → ok / rejected, rows written, the top reject reasons, seconds; a warning line for each stage that produced
+nothing; the paths of what a user opens (gallery, coco.json, model.pt, report.md). The same as ``run.json``."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+import os
+import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import luigi
 
-from pipeline.artifacts import QUARANTINE, load_shard_stats
+from pipeline.artifacts import QUARANTINE, StageDir, atomic_write_bytes, load_shard_stats, package_versions
 from tasks.base import CommittedTask, ShardRange, ShardTask
+
+TOP_REASONS = 3
 
 
 def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
@@ -31,49 +41,267 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
         stack.extend(task.deps())
 
 
+def output_of(folder: str):  # -> tasks.dag.Output
+    from tasks.dag import OUTPUT_OF, Output
+
+    if folder in OUTPUT_OF:
+        return OUTPUT_OF[folder]
+    if folder.startswith("eval_"):
+        return OUTPUT_OF["evaluate"]
+    return Output(folder, folder, "records", "rows")
+
+
+def dag_position(folder: str) -> int:
+    from tasks.dag import OUTPUTS
+
+    out = output_of(folder)
+    return OUTPUTS.index(out) if out in OUTPUTS else len(OUTPUTS)
+
+
 @dataclass
 class StageRow:
-    stage: str
+    stage: str  # the stage folder (``use_box_masks``)
+    name: str = ""  # its STAGES name (``BoxMasks``)
+    unit: str = "records"  # what in / ok / rejected count
+    rows_unit: str = "rows"  # what the rows written are
+    path: str = ""  # the stage's folder for this run's parameters
     shards: int = 0
     done: int = 0
+    ran: int = 0  # units committed during this run (the rest of ``done`` were already done: skipped)
     records_in: int = 0
     ok: int = 0
     rejected: int = 0
+    rows: int | None = 0  # None: not recorded (records written before rows were, or not a table)
     seconds: float = 0.0
+    reasons: Counter = field(default_factory=Counter)
+    artifacts: dict[str, str] = field(default_factory=dict)  # what a user opens: label → path
+    counted: bool = True  # False: a single-output task (export, trainer) without per-record counts
+    stage_dir: StageDir | None = field(default=None, repr=False, compare=False)
 
     @property
     def failed(self) -> int:
         return self.shards - self.done
 
+    @property
+    def skipped(self) -> int:
+        return self.done - self.ran
 
-def summarise(roots: Iterable[luigi.Task]) -> list[StageRow]:
-    rows: dict[str, StageRow] = defaultdict(lambda: StageRow(""))
+    def top_reasons(self, n: int = TOP_REASONS) -> list[tuple[str, int]]:
+        return self.reasons.most_common(n)
+
+    def warning(self) -> str | None:
+        """One line if this stage finished but produced nothing."""
+        if not self.counted or self.shards == 0 or self.done < self.shards:
+            return None
+        produced = self.rows if self.rows is not None else self.ok
+        if produced:
+            return None
+        if self.records_in == 0:
+            return f"{self.name} produced no {self.rows_unit}: it received no {self.unit} (an upstream stage " \
+                   f"produced nothing)"
+        reasons = ", ".join(f"{reason} {count}" for reason, count in self.top_reasons())
+        return (f"{self.name} produced no {self.rows_unit}: {self.records_in} {self.unit} in, {self.ok} ok, "
+                f"{self.rejected} rejected" + (f" ({reasons})" if reasons else ""))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"stage": self.name, "folder": self.stage, "path": self.path, "unit": self.unit,
+                "shards": self.shards, "done": self.done, "failed": self.failed, "ran": self.ran,
+                "skipped": self.skipped,
+                **({"in": self.records_in, "ok": self.ok, "rejected": self.rejected} if self.counted else {}),
+                "rows": self.rows, "rows_unit": self.rows_unit, "seconds": round(self.seconds, 3),
+                "reject_reasons": dict(self.reasons.most_common()), "warning": self.warning(),
+                "artifacts": self.artifacts}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _new_row(folder: str, stage_dir: StageDir) -> StageRow:
+    out = output_of(folder)
+    return StageRow(stage=folder, name=out.stage, unit=out.unit, rows_unit=out.rows, path=str(stage_dir.path),
+                    stage_dir=stage_dir)
+
+
+def _single(task: luigi.Task, row: StageRow, since: float | None) -> None:
+    """A task with one output (ModelProbe, ExportCoco, ClassTextEmbeddings, a trainer, Evaluate)."""
+    row.counted = False
+    row.rows = None
+    row.shards += 1
+    target = Path(task.output().path)
+    if not task.complete():
+        return
+    row.done += 1
+    mtime = _mtime(target)
+    if since is not None and mtime is not None and mtime >= since:
+        row.ran += 1
+    label = {"coco.json": "coco.json", "model.pt": "model.pt", "report.md": "report.md"}.get(target.name)
+    if label:
+        row.artifacts[label] = str(target)
+    if target.name == "model.pt":  # metrics.jsonl: one line per optimiser step
+        try:
+            with open(target.parent / "metrics.jsonl", "rb") as fh:
+                row.rows = sum(1 for _ in fh)
+        except OSError:
+            pass
+
+
+def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[StageRow]:
+    """One row per stage folder the DAG of ``roots`` writes, in DAG order; ``since`` (epoch seconds, the run's
+    start): units committed after it count as ran, the others as skipped."""
+    rows: dict[str, StageRow] = {}
+    galleries: list[Path] = []
     for task in walk_dag(roots):
-        if not isinstance(task, ShardTask):
-            continue
-        row = rows[task.stage]
-        row.stage = task.stage
-        row.shards += 1
-        # Done = a valid record whose files are in place (CommittedTask.complete); garbage counts as not done.
-        stats = load_shard_stats(task.stage_dir.done_path(task.shard)) if task.complete() else None
-        if stats is not None:
+        if isinstance(task, ShardTask):
+            stage_dir = task.stage_dir
+            row = rows.get(task.stage) or rows.setdefault(task.stage, _new_row(task.stage, stage_dir))
+            row.shards += 1
+            # Done = a valid record whose files are in place (CommittedTask.complete); garbage counts as not done.
+            done = stage_dir.done_path(task.shard)
+            stats = load_shard_stats(done) if task.complete() else None
+            if stats is None:
+                continue
             row.done += 1
             row.records_in += stats["in_count"]
             row.ok += stats["ok_count"]
             row.rejected += stats["rejected_count"]
             row.seconds += stats["seconds"]
-    return sorted(rows.values(), key=lambda r: r.stage)
+            if row.rows is not None:  # unknown as soon as one record does not say (written before v2)
+                row.rows = None if stats.get("rows") is None else row.rows + stats["rows"]
+            row.reasons.update(dict(stats.get("reject_reasons") or {}))
+            mtime = _mtime(done)
+            if since is not None and mtime is not None and mtime >= since:
+                row.ran += 1
+        elif not isinstance(task, CommittedTask) and hasattr(type(task), "stage_dir"):
+            try:
+                stage_dir = task.stage_dir
+            except Exception:  # noqa: BLE001 — e.g. a trainer over an empty source, a benchmark not found: the
+                continue       # run's own failure says why; the summary shows what exists
+            row = rows.get(stage_dir.stage) or rows.setdefault(stage_dir.stage, _new_row(stage_dir.stage, stage_dir))
+            _single(task, row, since)
+        elif type(task).__name__ == "Preview" and task.complete():
+            galleries.append(Path(task.output().path))  # <out>/<dataset>/use_preview/<hash>/index.html
+    for gallery in galleries:
+        folder = gallery.parent.parent.name
+        row = rows.get(folder) or rows.setdefault(folder, _new_row(folder, StageDir(gallery.parents[3],
+                                                                                    gallery.parents[2].name,
+                                                                                    folder, {})))
+        row.artifacts["gallery"] = str(gallery)
+    return sorted(rows.values(), key=lambda r: (dag_position(r.stage), r.stage))
+
+
+def _cell(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def format_table(rows: list[StageRow]) -> str:
-    # Records are images for ingest, captions/boxes/masks for later stages: in = ok + rejected per stage.
-    header = ("stage", "shards", "done", "failed", "records in", "ok", "rejected", "seconds")
-    body = [(r.stage, r.shards, r.done, r.failed, r.records_in, r.ok, r.rejected, f"{r.seconds:.1f}")
-            for r in rows]
+    """Per stage, in DAG order: shards done/failed, ran/skipped in this run, records in/ok/rejected in the stage's
+    unit, rows written (and what they are), seconds, top reject reasons; then a warning line per empty stage."""
+    header = ("stage", "unit", "shards", "done", "failed", "ran", "skipped", "in", "ok", "rejected", "rows",
+              "rows are", "seconds", "top reject reasons")
+    body = []
+    for r in rows:
+        counts = (r.records_in, r.ok, r.rejected) if r.counted else (None, None, None)
+        reasons = ", ".join(f"{reason} {count}" for reason, count in r.top_reasons())
+        if len(r.reasons) > TOP_REASONS:
+            reasons += f", +{len(r.reasons) - TOP_REASONS} more"
+        body.append((r.name, r.unit if r.counted else "-", r.shards, r.done, r.failed, r.ran, r.skipped,
+                     *(_cell(c) for c in counts), _cell(r.rows), r.rows_unit, f"{r.seconds:.1f}", reasons or "-"))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
-    lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    left = {0, 1, 11, 13}
+
+    def line(values) -> str:
+        cells = [str(x).ljust(w) if i in left else str(x).rjust(w) for i, (x, w) in enumerate(zip(values, widths,
+                                                                                                 strict=True))]
+        return "  ".join(cells).rstrip()
+
+    lines = [line(header), "  ".join("-" * w for w in widths), *(line(b) for b in body)]
+    warnings = [w for w in (r.warning() for r in rows) if w]
+    lines += [f"WARNING: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def artifacts(rows: list[StageRow]) -> dict[str, str]:
+    """label → path of what a user opens, in DAG order (``model.pt`` per trainer)."""
+    found: dict[str, str] = {}
+    for r in rows:
+        for label, path in r.artifacts.items():
+            found[f"{label} ({r.name})" if label == "model.pt" else label] = path
+    return found
+
+
+@dataclass
+class RunInfo:
+    """One invocation: what it ran, when, with what, and where its log, record and card are."""
+
+    command: str
+    dataset: str
+    root: Path  # <out>/<dataset>
+    images: str
+    started: float
+    ended: float = 0.0
+    ok: bool = True
+    log: Path | None = None
+    settings_hash: str = ""
+    causes: list[str] = field(default_factory=list)
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def card(self) -> Path:
+        return self.root / "README.md"
+
+
+def footer(rows: list[StageRow], info: RunInfo) -> str:
+    lines = ["", "outputs:"]
+    found = artifacts(rows)
+    width = max((len(k) for k in found), default=0)
+    lines += [f"  {label:<{width}}  {path}" for label, path in found.items()] or ["  (none yet)"]
+    ran = sum(r.ran for r in rows)
+    lines.append(f"ran {ran} unit(s), skipped {sum(r.skipped for r in rows)} already done; "
+                 f"{info.ended - info.started:.1f} s")
+    lines.append(f"run record: {info.run_json}   dataset card: {info.card}")
+    if info.log is not None:
+        lines.append(f"log: {info.log}")
+    return "\n".join(lines)
+
+
+def run_record(rows: list[StageRow], info: RunInfo) -> dict[str, Any]:
+    """What ``run.json`` holds: the table as data, with the run's identity."""
+    return {
+        "schema": "run/v1",
+        "command": info.command,
+        "dataset": info.dataset,
+        "images": info.images,
+        "root": str(info.root),
+        "status": "ok" if info.ok else "failed",
+        "failures": info.causes,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.started)),
+        "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.ended)),
+        "seconds": round(info.ended - info.started, 3),
+        "settings_hash": info.settings_hash,
+        "versions": package_versions(),
+        "log": str(info.log) if info.log else None,
+        "ran": sum(r.ran for r in rows),
+        "skipped": sum(r.skipped for r in rows),
+        "stages": [r.as_json() for r in rows],
+        "warnings": [w for w in (r.warning() for r in rows) if w],
+        "artifacts": artifacts(rows),
+        "card": str(info.card),
+    }
+
+
+def write_run_json(rows: list[StageRow], info: RunInfo) -> Path:
+    """``<out>/<dataset>/run.json``, atomically (a reader never sees half of it)."""
+    body = json.dumps(run_record(rows, info), indent=2, ensure_ascii=False) + "\n"
+    os.makedirs(info.root, exist_ok=True)
+    atomic_write_bytes(info.run_json, body.encode())
+    return info.run_json
 
 
 def quarantine_notes(roots: Iterable[luigi.Task], since: float) -> list[str]:

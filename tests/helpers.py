@@ -71,10 +71,21 @@ def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+RUN_REPORTS = ("run.json", "README.md", "logs")  # in a dataset root: about one run (times, ran/skipped), not artifacts
+
+
+def is_run_report(rel: Path) -> bool:
+    """``rel`` (under an output root or a dataset root) is a run's report: run.json, the dataset card, a log."""
+    parts = rel.parts
+    return bool(parts) and (parts[0] in RUN_REPORTS or (len(parts) >= 2 and parts[1] in RUN_REPORTS))
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every visible file under ``root`` (relative path → bytes); hidden temporaries are not artifacts."""
+    """Every visible file under ``root`` (relative path → bytes); hidden temporaries are not artifacts, nor are the
+    reports every run rewrites (run.json, the dataset card, logs/)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and not is_run_report(p.relative_to(root))
     }

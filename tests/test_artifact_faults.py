@@ -5,6 +5,7 @@ one corrupted upstream file). Every case ends byte-identical to a clean run (don
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -44,9 +45,18 @@ def assert_same_tree(a: Path, b: Path) -> None:
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
-    """stage → [shards, done, failed, in, ok, rejected, seconds] of the end-of-run table."""
-    lines = text[text.rindex("records in"):].splitlines()[2:]
-    return {parts[0]: parts[1:] for parts in (line.split() for line in lines) if len(parts) == 8}
+    """stage folder → [shards, done, failed, in, ok, rejected, seconds] of the end-of-run table (its columns:
+    stage, unit, shards, done, failed, ran, skipped, in, ok, rejected, rows, rows are, seconds, reasons)."""
+    from tasks.dag import OUTPUTS
+
+    folder = {o.stage: o.folder for o in OUTPUTS}
+    lines = text[text.rindex("\nstage "):].splitlines()[3:]
+    rows = {}
+    for parts in (line.split() for line in lines):
+        if len(parts) < 14 or parts[0] not in folder:
+            break
+        rows[folder[parts[0]]] = [*parts[2:5], *parts[7:10], parts[12]]
+    return rows
 
 
 def assert_accounting(text: str, stages: dict[str, tuple[int, int, int, int]]) -> None:
@@ -210,12 +220,14 @@ def test_two_runs_on_one_output_root_share_the_units_without_failures(tmp_path, 
     texts = [p.communicate(timeout=240)[0] for p in procs]
     for proc, text in zip(procs, texts, strict=True):
         assert proc.returncode == 0, text
-        assert "This progress looks :) because there were no failed tasks" in text, text
+        run_log = Path(re.search(r"^log: (.+)$", text, re.M).group(1))  # Luigi's summary is in the run's log
+        assert "This progress looks :) because there were no failed tasks" in run_log.read_text(), text
         assert_accounting(text, EXPECTED)
     produced = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
     assert sorted(produced) == sorted(["ingest plan", "ingest shard 0", "ingest shard 1", "sam_embeddings shard 0",
                                        "sam_embeddings shard 1"]), "every unit produced exactly once"
-    assert any("pseudoseg: waiting for " in t for t in texts), "the second run waited for a unit in progress"
+    logs = [Path(re.search(r"^log: (.+)$", t, re.M).group(1)).read_text() for t in texts]
+    assert any("pseudoseg: waiting for " in t for t in logs), "the second run waited for a unit in progress"
     assert_same_tree(out, reference)
 
 

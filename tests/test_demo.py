@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from pipeline.sample_set import write_sample_set
@@ -17,7 +20,12 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
     proc = cli(["demo", "--out", str(tmp_path / "out"), "--set", f"models.cache_dir={tmp_path / 'models'}"], env)
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text
-    assert "records in" in text  # the end-of-run table
+    assert re.search(r"^stage +unit +shards +done +failed +ran +skipped +in +ok +rejected", text, re.M)  # the table
+    demo_root = tmp_path / "out" / "demo"
+    record = json.loads((demo_root / "run.json").read_text())
+    assert [s["stage"] for s in record["stages"]][:2] == ["Ingest", "ModelProbe"] and not record["warnings"]
+    assert {"gallery", "coco.json", "model.pt (TrainUSEHead)", "model.pt (TrainAlignment)"} <= set(record["artifacts"])
+    assert "## What each folder holds" in (demo_root / "README.md").read_text(encoding="utf-8")
 
     expected = write_sample_set(tmp_path / "expected")
     demo = tmp_path / "out" / "demo"

@@ -4,6 +4,7 @@ A transient failure still gets Luigi's retries."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def run(args: list[str], env: dict[str, str], timeout: float = 240) -> tuple[int
     proc = cli(args, env)
     text, _ = proc.communicate(timeout=timeout)
     return proc.returncode, text
+
+
+def log_of(text: str) -> str:
+    """The run's log file (Luigi's INFO lines: which tasks ran), named on the table's footer."""
+    found = re.search(r"^log: (.+)$", text, re.M)
+    return Path(found.group(1)).read_text() if found else ""
 
 
 def assert_one_cause_last(text: str, *parts: str) -> str:
@@ -48,7 +55,7 @@ def test_missing_model_fails_once_and_names_role_key_and_path(tmp_path, images):
     code, text = run(["run", "ClipDense", "--images", str(images), "--dataset", "ds", "--out", str(tmp_path / "out"),
                       "--set", "models.preset=real", "--set", f"models.clip={missing}"], env)
     assert code == 1, text
-    assert text.count("running   ClipDenseShard(") == 1  # one attempt, not retry_count of them
+    assert log_of(text).count("running   ClipDenseShard(") == 1  # one attempt, not retry_count of them
     assert_one_cause_last(text, "ModelUnavailableError", "CLIP model", f"`[models] clip = {missing}`",
                           "no such folder")
 
@@ -65,7 +72,7 @@ def test_wrong_benchmark_layout_fails_once_with_the_expected_layout(tmp_path, im
                       "--set", "Evaluate.benchmark=voc21", "--set", f"Evaluate.data_root={root}",
                       "--set", "Evaluate.method=car"], cli_env(tmp_path))
     assert code == 1, text
-    assert text.count("running   Evaluate(") == 1
+    assert log_of(text).count("running   Evaluate(") == 1
     assert_one_cause_last(text, "DatasetError: Evaluate voc21", f"{root}/SegmentationClass not found",
                           "Expected layout: <root>/JPEGImages/<id>.jpg")
     assert not any(out.rglob("report.md"))
@@ -102,8 +109,8 @@ def test_schema_mismatch_of_an_upstream_parquet_heals_or_fails_once(tmp_path, im
     captions = ["run", "Captions", *common, "--set", "use.generate_captions=false"]
     code, text = run(captions, cli_env(tmp_path, STALE_MANIFEST_WRITER))
     assert code == 1, text
-    assert "running   IngestShard(" not in text  # the upstream is redone inside its reader, not rescheduled
-    assert text.count("running   CaptionShard(") == 1
+    assert "running   IngestShard(" not in log_of(text)  # the upstream is redone inside its reader, not rescheduled
+    assert log_of(text).count("running   CaptionShard(") == 1
     assert_one_cause_last(text, f"SchemaError: {manifest}: schema version mismatch: expected manifest/v1, "
                                 "found manifest/v0")
     code, text = run(captions, cli_env(tmp_path))  # today's writer: the reader redoes the shard and goes on
@@ -130,7 +137,7 @@ def test_a_transient_failure_is_still_retried(tmp_path, images):
     code, text = run(["run", "Ingest", "--images", str(images), "--dataset", "ds", "--out", str(tmp_path / "out"),
                       "--set", "scheduler.retry_delay=0"], cli_env(tmp_path, FAIL_FIRST_ATTEMPT.format(marker=str(marker))))
     assert code == 0, text
-    assert marker.exists() and text.count("running   IngestShard(") == 2
+    assert marker.exists() and log_of(text).count("running   IngestShard(") == 2
     assert "injected transient failure" in text and CAUSE not in text
 
 

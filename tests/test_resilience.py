@@ -215,8 +215,8 @@ def test_a_failed_shard_is_reported_and_only_it_is_redone_on_rerun(tmp_path, ima
                       "--set", "scheduler.retry_count=1")
     text, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, text
-    table = text[text.index("records in"):]
-    assert table.splitlines()[2].split()[:4] == ["ingest", "3", "2", "1"]  # shards, done, failed
+    table = text[text.index("\nstage "):]
+    assert table.splitlines()[3].split()[:5] == ["Ingest", "images", "3", "2", "1"]  # shards, done, failed
     assert sorted(shard_files(out)) == [0, 2]  # the failed shard left nothing visible
 
     log.unlink()

@@ -74,7 +74,7 @@ def test_done_json_is_validated_on_read(tmp_path):
     assert str(done) in str(err.value) and "'ok_count' expected int64" in str(err.value)
     record["schema"] = "shard_stats/v9"
     done.write_text(json.dumps(record))
-    with pytest.raises(SchemaError, match="expected shard_stats/v1, found shard_stats/v9"):
+    with pytest.raises(SchemaError, match="expected shard_stats/v2, found shard_stats/v9"):
         SHARD_STATS.read_json(done)
 
 

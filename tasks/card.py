@@ -1,0 +1,185 @@
+"""The dataset card: ``<out>/<dataset>/README.md``, rewritten at the end of every run from the same rows as the
+end-of-run table (tasks.summary). Per stage folder: what it holds (tasks.dag.STAGES), its schema (schemas/), the
+models and parameters that made it (its ``params.json``), its counts; then how to read it with duckdb,
+webdataset and pycocotools (copy-paste, run from the dataset root; tests/test_run_summary.py runs them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_write_bytes, package_versions
+from schemas import REJECTS
+from tasks.summary import RunInfo, StageRow, output_of
+
+# params.json keys naming a model (values: "<preset>:<id or path>", see tasks.base.model_identity)
+MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "cam_clip", "classifier_clip", "dense", "dino")
+PARAM_WIDTH = 100
+
+
+def singular(unit: str) -> str:
+    """images → image, boxes → box, classes → class."""
+    if unit.endswith(("xes", "sses")):
+        return unit[:-2]
+    return unit[:-1] if unit.endswith("s") else unit
+
+
+def _description(name: str) -> str:
+    from tasks.dag import STAGES
+
+    return dict(STAGES).get(name, "")
+
+
+def _params(row: StageRow) -> dict[str, Any]:
+    try:
+        return json.loads((Path(row.path) / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= PARAM_WIDTH else text[:PARAM_WIDTH - 1] + "…"
+
+
+def _models(params: dict[str, Any]) -> dict[str, str]:
+    # "<preset>:<name>"; the same key may name an upstream stage's hash instead (``dense`` = the ClipDense folder)
+    found = {k: v for k, v in params.items() if k in MODEL_KEYS and isinstance(v, str) and ":" in v}
+    nested = params.get("models")  # ModelProbe: the whole [models] content
+    if isinstance(nested, dict):
+        found.update({k: str(v) for k, v in nested.items() if v not in ("", None, []) and k not in ("cache_dir",
+                                                                                                   "plugins")})
+    return found
+
+
+def _glob(row: StageRow, suffix: str) -> str | None:
+    """Relative glob (from the dataset root) of every shard's ``suffix`` file of the stage, located through its
+    StageDir (never by hand: the stage folder layout may change)."""
+    if row.stage_dir is None or not row.counted:
+        return None
+    example = row.stage_dir.shard_path(0, suffix)
+    try:
+        rel = example.relative_to(Path(row.stage_dir.root) / row.stage_dir.dataset)
+    except ValueError:
+        return None
+    return str(rel).replace("000000", "??????")
+
+
+def _schema_lines(row: StageRow) -> list[str]:
+    contract = output_of(row.stage).contract
+    if contract is None:
+        return []
+    lines = [f"Schema `{contract.tag}` (one row per {singular(row.rows_unit)}):", "",
+             "| field | type |", "|---|---|"]
+    lines += [f"| `{f.name}` | `{f.type}`{'' if f.nullable else ', not null'} |" for f in contract.schema]
+    return [*lines, ""]
+
+
+def _stage_section(row: StageRow, root: Path) -> list[str]:
+    rel = Path(row.path).relative_to(root) if row.path.startswith(str(root)) else Path(row.path)
+    lines = [f"### {row.name} — `{rel}/`", "", _description(row.name) or "", ""]
+    if row.counted:
+        reasons = ", ".join(f"{r} {c}" for r, c in row.reasons.most_common())
+        lines.append(f"Counts: {row.done}/{row.shards} shards done; {row.records_in} {row.unit} in, {row.ok} ok, "
+                     f"{row.rejected} rejected{f' ({reasons})' if reasons else ''}; "
+                     f"{'?' if row.rows is None else row.rows} {row.rows_unit} written.")
+    else:
+        lines.append(f"Counts: {row.done}/{row.shards} done" + (f"; {row.rows} {row.rows_unit}"
+                                                                 if row.rows is not None else "") + ".")
+    for label, path in row.artifacts.items():
+        lines.append(f"Open: `{label}` → `{path}`")
+    if row.warning():
+        lines.append(f"**Warning:** {row.warning()}")
+    lines.append("")
+    main, rejects = _glob(row, "parquet"), _glob(row, "rejects.parquet")
+    if main and output_of(row.stage).contract is not None:
+        lines.append(f"Files: `{main}` (the rows below), `{rejects}` (schema `{REJECTS.tag}`: one row per "
+                     f"rejected {singular(row.unit)}, with `reason` and `detail`), and per shard a done "
+                     f"record listing every file with its size and sha256.")
+        lines.append("")
+    params = _params(row)
+    models = _models(params)
+    if models:
+        lines += ["Models: " + ", ".join(f"{role} = `{name}`" for role, name in sorted(models.items())), ""]
+    if params:
+        lines += ["Parameters (`params.json`; upstream stages by their folder hash):", ""]
+        lines += [f"- `{k}`: `{_short(v)}`" for k, v in sorted(params.items()) if k != "models"]
+        lines.append("")
+    return [*lines, *_schema_lines(row)]
+
+
+def _reading(rows: list[StageRow]) -> list[str]:
+    by_stage = {r.stage: r for r in rows}
+    lines = ["## Reading it", "", "Run these from this folder (`cd` here first).", ""]
+    segments = by_stage.get("use_segments") or next((r for r in rows if _glob(r, "parquet")), None)
+    glob = _glob(segments, "parquet") if segments else None
+    if glob:
+        rejected = _glob(segments, "rejects.parquet")
+        lines += ["**duckdb** (Python; the `duckdb` CLI takes the same SQL: `duckdb -c \"...\"`):", "",
+                  "```python", "import duckdb", "",
+                  f"print(duckdb.sql(\"SELECT * FROM read_parquet('{glob}') LIMIT 5\"))",
+                  f"print(duckdb.sql(\"SELECT reason, count(*) AS n FROM read_parquet('{rejected}') "
+                  "GROUP BY reason ORDER BY n DESC\"))", "```", ""]
+    ingest = by_stage.get("ingest")
+    tars = _glob(ingest, "tar") if ingest else None
+    if tars and ingest.shards:
+        last = f"{ingest.shards - 1:06d}"
+        url = tars.replace("??????", f"{{000000..{last}}}")
+        lines += ["**webdataset** (the images; every stage with a `.tar` reads the same way):", "",
+                  "```python", "import webdataset as wds", "",
+                  f"dataset = wds.WebDataset(\"{url}\", shardshuffle=False).decode(\"rgb\")",
+                  "for sample in dataset:",
+                  "    image = next(v for k, v in sample.items() if k in (\"jpg\", \"jpeg\", \"png\", \"webp\"))",
+                  "    print(sample[\"__key__\"], image.shape, sorted(sample))",
+                  "    break", "```", ""]
+    coco = by_stage.get("export_coco")
+    if coco and "coco.json" in coco.artifacts:
+        rel = Path(coco.artifacts["coco.json"]).relative_to(Path(coco.path).parents[1])
+        lines += ["**pycocotools** (the USE segment–text pairs; images under `data/` beside `coco.json`):", "",
+                  "```python", "from pycocotools.coco import COCO", "",
+                  f"coco = COCO(\"{rel}\")",
+                  "print(len(coco.getImgIds()), \"images,\", len(coco.getAnnIds()), \"annotations\")",
+                  "for ann in coco.loadAnns(coco.getAnnIds())[:3]:",
+                  "    mask = coco.annToMask(ann)  # uint8 HxW at the size of data/<file_name>",
+                  "    print(ann[\"image_id\"], mask.shape, int(mask.sum()), ann.get(\"expressions\", [])[:2])",
+                  "```", ""]
+    return lines
+
+
+def card_text(rows: list[StageRow], info: RunInfo) -> str:
+    root = Path(info.root)
+    version = package_versions().get("pseudoseg", "?")
+    ended = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(info.ended or time.time()))
+    lines = [f"# {info.dataset}: pseudoseg dataset card", "",
+             f"Written by `pseudoseg run {info.command}` at {ended} (pseudoseg {version}, settings "
+             f"`{info.settings_hash}`) and rewritten at the end of every run. Images: `{info.images}`. "
+             f"The same counts, machine-readable: `run.json`" + (f"; Luigi's log: `{Path(info.log).relative_to(root)}`"
+                                                                if info.log and str(info.log).startswith(str(root))
+                                                                else "") + ".", "",
+             "Every stage folder is `<stage>/<params-hash>/`: the hash covers the stage's parameters and models "
+             "and every upstream stage's hash, so changed settings write a new folder. Per shard: the table "
+             "(`shard-NNNNNN.parquet`), its rejects, payloads (`.tar` WebDataset, `.npy`), and a done record.", "",
+             "## Stages", "", "| stage | folder | unit | in | ok | rejected | rows written |", "|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        counts = (r.records_in, r.ok, r.rejected) if r.counted else ("", "", "")
+        written = "" if r.rows is None else f"{r.rows} {r.rows_unit}"
+        lines.append(f"| {r.name} | `{r.stage}` | {r.unit if r.counted else ''} | {counts[0]} | {counts[1]} | "
+                     f"{counts[2]} | {written} |")
+    warnings = [w for w in (r.warning() for r in rows) if w]
+    if warnings:
+        lines += ["", *[f"**Warning:** {w}" for w in warnings]]
+    lines += ["", "## What each folder holds", ""]
+    for r in rows:
+        lines += _stage_section(r, root)
+    lines += _reading(rows)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_card(rows: list[StageRow], info: RunInfo) -> Path:
+    """``<out>/<dataset>/README.md``, atomically."""
+    target = Path(info.root) / "README.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, card_text(rows, info).encode("utf-8"))
+    return target
