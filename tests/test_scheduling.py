@@ -277,7 +277,7 @@ def test_stage_folders_follow_settings_changed_in_process(tmp_path, images):
     assert changed.hash != before.hash and changed.params["max_side"] == 99
 
 
-def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys):
+def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys, tmp_path):
     from tasks import cli
 
     started: list[list[str]] = []
@@ -296,7 +296,7 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys):
     monkeypatch.setattr(cli.subprocess, "Popen", Worker)
     monkeypatch.setattr(cli, "make_task", lambda *args: Done())
     args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--dataset", "x",
-                                    "--scheduler-host", "sched.example", "--scheduler-port", "8099"])
+                                    "--out", str(tmp_path), "--scheduler-host", "sched.example", "--scheduler-port", "8099"])
     assert cli.cmd_workers(args) == 0
     assert len(started) == 3
     for argv in started:
@@ -304,7 +304,7 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys):
         assert argv[argv.index("--scheduler-port") + 1] == "8099"
 
 
-def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch):
+def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch, tmp_path):
     from tasks import cli
 
     envs: list[dict] = []
@@ -322,7 +322,8 @@ def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch):
 
     monkeypatch.setattr(cli.subprocess, "Popen", Worker)
     monkeypatch.setattr(cli, "make_task", lambda *args: Done())
-    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--gpus", "0,1"])
+    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--dataset", "x",
+                                    "--out", str(tmp_path), "--gpus", "0,1"])
     assert cli.cmd_workers(args) == 0
     assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["0", "1", "0"]
     with pytest.raises(SystemExit):
