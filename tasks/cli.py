@@ -19,6 +19,7 @@ from tasks.base import build_tasks, frozen_settings
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
 from tasks.settings import SettingsError, closest, configure
+from tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
 from tasks.summary import format_table, quarantine_notes, summarise
 
 
@@ -65,8 +66,10 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
         kwargs.update({k: v for k, v in (("scheduler_host", scheduler_host),
                                          ("scheduler_port", scheduler_port)) if v is not None})
     started = time.time()
+    record_shard_counts([task])
     result = build_tasks([task], **kwargs)
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
+    mark_latest([task])  # every stage whose shards are all done: <stage>/latest -> this run's hash folder
     if summary:
         print()
         print(format_table(summarise([task])))
@@ -111,8 +114,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")
     ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
-    print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/: shard-NNNNNN.parquet (manifest), "
-          f".rejects.parquet, .tar (WebDataset), .done.json; sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt")
+    print(f"\nDemo output under {out}/demo/<stage>/latest/ (-> <params-hash>/): shard-NNNNNN.parquet (rows), "
+          f".tar (WebDataset), _rejects/shard-NNNNNN.parquet, _meta/ (done.json records, params.json); "
+          f"sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt; `pseudoseg status --out {out}`")
     print_causes(causes)
     return 0 if ok else 1
 
@@ -145,6 +149,20 @@ def cmd_workers(args: argparse.Namespace) -> int:
     print("\nall workers finished:")
     print(format_table(summarise([task])))
     return 0 if all(c == 0 for c in codes) and task.complete() else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    text, failed = status_report(Path(args.out).resolve(), args.dataset)
+    print(text)
+    return 1 if failed else 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    if not args.stale:
+        print("pseudoseg: clean: say what to remove: --stale (hash folders that are not their stage's latest)",
+              file=sys.stderr)
+        return 2
+    return clean_stale(Path(args.out).resolve(), args.dataset, yes=args.yes, interactive=sys.stdin.isatty())
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -212,6 +230,19 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--scheduler-port", type=integer(1, 65535), default=8082)
     common(wk)
     wk.set_defaults(func=cmd_workers)
+
+    st = sub.add_parser("status", help="per stage and hash folder: shards done/pending/failed, rows, rejects by "
+                                       "reason, which is latest; exit 1 if a shard failed")
+    st.add_argument("out", nargs="?", default="out", help="output root (default: out)")
+    st.add_argument("--dataset", help="only this dataset (default: every dataset under OUT)")
+    st.set_defaults(func=cmd_status)
+
+    cl = sub.add_parser("clean", help="--stale: remove hash folders that are not their stage's latest")
+    cl.add_argument("out", nargs="?", default="out", help="output root (default: out)")
+    cl.add_argument("--dataset", help="only this dataset (default: every dataset under OUT)")
+    cl.add_argument("--stale", action="store_true", help="remove every hash folder its stage's latest does not name")
+    cl.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    cl.set_defaults(func=cmd_clean)
     return p
 
 
@@ -222,6 +253,9 @@ def check(args: argparse.Namespace) -> None:
         classes = stage_classes()
         if args.stage not in classes:
             lines.append(f"pseudoseg: unknown stage {args.stage!r}; did you mean {closest(args.stage, classes)}?")
+    if args.command in ("status", "clean") and args.dataset and name_problem(args.dataset):
+        lines.append(f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under OUT: "
+                     f"{name_problem(args.dataset)}")
     if hasattr(args, "images"):
         args.dataset = args.dataset or Path(args.images).name
         problem = name_problem(args.dataset)
