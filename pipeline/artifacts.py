@@ -119,6 +119,18 @@ def make_dirs(path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def unit_file(folder: Path, unit: int | str, suffix: str) -> Path:
+    """Where a unit's file of ``suffix`` lies in the hash folder ``folder`` (see the module docstring)."""
+    sub, suffix = _PLACES.get(suffix, ("", suffix))
+    return Path(folder) / sub / f"{unit_name(unit)}.{suffix}"
+
+
+def record_unit_file(done: Path, suffix: str) -> Path:
+    """The file of ``suffix`` of the unit whose done.json is ``done`` (e.g. its rejects beside a found record)."""
+    done = Path(done)
+    return unit_file(done.parent.parent, done.name.removesuffix(".done.json"), suffix)
+
+
 @dataclass(frozen=True)
 class StageDir:
     """One stage's output folder for one parameter set."""
@@ -161,8 +173,7 @@ class StageDir:
         """File of ``suffix`` of a shard (number) or of a named unit such as the ingest ``plan``: data files are
         ``<unit>.<suffix>`` in the hash folder; rejects, records and failure markers go to their sub-folders
         (see the module docstring)."""
-        folder, suffix = _PLACES.get(suffix, ("", suffix))
-        return self.path / folder / f"{unit_name(unit)}.{suffix}"
+        return unit_file(self.path, unit, suffix)
 
     def unit_name_of(self, unit: int | str, suffix: str) -> str:
         """How a record names that file: its path relative to the hash folder (``_rejects/shard-000000.parquet``)."""

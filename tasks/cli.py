@@ -253,9 +253,11 @@ def check(args: argparse.Namespace) -> None:
         classes = stage_classes()
         if args.stage not in classes:
             lines.append(f"pseudoseg: unknown stage {args.stage!r}; did you mean {closest(args.stage, classes)}?")
-    if args.command in ("status", "clean") and args.dataset and name_problem(args.dataset):
-        lines.append(f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under OUT: "
-                     f"{name_problem(args.dataset)}")
+    if args.command in ("status", "clean"):  # read the tree only: no settings involved
+        if args.dataset and name_problem(args.dataset):
+            raise SettingsError([f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under "
+                                 f"OUT: {name_problem(args.dataset)}"])
+        return
     if hasattr(args, "images"):
         args.dataset = args.dataset or Path(args.images).name
         problem = name_problem(args.dataset)
