@@ -268,7 +268,12 @@ def clean_stale(out: Path, dataset: str | None, *, yes: bool, interactive: bool,
         print(f"pseudoseg: nothing to clean: no {'dataset ' + repr(dataset) + ' under ' if dataset else ''}{out}",
               file=sys.stderr)
         return 2
-    stale = stale_folders(out, dataset)
+    stale = []
+    for folder in stale_folders(out, dataset):
+        if any(folder.glob(".lock-*")):  # a run is working in it (or one died holding a lock: rerun, then clean)
+            print(f"  {folder.relative_to(out)}: a shard lock is held there, skipped")
+        else:
+            stale.append(folder)
     if not stale:
         print("pseudoseg: no stale hash folders (every stage folder holds only its latest)")
         return 0

@@ -115,6 +115,11 @@ def test_clean_stale_removes_only_hash_folders_that_are_not_latest(tmp_path, ima
     assert (new.stage_path / "latest").resolve() == new.path
 
     assert run_ingest(images, out)  # back to the first parameters: a new latest, the max_side=32 one is stale
+    lock = new.path / ".lock-shard-000000"
+    lock.write_text("{}")  # a run working in it: left alone
+    assert main(["clean", str(out), "--stale", "--yes"]) == 0
+    assert new.path.is_dir() and "a shard lock is held there, skipped" in capsys.readouterr().out
+    lock.unlink()
     assert main(["clean", str(out), "--stale", "--yes"]) == 0
     assert old.path.is_dir() and not new.path.exists() and plan_folder.is_dir()
     assert main(["clean", str(out), "--stale", "--yes"]) == 0  # nothing left to remove
