@@ -200,16 +200,24 @@ class StageDir:
         a reader sees the old or the new one). Call when every unit of the stage is done."""
         if not self.path.is_dir():
             return
-        atomic_write_bytes(self.stage_path / LATEST_FILE, (self.hash + "\n").encode())
-        link = self.stage_path / LATEST_LINK
+        pointer, body = self.stage_path / LATEST_FILE, (self.hash + "\n").encode()
         try:
-            if link.is_symlink() and os.readlink(link) == self.hash:
-                return
-            tmp = self.stage_path / f"{TMP_PREFIX}{LATEST_LINK}.{_tmp_suffix()}"
+            same = pointer.read_bytes() == body
+        except OSError:
+            same = False
+        if not same:
+            atomic_write_bytes(pointer, body)
+        link = self.stage_path / LATEST_LINK
+        if link.is_symlink() and os.readlink(link) == self.hash:
+            if not same:
+                fsync_dir(self.stage_path)
+            return
+        tmp = self.stage_path / f"{TMP_PREFIX}{LATEST_LINK}.{_tmp_suffix()}"
+        try:
             os.symlink(self.hash, tmp, target_is_directory=True)
             os.replace(tmp, link)
         except OSError:  # no symlinks here (some file systems, Windows without privilege): LATEST is enough
-            return
+            tmp.unlink(missing_ok=True)
         fsync_dir(self.stage_path)
 
     def lock_path(self, unit: int | str) -> Path:
