@@ -109,10 +109,20 @@ def latest_hash(stage_folder: Path) -> str | None:
     return name if name and (stage_folder / name).is_dir() and "/" not in name else None
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def is_hash_folder(path: Path) -> bool:
+    """A parameter-set folder: named by a params hash (12 hex digits: this layout and older ones) or holding
+    ``_meta/`` — never ``latest``, a hidden folder, or another folder a stage keeps beside (the demo's samples)."""
+    if not path.is_dir() or path.is_symlink() or path.name.startswith((".", "_")) or path.name == LATEST_LINK:
+        return False
+    return (len(path.name) == 12 and set(path.name) <= _HEX) or (path / META_DIR).is_dir()
+
+
 def hash_folders(stage_folder: Path) -> list[Path]:
-    """The parameter-set folders of a stage (not ``latest``, not hidden), oldest first."""
-    folders = [p for p in stage_folder.iterdir()
-               if p.is_dir() and not p.is_symlink() and not p.name.startswith((".", "_")) and p.name != LATEST_LINK]
+    """The parameter-set folders of a stage, oldest first."""
+    folders = [p for p in stage_folder.iterdir() if is_hash_folder(p)]
     return sorted(folders, key=lambda p: (p.stat().st_mtime, p.name))
 
 
@@ -213,8 +223,12 @@ def format_status(rows: list[FolderStatus]) -> str:
     body = []
     for r in rows:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(r.rejects.items())) or "-"
-        body.append((r.stage, r.hash, "*" if r.latest else "", "?" if r.shards is None else r.shards, r.done,
-                     "?" if r.shards is None else r.pending, len(r.failed), "-" if r.rows is None else r.rows,
+        if r.shards is None and not r.done and not r.failed:  # no units (a trainer, an export): nothing to count
+            counts: tuple = ("-", "-", "-", "-")
+        else:
+            counts = ("?" if r.shards is None else r.shards, r.done, "?" if r.shards is None else r.pending,
+                      len(r.failed))
+        body.append((r.stage, r.hash, "*" if r.latest else "", *counts, "-" if r.rows is None else r.rows,
                      reasons))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
