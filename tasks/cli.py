@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
     print(f"\nDemo output under {out}/demo/<stage>/latest/ (-> <params-hash>/): shard-NNNNNN.parquet (rows), "
           f".tar (WebDataset), _rejects/shard-NNNNNN.parquet, _meta/ (done.json records, params.json); "
-          f"sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt; `pseudoseg status --out {out}`")
+          f"sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt; `pseudoseg status {out}`")
     print_causes(causes)
     return 0 if ok else 1
 

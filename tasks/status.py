@@ -5,7 +5,9 @@ A stage folder (``<out>/<dataset>/<stage>/``) holds one hash folder per paramete
 ``latest`` / ``LATEST`` naming the hash folder of the last run that completed the stage (pipeline.artifacts).
 Per hash folder a unit is *done* (a valid ``_meta/<unit>.done.json`` whose files are in place at their recorded
 sizes), *failed* (its last attempt left ``_meta/<unit>.failed.json`` and it is not done) or *pending* (neither;
-the shard count of a stage is the plan's, recorded by every run in ``_meta/shards.json``).
+the shard count of a stage is the plan's, recorded by every run in ``_meta/shards.json``). `status` exits 1
+when a shard failed in the folder of a stage's last run (the newest ``shards.json``); failures left in folders
+of earlier runs are listed, not counted.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class FolderStatus:
     rows: int | None = None
     rejects: Counter = field(default_factory=Counter)
     errors: dict[str, str] = field(default_factory=dict)  # failed unit → its last error
+    last_run: bool = False  # the stage's most recent run worked in this folder (its failures count)
 
     @property
     def pending(self) -> int:
@@ -190,6 +193,21 @@ def folder_status(stage: str, folder: Path, latest: bool) -> FolderStatus:
     return status
 
 
+def last_run_folder(folders: list[Path], latest: str | None) -> str | None:
+    """The hash folder the stage's most recent run worked in: the newest ``_meta/shards.json`` (every run writes
+    it at its start), else ``latest``, else the newest folder."""
+    def started(folder: Path) -> float:
+        try:
+            return (folder / META_DIR / SHARDS_FILE).stat().st_mtime
+        except OSError:
+            return float("-inf")
+
+    stamped = [f for f in folders if started(f) > float("-inf")]
+    if stamped:
+        return max(stamped, key=started).name
+    return latest or (folders[-1].name if folders else None)
+
+
 def stage_folders(dataset_folder: Path) -> list[Path]:
     """The stage folders of one dataset, in DAG order (unknown ones last, by name)."""
     order = {name: i for i, name in enumerate(stage_order())}
@@ -213,7 +231,11 @@ def tree_status(out: Path, dataset: str | None = None) -> dict[str, list[FolderS
             latest = latest_hash(stage_folder)
             folders = hash_folders(stage_folder)
             folders.sort(key=lambda p: p.name != latest)  # stable: latest first, the others oldest first
-            rows += [folder_status(stage_folder.name, f, f.name == latest) for f in folders]
+            stage_rows = [folder_status(stage_folder.name, f, f.name == latest) for f in folders]
+            last = last_run_folder(folders, latest)
+            for row in stage_rows:
+                row.last_run = row.hash == last
+            rows += stage_rows
         result[ds.name] = rows
     return result
 
@@ -238,7 +260,7 @@ def format_status(rows: list[FolderStatus]) -> str:
 
 
 def status_report(out: Path, dataset: str | None = None) -> tuple[str, bool]:
-    """(the text `pseudoseg status` prints, whether any shard failed)."""
+    """(the text `pseudoseg status` prints, whether a shard failed in a stage's last run)."""
     if not out.is_dir():
         return f"pseudoseg: no output tree at {out}", True
     if dataset and not (out / dataset).is_dir():
@@ -251,8 +273,10 @@ def status_report(out: Path, dataset: str | None = None) -> tuple[str, bool]:
         parts.append(f"{ds} ({out / ds}):\n{format_status(rows)}")
         for r in rows:
             for unit in r.failed:
-                failed = True
-                parts.append(f"  failed: {r.stage}/{r.hash} {unit}: {r.errors.get(unit) or '(no error recorded)'}")
+                failed = failed or r.last_run
+                older = "" if r.last_run else " (an earlier run's folder)"
+                parts.append(f"  failed: {r.stage}/{r.hash} {unit}{older}: "
+                             f"{r.errors.get(unit) or '(no error recorded)'}")
     return "\n\n".join(parts), failed
 
 

@@ -70,6 +70,12 @@ def test_status_reports_a_failed_shard_and_exits_1_until_it_is_redone(tmp_path, 
     assert (row.done, row.pending, row.failed, row.latest) == (2, 0, ["shard-000001"], False)
 
     monkeypatch.setattr(ingest_module.IngestShard, "produce", produce)
+    # a run with other parameters succeeds: the failure belongs to an earlier run's folder, exit 0
+    assert run_ingest(images, out, max_side=32)
+    code, text = status(out, capsys)
+    assert code == 0, text
+    assert f"failed: ingest/{stage.hash} shard-000001 (an earlier run's folder): RuntimeError" in text
+
     assert run_ingest(images, out)
     code, text = status(out, capsys, "--dataset", "ds")
     assert code == 0, text
