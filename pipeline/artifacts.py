@@ -189,12 +189,6 @@ class StageDir:
         """Marker of a unit whose last attempt failed (written by the task, removed when the unit is done)."""
         return self.unit_path(unit, "failed.json")
 
-    def data_glob(self, suffix: str = "parquet", folder: Path | None = None) -> str:
-        """The glob of one table of this stage, e.g. ``<stage>/<hash>/shard-*.parquet`` (rows) or with
-        ``folder=stage_path / 'latest'`` the same under the latest pointer."""
-        sub, suffix = _PLACES.get(suffix, ("", suffix))
-        return str(((folder or self.path) / sub if sub else (folder or self.path)) / f"shard-*.{suffix}")
-
     def mark_latest(self) -> None:
         """Point the stage's ``latest`` link and ``LATEST`` file at this hash folder (each replaced atomically:
         a reader sees the old or the new one). Call when every unit of the stage is done."""
