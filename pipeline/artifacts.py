@@ -1,9 +1,23 @@
 """Content-addressed, atomic shard artifacts.
 
-Layout: ``<root>/<dataset>/<stage>/<params-hash>/shard-NNNNNN.<suffix>`` plus ``params.json`` beside.
-Every file is written to a hidden temporary name in the same folder and renamed into place, and the shard's
-``done.json`` is renamed last, so a crash at any point leaves no visible artifact for that shard. The folder is
+Layout (version ``LAYOUT``; every path comes from :class:`StageDir`) — one glob is one table::
+
+    <root>/<dataset>/<stage>/<params-hash>/shard-NNNNNN.parquet          the stage's rows (only these match shard-*.parquet)
+    <root>/<dataset>/<stage>/<params-hash>/shard-NNNNNN.tar              WebDataset payloads (other suffixes: .text.npy, ...)
+    <root>/<dataset>/<stage>/<params-hash>/_rejects/shard-NNNNNN.parquet bad records
+    <root>/<dataset>/<stage>/<params-hash>/_meta/shard-NNNNNN.done.json  the unit's record (written last)
+    <root>/<dataset>/<stage>/<params-hash>/_meta/shard-NNNNNN.failed.json  the unit's last attempt failed (tasks.base)
+    <root>/<dataset>/<stage>/<params-hash>/_meta/params.json             the parameters behind the hash
+    <root>/<dataset>/<stage>/latest -> <params-hash>                     relative link to the last complete run's folder
+    <root>/<dataset>/<stage>/LATEST                                      the same hash as one line of text
+
+``_``-prefixed folders are metadata to pyarrow.dataset / Spark / Hive-style readers (skipped when a folder is
+read), ``.``-prefixed ones (``.tmp/``, ``.quarantine/``, ``.lock-*``) are hidden from every reader.
+Every file is written to a hidden temporary name in the stage's ``.tmp/`` and renamed into place, and the shard's
+``done.json`` is renamed last, so a crash at any point leaves no visible artifact for that shard. The folders are
 fsynced after the payload renames and again after ``done.json``: a record that was reported survives a power cut.
+A record lists its files by their path relative to the hash folder (``shard-000000.parquet``,
+``_rejects/shard-000000.parquet``).
 
 ``done.json`` records size and sha256 of every file; :func:`record_problems` checks a unit against it (a missing,
 unreadable or inconsistent record, a missing file, a size or sha256 mismatch) and :meth:`StageDir.quarantine`
@@ -40,6 +54,16 @@ from schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
 TMP_PREFIX = ".tmp-"
 TMP_DIR = ".tmp"  # in a stage folder: temporaries of the units in flight (and hints of what a redo must remove)
 QUARANTINE = ".quarantine"  # hidden: bad records and files moved aside, never read as artifacts
+META_DIR = "_meta"  # in a stage folder: done.json records, failure markers, params.json (not data)
+REJECTS_DIR = "_rejects"  # in a stage folder: the rejects table, one Parquet per shard
+# Hashed into every stage folder name: a tree of another layout is never mixed with this one (it is stale).
+# 1: everything flat in the hash folder; 2: _rejects/ + _meta/, latest link.
+LAYOUT = 2
+LATEST_LINK = "latest"  # relative symlink in a stage folder → the hash folder of the last complete run
+LATEST_FILE = "LATEST"  # the same hash as text, for tools and file systems without links
+# Suffix (what ShardOutput.files and unit_path take) → sub-folder and suffix of the file there.
+_PLACES = {"rejects.parquet": (REJECTS_DIR, "parquet"), "done.json": (META_DIR, "done.json"),
+           "failed.json": (META_DIR, "failed.json")}
 VERIFY_MODES = ("sha256", "size", "off")
 # Packages whose version can change an artifact's bytes; recorded in every done.json.
 VERSIONED_PACKAGES = ("pseudoseg", "numpy", "pillow", "opencv-python", "pyarrow", "webdataset", "torch",
@@ -96,6 +120,18 @@ def make_dirs(path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def unit_file(folder: Path, unit: int | str, suffix: str) -> Path:
+    """Where a unit's file of ``suffix`` lies in the hash folder ``folder`` (see the module docstring)."""
+    sub, suffix = _PLACES.get(suffix, ("", suffix))
+    return Path(folder) / sub / f"{unit_name(unit)}.{suffix}"
+
+
+def record_unit_file(done: Path, suffix: str) -> Path:
+    """The file of ``suffix`` of the unit whose done.json is ``done`` (e.g. its rejects beside a found record)."""
+    done = Path(done)
+    return unit_file(done.parent.parent, done.name.removesuffix(".done.json"), suffix)
+
+
 @dataclass(frozen=True)
 class StageDir:
     """One stage's output folder for one parameter set."""
@@ -107,22 +143,77 @@ class StageDir:
 
     @functools.cached_property
     def hash(self) -> str:
-        return params_hash(self.params)
+        return params_hash({**self.params, "_layout": LAYOUT})
+
+    @functools.cached_property
+    def stage_path(self) -> Path:
+        """The stage's folder: one hash folder per parameter set, plus the ``latest`` pointer."""
+        return Path(self.root) / self.dataset / self.stage
 
     @functools.cached_property
     def path(self) -> Path:
-        return Path(self.root) / self.dataset / self.stage / self.hash
+        return self.stage_path / self.hash
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / META_DIR
+
+    @property
+    def rejects_dir(self) -> Path:
+        return self.path / REJECTS_DIR
+
+    @property
+    def params_path(self) -> Path:
+        return self.meta_path / "params.json"
 
     def shard_path(self, shard: int, suffix: str) -> Path:
         """``suffix`` without the leading dot, e.g. 'parquet', 'rejects.parquet', 'tar', 'done.json'."""
-        return self.path / f"{shard_name(shard)}.{suffix}"
+        return self.unit_path(shard, suffix)
 
     def unit_path(self, unit: int | str, suffix: str) -> Path:
-        """File ``<unit>.<suffix>`` of a shard (number) or of a named unit such as the ingest ``plan``."""
-        return self.path / f"{unit_name(unit)}.{suffix}"
+        """File of ``suffix`` of a shard (number) or of a named unit such as the ingest ``plan``: data files are
+        ``<unit>.<suffix>`` in the hash folder; rejects, records and failure markers go to their sub-folders
+        (see the module docstring)."""
+        return unit_file(self.path, unit, suffix)
+
+    def unit_name_of(self, unit: int | str, suffix: str) -> str:
+        """How a record names that file: its path relative to the hash folder (``_rejects/shard-000000.parquet``)."""
+        return self.unit_path(unit, suffix).relative_to(self.path).as_posix()
+
+    def rejects_path(self, shard: int) -> Path:
+        return self.unit_path(shard, "rejects.parquet")
 
     def done_path(self, shard: int | str) -> Path:
         return self.unit_path(shard, "done.json")
+
+    def failed_path(self, unit: int | str) -> Path:
+        """Marker of a unit whose last attempt failed (written by the task, removed when the unit is done)."""
+        return self.unit_path(unit, "failed.json")
+
+    def mark_latest(self) -> None:
+        """Point the stage's ``latest`` link and ``LATEST`` file at this hash folder (each replaced atomically:
+        a reader sees the old or the new one). Call when every unit of the stage is done."""
+        if not self.path.is_dir():
+            return
+        pointer, body = self.stage_path / LATEST_FILE, (self.hash + "\n").encode()
+        try:
+            same = pointer.read_bytes() == body
+        except OSError:
+            same = False
+        if not same:
+            atomic_write_bytes(pointer, body)
+        link = self.stage_path / LATEST_LINK
+        if link.is_symlink() and os.readlink(link) == self.hash:
+            if not same:
+                fsync_dir(self.stage_path)
+            return
+        tmp = self.stage_path / f"{TMP_PREFIX}{LATEST_LINK}.{_tmp_suffix()}"
+        try:
+            os.symlink(self.hash, tmp, target_is_directory=True)
+            os.replace(tmp, link)
+        except OSError:  # no symlinks here (some file systems, Windows without privilege): LATEST is enough
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.stage_path)
 
     def lock_path(self, unit: int | str) -> Path:
         """Hidden per-unit lock file (see pipeline.locks); never an artifact, never cleared by another run."""
@@ -130,14 +221,15 @@ class StageDir:
 
     def write_params(self) -> None:
         """params.json: the parameters behind the hash, human-readable. Idempotent."""
-        target = self.path / "params.json"
-        body = (json.dumps(dict(self.params), sort_keys=True, indent=2, default=str) + "\n").encode()
+        target = self.params_path
+        body = (json.dumps({**self.params, "_layout": LAYOUT}, sort_keys=True, indent=2, default=str)
+                + "\n").encode()
         if not target.exists() or target.read_bytes() != body:
-            make_dirs(self.path)
+            make_dirs(self.meta_path)
             atomic_write_bytes(target, body)
             # First commit into this folder (a TarSpool may have created it with a plain mkdir): make its entry
             # and its parents' durable before any done.json inside is reported.
-            for folder in (self.path, *list(self.path.parents)[:3]):
+            for folder in (self.meta_path, self.path, *list(self.path.parents)[:3]):
                 fsync_dir(folder)
 
     @property
@@ -176,13 +268,23 @@ class StageDir:
                 scan = scan or listed is None
                 names.update(listed or ())
         if scan:  # a garbage record was moved aside: its names are unknown, so look (rare)
-            names.update(p.name for p in self.path.iterdir() if p.name.startswith(f"{name}."))
-        done = self.done_path(shard).name
+            for folder in (self.path, self.rejects_dir):
+                if folder.is_dir():
+                    names.update(p.relative_to(self.path).as_posix() for p in folder.iterdir()
+                                 if p.name.startswith(f"{name}."))
+        done = self.unit_name_of(shard, "done.json")
         for n in names:
-            if n.split(".", 1)[0] == name and n != done and "/" not in n:
+            if self._own_file(n, name) and n != done:
                 (self.path / n).unlink(missing_ok=True)
         for entry in entries:
             Path(entry.path).unlink(missing_ok=True)
+
+    def _own_file(self, rel: str, name: str) -> bool:
+        """``rel`` (a name a record lists) is a file of unit ``name`` in this hash folder or one of its data
+        sub-folders (never a path leading elsewhere)."""
+        parts = rel.split("/")
+        return (parts[-1].split(".", 1)[0] == name and ".." not in parts and "\\" not in rel
+                and (len(parts) == 1 or (len(parts) == 2 and parts[0] in (REJECTS_DIR, META_DIR))))
 
     def quarantine(self, unit: int | str, reason: str, files: Iterable[str] = ()) -> Path:
         """Invalidate a committed unit: move its done.json (first: that alone makes it not done) and the named
@@ -192,14 +294,18 @@ class StageDir:
         dest = self.path / QUARANTINE / f"{unit_name(unit)}-{stamp}-{os.getpid()}"
         make_dirs(dest)
         (dest / "reason.txt").write_text(reason + "\n")  # first: a moved record always has its reason
-        done, files = self.done_path(unit).name, list(files)
-        for name in [done, *files]:
+        done, files = self.done_path(unit).name, [f for f in files if f != self.done_path(unit).name]
+        moves = [(self.done_path(unit), dest / done)]
+        moves += [(self.path / name, dest / name) for name in files if self._own_file(name, unit_name(unit))]
+        for source, target in moves:
             try:
-                os.replace(self.path / name, dest / name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
             except FileNotFoundError:
                 pass
         fsync_dir(dest)
-        fsync_dir(self.path)
+        for folder in {self.meta_path, *(s.parent for s, _ in moves)}:
+            fsync_dir(folder)
         # The record's other files stay until the unit is redone: clear_unfinished removes them by name.
         listed = _listed_names(dest / done)
         self.mark_stale(unit, None if listed is None else [n for n in listed if n not in files])
@@ -222,18 +328,18 @@ def _tmp_suffix() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def temporary_path(target: Path) -> Path:
-    """Hidden temporary for ``target``: ``.tmp-<name>.<pid>-<random>`` in the folder's ``.tmp/`` where it has one
-    (``StageDir.begin``), else beside ``target``."""
+def temporary_path(target: Path, tmp_dir: Path | None = None) -> Path:
+    """Hidden temporary for ``target``: ``.tmp-<name>.<pid>-<random>`` in ``tmp_dir``, else in the folder's
+    ``.tmp/`` where it has one (``StageDir.begin``), else beside ``target``."""
     target = Path(target)
-    folder = target.parent / TMP_DIR
+    folder = tmp_dir if tmp_dir is not None else target.parent / TMP_DIR
     name = f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}"
     return folder / name if folder.is_dir() else target.with_name(name)
 
 
-def _write_temporary(target: Path, data: bytes) -> Path:
+def _write_temporary(target: Path, data: bytes, tmp_dir: Path | None = None) -> Path:
     """``data`` in an fsynced temporary for ``target`` (``temporary_path``); the caller renames it."""
-    tmp = temporary_path(target)
+    tmp = temporary_path(target, tmp_dir)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -241,12 +347,12 @@ def _write_temporary(target: Path, data: bytes) -> Path:
     return tmp
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
+def atomic_write_bytes(target: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """Write to a hidden temporary (``temporary_path``), fsync, then rename: readers see all of the file or
     none of it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_temporary(target, data), target)
+    os.replace(_write_temporary(target, data, tmp_dir), target)
 
 
 def webdataset_tar_bytes(samples: Iterable[Mapping[str, Any]]) -> bytes:
@@ -384,7 +490,7 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
     for suffix in sorted(output.files):
         data = output.files[suffix]
         num_bytes, digest = _file_digest(data) if isinstance(data, Path) else (len(data), sha256_hex(data))
-        files.append({"name": stage_dir.unit_path(shard, suffix).name, "num_bytes": num_bytes, "sha256": digest})
+        files.append({"name": stage_dir.unit_name_of(shard, suffix), "num_bytes": num_bytes, "sha256": digest})
     stats = {
         "stage": stage_dir.stage,
         "dataset": stage_dir.dataset,
@@ -402,16 +508,22 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
     }
     # done.json first as a temporary in .tmp/: until it is renamed into place it tells a redo (killed between
     # the renames below and that one) which payloads to remove.
-    done = _write_temporary(stage_dir.done_path(shard), SHARD_STATS.to_json_bytes(stats))
+    done = _write_temporary(stage_dir.done_path(shard), SHARD_STATS.to_json_bytes(stats), stage_dir.tmp_path)
+    folders: dict[Path, None] = {}
     for suffix in sorted(output.files):
         data, path = output.files[suffix], stage_dir.unit_path(shard, suffix)
+        if path.parent not in folders:
+            make_dirs(path.parent)
+            folders[path.parent] = None
         if isinstance(data, Path):  # a spooled temporary, already fsynced
             os.replace(data, path)
         else:
-            atomic_write_bytes(path, data)
-    fsync_dir(stage_dir.path)  # payload renames durable before done.json can name them
+            atomic_write_bytes(path, data, stage_dir.tmp_path)
+    for folder in folders:
+        fsync_dir(folder)  # payload renames durable before done.json can name them
     os.replace(done, stage_dir.done_path(shard))
-    fsync_dir(stage_dir.path)  # the reported done.json survives a power cut
+    fsync_dir(stage_dir.meta_path)  # the reported done.json survives a power cut
+    stage_dir.failed_path(shard).unlink(missing_ok=True)  # an earlier failed attempt is history now
     return stats
 
 

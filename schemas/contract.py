@@ -92,6 +92,12 @@ class Contract:
         ``row_group_size``: rows per row group (default: pyarrow's), e.g. so a reader can fetch one part."""
         table = self.stamp(table)
         buf = io.BytesIO()
+        if table.num_rows == 0:
+            # No row group at all (pyarrow writes one of 0 rows, on which HF datasets' Parquet reader fails):
+            # an empty shard (most shards' rejects) reads as an empty table everywhere.
+            pq.ParquetWriter(buf, table.schema, compression="zstd", write_statistics=True,
+                             use_dictionary=True).close()
+            return buf.getvalue()
         pq.write_table(table, buf, compression="zstd", write_statistics=True, use_dictionary=True,
                        row_group_size=row_group_size)
         return buf.getvalue()

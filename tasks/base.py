@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -39,7 +40,9 @@ from pipeline.artifacts import (
     ShardOutput,
     StageDir,
     TarSpool,
+    atomic_write_bytes,
     commit_shard,
+    make_dirs,
     record_problems,
     unit_name,
 )
@@ -48,7 +51,7 @@ from pipeline.locks import UnitLock
 from pipeline.locks import describe as describe_holder
 from pipeline.sources import Listing, list_source, num_shards
 from schemas import MANIFEST, REJECTS, Contract, SchemaError
-from tasks.failures import CorruptInput, explain, permanent_cause
+from tasks.failures import CorruptInput, explain, one_line, permanent_cause
 from tasks.image_errors import ImageErrors
 from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter
 
@@ -293,7 +296,22 @@ class CommittedTask(DatasetTask):
 
     def run(self) -> None:
         with self.lock():
-            self.run_locked()
+            try:
+                self.run_locked()
+            except Exception as exc:
+                self.record_failure(exc)
+                raise
+
+    def record_failure(self, exc: BaseException) -> None:
+        """``_meta/<unit>.failed.json``: this unit's last attempt failed, and why (one line). Durable, so
+        ``pseudoseg status`` can tell failed from pending after the run; the next commit of the unit removes it."""
+        body = {"stage": self.stage_dir.stage, "unit": unit_name(self.unit), "pid": os.getpid(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "error": one_line(exc)}
+        try:
+            make_dirs(self.stage_dir.meta_path)
+            atomic_write_bytes(self.stage_dir.failed_path(self.unit), (json.dumps(body) + "\n").encode())
+        except OSError as err:  # never hide the real failure behind this one
+            LOG.warning("pseudoseg: could not record the failure of %s: %s", self.describe(), err)
 
     def run_locked(self) -> None:
         """With the unit's lock held: nothing if another process finished it meanwhile; otherwise move an invalid

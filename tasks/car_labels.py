@@ -9,7 +9,7 @@ PseudoLabelShard's layout so the trainers can read either:
 - ``shard-N.classes.json``: the label value → class name table (``pipeline.fmbseg.class_table``);
 - ``shard-N.parquet``: LABEL_REGIONS rows, one per (image, class) region (``pixels_stage11/12`` are 0: no Stage-1
   masks are involved);
-- ``shard-N.rejects.parquet``: ``no_confident_query`` when no query passed θ (the recurrence then keeps only its
+- ``_rejects/shard-N.parquet``: ``no_confident_query`` when no query passed θ (the recurrence then keeps only its
   best query, as the official code; a label source should not train on it), ``no_pseudo_label`` when the kept
   queries label no pixel with a foreground class.
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_bytes, package_versions
+from pipeline.artifacts import META_DIR, atomic_write_bytes, package_versions
 from schemas import REJECTS
 from tasks.summary import RunInfo, StageRow, output_of
 
@@ -33,8 +33,9 @@ def _description(name: str) -> str:
 
 
 def _params(row: StageRow) -> dict[str, Any]:
+    path = row.stage_dir.params_path if row.stage_dir is not None else Path(row.path) / META_DIR / "params.json"
     try:
-        return json.loads((Path(row.path) / "params.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -159,8 +160,10 @@ def card_text(rows: list[StageRow], info: RunInfo) -> str:
                                                                 if info.log and str(info.log).startswith(str(root))
                                                                 else "") + ".", "",
              "Every stage folder is `<stage>/<params-hash>/`: the hash covers the stage's parameters and models "
-             "and every upstream stage's hash, so changed settings write a new folder. Per shard: the table "
-             "(`shard-NNNNNN.parquet`), its rejects, payloads (`.tar` WebDataset, `.npy`), and a done record.", "",
+             "and every upstream stage's hash, so changed settings write a new folder; `<stage>/latest` links to the "
+             "folder of the last complete run. Per shard: the table (`shard-NNNNNN.parquet`, the only Parquet "
+             "files of the folder), payloads (`.tar` WebDataset, `.npy`), its rejects in `_rejects/` and its "
+             "done record in `_meta/`.", "",
              "## Stages", "", "| stage | folder | unit | in | ok | rejected | rows written |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         counts = (r.records_in, r.ok, r.rejected) if r.counted else ("", "", "")

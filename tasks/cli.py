@@ -25,6 +25,7 @@ from tasks.card import write_card
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
 from tasks.settings import SettingsError, closest, configure
+from tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
 from tasks.summary import RunInfo, footer, format_table, quarantine_notes, summarise, write_run_json
 
 
@@ -126,6 +127,7 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
     root = Path(out).resolve() / dataset
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     log = root / "logs" / f"run-{stamp}-{os.getpid()}.log"
+    record_shard_counts([task])
     if summary and workers == 1 and not central:
         STAGE_BARS.activate(sys.stderr)
     try:
@@ -134,6 +136,7 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
     finally:
         STAGE_BARS.close()
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
+    mark_latest([task])  # every stage whose shards are all done: <stage>/latest -> this run's hash folder
     if summary:
         report(task, stage, images, dataset, out, started=started, ok=ok, log=log, causes=factory.causes)
     if not ok:
@@ -192,8 +195,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")
     ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
-    print(f"\nDemo output under {out}/demo/<stage>/<params-hash>/ (what each folder holds, its schema and how to "
-          f"read it: {out}/demo/README.md); sample photos in {samples.root}, VOC ground truth in {samples.dest}/gt")
+    print(f"\nDemo output under {out}/demo/<stage>/latest/ (-> <params-hash>/): shard-NNNNNN.parquet (rows), "
+          f".tar (WebDataset), _rejects/, _meta/ (done.json records, params.json); what each folder holds, its "
+          f"schema and how to read it: {out}/demo/README.md; sample photos in {samples.root}, VOC ground truth in "
+          f"{samples.dest}/gt; `pseudoseg status {out}`")
     print_causes(causes)
     return 0 if ok else 1
 
@@ -228,6 +233,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     codes = [p.wait() for p in procs]
     task = make_task(args.stage, args.images, args.dataset, args.out)
     ok = all(c == 0 for c in codes) and task.complete()
+    mark_latest([task])
     print("\nall workers finished (each logs to <out>/<dataset>/logs/run-<time>-<pid>.log):")
     report(task, args.stage, args.images, args.dataset, args.out, started=started, ok=ok, log=None, causes=[])
     return 0 if ok else 1
@@ -247,6 +253,20 @@ def gpu_list(text: str) -> list[str]:
     if not all(items):
         raise argparse.ArgumentTypeError(f"must be comma-separated GPU indices, e.g. 0,1,2,3; got {text!r}")
     return items
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    text, failed = status_report(Path(args.out).resolve(), args.dataset)
+    print(text)
+    return 1 if failed else 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    if not args.stale:
+        print("pseudoseg: clean: say what to remove: --stale (hash folders that are not their stage's latest)",
+              file=sys.stderr)
+        return 2
+    return clean_stale(Path(args.out).resolve(), args.dataset, yes=args.yes, interactive=sys.stdin.isatty())
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -319,6 +339,19 @@ def parser() -> argparse.ArgumentParser:
                                                    "e.g. --n 4 --gpus 0,1,2,3 on a 4-GPU host")
     common(wk)
     wk.set_defaults(func=cmd_workers)
+
+    st = sub.add_parser("status", help="per stage and hash folder: shards done/pending/failed, rows, rejects by "
+                                       "reason, which is latest; exit 1 if a shard failed")
+    st.add_argument("out", nargs="?", default="out", help="output root (default: out)")
+    st.add_argument("--dataset", help="only this dataset (default: every dataset under OUT)")
+    st.set_defaults(func=cmd_status)
+
+    cl = sub.add_parser("clean", help="--stale: remove hash folders that are not their stage's latest")
+    cl.add_argument("out", nargs="?", default="out", help="output root (default: out)")
+    cl.add_argument("--dataset", help="only this dataset (default: every dataset under OUT)")
+    cl.add_argument("--stale", action="store_true", help="remove every hash folder its stage's latest does not name")
+    cl.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    cl.set_defaults(func=cmd_clean)
     return p
 
 
@@ -329,6 +362,11 @@ def check(args: argparse.Namespace) -> None:
         classes = stage_classes()
         if args.stage not in classes:
             lines.append(f"pseudoseg: unknown stage {args.stage!r}; did you mean {closest(args.stage, classes)}?")
+    if args.command in ("status", "clean"):  # read the tree only: no settings involved
+        if args.dataset and name_problem(args.dataset):
+            raise SettingsError([f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under "
+                                 f"OUT: {name_problem(args.dataset)}"])
+        return
     if hasattr(args, "images"):
         args.dataset = args.dataset or Path(args.images).name
         problem = name_problem(args.dataset)

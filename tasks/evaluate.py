@@ -18,7 +18,7 @@ Methods and what they need:
   e.g. ``<data_root>/JPEGImages`` or a .txt listing the split's JPEGs; ``dataset`` = the run's name). Label maps
   are matched to benchmark ids by the source file's stem and mapped to the benchmark classes by name.
 
-Outputs under ``<out>/<benchmark>/eval_<method>/<params-hash>/``: ``params.json``, ``per_class.parquet``
+Outputs under ``<out>/<benchmark>/eval_<method>/<params-hash>/``: ``_meta/params.json``, ``per_class.parquet``
 (schemas.evaluation.CLASS_IOU), ``grid.png`` (image | GT | prediction for the first images by id) and ``report.md``
 (written last: the Luigi target). The dataset folder parameter is ``data_root`` (not ``root``: on every other task
 ``root`` is the output root).

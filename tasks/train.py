@@ -10,7 +10,7 @@ loop on the paper's augmented crops (random 0.5–2× rescale + 560² crop, use-
 ``pipeline.transforms.ScaleCrop``): the paper's setting, one CLIP + DINOv2 forward per image per epoch (GPU).
 
 Output ``<out>/<dataset>/train_use|train_alignment/<hash>/``: ``model.pt`` (the Luigi target, written last),
-``metrics.jsonl``, ``loss.png``, ``checkpoints/epoch-NNNN.pt``, ``params.json`` — see ``models.training.train``. The
+``metrics.jsonl``, ``loss.png``, ``checkpoints/epoch-NNNN.pt``, ``_meta/params.json`` — see ``models.training.train``. The
 hash covers the input stages' hashes and every setting that changes the weights; a rerun after a crash finds the
 same folder and resumes from its last epoch checkpoint, reproducing an uninterrupted run (on CPU bit for bit).
 The datasets below only wire stored pieces to the models' functions (mask pooling weights, patch labels); the

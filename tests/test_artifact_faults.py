@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.artifacts import unit_file
 from tests.helpers import cli, cli_env, tree_bytes, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -98,7 +99,7 @@ EXPECTED = {"ingest": (2, 6, 5, 1), "sam_embeddings": (2, 5, 5, 0)}
 
 def copy_reference(reference: Path, out: Path, *redo: str) -> Path:
     """A copy of the clean tree with the done.json of ``redo`` units removed (so this run reads their inputs)."""
-    shutil.copytree(reference, out)
+    shutil.copytree(reference, out, symlinks=True)  # <stage>/latest stays a link
     for pattern in redo:
         one(out / "ds", pattern).unlink()
     return out / "ds"
@@ -122,7 +123,7 @@ def stale_schema_version_matching_its_record(path: Path) -> None:
     import hashlib
 
     foreign_schema_version(path)
-    done = path.with_name(path.name.split(".")[0] + ".done.json")
+    done = unit_file(path.parent, path.name.split(".")[0], "done.json")
     record = json.loads(done.read_text())
     for entry in record["files"]:
         if entry["name"] == path.name:
@@ -132,20 +133,20 @@ def stale_schema_version_matching_its_record(path: Path) -> None:
 
 FAULTS = {
     # name: (file to damage, damage, expected warning fragments)
-    "flipped_tar_bytes": ("ingest/*/shard-000001.tar", flip,
+    "flipped_tar_bytes": ("ingest/latest/shard-000001.tar", flip,
                           ["ingest shard 1 failed verification before sam_embeddings shard 1 read it",
                            "shard-000001.tar: sha256"]),
-    "parquet_cut_to_half_its_rows": ("ingest/*/shard-000001.parquet", cut_parquet_to_half_its_rows,
+    "parquet_cut_to_half_its_rows": ("ingest/latest/shard-000001.parquet", cut_parquet_to_half_its_rows,
                                      ["ingest shard 1 is invalid", "shard-000001.parquet: ", "bytes, recorded"]),
-    "deleted_tar": ("ingest/*/shard-000001.tar", Path.unlink,
+    "deleted_tar": ("ingest/latest/shard-000001.tar", Path.unlink,
                     ["ingest shard 1 is invalid", "shard-000001.tar: missing"]),
-    "foreign_schema_version": ("ingest/*/shard-000001.parquet", foreign_schema_version,
+    "foreign_schema_version": ("ingest/latest/shard-000001.parquet", foreign_schema_version,
                                ["ingest shard 1 ", "shard-000001.parquet: "]),
     "stale_schema_version_matching_its_record": (
-        "ingest/*/shard-000001.parquet", stale_schema_version_matching_its_record,
+        "ingest/latest/shard-000001.parquet", stale_schema_version_matching_its_record,
         ["ingest shard 1 failed its contract before sam_embeddings shard 1 read it",
          "shard-000001.parquet: schema version mismatch: expected manifest/v1, found manifest/v0"]),
-    "flipped_plan_bytes": ("plan/*/plan.parquet", flip,
+    "flipped_plan_bytes": ("plan/latest/plan.parquet", flip,
                            ["ingest plan failed verification before ingest shard 1 read it", "plan.parquet: sha256"]),
 }
 
@@ -154,9 +155,9 @@ FAULTS = {
 def test_a_damaged_upstream_file_is_named_invalidated_and_redone_in_the_same_run(tmp_path, setup, fault):
     images, models, reference = setup
     pattern, damage, fragments = FAULTS[fault]
-    redo = ["sam_embeddings/*/shard-000001.done.json"]
+    redo = ["sam_embeddings/latest/_meta/shard-000001.done.json"]
     if pattern.startswith("plan/"):
-        redo.append("ingest/*/shard-000001.done.json")  # the plan is read by the ingest shards
+        redo.append("ingest/latest/_meta/shard-000001.done.json")  # the plan is read by the ingest shards
     ds = copy_reference(reference, tmp_path / "out", *redo)
     damage(one(ds, pattern))
 
@@ -176,7 +177,7 @@ def test_a_damaged_upstream_file_is_named_invalidated_and_redone_in_the_same_run
 def test_a_garbage_done_json_means_not_done_never_a_crash(tmp_path, setup, garbage):
     images, models, reference = setup
     ds = copy_reference(reference, tmp_path / "out")
-    one(ds, "ingest/*/shard-000001.done.json").write_bytes(garbage)
+    one(ds, "ingest/latest/_meta/shard-000001.done.json").write_bytes(garbage)
 
     if garbage == b"{garbage":
         # Not needed by the target (its shards are done): exit 0, the summary counts the shard as not done.
@@ -185,7 +186,7 @@ def test_a_garbage_done_json_means_not_done_never_a_crash(tmp_path, setup, garba
         assert table_rows(text)["ingest"][:3] == ["2", "1", "1"]
 
     # Needed: the shard is redone, in the same run, and says so in one line.
-    one(ds, "sam_embeddings/*/shard-000001.done.json").unlink()
+    one(ds, "sam_embeddings/latest/_meta/shard-000001.done.json").unlink()
     code, text = run("SamEmbeddings", images, tmp_path / "out", cli_env(tmp_path), *settings(models))
     assert code == 0, text
     (line,) = [ln for ln in text.splitlines() if ln.startswith(WARNING)]
@@ -285,7 +286,7 @@ def test_chaos_ten_sigkills_and_a_corrupted_upstream_end_byte_identical(tmp_path
     events = len(counts.read_text()) - ingest_events
     del env["CHAOS_COUNT"]
 
-    tar = one(out / "ds", "ingest/*/shard-000001.tar")
+    tar = one(out / "ds", "ingest/latest/shard-000001.tar")
     flip(tar)  # same size: only sha256 sees it; both branches read it
 
     # 10 seeded moments spread over the work (cumulative event positions p1 < ... < p10 < events): run i dies

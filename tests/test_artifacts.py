@@ -83,11 +83,17 @@ def test_commit_fsyncs_the_folder_after_the_payloads_and_after_done_json(tmp_pat
     monkeypatch.setattr(artifacts, "fsync_dir",
                         lambda p: (events.append(f"fsync {os.path.basename(p)}"), real_fsync_dir(p))[1])
     stage = StageDir(tmp_path, "ds", "st", {"a": 1})
-    commit_shard(stage, 3, ShardOutput(files={"parquet": b"1", "tar": b"2"}, in_count=1, ok_count=1), seconds=0)
+    files = {"parquet": b"1", "rejects.parquet": b"3", "tar": b"2"}
+    commit_shard(stage, 3, ShardOutput(files=files, in_count=1, ok_count=1), seconds=0)
     shard = [e for e in events if "params" not in e]
     tail = shard[shard.index("rename shard-000003.parquet"):]
-    assert tail == ["rename shard-000003.parquet", "rename shard-000003.tar", f"fsync {stage.hash}",
-                    "rename shard-000003.done.json", f"fsync {stage.hash}"]
+    # rows, then rejects (into _rejects/, created and its entry made durable), then the tar; every folder that
+    # received a payload is fsynced before done.json is renamed into _meta/, which is fsynced last
+    assert tail == ["rename shard-000003.parquet", f"fsync {stage.hash}", "rename shard-000003.parquet",
+                    "rename shard-000003.tar", f"fsync {stage.hash}", "fsync _rejects",
+                    "rename shard-000003.done.json", "fsync _meta"]
+    assert stage.rejects_path(3).read_bytes() == b"3" and stage.shard_path(3, "parquet").read_bytes() == b"1"
+    assert stage.done_path(3).parent.name == "_meta"
     # the folder's own entry (and its parents') made durable when it was first written into
     assert {"fsync st", "fsync ds"} <= set(events)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.artifacts import sha256_hex
+from pipeline.artifacts import record_unit_file, sha256_hex
 from pipeline.sources import source_path
 from schemas import MANIFEST, REJECTS, SHARD_STATS
 from schemas.features import SAM_EMBEDDINGS
@@ -51,11 +51,11 @@ def run(stage: str, images: Path, out: Path, env: dict[str, str], *extra: str) -
 
 def stage_files(out: Path, stage: str) -> tuple[dict, list[dict], str]:
     """(done.json stats, reject rows, shard base path) of the single shard of ``stage``."""
-    (done,) = (out / "ds" / stage).glob("*/shard-000000.done.json")
+    (done,) = (out / "ds" / stage).glob("latest/_meta/shard-000000.done.json")
     stats = SHARD_STATS.read_json(done)
     assert stats["in_count"] == stats["ok_count"] + stats["rejected_count"], (stage, stats)
-    base = str(done).removesuffix(".done.json")
-    return stats, REJECTS.read_parquet(base + ".rejects.parquet").to_pylist(), base
+    base = str(record_unit_file(done, "parquet")).removesuffix(".parquet")  # data files: shard-N.<suffix>
+    return stats, REJECTS.read_parquet(record_unit_file(done, "rejects.parquet")).to_pylist(), base
 
 
 def tar_samples(path: str) -> dict[str, dict]:
@@ -141,14 +141,13 @@ def awkward_folder(folder: Path) -> tuple[dict[str, str], dict[str, Path]]:
 def ingest_rows(out: Path, plan_hash: str | None = None) -> tuple[list[dict], list[dict]]:
     """(manifest rows, reject rows) over all shards of the one ingest folder (of the given plan)."""
     manifest, rejects = [], []
-    folders = [f for f in (out / "ds" / "ingest").iterdir()
-               if plan_hash is None or json.loads((f / "params.json").read_text())["plan"] == plan_hash]
+    folders = [f for f in (out / "ds" / "ingest").iterdir() if f.is_dir() and not f.is_symlink()
+               and (plan_hash is None or json.loads((f / "_meta" / "params.json").read_text())["plan"] == plan_hash)]
     (folder,) = folders
-    for done in sorted(folder.glob("*.done.json")):
+    for done in sorted(folder.glob("_meta/*.done.json")):
         stats = SHARD_STATS.read_json(done)
-        base = str(done).removesuffix(".done.json")
-        shard_manifest = MANIFEST.read_parquet(base + ".parquet").to_pylist()
-        shard_rejects = REJECTS.read_parquet(base + ".rejects.parquet").to_pylist()
+        shard_manifest = MANIFEST.read_parquet(record_unit_file(done, "parquet")).to_pylist()
+        shard_rejects = REJECTS.read_parquet(record_unit_file(done, "rejects.parquet")).to_pylist()
         assert stats["in_count"] == stats["ok_count"] + stats["rejected_count"]
         assert (stats["ok_count"], stats["rejected_count"]) == (len(shard_manifest), len(shard_rejects))
         manifest += shard_manifest

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.registry import register_preset
+from pipeline.artifacts import unit_file
 from pipeline.feature_cache import TarStore
 from pipeline.images import decode_label_png
 from pipeline.metrics import miou
@@ -90,6 +91,6 @@ def test_car_labels_oracle(images, gt, tmp_path):
     assert [r["class_index"] for r in rows] == meta["class_indices"]
     assert sum(r["area"] for r in rows) == meta["labelled_pixels"]
 
-    rejects = REJECTS.read_parquet(f"{shard}.rejects.parquet").to_pylist()
+    rejects = REJECTS.read_parquet(unit_file(folder, 0, "rejects.parquet")).to_pylist()
     assert [(r["reason"], r["stage"]) for r in rejects] == [("no_confident_query", "car_labels")]
     assert rejects[0]["source"].endswith("black.png")

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from pipeline.artifacts import record_unit_file
 from pipeline.sample_set import write_sample_set
 from schemas import MANIFEST, MODEL_PROBE, REJECTS, SHARD_STATS
 from tests.helpers import cli, cli_env
@@ -29,16 +30,16 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
 
     expected = write_sample_set(tmp_path / "expected")
     demo = tmp_path / "out" / "demo"
-    (done,) = demo.glob("ingest/*/shard-000000.done.json")
+    (done,) = demo.glob("ingest/latest/_meta/shard-000000.done.json")
     stats = SHARD_STATS.read_json(done)
     assert (stats["ok_count"], stats["rejected_count"]) == (expected.expected_good_count,
                                                            expected.expected_reject_count)
-    base = str(done).removesuffix(".done.json")
+    base = str(record_unit_file(done, "parquet")).removesuffix(".parquet")  # data files: shard-N.<suffix>
     assert len(MANIFEST.read_parquet(base + ".parquet")) == expected.expected_good_count
-    reasons = {row["reason"] for row in REJECTS.read_parquet(base + ".rejects.parquet").to_pylist()}
+    reasons = {row["reason"] for row in REJECTS.read_parquet(record_unit_file(done, "rejects.parquet")).to_pylist()}
     assert reasons == set(expected.expected_rejects.values())
 
-    (probe,) = demo.glob("model_probe/*/probe.parquet")
+    (probe,) = demo.glob("model_probe/latest/probe.parquet")
     rows = MODEL_PROBE.read_parquet(probe).to_pylist()
     assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "dense", "cam_clip",
                                         "classifier_clip"}
@@ -50,12 +51,12 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
                     "use_segments", "fmbseg_dense", "fmbseg_detect", "fmbseg_query_masks", "fmbseg_auto_masks",
                     "fmbseg_labels", "car_labels", "features_use", "features_fmbseg", "use_text", "use_preview"}
     for stage in sorted(shard_stages):
-        (stage_done,) = demo.glob(f"{stage}/*/shard-000000.done.json")
+        (stage_done,) = demo.glob(f"{stage}/latest/_meta/shard-000000.done.json")
         s = SHARD_STATS.read_json(stage_done)
         assert s["in_count"] == s["ok_count"] + s["rejected_count"] and s["ok_count"] > 0, (stage, s)
     for trainer in ("train_use", "train_alignment"):
-        (model,) = demo.glob(f"{trainer}/*/model.pt")
+        (model,) = demo.glob(f"{trainer}/latest/model.pt")
         assert (model.parent / "metrics.jsonl").stat().st_size > 0
-    assert next(demo.glob("export_coco/*/coco.json")).stat().st_size > 0
-    top = next(demo.glob("use_preview/*/index.html")).read_text(encoding="utf-8")
+    assert next(demo.glob("export_coco/latest/coco.json")).stat().st_size > 0
+    top = next(demo.glob("use_preview/latest/index.html")).read_text(encoding="utf-8")
     assert 'class="banner"' in top and "random by design" in top  # tiny preset: the gallery says so

@@ -137,7 +137,7 @@ def test_evaluate_car_oracle(voc, tmp_path):
         assert task.complete(), result.summary_text
         folder = task.stage_dir.path
     assert folder.parent == out.resolve() / "voc21" / "eval_car"
-    assert sorted(p.name for p in folder.iterdir()) == ["grid.png", "params.json", "per_class.parquet",
+    assert sorted(p.name for p in folder.iterdir()) == ["_meta", "grid.png", "per_class.parquet",
                                                         "report.md"]
     table = CLASS_IOU.read_parquet(folder / "per_class.parquet")
     rows = table.to_pylist()

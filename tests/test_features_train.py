@@ -29,6 +29,7 @@ import torch
 import tasks.train as train_tasks
 from models.registry import TINY, ModelSettings, load_role, register_preset
 from models.training import load_trained
+from pipeline.artifacts import unit_file
 from pipeline.feature_cache import (
     COCO_TRAIN_IMAGES,
     DISK_BUDGET_BYTES,
@@ -163,7 +164,7 @@ def test_feature_cache_tiny_through_luigi(tmp_path, tiny_cache) -> None:
         assert meta["clip_layers"] == ([0, 1] if purpose == "use" else [])
         assert (meta["height"], meta["width"]) == (48, 64)
         assert meta["dino_input_hw"] == ([56, 56] if purpose == "use" else [56, 70])
-        stats = SHARD_STATS.read_json(folder / "shard-000000.done.json")
+        stats = SHARD_STATS.read_json(unit_file(folder, 0, "done.json"))
         assert (stats["in_count"], stats["ok_count"], stats["rejected_count"]) == (3, 3, 0)
         print(f"{purpose}: {meta['feature_bytes']} bytes/image (tiny)")
 
@@ -212,7 +213,7 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None
     assert labels_stage in (None, "car_labels")
     assert record["metadata"]["input"] == {"resize": "short_side", "short_side": 518, "max_long_side": 0}
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "loss.png").exists()
-    assert json.loads((run_dir / "params.json").read_text())["features"] == feature_hash
+    assert json.loads((run_dir / "_meta" / "params.json").read_text())["features"] == feature_hash
     text = sorted(TEXT_EMBEDDINGS.read_parquet(text_path).to_pylist(), key=lambda r: r["class_index"])
     assert [r["text"] for r in text][:3] == ["aeroplane", "bicycle", "bird"] and {r["template_set"] for r in text} == {"single"}
     protos = torch.tensor([r["embedding"] for r in text])

@@ -292,13 +292,13 @@ def test_tiny_real_models_write_valid_artifacts(tmp_path):
     for name in ("query", "auto"):
         rows = PSEUDO_MASKS.read_parquet(dirs[name] / f"{shard}.parquet").to_pylist()
         assert all(r["stage"] == ("1.1" if name == "query" else "1.2") for r in rows)
-        REJECTS.read_parquet(dirs[name] / f"{shard}.rejects.parquet")
+        REJECTS.read_parquet(dirs[name] / "_rejects" / f"{shard}.parquet")
     assert len(PSEUDO_MASKS.read_parquet(dirs["query"] / f"{shard}.parquet")) == len(det) - len(
-        REJECTS.read_parquet(dirs["query"] / f"{shard}.rejects.parquet"))
+        REJECTS.read_parquet(dirs["query"] / "_rejects" / f"{shard}.parquet"))
     LABEL_REGIONS.read_parquet(dirs["labels"] / f"{shard}.parquet")
     assert json.loads((dirs["labels"] / f"{shard}.classes.json").read_text())["classes"][0]["name"] == "background"
     for d in dirs.values():
-        stats = SHARD_STATS.read_json(d / f"{shard}.done.json")
+        stats = SHARD_STATS.read_json(d / "_meta" / f"{shard}.done.json")
         assert stats["in_count"] == stats["ok_count"] + stats["rejected_count"]
-    assert SHARD_STATS.read_json(dirs["labels"] / f"{shard}.done.json")["ok_count"] >= 1
+    assert SHARD_STATS.read_json(dirs["labels"] / "_meta" / f"{shard}.done.json")["ok_count"] >= 1
     assert Path(dirs["labels"] / f"{shard}.tar").stat().st_size > 0

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.registry import register_preset
+from pipeline.artifacts import unit_file
 from pipeline.images import decode_label_png
 from pipeline.masks import decode_rle
 from pipeline.transforms import Resize, SlidingWindows
@@ -76,7 +77,7 @@ def run(images: Path, out: Path, preset: str, **fmbseg) -> dict[str, Path]:
 
 
 def shard(dirs: dict[str, Path], stage: str, suffix: str) -> Path:
-    return dirs[stage] / f"shard-000000.{suffix}"
+    return unit_file(dirs[stage], 0, suffix)
 
 
 def tar_members(path: Path) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from pipeline.artifacts import record_unit_file
 from pipeline.images import decode_image
 from schemas import MANIFEST, REJECTS, SHARD_STATS
 from tasks.base import ShardTask, build_tasks
@@ -57,7 +58,7 @@ def messy_folder(tmp_path: Path) -> tuple[Path, dict[str, str], list[Path]]:
 def read_stage(out: Path, dataset: str, stage: str) -> list[Path]:
     folders = sorted((out / dataset / stage).iterdir())
     assert len(folders) == 1, folders
-    return sorted(folders[0].glob("shard-*.done.json"))
+    return sorted(folders[0].glob("_meta/shard-*.done.json"))
 
 
 def test_bad_inputs_become_reject_rows_and_good_images_are_all_written(messy_folder, tmp_path):
@@ -74,13 +75,13 @@ def test_bad_inputs_become_reject_rows_and_good_images_are_all_written(messy_fol
     for done in done_files:
         stats = SHARD_STATS.read_json(done)
         assert stats["in_count"] == stats["ok_count"] + stats["rejected_count"]
-        base = str(done).removesuffix(".done.json")
-        manifest = MANIFEST.read_parquet(base + ".parquet").to_pylist()
-        rejects = REJECTS.read_parquet(base + ".rejects.parquet").to_pylist()
+
+        manifest = MANIFEST.read_parquet(record_unit_file(done, "parquet")).to_pylist()
+        rejects = REJECTS.read_parquet(record_unit_file(done, "rejects.parquet")).to_pylist()
         assert (stats["ok_count"], stats["rejected_count"]) == (len(manifest), len(rejects))
         manifest_rows += manifest
         reject_rows += rejects
-        for sample in wds.WebDataset(base + ".tar", shardshuffle=False, empty_check=False):
+        for sample in wds.WebDataset(str(record_unit_file(done, "tar")), shardshuffle=False, empty_check=False):
             samples[sample["__key__"]] = sample
 
     got = {Path(r["source"]).name: r["reason"] for r in reject_rows}
@@ -155,7 +156,7 @@ def test_noop_rerun_runs_nothing_and_changed_params_run_into_a_new_folder(tmp_pa
     assert len(folders) == 2
     assert tree_bytes(old_folder) == old_bytes
     (new_folder,) = [f for f in folders if f != old_folder]
-    assert json.loads((new_folder / "params.json").read_text())["max_side"] == 32
+    assert json.loads((new_folder / "_meta" / "params.json").read_text())["max_side"] == 32
     rows = MANIFEST.read_parquet(new_folder / "shard-000000.parquet").to_pylist()
     assert all(max(r["width"], r["height"]) == 32 and r["resized"] for r in rows)
 

@@ -54,6 +54,8 @@ def assert_same_artifacts(a: Path, b: Path) -> None:
 def shard_files(out: Path) -> dict[int, list[str]]:
     files: dict[int, list[str]] = {}
     for p in (out / "ds" / "ingest").rglob("shard-*"):
+        if p.name.endswith(".failed.json"):  # _meta/: the last attempt failed (for `pseudoseg status`), no artifact
+            continue
         files.setdefault(int(p.name[6:12]), []).append(p.name)
     return files
 
@@ -87,8 +89,8 @@ DIE_MID_COMMIT = """
 import os, pathlib, signal
 import pipeline.artifacts as artifacts
 _write, _count = artifacts.atomic_write_bytes, [0]
-def write_then_die(target, data):
-    _write(target, data)
+def write_then_die(target, data, *args):
+    _write(target, data, *args)
     if pathlib.Path(target).name.startswith("shard-") and not str(target).endswith(".done.json"):
         _count[0] += 1
         if _count[0] == 4:  # first payload of the second shard is in place, its done.json is not

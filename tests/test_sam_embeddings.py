@@ -13,7 +13,7 @@ import torch
 
 from models.registry import ModelSettings, load_role, register_preset
 from models.roles import SamImageEmbedding
-from pipeline.artifacts import webdataset_tar_bytes
+from pipeline.artifacts import unit_file, webdataset_tar_bytes
 from pipeline.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
 from schemas import REJECTS, SHARD_STATS
 from schemas.features import SAM_EMBEDDINGS
@@ -158,12 +158,12 @@ def test_stage1_encodes_each_image_once_when_shared(images, gt, tmp_path):
 
 def test_a_rejected_embedding_becomes_rejects_downstream(images, gt, tmp_path):
     dirs = run_stage1(images, tmp_path / "nan", gt, share=True, nan=True)
-    (bad,) = REJECTS.read_parquet(dirs["sam"] / "shard-000000.rejects.parquet").to_pylist()
+    (bad,) = REJECTS.read_parquet(unit_file(dirs["sam"], 0, "rejects.parquet")).to_pylist()
     assert bad["reason"] == "nonfinite_embedding"
-    query = REJECTS.read_parquet(dirs["query"] / "shard-000000.rejects.parquet").to_pylist()
+    query = REJECTS.read_parquet(unit_file(dirs["query"], 0, "rejects.parquet")).to_pylist()
     assert len(query) == 4 and {r["reason"] for r in query} == {"no_sam_embedding"}  # one per detected class
-    (auto,) = REJECTS.read_parquet(dirs["auto"] / "shard-000000.rejects.parquet").to_pylist()
+    (auto,) = REJECTS.read_parquet(unit_file(dirs["auto"], 0, "rejects.parquet")).to_pylist()
     assert auto["reason"] == "no_sam_embedding"
     for stage in ("sam", "query", "auto"):
-        stats = SHARD_STATS.read_json(dirs[stage] / "shard-000000.done.json")
+        stats = SHARD_STATS.read_json(unit_file(dirs[stage], 0, "done.json"))
         assert stats["in_count"] == stats["ok_count"] + stats["rejected_count"] and stats["ok_count"] == 0

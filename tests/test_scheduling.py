@@ -121,8 +121,8 @@ def test_a_rerun_under_coarse_tasks_redoes_only_the_missing_shards(tmp_path, ima
         root = SamEmbeddings(images=str(images), dataset="ds", out=str(out))
         build(root)
         records = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.done.json")}
-        (sam_4,) = out.glob("ds/sam_embeddings/*/shard-000004.done.json")
-        (ingest_1,) = out.glob("ds/ingest/*/shard-000001.done.json")
+        (sam_4,) = out.glob("ds/sam_embeddings/*/_meta/shard-000004.done.json")
+        (ingest_1,) = out.glob("ds/ingest/*/_meta/shard-000001.done.json")
         sam_4.unlink()
         ingest_1.unlink()
         runs = UnitRuns(monkeypatch)
@@ -153,12 +153,15 @@ def test_a_failing_shard_fails_its_range_after_the_others_and_is_the_only_one_re
         assert not result.scheduling_succeeded
         (row,) = summarise([root])
         assert (row.shards, row.done, row.failed) == (SHARDS, SHARDS - 1, 1)
-        assert sorted(int(p.name[6:12]) for p in out.glob("ds/ingest/*/shard-*.done.json")) == [0, 2, 3, 4]
+        assert sorted(int(p.name[6:12]) for p in out.glob("ds/ingest/*/_meta/shard-*.done.json")) == [0, 2, 3, 4]
         assert not list(out.glob("ds/ingest/*/shard-000001.*")), "the failed shard left nothing visible"
+        (marker,) = out.glob("ds/ingest/*/_meta/shard-000001.failed.json")  # for `pseudoseg status`
+        assert "injected failure in shard 1" in json.loads(marker.read_text())["error"]
         monkeypatch.setattr(IngestShard, "produce", produce)
         runs = UnitRuns(monkeypatch)
         build(root)
     assert runs.units == ["ingest shard 1"] and runs.ranges == ["ingest shards 0-2"]
+    assert not list(out.glob("ds/ingest/*/_meta/*.failed.json")), "done again: the failure is history"
 
 
 def test_range_progress_counts_shards_and_passes_on_the_shards_messages(tmp_path, images, models):

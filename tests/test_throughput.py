@@ -117,7 +117,7 @@ def test_overlap_on_equals_the_sequential_loop_byte_for_byte_also_when_images_fa
     found, rows = {}, {}
     for name in sequential:
         stage = name.split("/")[1]
-        if name.endswith("rejects.parquet"):
+        if "/_rejects/" in name:
             rejects = REJECTS.read_parquet(tmp_path / "sequential" / name).to_pylist()
             found[stage] = [(r["image_id"], r["detail"]) for r in rejects if r["reason"] == "image_error"]
         elif name.endswith("0.parquet"):

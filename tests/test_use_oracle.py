@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.artifacts import record_unit_file
 from pipeline.masks import decode_rle
 from pipeline.sample_set import write_sample_set
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS, SHARD_STATS
@@ -83,10 +84,10 @@ def test_every_gt_instance_is_recovered_with_its_expressions(voc_folder, tmp_pat
     # Accounting and provenance along the chain.
     for stage, contract in (("use_captions", CAPTIONS), ("use_expressions", EXPRESSIONS), ("use_boxes", BOXES),
                             ("use_box_masks", BOX_MASKS), ("use_segments", SEGMENTS)):
-        (done,) = out.glob(f"{stage}/*/shard-000000.done.json")
+        (done,) = out.glob(f"{stage}/*/_meta/shard-000000.done.json")
         stats = SHARD_STATS.read_json(done)
         assert stats["in_count"] == stats["ok_count"] + stats["rejected_count"]
-        rows = contract.read_parquet(str(done).removesuffix(".done.json") + ".parquet")
+        rows = contract.read_parquet(record_unit_file(done, "parquet"))
         assert len(rows) > 0, stage
     caption_rows = CAPTIONS.read_parquet(next(out.glob("use_captions/*/shard-000000.parquet"))).to_pylist()
     assert [r["caption"] for r in caption_rows] == CAPTIONS_TEXT and {r["source"] for r in caption_rows} == {"gt"}
@@ -106,7 +107,7 @@ def test_with_all_defaults_only_the_stacked_chair_is_lost(voc_folder, tmp_path):
     assert len(lost) == 1 and gt.class_names[gt.instance_classes[lost[0]]] == "chair", best
     # Cleanup trims fragments/gaps of tiny occluded chairs only; every other instance stays >= 0.8.
     assert min(iou for k, iou in best.items() if k not in lost) >= 0.8, best
-    params = json.loads(next(out.glob("use_boxes/*/params.json")).read_text())
+    params = json.loads(next(out.glob("use_boxes/*/_meta/params.json")).read_text())
     assert params["box_nms_iou"] == 0.7
 
 
