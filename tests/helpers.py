@@ -14,6 +14,8 @@ import cv2
 import luigi.configuration
 import numpy as np
 
+from pipeline.artifacts import LATEST_LINK
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -82,10 +84,11 @@ def is_run_report(rel: Path) -> bool:
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every visible file under ``root`` (relative path → bytes); hidden temporaries are not artifacts, nor are the
-    reports every run rewrites (run.json, the dataset card, logs/)."""
+    reports every run rewrites (run.json, the dataset card, logs/), nor the files seen again through a stage's
+    ``latest`` link (its target is listed; the ``LATEST`` file names it)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.is_file() and not any(part.startswith(".") or part == LATEST_LINK for part in p.relative_to(root).parts)
         and not is_run_report(p.relative_to(root))
     }
