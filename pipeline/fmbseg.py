@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.masks import encode_rle, rle_bbox
+from pipeline.masks import encode_rle, rle_bbox, rle_row_fields
 from pipeline.transforms import (
     Resize,
     SlidingWindows,
@@ -391,8 +391,8 @@ def mask_rows(image_id: str, vocab: Vocabulary, masks: Sequence[PseudoMask]) -> 
         rle = encode_rle(m.mask)
         rows.append({
             "image_id": image_id, "mask_index": i, "stage": m.stage, "class_index": m.class_index,
-            "class_name": vocab.classes[m.class_index], "height": int(rle["size"][0]), "width": int(rle["size"][1]),
-            "rle_counts": rle["counts"], "area": m.area, "bbox": rle_bbox(rle), "score": float(m.score),
+            "class_name": vocab.classes[m.class_index], **rle_row_fields(rle),
+            "area": m.area, "bbox": rle_bbox(rle), "score": float(m.score),
             "similarity": float(m.similarity), "points_xy": [[float(x), float(y)] for x, y in m.points_xy],
             "multimask_index": int(m.multimask_index), "stability": float(m.stability),
         })
@@ -447,7 +447,7 @@ def label_region_rows(image_id: str, vocab: Vocabulary, label: np.ndarray, sourc
         rle = encode_rle(region)
         rows.append({
             "image_id": image_id, "class_index": int(c), "class_name": vocab.classes[int(c)],
-            "height": int(label.shape[0]), "width": int(label.shape[1]), "rle_counts": rle["counts"],
+            **rle_row_fields(rle),
             "area": int(region.sum()), "bbox": rle_bbox(rle),
             "pixels_stage11": int((region & (source == 11)).sum()),
             "pixels_stage12": int((region & (source == 12)).sum()),

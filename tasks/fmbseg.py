@@ -53,7 +53,7 @@ from pipeline.fmbseg import (
     stitch_dense,
 )
 from pipeline.images import encode_png
-from pipeline.masks import decode_rle
+from pipeline.masks import decode_rle, row_rle
 from pipeline.overlap import Outcome, packed_batches
 from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
 from schemas import MANIFEST
@@ -382,7 +382,7 @@ class AutoMaskLabelShard(SamStage1Shard):
 
 
 def _pseudo_mask(row: dict[str, Any]) -> PseudoMask:
-    mask = decode_rle({"size": [row["height"], row["width"]], "counts": row["rle_counts"]})
+    mask = decode_rle(row_rle(row))
     return PseudoMask(stage=row["stage"], class_index=row["class_index"], mask=mask, score=row["score"],
                       similarity=row["similarity"], points_xy=np.asarray(row["points_xy"], np.float64).reshape(-1, 2),
                       multimask_index=row["multimask_index"], stability=row["stability"])
