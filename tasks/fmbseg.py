@@ -15,7 +15,6 @@ What is computed once and shared:
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ from pipeline.fmbseg import (
 )
 from pipeline.images import encode_png
 from pipeline.masks import decode_rle, row_rle
+from pipeline.npy import npy_bytes
 from pipeline.overlap import Outcome, packed_batches
 from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
 from schemas import MANIFEST
@@ -238,9 +238,7 @@ class DetectShard(FmbsegShardTask):
                                               f"crops (best: {vocab.classes[top]} with {int(detection.counts[top])})"))
                         continue
                     rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
-        buf = io.BytesIO()
-        np.save(buf, text.astype(np.float32), allow_pickle=False)
-        return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=buf.getvalue())
+        return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=npy_bytes(text.astype(np.float32)))
 
 
 class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
