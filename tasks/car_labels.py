@@ -45,13 +45,13 @@ from pipeline.report import ShortSide
 from pipeline.vocabularies import Vocabulary, load_vocabulary
 from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import (
-    ChainedShardTask,
     ProgressReporter,
     StageWrapper,
     model_identity,
     model_settings,
     reject,
 )
+from tasks.chained import ChainedShardTask
 from tasks.fmbseg import fmbseg
 from tasks.image_errors import REJECTED
 from tasks.params import IntParameter, OptionalFloatParameter

@@ -59,7 +59,6 @@ from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, loa
 from schemas import MANIFEST
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
 from tasks.base import (
-    ChainedShardTask,
     ProgressReporter,
     ShardTask,
     StageWrapper,
@@ -69,6 +68,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
 from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
