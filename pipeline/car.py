@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-IGNORE = 255
+from pipeline.metrics import IGNORE
+
 CamFn = Callable[[np.ndarray, Sequence[str], Sequence[str]], np.ndarray]
 ClassifyFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 VISUAL_PROMPTS = ("circle", "rectangle", "contour", "blur", "gray", "black")

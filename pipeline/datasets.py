@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.metrics import IGNORE
 from pipeline.vocabularies import Vocabulary, load_vocabulary
-
-IGNORE = 255
 
 
 class DatasetError(FileNotFoundError):

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.npy import npy_bytes
 from pipeline.transforms import Resize, working_size
 from pipeline.vocabularies import TEMPLATE_SETS
 
@@ -223,12 +224,6 @@ def encode_fmbseg(
     Returns (arrays float32 {dino_patches [Ld, gh, gw, Cd], dino_cls [Ld, Cd]}, partial FEATURE_CACHE record)."""
     return encode_fmbseg_batch([image], dense=dense, dino_layers=dino_layers, short_side=short_side,
                                max_long_side=max_long_side, dino_name=dino_name)[0]
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 def feature_sample(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]

@@ -19,7 +19,6 @@ through pipeline/transforms.py.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.masks import encode_rle, rle_bbox
+from pipeline.masks import encode_rle, rle_bbox, rle_row_fields
+from pipeline.npy import npy_array, npy_bytes
 from pipeline.transforms import (
     Resize,
     SlidingWindows,
@@ -156,19 +156,13 @@ def clip_dense_features(
     return stitch_dense(crops, np.concatenate(patches), np.concatenate(tokens))
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
 def dense_sample(image_id: str, features: DenseClip) -> tuple[dict[str, Any], dict[str, Any]]:
     """(WebDataset sample ``{__key__, dense.npy, cls.npy, json}``, metadata row). Features stored float16."""
     meta = features.meta(image_id)
     sample = {
         "__key__": image_id,
-        "dense.npy": _npy_bytes(features.dense.astype(FEATURE_DTYPE)),
-        "cls.npy": _npy_bytes(features.cls.astype(FEATURE_DTYPE)),
+        "dense.npy": npy_bytes(features.dense.astype(FEATURE_DTYPE)),
+        "cls.npy": npy_bytes(features.cls.astype(FEATURE_DTYPE)),
         "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
     }
     return sample, meta
@@ -178,8 +172,8 @@ def iter_dense_features(tar_path: str) -> Iterator[tuple[str, DenseClip]]:
     """(image_id, DenseClip) for every sample of a dense-features shard tar, in stored (manifest) order."""
     for sample in wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False):
         meta = json.loads(sample["json"])
-        dense = np.load(io.BytesIO(sample["dense.npy"]), allow_pickle=False)
-        cls_tokens = np.load(io.BytesIO(sample["cls.npy"]), allow_pickle=False)
+        dense = npy_array(sample["dense.npy"])
+        cls_tokens = npy_array(sample["cls.npy"])
         yield sample["__key__"], DenseClip.from_meta(meta, dense, cls_tokens)
 
 
@@ -391,8 +385,8 @@ def mask_rows(image_id: str, vocab: Vocabulary, masks: Sequence[PseudoMask]) -> 
         rle = encode_rle(m.mask)
         rows.append({
             "image_id": image_id, "mask_index": i, "stage": m.stage, "class_index": m.class_index,
-            "class_name": vocab.classes[m.class_index], "height": int(rle["size"][0]), "width": int(rle["size"][1]),
-            "rle_counts": rle["counts"], "area": m.area, "bbox": rle_bbox(rle), "score": float(m.score),
+            "class_name": vocab.classes[m.class_index], **rle_row_fields(rle),
+            "area": m.area, "bbox": rle_bbox(rle), "score": float(m.score),
             "similarity": float(m.similarity), "points_xy": [[float(x), float(y)] for x, y in m.points_xy],
             "multimask_index": int(m.multimask_index), "stability": float(m.stability),
         })
@@ -447,7 +441,7 @@ def label_region_rows(image_id: str, vocab: Vocabulary, label: np.ndarray, sourc
         rle = encode_rle(region)
         rows.append({
             "image_id": image_id, "class_index": int(c), "class_name": vocab.classes[int(c)],
-            "height": int(label.shape[0]), "width": int(label.shape[1]), "rle_counts": rle["counts"],
+            **rle_row_fields(rle),
             "area": int(region.sum()), "bbox": rle_bbox(rle),
             "pixels_stage11": int((region & (source == 11)).sum()),
             "pixels_stage12": int((region & (source == 12)).sum()),

@@ -31,6 +31,17 @@ def encode_rle(mask: np.ndarray) -> RLE:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
+def rle_row_fields(rle: RLE) -> dict:
+    """The Parquet row fields of an RLE (every mask table stores it this way): ``height``, ``width`` and
+    ``rle_counts`` (the compressed ``str`` counts)."""
+    return {"height": int(rle["size"][0]), "width": int(rle["size"][1]), "rle_counts": rle["counts"]}
+
+
+def row_rle(row) -> RLE:
+    """RLE of a Parquet row with ``height``, ``width``, ``rle_counts`` (inverse of :func:`rle_row_fields`)."""
+    return {"size": [int(row["height"]), int(row["width"])], "counts": row["rle_counts"]}
+
+
 def _to_coco(rle: RLE) -> dict:
     """pycocotools' own form: compressed, ``bytes`` counts."""
     counts = rle["counts"]

@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.artifacts import atomic_write_bytes
 from pipeline.images import encode_png
 from pipeline.ingest import iter_ingested_images
-from pipeline.masks import decode_rle
+from pipeline.masks import decode_rle, row_rle
 from pipeline.transforms import Resize, fit_long_side
 
 FONT_PX = 11  # label font size in pixels
@@ -160,7 +160,7 @@ def render_overlay(
                 f"segment {seg.get('segment_id')} of image {seg.get('image_id')!r} is {h}x{w} (HxW), "
                 f"image is {height}x{width}"
             )
-        mask = decode_rle({"size": [h, w], "counts": seg["rle_counts"]})
+        mask = decode_rle(row_rle(seg))
         decoded.append((int(mask.sum()), int(seg["segment_id"]), seg, frame.apply_mask(mask)))
     decoded.sort(key=lambda d: (-d[0], d[1]))
 

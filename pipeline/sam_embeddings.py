@@ -6,13 +6,14 @@ Contract: ``schemas.features.SAM_EMBEDDINGS``.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import webdataset as wds
+
+from pipeline.npy import npy_array, npy_bytes
 
 DTYPES = ("float16", "float32")
 
@@ -24,9 +25,7 @@ def embedding_sample(image_id: str, features: np.ndarray, original_hw: tuple[int
     if dtype not in DTYPES:
         raise ValueError(f"SAM embedding dtype must be one of {DTYPES}, got {dtype!r}")
     array = np.ascontiguousarray(np.asarray(features, np.float32).astype(dtype))
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    payload = buf.getvalue()
+    payload = npy_bytes(array)
     record = {
         "image_id": image_id, "segmenter": segmenter, "height": int(original_hw[0]), "width": int(original_hw[1]),
         "input_height": int(input_hw[0]), "input_width": int(input_hw[1]), "dtype": dtype,
@@ -41,7 +40,7 @@ def iter_sam_embeddings(tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[s
     """(image_id, features float32 ``[1, 256, 64, 64]``, record) per stored image, in stored (manifest) order."""
     for sample in wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False):
         record = json.loads(sample["json"])
-        array = np.load(io.BytesIO(sample["sam.npy"]), allow_pickle=False).astype(np.float32)
+        array = npy_array(sample["sam.npy"]).astype(np.float32)
         if list(array.shape) != record["shape"]:
             raise ValueError(f"{tar_path}: SAM embedding of {record['image_id']} has shape {list(array.shape)}, "
                              f"its record says {record['shape']}")

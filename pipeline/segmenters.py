@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.masks import encode_rle, mask_nms
+from pipeline.metrics import IGNORE
 from pipeline.transforms import Resize, SlidingWindows, resize_label_map, working_size
 
-IGNORE = 255
 TextProtos = np.ndarray | Callable[[Sequence[str]], np.ndarray]
 
 

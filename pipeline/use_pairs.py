@@ -36,6 +36,8 @@ from pipeline.masks import (
     mask_nms,
     rle_area,
     rle_bbox,
+    rle_row_fields,
+    row_rle,
     stability_score,
 )
 from pipeline.overlap import HostCopy
@@ -450,9 +452,7 @@ def box_mask_row(
     return {
         "image_id": image_id,
         "box_index": int(box_index),
-        "height": int(rle["size"][0]),
-        "width": int(rle["size"][1]),
-        "rle_counts": rle["counts"],
+        **rle_row_fields(rle),
         "area": rle_area(rle),
         "bbox": rle_bbox(rle),
         "box_xyxy": [float(v) for v in box_xyxy],
@@ -465,10 +465,6 @@ def box_mask_row(
 
 
 # ----------------------------------------------------------------------------------------------------- segments
-def _rle_of(row: Mapping) -> dict:
-    return {"size": [int(row["height"]), int(row["width"])], "counts": row["rle_counts"]}
-
-
 def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_IOU) -> list[dict]:
     """SEGMENTS rows of one image from its BOX_MASKS rows (use-paper §4.1: similar segments merged by NMS,
     expressions merged into a list).
@@ -484,7 +480,7 @@ def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_
     ids = {m["image_id"] for m in masks}
     if len(ids) != 1:
         raise ValueError(f"merge_segments works on one image at a time, got image ids {sorted(ids)}")
-    rles = [_rle_of(m) for m in masks]
+    rles = [row_rle(m) for m in masks]
     groups = mask_nms(rles, [float(m["predicted_iou"]) for m in masks], iou_threshold)
     rows = []
     for segment_id, group in enumerate(groups):
@@ -519,7 +515,7 @@ def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_
 
 def segment_mask(row: Mapping) -> np.ndarray:
     """bool [H, W] mask of a BOX_MASKS or SEGMENTS row."""
-    return decode_rle(_rle_of(row))
+    return decode_rle(row_rle(row))
 
 
 # ----------------------------------------------------------------------------------------------------- training texts

@@ -30,7 +30,6 @@ from models.registry import load_role
 from pipeline.artifacts import ShardOutput, webdataset_tar_bytes
 from pipeline.car import (
     CAR_DEFAULTS,
-    IGNORE,
     VISUAL_PROMPTS,
     CarParams,
     CaRSegmenter,
@@ -41,17 +40,18 @@ from pipeline.car import (
 )
 from pipeline.fmbseg import class_table, label_map_meta, label_region_rows
 from pipeline.images import encode_png
+from pipeline.metrics import IGNORE
 from pipeline.report import ShortSide
 from pipeline.vocabularies import Vocabulary, load_vocabulary
 from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import (
-    ChainedShardTask,
     ProgressReporter,
     StageWrapper,
     model_identity,
     model_settings,
     reject,
 )
+from tasks.chained import ChainedShardTask
 from tasks.fmbseg import fmbseg
 from tasks.image_errors import REJECTED
 from tasks.params import IntParameter, OptionalFloatParameter

@@ -15,7 +15,6 @@ What is computed once and shared:
 
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -53,13 +52,13 @@ from pipeline.fmbseg import (
     stitch_dense,
 )
 from pipeline.images import encode_png
-from pipeline.masks import decode_rle
+from pipeline.masks import decode_rle, row_rle
+from pipeline.npy import npy_bytes
 from pipeline.overlap import Outcome, packed_batches
 from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
 from schemas import MANIFEST
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
 from tasks.base import (
-    ChainedShardTask,
     ProgressReporter,
     ShardTask,
     StageWrapper,
@@ -69,6 +68,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
 from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
@@ -238,9 +238,7 @@ class DetectShard(FmbsegShardTask):
                                               f"crops (best: {vocab.classes[top]} with {int(detection.counts[top])})"))
                         continue
                     rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
-        buf = io.BytesIO()
-        np.save(buf, text.astype(np.float32), allow_pickle=False)
-        return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=buf.getvalue())
+        return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=npy_bytes(text.astype(np.float32)))
 
 
 class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
@@ -382,7 +380,7 @@ class AutoMaskLabelShard(SamStage1Shard):
 
 
 def _pseudo_mask(row: dict[str, Any]) -> PseudoMask:
-    mask = decode_rle({"size": [row["height"], row["width"]], "counts": row["rle_counts"]})
+    mask = decode_rle(row_rle(row))
     return PseudoMask(stage=row["stage"], class_index=row["class_index"], mask=mask, score=row["score"],
                       similarity=row["similarity"], points_xy=np.asarray(row["points_xy"], np.float64).reshape(-1, 2),
                       multimask_index=row["multimask_index"], stability=row["stability"])

@@ -23,7 +23,6 @@ from pipeline.overlap import HostCopy, Outcome
 from pipeline.sam_embeddings import DTYPES, ForwardLookup, embedding_sample, iter_sam_embeddings
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
-    ChainedShardTask,
     ProgressReporter,
     ShardTask,
     StageWrapper,
@@ -31,6 +30,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ArtifactMismatchError
 from tasks.params import IntParameter
 from tasks.throughput import behind, decoded_images, manifest_order, read_ahead

@@ -61,7 +61,7 @@ from pipeline.feature_cache import (
     use_grid,
 )
 from pipeline.ingest import read_ingested_image
-from pipeline.masks import decode_rle
+from pipeline.masks import decode_rle, row_rle
 from pipeline.transforms import PAD_VALUE, random_scale_crop
 from pipeline.use_pairs import TEXT_CHOICES, draw_segment_texts, segment_texts
 from pipeline.vocabularies import UNLABELLED, load_vocabulary
@@ -155,8 +155,7 @@ def use_items(image_ids: list[str], segments: dict[str, list[dict]], text_index:
                 raise ValueError(f"{image_id} segment {s['segment_id']}: no embedding for {missing[:3]}; the use_text "
                                  "stage embeds every phrase and expression (an artifact from another run?)")
             if texts and s["area"] > 0:
-                segs.append(({"size": [s["height"], s["width"]], "counts": s["rle_counts"]},
-                             [text_index[t] for t in texts]))
+                segs.append((row_rle(s), [text_index[t] for t in texts]))
         if segs:
             items.append((image_id, segs))
     return items

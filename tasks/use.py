@@ -31,7 +31,6 @@ from pipeline.use_pairs import (
 )
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
 from tasks.base import (
-    ChainedShardTask,
     ProgressReporter,
     StageWrapper,
     file_digest,
@@ -40,6 +39,7 @@ from tasks.base import (
     model_settings,
     reject,
 )
+from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED
 from tasks.params import FloatParameter, IntParameter
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings

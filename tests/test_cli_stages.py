@@ -7,7 +7,8 @@ import inspect
 import subprocess
 import sys
 
-from tasks.base import ChainedShardTask, StageWrapper
+from tasks.base import StageWrapper
+from tasks.chained import ChainedShardTask
 from tasks.cli import check, parser
 from tasks.dag import STAGES, stage_classes
 
