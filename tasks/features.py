@@ -56,7 +56,7 @@ from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
 from tasks.params import IntParameter
 from tasks.throughput import behind, decoded_images, manifest_order
-from tasks.use import SegmentNMSShard, reject
+from tasks.use import SegmentNMSShard
 
 
 class features_use(luigi.Config):  # noqa: N801 — section [features_use] of luigi.cfg
@@ -188,15 +188,10 @@ class FeatureCacheShard(ShardTask):
             return sample, record
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.run(image_id, outcome.get)
-            if result is REJECTED:
-                return
-            if result is None:
-                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
-                                      "an encoder returned NaN/inf features"))
-                return
-            tar.write(result[0])
-            rows.append(result[1])
+            result = errors.sample_of(image_id, outcome, "nonfinite_features", "an encoder returned NaN/inf features")
+            if result is not None:
+                tar.write(result[0])
+                rows.append(result[1])
 
         window: list[tuple[str, np.ndarray, Any]] = []
 

@@ -162,15 +162,10 @@ class ClipDenseShard(FmbsegShardTask):
             return sample, meta
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.run(image_id, outcome.get)
-            if result is REJECTED:
-                return
-            if result is None:
-                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_features",
-                                      "CLIP returned NaN/inf features"))
-                return
-            tar.write(result[0])
-            rows.append(result[1])
+            result = errors.sample_of(image_id, outcome, "nonfinite_features", "CLIP returned NaN/inf features")
+            if result is not None:
+                tar.write(result[0])
+                rows.append(result[1])
 
         def images() -> Iterator[tuple[tuple[str, DenseCrops], np.ndarray]]:
             for i, (image_id, _rgb, crops) in enumerate(decoded_images(errors, self.path("ingest", "tar"), prepare)):

@@ -116,6 +116,18 @@ class ImageErrors:
                            _error_text(exc))
         return [self.run(image_id, one_fn, i) for i, image_id in enumerate(ids)]
 
+    def sample_of(self, image_id: str, outcome: Any, reason: str, detail: str) -> Any:
+        """The (sample, record) an image's serialiser made behind the model loop (``outcome.get()``), or None when
+        the image was rejected: its serialiser raised a per-image error, or returned None (non-finite model
+        output: one ``reason`` row per unit, with ``detail``)."""
+        result = self.run(image_id, outcome.get)
+        if result is REJECTED:
+            return None
+        if result is None:
+            self.rejects.extend({"image_id": image_id, "source": unit, "stage": self.stage, "reason": reason,
+                                 "detail": detail} for unit in self.units(image_id))
+        return result
+
     def images(self, tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         """(image_id, rgb uint8 [H, W, 3], meta) of an ingest shard tar in manifest order, each decoded under
         ``run``; an image that does not decode becomes reject rows and is skipped."""

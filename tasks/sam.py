@@ -28,7 +28,6 @@ from tasks.base import (
     StageWrapper,
     model_identity,
     model_settings,
-    reject,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ArtifactMismatchError
@@ -75,16 +74,10 @@ class SamEmbedShard(ChainedShardTask):
             return sample, record
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.run(image_id, outcome.get)
-            if result is REJECTED:
-                return
-            if result is None:
-                rejects.append(reject(image_id, sources[image_id], self.stage, "nonfinite_embedding",
-                                      "SAM's image encoder returned NaN/inf"))
-                return
-            sample, record = result
-            tar.write(sample)
-            rows.append(record)
+            result = errors.sample_of(image_id, outcome, "nonfinite_embedding", "SAM's image encoder returned NaN/inf")
+            if result is not None:
+                tar.write(result[0])
+                rows.append(result[1])
 
         def flush() -> None:
             if not batch:

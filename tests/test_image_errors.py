@@ -90,3 +90,24 @@ def test_a_failed_batch_is_redone_image_by_image() -> None:
     assert [(r["source"], r["reason"]) for r in rejects] == [("src:b", IMAGE_ERROR), ("src:b", IMAGE_ERROR)]
     with pytest.raises(TypeError), ImageErrors("s", [], lambda i: [i]) as errors:
         errors.run_batch(["a", "b"], raiser(TypeError("bug")), lambda k: 0)
+
+
+def test_sample_of_passes_samples_and_turns_none_into_one_reject_row_per_unit():
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def get(self):
+            if isinstance(self.value, Exception):
+                raise self.value
+            return self.value
+
+    rejects: list[dict] = []
+    errors = ImageErrors("stage_x", rejects, lambda image_id: [f"{image_id}/a", f"{image_id}/b"])
+    assert errors.sample_of("ok", Done(("sample", {"r": 1})), "nonfinite_x", "NaN") == ("sample", {"r": 1})
+    assert errors.sample_of("nan", Done(None), "nonfinite_x", "NaN") is None
+    assert errors.sample_of("bad", Done(ValueError("broken")), "nonfinite_x", "NaN") is None
+    assert [(r["image_id"], r["source"], r["reason"]) for r in rejects] == [
+        ("nan", "nan/a", "nonfinite_x"), ("nan", "nan/b", "nonfinite_x"),
+        ("bad", "bad/a", "image_error"), ("bad", "bad/b", "image_error")]
+    assert rejects[0]["detail"] == "NaN" and rejects[0]["stage"] == "stage_x"
