@@ -19,10 +19,10 @@ DEMO_IMAGES := $(OUT)/demo/samples/images
 export LUIGI_CONFIG_PATH := $(abspath $(CONFIG))
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test demo pseudo-labels export-coco preview eval luigid workers bench lint clean
+.PHONY: help venv test test-fast demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
 help:
-	@echo "make demo | make test | make pseudo-labels STAGE=<Ingest|Captions|UseSegments|PseudoLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
+	@echo "make demo | make test | make test-fast | make pseudo-labels STAGE=<Ingest|Captions|UseSegments|PseudoLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the `slow` end-to-end runs (subprocesses, luigid): the quick loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/pseudoseg demo --out $(OUT)

@@ -179,14 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-# SAM's automatic generator with 32x32 points takes minutes per image on a CPU; the demo uses 4x4. Random
-# tiny SAM predicts IoUs far below the papers' thresholds (USE 0.6, automatic generator 0.88/0.95), which would
-# leave the USE head nothing to train on and Stage 1.2 no mask to label (its masks also cover ~the whole image,
-# above the 90 % size limit). Random tiny CLIPs score every CaR query near 1/K, below any θ; CaR labels the demo
-# with VOC's 21 classes (a CRF over COCO-Stuff's 172 labels takes ~9 s per image here).
-DEMO_SETS = ("fmbseg.points_per_side=4", "fmbseg.pred_iou_thresh=-1", "fmbseg.stability_score_thresh=-1",
-             "fmbseg.max_area_fraction=1", "use.pred_iou_thresh=-1", "use.stability_thresh=-1",
-             "car_labels.theta=0", "car_labels.vocabulary=voc21")
+# The demo's settings (thresholds random tiny models can reach, and why): read after luigi.cfg, before --config.
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo.cfg"  # the repository root, beside luigi.cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -373,9 +367,9 @@ def check(args: argparse.Namespace) -> None:
         if problem:
             lines.append(f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under --out "
                          f"(no '/', '\\' or '..'): {problem}")
-    sets = [*DEMO_SETS, *(args.set or [])] if args.command == "demo" else getattr(args, "set", None) or []
+    presets = [str(DEMO_CONFIG)] if args.command == "demo" else []
     try:
-        configure(getattr(args, "config", None), sets)
+        configure(getattr(args, "config", None), getattr(args, "set", None) or [], presets=presets)
     except SettingsError as e:
         lines += e.lines
     if lines:

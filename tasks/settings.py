@@ -23,7 +23,7 @@ import difflib
 import importlib
 import os
 import pkgutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import luigi
@@ -143,19 +143,21 @@ def config_paths() -> list[str]:
     return [p for p in cls._config_paths if os.path.isfile(p)]
 
 
-def configure(config: str | None, sets: Iterable[str]) -> Origins:
-    """Read ``--config``, apply ``--set`` items, then check every section and key; SettingsError on any problem."""
+def configure(config: str | None, sets: Iterable[str], presets: Sequence[str] = ()) -> Origins:
+    """Read ``presets`` (a command's own config files, e.g. the demo's ``demo.cfg``), then ``--config``, apply
+    ``--set`` items, then check every section and key; SettingsError on any problem."""
     lines: list[str] = []
     env_path = os.environ.get("LUIGI_CONFIG_PATH")
     if env_path and not os.path.isfile(env_path):
         lines.append(f"pseudoseg: LUIGI_CONFIG_PATH={env_path}: no such file")
-    if config:
-        if not Path(config).is_file():
-            raise SettingsError(lines + [f"pseudoseg: --config {config}: no such file"])
+    files = [(path, path) for path in presets] + ([(config, f"--config {config}")] if config else [])
+    for path, name in files:
+        if not Path(path).is_file():
+            raise SettingsError(lines + [f"pseudoseg: {name}: no such file"])
         try:
-            luigi.configuration.add_config_path(str(Path(config).resolve()))
+            luigi.configuration.add_config_path(str(Path(path).resolve()))
         except configparser.Error as e:
-            raise SettingsError(lines + [f"pseudoseg: --config {config}: not a config file: "
+            raise SettingsError(lines + [f"pseudoseg: {name}: not a config file: "
                                          f"{' '.join(str(e).split())}"]) from None
     cfg = luigi.configuration.get_config()
     origins = Origins()
