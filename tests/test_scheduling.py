@@ -280,14 +280,15 @@ def test_stage_folders_follow_settings_changed_in_process(tmp_path, images):
     assert changed.hash != before.hash and changed.params["max_side"] == 99
 
 
-def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys, tmp_path):
+def started_workers(monkeypatch, tmp_path, *extra: str) -> list[tuple[list[str], dict]]:
+    """``pseudoseg workers FullDAG --n 3 ... EXTRA`` with Popen faked: each worker's (argv, env)."""
     from tasks import cli
 
-    started: list[list[str]] = []
+    started: list[tuple[list[str], dict]] = []
 
     class Worker:
-        def __init__(self, args, **kwargs) -> None:
-            started.append(args)
+        def __init__(self, args, env=None, **kwargs) -> None:
+            started.append((args, env))
 
         def wait(self) -> int:
             return 0
@@ -299,10 +300,15 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(cli.subprocess, "Popen", Worker)
     monkeypatch.setattr(cli, "make_task", lambda *args: Done())
     args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--dataset", "x",
-                                    "--out", str(tmp_path), "--scheduler-host", "sched.example", "--scheduler-port", "8099"])
+                                    "--out", str(tmp_path), *extra])
     assert cli.cmd_workers(args) == 0
+    return started
+
+
+def test_workers_reach_a_luigid_on_another_host(monkeypatch, tmp_path):
+    started = started_workers(monkeypatch, tmp_path, "--scheduler-host", "sched.example", "--scheduler-port", "8099")
     assert len(started) == 3
-    for argv in started:
+    for argv, _ in started:
         assert argv[argv.index("--scheduler-host") + 1] == "sched.example" and "--central" in argv
         assert argv[argv.index("--scheduler-port") + 1] == "8099"
 
@@ -310,25 +316,8 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, capsys, tmp_path):
 def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch, tmp_path):
     from tasks import cli
 
-    envs: list[dict] = []
-
-    class Worker:
-        def __init__(self, args, env=None, **kwargs) -> None:
-            envs.append(env)
-
-        def wait(self) -> int:
-            return 0
-
-    class Done(luigi.Task):
-        def complete(self) -> bool:
-            return True
-
-    monkeypatch.setattr(cli.subprocess, "Popen", Worker)
-    monkeypatch.setattr(cli, "make_task", lambda *args: Done())
-    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--dataset", "x",
-                                    "--out", str(tmp_path), "--gpus", "0,1"])
-    assert cli.cmd_workers(args) == 0
-    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["0", "1", "0"]
+    started = started_workers(monkeypatch, tmp_path, "--gpus", "0,1")
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0", "1", "0"]
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["workers", "FullDAG", "--images", "/data/x", "--gpus", "0,,1"])
 
