@@ -306,10 +306,7 @@ class QueryPointMaskShard(SamStage1Shard):
             return mask_rows(image_id, vocab, kept), image_rejects
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.run(image_id, outcome.get)
-            if result is not REJECTED:
-                rows.extend(result[0])
-                rejects.extend(result[1])
+            errors.collect(image_id, outcome, rows)  # rejects: the list errors appends to
 
         with self.stage1_errors(detections, rejects) as errors, behind(deliver) as post:
             for image_id, _rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
@@ -356,10 +353,7 @@ class AutoMaskLabelShard(SamStage1Shard):
             return mask_rows(image_id, vocab, masks), []
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.run(image_id, outcome.get)
-            if result is not REJECTED:
-                rows.extend(result[0])
-                rejects.extend(result[1])
+            errors.collect(image_id, outcome, rows)  # rejects: the list errors appends to
 
         with self.stage1_errors(detections, rejects) as errors, behind(deliver) as post:
             for image_id, rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,

@@ -128,6 +128,14 @@ class ImageErrors:
                                  "detail": detail} for unit in self.units(image_id))
         return result
 
+    def collect(self, image_id: str, outcome: Any, rows: list[dict[str, Any]]) -> None:
+        """Append the (rows, reject rows) an image's work made behind the model loop (``outcome.get()``) to
+        ``rows`` and ``rejects``, unless that work raised a per-image error (then its reject rows are there)."""
+        result = self.run(image_id, outcome.get)
+        if result is not REJECTED:
+            rows.extend(result[0])
+            self.rejects.extend(result[1])
+
     def images(self, tar_path: str) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
         """(image_id, rgb uint8 [H, W, 3], meta) of an ingest shard tar in manifest order, each decoded under
         ``run``; an image that does not decode becomes reject rows and is skipped."""

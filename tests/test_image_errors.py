@@ -111,3 +111,22 @@ def test_sample_of_passes_samples_and_turns_none_into_one_reject_row_per_unit():
         ("nan", "nan/a", "nonfinite_x"), ("nan", "nan/b", "nonfinite_x"),
         ("bad", "bad/a", "image_error"), ("bad", "bad/b", "image_error")]
     assert rejects[0]["detail"] == "NaN" and rejects[0]["stage"] == "stage_x"
+
+
+def test_collect_appends_rows_and_rejects_of_images_that_were_not_rejected():
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+        def get(self):
+            if isinstance(self.value, Exception):
+                raise self.value
+            return self.value
+
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    errors = ImageErrors("stage_x", rejects, lambda image_id: [image_id])
+    errors.collect("a", Done(([{"row": 1}], [{"reject": "small"}])), rows)
+    errors.collect("b", Done(ValueError("broken")), rows)
+    assert rows == [{"row": 1}]
+    assert rejects[0] == {"reject": "small"} and (rejects[1]["image_id"], rejects[1]["reason"]) == ("b", "image_error")
