@@ -92,16 +92,19 @@ def test_a_failed_batch_is_redone_image_by_image() -> None:
         errors.run_batch(["a", "b"], raiser(TypeError("bug")), lambda k: 0)
 
 
+class Done:
+    """A finished behind-the-loop outcome: ``get`` returns the value or raises the exception."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
 def test_sample_of_passes_samples_and_turns_none_into_one_reject_row_per_unit():
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def get(self):
-            if isinstance(self.value, Exception):
-                raise self.value
-            return self.value
-
     rejects: list[dict] = []
     errors = ImageErrors("stage_x", rejects, lambda image_id: [f"{image_id}/a", f"{image_id}/b"])
     assert errors.sample_of("ok", Done(("sample", {"r": 1})), "nonfinite_x", "NaN") == ("sample", {"r": 1})
@@ -114,15 +117,6 @@ def test_sample_of_passes_samples_and_turns_none_into_one_reject_row_per_unit():
 
 
 def test_collect_appends_rows_and_rejects_of_images_that_were_not_rejected():
-    class Done:
-        def __init__(self, value):
-            self.value = value
-
-        def get(self):
-            if isinstance(self.value, Exception):
-                raise self.value
-            return self.value
-
     rows: list[dict] = []
     rejects: list[dict] = []
     errors = ImageErrors("stage_x", rejects, lambda image_id: [image_id])
