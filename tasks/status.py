@@ -35,24 +35,11 @@ from pipeline.artifacts import (
 
 SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the shard count of the stage's last run
 
-# Folders of the STAGES tasks that are not shard stages (their folder name is chosen in their stage_dir).
-_OTHER_FOLDERS = {"ModelProbe": "model_probe", "ExportCoco": "export_coco", "ClassTextEmbeddings": "text_classes",
-                  "Preview": "use_preview"}
-
-
 def stage_order() -> list[str]:
-    """Stage folder names in DAG order (tasks.dag.STAGES), the ingest plan first."""
-    from tasks.dag import STAGES, stage_classes
+    """Stage folder names in DAG order (tasks.dag.OUTPUTS), the ingest plan first."""
+    from tasks.dag import OUTPUTS
 
-    classes = stage_classes()
-    order = ["plan"]
-    for name, _ in STAGES:
-        cls = classes[name]
-        folder = getattr(getattr(cls, "shard_task", cls), "stage", None)
-        folder = folder if isinstance(folder, str) else _OTHER_FOLDERS.get(name)
-        if folder and folder not in order:
-            order.append(folder)
-    return order
+    return ["plan", *(output.folder for output in OUTPUTS)]
 
 
 # -- written by a run -----------------------------------------------------------------------------------------
