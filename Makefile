@@ -52,7 +52,7 @@ export-coco: $(STAMP)
 preview: $(STAMP)
 	$(VENV)/bin/pseudoseg run Preview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
 
-# DATASET = benchmark (pipeline.datasets.BENCHMARKS key), ROOT = its folder; fmbseg/use_sam/pseudo also need IMAGES + RUN (upstream run).
+# DATASET = benchmark (pipeline.eval.benchmarks.BENCHMARKS key), ROOT = its folder; fmbseg/use_sam/pseudo also need IMAGES + RUN (upstream run).
 eval: $(STAMP)
 	@test -n "$(ROOT)" || { echo "usage: make eval DATASET=voc21 METHOD=car|fmbseg|use_sam|pseudo ROOT=<dir> [LIMIT=0] [IMAGES=<dir> RUN=<name>]"; exit 2; }
 	$(VENV)/bin/pseudoseg run Evaluate --images $(or $(IMAGES),$(ROOT)) --dataset $(or $(RUN),$(DATASET)) --out $(OUT) \

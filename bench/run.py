@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from bench.timing import ForwardTimer, compare, envelope, load_avg, time_call, write_result
-from pipeline.ingest import DecodeLimits, ingest_entries
-from pipeline.sources import EntryReader, list_source, plan_entries
+from pipeline.core.ingest import DecodeLimits, ingest_entries
+from pipeline.core.sources import EntryReader, list_source, plan_entries
 
 
 def bench_ingest(n_images: int = 200, repeats: int = 3) -> dict:
@@ -61,9 +61,9 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3, arch: str = "vit_b") ->
     import torch
     from segment_anything import SamPredictor
 
+    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
     from models.roles import Segmenter
-    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from pipeline.use_pairs import masks_for_boxes
+    from pipeline.use.pairs import masks_for_boxes
 
     torch.manual_seed(0)
     sam, build = time_call(lambda: build_sam_arch(SAM_ARCHS[arch], checkpoint=None))
@@ -139,12 +139,12 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from models.clip import HFClipEncoder
-    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from models.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
-    from pipeline import fmbseg as F
-    from pipeline.images import encode_png
-    from pipeline.vocabularies import load_templates, load_vocabulary
+    from models.adapters.clip import HFClipEncoder
+    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from models.adapters.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
+    from pipeline.core.images import encode_png
+    from pipeline.core.vocabularies import load_templates, load_vocabulary
+    from pipeline.fmbseg import pseudo_labels as F
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -243,10 +243,10 @@ def _synthetic_training_caches(root: Path, *, n_use: int, n_align: int, shards: 
     import cv2
     import numpy as np
 
-    from pipeline.artifacts import TarSpool
-    from pipeline.feature_cache import feature_sample
-    from pipeline.images import encode_png
-    from pipeline.masks import encode_rle, rle_area
+    from pipeline.core.artifacts import TarSpool
+    from pipeline.core.images import encode_png
+    from pipeline.core.masks import encode_rle, rle_area
+    from pipeline.features.cache import feature_sample
 
     rng = np.random.default_rng(seed)
     hh, ww = image_hw
@@ -314,8 +314,8 @@ def _synthetic_training_caches(root: Path, *, n_use: int, n_align: int, shards: 
 
 def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, workers: int = 2,
                          repeats: int = 3, legacy: bool = True, device: str = "cpu") -> dict:
-    """Trainer input: samples/s of the training DataLoader (``models.training.make_loader`` over the trainers'
-    own datasets, ``tasks.train.UseSegmentDataset`` / ``AlignmentDataset``, ``collate_use`` /
+    """Trainer input: samples/s of the training DataLoader (``models.training.trainer.make_loader`` over the trainers'
+    own datasets, ``models.training.datasets.UseSegmentDataset`` / ``AlignmentDataset``, ``collate_use`` /
     ``collate_alignment``, the trainers' batch sizes 32 / 5) against a raw sequential read of the same tar files
     (4 MiB reads, bytes discarded), USE and alignment caches at real sizes (``_synthetic_training_caches``).
 
@@ -329,10 +329,10 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
     on a GPU host): pinned batches, each moved to the GPU as ``train`` does (``to_device``), synchronised."""
     import torch
 
-    from models._hf import resolve_device
-    from models.training import TrainConfig, collate_alignment, collate_use, make_loader, to_device
-    from pipeline.feature_cache import TarStore
-    from tasks.train import AlignmentDataset, UseSegmentDataset
+    from models.adapters._hf import resolve_device
+    from models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from models.training.trainer import TrainConfig, collate_alignment, collate_use, make_loader, to_device
+    from pipeline.features.cache import TarStore
 
     torch.set_num_threads(1)
     dev = resolve_device(device)
@@ -435,9 +435,9 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
     import numpy as np
     import torch
 
-    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from pipeline.artifacts import TarSpool
-    from pipeline.sam_embeddings import embedding_sample, iter_sam_embeddings
+    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pipeline.core.artifacts import TarSpool
+    from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
 
     torch.manual_seed(0)
     seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
@@ -482,9 +482,9 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     import numpy as np
     import torch
 
-    from models.heads import AlignmentBlock
-    from models.training import TrainConfig, alignment_step, collate_alignment, train
-    from pipeline.transforms import patch_labels
+    from models.training.heads import AlignmentBlock
+    from models.training.trainer import TrainConfig, alignment_step, collate_alignment, train
+    from pipeline.core.transforms import patch_labels
     from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
     from tests.test_heads_training import D_SYN, _align_sample, _align_world
 
@@ -575,7 +575,7 @@ def bench_verify_cost(repeats: int = 3) -> dict:
 
     import luigi
 
-    from pipeline.artifacts import record_problems
+    from pipeline.core.artifacts import record_problems
     from tasks import cli
     from tasks.base import CommittedTask
     from tasks.dag import FullDAG
@@ -652,7 +652,7 @@ def bench_verify_cost(repeats: int = 3) -> dict:
 
 
 def _record_files(unit) -> list[str]:  # noqa: ANN001
-    from pipeline.artifacts import read_record
+    from pipeline.core.artifacts import read_record
 
     return [f["name"] for f in read_record(unit.stage_dir, unit.unit)["files"]]
 
@@ -978,8 +978,8 @@ def _stage_overhead_models(folder: Path, grounder_short_side: int) -> dict[str, 
         LlavaProcessor,
     )
 
-    from models import tiny
-    from models.segmenter import SAM_ARCHS, build_sam_arch
+    from models.adapters import tiny
+    from models.adapters.segmenter import SAM_ARCHS, build_sam_arch
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -1224,8 +1224,8 @@ def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: i
         GroundingDinoProcessor,
     )
 
-    from models import tiny
-    from models.grounder import HFGroundingDino
+    from models.adapters import tiny
+    from models.adapters.grounder import HFGroundingDino
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -6,7 +6,7 @@ Frames: ``height``/``width`` are the ingested (original) image's; ``resized_*`` 
 cut from; ``grid_*`` its patch grid (rows, cols). Crop boxes are xyxy int working pixels (end-exclusive); points
 are (x, y) float original pixels (x = column); mask bboxes are COCO xywh. Masks are pycocotools compressed RLE
 (``rle_counts`` str + ``height``/``width``). Class indices are label values of the configured vocabulary
-(``pipeline/vocabularies.py``); 255 means unlabelled in label maps.
+(``pipeline/core/vocabularies.py``); 255 means unlabelled in label maps.
 
 WebDataset payloads (per image key ``<image_id>``):
 - fmbseg_dense tar: ``<id>.dense.npy`` float16 ``[grid_height, grid_width, embed_dim]`` (L2-normalised before the

@@ -34,7 +34,7 @@ from luigi.task import flatten
 from tqdm import tqdm
 
 from models.registry import ModelSettings
-from pipeline.artifacts import (
+from pipeline.core.artifacts import (
     VERIFY_MODES,
     ShardOutput,
     StageDir,
@@ -45,9 +45,9 @@ from pipeline.artifacts import (
     record_problems,
     unit_name,
 )
-from pipeline.locks import UnitLock
-from pipeline.locks import describe as describe_holder
-from pipeline.sources import Listing, list_source, num_shards
+from pipeline.core.locks import UnitLock
+from pipeline.core.locks import describe as describe_holder
+from pipeline.core.sources import Listing, list_source, num_shards
 from schemas import SchemaError
 from tasks.failures import CorruptInput, explain, one_line, permanent_cause
 from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter

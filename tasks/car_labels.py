@@ -1,12 +1,12 @@
 """CaR (car-paper) as a third pseudo-label source: IngestShard → CaRLabelShard.
 
-One label map per image from ``pipeline.car.CaRSegmenter`` over the preset's ``cam_clip`` role (``clip_cam``, the
+One label map per image from ``pipeline.car.recurrent.CaRSegmenter`` over the preset's ``cam_clip`` role (``clip_cam``, the
 proposal generator f) and ``classifier_clip`` role (``clip_classifier``, the mask classifier g), written in exactly
 PseudoLabelShard's layout so the trainers can read either:
 
 - ``shard-N.tar``: WebDataset samples ``<image_id>.png`` (uint8 label map, 255 = unlabelled) + ``<image_id>.json``
   (schemas.fmbseg.LABEL_MAP_META, ``precedence = "car"``);
-- ``shard-N.classes.json``: the label value → class name table (``pipeline.fmbseg.class_table``);
+- ``shard-N.classes.json``: the label value → class name table (``pipeline.fmbseg.pseudo_labels.class_table``);
 - ``shard-N.parquet``: LABEL_REGIONS rows, one per (image, class) region (``pixels_stage11/12`` are 0: no Stage-1
   masks are involved);
 - ``_rejects/shard-N.parquet``: ``no_confident_query`` when no query passed θ (the recurrence then keeps only its
@@ -27,8 +27,7 @@ import luigi
 import numpy as np
 
 from models.registry import load_role
-from pipeline.artifacts import ShardOutput, webdataset_tar_bytes
-from pipeline.car import (
+from pipeline.car.recurrent import (
     CAR_DEFAULTS,
     VISUAL_PROMPTS,
     CarParams,
@@ -38,11 +37,12 @@ from pipeline.car import (
     clip_classifier,
     official_query_name,
 )
-from pipeline.fmbseg import class_table, label_map_meta, label_region_rows
-from pipeline.images import encode_png
-from pipeline.metrics import IGNORE
-from pipeline.report import ShortSide
-from pipeline.vocabularies import Vocabulary, load_vocabulary
+from pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
+from pipeline.core.images import encode_png
+from pipeline.core.vocabularies import Vocabulary, load_vocabulary
+from pipeline.eval.metrics import IGNORE
+from pipeline.eval.report import ShortSide
+from pipeline.fmbseg.pseudo_labels import class_table, label_map_meta, label_region_rows
 from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import (
     ProgressReporter,
@@ -93,7 +93,7 @@ def car_label_family() -> str:
 
 def car_label_params() -> CarParams:
     """The official per-dataset settings of ``[car_labels] params`` with the configured prompts, CRF and CAM."""
-    from pipeline.car import car_params
+    from pipeline.car.recurrent import car_params
 
     cfg = car_labels()
     base = car_params(car_label_family())

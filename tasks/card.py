@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import META_DIR, atomic_write_bytes, package_versions
+from pipeline.core.artifacts import META_DIR, atomic_write_bytes, package_versions
 from schemas import REJECTS
 from tasks.summary import RunInfo, StageRow, output_of
 

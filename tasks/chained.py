@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.artifacts import ShardOutput
-from pipeline.ingest import iter_ingested_images
+from pipeline.core.artifacts import ShardOutput
+from pipeline.core.ingest import iter_ingested_images
 from schemas import MANIFEST, REJECTS, Contract
 from tasks.base import GPU, ShardTask, model_settings, uses_gpu
 from tasks.image_errors import ImageErrors

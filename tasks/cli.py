@@ -19,7 +19,7 @@ import luigi.configuration
 import luigi.setup_logging
 from luigi.execution_summary import LuigiStatusCode
 
-from pipeline.artifacts import params_hash
+from pipeline.core.artifacts import params_hash
 from tasks.base import STAGE_BARS, build_tasks, frozen_settings
 from tasks.card import write_card
 from tasks.failures import FailFastWorkers
@@ -184,7 +184,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo.cfg"  # the reposit
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.sample_set import write_sample_set
+    from pipeline.core.sample_set import write_sample_set
 
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")

@@ -1,17 +1,17 @@
 """Evaluate: mIoU of one segmentation method on one benchmark, under the protocol of the method's paper
-(``pipeline.datasets.protocol_for``: FMbSeg / pseudo → TCL's configs as fmbseg-paper §4 says, CaR → its official
+(``pipeline.eval.benchmarks.protocol_for``: FMbSeg / pseudo → TCL's configs as fmbseg-paper §4 says, CaR → its official
 evaluate.py, USE → use-paper §4.3).
 
     Evaluate(benchmark="voc21", data_root="/data/VOCdevkit/VOC2012", method="car", limit=0)
 
 Methods and what they need:
 - ``car``: training-free CaR (car-paper) over the preset's ``cam_clip`` (f, ``clip_cam``) and ``classifier_clip``
-  (g, ``clip_classifier``) roles with the official per-dataset settings and texts (pipeline.car.CAR_DEFAULTS);
+  (g, ``clip_classifier``) roles with the official per-dataset settings and texts (pipeline.car.recurrent.CAR_DEFAULTS);
   no upstream task. The image at its original resolution (CaR's protocol).
 - ``fmbseg``: DINOv2 + the alignment block of ``TrainAlignment`` (``images``/``dataset`` = the training run, e.g.
   the COCO-Stuff images the pseudo labels came from); short side, sliding window and background rule of the
   protocol. Class texts: the benchmark classes' prompt names × the template set the block was trained with
-  (``[fmbseg] templates``), through ``pipeline.vocabularies.class_text_embeddings`` as in training.
+  (``[fmbseg] templates``), through ``pipeline.core.vocabularies.class_text_embeddings`` as in training.
 - ``use_sam``: SAM automatic masks + the USE head of ``TrainUSEHead`` (same ``images``/``dataset`` convention);
   class texts: prompt names × ``[evaluate] use_sam_templates``, same function.
 - ``pseudo``: the FMbSeg Stage-1 label maps of ``PseudoLabels`` run over the benchmark's own images (``images`` =
@@ -37,8 +37,9 @@ import numpy as np
 from PIL import Image
 
 from models.registry import load_role
-from pipeline.artifacts import StageDir, atomic_write_bytes
-from pipeline.datasets import (
+from pipeline.core.artifacts import StageDir, atomic_write_bytes
+from pipeline.core.vocabularies import class_text_embeddings
+from pipeline.eval.benchmarks import (
     BENCHMARKS,
     Protocol,
     coco_stuff_classes,
@@ -46,9 +47,8 @@ from pipeline.datasets import (
     prompt_vocabulary,
     protocol_for,
 )
-from pipeline.feature_cache import TEXT_TEMPLATE_SETS, text_templates
-from pipeline.report import ShortSide, grid_png, report_markdown, run_evaluation
-from pipeline.vocabularies import class_text_embeddings
+from pipeline.eval.report import ShortSide, grid_png, report_markdown, run_evaluation
+from pipeline.features.cache import TEXT_TEMPLATE_SETS, text_templates
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
 from tasks.base import GPU, model_settings, pseudoseg, uses_gpu, verify_inputs
@@ -78,8 +78,8 @@ class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg 
 
 
 class Evaluate(luigi.Task):
-    benchmark = luigi.ChoiceParameter(choices=sorted(BENCHMARKS), description="a pipeline.datasets.BENCHMARKS key")
-    data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.datasets)")
+    benchmark = luigi.ChoiceParameter(choices=sorted(BENCHMARKS), description="a pipeline.eval.benchmarks.BENCHMARKS key")
+    data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.eval.benchmarks)")
     method = luigi.ChoiceParameter(choices=METHODS, default="car")
     limit = IntParameter(default=0, ge=0, description="evaluate the first N images by id; 0 = all")
     images = luigi.Parameter(default="", description="fmbseg/use_sam: training images; pseudo: benchmark images")
@@ -123,7 +123,7 @@ class Evaluate(luigi.Task):
             name = evaluate().use_sam_templates
         else:
             raise ValueError(f"method {self.method!r} prompts no class texts through Evaluate.protos")
-        return name, text_templates(name)  # the template sets of pipeline.vocabularies + USE's "use4"
+        return name, text_templates(name)  # the template sets of pipeline.core.vocabularies + USE's "use4"
 
     def content_params(self) -> dict[str, Any]:
         cfg = evaluate()
@@ -165,7 +165,7 @@ class Evaluate(luigi.Task):
 
     # ------------------------------------------------------------------------------------------------ methods
     def car_params(self):
-        from pipeline.car import car_params
+        from pipeline.car.recurrent import car_params
 
         cfg = evaluate()
         base = car_params(self.benchmark)
@@ -177,7 +177,13 @@ class Evaluate(luigi.Task):
         protocol = self.protocol
         threshold = protocol.bg_threshold if protocol.background == "threshold" else None
         if self.method == "car":
-            from pipeline.car import CaRSegmenter, car_family, clip_cam, clip_classifier, official_query_name
+            from pipeline.car.recurrent import (
+                CaRSegmenter,
+                car_family,
+                clip_cam,
+                clip_classifier,
+                official_query_name,
+            )
 
             sam = load_role("segmenter", settings) if cfg.car_sam else None
             params = self.car_params()
@@ -189,7 +195,7 @@ class Evaluate(luigi.Task):
             return ShortSide(seg, protocol.short_side)
         if self.method == "pseudo":
             return self.pseudo_segmenter()
-        from models.training import load_trained
+        from models.training.trainer import load_trained
 
         clip = load_role("clip", settings)
         template_set, templates = self.text_templates()
@@ -201,7 +207,7 @@ class Evaluate(luigi.Task):
 
         path = self.input()["model"].path
         if self.method == "fmbseg":
-            from pipeline.segmenters import FMbSegSegmenter
+            from pipeline.eval.methods import FMbSegSegmenter
 
             block, record = load_trained(path, "alignment")
             meta = record.get("metadata", {})
@@ -214,7 +220,7 @@ class Evaluate(luigi.Task):
                                    short_side=protocol.short_side, max_long_side=protocol.max_long_side,
                                    crop=protocol.crop, stride=protocol.stride, layer=layer,
                                    background_threshold=threshold, background_classes=stuff)
-        from pipeline.segmenters import UseSamSegmenter, use_head_embedder
+        from pipeline.eval.methods import UseSamSegmenter, use_head_embedder
 
         head, record = load_trained(path, "use")
         meta = record.get("metadata", {})
@@ -233,7 +239,7 @@ class Evaluate(luigi.Task):
         """Stage-1 label maps of every PseudoLabels shard, keyed by the source file's stem."""
         import json
 
-        from pipeline.segmenters import PseudoLabelSegmenter
+        from pipeline.eval.methods import PseudoLabelSegmenter
 
         maps: dict[str, np.ndarray] = {}
         classes: list[str] | None = None

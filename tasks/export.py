@@ -6,10 +6,16 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
-from pipeline.export import COCO_EXPORT_VERSION, IMAGES_DIR, coco_from_segments, export_image, write_coco_json
-from pipeline.ingest import iter_ingested_samples
-from pipeline.preview import index_html, preview_shard
+from pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
+from pipeline.core.ingest import iter_ingested_samples
+from pipeline.use.export import (
+    COCO_EXPORT_VERSION,
+    IMAGES_DIR,
+    coco_from_segments,
+    export_image,
+    write_coco_json,
+)
+from pipeline.use.preview import index_html, preview_shard
 from schemas import MANIFEST, SEGMENTS
 from tasks.base import (
     CommittedTask,

@@ -24,8 +24,8 @@ import luigi.scheduler
 import luigi.worker
 from luigi.scheduler import DISABLED, FAILED
 
-from models._hf import ModelUnavailableError
-from pipeline.datasets import DatasetError
+from models.adapters._hf import ModelUnavailableError
+from pipeline.eval.benchmarks import DatasetError
 from schemas.contract import SchemaError
 
 

@@ -9,7 +9,7 @@ ClassTextEmbeddings                                CLIP text of every vocabulary
 Disk (defaults, ViT-L/14 CLIP-336 and DINOv2-L, width 1024, float16): USE 336² → 24×24 grid, CLIP blocks 7/15/23
 + DINOv2 blocks 22/23 = 5 × 576 × 1024 × 2 B + CLS ≈ 5.91 MB/image; FMbSeg DINOv2 last block at short side 336
 (640×480 → 24×32 grid) ≈ 1.58 MB/image; a 118,287-image COCO run ≈ 699 GB + 186 GB < the 1 TB budget
-(``pipeline.feature_cache.DISK_BUDGET_BYTES``). The paper's choice (all 24 CLIP blocks + last 6 DINOv2) would be
+(``pipeline.features.cache.DISK_BUDGET_BYTES``). The paper's choice (all 24 CLIP blocks + last 6 DINOv2) would be
 30 blocks ≈ 35.4 MB/image ≈ 4.2 TB: set ``[features_use] clip_blocks = all`` / ``dino_blocks = last:6`` for it.
 """
 
@@ -21,8 +21,10 @@ import luigi
 import numpy as np
 
 from models.registry import load_role
-from pipeline.artifacts import ShardOutput, StageDir, atomic_write_bytes
-from pipeline.feature_cache import (
+from pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
+from pipeline.core.overlap import Outcome
+from pipeline.core.vocabularies import class_text_embeddings, load_templates, load_vocabulary
+from pipeline.features.cache import (
     PURPOSES,
     TEXT_TEMPLATE_SETS,
     embed_texts,
@@ -37,9 +39,7 @@ from pipeline.feature_cache import (
     use_input_sides,
     use_inputs,
 )
-from pipeline.overlap import Outcome
-from pipeline.use_pairs import text_pool
-from pipeline.vocabularies import class_text_embeddings, load_templates, load_vocabulary
+from pipeline.use.pairs import text_pool
 from schemas import MANIFEST, REJECTS, SEGMENTS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from tasks.base import (
@@ -232,7 +232,7 @@ class FeatureCacheShard(ShardTask):
 class UseTextEmbeddingShard(ShardTask):
     """CLIP text embeddings of every distinct text of one shard's USE segments — noun phrases and referring
     expressions, the paper stores both (use-paper §3.1) — as the mean over the 4 templates of §4.2; each text once
-    within the shard (``pipeline.use_pairs.text_pool``; the trainer deduplicates across shards)."""
+    within the shard (``pipeline.use.pairs.text_pool``; the trainer deduplicates across shards)."""
 
     stage = "use_text"
 
@@ -266,7 +266,7 @@ class UseTextEmbeddingShard(ShardTask):
 
 
 class ClassTextEmbeddings(DatasetTask):
-    """CLIP text embeddings of a vocabulary's classes (``pipeline.vocabularies.class_text_embeddings``: prompt
+    """CLIP text embeddings of a vocabulary's classes (``pipeline.core.vocabularies.class_text_embeddings``: prompt
     names × templates, averaged per class — the function Evaluate uses too), one Parquet row per class in
     label-value order. Defaults: ``[fmbseg] vocabulary`` / ``templates``, i.e. the classes the pseudo-label maps
     index; ``[fmbseg] templates`` is also the template set Evaluate prompts FMbSeg's benchmark classes with."""

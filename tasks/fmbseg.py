@@ -24,8 +24,13 @@ import luigi
 import numpy as np
 
 from models.registry import load_role
-from pipeline.artifacts import ShardOutput, webdataset_tar_bytes
-from pipeline.fmbseg import (
+from pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
+from pipeline.core.images import encode_png
+from pipeline.core.masks import decode_rle, row_rle
+from pipeline.core.npy import npy_bytes
+from pipeline.core.overlap import Outcome, packed_batches
+from pipeline.core.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
+from pipeline.fmbseg.pseudo_labels import (
     DEFAULT_SHORT_SIDE,
     PRECEDENCES,
     STAGE_11,
@@ -51,11 +56,6 @@ from pipeline.fmbseg import (
     merge_label_map,
     stitch_dense,
 )
-from pipeline.images import encode_png
-from pipeline.masks import decode_rle, row_rle
-from pipeline.npy import npy_bytes
-from pipeline.overlap import Outcome, packed_batches
-from pipeline.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
 from schemas import MANIFEST
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
 from tasks.base import (

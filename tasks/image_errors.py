@@ -31,11 +31,11 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import AccountingError
-from pipeline.captions import CaptionFileError
-from pipeline.images import ImageRejected
-from pipeline.ingest import decode_stored, iter_ingested_samples
-from pipeline.vocabularies import VocabularyError
+from pipeline.core.artifacts import AccountingError
+from pipeline.core.images import ImageRejected
+from pipeline.core.ingest import decode_stored, iter_ingested_samples
+from pipeline.core.vocabularies import VocabularyError
+from pipeline.use.captions import CaptionFileError
 from tasks.failures import PERMANENT_ERRORS
 
 logger = logging.getLogger("luigi-interface.pseudoseg")

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import ShardOutput, StageDir
-from pipeline.ingest import STAGE, DecodeLimits, ingest_entries
-from pipeline.sources import EntryReader, PlannedEntry, plan_entries
+from pipeline.core.artifacts import ShardOutput, StageDir
+from pipeline.core.ingest import STAGE, DecodeLimits, ingest_entries
+from pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS, SchemaError
 from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageWrapper, ingest
 

@@ -6,8 +6,8 @@ import luigi
 import numpy as np
 
 from models.probe import probe_roles
-from pipeline.artifacts import StageDir, atomic_write_bytes
-from pipeline.ingest import iter_ingested_images
+from pipeline.core.artifacts import StageDir, atomic_write_bytes
+from pipeline.core.ingest import iter_ingested_images
 from schemas import MODEL_PROBE
 from tasks.base import DatasetTask, model_settings, verify_inputs
 from tasks.ingest import IngestShard

@@ -18,9 +18,9 @@ import torch
 
 from models.registry import load_role
 from models.roles import SamImageEmbedding
-from pipeline.artifacts import ShardOutput
-from pipeline.overlap import HostCopy, Outcome
-from pipeline.sam_embeddings import DTYPES, ForwardLookup, embedding_sample, iter_sam_embeddings
+from pipeline.core.artifacts import ShardOutput
+from pipeline.core.overlap import HostCopy, Outcome
+from pipeline.features.sam_embeddings import DTYPES, ForwardLookup, embedding_sample, iter_sam_embeddings
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
     ProgressReporter,

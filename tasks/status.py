@@ -2,7 +2,7 @@
 pointers a run leaves in every stage folder (``mark_latest``).
 
 A stage folder (``<out>/<dataset>/<stage>/``) holds one hash folder per parameter set it was run with, and
-``latest`` / ``LATEST`` naming the hash folder of the last run that completed the stage (pipeline.artifacts).
+``latest`` / ``LATEST`` naming the hash folder of the last run that completed the stage (pipeline.core.artifacts).
 Per hash folder a unit is *done* (a valid ``_meta/<unit>.done.json`` whose files are in place at their recorded
 sizes), *failed* (its last attempt left ``_meta/<unit>.failed.json`` and it is not done) or *pending* (neither;
 the shard count of a stage is the plan's, recorded by every run in ``_meta/shards.json``). `status` exits 1
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.artifacts import (
+from pipeline.core.artifacts import (
     LATEST_FILE,
     LATEST_LINK,
     META_DIR,

@@ -16,7 +16,13 @@ from typing import Any
 
 import luigi
 
-from pipeline.artifacts import QUARANTINE, StageDir, atomic_write_bytes, load_shard_stats, package_versions
+from pipeline.core.artifacts import (
+    QUARANTINE,
+    StageDir,
+    atomic_write_bytes,
+    load_shard_stats,
+    package_versions,
+)
 from tasks.base import CommittedTask, ShardRange, ShardTask
 
 TOP_REASONS = 3

@@ -1,5 +1,5 @@
 """How a model stage keeps its accelerator busy (section ``[throughput]`` of luigi.cfg): images are read and decoded
-ahead of the model loop by a small thread pool, results are post-processed behind it (``pipeline.overlap``).
+ahead of the model loop by a small thread pool, results are post-processed behind it (``pipeline.core.overlap``).
 None of these settings changes a byte of any output (tests/test_throughput.py), so none is part of a stage hash.
 Batch sizes, which can change float rounding, live with their stage's settings and are hashed there.
 """
@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import luigi
 import numpy as np
 
-from pipeline.ingest import decode_stored, iter_ingested_samples
-from pipeline.overlap import Behind, Outcome, prefetch
+from pipeline.core.ingest import decode_stored, iter_ingested_samples
+from pipeline.core.overlap import Behind, Outcome, prefetch
 from tasks.image_errors import REJECTED, ImageErrors
 from tasks.params import IntParameter
 
@@ -61,7 +61,7 @@ def _nothing(_item: Any) -> None:
 
 
 def behind(deliver: Callable[[Any, Outcome], None], *, name: str = "post") -> Behind:
-    """``pipeline.overlap.Behind`` with this section's depth and threads."""
+    """``pipeline.core.overlap.Behind`` with this section's depth and threads."""
     cfg = throughput()
     return Behind(deliver, depth=cfg.post_behind, threads=cfg.post_threads, name=name)
 

@@ -15,10 +15,10 @@ import luigi
 import numpy as np
 
 from models.registry import load_role, load_spacy
-from pipeline.artifacts import ShardOutput
-from pipeline.captions import load_gt_captions
-from pipeline.overlap import Outcome
-from pipeline.use_pairs import (
+from pipeline.core.artifacts import ShardOutput
+from pipeline.core.overlap import Outcome
+from pipeline.use.captions import load_gt_captions
+from pipeline.use.pairs import (
     CaptionQuery,
     DecodedBoxes,
     box_mask_row,

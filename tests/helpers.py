@@ -14,7 +14,7 @@ import cv2
 import luigi.configuration
 import numpy as np
 
-from pipeline.artifacts import LATEST_LINK
+from pipeline.core.artifacts import LATEST_LINK
 
 REPO = Path(__file__).resolve().parents[1]
 

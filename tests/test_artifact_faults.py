@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts import unit_file
+from pipeline.core.artifacts import unit_file
 from tests.helpers import cli, cli_env, tree_bytes, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -235,7 +235,7 @@ def test_two_runs_on_one_output_root_share_the_units_without_failures(tmp_path, 
 # ------------------------------------------------------------------------------------------------ chaos
 CHAOS = """
 import os, signal
-import pipeline.artifacts as artifacts
+import pipeline.core.artifacts as artifacts
 import tasks.base as base
 import tasks.ingest as ingest
 KILL_AT, COUNT = int(os.environ.get("CHAOS_KILL_AT", "0")), os.environ.get("CHAOS_COUNT")

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pipeline import artifacts
-from pipeline.artifacts import (
+from pipeline.core import artifacts
+from pipeline.core.artifacts import (
     QUARANTINE,
     ShardOutput,
     StageDir,
@@ -22,7 +22,7 @@ from pipeline.artifacts import (
     load_shard_stats,
     record_problems,
 )
-from pipeline.locks import LockBusy, UnitLock
+from pipeline.core.locks import LockBusy, UnitLock
 from tests.helpers import luigi_settings, write_good_images
 
 
@@ -148,7 +148,7 @@ def test_a_live_holder_on_this_host_is_waited_for(tmp_path):
     path = tmp_path / ".lock-shard-000000"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from pipeline.locks import process_start
+        from pipeline.core.locks import process_start
 
         time.sleep(0.1)
         path.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.artifacts import LATEST_FILE, record_unit_file, sha256_hex
-from pipeline.sources import source_path
+from pipeline.core.artifacts import LATEST_FILE, record_unit_file, sha256_hex
+from pipeline.core.sources import source_path
 from schemas import MANIFEST, REJECTS, SHARD_STATS
 from schemas.features import SAM_EMBEDDINGS
 from tasks.status import hash_folders
@@ -29,7 +29,7 @@ VICTIM_HW = (40, 56)  # the one image whose processing the fault below makes rai
 # SAM's encoder runs on batches of images (embed is a batch of one): a batch holding the victim fails, and the stage
 # redoes its images one by one to find it.
 FAIL_ONE_IMAGE = f"""
-import models.segmenter as segmenter
+import models.adapters.segmenter as segmenter
 _embed_batch = segmenter.SamSegmenter.embed_batch
 def embed_batch_or_fail(self, images, prepared=None):
     if any(tuple(image.shape[:2]) == {VICTIM_HW!r} for image in images):

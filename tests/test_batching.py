@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from models.registry import ModelSettings, load_role
-from pipeline import fmbseg as F
-from pipeline.feature_cache import encode_fmbseg, encode_fmbseg_batch, encode_use
-from pipeline.masks import stability_score
-from pipeline.overlap import Behind, HostCopy, Outcome, packed_batches, prefetch
-from pipeline.use_pairs import choose_by_stability
+from pipeline.core.masks import stability_score
+from pipeline.core.overlap import Behind, HostCopy, Outcome, packed_batches, prefetch
+from pipeline.features.cache import encode_fmbseg, encode_fmbseg_batch, encode_use
+from pipeline.fmbseg import pseudo_labels as F
+from pipeline.use.pairs import choose_by_stability
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""Ground-truth caption files (pipeline/captions.py): COCO captions JSON and Parquet layouts, the three lookup
+"""Ground-truth caption files (pipeline/use/captions.py): COCO captions JSON and Parquet layouts, the three lookup
 keys (ingest id, source basename, full source path) and clear errors for layouts we do not read."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.captions import CaptionFileError, load_gt_captions
+from pipeline.use.captions import CaptionFileError, load_gt_captions
 
 
 def _write_json(path, data) -> str:

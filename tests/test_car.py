@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.car import (
+from pipeline.car.recurrent import (
     BACKGROUND_QUERIES,
     CAM_TEMPLATE,
     CAR_DEFAULTS,
@@ -23,8 +23,8 @@ from pipeline.car import (
     sam_ensemble,
     sinkhorn_affinity,
 )
-from pipeline.metrics import miou
-from pipeline.transforms import resize_label_map
+from pipeline.core.transforms import resize_label_map
+from pipeline.eval.metrics import miou
 from tests.oracles import OracleGT, OracleSegmenter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -281,16 +281,16 @@ def test_defaults_are_the_official_configs():
     assert (ade.eta, ade.theta, ade.lam, set(ade.prompts), set(ade.stuff_prompts), len(ade.stuff)) == \
         (0.6, 0.25, 0.7, {"gray", "blur"}, {"gray", "blur"}, 25)
     assert car_params("coco_object80") == coco and car_params("cityscapes19") == voc
-    from pipeline.vocabularies import load_vocabulary
+    from pipeline.core.vocabularies import load_vocabulary
 
     assert set(ctx.stuff) <= set(load_vocabulary("context59").classes)  # official ids → our class names
     assert set(ade.stuff) <= set(load_vocabulary("ade150").classes)
 
 
 def test_gradcam_and_clip_adapters_tiny(tmp_path, gt):
-    from models import tiny
-    from models.clip import HFClipEncoder
-    from pipeline.car import clip_cam
+    from models.adapters import tiny
+    from models.adapters.clip import HFClipEncoder
+    from pipeline.car.recurrent import clip_cam
 
     f = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tmp_path)), device="cpu")
     g = HFClipEncoder(str(tiny.ensure_tiny("classifier_clip", tmp_path)), device="cpu")
@@ -312,8 +312,8 @@ def test_gradcam_and_clip_adapters_tiny(tmp_path, gt):
 def test_gradcam_attention_equals_eager_attention_weights(tmp_path, gt):
     """The CAA attention (recomputed from the blocks' inputs: sdpa returns no weights) equals transformers' own
     eager attention weights, averaged over heads and the last blocks, CLS dropped."""
-    from models import tiny
-    from models.clip import HFClipEncoder
+    from models.adapters import tiny
+    from models.adapters.clip import HFClipEncoder
 
     clip = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tmp_path)), device="cpu")
     s, g = clip.image_size, clip.image_size // clip.patch_size

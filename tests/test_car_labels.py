@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from models.registry import register_preset
-from pipeline.artifacts import unit_file
-from pipeline.feature_cache import TarStore
-from pipeline.images import decode_label_png
-from pipeline.metrics import miou
-from pipeline.vocabularies import load_vocabulary
+from pipeline.core.artifacts import unit_file
+from pipeline.core.images import decode_label_png
+from pipeline.core.vocabularies import load_vocabulary
+from pipeline.eval.metrics import miou
+from pipeline.features.cache import TarStore
 from schemas import REJECTS
 from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import build_tasks

@@ -1,4 +1,4 @@
-"""Parity of the CLIP adapter (models/clip.py `HFClipEncoder`) with OpenAI's own CLIP code under shared random
+"""Parity of the CLIP adapter (models/adapters/clip.py `HFClipEncoder`) with OpenAI's own CLIP code under shared random
 weights (issue 10 item 12; no real weights exist here).
 
 OpenAI's `clip.model.build_model` builds a small ViT CLIP from a random state dict; the test converts those weights
@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.clip import HFClipEncoder
+from models.adapters.clip import HFClipEncoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

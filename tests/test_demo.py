@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from pipeline.artifacts import record_unit_file
-from pipeline.sample_set import write_sample_set
+from pipeline.core.artifacts import record_unit_file
+from pipeline.core.sample_set import write_sample_set
 from schemas import MANIFEST, MODEL_PROBE, REJECTS, SHARD_STATS
 from tests.helpers import cli, cli_env
 

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from models.registry import TINY, register_preset
-from pipeline.datasets import DatasetError, Sample, coco_stuff_classes, protocol_for
-from pipeline.metrics import ConfusionMatrix
-from pipeline.report import (
+from pipeline.core.vocabularies import load_templates, load_vocabulary
+from pipeline.eval.benchmarks import DatasetError, Sample, coco_stuff_classes, protocol_for
+from pipeline.eval.metrics import ConfusionMatrix
+from pipeline.eval.report import (
     PUBLISHED,
     EvalResult,
     ShortSide,
@@ -22,7 +23,6 @@ from pipeline.report import (
     report_markdown,
     run_evaluation,
 )
-from pipeline.vocabularies import load_templates, load_vocabulary
 from schemas.evaluation import CLASS_IOU
 from tasks.base import build_tasks
 from tasks.evaluate import Evaluate
@@ -106,7 +106,7 @@ class CarOracleClip:
 
 
 def center_crop_labels(label, size):
-    """The label map through CLIP's centre-crop geometry (pipeline.transforms.clip_center_crop), nearest."""
+    """The label map through CLIP's centre-crop geometry (pipeline.core.transforms.clip_center_crop), nearest."""
     h, w = label.shape
     new_hw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     small = np.asarray(Image.fromarray(label).resize((new_hw[1], new_hw[0]), Image.NEAREST))

@@ -1,11 +1,11 @@
-"""Noun phrases and referring expressions (pipeline/expressions.py) on the bundled small English spaCy model."""
+"""Noun phrases and referring expressions (pipeline/use/expressions.py) on the bundled small English spaCy model."""
 
 from __future__ import annotations
 
 import pytest
 import spacy
 
-from pipeline.expressions import Expression, extract_expressions
+from pipeline.use.expressions import Expression, extract_expressions
 
 PAPER_CAPTION = (
     "There is an orange-red apple at the right side of the rabbit and there is another red apple visible "

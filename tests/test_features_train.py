@@ -28,16 +28,16 @@ import torch
 
 import tasks.train as train_tasks
 from models.registry import TINY, ModelSettings, load_role, register_preset
-from models.training import load_trained
-from pipeline.artifacts import unit_file
-from pipeline.feature_cache import (
+from models.training.trainer import load_trained
+from pipeline.core.artifacts import unit_file
+from pipeline.core.transforms import working_size
+from pipeline.features.cache import (
     COCO_TRAIN_IMAGES,
     DISK_BUDGET_BYTES,
     USE_TEMPLATES,
     estimate_feature_bytes,
     resolve_blocks,
 )
-from pipeline.transforms import working_size
 from schemas import SEGMENTS, SHARD_STATS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from tasks.base import build_tasks
@@ -358,8 +358,8 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, tiny_cac
     """augment = false: the online item (whole image, original masks) encoded in the loop gives the cached tokens
     up to their float16 storage, the same pooling weights and the same drawn texts; the two modes' first losses
     agree to float16 precision."""
-    from pipeline.feature_cache import TarStore, encode_use_batch, resolve_blocks, text_matrix
-    from tasks.train import UseOnlineDataset, UseSegmentDataset
+    from models.training.datasets import UseOnlineDataset, UseSegmentDataset
+    from pipeline.features.cache import TarStore, encode_use_batch, resolve_blocks, text_matrix
 
     args, settings = _use_setup(tmp_path, tiny_cache, epochs=1)
     online = {**settings, "train_use": {**settings["train_use"], "features": "online", "augment": "false"}}

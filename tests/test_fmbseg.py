@@ -1,4 +1,4 @@
-"""FMbSeg Stage 1 pure logic (pipeline/fmbseg.py, pipeline/vocabularies.py) on hand-made inputs, and the Luigi
+"""FMbSeg Stage 1 pure logic (pipeline/fmbseg/pseudo_labels.py, pipeline/core/vocabularies.py) on hand-made inputs, and the Luigi
 stages with `tiny` random-init real architectures (transformers CLIP, segment-anything SAM) writing valid artifacts.
 
 The MaskCLIP dense path of one crop equals a hand computation in tests/test_models.py
@@ -18,9 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.roles import ClipImageFeatures, MaskPrediction, SamImageEmbedding
-from pipeline import fmbseg as F
-from pipeline.transforms import Resize, SlidingWindows
-from pipeline.vocabularies import (
+from pipeline.core.transforms import Resize, SlidingWindows
+from pipeline.core.vocabularies import (
     BUILTIN_VOCABULARIES,
     IMAGENET_TEMPLATES,
     VocabularyError,
@@ -28,6 +27,7 @@ from pipeline.vocabularies import (
     load_vocabulary,
     parse_vocabulary,
 )
+from pipeline.fmbseg import pseudo_labels as F
 
 D = 8
 

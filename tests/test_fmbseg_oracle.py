@@ -27,11 +27,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.registry import register_preset
-from pipeline.artifacts import unit_file
-from pipeline.images import decode_label_png
-from pipeline.masks import decode_rle
-from pipeline.transforms import Resize, SlidingWindows
-from pipeline.vocabularies import load_vocabulary
+from pipeline.core.artifacts import unit_file
+from pipeline.core.images import decode_label_png
+from pipeline.core.masks import decode_rle
+from pipeline.core.transforms import Resize, SlidingWindows
+from pipeline.core.vocabularies import load_vocabulary
 from schemas import REJECTS, SHARD_STATS
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
 from tasks.base import build_tasks

@@ -1,4 +1,4 @@
-"""Box ↔ phrase matching, caption windows, span shifting and box NMS (pipeline/grounding.py)."""
+"""Box ↔ phrase matching, caption windows, span shifting and box NMS (pipeline/use/grounding.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.grounding import (
+from pipeline.use.grounding import (
     SPECIAL_SPAN,
     box_nms,
     match_boxes_to_phrases,

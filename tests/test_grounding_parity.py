@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.grounder import GroundingDinoPy, HFGroundingDino, official_resize_hw, prepare_caption
-from pipeline.grounding import match_boxes_to_phrases
+from models.adapters.grounder import GroundingDinoPy, HFGroundingDino, official_resize_hw, prepare_caption
+from pipeline.use.grounding import match_boxes_to_phrases
 from tests.gdino_parity import tiny_swin, write_hf, write_official
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -163,7 +163,7 @@ def test_ground_equals_official_on_voc_photo(official, hf, photo):
     """Both backends' `ground` on the VOC photo (800x1066 input), box_threshold 0.7, text_threshold 0.25: the same
     kept queries in the same order, boxes within 0.01 px (measured ≈ 3e-3 px on a 500 px image: float32 op order),
     scores / token probabilities within rel 1e-4 (measured ≈ 3e-6 absolute), the same token masks and the same
-    box→phrase assignment (pipeline/grounding.py). Every reference coordinate stays inside [1e-3, 1 - 1e-3], the
+    box→phrase assignment (pipeline/use/grounding.py). Every reference coordinate stays inside [1e-3, 1 - 1e-3], the
     range where the two inverse sigmoids agree (see the module docstring)."""
     kw = dict(box_threshold=0.7, text_threshold=0.25)
     a = official.ground(photo, CAPTION, **kw)

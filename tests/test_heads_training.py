@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.heads import AlignmentBlock, USEHead, build_head, mask_pooling_weights, pool_segments
-from models.training import (
+from models.training.heads import AlignmentBlock, USEHead, build_head, mask_pooling_weights, pool_segments
+from models.training.trainer import (
     CheckpointMismatchError,
     TrainConfig,
     alignment_step,
@@ -30,7 +30,7 @@ from models.training import (
     train,
     use_step,
 )
-from pipeline.transforms import patch_labels
+from pipeline.core.transforms import patch_labels
 from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
 
 REPO = Path(__file__).resolve().parents[1]

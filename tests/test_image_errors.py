@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from models._hf import ModelUnavailableError
-from pipeline.images import ImageRejected
+from models.adapters._hf import ModelUnavailableError
+from pipeline.core.images import ImageRejected
 from schemas.contract import SchemaError
 from tasks.image_errors import (
     IMAGE_ERROR,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.images: every bad input is rejected with its code, every good variant normalised."""
+"""Tests for pipeline.core.images: every bad input is rejected with its code, every good variant normalised."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image, ImageFile
 
-from pipeline.images import (
+from pipeline.core.images import (
     REJECT_CODES,
     DecodedImage,
     ImageRejected,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.artifacts import record_unit_file
-from pipeline.images import decode_image
+from pipeline.core.artifacts import record_unit_file
+from pipeline.core.images import decode_image
 from schemas import MANIFEST, REJECTS, SHARD_STATS
 from tasks.base import ShardTask, build_tasks
 from tasks.ingest import Ingest, PlanIngest

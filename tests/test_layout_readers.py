@@ -12,7 +12,7 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.artifacts import LATEST_FILE, StageDir
+from pipeline.core.artifacts import LATEST_FILE, StageDir
 from schemas import MANIFEST, REJECTS
 from tasks.cli import build
 from tasks.ingest import Ingest

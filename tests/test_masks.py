@@ -1,4 +1,4 @@
-"""Masks (pipeline/masks.py): RLE against pycocotools, NMS against a brute-force reference, stability score
+"""Masks (pipeline/core/masks.py): RLE against pycocotools, NMS against a brute-force reference, stability score
 and small-region cleanup against segment_anything's own helpers."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pycocotools import mask as coco
 from segment_anything.utils import amg
 
-from pipeline.masks import (
+from pipeline.core.masks import (
     box_covers_image,
     clean_mask,
     decode_rle,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import tiny
+from models.adapters import tiny
 from models.registry import ROLES, ModelSettings, ModelUnavailableError, load_role, register_preset
 from models.roles import Captioner, ClipEncoder, DenseEncoder, Grounder, Segmenter
 from tests.oracles import OracleGT, register_oracle
@@ -220,7 +220,7 @@ def test_groundingdino_py_backend_matches_official_predict(tiny_cache, tmp_path,
     from torchvision.ops import box_convert
     from transformers import BertConfig, BertModel
 
-    from models.grounder import GroundingDinoPy, _bert_compat
+    from models.adapters.grounder import GroundingDinoPy, _bert_compat
 
     bert_dir = tmp_path / "bert"
     tok = tiny.build_bert_tokenizer()

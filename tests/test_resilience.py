@@ -74,7 +74,7 @@ def images_and_reference(tmp_path_factory):
 
 HANG_IN_DECODE = """
 import pathlib, time
-import pipeline.ingest as ingest
+import pipeline.core.ingest as ingest
 _decode, _calls = ingest.decode_image, [0]
 def decode_then_hang(data, **kw):
     _calls[0] += 1
@@ -87,7 +87,7 @@ ingest.decode_image = decode_then_hang
 
 DIE_MID_COMMIT = """
 import os, pathlib, signal
-import pipeline.artifacts as artifacts
+import pipeline.core.artifacts as artifacts
 _write, _count = artifacts.atomic_write_bytes, [0]
 def write_then_die(target, data, *args):
     _write(target, data, *args)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import ShardOutput, StageDir, commit_shard, load_shard_stats, record_problems
+from pipeline.core.artifacts import ShardOutput, StageDir, commit_shard, load_shard_stats, record_problems
 from tasks.base import ProgressReporter
 from tasks.dag import OUTPUT_OF, OUTPUTS
 from tests.helpers import REPO, cli, cli_env, write_good_images

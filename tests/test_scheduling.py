@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import tasks.ingest as ingest_module
-from pipeline import artifacts
-from pipeline.artifacts import ShardOutput, StageDir, commit_shard
-from pipeline.sources import list_source, plan_entries
+from pipeline.core import artifacts
+from pipeline.core.artifacts import ShardOutput, StageDir, commit_shard
+from pipeline.core.sources import list_source, plan_entries
 from schemas import PLAN
 from tasks.base import ShardRange, ShardTask, build_tasks, range_class, shards_per_task
 from tasks.ingest import Ingest, IngestShard, read_plan_shard

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.heads import AlignmentBlock, USEHead
 from models.roles import DenseEncoder, DenseFeatures
-from pipeline.metrics import miou
-from pipeline.segmenters import (
+from models.training.heads import AlignmentBlock, USEHead
+from pipeline.core.transforms import Resize, SlidingWindows, working_size
+from pipeline.eval.methods import (
     FMbSegSegmenter,
     PseudoLabelSegmenter,
     UseSamSegmenter,
@@ -15,7 +15,7 @@ from pipeline.segmenters import (
     use_head_embedder,
     vote_segments,
 )
-from pipeline.transforms import Resize, SlidingWindows, working_size
+from pipeline.eval.metrics import miou
 from tests.oracles import OracleDenseEncoder, OracleGT, OracleSegmenter, _grid_codes
 
 DIM = 32
@@ -31,7 +31,7 @@ def gt():
 
 def area_fractions(labels: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """[rows, cols, DIM]: each grid cell's class-area fractions (void pixels left out), the cells tiling `labels`
-    evenly (independent of pipeline.transforms: plain integer cell edges)."""
+    evenly (independent of pipeline.core.transforms: plain integer cell edges)."""
     h, w = labels.shape
     ys = np.linspace(0, h, rows + 1).round().astype(int)
     xs = np.linspace(0, w, cols + 1).round().astype(int)

@@ -16,8 +16,8 @@ import pytest
 
 import tasks.fmbseg as fmbseg_tasks
 import tasks.use as use_tasks
-from pipeline.fmbseg import decode_query_points, dense_sample
-from pipeline.use_pairs import box_mask_row
+from pipeline.fmbseg.pseudo_labels import decode_query_points, dense_sample
+from pipeline.use.pairs import box_mask_row
 from schemas import REJECTS
 from tasks.base import build_tasks
 from tasks.features import FeatureCacheShard

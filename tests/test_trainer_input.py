@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from models.heads import AlignmentBlock, mask_pooling_weights
-from models.training import (
+from models.training.heads import AlignmentBlock, mask_pooling_weights
+from models.training.trainer import (
     EpochSampler,
     TrainConfig,
     _epoch_seed,
@@ -23,8 +23,11 @@ from models.training import (
     epoch_index,
     train,
 )
-from pipeline.artifacts import TarSpool
-from pipeline.feature_cache import (
+from pipeline.core.artifacts import TarSpool
+from pipeline.core.images import decode_label_png, encode_png
+from pipeline.core.masks import encode_rle, rle_area
+from pipeline.core.transforms import patch_labels
+from pipeline.features.cache import (
     PatchLabeler,
     TarStore,
     _rle_counts,
@@ -34,9 +37,6 @@ from pipeline.feature_cache import (
     rle_pooling_weights,
     sample_rng,
 )
-from pipeline.images import decode_label_png, encode_png
-from pipeline.masks import encode_rle, rle_area
-from pipeline.transforms import patch_labels
 
 
 def test_rle_pooling_weights_equal_mask_pooling_weights() -> None:
@@ -134,7 +134,7 @@ def _equal_batches(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("grids", [[(3, 4)] * 4, [(3, 4), (4, 3), (2, 5), (3, 4)]])
 def test_batch_reads_equal_collated_items(tmp_path: Path, grids) -> None:
-    from tasks.train import AlignmentDataset, UseSegmentDataset
+    from models.training.datasets import AlignmentDataset, UseSegmentDataset
 
     c = _caches(tmp_path, grids)
     use = UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3)
@@ -228,7 +228,7 @@ def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_pat
 
 
 def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeypatch) -> None:
-    import pipeline.feature_cache as fc
+    import pipeline.features.cache as fc
 
     monkeypatch.setattr(fc, "MAX_OPEN_SHARDS", 2)
     paths = []

@@ -1,4 +1,4 @@
-"""pipeline/transforms.py: property tests (hypothesis) for every coordinate map FMbSeg relies on — windows cover
+"""pipeline/core/transforms.py: property tests (hypothesis) for every coordinate map FMbSeg relies on — windows cover
 every pixel, round trips, odd sizes — stitching of known synthetic feature fields, and the USE training crop
 (rescale + fixed-size crop): masks drawn from known geometry land on the pixels showing that geometry."""
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.transforms import (
+from pipeline.core.transforms import (
     PAD_VALUE,
     Resize,
     ScaleCrop,

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifacts import record_unit_file
-from pipeline.masks import decode_rle
-from pipeline.sample_set import write_sample_set
+from pipeline.core.artifacts import record_unit_file
+from pipeline.core.masks import decode_rle
+from pipeline.core.sample_set import write_sample_set
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS, SHARD_STATS
 from tasks.base import build_tasks
 from tasks.use import UseSegments

@@ -1,4 +1,4 @@
-"""USE pairs of one image (pipeline/use_pairs.py): rows against the schemas/use.py contracts, grounding with the
+"""USE pairs of one image (pipeline/use/pairs.py): rows against the schemas/use.py contracts, grounding with the
 oracle and a windowing stub, SAM box masks against segment-anything's own SamPredictor, the whole-image rule,
 thresholds and cleanup, and mask NMS with merged texts. CPU only; the SAM is a small random-init one."""
 
@@ -14,8 +14,8 @@ import spacy
 import torch
 
 from models.roles import Grounder, Grounding, MaskPrediction, SamImageEmbedding, Segmenter
-from pipeline.masks import clean_mask, decode_rle, encode_rle, full_image_mask, mask_nms
-from pipeline.use_pairs import (
+from pipeline.core.masks import clean_mask, decode_rle, encode_rle, full_image_mask, mask_nms
+from pipeline.use.pairs import (
     EMPTY_MASK,
     LOW_PREDICTED_IOU,
     LOW_STABILITY,
@@ -223,7 +223,7 @@ def tiny_sam():
     """segment-anything's SAM with the tiny image encoder, random init (seed 0). The mask hypernetworks' last
     layers are scaled so that logits span about ±10 like a trained SAM's (random init gives ±0.2, where every
     stability score would be 0 and the choice among the 3 outputs would be untested)."""
-    from models.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
 
     torch.manual_seed(0)
     sam = build_sam_arch(SAM_ARCHS["tiny"], checkpoint=None)
@@ -567,8 +567,8 @@ class _WordClip:
 def test_segment_text_pool_holds_phrases_and_expressions_each_once():
     """use-paper §3.1 "store both": a segment's texts are its noun phrases AND its referring expressions; the pool
     the text encoder embeds is every distinct one of them, each embedded once, with where it came from."""
-    from pipeline.feature_cache import USE_TEMPLATES, embed_texts, text_matrix, text_rows
-    from pipeline.use_pairs import segment_texts, text_pool
+    from pipeline.features.cache import USE_TEMPLATES, embed_texts, text_matrix, text_rows
+    from pipeline.use.pairs import segment_texts, text_pool
     from schemas.features import TEXT_EMBEDDINGS
 
     assert segment_texts(TEXT_SEGMENTS[0]["texts"]) == ["the right side", "the right side of the rabbit", "the rabbit"]
@@ -605,8 +605,8 @@ def test_segment_text_pool_holds_phrases_and_expressions_each_once():
 def test_segment_texts_are_drawn_from_both_kinds_seeded():
     """use-paper §3.2: one text per segment per iteration, at random: over epochs every text of a segment comes
     up, phrases and expressions alike, uniformly; the same (seed, epoch, index) draws the same texts."""
-    from pipeline.feature_cache import sample_rng
-    from pipeline.use_pairs import draw_segment_texts, segment_texts, text_pool
+    from pipeline.features.cache import sample_rng
+    from pipeline.use.pairs import draw_segment_texts, segment_texts, text_pool
 
     index = {t: i for i, (t, _, _) in enumerate(text_pool(TEXT_SEGMENTS))}
     options = [[index[t] for t in segment_texts(s["texts"])] for s in TEXT_SEGMENTS[:3]]

@@ -1,0 +1,1 @@
+"""CaR (car-paper §3): the training-free recurrent CLIP segmenter."""

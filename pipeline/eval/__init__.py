@@ -1,0 +1,1 @@
+"""Evaluation: benchmark readers and protocols, the methods evaluated, mIoU, and the report."""
