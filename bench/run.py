@@ -64,6 +64,7 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3, arch: str = "vit_b") ->
     from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
     from models.roles import Segmenter
     from pipeline.use.pairs import masks_for_boxes
+    from pipeline.use.params import UseBoxMasksParams
 
     torch.manual_seed(0)
     sam, build = time_call(lambda: build_sam_arch(SAM_ARCHS[arch], checkpoint=None))
@@ -100,8 +101,8 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3, arch: str = "vit_b") ->
     decoders = compare({
         "batched": lambda: seg.predict(embedding, boxes_xyxy=boxes, multimask=True),
         "per_box": per_box, "chunks_of_1": lambda: chunked(1), "chunks_of_4": lambda: chunked(4),
-        "masks_for_boxes": lambda: masks_for_boxes(Cached(), image, boxes, pred_iou_thresh=-np.inf,
-                                                   stability_thresh=-np.inf),
+        "masks_for_boxes": lambda: masks_for_boxes(Cached(), image, boxes, UseBoxMasksParams(pred_iou_thresh=-np.inf,
+                                                   stability_thresh=-np.inf)),
     }, repeats=repeats, warmup=1)
     med = {k: v["wall_s"]["median"] for k, v in {**encoders, **decoders}.items()}
     return {

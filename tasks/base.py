@@ -15,6 +15,7 @@ shard to the range holding it, so ranges depend on ranges. K = 1 schedules the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -47,10 +48,11 @@ from pipeline.core.artifacts import (
 )
 from pipeline.core.locks import UnitLock
 from pipeline.core.locks import describe as describe_holder
+from pipeline.core.params import StageParams
 from pipeline.core.sources import Listing, list_source, num_shards
 from schemas import SchemaError
 from tasks.failures import CorruptInput, explain, one_line, permanent_cause
-from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter
+from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter, read_params
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
@@ -400,16 +402,40 @@ def redo(reader: luigi.Task, upstream: CommittedTask, problems: Mapping[str, str
 
 
 class ShardTask(CommittedTask):
-    """One stage applied to one shard. Subclasses define ``stage``, ``content_params`` and ``produce``."""
+    """One stage applied to one shard. Subclasses define ``stage``, ``produce`` and their settings: ``params_type``
+    (a ``pipeline.core.params.StageParams`` dataclass) read from the luigi.cfg ``section`` and the model ``roles``
+    they load. ``content_params`` hashes all of them (plus the upstream stages' hashes) into the folder name, and
+    ``produce`` reads settings only through ``self.params``, so no setting can change the bytes without changing
+    the folder."""
 
     stage: ClassVar[str]
+    params_type: ClassVar[type[StageParams]]
+    section: ClassVar[type[luigi.Config]]
+    roles: ClassVar[tuple[str, ...]] = ()  # model roles whose identity is hashed (see model_roles)
     shard = luigi.IntParameter()
     # Tasks that use a GPU declare resources = {"gpu": 1}; luigi.cfg [resources] caps them per worker host.
     resources: ClassVar[dict[str, int]] = {}
 
+    @property
+    def params(self) -> StageParams:
+        """This stage's settings, read once per settings state from its section."""
+        cls = type(self)
+        return by_settings(("params", cls), lambda: read_params(cls.params_type, current(cls.section)))
+
+    def model_roles(self) -> tuple[str, ...]:
+        """The model roles this stage loads with the current settings (their identities are hashed)."""
+        return self.roles
+
+    def upstream_params(self) -> dict[str, str]:
+        """The hashes of the stages this one reads (none for a first stage)."""
+        return {}
+
     def content_params(self) -> Mapping[str, Any]:
-        """Everything that changes this stage's bytes, incl. upstream stage hashes (see upstream_hashes)."""
-        raise NotImplementedError
+        """Everything that changes this stage's bytes: the upstream stages' hashes, the whole params object (a side
+        file by its content) and the identity of every model role used."""
+        settings = model_settings()
+        return {"upstream": self.upstream_params(), "params": hashed_params(self.params),
+                "models": {role: model_identity(role, settings) for role in self.model_roles()}}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         raise NotImplementedError
@@ -466,6 +492,13 @@ def file_digest(path: str) -> str:
     if not path:
         return ""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def hashed_params(params: StageParams) -> dict[str, Any]:
+    """Every field of a params object as it enters the stage hash: a side file (``setting(file=True)``) by its
+    content digest, so editing the file renames the folder and moving it does not."""
+    return {f.name: file_digest(getattr(params, f.name)) if f.metadata.get("file") else getattr(params, f.name)
+            for f in dataclasses.fields(params)}
 
 
 class StageBars:

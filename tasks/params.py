@@ -7,38 +7,19 @@ A range is declared where the parameter is declared (``IntParameter(default=1000
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import luigi
 
-
-class Range:
-    """ge/gt/le/lt bounds (None = open); ``text`` is how settings errors print them."""
-
-    def __init__(self, ge: float | None = None, gt: float | None = None, le: float | None = None,
-                 lt: float | None = None) -> None:
-        self.ge, self.gt, self.le, self.lt = ge, gt, le, lt
-
-    def __contains__(self, x: float) -> bool:
-        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
-                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
-
-    @property
-    def text(self) -> str:
-        low = (f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None)
-        high = (f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None)
-        if low and high:
-            return f"in {low}, {high}"
-        if low:
-            return f"≥ {self.ge:g}" if self.ge is not None else f"> {self.gt:g}"
-        if high:
-            return f"≤ {self.le:g}" if self.le is not None else f"< {self.lt:g}"
-        return ""
+from pipeline.core.params import Range, StageParams
 
 
 class _Ranged:
     kind = "a value"
 
-    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, **kwargs) -> None:
-        self.range = Range(ge, gt, le, lt)
+    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, range_=None, **kwargs) -> None:
+        self.range = range_ if range_ is not None else Range(ge, gt, le, lt)
         super().__init__(*args, **kwargs)
 
     def allowed(self) -> str:
@@ -67,8 +48,8 @@ class OptionalFloatParameter(luigi.Parameter):
     """A number in a range, or empty ("use the default of something else"). The value stays a string (as a plain
     ``luigi.Parameter`` would), so content hashes do not change."""
 
-    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, **kwargs) -> None:
-        self.range = Range(ge, gt, le, lt)
+    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, range_=None, **kwargs) -> None:
+        self.range = range_ if range_ is not None else Range(ge, gt, le, lt)
         super().__init__(*args, **kwargs)
 
     def allowed(self) -> str:
@@ -91,8 +72,8 @@ class AutoIntParameter(luigi.Parameter):
     """``auto`` or an integer in a declared range, e.g. ``AutoIntParameter(default="auto", ge=1)``; the value is
     the string ``"auto"`` or an int."""
 
-    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, **kwargs) -> None:
-        self.range = Range(ge, gt, le, lt)
+    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, range_=None, **kwargs) -> None:
+        self.range = range_ if range_ is not None else Range(ge, gt, le, lt)
         super().__init__(*args, **kwargs)
 
     def allowed(self) -> str:
@@ -136,3 +117,43 @@ class NameParameter(luigi.Parameter):
         if problem:
             raise ValueError(f"{x!r} is not {self.allowed()}: {problem}")
         return x
+
+
+def parameter_of(field: dataclasses.Field) -> luigi.Parameter:
+    """The Luigi parameter reading one ``setting`` field from its config section: type from the default, range,
+    choices and help from the field."""
+    meta, default = field.metadata, field.default
+    common: dict[str, Any] = {"default": default, "description": meta.get("help") or None}
+    if meta.get("choices"):
+        return luigi.ChoiceParameter(choices=meta["choices"], var_type=str, **common)
+    if meta.get("optional"):
+        return OptionalFloatParameter(range_=meta["range"], **common)
+    if isinstance(default, bool):
+        return luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING, **common)
+    if isinstance(default, int):
+        return IntParameter(range_=meta["range"], **common)
+    if isinstance(default, float):
+        return FloatParameter(range_=meta["range"], **common)
+    return luigi.Parameter(**common)
+
+
+def config_section(name: str, *params_types: type[StageParams], module: str,
+                   **extra: luigi.Parameter) -> type[luigi.Config]:
+    """The ``luigi.Config`` class of section ``[name]``: one parameter per field of the stages' params types (a field
+    several stages share is declared identically in each: checked here) plus ``extra`` settings that change no
+    stage's bytes (e.g. paths of side files read elsewhere)."""
+    fields: dict[str, dataclasses.Field] = {}
+    for params_type in params_types:
+        for field in dataclasses.fields(params_type):
+            seen = fields.setdefault(field.name, field)
+            if (seen.default, dict(seen.metadata)) != (field.default, dict(field.metadata)):
+                raise TypeError(f"[{name}] {field.name} is declared differently in {params_type.__name__}")
+    attrs: dict[str, Any] = {key: parameter_of(f) for key, f in fields.items()}
+    attrs.update(extra, __module__=module, __doc__=f"Section [{name}] of luigi.cfg: the fields of "
+                 + ", ".join(t.__name__ for t in params_types) + ".")
+    return type(name, (luigi.Config,), attrs)
+
+
+def read_params(params_type: type[StageParams], section: luigi.Config) -> StageParams:
+    """The stage's params object from its section's current values."""
+    return params_type(**{f.name: getattr(section, f.name) for f in dataclasses.fields(params_type)})

