@@ -12,9 +12,10 @@ import numpy as np
 from pipeline.core.artifacts import ShardOutput
 from pipeline.core.ingest import iter_ingested_images
 from schemas import MANIFEST, REJECTS, Contract
-from tasks.base import GPU, ShardTask, model_settings, uses_gpu
+from tasks.base import GPU, ProgressReporter, ShardTask, model_settings, uses_gpu
 from tasks.image_errors import ImageErrors
 from tasks.ingest import IngestShard
+from tasks.throughput import decoded_images
 
 
 class ChainedShardTask(ShardTask):
@@ -54,6 +55,15 @@ class ChainedShardTask(ShardTask):
         the same name would hide it.)"""
         tar = self.path("ingest", "tar")
         return errors.images(tar) if errors is not None else iter(iter_ingested_images(tar))
+
+    def decoded(self, errors: ImageErrors, progress: ProgressReporter,
+                prepare: Callable[[np.ndarray], Any] | None = None) -> Iterator[tuple[str, np.ndarray, Any]]:
+        """The per-shard image loop of every image stage: ``(image_id, rgb, prepare(rgb))`` of this shard's ingest
+        tar, decoded (and prepared) ahead by ``tasks.throughput.decoded_images``, each image stepping ``progress``;
+        an image that fails to decode becomes reject rows through ``errors``."""
+        for i, item in enumerate(decoded_images(errors, self.path("ingest", "tar"), prepare)):
+            progress.step(i)
+            yield item
 
     def image_errors(self, rejects: list[dict[str, str]],
                      units: Callable[[str], Sequence[str]] | None = None) -> ImageErrors:

@@ -49,7 +49,7 @@ from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED
 from tasks.params import config_section
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
-from tasks.throughput import behind, decoded_images, manifest_order
+from tasks.throughput import behind, manifest_order
 
 # Section [use] of luigi.cfg: the fields of the five stages' params (pipeline/use/params.py).
 use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesParams, UseBoxMasksParams,
@@ -110,8 +110,7 @@ class CaptionShard(ChainedShardTask):
             batch.clear()
 
         with self.image_errors(rejects) as errors:
-            for i, (image_id, rgb, _) in enumerate(decoded_images(errors, self.path("ingest", "tar"))):
-                progress.step(i)
+            for image_id, rgb, _ in self.decoded(errors, progress):
                 batch.append((image_id, rgb))
                 if len(batch) >= cfg.caption_batch_size:
                     flush()
@@ -219,9 +218,7 @@ class GroundShard(ChainedShardTask):
                     box_index += 1
 
         with self.image_errors(rejects, units) as errors:
-            for i, (image_id, rgb, prepared) in enumerate(decoded_images(errors, self.path("ingest", "tar"),
-                                                                         grounder.prepare)):
-                progress.step(i)
+            for image_id, rgb, prepared in self.decoded(errors, progress, grounder.prepare):
                 if not units(image_id):
                     continue
                 queries = errors.run(image_id, image_queries, image_id)
@@ -289,8 +286,7 @@ class BoxMaskShard(UsesSamEmbeddings):
             return [f"box:{b['box_index']}" for b in image_boxes(image_id)]
 
         with self.image_errors(rejects, units) as errors, behind(deliver) as post:
-            for i, (image_id, rgb, _) in enumerate(decoded_images(errors, self.path("ingest", "tar"))):
-                progress.step(i)
+            for image_id, rgb, _ in self.decoded(errors, progress):
                 these = image_boxes(image_id)
                 if not these:
                     continue
