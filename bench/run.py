@@ -478,12 +478,14 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     loss_drop = 1 − last-epoch mean loss / first-epoch mean loss (losses of different τ are on different scales).
     """
     import tempfile as _tempfile
+    from dataclasses import replace
 
     import cv2
     import numpy as np
     import torch
 
     from models.training.heads import AlignmentBlock
+    from models.training.params import TrainAlignmentParams
     from models.training.trainer import TrainConfig, alignment_step, collate_alignment, train
     from pipeline.core.transforms import patch_labels
     from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
@@ -512,7 +514,7 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         held = [_align_sample(world, rng) for _ in range(40)]
         torch.manual_seed(seed)
         block = AlignmentBlock(24, D_SYN, variant="block", width=32, num_heads=4)
-        res = train(block, alignment_step(world[0], tau), train_set,
+        res = train(block, alignment_step(world[0], replace(TrainAlignmentParams(), temperature=tau)), train_set,
                     TrainConfig.alignment_paper(epochs=10 * epochs, lr=lr, seed=seed), out,
                     collate_fn=collate_alignment)
         block.eval()
@@ -535,7 +537,7 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
 
         torch.manual_seed(seed)
         block = AlignmentBlock(32, voc_protos.shape[1], variant="block", width=32, num_heads=4)
-        res = train(block, alignment_step(voc_protos, tau), Crops(),
+        res = train(block, alignment_step(voc_protos, replace(TrainAlignmentParams(), temperature=tau)), Crops(),
                     TrainConfig.alignment_paper(epochs=4 * epochs, lr=lr, seed=seed), out,
                     collate_fn=collate_alignment)
         block.eval()

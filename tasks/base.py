@@ -48,11 +48,11 @@ from pipeline.core.artifacts import (
 )
 from pipeline.core.locks import UnitLock
 from pipeline.core.locks import describe as describe_holder
-from pipeline.core.params import StageParams
+from pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
 from pipeline.core.sources import Listing, list_source, num_shards
 from schemas import SchemaError
 from tasks.failures import CorruptInput, explain, one_line, permanent_cause
-from tasks.params import AutoIntParameter, FloatParameter, IntParameter, NameParameter, read_params
+from tasks.params import AutoIntParameter, FloatParameter, NameParameter, config_section, read_params
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
@@ -84,11 +84,8 @@ def shards_per_task(shard_count: int) -> int:
     return int(value)
 
 
-class ingest(luigi.Config):  # noqa: N801
-    shard_size = IntParameter(default=1000, ge=1)
-    max_side = IntParameter(default=2048, ge=1, description="longer side above this is downsized")
-    min_side = IntParameter(default=2, ge=1, description="shorter side below this is rejected (too_small)")
-    max_pixels = IntParameter(default=178_956_970, ge=1, description="more pixels = decompression_bomb")
+# Section [ingest] of luigi.cfg: the plan's shard size and the decoding limits (pipeline/core/params.py).
+ingest = config_section("ingest", IngestPlanParams, DecodeLimits, module=__name__)
 
 
 @functools.lru_cache(maxsize=32)
@@ -153,6 +150,12 @@ def current(section: type[luigi.Config]) -> Any:
     return by_settings((section,), section)
 
 
+def stage_params(params_type: type[StageParams], section: type[luigi.Config]) -> Any:
+    """The ``params_type`` object of the current values of ``section``, once per settings state (how a task reads
+    the settings of a stage it schedules or follows, e.g. the shard size or the feature cache's blocks)."""
+    return by_settings(("params", params_type, section), lambda: read_params(params_type, current(section)))
+
+
 def new_build() -> None:
     """Forget everything cached from earlier builds in this process (listings, stage folders, settings)."""
     cached_listing.cache_clear()
@@ -200,6 +203,42 @@ def uses_gpu(settings: ModelSettings) -> bool:
     return settings.device != "cpu" and torch.cuda.is_available()
 
 
+class StageSettings:
+    """The settings of one stage's task (a shard, the ingest plan, a trainer, an evaluation): a
+    ``pipeline.core.params.StageParams`` dataclass (``params_type``) read from its luigi.cfg ``section``, and the
+    model ``roles`` it loads. ``content_params`` hashes all of them (plus the upstream stages' hashes) into the folder
+    name; the task reads its settings only through ``self.params``. A task whose settings depend on one of its
+    parameters (FeatureCacheShard's purpose, Evaluate's method) overrides ``params_source``."""
+
+    params_type: ClassVar[type[StageParams]]
+    section: ClassVar[type[luigi.Config]]
+    roles: ClassVar[tuple[str, ...]] = ()  # model roles whose identity is hashed (see model_roles)
+
+    def params_source(self) -> tuple[type[StageParams], type[luigi.Config]]:
+        """(params type, section) of this task's settings."""
+        return self.params_type, self.section
+
+    @property
+    def params(self) -> Any:
+        """This stage's settings, read once per settings state from its section."""
+        return stage_params(*self.params_source())
+
+    def model_roles(self) -> tuple[str, ...]:
+        """The model roles this stage loads with the current settings (their identities are hashed)."""
+        return self.roles
+
+    def upstream_params(self) -> dict[str, str]:
+        """The hashes of the stages this one reads (none for a first stage)."""
+        return {}
+
+    def content_params(self) -> Mapping[str, Any]:
+        """Everything that changes this stage's bytes: the upstream stages' hashes, the params object (a side file
+        by its content; fields declared ``hashed=False`` left out) and the identity of every model role used."""
+        settings = model_settings()
+        return {"upstream": self.upstream_params(), "params": hashed_params(self.params),
+                "models": {role: model_identity(role, settings) for role in self.model_roles()}}
+
+
 class DatasetTask(luigi.Task):
     """Parameters every stage of one dataset shares."""
 
@@ -241,7 +280,7 @@ class DatasetTask(luigi.Task):
 
     @property
     def shard_count(self) -> int:
-        return num_shards(len(self.listing.entries), current(ingest).shard_size)
+        return num_shards(len(self.listing.entries), stage_params(IngestPlanParams, ingest).shard_size)
 
     def common(self) -> dict[str, Any]:
         return {"images": self.images, "dataset": self.dataset, "out": self.out}
@@ -401,41 +440,15 @@ def redo(reader: luigi.Task, upstream: CommittedTask, problems: Mapping[str, str
                            + "; ".join(f"{n}: {p}" for n, p in sorted(left.items())))
 
 
-class ShardTask(CommittedTask):
-    """One stage applied to one shard. Subclasses define ``stage``, ``produce`` and their settings: ``params_type``
-    (a ``pipeline.core.params.StageParams`` dataclass) read from the luigi.cfg ``section`` and the model ``roles``
-    they load. ``content_params`` hashes all of them (plus the upstream stages' hashes) into the folder name, and
-    ``produce`` reads settings only through ``self.params``, so no setting can change the bytes without changing
-    the folder."""
+class ShardTask(StageSettings, CommittedTask):
+    """One stage applied to one shard. Subclasses define ``stage``, ``produce`` and their settings (``params_type``,
+    ``section``, ``roles``: see StageSettings); ``produce`` reads settings only through ``self.params``, so no
+    setting can change the bytes without changing the folder."""
 
     stage: ClassVar[str]
-    params_type: ClassVar[type[StageParams]]
-    section: ClassVar[type[luigi.Config]]
-    roles: ClassVar[tuple[str, ...]] = ()  # model roles whose identity is hashed (see model_roles)
     shard = luigi.IntParameter()
     # Tasks that use a GPU declare resources = {"gpu": 1}; luigi.cfg [resources] caps them per worker host.
     resources: ClassVar[dict[str, int]] = {}
-
-    @property
-    def params(self) -> StageParams:
-        """This stage's settings, read once per settings state from its section."""
-        cls = type(self)
-        return by_settings(("params", cls), lambda: read_params(cls.params_type, current(cls.section)))
-
-    def model_roles(self) -> tuple[str, ...]:
-        """The model roles this stage loads with the current settings (their identities are hashed)."""
-        return self.roles
-
-    def upstream_params(self) -> dict[str, str]:
-        """The hashes of the stages this one reads (none for a first stage)."""
-        return {}
-
-    def content_params(self) -> Mapping[str, Any]:
-        """Everything that changes this stage's bytes: the upstream stages' hashes, the whole params object (a side
-        file by its content) and the identity of every model role used."""
-        settings = model_settings()
-        return {"upstream": self.upstream_params(), "params": hashed_params(self.params),
-                "models": {role: model_identity(role, settings) for role in self.model_roles()}}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         raise NotImplementedError
@@ -495,10 +508,11 @@ def file_digest(path: str) -> str:
 
 
 def hashed_params(params: StageParams) -> dict[str, Any]:
-    """Every field of a params object as it enters the stage hash: a side file (``setting(file=True)``) by its
-    content digest, so editing the file renames the folder and moving it does not."""
+    """Every hashed field of a params object as it enters the stage hash: a side file (``setting(file=True)``) by
+    its content digest, so editing the file renames the folder and moving it does not; a field declared
+    ``setting(hashed=False)`` (changes no byte) not at all."""
     return {f.name: file_digest(getattr(params, f.name)) if f.metadata.get("file") else getattr(params, f.name)
-            for f in dataclasses.fields(params)}
+            for f in dataclasses.fields(params) if f.metadata.get("hashed", True)}
 
 
 class StageBars:

@@ -31,7 +31,7 @@ from tasks.features import ClassTextEmbeddings, FmbsegFeatures, UseFeatures, Use
 from tasks.fmbseg import PseudoLabels
 from tasks.ingest import Ingest
 from tasks.models import ModelProbe
-from tasks.train import TrainAlignment, TrainUSEHead, train_use
+from tasks.train import TrainAlignment, TrainUSEHead
 from tasks.use import UseSegments
 
 
@@ -39,10 +39,11 @@ class FullDAG(luigi.WrapperTask, DatasetTask):
     def requires(self) -> list[luigi.Task]:
         common = self.common()
         # [train_use] features = online encodes in the training loop: no USE feature cache to build then
-        use_cache = [UseFeatures(**common)] if train_use().features == "cache" else []
+        train = TrainUSEHead(**common)
+        use_cache = [UseFeatures(**common)] if train.params.features == "cache" else []
         return [Ingest(**common), ModelProbe(**common), UseSegments(**common), ExportCoco(**common),
                 Preview(**common), PseudoLabels(**common), *use_cache, FmbsegFeatures(**common),
-                UseTextEmbeddings(**common), ClassTextEmbeddings(**common), TrainUSEHead(**common),
+                UseTextEmbeddings(**common), ClassTextEmbeddings(**common), train,
                 TrainAlignment(**common), CaRLabels(**common)]
 
 

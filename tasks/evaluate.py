@@ -38,6 +38,7 @@ from PIL import Image
 
 from models.registry import load_role
 from pipeline.core.artifacts import StageDir, atomic_write_bytes
+from pipeline.core.params import StageParams
 from pipeline.core.vocabularies import class_text_embeddings
 from pipeline.eval.benchmarks import (
     BENCHMARKS,
@@ -47,37 +48,27 @@ from pipeline.eval.benchmarks import (
     prompt_vocabulary,
     protocol_for,
 )
+from pipeline.eval.params import EvaluateCarParams, EvaluateUseSamParams, method_params
 from pipeline.eval.report import ShortSide, grid_png, report_markdown, run_evaluation
-from pipeline.features.cache import TEXT_TEMPLATE_SETS, text_templates
+from pipeline.features.cache import text_templates
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
-from tasks.base import GPU, model_settings, pseudoseg, uses_gpu, verify_inputs
+from tasks.base import GPU, StageSettings, model_settings, pseudoseg, uses_gpu, verify_inputs
 from tasks.failures import explain
-from tasks.params import IntParameter
+from tasks.params import IntParameter, config_section
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUSEHead", "pseudo": "PseudoLabels"}
 
 
-class evaluate(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg section name
-    split = luigi.Parameter(default="val", description="benchmark split (the split file / folder name)")
-    grid_images = IntParameter(default=4, ge=0, description="rows of grid.png: the first N images by id")
-    use_sam_templates = luigi.ChoiceParameter(
-        choices=sorted(TEXT_TEMPLATE_SETS), default="single", description="use_sam: template set of the class texts (use-paper §4.3: one noun "
-        "template, 'a photo of a {}.'); single | imagenet80 | use4")
-    car_prompts = luigi.Parameter(default="", description="CaR visual prompts (comma list); empty = the official "
-                                                          "config of the benchmark (voc: circle,blur; coco: blur,gray)")
-    car_crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                  description="dense-CRF post-processing (needs pydensecrf2)")
-    car_sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                  description="CaR+SAM ensemble with the segmenter role")
-    car_cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
-                                    description="CaR mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
-    use_sam_points_per_side = IntParameter(
-        default=32, ge=1, description="use_sam: SAM automatic-mask point grid per side (use-paper §4.3: a regular grid)")
+# Section [evaluate] of luigi.cfg: the fields of every method's params (pipeline/eval/params.py).
+evaluate = config_section("evaluate", EvaluateCarParams, EvaluateUseSamParams, module=__name__)
 
 
-class Evaluate(luigi.Task):
+class Evaluate(StageSettings, luigi.Task):
+    """Settings: ``[evaluate]`` through ``self.params``, of the type of ``method`` (pipeline.eval.params)."""
+
+    section = evaluate
     benchmark = luigi.ChoiceParameter(choices=sorted(BENCHMARKS), description="a pipeline.eval.benchmarks.BENCHMARKS key")
     data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.eval.benchmarks)")
     method = luigi.ChoiceParameter(choices=METHODS, default="car")
@@ -85,6 +76,9 @@ class Evaluate(luigi.Task):
     images = luigi.Parameter(default="", description="fmbseg/use_sam: training images; pseudo: benchmark images")
     dataset = luigi.Parameter(default="", description="the upstream run's dataset name (fmbseg/use_sam/pseudo)")
     out = luigi.Parameter(default=None, significant=True)
+
+    def params_source(self) -> tuple[type[StageParams], type[luigi.Config]]:
+        return method_params(self.method), evaluate
 
     @property
     def out_root(self) -> Path:
@@ -120,35 +114,35 @@ class Evaluate(luigi.Task):
         if self.method == "fmbseg":
             name = self.requires()["model"].requires()["text"].spec()[1]
         elif self.method == "use_sam":
-            name = evaluate().use_sam_templates
+            name = self.params.use_sam_templates
         else:
             raise ValueError(f"method {self.method!r} prompts no class texts through Evaluate.protos")
         return name, text_templates(name)  # the template sets of pipeline.core.vocabularies + USE's "use4"
 
+    def upstream_params(self) -> dict[str, str]:
+        upstream = {}
+        for name, task in sorted(self.requires().items()):
+            if name == "pseudo":  # a stage wrapper: its shards share one stage folder
+                shards = task.requires()
+                upstream[name] = shards[0].stage_dir.hash if shards else task.task_id
+            else:
+                upstream[name] = task.stage_dir.hash
+        return upstream
+
     def content_params(self) -> dict[str, Any]:
-        cfg = evaluate()
-        settings = model_settings().content()
         params: dict[str, Any] = {
+            **super().content_params(),
             "benchmark": self.benchmark, "data_root": str(Path(self.data_root).expanduser().resolve()),
-            "split": cfg.split, "limit": self.limit, "method": self.method, "grid_images": cfg.grid_images,
-            "protocol": self.protocol.content(),
+            "limit": self.limit, "method": self.method, "protocol": self.protocol.content(),
         }
         if self.method != "pseudo":
-            params["models"] = settings
+            params["models"] = model_settings().content()
         if self.method in ("fmbseg", "use_sam"):
             name, templates = self.text_templates()
             params["text"] = {"template_set": name, "templates": list(templates),
                               "vocabulary_digest": prompt_vocabulary(self.protocol).digest}
         if self.method == "car":
             params["car"] = dataclasses.asdict(self.car_params())
-        if self.method == "use_sam":
-            params["use_sam_points_per_side"] = cfg.use_sam_points_per_side
-        for name, task in sorted(self.requires().items()):
-            if name == "pseudo":  # a stage wrapper: its shards share one stage folder
-                shards = task.requires()
-                params[name] = shards[0].stage_dir.hash if shards else task.task_id
-            else:
-                params[name] = task.stage_dir.hash
         return params
 
     @property
@@ -167,13 +161,13 @@ class Evaluate(luigi.Task):
     def car_params(self):
         from pipeline.car.recurrent import car_params
 
-        cfg = evaluate()
+        cfg = self.params
         base = car_params(self.benchmark)
         prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip()) or base.prompts
         return dataclasses.replace(base, prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam)
 
     def segmenter(self):
-        settings, cfg = model_settings(), evaluate()
+        settings, cfg = model_settings(), self.params
         protocol = self.protocol
         threshold = protocol.bg_threshold if protocol.background == "threshold" else None
         if self.method == "car":
@@ -263,7 +257,7 @@ class Evaluate(luigi.Task):
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> None:
-        cfg = evaluate()
+        cfg = self.params
         data = open_dataset(self.benchmark, self.data_root, split=cfg.split, limit=self.limit)  # DatasetError
         segmenter = self.segmenter()
         total = len(data)

@@ -23,10 +23,10 @@ import numpy as np
 from models.registry import load_role
 from pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pipeline.core.overlap import Outcome
+from pipeline.core.params import StageParams
 from pipeline.core.vocabularies import class_text_embeddings, load_templates, load_vocabulary
 from pipeline.features.cache import (
     PURPOSES,
-    TEXT_TEMPLATE_SETS,
     embed_texts,
     encode_fmbseg_batch,
     encode_use,
@@ -39,6 +39,7 @@ from pipeline.features.cache import (
     use_input_sides,
     use_inputs,
 )
+from pipeline.features.params import FeaturesFmbsegParams, FeaturesUseParams, UseTextParams
 from pipeline.use.pairs import text_pool
 from schemas import MANIFEST, REJECTS, SEGMENTS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
@@ -54,28 +55,15 @@ from tasks.base import (
 from tasks.fmbseg import fmbseg
 from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
-from tasks.params import IntParameter
+from tasks.params import config_section
 from tasks.throughput import behind, decoded_images, manifest_order
 from tasks.use import SegmentNMSShard
 
-
-class features_use(luigi.Config):  # noqa: N801 — section [features_use] of luigi.cfg
-    input_size = IntParameter(default=0, ge=0, description="square side images are squashed to; 0 = CLIP's "
-                                    "image_size (336 for ViT-L/14-336); other sizes interpolate CLIP's positions")
-    clip_blocks = luigi.Parameter(default="every:8", description="all | none | last:N | every:K | i,j,k")
-    dino_blocks = luigi.Parameter(default="last:2", description="all | none | last:N | every:K | i,j,k")
-    text_templates = luigi.ChoiceParameter(choices=sorted(TEXT_TEMPLATE_SETS), default="use4",
-                                         description="templates averaged per expression")
-    batch_size = IntParameter(default=8, ge=1, description="images per encoder forward (float rounding may differ "
-                              "with it, so it is part of the stage hash)")
-
-
-class features_fmbseg(luigi.Config):  # noqa: N801 — section [features_fmbseg]
-    dino_blocks = luigi.Parameter(default="last:1")
-    short_side = IntParameter(default=336, ge=1, description="DINOv2 input short side (patch multiples)")
-    max_long_side = IntParameter(default=672, ge=0, description="cap on the input long side; 0 = none")
-    batch_size = IntParameter(default=8, ge=1, description="images of one input size per DINOv2 forward (float "
-                              "rounding may differ with it, so it is part of the stage hash)")
+# Sections [features_use] and [features_fmbseg] of luigi.cfg: the fields of the stages' params
+# (pipeline/features/params.py).
+features_use = config_section("features_use", FeaturesUseParams, UseTextParams, module=__name__)
+features_fmbseg = config_section("features_fmbseg", FeaturesFmbsegParams, module=__name__)
+PURPOSE_PARAMS = {"use": (FeaturesUseParams, features_use), "fmbseg": (FeaturesFmbsegParams, features_fmbseg)}
 
 
 TEXT_BATCH = 256  # texts per CLIP text-encoder call
@@ -94,32 +82,29 @@ class FeatureCacheShard(ShardTask):
     def requires(self) -> dict[str, ShardTask]:
         return {"ingest": IngestShard(shard=self.shard, **self.common())}
 
+    def params_source(self) -> tuple[type[StageParams], type[luigi.Config]]:
+        return PURPOSE_PARAMS[self.purpose]
+
+    def upstream_params(self) -> dict[str, str]:
+        return {"ingest": self.requires()["ingest"].stage_dir.hash}
+
     def _specs(self) -> dict[str, str]:
-        if self.purpose == "use":
-            cfg = features_use()
-            return {"clip_blocks": cfg.clip_blocks, "dino_blocks": cfg.dino_blocks}
-        return {"clip_blocks": "none", "dino_blocks": features_fmbseg().dino_blocks}
+        cfg = self.params
+        return {"clip_blocks": cfg.clip_blocks if self.purpose == "use" else "none", "dino_blocks": cfg.dino_blocks}
 
     def _needs(self) -> tuple[bool, bool]:
         specs = self._specs()
         use_clip = specs["clip_blocks"].strip().lower() not in ("", "none")
         # the USE square defaults to CLIP's native size, so CLIP is read even for DINOv2-only features then
-        return use_clip or (self.purpose == "use" and features_use().input_size == 0), \
+        return use_clip or (self.purpose == "use" and self.params.input_size == 0), \
             specs["dino_blocks"].strip().lower() not in ("", "none")
 
-    def content_params(self) -> dict[str, Any]:
-        settings = model_settings()
+    def model_roles(self) -> tuple[str, ...]:
         need_clip, need_dino = self._needs()
-        params: dict[str, Any] = {"ingest": self.requires()["ingest"].stage_dir.hash, "purpose": self.purpose,
-                                  **self._specs(), "dtype": "float16",
-                                  "clip": model_identity("clip", settings) if need_clip else "",
-                                  "dense": model_identity("dense", settings) if need_dino else ""}
-        if self.purpose == "use":
-            params.update(input_size=features_use().input_size, batch_size=features_use().batch_size)
-        else:
-            cfg = features_fmbseg()
-            params.update(short_side=cfg.short_side, max_long_side=cfg.max_long_side, batch_size=cfg.batch_size)
-        return params
+        return ("clip",) * need_clip + ("dense",) * need_dino
+
+    def content_params(self) -> dict[str, Any]:
+        return {**super().content_params(), "purpose": self.purpose, "dtype": "float16"}
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
@@ -145,9 +130,10 @@ class FeatureCacheShard(ShardTask):
         progress.start(len(manifest))
         rows, rejects = [], []
         errors = ImageErrors(self.stage, rejects, lambda image_id: [sources[image_id]])
+        cfg = self.params
+        batch_size = cfg.batch_size
         if self.purpose == "use":
-            size = features_use().input_size or clip.image_size
-            batch_size = features_use().batch_size
+            size = cfg.input_size or clip.image_size
             sides = use_input_sides(clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
                                     input_size=size)
 
@@ -162,8 +148,6 @@ class FeatureCacheShard(ShardTask):
             def groups(items: list) -> list[list[int]]:  # one square for all: the batch is one forward
                 return [list(range(len(items)))]
         else:
-            cfg = features_fmbseg()
-            batch_size = cfg.batch_size
 
             def prepare(rgb: np.ndarray) -> Any:
                 return fmbseg_input(rgb, patch_size=dense.patch_size, short_side=cfg.short_side,
@@ -239,18 +223,21 @@ class UseTextEmbeddingShard(ShardTask):
     def requires(self) -> dict[str, ShardTask]:
         return {"segments": SegmentNMSShard(shard=self.shard, **self.common())}
 
+    params_type, section, roles = UseTextParams, features_use, ("clip",)
+
+    def upstream_params(self) -> dict[str, str]:
+        return {"segments": self.requires()["segments"].stage_dir.hash}
+
     def content_params(self) -> dict[str, Any]:
-        name = features_use().text_templates
-        return {"segments": self.requires()["segments"].stage_dir.hash,
-                "clip": model_identity("clip", model_settings()), "template_set": name,
-                "templates": list(text_templates(name)), "texts": "phrase+expression", "schema": TEXT_EMBEDDINGS.tag}
+        return {**super().content_params(), "templates": list(text_templates(self.params.text_templates)),
+                "texts": "phrase+expression", "schema": TEXT_EMBEDDINGS.tag}
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
         return {"gpu": 1} if uses_gpu(model_settings()) else {}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        name = features_use().text_templates
+        name = self.params.text_templates
         path = self.requires()["segments"].stage_dir.shard_path(self.shard, "parquet")
         pool = text_pool(SEGMENTS.read_parquet(path).to_pylist())
         texts = [t for t, _, _ in pool]

@@ -5,29 +5,32 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.artifacts import ShardOutput, StageDir
-from pipeline.core.ingest import STAGE, DecodeLimits, ingest_entries
+from pipeline.core.ingest import STAGE, ingest_entries
+from pipeline.core.params import DecodeLimits, IngestPlanParams
 from pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS, SchemaError
-from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageWrapper, ingest
+from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, StageWrapper, ingest
 
 
-class PlanIngest(CommittedTask):
+class PlanIngest(StageSettings, CommittedTask):
     """Hashes every entry once (ids, duplicates, unreadable paths) and fixes the shard of each: ``plan.parquet``
     and its record ``plan.done.json`` (same contract as a shard's, shard -1), which every IngestShard verifies."""
 
+    params_type, section = IngestPlanParams, ingest
+
+    def content_params(self) -> dict[str, Any]:
+        return {**super().content_params(), "listing": self.listing.fingerprint}
+
     @property
     def stage_dir(self) -> StageDir:
-        def compute() -> StageDir:
-            params = {"listing": self.listing.fingerprint, "shard_size": ingest().shard_size}
-            return StageDir(self.root, self.dataset, "plan", params)
-
-        return self.cached_stage_dir(compute)
+        return self.cached_stage_dir(lambda: StageDir(self.root, self.dataset, "plan", self.content_params()))
 
     @property
     def unit(self) -> str:
@@ -43,11 +46,10 @@ class PlanIngest(CommittedTask):
     def produce_unit(self) -> ShardOutput:
         if callable(self.set_status_message):  # None outside a Luigi worker
             self.set_status_message(f"hashing {len(self.listing.entries)} entries")
-        listing = self.listing
-        rows = [e.__dict__ for e in plan_entries(listing.entries, ingest().shard_size, problems=listing.problems)]
+        listing, shard_size = self.listing, self.params.shard_size
+        rows = [e.__dict__ for e in plan_entries(listing.entries, shard_size, problems=listing.problems)]
         output = ShardOutput(in_count=len(rows), ok_count=len(rows))
-        output.files["parquet"] = PLAN.to_parquet_bytes(
-            PLAN.table(rows), row_group_size=plan_row_group_size(ingest().shard_size))
+        output.files["parquet"] = PLAN.to_parquet_bytes(PLAN.table(rows), row_group_size=plan_row_group_size(shard_size))
         return output
 
 
@@ -118,16 +120,16 @@ class IngestShard(ShardTask):
     a rejects Parquet for every entry that could not be accepted."""
 
     stage = STAGE
+    params_type, section = DecodeLimits, ingest
 
     def requires(self) -> PlanIngest:
         return PlanIngest(**self.common())
 
     def limits(self) -> DecodeLimits:
-        cfg = ingest()
-        return DecodeLimits(max_side=cfg.max_side, min_side=cfg.min_side, max_pixels=cfg.max_pixels)
+        return self.params
 
-    def content_params(self) -> dict:
-        return {"plan": self.requires().stage_dir.hash, **self.limits().__dict__}
+    def upstream_params(self) -> dict[str, str]:
+        return {"plan": self.requires().stage_dir.hash}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         entries = read_plan_shard(str(self.requires().plan_path), self.shard)

@@ -18,6 +18,7 @@ The torch datasets are in ``models.training.datasets``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -31,6 +32,7 @@ import torch
 from models.registry import load_role
 from models.training.datasets import AlignmentDataset, UseOnlineDataset, UseSegmentDataset
 from models.training.heads import AlignmentBlock, USEHead
+from models.training.params import TrainAlignmentParams, TrainUseParams
 from models.training.trainer import (
     TrainConfig,
     alignment_step,
@@ -50,85 +52,38 @@ from pipeline.features.cache import (
     text_matrix,
     use_grid,
 )
+from pipeline.features.params import FeaturesUseParams
 from pipeline.use.pairs import TEXT_CHOICES
 from schemas import SEGMENTS
 from schemas.features import TEXT_EMBEDDINGS
 from tasks.base import (
     CommittedTask,
     DatasetTask,
+    StageSettings,
     model_identity,
     model_settings,
     pseudoseg,
+    stage_params,
     uses_gpu,
     verify_inputs,
 )
 from tasks.features import ClassTextEmbeddings, FeatureCacheShard, UseTextEmbeddingShard, features_use
 from tasks.fmbseg import PseudoLabelShard
 from tasks.ingest import IngestShard
-from tasks.params import FloatParameter, IntParameter
+from tasks.params import config_section
 from tasks.use import SegmentNMSShard
 
-
-class train_use(luigi.Config):  # noqa: N801 — section [train_use] of luigi.cfg (use-paper §4.2)
-    lr = FloatParameter(default=1e-3, gt=0)
-    weight_decay = FloatParameter(default=0.01, ge=0)
-    poly_power = FloatParameter(default=0.9, ge=0)
-    epochs = IntParameter(default=5, ge=1)
-    batch_size = IntParameter(default=32, ge=1, description="images per batch (all their segments)")
-    grad_clip = FloatParameter(default=0.0, ge=0, description="max grad norm; 0 = off")
-    width = IntParameter(default=256, ge=1, description="per-part width of the head (LLN outputs, CLS)")
-    use_cls = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    logit_scale = FloatParameter(default=30.0, gt=0, description="the paper's temperature 30 (multiplies)")
-    dedup = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                description="identical texts of one batch are not negatives of each other")
-    texts = luigi.ChoiceParameter(choices=list(TEXT_CHOICES), default="both",
-                                  description="texts a segment's text is drawn from: both = noun phrases and "
-                                  "referring expressions (use-paper §3.1), or only one kind (ablation)")
-    features = luigi.ChoiceParameter(choices=["cache", "online"], default="cache",
-                                     description="cache: read [features_use] tokens; online: frozen encoders in "
-                                     "the loop on augmented crops (the paper's setting, GPU)")
-    augment = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                  description="online only: random rescale + crop; false = the cache's squash")
-    crop_size = IntParameter(default=560, ge=1, description="online: crop side (patch multiple), use-paper §4.2")
-    scale_min = FloatParameter(default=0.5, gt=0, description="online: rescale factor range (of the crop-fit size)")
-    scale_max = FloatParameter(default=2.0, gt=0)
-    seed = IntParameter(default=0, ge=0)
-    num_workers = IntParameter(default=4, ge=0, description="DataLoader workers (not a content parameter)")
-    keep_checkpoints = IntParameter(default=2, ge=1)
-
-
-class train_alignment(luigi.Config):  # noqa: N801 — section [train_alignment] (fmbseg-paper §4.1)
-    label_source = luigi.ChoiceParameter(choices=["fmbseg", "car"], default="fmbseg",
-                                         description="pseudo-label maps: FMbSeg Stage 1 or CaR (car_labels)")
-    lr = FloatParameter(default=0.01, gt=0)
-    momentum = FloatParameter(default=0.9, ge=0, le=1)
-    weight_decay = FloatParameter(default=1e-4, ge=0)
-    min_lr = FloatParameter(default=0.0, ge=0)
-    epochs = IntParameter(default=10, ge=1)
-    batch_size = IntParameter(default=5, ge=1, description="images per batch")
-    grad_clip = FloatParameter(default=0.0, ge=0, description="max grad norm; 0 = off")
-    variant = luigi.ChoiceParameter(choices=AlignmentBlock.VARIANTS, default="block")
-    width = IntParameter(default=0, ge=0, description="0 = the DINOv2 width")
-    num_heads = IntParameter(default=8, ge=1)
-    mlp_ratio = FloatParameter(default=4.0, gt=0)
-    dropout = FloatParameter(default=0.0, ge=0, lt=1)
-    temperature = FloatParameter(default=1.0, gt=0, description="TSupCon temperature; 1 = Eq. 1-4 as written (plain "
-                                       "dot products), 0.1 = SupCon's usual value (faster, see alignment_step)")
-    anchor_positive = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                          description="Eq. 4 as printed: the anchor is one of its own positives; "
-                                          "false = SupCon's P(i) without it")
-    label_mode = luigi.ChoiceParameter(choices=["majority", "centre"], default="majority")
-    dino_block = luigi.IntParameter(default=-1, description="which stored DINOv2 block (index into its layers)")
-    crop_patches = IntParameter(default=0, ge=0, description="random crop of the patch grid per item; 0 = whole")
-    repeats = IntParameter(default=1, ge=1, description="passes over each image per epoch (tiny datasets)")
-    seed = IntParameter(default=0, ge=0)
-    num_workers = IntParameter(default=4, ge=0, description="DataLoader workers (not a content parameter)")
-    keep_checkpoints = IntParameter(default=2, ge=1)
+# Sections [train_use] and [train_alignment] of luigi.cfg: the fields of the trainers' params
+# (models/training/params.py).
+train_use = config_section("train_use", TrainUseParams, module=__name__)
+train_alignment = config_section("train_alignment", TrainAlignmentParams, module=__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
-class TrainTask(DatasetTask):
-    """A trainer over all shards of its inputs; ``stage_dir`` is the run's folder, ``model.pt`` its target."""
+class TrainTask(StageSettings, DatasetTask):
+    """A trainer over all shards of its inputs; ``stage_dir`` is the run's folder, ``model.pt`` its target. Its hash
+    (``content_params``): the input stages' hashes and the trainer's params (all but the loader workers and the
+    checkpoint retention, which change no weight)."""
 
     stage: str = ""
 
@@ -140,14 +95,14 @@ class TrainTask(DatasetTask):
             out[name] = first.stage_dir.hash
         return out
 
-    def train_params(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def upstream_params(self) -> dict[str, str]:
+        return self.hashes()
 
     @property
     def stage_dir(self) -> StageDir:
         if self.shard_count == 0:
             raise ValueError(f"{self.stage}: the image source {self.images!r} lists no image to train on")
-        return StageDir(self.root, self.dataset, self.stage, {**self.hashes(), **self.train_params()})
+        return StageDir(self.root, self.dataset, self.stage, dict(self.content_params()))
 
     def output(self) -> luigi.LocalTarget:
         return luigi.LocalTarget(str(self.stage_dir.path / "model.pt"))
@@ -173,40 +128,33 @@ def _workers(requested: int) -> int:
     return max(0, min(requested, os.cpu_count() or 1))
 
 
-def _content(config: TrainConfig) -> dict[str, Any]:
-    """TrainConfig fields that change the weights (device, workers and checkpoint retention do not)."""
-    fields = {k: v for k, v in config.__dict__.items() if k not in ("num_workers", "device", "keep_checkpoints")}
-    return dict(sorted(fields.items()))
-
-
 class TrainUSEHead(TrainTask):
     """USE segment-embedding head (``models.training.heads.USEHead``) on the USE segment–text pairs with the symmetric
     segment–text contrastive loss; AdamW + poly by default (use-paper §4.2). ``[train_use] features`` picks cached
     tokens or online encoding on augmented crops (module docstring); ``requires`` follows it."""
 
     stage = "train_use"
+    params_type, section = TrainUseParams, train_use
 
     def requires(self) -> dict[str, list[luigi.Task]]:
         c, n = self.common(), self.shard_count
         deps: dict[str, list[luigi.Task]] = {"segments": [SegmentNMSShard(shard=i, **c) for i in range(n)],
                                              "text": [UseTextEmbeddingShard(shard=i, **c) for i in range(n)]}
-        if train_use().features == "online":
+        if self.params.features == "online":
             deps["images"] = [IngestShard(shard=i, **c) for i in range(n)]
         else:
             deps["features"] = [FeatureCacheShard(purpose="use", shard=i, **c) for i in range(n)]
         return deps
 
     def config(self) -> TrainConfig:
-        cfg = train_use()
-        return TrainConfig.use_paper(
-            lr=cfg.lr, weight_decay=cfg.weight_decay, poly_power=cfg.poly_power, epochs=cfg.epochs,
-            batch_size=cfg.batch_size, grad_clip=cfg.grad_clip or None, seed=cfg.seed,
-            num_workers=_workers(cfg.num_workers), keep_checkpoints=cfg.keep_checkpoints,
-            device=model_settings().device)
+        cfg = self.params
+        return TrainConfig.use_paper(cfg, grad_clip=cfg.grad_clip or None, seed=cfg.seed,
+                                     num_workers=_workers(cfg.num_workers), keep_checkpoints=cfg.keep_checkpoints,
+                                     device=model_settings().device)
 
     def online_spec(self) -> dict[str, Any]:
         """What the online features depend on (the cache mode has them in the feature cache's hash instead)."""
-        cfg, fu, settings = train_use(), features_use(), model_settings()
+        cfg, fu, settings = self.params, stage_params(FeaturesUseParams, features_use), model_settings()
         clip_blocks = fu.clip_blocks.strip().lower() not in ("", "none")
         need_clip = clip_blocks or (not cfg.augment and fu.input_size == 0)  # the squash defaults to CLIP's size
         need_dino = fu.dino_blocks.strip().lower() not in ("", "none")
@@ -220,18 +168,15 @@ class TrainUSEHead(TrainTask):
             spec["input_size"] = fu.input_size
         return spec
 
-    def train_params(self) -> dict[str, Any]:
-        cfg = train_use()
-        params = {"train": _content(self.config()), "head": {"width": cfg.width, "use_cls": cfg.use_cls},
-                  "loss": {"logit_scale": cfg.logit_scale, "dedup": cfg.dedup}, "texts": cfg.texts,
-                  "features": cfg.features}
-        if cfg.features == "online":
+    def content_params(self) -> dict[str, Any]:
+        params = dict(super().content_params())
+        if self.params.features == "online":
             params["online"] = self.online_spec()
         return params
 
     def run(self) -> None:
         self.check_inputs()
-        cfg, stage_dir = train_use(), self.stage_dir
+        cfg, stage_dir = self.params, self.stage_dir
         stage_dir.write_params()
         self.set_status_message("indexing segments and texts")
         segments: dict[str, list[dict]] = defaultdict(list)
@@ -264,13 +209,14 @@ class TrainUSEHead(TrainTask):
                        dino_blocks=dims["dino"][1], embed_dim=int(text_emb.shape[1]), width=cfg.width,
                        use_cls=cfg.use_cls)
         self.set_status_message(f"training on {len(dataset)} images ({cfg.features} features)")
-        train(head, use_step(cfg.logit_scale, cfg.dedup, encode=encode), dataset, self.config(), stage_dir.path,
+        train(head, use_step(cfg, encode=encode), dataset, self.config(), stage_dir.path,
               resume=True, metadata=metadata, collate_fn=collate_use)
 
     def _online(self, segments: dict[str, list[dict]], text_index: dict[str, int], text_emb: np.ndarray,
                 kinds: tuple[str, ...], metadata: dict[str, Any]):
         """(UseOnlineDataset, head input dims, the encode function of use_step) for features = online."""
-        cfg, fu, settings, spec = train_use(), features_use(), model_settings(), self.online_spec()
+        cfg, settings, spec = self.params, model_settings(), self.online_spec()
+        fu = stage_params(FeaturesUseParams, features_use)
         clip = load_role("clip", settings) if spec["clip"] else None
         dense = load_role("dense", settings) if spec["dense"] else None
         if spec["clip_blocks"] != "none" and not hasattr(clip, "encode_image_blocks"):
@@ -306,6 +252,7 @@ class TrainAlignment(TrainTask):
     images, 10 epochs by default (fmbseg-paper §4.1)."""
 
     stage = "train_alignment"
+    params_type, section = TrainAlignmentParams, train_alignment
 
     def requires(self) -> dict[str, Any]:
         c, n = self.common(), self.shard_count
@@ -313,33 +260,21 @@ class TrainAlignment(TrainTask):
                 "labels": [self.label_task()(shard=i, **c) for i in range(n)],
                 "text": ClassTextEmbeddings(**c)}
 
-    @staticmethod
-    def label_task() -> type[luigi.Task]:
+    def label_task(self) -> type[luigi.Task]:
         """Both label sources write the same artifact layout (label PNGs + classes.json + LABEL_REGIONS)."""
         from tasks.car_labels import CaRLabelShard
 
-        return CaRLabelShard if train_alignment().label_source == "car" else PseudoLabelShard
+        return CaRLabelShard if self.params.label_source == "car" else PseudoLabelShard
 
     def config(self) -> TrainConfig:
-        cfg = train_alignment()
-        return TrainConfig.alignment_paper(
-            lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, min_lr=cfg.min_lr, epochs=cfg.epochs,
-            batch_size=cfg.batch_size, grad_clip=cfg.grad_clip or None, seed=cfg.seed,
-            num_workers=_workers(cfg.num_workers), keep_checkpoints=cfg.keep_checkpoints,
-            device=model_settings().device)
-
-    def train_params(self) -> dict[str, Any]:
-        cfg = train_alignment()
-        return {"train": _content(self.config()),
-                "head": {"variant": cfg.variant, "width": cfg.width, "num_heads": cfg.num_heads,
-                         "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout},
-                "loss": {"temperature": cfg.temperature, "anchor_positive": cfg.anchor_positive},
-                "data": {"label_source": cfg.label_source, "label_mode": cfg.label_mode, "dino_block": cfg.dino_block,
-                         "crop_patches": cfg.crop_patches, "repeats": cfg.repeats}}
+        cfg = self.params
+        return TrainConfig.alignment_paper(cfg, grad_clip=cfg.grad_clip or None, seed=cfg.seed,
+                                           num_workers=_workers(cfg.num_workers),
+                                           keep_checkpoints=cfg.keep_checkpoints, device=model_settings().device)
 
     def run(self) -> None:
         self.check_inputs()
-        cfg, stage_dir = train_alignment(), self.stage_dir
+        cfg, stage_dir = self.params, self.stage_dir
         stage_dir.write_params()
         text_task = self.requires()["text"]
         vocab_spec, template_set = text_task.spec()
@@ -366,10 +301,10 @@ class TrainAlignment(TrainTask):
                     "text_embeddings": hashes["text"], "vocabulary": vocab.name, "vocabulary_digest": vocab.digest,
                     "class_names": [r["text"] for r in text], "template_set": template_set,
                     "dense": meta["dino_model"], "dino_layer": meta["dino_layers"][cfg.dino_block],
-                    "input": {k: v for k, v in self.requires()["features"][0].content_params().items()
+                    "input": {k: v for k, v in dataclasses.asdict(self.requires()["features"][0].params).items()
                               if k in ("short_side", "max_long_side")} | {"resize": meta["resize"]},
                     "images": len(dataset.ids)}
         self.set_status_message(f"training on {len(dataset.ids)} images")
-        step = alignment_step(protos, cfg.temperature, anchor_positive=cfg.anchor_positive)
+        step = alignment_step(protos, cfg)
         train(block, step, dataset, self.config(), stage_dir.path, resume=True, metadata=metadata,
               collate_fn=collate_alignment)

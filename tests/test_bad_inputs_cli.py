@@ -143,7 +143,7 @@ def ingest_rows(out: Path, plan_hash: str | None = None) -> tuple[list[dict], li
     """(manifest rows, reject rows) over all shards of the one ingest folder (of the given plan)."""
     manifest, rejects = [], []
     folders = [f for f in (out / "ds" / "ingest").iterdir() if f.is_dir() and not f.is_symlink()
-               and (plan_hash is None or json.loads((f / "_meta" / "params.json").read_text())["plan"] == plan_hash)]
+               and (plan_hash is None or json.loads((f / "_meta" / "params.json").read_text())["upstream"]["plan"] == plan_hash)]
     (folder,) = folders
     for done in sorted(folder.glob("_meta/*.done.json")):
         stats = SHARD_STATS.read_json(done)

@@ -213,7 +213,7 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None
     assert labels_stage in (None, "car_labels")
     assert record["metadata"]["input"] == {"resize": "short_side", "short_side": 518, "max_long_side": 0}
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "loss.png").exists()
-    assert json.loads((run_dir / "_meta" / "params.json").read_text())["features"] == feature_hash
+    assert json.loads((run_dir / "_meta" / "params.json").read_text())["upstream"]["features"] == feature_hash
     text = sorted(TEXT_EMBEDDINGS.read_parquet(text_path).to_pylist(), key=lambda r: r["class_index"])
     assert [r["text"] for r in text][:3] == ["aeroplane", "bicycle", "bird"] and {r["template_set"] for r in text} == {"single"}
     protos = torch.tensor([r["embedding"] for r in text])
@@ -335,8 +335,8 @@ def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, tiny_cach
         run_dir = task.stage_dir.path
         assert set(task.requires()) == {"images", "segments", "text"}  # the DAG follows the mode
         online_hash = task.stage_dir.hash
-        params = task.train_params()
-    assert params["features"] == "online" and params["online"]["crop_size"] == 112
+        params = task.content_params()
+    assert params["params"]["features"] == "online" and params["online"]["crop_size"] == 112
     assert params["online"]["scale_range"] == [0.5, 2.0] and params["online"]["augment"] is True
     # every online setting is in the hash; the cache mode is another folder
     for change in ({"features": "cache"}, {"augment": "false"}, {"crop_size": 56}, {"scale_max": 1.5},

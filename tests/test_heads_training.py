@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from models.training.heads import AlignmentBlock, USEHead, build_head, mask_pooling_weights, pool_segments
+from models.training.params import TrainAlignmentParams, TrainUseParams
 from models.training.trainer import (
     CheckpointMismatchError,
     TrainConfig,
@@ -206,7 +208,7 @@ def test_use_head_learns_synthetic_segments(tmp_path: Path) -> None:
     torch.manual_seed(0)
     head = USEHead(clip_dim=16, clip_blocks=2, dino_dim=16, dino_blocks=2, embed_dim=D_SYN, width=32)
     cfg = TrainConfig.use_paper(epochs=10, batch_size=8, lr=2e-3)  # the paper's AdamW + poly(0.9), tiny data
-    res = train(head, use_step(logit_scale=30.0, dedup=True), train_set, cfg, tmp_path, collate_fn=collate_use,
+    res = train(head, use_step(TrainUseParams()), train_set, cfg, tmp_path, collate_fn=collate_use,
                 metadata={"vocabulary": list(range(K_SYN))})
     assert res.history[-1]["loss"] < res.history[0]["loss"] / 5
     head.eval()
@@ -257,7 +259,7 @@ def test_alignment_block_learns_synthetic_patches(tmp_path: Path) -> None:
     block = AlignmentBlock(24, D_SYN, variant="block", width=32, num_heads=4)
     cfg = TrainConfig.alignment_paper(epochs=10, lr=0.1)  # SGD + cosine, batch 5 images
     # τ 0.1 for speed: at the paper's τ 1 this budget gives 0.43 (bench/results/tsupcon_temperature.json)
-    res = train(block, alignment_step(world[0], temperature=0.1), train_set, cfg, tmp_path,
+    res = train(block, alignment_step(world[0], replace(TrainAlignmentParams(), temperature=0.1)), train_set, cfg, tmp_path,
                 collate_fn=collate_alignment)
     assert res.epochs_completed == 10
     block.eval()
@@ -304,7 +306,7 @@ def test_alignment_block_on_oracle_voc_features(tmp_path: Path) -> None:
     block = AlignmentBlock(32, protos.shape[1], variant="block", width=32, num_heads=4)
     cfg = TrainConfig.alignment_paper(epochs=4, lr=0.05)  # SGD + cosine, 5 crops per batch, 160 steps
     # τ 0.1 for speed: at the paper's τ 1 this budget gives 0.11, 10× the epochs 0.91 (bench tsupcon_temperature)
-    train(block, alignment_step(protos, temperature=0.1), Crops(), cfg, tmp_path, collate_fn=collate_alignment)
+    train(block, alignment_step(protos, replace(TrainAlignmentParams(), temperature=0.1)), Crops(), cfg, tmp_path, collate_fn=collate_alignment)
     block.eval()
     pred = block.predict_label_map(torch.from_numpy(feats[4:]).float(), torch.from_numpy(protos), (h, w))[0].numpy()
     valid = gt.class_label != 255
@@ -346,7 +348,7 @@ def _resume_config(num_workers: int = 0) -> TrainConfig:
 
 def _run(out: Path, *, stop_after: int | None = None, seed: int = 0, num_workers: int = 0, step=None):
     model = _resume_model(seed)
-    res = train(model, step or alignment_step(RESUME_PROTOS), NoisyTokens(), _resume_config(num_workers), out,
+    res = train(model, step or alignment_step(RESUME_PROTOS, TrainAlignmentParams()), NoisyTokens(), _resume_config(num_workers), out,
                 metadata=RESUME_META, collate_fn=collate_alignment, stop_after_epochs=stop_after)
     return model, res
 
@@ -375,16 +377,16 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     again, res2 = _run(tmp_path / "split")
     assert res2.epochs_run == 0 and _same_weights(again.state_dict(), full.state_dict())
     with pytest.raises(CheckpointMismatchError):
-        train(_resume_model(), alignment_step(RESUME_PROTOS), NoisyTokens(), TrainConfig.alignment_paper(
+        train(_resume_model(), alignment_step(RESUME_PROTOS, TrainAlignmentParams()), NoisyTokens(), TrainConfig.alignment_paper(
             epochs=1, batch_size=4, lr=0.05, seed=7), tmp_path / "split", metadata=RESUME_META,
             collate_fn=collate_alignment)
     with pytest.raises(CheckpointMismatchError):
-        train(_resume_model(), alignment_step(RESUME_PROTOS), NoisyTokens(), _resume_config(), tmp_path / "split",
+        train(_resume_model(), alignment_step(RESUME_PROTOS, TrainAlignmentParams()), NoisyTokens(), _resume_config(), tmp_path / "split",
               metadata={**RESUME_META, "feature_cache": "other"}, collate_fn=collate_alignment)
 
 
 def _killing_step(kill_at: int):
-    inner = alignment_step(RESUME_PROTOS)
+    inner = alignment_step(RESUME_PROTOS, TrainAlignmentParams())
     count = {"n": 0}
 
     def step(model, batch):

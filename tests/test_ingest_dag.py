@@ -156,7 +156,7 @@ def test_noop_rerun_runs_nothing_and_changed_params_run_into_a_new_folder(tmp_pa
     assert len(folders) == 2
     assert tree_bytes(old_folder) == old_bytes
     (new_folder,) = [f for f in folders if f != old_folder]
-    assert json.loads((new_folder / "_meta" / "params.json").read_text())["max_side"] == 32
+    assert json.loads((new_folder / "_meta" / "params.json").read_text())["params"]["max_side"] == 32
     rows = MANIFEST.read_parquet(new_folder / "shard-000000.parquet").to_pylist()
     assert all(max(r["width"], r["height"]) == 32 and r["resized"] for r in rows)
 

@@ -52,7 +52,7 @@ def test_latest_names_the_last_runs_hash_folder(tree):
     assert link.is_symlink() and os.readlink(link) == new.hash, "a relative link to the hash folder"
     assert (new.stage_path / LATEST_FILE).read_text() == new.hash + "\n"
     params = json.loads((new.meta_path / "params.json").read_text())
-    assert params["max_side"] == 32
+    assert params["params"]["max_side"] == 32
 
 
 def test_duckdb_glob_over_latest_is_exactly_the_new_rows(tree):

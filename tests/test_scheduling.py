@@ -277,7 +277,7 @@ def test_stage_folders_follow_settings_changed_in_process(tmp_path, images):
         with luigi_settings(ingest={"max_side": 99}):
             changed = IngestShard(shard=0, **common).stage_dir
         assert IngestShard(shard=1, **common).stage_dir == before
-    assert changed.hash != before.hash and changed.params["max_side"] == 99
+    assert changed.hash != before.hash and changed.params["params"]["max_side"] == 99
 
 
 def started_workers(monkeypatch, tmp_path, *extra: str) -> list[tuple[list[str], dict]]:

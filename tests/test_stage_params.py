@@ -1,8 +1,10 @@
-"""Stage settings have one source of truth: each stage's frozen params object (pipeline/*/params.py) is read from
-its luigi.cfg section, hashed whole into the stage folder and is what ``produce`` reads.
+"""Stage settings have one source of truth: each stage's frozen params object (pipeline/*/params.py,
+models/training/params.py) is read from its luigi.cfg section, hashed into the stage folder and is what ``produce``
+(a trainer's or Evaluate's ``run``) reads. Covered: every ``tasks.base.StageSettings`` task (shard stages, the ingest
+plan, the trainers, Evaluate), each variant of a task whose settings follow a parameter.
 
 - every field of every stage's params changes the stage's folder hash when its value changes in the config (so a
-  setting can never change the bytes of a stale folder);
+  setting can never change the bytes of a stale folder), except a field declared ``hashed=False``, which must not;
 - the shipped luigi.cfg repeats the dataclass defaults exactly (the two cannot drift apart);
 - no stage module reads a settings section directly outside the params machinery (static check).
 """
@@ -16,23 +18,54 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base import ShardTask, new_build
+from tasks.base import ShardTask, StageSettings, new_build
 from tasks.settings import import_task_modules
 from tests.helpers import REPO, luigi_settings, write_good_images
 
+# Tasks whose settings depend on one of their parameters (``params_source``): every variant is checked.
+VARIANTS: dict[str, list[dict[str, str]]] = {
+    "FeatureCacheShard": [{"purpose": "use"}, {"purpose": "fmbseg"}],
+    "Evaluate": [{"method": "car"}, {"method": "use_sam"}, {"method": "fmbseg"}],
+}
 
-def _stage_classes() -> list[type[ShardTask]]:
+
+def _stage_classes() -> list[type[StageSettings]]:
+    """Every task class with settings: the shard stages, the ingest plan, the trainers, Evaluate."""
     import_task_modules()
-    found, todo = [], [ShardTask]
+    found, todo = [], [StageSettings]
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if "params_type" in vars(cls) and not cls.__name__.endswith("Range"):
+        if cls is StageSettings or cls.__name__.endswith("Range"):
+            continue
+        if "params_type" in vars(cls) or "params_source" in vars(cls):
             found.append(cls)
-    return sorted(found, key=lambda c: c.__name__)
+    return sorted(set(found), key=lambda c: c.__name__)
 
 
 STAGES = _stage_classes()
+
+
+def _task(cls: type[StageSettings], tmp_path: Path, **kwargs: str) -> StageSettings:
+    common = {"images": str(tmp_path / "images"), "dataset": "ds", "out": str(tmp_path / "out")}
+    if issubclass(cls, ShardTask):
+        return cls(shard=0, **common, **kwargs)
+    if cls.__name__ == "Evaluate":
+        return cls(benchmark="voc21", data_root=str(tmp_path / "voc"), **common, **kwargs)
+    return cls(**common, **kwargs)
+
+
+CASES = [(cls, kwargs) for cls in STAGES for kwargs in VARIANTS.get(cls.__name__, [{}])]
+
+
+def _case_id(case) -> str:
+    cls, kwargs = case
+    return cls.__name__ + "".join(f"-{v}" for v in kwargs.values())
+
+
+def _sources(tmp_path: Path) -> list[tuple[type, type]]:
+    """Every (params type, section) a task reads its settings from."""
+    return list(dict.fromkeys(_task(cls, tmp_path, **kwargs).params_source() for cls, kwargs in CASES))
 
 
 def _other_value(field: dataclasses.Field, value, tmp_path: Path):
@@ -62,51 +95,61 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
 
 def test_every_stage_declares_its_params():
     names = {c.__name__ for c in STAGES}
-    assert {"CaptionShard", "ExpressionShard", "GroundShard", "BoxMaskShard", "SegmentNMSShard"} <= names
+    assert {"CaptionShard", "ExpressionShard", "GroundShard", "BoxMaskShard", "SegmentNMSShard", "PlanIngest",
+            "IngestShard", "FeatureCacheShard", "UseTextEmbeddingShard", "TrainUSEHead", "TrainAlignment",
+            "Evaluate"} <= names
+    assert {c.__name__ for c in STAGES if "params_source" in vars(c)} <= set(VARIANTS), "add their variants"
 
 
-@pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.__name__)
-def test_changing_any_setting_changes_the_stage_hash(cls, tmp_path):
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_changing_any_setting_changes_the_stage_hash(case, tmp_path):
+    """Every hashed field moves the folder; a field declared ``hashed=False`` (a trainer's loader workers, its
+    checkpoint retention) is read but leaves the folder where it is (a run resumes across it)."""
+    cls, kwargs = case
     write_good_images(tmp_path / "images", 2)
-    section = cls.section.get_task_family()
 
     def task():
         new_build()
-        return cls(images=str(tmp_path / "images"), dataset="ds", out=str(tmp_path / "out"), shard=0)
+        return _task(cls, tmp_path, **kwargs)
 
     base = task()
+    params_type, section_class = base.params_source()
+    section = section_class.get_task_family()
     before = base.stage_dir.hash
     defaults = base.params
-    assert dataclasses.asdict(base.params) == dataclasses.asdict(cls.params_type())  # luigi.cfg = the defaults
-    for field in dataclasses.fields(cls.params_type):
+    assert dataclasses.asdict(base.params) == dataclasses.asdict(params_type())  # luigi.cfg = the defaults
+    for field in dataclasses.fields(params_type):
         value = _other_value(field, getattr(defaults, field.name), tmp_path)
         with luigi_settings(**{section: {field.name: value}}):
             changed = task()
             assert str(getattr(changed.params, field.name)) == str(value)
-            assert changed.stage_dir.hash != before, f"[{section}] {field.name} does not change {cls.__name__}'s hash"
+            if field.metadata.get("hashed", True):
+                assert changed.stage_dir.hash != before, f"[{section}] {field.name} does not change {cls.__name__}'s hash"
+            else:
+                assert changed.stage_dir.hash == before, f"[{section}] {field.name} changes {cls.__name__}'s hash"
     assert task().stage_dir.hash == before
 
 
-def test_shipped_luigi_cfg_repeats_the_dataclass_defaults():
+def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
     checked = 0
-    for cls in STAGES:
-        section = cls.section.get_task_family()
-        param = dict(cls.section.get_params())
-        for field in dataclasses.fields(cls.params_type):
+    for params_type, section_class in _sources(tmp_path):
+        section = section_class.get_task_family()
+        param = dict(section_class.get_params())
+        for field in dataclasses.fields(params_type):
             if not parser.has_option(section, field.name):
                 continue
             shipped = param[field.name].normalize(param[field.name].parse(parser.get(section, field.name)))
             assert shipped == field.default, f"luigi.cfg [{section}] {field.name} = {shipped!r}, code: {field.default!r}"
             checked += 1
-    assert checked >= 20
+    assert checked >= 80
 
 
-def test_stage_modules_read_settings_only_through_params():
-    """A section's class (``use()``, ...) is called nowhere in the stage modules: settings reach ``produce``
-    through ``self.params`` only."""
-    sections = {c.section.__name__ for c in STAGES}
+def test_stage_modules_read_settings_only_through_params(tmp_path):
+    """A section's class (``use()``, ``train_use()``, ...) is called nowhere in the stage modules: settings reach
+    ``produce`` / ``run`` through ``self.params`` only."""
+    sections = {section.__name__ for _, section in _sources(tmp_path)}
     offenders = []
     for path in sorted((REPO / "tasks").glob("*.py")):
         tree = ast.parse(path.read_text())

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.training.heads import AlignmentBlock, mask_pooling_weights
+from models.training.params import TrainAlignmentParams
 from models.training.trainer import (
     EpochSampler,
     TrainConfig,
@@ -215,7 +216,7 @@ def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_pat
         torch.manual_seed(0)
         model = AlignmentBlock(8, 6, variant="block", width=16, num_heads=2, dropout=0.1)
         cfg = TrainConfig.alignment_paper(epochs=3, batch_size=4, lr=0.05, num_workers=workers, seed=7)
-        train(model, alignment_step(protos), EpochNoise(), cfg, out, collate_fn=collate_alignment,
+        train(model, alignment_step(protos, TrainAlignmentParams()), EpochNoise(), cfg, out, collate_fn=collate_alignment,
               stop_after_epochs=stop)
         return model.state_dict()
 

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from models.adapters._hf import autocast, resolve_device
 from models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
+from models.training.params import TrainAlignmentParams, TrainUseParams
 
 __all__ = [
     "TrainConfig", "TrainResult", "CheckpointMismatchError", "train", "seed_everything", "latest_checkpoint",
@@ -107,22 +108,18 @@ class TrainConfig:
             raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
 
     @classmethod
-    def use_paper(cls, **overrides: Any) -> TrainConfig:
-        """use-paper §4.2: AdamW, lr 1e-3, weight decay 0.01, polynomial decay power 0.9, 5 epochs, batch 32."""
-        base = dict(lr=1e-3, weight_decay=0.01, epochs=5, batch_size=32, optimizer="adamw", scheduler="poly",
-                    poly_power=0.9)
-        return cls(**{**base, **overrides})
+    def use_paper(cls, params: TrainUseParams | None = None, **overrides: Any) -> TrainConfig:
+        """use-paper §4.2: AdamW + polynomial decay with the optimiser and schedule of ``params`` (defaults: lr 1e-3,
+        weight decay 0.01, power 0.9, 5 epochs, batch 32; ``models.training.params.TrainUseParams``)."""
+        return cls(**{**(params or TrainUseParams()).optimisation(), **overrides})
 
     @classmethod
-    def alignment_paper(cls, **overrides: Any) -> TrainConfig:
-        """fmbseg-paper §4.1: SGD, cosine annealing, batch 5 images, 10 epochs.
-
-        The paper's lr / momentum / weight decay are in an appendix we do not have; defaults here: lr 0.01,
-        momentum 0.9, weight decay 1e-4, annealed to 0 — the usual SGD settings for a small head.
-        """
-        base = dict(lr=0.01, weight_decay=1e-4, epochs=10, batch_size=5, optimizer="sgd", scheduler="cosine",
-                    momentum=0.9, min_lr=0.0)
-        return cls(**{**base, **overrides})
+    def alignment_paper(cls, params: TrainAlignmentParams | None = None, **overrides: Any) -> TrainConfig:
+        """fmbseg-paper §4.1: SGD + cosine annealing with the optimiser and schedule of ``params`` (defaults: batch
+        5 images, 10 epochs; the paper's lr / momentum / weight decay are in an appendix we do not have: lr 0.01,
+        momentum 0.9, weight decay 1e-4, annealed to 0, the usual SGD settings for a small head;
+        ``models.training.params.TrainAlignmentParams``)."""
+        return cls(**{**(params or TrainAlignmentParams()).optimisation(), **overrides})
 
 
 @dataclass
@@ -572,15 +569,17 @@ def collate_use(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def use_step(logit_scale: float = 30.0, dedup: bool = True,
-             encode: Callable[[list[np.ndarray]], Mapping[str, np.ndarray]] | None = None
+def use_step(params: TrainUseParams, encode: Callable[[list[np.ndarray]], Mapping[str, np.ndarray]] | None = None
              ) -> Callable[[nn.Module, dict], torch.Tensor]:
     """Step for `USEHead` on `collate_use` batches: segment embeddings vs their texts, symmetric contrastive loss
-    (use-paper Eq. 1, logit scale 30); dedup=True masks identical texts (`segment_text_loss_dedup`).
+    (use-paper Eq. 1) with ``params.logit_scale`` (the paper's 30); ``params.dedup`` masks identical texts
+    (`segment_text_loss_dedup`).
 
     encode: online features — called with the batch's `images` (list of uint8 [H, W, 3]), it runs the frozen
     encoders and returns float32 arrays keyed like the cached ones ({clip,dino}_{patches,cls}, batch first, e.g.
     `pipeline.features.cache.encode_use_batch` with the roles bound); they join the batch on the head's device."""
+
+    logit_scale, dedup = params.logit_scale, params.dedup
 
     def step(model: nn.Module, batch: dict) -> torch.Tensor:
         if encode is not None:
@@ -620,18 +619,20 @@ def collate_alignment(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.T
     return {"tokens": tokens, "labels": labels, "padding_mask": pad}
 
 
-def alignment_step(text_protos: torch.Tensor | np.ndarray, temperature: float = 1.0, *, anchor_positive: bool = True
+def alignment_step(text_protos: torch.Tensor | np.ndarray, params: TrainAlignmentParams
                    ) -> Callable[[nn.Module, dict], torch.Tensor]:
     """Step for `AlignmentBlock` on `collate_alignment` batches: TSupCon (fmbseg-paper Eq. 1–4) of all patches of the
-    batch against the K frozen text prototypes [K, D] (labels index them; −1 = ignore).
+    batch against the K frozen text prototypes [K, D] (labels index them; −1 = ignore), with ``params.temperature``
+    and ``params.anchor_positive``.
 
-    temperature 1.0 and anchor_positive=True are the equations as written (bare dot products of unit vectors; the
+    temperature 1.0 and anchor_positive=True (the defaults) are the equations as written (bare dot products of unit vectors; the
     anchor among its own positives in Eq. 4); see `models.training.losses.tsupcon_loss`. With unit vectors τ = 1 bounds
     every logit to [−1, 1]: the loss is flat and patches move slowly. Measured (`make bench`,
     bench/results/tsupcon_temperature.json, 3 seeds, CPU): held-out accuracy 0.43 at τ 1 vs 0.94 at τ 0.1 on the
     synthetic clusters (10 epochs), 0.11 vs 0.90 on the oracle VOC features (4 epochs); 10× the learning rate
     does not help τ 1 (0.52, 0.10), 10× the epochs does (1.00, 0.91). τ 0.1 stays an option for short budgets."""
     protos = torch.as_tensor(np.asarray(text_protos) if not isinstance(text_protos, torch.Tensor) else text_protos)
+    temperature, anchor_positive = params.temperature, params.anchor_positive
     cache: dict[torch.device, torch.Tensor] = {}
 
     def step(model: nn.Module, batch: dict) -> torch.Tensor:

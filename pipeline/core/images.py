@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.core.params import DecodeLimits
 from pipeline.core.transforms import Resize, fit_long_side
 
 REJECT_CODES: tuple[str, ...] = (
@@ -266,9 +267,9 @@ def _to_rgb_array(img: Image.Image, declared_bits: int | None) -> np.ndarray:
 def decode_image(
     data: bytes,
     *,
-    max_side: int = 2048,
-    min_side: int = 2,
-    max_pixels: int = 178_956_970,
+    max_side: int = DecodeLimits.max_side,
+    min_side: int = DecodeLimits.min_side,
+    max_pixels: int = DecodeLimits.max_pixels,
     allowed_formats: Sequence[str] = DEFAULT_ALLOWED_FORMATS,
 ) -> DecodedImage:
     """Decode image bytes into an upright RGB uint8 [H, W, 3] array no larger than max_side.

@@ -13,17 +13,11 @@ import webdataset as wds
 
 from pipeline.core.artifacts import sha256_hex
 from pipeline.core.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
+from pipeline.core.params import DecodeLimits
 from pipeline.core.sources import PlannedEntry, plan_reject, read_error_text
 from schemas import IMAGE_META
 
 STAGE = "ingest"
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_side: int = 2048
-    min_side: int = 2
-    max_pixels: int = 178_956_970
 
 
 @dataclass

@@ -4,12 +4,17 @@ range are written.
 A stage's params object is built once from its luigi.cfg section (``tasks.stage_params``), hashed whole into the
 stage's folder name and passed whole to the pipeline functions, so a setting can never change the bytes without
 changing the folder. Fields are declared with ``setting`` (default + range + one line of help); a field whose value
-names a side file (``file=True``) is hashed by the file's content, not its path.
+names a side file (``file=True``) is hashed by the file's content, not its path; a field that changes no byte of the
+output (``hashed=False``: a trainer's loader workers, its checkpoint retention) is left out of the hash.
+
+The ingest settings live here too (``[ingest]``: ``IngestPlanParams``, ``DecodeLimits``): ``pipeline.core.images``
+takes its decoding defaults from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -41,15 +46,32 @@ class Range:
 
 def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, choices: tuple[str, ...] = (), file: bool = False, optional: bool = False,
-            help: str = "") -> Any:
-    """A stage setting: its default, allowed range or choices, whether it names a side file (hashed by content)
-    and whether it may be empty (``optional``: a number in the range, or "" = "use another default"; the value
-    stays a string)."""
+            hashed: bool = True, help: str = "") -> Any:
+    """A stage setting: its default, allowed range or choices, whether it names a side file (hashed by content),
+    whether it may be empty (``optional``: a number in the range, or "" = "use another default"; the value
+    stays a string) and whether it enters the stage hash (``hashed=False``: it changes no byte of the output)."""
     meta = {"range": Range(ge, gt, le, lt), "choices": tuple(choices), "file": file, "optional": optional,
-            "help": help}
+            "hashed": hashed, "help": help}
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class StageParams:
-    """Base of every stage's params. Subclasses add ``setting`` fields only (every field is hashed)."""
+    """Base of every stage's params. Subclasses add ``setting`` fields only (hashed unless ``hashed=False``)."""
+
+
+# ------------------------------------------------------------------------------------------------ [ingest]
+@dataclass(frozen=True)
+class IngestPlanParams(StageParams):
+    """The ingest plan (``tasks.ingest.PlanIngest``): shard membership of every entry."""
+
+    shard_size: int = setting(1000, ge=1, help="images per shard: the unit of work, retry and accounting")
+
+
+@dataclass(frozen=True)
+class DecodeLimits(StageParams):
+    """Ingest's decoding limits (``tasks.ingest.IngestShard``; ``pipeline.core.images.decode_image``'s defaults)."""
+
+    max_side: int = setting(2048, ge=1, help="longer side above this is downsized")
+    min_side: int = setting(2, ge=1, help="shorter side below this is rejected (too_small)")
+    max_pixels: int = setting(178_956_970, ge=1, help="more pixels = decompression_bomb")
