@@ -40,7 +40,9 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
     meta = field.metadata
     if meta.get("choices"):
         return next(c for c in meta["choices"] if c != value)
-    if meta.get("file"):
+    if meta.get("items"):
+        return meta["items"][0] if value != meta["items"][0] else meta["items"][1]
+    if meta.get("file") or meta.get("digest"):  # a side file, or a name/path hashed by content (a vocabulary)
         other = tmp_path / f"{field.name}.txt"
         other.write_text("another side file\n")
         return str(other)
