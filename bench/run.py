@@ -439,6 +439,7 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
     from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
     from pipeline.core.artifacts import TarSpool
     from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
+    from pipeline.features.sam_params import SamEmbeddingsParams
 
     torch.manual_seed(0)
     seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
@@ -449,7 +450,7 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
         target = Path(tmp) / "shard-000000.tar"
         with TarSpool(target) as spool:
             sample, record = embedding_sample("img", emb.features.float().cpu().numpy(), emb.original_size,
-                                              emb.input_size, f"{arch}:random")
+                                              emb.input_size, f"{arch}:random", SamEmbeddingsParams())
             spool.write(sample)
         t = compare({"encode": lambda: seg.embed(rgb), "read": lambda: list(iter_sam_embeddings(str(spool.path)))},
                     repeats=repeats, warmup=1)

@@ -65,6 +65,7 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
 def test_every_stage_declares_its_params():
     names = {c.__name__ for c in STAGES}
     assert {"CaptionShard", "ExpressionShard", "GroundShard", "BoxMaskShard", "SegmentNMSShard"} <= names
+    assert "SamEmbedShard" in names
 
 
 @pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.__name__)
@@ -92,11 +93,16 @@ def test_changing_any_setting_changes_the_stage_hash(cls, tmp_path):
 def test_shipped_luigi_cfg_repeats_the_dataclass_defaults():
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
+    from pipeline.features.sam_params import SamSharingParams
+    from tasks.sam import sam_embeddings
+
     checked = 0
-    for cls in STAGES:
-        section = cls.section.get_task_family()
-        param = dict(cls.section.get_params())
-        for field in dataclasses.fields(cls.params_type):
+    # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share)
+    for section_cls, params_type in [*((c.section, c.params_type) for c in STAGES),
+                                     (sam_embeddings, SamSharingParams)]:
+        section = section_cls.get_task_family()
+        param = dict(section_cls.get_params())
+        for field in dataclasses.fields(params_type):
             if not parser.has_option(section, field.name):
                 continue
             shipped = param[field.name].normalize(param[field.name].parse(parser.get(section, field.name)))
