@@ -52,7 +52,7 @@ from tasks.base import (
     reject,
 )
 from tasks.chained import ChainedShardTask
-from tasks.fmbseg import fmbseg
+from tasks.fmbseg import detect_params
 from tasks.image_errors import REJECTED
 from tasks.params import IntParameter, OptionalFloatParameter
 
@@ -80,7 +80,7 @@ class car_labels(luigi.Config):  # noqa: N801 — section [car_labels] of luigi.
 
 
 def car_vocabulary() -> Vocabulary:
-    return load_vocabulary(car_labels().vocabulary or fmbseg().vocabulary)
+    return load_vocabulary(car_labels().vocabulary or detect_params().vocabulary)
 
 
 def car_label_family() -> str:
