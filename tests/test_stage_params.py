@@ -66,7 +66,7 @@ def test_every_stage_declares_its_params():
     names = {c.__name__ for c in STAGES}
     assert {"CaptionShard", "ExpressionShard", "GroundShard", "BoxMaskShard", "SegmentNMSShard"} <= names
     assert {"ClipDenseShard", "DetectShard", "QueryPointMaskShard", "AutoMaskLabelShard", "PseudoLabelShard",
-            "SamEmbedShard"} <= names
+            "SamEmbedShard", "CaRLabelShard"} <= names
 
 
 @pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.__name__)
