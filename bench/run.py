@@ -10,6 +10,7 @@ that argument) are what ``bench/gpu.sh`` uses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -146,6 +147,13 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     from pipeline.core.images import encode_png
     from pipeline.core.vocabularies import load_templates, load_vocabulary
     from pipeline.fmbseg import pseudo_labels as F
+    from pipeline.fmbseg.params import (
+        FmbsegAutoMasksParams,
+        FmbsegDenseParams,
+        FmbsegDetectParams,
+        FmbsegLabelsParams,
+        FmbsegQueryMasksParams,
+    )
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,8 +170,12 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     rng = np.random.default_rng(0)
     rgb = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
     vocab = load_vocabulary("coco_stuff171")
-    amg = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
-           "box_nms_thresh": 0.7, "min_mask_region_area": 100}
+    # luigi.cfg's [fmbseg] defaults (short side 672, min_crops 1, top_k 5, SAM's automatic generator at 32 points per
+    # side, area fractions 0.0005-0.9, stage11_first)
+    dense_cfg, detect_cfg, query_cfg = FmbsegDenseParams(), FmbsegDetectParams(), FmbsegQueryMasksParams()
+    auto_cfg, labels_cfg = FmbsegAutoMasksParams(), FmbsegLabelsParams()
+    every_size = dataclasses.replace(auto_cfg, min_area_fraction=0.0, max_area_fraction=1.0)
+    amg = auto_cfg.amg()
 
     classes = list(range(classes_11))
     # Random-init SAM keeps ~no automatic masks, so labelling + merge are also timed on 100 synthetic masks
@@ -175,33 +187,31 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
         synthetic.append({"segmentation": m, "predicted_iou": 0.9, "stability_score": 0.96,
                           "point_coords": [[float(x0), float(y0)]]})
     # One pass in pipeline order: the outputs the later stages need (and everyone's warm-up).
-    dense = F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE)
+    dense = F.clip_dense_features(clip, rgb, dense_cfg)
     text = F.class_text_embeddings(clip, vocab, load_templates("single"))
-    det = F.detect_classes(dense.cls, text, min_crops=1)
+    det = F.detect_classes(dense.cls, text, detect_cfg)
     embedding = seg.embed(rgb)
-    m11 = F.query_point_masks(seg, embedding, dense, text, classes, top_k=5)
+    m11 = F.query_point_masks(seg, embedding, dense, text, classes, query_cfg)
     auto = seg.automatic_masks(rgb, embedding=embedding, **amg)
-    m12 = F.label_auto_masks(auto, dense, text, classes, min_area_fraction=0.0005, max_area_fraction=0.9)
-    m100 = F.label_auto_masks(synthetic, dense, text, classes, min_area_fraction=0.0, max_area_fraction=1.0)
+    m12 = F.label_auto_masks(auto, dense, text, classes, auto_cfg)
+    m100 = F.label_auto_masks(synthetic, dense, text, classes, every_size)
 
     def merge(masks) -> bytes:
-        label, source = F.merge_label_map(rgb.shape[:2], masks, "stage11_first")
+        label, source = F.merge_label_map(rgb.shape[:2], masks, labels_cfg)
         F.label_region_rows("x", vocab, label, source)
         F.mask_rows("x", vocab, masks)
         return encode_png(label)
 
     stages = {
-        "dense": lambda: F.clip_dense_features(clip, rgb, short_side=F.DEFAULT_SHORT_SIDE),
+        "dense": lambda: F.clip_dense_features(clip, rgb, dense_cfg),
         "text_embeddings_per_shard": lambda: F.class_text_embeddings(clip, vocab, load_templates("single")),
-        "detect": lambda: F.detect_classes(dense.cls, text, min_crops=1),
+        "detect": lambda: F.detect_classes(dense.cls, text, detect_cfg),
         "sam_embed": lambda: seg.embed(rgb),  # SamEmbedShard: once per image, shared
-        "stage11": lambda: F.query_point_masks(seg, embedding, dense, text, classes, top_k=5),
+        "stage11": lambda: F.query_point_masks(seg, embedding, dense, text, classes, query_cfg),
         "stage12_generator": lambda: seg.automatic_masks(rgb, embedding=embedding, **amg),
-        "stage12_labelling": lambda: F.label_auto_masks(auto, dense, text, classes, min_area_fraction=0.0005,
-                                                        max_area_fraction=0.9),
+        "stage12_labelling": lambda: F.label_auto_masks(auto, dense, text, classes, auto_cfg),
         "merge": lambda: merge(m11 + m12),
-        "stage12_labelling_100_masks": lambda: F.label_auto_masks(synthetic, dense, text, classes,
-                                                                  min_area_fraction=0.0, max_area_fraction=1.0),
+        "stage12_labelling_100_masks": lambda: F.label_auto_masks(synthetic, dense, text, classes, every_size),
         "merge_105_masks": lambda: merge(m11 + m100),
     }
     timings = compare(stages, repeats=repeats, warmup=0)  # the pass above was the warm-up
@@ -439,6 +449,7 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
     from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
     from pipeline.core.artifacts import TarSpool
     from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
+    from pipeline.features.sam_params import SamEmbeddingsParams
 
     torch.manual_seed(0)
     seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
@@ -449,7 +460,7 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
         target = Path(tmp) / "shard-000000.tar"
         with TarSpool(target) as spool:
             sample, record = embedding_sample("img", emb.features.float().cpu().numpy(), emb.original_size,
-                                              emb.input_size, f"{arch}:random")
+                                              emb.input_size, f"{arch}:random", SamEmbeddingsParams())
             spool.write(sample)
         t = compare({"encode": lambda: seg.embed(rgb), "read": lambda: list(iter_sam_embeddings(str(spool.path)))},
                     repeats=repeats, warmup=1)

@@ -11,6 +11,7 @@ before each clock read; ``outside_model_share`` comes from one extra synced pass
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
     from pipeline.core.vocabularies import load_templates, load_vocabulary
     from pipeline.features.cache import encode_fmbseg, encode_use, resolve_blocks
     from pipeline.fmbseg import pseudo_labels as F
+    from pipeline.fmbseg.params import FmbsegAutoMasksParams, FmbsegDenseParams, FmbsegQueryMasksParams
 
     real = size == "real"
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,15 +140,14 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
                                                             "grounder", "sam"))
     rng = np.random.default_rng(0)
     rgb = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
-    short = F.DEFAULT_SHORT_SIDE if real else 112
+    dense_cfg = FmbsegDenseParams() if real else dataclasses.replace(FmbsegDenseParams(), short_side=112)
     vocab = load_vocabulary("coco_stuff171")
     text = F.class_text_embeddings(clip, vocab, load_templates("single"))
-    dense = F.clip_dense_features(clip, rgb, short_side=short)
+    dense = F.clip_dense_features(clip, rgb, dense_cfg)
     embedding = sam.embed(rgb)
     xy0 = rng.uniform([0, 0], [560, 400], size=(20, 2))
     boxes = np.concatenate([xy0, np.minimum(xy0 + rng.uniform(20, 240, (20, 2)), [640, 480])], axis=1).astype(np.float32)
-    amg = {"points_per_side": 32 if real else 4, "points_per_batch": 64, "pred_iou_thresh": 0.88,
-           "stability_score_thresh": 0.95, "box_nms_thresh": 0.7, "min_mask_region_area": 100}
+    amg = dataclasses.replace(FmbsegAutoMasksParams(), points_per_side=32 if real else 4).amg()
     clip_layers = resolve_blocks("every:8", clip.vision_layers)
     dino_use = resolve_blocks("last:2", dino.num_layers)
     batch = [rgb] * use_batch
@@ -157,10 +158,11 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
     crops = np.stack([cv2.resize(rgb, (g.image_size, g.image_size))] * 10)
     caption = "a cat sitting on a red chair next to a wooden table with a cup of coffee."
     stages = {
-        "clip_dense": lambda: F.clip_dense_features(clip, rgb, short_side=short),
+        "clip_dense": lambda: F.clip_dense_features(clip, rgb, dense_cfg),
         "sam_embed": lambda: sam.embed(rgb),
         "sam_boxes_20": lambda: sam.predict(embedding, boxes_xyxy=boxes, multimask=True),
-        "stage11_5_classes": lambda: F.query_point_masks(sam, embedding, dense, text, list(range(5)), top_k=5),
+        "stage11_5_classes": lambda: F.query_point_masks(sam, embedding, dense, text, list(range(5)),
+                                                         FmbsegQueryMasksParams()),
         "stage12_automatic": lambda: sam.automatic_masks(rgb, embedding=embedding, **amg),
         "dino_fmbseg": lambda: encode_fmbseg(rgb, dense=dino, dino_layers=(dino.num_layers - 1,),
                                              short_side=336 if real else 56),
@@ -180,7 +182,7 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
     out = {"size": size, "device": str(sam.device), "autocast": "bf16" if sam.device.type == "cuda" else "off",
            "models": ("CLIP L/14-336, CaR f B/16 + g L/14, DINOv2-L, Grounding DINO-B (Swin-B), SAM ViT-H; random init"
                       if real else "tiny test models"),
-           "build_and_load_s": round(build["wall_s"], 2), "image_hw": [480, 640], "working_short_side": short,
+           "build_and_load_s": round(build["wall_s"], 2), "image_hw": [480, 640], "working_short_side": dense_cfg.short_side,
            "crops": len(dense.windows), "repeats": repeats, "warmup": warmup,
            "text_embeddings_171_classes_s": round(text_t["wall_s"], 4), "stages": {}}
     for name, t in timings.items():

@@ -509,10 +509,19 @@ def file_digest(path: str) -> str:
 
 def hashed_params(params: StageParams) -> dict[str, Any]:
     """Every hashed field of a params object as it enters the stage hash: a side file (``setting(file=True)``) by
-    its content digest, so editing the file renames the folder and moving it does not; a field declared
-    ``setting(hashed=False)`` (changes no byte) not at all."""
-    return {f.name: file_digest(getattr(params, f.name)) if f.metadata.get("file") else getattr(params, f.name)
-            for f in dataclasses.fields(params) if f.metadata.get("hashed", True)}
+    its content digest, so editing the file renames the folder and moving it does not; a ``setting(digest=fn)`` as
+    ``fn(value)`` (e.g. a vocabulary by its name and classes); a field declared ``setting(hashed=False)`` (changes
+    no byte) not at all."""
+
+    def hashed(f: dataclasses.Field) -> Any:
+        value = getattr(params, f.name)
+        if f.metadata.get("file"):
+            return file_digest(value)
+        if f.metadata.get("digest") is not None:
+            return f.metadata["digest"](value)
+        return value
+
+    return {f.name: hashed(f) for f in dataclasses.fields(params) if f.metadata.get("hashed", True)}
 
 
 class StageBars:

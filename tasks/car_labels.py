@@ -23,20 +23,11 @@ import dataclasses
 import json
 from typing import Any
 
-import luigi
 import numpy as np
 
 from models.registry import load_role
-from pipeline.car.recurrent import (
-    CAR_DEFAULTS,
-    VISUAL_PROMPTS,
-    CarParams,
-    CaRSegmenter,
-    car_family,
-    clip_cam,
-    clip_classifier,
-    official_query_name,
-)
+from pipeline.car.params import CaRLabelsParams, car_label_family, car_label_params
+from pipeline.car.recurrent import CarParams, CaRSegmenter, clip_cam, clip_classifier, official_query_name
 from pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
 from pipeline.core.images import encode_png
 from pipeline.core.vocabularies import Vocabulary, load_vocabulary
@@ -47,88 +38,52 @@ from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import (
     ProgressReporter,
     StageWrapper,
-    model_identity,
     model_settings,
     reject,
 )
 from tasks.chained import ChainedShardTask
-from tasks.fmbseg import fmbseg
+from tasks.fmbseg import detect_params
 from tasks.image_errors import REJECTED
-from tasks.params import IntParameter, OptionalFloatParameter
+from tasks.params import config_section
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 
 
-class car_labels(luigi.Config):  # noqa: N801 — section [car_labels] of luigi.cfg
-    vocabulary = luigi.Parameter(default="", description="vocabulary name or .txt path; empty = [fmbseg]'s")
-    params = luigi.ChoiceParameter(choices=("", *sorted(CAR_DEFAULTS)), default="",
-                                   description="η/θ/λ of car-paper §4: voc | coco | context; empty = by vocabulary "
-                                   "name (coco_* → coco, context* → context, else voc)")
-    theta = OptionalFloatParameter(default="", ge=0, le=1,
-                                   description="θ: a query survives a step when its score P_ii > θ; empty = the "
-                                   "official config of `params` (voc 0.6, coco 0.3, context 0.25)")
-    prompts = luigi.Parameter(default="", description="visual prompts (comma list); empty = the official config "
-                                                      "of `params` (voc: circle,blur; coco: blur,gray; ...)")
-    crf = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                              description="dense-CRF post-processing (needs pydensecrf2)")
-    sam = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                              description="CaR+SAM ensemble with the segmenter role (car-paper §3.4)")
-    cam = luigi.ChoiceParameter(choices=("clip_es", "gradcam"), default="clip_es",
-                                description="mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
-    short_side = IntParameter(default=0, ge=0, description="CaR runs at this short side, labels are resized "
-                                                            "back (nearest); 0 = original size (official code)")
-
-
-def car_vocabulary() -> Vocabulary:
-    return load_vocabulary(car_labels().vocabulary or fmbseg().vocabulary)
-
-
-def car_label_family() -> str:
-    """The CAR_DEFAULTS family whose official settings apply: ``[car_labels] params`` or by vocabulary name."""
-    family = car_labels().params.strip()
-    if family and family not in CAR_DEFAULTS:
-        raise ValueError(f"[car_labels] params must be one of {sorted(CAR_DEFAULTS)} or empty, got {family!r}")
-    return family or car_family(car_vocabulary().name.lower())
-
-
-def car_label_params() -> CarParams:
-    """The official per-dataset settings of ``[car_labels] params`` with the configured prompts, CRF and CAM."""
-    from pipeline.car.recurrent import car_params
-
-    cfg = car_labels()
-    base = car_params(car_label_family())
-    prompts = tuple(p.strip() for p in cfg.prompts.split(",") if p.strip()) or base.prompts
-    unknown = set(prompts) - set(VISUAL_PROMPTS)
-    if unknown:
-        raise ValueError(f"[car_labels] prompts {cfg.prompts!r}: use a comma list of {VISUAL_PROMPTS}")
-    theta = float(cfg.theta) if cfg.theta.strip() else base.theta
-    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam, theta=theta)
+# Section [car_labels] of luigi.cfg: the fields of CaRLabelShard's params (pipeline/car/params.py).
+car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)
 
 
 class CaRLabelShard(ChainedShardTask):
     """CaR label maps of one ingest shard, byte-format compatible with PseudoLabelShard's artifact."""
 
     stage = "car_labels"
+    params_type, section = CaRLabelsParams, car_labels
+
+    def model_roles(self) -> tuple[str, ...]:
+        return ("cam_clip", "classifier_clip", *(("segmenter",) if self.params.sam else ()))
+
+    def vocabulary(self) -> Vocabulary:
+        """``[car_labels] vocabulary``, empty = ``[fmbseg] vocabulary`` (the detection stage's)."""
+        return load_vocabulary(self.params.vocabulary or detect_params().vocabulary)
+
+    def car_params(self, vocab: Vocabulary) -> CarParams:
+        return car_label_params(self.params, vocab.name)
 
     def content_params(self) -> dict[str, Any]:
-        cfg, settings = car_labels(), model_settings()
-        vocab = car_vocabulary()
-        params = {**self.upstream_params(), "cam_clip": model_identity("cam_clip", settings),
-                  "classifier_clip": model_identity("classifier_clip", settings),
-                  "vocabulary": vocab.name, "vocabulary_digest": vocab.digest,
-                  "car": dataclasses.asdict(car_label_params()), "sam": cfg.sam, "short_side": cfg.short_side}
-        if cfg.sam:
-            params["segmenter"] = model_identity("segmenter", settings)
-        return params
+        """Beside the settings: the vocabulary labelled (``[fmbseg]``'s when ours is empty) and the CaR
+        configuration it resolves to (the official preset of pipeline.car.recurrent.CAR_DEFAULTS + settings)."""
+        vocab = self.vocabulary()
+        return {**super().content_params(), "vocabulary": {"name": vocab.name, "digest": vocab.digest},
+                "car": dataclasses.asdict(self.car_params(vocab))}
 
     def segmenter(self, vocab: Vocabulary):
-        cfg, settings = car_labels(), model_settings()
+        cfg, settings = self.params, model_settings()
         sam = load_role("segmenter", settings) if cfg.sam else None
-        family = car_label_family()
+        family = car_label_family(cfg, vocab.name)
         # the official code's query text where it has one, else the vocabulary's (first) prompt name
         query_of = {c: official_query_name(family, c, p[0] if p else c)
                     for c, p in zip(vocab.classes, vocab.prompts, strict=True)}
-        params = car_label_params()
+        params = self.car_params(vocab)
         classifier = load_role("classifier_clip", settings)
         seg = CaRSegmenter(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
                            clip_classifier(classifier, params.classifier_templates,
@@ -137,8 +92,8 @@ class CaRLabelShard(ChainedShardTask):
         return ShortSide(seg, cfg.short_side) if cfg.short_side > 0 else seg
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        vocab = car_vocabulary()
-        params = car_label_params()
+        vocab = self.vocabulary()
+        params = self.car_params(vocab)
         names = list(vocab.classes)
         has_bg = bool(names) and names[0].lower() == "background"
         first = 1 if has_bg else 0

@@ -52,7 +52,7 @@ from tasks.base import (
     model_settings,
     uses_gpu,
 )
-from tasks.fmbseg import fmbseg
+from tasks.fmbseg import detect_params
 from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
 from tasks.params import config_section
@@ -262,7 +262,7 @@ class ClassTextEmbeddings(DatasetTask):
     templates = luigi.Parameter(default="", description="template set; '' = [fmbseg] templates")
 
     def spec(self) -> tuple[str, str]:
-        return self.vocabulary or fmbseg().vocabulary, self.templates or fmbseg().templates
+        return self.vocabulary or detect_params().vocabulary, self.templates or detect_params().templates
 
     @property
     def stage_dir(self) -> StageDir:

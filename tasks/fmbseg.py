@@ -20,7 +20,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-import luigi
 import numpy as np
 
 from models.registry import load_role
@@ -29,10 +28,15 @@ from pipeline.core.images import encode_png
 from pipeline.core.masks import decode_rle, row_rle
 from pipeline.core.npy import npy_bytes
 from pipeline.core.overlap import Outcome, packed_batches
-from pipeline.core.vocabularies import TEMPLATE_SETS, Vocabulary, load_templates, load_vocabulary
+from pipeline.core.vocabularies import load_templates, load_vocabulary
+from pipeline.fmbseg.params import (
+    FmbsegAutoMasksParams,
+    FmbsegDenseParams,
+    FmbsegDetectParams,
+    FmbsegLabelsParams,
+    FmbsegQueryMasksParams,
+)
 from pipeline.fmbseg.pseudo_labels import (
-    DEFAULT_SHORT_SIDE,
-    PRECEDENCES,
     STAGE_11,
     STAGE_12,
     DecodedQueries,
@@ -62,55 +66,27 @@ from tasks.base import (
     ProgressReporter,
     ShardTask,
     StageWrapper,
-    file_digest,
+    by_settings,
+    current,
     group_by_image,
-    model_identity,
     model_settings,
     reject,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
-from tasks.params import FloatParameter, IntParameter
+from tasks.params import config_section, read_params
 from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
 from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
 
-
-class fmbseg(luigi.Config):  # noqa: N801 — section [fmbseg] of luigi.cfg
-    vocabulary = luigi.Parameter(default="coco_stuff171", description="built-in vocabulary name or a .txt path")
-    templates = luigi.ChoiceParameter(choices=sorted(TEMPLATE_SETS), default="single",
-                                    description="'single' (a photo of a {}.) or 'imagenet80'")
-    image_labels = luigi.Parameter(default="", description="Parquet of image-level labels replacing detection")
-    short_side = IntParameter(default=DEFAULT_SHORT_SIDE, ge=1, description="working image short side (pixels) for CLIP crops")
-    max_long_side = IntParameter(default=1792, ge=0, description="cap on the working long side; 0 = none")
-    stride = IntParameter(default=0, ge=0, description="sliding-window stride, patch multiple; 0 = half a crop")
-    clip_batch_size = IntParameter(default=16, ge=1)
-    min_crops = IntParameter(default=1, ge=0, description="a class is present if assigned to MORE crops")
-    top_k = IntParameter(default=5, ge=1, description="Stage 1.1 query points per class (one SAM prompt)")
-    multimask = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    points_per_side = IntParameter(default=32, ge=1)
-    points_per_batch = IntParameter(default=64, ge=1)
-    pred_iou_thresh = FloatParameter(default=0.88, ge=-1, le=1)
-    stability_score_thresh = FloatParameter(default=0.95, ge=-1, le=1)
-    box_nms_thresh = FloatParameter(default=0.7, ge=0, le=1)
-    min_mask_region_area = IntParameter(default=100, ge=0)
-    min_area_fraction = FloatParameter(default=0.0005, ge=0, le=1)
-    max_area_fraction = FloatParameter(default=0.9, ge=0, le=1)
-    stage11 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    stage12 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    precedence = luigi.ChoiceParameter(choices=PRECEDENCES, default="stage11_first",
-                                     description="which Stage wins where both label a pixel")
+# Section [fmbseg] of luigi.cfg: the fields of the five stages' params (pipeline/fmbseg/params.py).
+fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQueryMasksParams, FmbsegAutoMasksParams,
+                        FmbsegLabelsParams, module=__name__)
 
 
-def vocabulary() -> Vocabulary:
-    return load_vocabulary(fmbseg().vocabulary)
-
-
-def amg_params() -> dict[str, Any]:
-    """Keyword arguments of segment-anything's SamAutomaticMaskGenerator (single full-image crop)."""
-    cfg = fmbseg()
-    return {"points_per_side": cfg.points_per_side, "points_per_batch": cfg.points_per_batch,
-            "pred_iou_thresh": cfg.pred_iou_thresh, "stability_score_thresh": cfg.stability_score_thresh,
-            "box_nms_thresh": cfg.box_nms_thresh, "min_mask_region_area": cfg.min_mask_region_area}
+def detect_params() -> FmbsegDetectParams:
+    """The detection stage's settings (``[fmbseg] vocabulary``, ``templates``, ...) for readers outside this
+    branch: the class text embeddings and CaR labels default to the same vocabulary and templates."""
+    return by_settings(("params", DetectShard), lambda: read_params(FmbsegDetectParams, current(fmbseg)))
 
 
 class FmbsegShardTask(ChainedShardTask):
@@ -127,27 +103,20 @@ class ClipDenseShard(FmbsegShardTask):
     """Sliding-window MaskCLIP features per image: stitched dense grid + one CLS per crop (float16 .npy)."""
 
     stage = "fmbseg_dense"
-
-    def content_params(self) -> dict[str, Any]:
-        cfg = fmbseg()
-        # clip_batch_size: crops per forward, packed across images; float rounding may differ with the batch.
-        return {**self.upstream_params(), "clip": model_identity("clip", model_settings()),
-                "short_side": cfg.short_side, "max_long_side": cfg.max_long_side, "stride": cfg.stride,
-                "clip_batch_size": cfg.clip_batch_size}
+    params_type, section, roles = FmbsegDenseParams, fmbseg, ("clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded, resized and cut into crops ahead (``[throughput]``); the crops of consecutive images packed
         into ``[fmbseg] clip_batch_size`` per CLIP forward (``packed_batches``); stitching and float16 serialisation
         behind the loop. Tar members, rows and rejects in manifest order."""
-        cfg = fmbseg()
+        cfg = self.params
         clip = load_role("clip", model_settings())
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
 
         def prepare(rgb: np.ndarray) -> DenseCrops:
-            return dense_crops(rgb, image_size=clip.image_size, patch_size=clip.patch_size,
-                               short_side=cfg.short_side, stride=cfg.stride, max_long_side=cfg.max_long_side)
+            return dense_crops(rgb, cfg, image_size=clip.image_size, patch_size=clip.patch_size)
 
         def encode(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             f = clip.encode_image(crops)
@@ -188,19 +157,11 @@ class DetectShard(FmbsegShardTask):
 
     stage = "fmbseg_detect"
     upstreams = {"dense": ClipDenseShard}
-
-    def content_params(self) -> dict[str, Any]:
-        cfg = fmbseg()
-        params = {**self.upstream_params(), "clip": model_identity("clip", model_settings()),
-                  "vocabulary": vocabulary().digest, "templates": cfg.templates,
-                  "image_labels": file_digest(cfg.image_labels)}
-        if not cfg.image_labels:
-            params["min_crops"] = cfg.min_crops
-        return params
+    params_type, section, roles = FmbsegDetectParams, fmbseg, ("clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        cfg = fmbseg()
-        vocab = vocabulary()
+        cfg = self.params
+        vocab = load_vocabulary(cfg.vocabulary)
         text = class_text_embeddings(load_role("clip", model_settings()), vocab, load_templates(cfg.templates))
         labels = load_image_labels(cfg.image_labels) if cfg.image_labels else None
         sources = self.sources()
@@ -223,7 +184,7 @@ class DetectShard(FmbsegShardTask):
             with self.image_errors(rejects) as errors:
                 for i, (image_id, features) in enumerate(read_ahead(self.dense())):
                     progress.step(i)
-                    detection = errors.run(image_id, detect_classes, features.cls, text, min_crops=cfg.min_crops)
+                    detection = errors.run(image_id, detect_classes, features.cls, text, cfg)
                     if detection is REJECTED:
                         continue
                     if not detection.present:
@@ -279,17 +240,13 @@ class QueryPointMaskShard(SamStage1Shard):
     """Stage 1.1: per detected class, top-k similar patch centres → one SAM point prompt → best-IoU mask."""
 
     stage = "fmbseg_query_masks"
-
-    def content_params(self) -> dict[str, Any]:
-        cfg = fmbseg()
-        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
-                "top_k": cfg.top_k, "multimask": cfg.multimask}
+    params_type, section, roles = FmbsegQueryMasksParams, fmbseg, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Per image: the prompts decoded and the best-IoU masks thresholded on the device
         (``decode_query_points``); behind the loop on the host: empty-mask checks, RLE and rows. Manifest order."""
-        cfg = fmbseg()
-        vocab, text = vocabulary(), self.text()
+        cfg = self.params
+        vocab, text = load_vocabulary(cfg.vocabulary), self.text()
         detections = group_by_image(self.read("detect", DETECTIONS))
         segmenter = load_role("segmenter", model_settings())
         sources = self.sources()
@@ -312,7 +269,7 @@ class QueryPointMaskShard(SamStage1Shard):
             for image_id, _rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
                                                                                  errors):
                 decoded = errors.run(image_id, decode_query_points, segmenter, embedding, features, text, classes,
-                                     top_k=cfg.top_k, multimask=cfg.multimask)
+                                     cfg)
                 if decoded is not REJECTED:
                     post.submit(image_id, finish, image_id, decoded)
         rejects.sort(key=manifest_order(sources))
@@ -328,16 +285,11 @@ class AutoMaskLabelShard(SamStage1Shard):
     classes only)."""
 
     stage = "fmbseg_auto_masks"
-
-    def content_params(self) -> dict[str, Any]:
-        cfg = fmbseg()
-        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
-                "amg": amg_params(), "min_area_fraction": cfg.min_area_fraction,
-                "max_area_fraction": cfg.max_area_fraction}
+    params_type, section, roles = FmbsegAutoMasksParams, fmbseg, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        cfg = fmbseg()
-        vocab, text = vocabulary(), self.text()
+        cfg = self.params
+        vocab, text = load_vocabulary(cfg.vocabulary), self.text()
         detections = group_by_image(self.read("detect", DETECTIONS))
         sources = self.sources()
         segmenter = load_role("segmenter", model_settings())
@@ -345,8 +297,7 @@ class AutoMaskLabelShard(SamStage1Shard):
 
         def label(image_id: str, auto: list[dict], features: Any, classes: list[int]) -> tuple[list, list]:
             """Behind the loop: size limits, labels by mean dense feature, RLE rows (or the image's reject)."""
-            masks = label_auto_masks(auto, features, text, classes, min_area_fraction=cfg.min_area_fraction,
-                                     max_area_fraction=cfg.max_area_fraction)
+            masks = label_auto_masks(auto, features, text, classes, cfg)
             if not masks:
                 return [], [reject(image_id, sources[image_id], self.stage, "no_auto_mask",
                                    f"{len(auto)} automatic masks, none within the size limits")]
@@ -358,7 +309,7 @@ class AutoMaskLabelShard(SamStage1Shard):
         with self.stage1_errors(detections, rejects) as errors, behind(deliver) as post:
             for image_id, rgb, features, classes, embedding in self.sam_inputs(segmenter, detections, progress,
                                                                                 errors):
-                auto = errors.run(image_id, segmenter.automatic_masks, rgb, embedding=embedding, **amg_params())
+                auto = errors.run(image_id, segmenter.automatic_masks, rgb, embedding=embedding, **cfg.amg())
                 if auto is not REJECTED:
                     post.submit(image_id, label, image_id, auto, features, classes)
         rejects.sort(key=manifest_order(sources))
@@ -381,10 +332,11 @@ class PseudoLabelShard(FmbsegShardTask):
 
     stage = "fmbseg_labels"
     uses_model = False
+    params_type, section = FmbsegLabelsParams, fmbseg
 
     @property
     def upstreams(self) -> dict[str, type[ShardTask]]:  # type: ignore[override]
-        cfg = fmbseg()
+        cfg = self.params
         ups: dict[str, type[ShardTask]] = {"detect": DetectShard}
         if cfg.stage11:
             ups["query"] = QueryPointMaskShard
@@ -393,16 +345,13 @@ class PseudoLabelShard(FmbsegShardTask):
         return ups
 
     def content_params(self) -> dict[str, Any]:
-        cfg = fmbseg()
-        if cfg.precedence not in PRECEDENCES:
-            raise ValueError(f"[fmbseg] precedence must be one of {PRECEDENCES}, got {cfg.precedence!r}")
-        if not (cfg.stage11 or cfg.stage12):
+        if not (self.params.stage11 or self.params.stage12):
             raise ValueError("[fmbseg] stage11 and stage12 are both off: nothing to merge")
-        return {**self.upstream_params(), "precedence": cfg.precedence}
+        return super().content_params()
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        cfg = fmbseg()
-        vocab = vocabulary()
+        cfg = self.params
+        vocab = load_vocabulary(cfg.vocabulary)
         detections = group_by_image(self.read("detect", DETECTIONS))
         masks: dict[str, list[dict]] = defaultdict(list)
         for name in ("query", "auto"):
@@ -417,7 +366,7 @@ class PseudoLabelShard(FmbsegShardTask):
             image_masks = sorted(masks.get(entry["image_id"], []),
                                  key=lambda r: (r["stage"] != STAGE_11, r["mask_index"]))
             label, source = merge_label_map((entry["height"], entry["width"]),
-                                            [_pseudo_mask(r) for r in image_masks], cfg.precedence)
+                                            [_pseudo_mask(r) for r in image_masks], cfg)
             return label, source, label_map_meta(entry["image_id"], vocab, label, cfg.precedence)
 
         with self.image_errors(rejects) as errors:

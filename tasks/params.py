@@ -68,6 +68,26 @@ class OptionalFloatParameter(luigi.Parameter):
         return x
 
 
+class ItemsParameter(luigi.Parameter):
+    """A comma list of known items, possibly empty ("use the default of something else"). The value stays the
+    string as written (so content hashes do not change)."""
+
+    def __init__(self, *args, items: tuple[str, ...] = (), **kwargs) -> None:
+        self.items = tuple(items)
+        super().__init__(*args, **kwargs)
+
+    def allowed(self) -> str:
+        return "empty or a comma list of " + " | ".join(self.items)
+
+    def normalize(self, x):
+        x = super().normalize(x)
+        if x is None:
+            return x
+        if any(item.strip() not in self.items for item in str(x).split(",") if item.strip()):
+            raise ValueError(f"{x!r} is not {self.allowed()}")
+        return x
+
+
 class AutoIntParameter(luigi.Parameter):
     """``auto`` or an integer in a declared range, e.g. ``AutoIntParameter(default="auto", ge=1)``; the value is
     the string ``"auto"`` or an int."""
@@ -128,6 +148,8 @@ def parameter_of(field: dataclasses.Field) -> luigi.Parameter:
         return luigi.ChoiceParameter(choices=meta["choices"], var_type=str, **common)
     if meta.get("optional"):
         return OptionalFloatParameter(range_=meta["range"], **common)
+    if meta.get("items"):
+        return ItemsParameter(items=meta["items"], **common)
     if isinstance(default, bool):
         return luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING, **common)
     if isinstance(default, int):

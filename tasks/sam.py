@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import luigi
 import numpy as np
 import torch
 
@@ -20,45 +19,45 @@ from models.registry import load_role
 from models.roles import SamImageEmbedding
 from pipeline.core.artifacts import ShardOutput
 from pipeline.core.overlap import HostCopy, Outcome
-from pipeline.features.sam_embeddings import DTYPES, ForwardLookup, embedding_sample, iter_sam_embeddings
+from pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
+from pipeline.features.sam_params import SamEmbeddingsParams, SamSharingParams
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
     ProgressReporter,
     ShardTask,
     StageWrapper,
+    by_settings,
+    current,
     model_identity,
     model_settings,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ArtifactMismatchError
-from tasks.params import IntParameter
+from tasks.params import config_section, read_params
 from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
 
+# Section [sam_embeddings] of luigi.cfg: the embedding stage's params and the sharing switch
+# (pipeline/features/sam_params.py).
+sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)
 
-class sam_embeddings(luigi.Config):  # noqa: N801 — section [sam_embeddings] of luigi.cfg
-    share = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                description="encode each image once and share it between the SAM stages")
-    dtype = luigi.ChoiceParameter(choices=DTYPES, default="float16", description="stored embedding dtype")
-    batch_size = IntParameter(default=4, ge=1, description="images per image-encoder forward (float rounding may "
-                              "differ with it, so it is part of the stage hash)")
+
+def sam_sharing() -> SamSharingParams:
+    """``[sam_embeddings] share``: whether the SAM stages read the stored embeddings (read once per settings state)."""
+    return by_settings(("params", SamSharingParams), lambda: read_params(SamSharingParams, current(sam_embeddings)))
 
 
 class SamEmbedShard(ChainedShardTask):
     """SAM's image-encoder output for every image of the shard (``sam.npy`` in a WebDataset tar, spooled)."""
 
     stage = "sam_embeddings"
-
-    def content_params(self) -> dict[str, Any]:
-        cfg = sam_embeddings()
-        return {**self.upstream_params(), "segmenter": model_identity("segmenter", model_settings()),
-                "dtype": cfg.dtype, "batch_size": cfg.batch_size}
+    params_type, section, roles = SamEmbeddingsParams, sam_embeddings, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded and resized ahead (``[throughput]``), ``[sam_embeddings] batch_size`` per encoder forward,
         the features copied to the host, checked and serialised behind the loop; tar members and rows in manifest
         order."""
         segmenter = load_role("segmenter", model_settings())
-        identity, cfg = model_identity("segmenter", model_settings()), sam_embeddings()
+        identity, cfg = model_identity("segmenter", model_settings()), self.params
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
@@ -69,7 +68,7 @@ class SamEmbedShard(ChainedShardTask):
             if not np.isfinite(array).all():
                 return None
             sample, record = embedding_sample(image_id, array, embedding.original_size,
-                                              embedding.input_size, identity, cfg.dtype)
+                                              embedding.input_size, identity, cfg)
             SAM_EMBEDDINGS.table([record])  # the sample's JSON obeys the contract too
             return sample, record
 
@@ -116,14 +115,14 @@ class UsesSamEmbeddings(ChainedShardTask):
 
     def requires(self) -> dict[str, ShardTask]:
         deps = super().requires()
-        if sam_embeddings().share:
+        if sam_sharing().share:
             deps["sam"] = SamEmbedShard(shard=self.shard, **self.common())
         return deps
 
     def sam_embedder(self, segmenter) -> EmbedFn:
         """(image_id, rgb) → the image's SAM embedding: the stored one (None if the embedding stage rejected the
         image), or ``segmenter.embed(rgb)`` when sharing is off. Ask in manifest order (the stored order)."""
-        if not sam_embeddings().share:
+        if not sam_sharing().share:
             return lambda image_id, rgb: segmenter.embed(rgb)
         stored = {r["image_id"] for r in self.read("sam", SAM_EMBEDDINGS)}
         lookup = ForwardLookup(read_ahead(iter_sam_embeddings(self.path("sam", "tar"))))

@@ -4,6 +4,7 @@ items, decoding ahead, post-processing behind, device-side mask reductions) agai
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -17,6 +18,7 @@ from pipeline.core.masks import stability_score
 from pipeline.core.overlap import Behind, HostCopy, Outcome, packed_batches, prefetch
 from pipeline.features.cache import encode_fmbseg, encode_fmbseg_batch, encode_use
 from pipeline.fmbseg import pseudo_labels as F
+from pipeline.fmbseg.params import FmbsegDenseParams
 from pipeline.use.pairs import choose_by_stability
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,8 +52,8 @@ def test_clip_crops_packed_across_images_equal_each_image_alone(settings):
     per image as `clip_dense_features` one image at a time, for batches that split images anywhere."""
     clip = load_role("clip", settings)
     images = photos(3)
-    crops = [F.dense_crops(im, image_size=clip.image_size, patch_size=clip.patch_size, short_side=112)
-             for im in images]
+    cfg = dataclasses.replace(FmbsegDenseParams(), short_side=112)
+    crops = [F.dense_crops(im, cfg, image_size=clip.image_size, patch_size=clip.patch_size) for im in images]
     assert {len(c.crops) for c in crops} != {1}  # several crops per image, so batches cut through images
 
     def encode(rows):
@@ -63,7 +65,7 @@ def test_clip_crops_packed_across_images_equal_each_image_alone(settings):
         assert [k for k, _ in packed] == [0, 1, 2]
         for (_, outcome), image, c in zip(packed, images, crops, strict=True):
             got = F.stitch_dense(c, *outcome.get())
-            want = F.clip_dense_features(clip, image, short_side=112, batch_size=1)
+            want = F.clip_dense_features(clip, image, dataclasses.replace(cfg, clip_batch_size=1))
             np.testing.assert_allclose(got.dense, want.dense, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(got.cls, want.cls, rtol=1e-5, atol=1e-6)
 

@@ -63,8 +63,9 @@ def test_car_labels_oracle(images, gt, tmp_path):
         params = task.content_params()
     assert folder.parent.name == "car_labels"
     assert params["car"]["eta"] == 0.4 and params["car"]["theta"] == 0.6 and tuple(params["car"]["prompts"]) == ("black",)
-    assert params["cam_clip"].startswith(PRESET) and params["classifier_clip"].startswith(PRESET)
-    assert "ingest" in params and params["vocabulary"] == "voc21"
+    assert params["models"]["cam_clip"].startswith(PRESET) and params["models"]["classifier_clip"].startswith(PRESET)
+    assert "segmenter" not in params["models"]  # [car_labels] sam = false
+    assert "ingest" in params["upstream"] and params["vocabulary"]["name"] == "voc21"
 
     # PseudoLabelShard's layout: <id>.png + <id>.json per labelled image, classes.json, LABEL_REGIONS, rejects
     shard = folder / "shard-000000"

@@ -9,6 +9,7 @@ working image directly (crops aligned to the grid, overlaps averaged).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,6 +29,13 @@ from pipeline.core.vocabularies import (
     parse_vocabulary,
 )
 from pipeline.fmbseg import pseudo_labels as F
+from pipeline.fmbseg.params import (
+    FmbsegAutoMasksParams,
+    FmbsegDenseParams,
+    FmbsegDetectParams,
+    FmbsegLabelsParams,
+    FmbsegQueryMasksParams,
+)
 
 D = 8
 
@@ -63,7 +71,8 @@ class PatchMeanClip:
 def test_dense_features_stitch_to_the_full_image_function():
     rgb = np.random.default_rng(0).integers(0, 256, (45, 77, 3), dtype=np.uint8)  # odd sizes
     clip = PatchMeanClip()
-    dense = F.clip_dense_features(clip, rgb, short_side=40, stride=8, batch_size=4)
+    dense = F.clip_dense_features(
+        clip, rgb, dataclasses.replace(FmbsegDenseParams(), short_side=40, stride=8, clip_batch_size=4))
     assert dense.resize.new_hw == (40, 72) and dense.windows.grid_hw == (5, 9)
     assert len(dense.windows) == 2 * 6 and clip.calls == 3 and dense.cls.shape == (12, D)
     expected = PatchMeanClip.cells(dense.resize.apply_image(rgb), 8)
@@ -84,10 +93,10 @@ def test_auto_stride_is_half_a_crop_on_the_grid():
 def test_detect_counts_crops_and_needs_more_than_min_crops():
     text = np.eye(4, dtype=np.float32)
     cls = np.eye(4, dtype=np.float32)[[0, 0, 0, 2, 2, 1]] + 0.01
-    det = F.detect_classes(cls, text, min_crops=1)
+    det = F.detect_classes(cls, text, dataclasses.replace(FmbsegDetectParams(), min_crops=1))
     assert det.counts.tolist() == [3, 1, 2, 0] and det.present == (0, 2)
-    assert F.detect_classes(cls, text, min_crops=0).present == (0, 1, 2)
-    assert F.detect_classes(cls, text, min_crops=3).present == ()
+    assert F.detect_classes(cls, text, dataclasses.replace(FmbsegDetectParams(), min_crops=0)).present == (0, 1, 2)
+    assert F.detect_classes(cls, text, dataclasses.replace(FmbsegDetectParams(), min_crops=3)).present == ()
     vocab = parse_vocabulary("a\nb\nc\nd\n", "t")
     rows = F.detection_rows("x", vocab, det, det.present, "clip")
     assert [(r["class_name"], r["crop_count"], r["crop_indices"]) for r in rows] == [("a", 3, [0, 1, 2]),
@@ -141,8 +150,8 @@ def test_query_point_masks_one_prompt_of_k_points_per_class():
     feats = synthetic_dense()
     sam = RecordingSam()
     text = np.eye(D, dtype=np.float32)
-    masks = F.query_point_masks(sam, sam.embed(np.zeros((60, 80, 3), np.uint8)), feats, text, [0, 1], top_k=5,
-                                chunk=8)
+    masks = F.query_point_masks(sam, sam.embed(np.zeros((60, 80, 3), np.uint8)), feats, text, [0, 1],
+                                dataclasses.replace(FmbsegQueryMasksParams(), top_k=5), chunk=8)
     (points, labels, multimask), = sam.prompts  # one batched decoder call
     assert points.shape == (2, 5, 2) and (labels == 1).all() and multimask
     assert (points[0, :, 0] < 40).all() and (points[1, :, 0] >= 40).all()  # class 0 left, class 1 right
@@ -166,10 +175,11 @@ def test_label_auto_masks_by_mean_feature_over_detected_classes_only():
     auto = [{"segmentation": m, "predicted_iou": 0.9, "stability_score": 0.95, "point_coords": [[1.0, 2.0]]}
             for m in (left, right, straddle, tiny, np.ones((60, 80), bool))]
     text = np.eye(D, dtype=np.float32)
-    out = F.label_auto_masks(auto, feats, text, [0, 1], min_area_fraction=0.01, max_area_fraction=0.9)
+    sizes = dataclasses.replace(FmbsegAutoMasksParams(), min_area_fraction=0.01, max_area_fraction=0.9)
+    out = F.label_auto_masks(auto, feats, text, [0, 1], sizes)
     assert [m.class_index for m in out] == [0, 1, 1]  # tiny and whole-image masks dropped by size
     assert out[0].similarity == pytest.approx(1.0) and out[0].stage == F.STAGE_12
-    only_zero = F.label_auto_masks(auto, feats, text, [0, 5], min_area_fraction=0.01, max_area_fraction=0.9)
+    only_zero = F.label_auto_masks(auto, feats, text, [0, 5], sizes)
     assert {m.class_index for m in only_zero} == {0}  # right-half masks still get a DETECTED class
 
 
@@ -180,20 +190,24 @@ def pm(stage, cls, box, score):
                         points_xy=np.zeros((0, 2)))
 
 
+def merge(precedence: str) -> FmbsegLabelsParams:
+    return dataclasses.replace(FmbsegLabelsParams(), precedence=precedence)
+
+
 def test_merge_precedences():
     a = pm(F.STAGE_11, 1, (0, 6, 0, 6), 0.80)  # Stage 1.1, lower confidence
     b = pm(F.STAGE_12, 2, (3, 10, 3, 10), 0.95)  # Stage 1.2, overlapping a on [3:6, 3:6]
     c = pm(F.STAGE_12, 3, (4, 5, 4, 5), 0.95)  # small 1.2 mask inside b (same score): smaller wins
-    label, source = F.merge_label_map((10, 10), [a, b, c], "stage11_first")
+    label, source = F.merge_label_map((10, 10), [a, b, c], merge("stage11_first"))
     assert label[4, 4] == 1 and label[8, 8] == 2 and label[0, 9] == 255 and source[4, 4] == 11
-    label, _ = F.merge_label_map((10, 10), [a, b, c], "stage12_first")
+    label, _ = F.merge_label_map((10, 10), [a, b, c], merge("stage12_first"))
     assert label[4, 4] == 3 and label[3, 3] == 2 and label[0, 0] == 1
-    label, _ = F.merge_label_map((10, 10), [a, b, c], "confidence")
+    label, _ = F.merge_label_map((10, 10), [a, b, c], merge("confidence"))
     assert label[3, 3] == 2 and label[4, 4] == 3 and label[0, 0] == 1
     with pytest.raises(ValueError):
-        F.merge_label_map((10, 10), [a], "nope")
+        F.merge_label_map((10, 10), [a], merge("nope"))
     vocab = parse_vocabulary("\n".join("abcd"), "t")
-    label, source = F.merge_label_map((10, 10), [a, b, c], "stage11_first")
+    label, source = F.merge_label_map((10, 10), [a, b, c], merge("stage11_first"))
     rows = F.label_region_rows("x", vocab, label, source)
     assert [r["class_index"] for r in rows] == [1, 2] and sum(r["area"] for r in rows) == (label != 255).sum()
     assert rows[0]["pixels_stage11"] == 36 and rows[1]["pixels_stage12"] == rows[1]["area"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tarfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from models.registry import ModelSettings, load_role, register_preset
 from models.roles import SamImageEmbedding
 from pipeline.core.artifacts import unit_file, webdataset_tar_bytes
 from pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
+from pipeline.features.sam_params import SamEmbeddingsParams
 from schemas import REJECTS, SHARD_STATS
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import build_tasks
@@ -37,7 +39,8 @@ def gt() -> OracleGT:
 def test_embedding_sample_round_trip(tmp_path, dtype):
     rng = np.random.default_rng(0)
     features = rng.normal(size=(1, 256, 64, 64)).astype(np.float32)
-    sample, record = embedding_sample("img", features, (375, 500), (768, 1024), "tiny:x", dtype)
+    sample, record = embedding_sample("img", features, (375, 500), (768, 1024), "tiny:x",
+                                      dataclasses.replace(SamEmbeddingsParams(), dtype=dtype))
     SAM_EMBEDDINGS.table([record])
     assert record["embedding_bytes"] == len(sample["sam.npy"]) and record["shape"] == [1, 256, 64, 64]
     tar = tmp_path / "s.tar"
@@ -46,7 +49,7 @@ def test_embedding_sample_round_trip(tmp_path, dtype):
     assert image_id == "img" and rec == record and back.dtype == np.float32
     np.testing.assert_array_equal(back, features.astype(dtype).astype(np.float32))
     with pytest.raises(ValueError, match="dtype"):
-        embedding_sample("img", features, (1, 1), (1, 1), "x", "int8")
+        embedding_sample("img", features, (1, 1), (1, 1), "x", dataclasses.replace(SamEmbeddingsParams(), dtype="int8"))
 
 
 def test_forward_lookup_reads_forward_only():

@@ -5,6 +5,7 @@ back as tasks/sam.py does). CPU only; the SAM is the tiny random-init one, loade
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -15,6 +16,7 @@ from models.registry import ModelSettings, load_role
 from models.roles import SamImageEmbedding
 from pipeline.core.artifacts import webdataset_tar_bytes
 from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
+from pipeline.features.sam_params import SamEmbeddingsParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,7 +98,7 @@ def reference(seg, image) -> list[dict]:
 def float16_stored(embedding: SamImageEmbedding, tmp_path) -> SamImageEmbedding:
     """The embedding through the shared store: float16 .npy in a WebDataset tar, read back as tasks/sam.py does."""
     sample, _ = embedding_sample("img", embedding.features.numpy(), embedding.original_size, embedding.input_size,
-                                 "tiny", "float16")
+                                 "tiny", dataclasses.replace(SamEmbeddingsParams(), dtype="float16"))
     tar = tmp_path / "sam.tar"
     tar.write_bytes(webdataset_tar_bytes([sample]))
     ((_, features, record),) = list(iter_sam_embeddings(str(tar)))

@@ -73,7 +73,9 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
     meta = field.metadata
     if meta.get("choices"):
         return next(c for c in meta["choices"] if c != value)
-    if meta.get("file"):
+    if meta.get("items"):
+        return meta["items"][0] if value != meta["items"][0] else meta["items"][1]
+    if meta.get("file") or meta.get("digest"):  # a side file, or a name/path hashed by content (a vocabulary)
         other = tmp_path / f"{field.name}.txt"
         other.write_text("another side file\n")
         return str(other)
@@ -99,6 +101,8 @@ def test_every_stage_declares_its_params():
             "IngestShard", "FeatureCacheShard", "UseTextEmbeddingShard", "TrainUSEHead", "TrainAlignment",
             "Evaluate"} <= names
     assert {c.__name__ for c in STAGES if "params_source" in vars(c)} <= set(VARIANTS), "add their variants"
+    assert {"ClipDenseShard", "DetectShard", "QueryPointMaskShard", "AutoMaskLabelShard", "PseudoLabelShard",
+            "SamEmbedShard", "CaRLabelShard"} <= names
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -133,8 +137,12 @@ def test_changing_any_setting_changes_the_stage_hash(case, tmp_path):
 def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
+    from pipeline.features.sam_params import SamSharingParams
+    from tasks.sam import sam_embeddings
+
     checked = 0
-    for params_type, section_class in _sources(tmp_path):
+    # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share)
+    for params_type, section_class in [*_sources(tmp_path), (SamSharingParams, sam_embeddings)]:
         section = section_class.get_task_family()
         param = dict(section_class.get_params())
         for field in dataclasses.fields(params_type):

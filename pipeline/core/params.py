@@ -4,7 +4,8 @@ range are written.
 A stage's params object is built once from its luigi.cfg section (``tasks.stage_params``), hashed whole into the
 stage's folder name and passed whole to the pipeline functions, so a setting can never change the bytes without
 changing the folder. Fields are declared with ``setting`` (default + range + one line of help); a field whose value
-names a side file (``file=True``) is hashed by the file's content, not its path; a field that changes no byte of the
+names a side file (``file=True``) is hashed by the file's content, not its path; one naming a resource by a name or a
+path (``digest=``, e.g. a vocabulary) by what the given function makes of it; a field that changes no byte of the
 output (``hashed=False``: a trainer's loader workers, its checkpoint retention) is left out of the hash.
 
 The ingest settings live here too (``[ingest]``: ``IngestPlanParams``, ``DecodeLimits``): ``pipeline.core.images``
@@ -14,6 +15,7 @@ takes its decoding defaults from them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,13 +47,16 @@ class Range:
 
 
 def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-            lt: float | None = None, choices: tuple[str, ...] = (), file: bool = False, optional: bool = False,
-            hashed: bool = True, help: str = "") -> Any:
-    """A stage setting: its default, allowed range or choices, whether it names a side file (hashed by content),
-    whether it may be empty (``optional``: a number in the range, or "" = "use another default"; the value
-    stays a string) and whether it enters the stage hash (``hashed=False``: it changes no byte of the output)."""
-    meta = {"range": Range(ge, gt, le, lt), "choices": tuple(choices), "file": file, "optional": optional,
-            "hashed": hashed, "help": help}
+            lt: float | None = None, choices: tuple[str, ...] = (), items: tuple[str, ...] = (), file: bool = False,
+            digest: Callable[[Any], str] | None = None, optional: bool = False, hashed: bool = True,
+            help: str = "") -> Any:
+    """A stage setting: its default, allowed range or choices, ``items`` (a comma list of these, possibly empty; the
+    value stays a string), whether it names a side file (hashed by content), ``digest`` (the value enters the
+    stage hash as ``digest(value)``: the content of what it names, e.g. a vocabulary by name or path), whether
+    it may be empty (``optional``: a number in the range, or "" = "use another default"; the value stays a
+    string) and whether it enters the stage hash at all (``hashed=False``: it changes no byte of the output)."""
+    meta = {"range": Range(ge, gt, le, lt), "choices": tuple(choices), "items": tuple(items), "file": file,
+            "digest": digest, "optional": optional, "hashed": hashed, "help": help}
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -166,6 +166,16 @@ def load_vocabulary(spec: str) -> Vocabulary:
     return parse_vocabulary(path.read_text(encoding="utf-8"), path.stem)
 
 
+def vocabulary_digest(spec: str) -> str:
+    """How a vocabulary setting (a built-in name or a path) enters a stage hash: the vocabulary's name (written into
+    the artifacts) and the digest of its classes and prompt names, so editing a custom file renames the stage folder
+    and moving it does not; "" (= "another setting's vocabulary") stays ""."""
+    if not spec.strip():
+        return ""
+    vocab = load_vocabulary(spec)
+    return f"{vocab.name}:{vocab.digest}"
+
+
 def load_templates(name: str) -> tuple[str, ...]:
     """'single' → ("a photo of a {}.",); 'imagenet80' → CLIP's 80 ImageNet templates."""
     try:

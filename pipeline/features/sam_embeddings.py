@@ -14,14 +14,14 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.core.npy import npy_array, npy_bytes
-
-DTYPES = ("float16", "float32")
+from pipeline.features.sam_params import DTYPES, SamEmbeddingsParams
 
 
 def embedding_sample(image_id: str, features: np.ndarray, original_hw: tuple[int, int], input_hw: tuple[int, int],
-                     segmenter: str, dtype: str = "float16") -> tuple[dict[str, Any], dict[str, Any]]:
+                     segmenter: str, cfg: SamEmbeddingsParams) -> tuple[dict[str, Any], dict[str, Any]]:
     """(WebDataset sample ``{__key__, sam.npy, json}``, SAM_EMBEDDINGS record) of one image's encoder output
-    ``features`` float ``[1, 256, 64, 64]``, stored as ``dtype``."""
+    ``features`` float ``[1, 256, 64, 64]``, stored as ``cfg.dtype``."""
+    dtype = cfg.dtype
     if dtype not in DTYPES:
         raise ValueError(f"SAM embedding dtype must be one of {DTYPES}, got {dtype!r}")
     array = np.ascontiguousarray(np.asarray(features, np.float32).astype(dtype))

@@ -2,6 +2,8 @@
 SAM segmenter are role objects passed in (models/roles.py), never loaded here. Every coordinate transform goes
 through pipeline/core/transforms.py.
 
+Settings arrive as the stages' params objects (pipeline/fmbseg/params.py), whole.
+
 1. High-resolution dense features (:func:`clip_dense_features`): the image resized to a working size (short side
    ``short_side``), cut into encoder-sized crops by a sliding window, each crop encoded by CLIP (MaskCLIP patch
    tokens + CLS), patch tokens stitched into one full-image grid (overlaps averaged, then L2-normalised).
@@ -38,15 +40,18 @@ from pipeline.core.transforms import (
     working_size,
 )
 from pipeline.core.vocabularies import UNLABELLED, Vocabulary, class_text_embeddings  # noqa: F401 — re-exported
+from pipeline.fmbseg.params import (
+    PRECEDENCES,
+    FmbsegAutoMasksParams,
+    FmbsegDenseParams,
+    FmbsegDetectParams,
+    FmbsegLabelsParams,
+    FmbsegQueryMasksParams,
+)
 
 STAGE_11 = "1.1"
 STAGE_12 = "1.2"
-PRECEDENCES = ("stage11_first", "stage12_first", "confidence")
 FEATURE_DTYPE = np.float16  # on disk; computations run in float32
-# Working-image short side for the sliding window. The paper's "high resolution": a crop must show a small object
-# whole to name it; at 448 a 224 crop spans half a VOC photo and small objects never win a crop (see
-# tests/test_fmbseg_oracle.py), at 672 they do. Cost grows with the crop count (15 → 35 on a 375×500 photo).
-DEFAULT_SHORT_SIDE = 672
 
 
 def _unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -115,16 +120,16 @@ class DenseCrops:
     windows: SlidingWindows
 
 
-def dense_crops(rgb: np.ndarray, *, image_size: int, patch_size: int, short_side: int, stride: int = 0,
-                max_long_side: int = 0) -> DenseCrops:
+def dense_crops(rgb: np.ndarray, cfg: FmbsegDenseParams, *, image_size: int, patch_size: int) -> DenseCrops:
     """The host half of :func:`clip_dense_features` before CLIP (thread-safe): ``rgb`` (uint8 ``[H, W, 3]``) resized
-    to the working size (short side ``short_side``, patch multiples, at least one crop; :func:`transforms.working_size`)
-    and cut into ``image_size`` square crops every ``stride`` working pixels (0 = half a crop), edges included."""
+    to the working size (short side ``cfg.short_side``, long side at most ``cfg.max_long_side`` (0 = no cap), patch
+    multiples, at least one crop; :func:`transforms.working_size`) and cut into ``image_size`` square crops every
+    ``cfg.stride`` working pixels (0 = half a crop), edges included."""
     rgb = np.asarray(rgb)
     s, p = int(image_size), int(patch_size)
-    resize = Resize(rgb.shape[:2], working_size(rgb.shape[:2], short_side=short_side, multiple=p, min_side=s,
-                                                 max_long_side=max_long_side))
-    windows = SlidingWindows(resize.new_hw, s, auto_stride(s, p, stride), p)
+    resize = Resize(rgb.shape[:2], working_size(rgb.shape[:2], short_side=cfg.short_side, multiple=p, min_side=s,
+                                                 max_long_side=cfg.max_long_side))
+    windows = SlidingWindows(resize.new_hw, s, auto_stride(s, p, cfg.stride), p)
     return DenseCrops(crops=windows.cut(resize.apply_image(rgb)), resize=resize, windows=windows)
 
 
@@ -135,20 +140,17 @@ def stitch_dense(crops: DenseCrops, patch: np.ndarray, cls: np.ndarray) -> Dense
     return DenseClip(dense=dense, cls=_unit(cls), resize=crops.resize, windows=crops.windows)
 
 
-def clip_dense_features(
-    clip, rgb: np.ndarray, *, short_side: int, stride: int = 0, max_long_side: int = 0, batch_size: int = 16
-) -> DenseClip:
+def clip_dense_features(clip, rgb: np.ndarray, cfg: FmbsegDenseParams) -> DenseClip:
     """Sliding-window MaskCLIP features of ``rgb`` (uint8 ``[H, W, 3]``).
 
-    Working size: short side ``short_side`` (patch multiples, at least one crop; :func:`transforms.working_size`).
-    Crops: ``clip.image_size`` square, every ``stride`` working pixels (0 = half a crop), edges included, encoded
-    ``batch_size`` per call. = :func:`stitch_dense` of :func:`dense_crops` (the stage packs the crops of several
-    images into its batches: ``pipeline.core.overlap.packed_batches``).
+    Working size: short side ``cfg.short_side`` (patch multiples, at least one crop; :func:`transforms.working_size`).
+    Crops: ``clip.image_size`` square, every ``cfg.stride`` working pixels (0 = half a crop), edges included,
+    encoded ``cfg.clip_batch_size`` per call. = :func:`stitch_dense` of :func:`dense_crops` (the stage packs the
+    crops of several images into its batches: ``pipeline.core.overlap.packed_batches``).
     """
-    crops = dense_crops(rgb, image_size=clip.image_size, patch_size=clip.patch_size, short_side=short_side,
-                        stride=stride, max_long_side=max_long_side)
+    crops = dense_crops(rgb, cfg, image_size=clip.image_size, patch_size=clip.patch_size)
     patches, tokens = [], []
-    step = max(1, batch_size)
+    step = max(1, cfg.clip_batch_size)
     for i in range(0, len(crops.crops), step):
         f = clip.encode_image(crops.crops[i : i + step])
         patches.append(f.patch)
@@ -203,13 +205,13 @@ class Detection:
     present: tuple[int, ...]
 
 
-def detect_classes(cls_tokens: np.ndarray, text: np.ndarray, *, min_crops: int) -> Detection:
+def detect_classes(cls_tokens: np.ndarray, text: np.ndarray, cfg: FmbsegDetectParams) -> Detection:
     """Each crop (CLS ``[C, D]``) → the class with the highest cosine to ``text`` ``[K, D]``; a class is present
-    when assigned to MORE than ``min_crops`` crops (paper §3.2)."""
+    when assigned to MORE than ``cfg.min_crops`` crops (paper §3.2)."""
     sim = np.asarray(cls_tokens, np.float32) @ np.asarray(text, np.float32).T  # [C, K]
     best = sim.argmax(axis=1)
     counts = np.bincount(best, minlength=text.shape[0])
-    present = tuple(int(k) for k in np.flatnonzero(counts > min_crops))
+    present = tuple(int(k) for k in np.flatnonzero(counts > cfg.min_crops))
     return Detection(crop_classes=best.astype(np.int64), crop_scores=sim.max(axis=1).astype(np.float32),
                      counts=counts.astype(np.int64), present=present)
 
@@ -279,10 +281,11 @@ class DecodedQueries:
 
 
 def decode_query_points(
-    segmenter, embedding, features: DenseClip, text: np.ndarray, classes: Sequence[int], *, top_k: int,
-    multimask: bool = True, chunk: int = 8,
+    segmenter, embedding, features: DenseClip, text: np.ndarray, classes: Sequence[int], cfg: FmbsegQueryMasksParams,
+    *, chunk: int = 8,
 ) -> DecodedQueries:
-    """The model half of :func:`query_point_masks`: one prompt of ``top_k`` positive points per class, decoded by
+    """The model half of :func:`query_point_masks`: one prompt of ``cfg.top_k`` positive points per class (SAM's
+    three outputs when ``cfg.multimask``), decoded by
     ``segmenter.predict_device`` ``chunk`` classes per call; the best-IoU output is chosen and thresholded on the
     device, only binary masks start their copy to the host. Nothing here waits for the device."""
     import torch
@@ -292,13 +295,14 @@ def decode_query_points(
     classes = tuple(int(c) for c in classes)
     if not classes:
         return DecodedQueries(classes=(), points=(), similarity=())
-    pts, sims = zip(*(query_points(features, text[c], top_k) for c in classes), strict=True)
+    pts, sims = zip(*(query_points(features, text[c], cfg.top_k) for c in classes), strict=True)
     points = tuple(p.astype(np.float32) for p in pts)  # [k, 2] (x, y) original pixels
     index, iou, masks = [], [], []
     for start in range(0, len(classes), chunk):
         batch = np.stack(points[start : start + chunk])
         predict = getattr(segmenter, "predict_device", segmenter.predict)  # duck-typed segmenters: predict
-        pred = predict(embedding, points_xy=batch, point_labels=np.ones(batch.shape[:2], np.int64), multimask=multimask)
+        pred = predict(embedding, points_xy=batch, point_labels=np.ones(batch.shape[:2], np.int64),
+                       multimask=cfg.multimask)
         logits, iou_pred = pred.logits, pred.iou_pred
         if not torch.is_tensor(logits):  # a backend without a device answered with numpy arrays
             logits, iou_pred = torch.from_numpy(np.asarray(logits)), torch.from_numpy(np.asarray(iou_pred))
@@ -324,18 +328,17 @@ def finish_query_points(decoded: DecodedQueries) -> list[PseudoMask]:
 
 
 def query_point_masks(
-    segmenter, embedding, features: DenseClip, text: np.ndarray, classes: Sequence[int], *, top_k: int,
-    multimask: bool = True, chunk: int = 8,
+    segmenter, embedding, features: DenseClip, text: np.ndarray, classes: Sequence[int], cfg: FmbsegQueryMasksParams,
+    *, chunk: int = 8,
 ) -> list[PseudoMask]:
-    """Stage 1.1 for the ``classes`` of one image: one prompt of ``top_k`` positive points per class, batched in
+    """Stage 1.1 for the ``classes`` of one image: one prompt of ``cfg.top_k`` positive points per class, batched in
     one decoder call per ``chunk`` classes; keeps each prompt's mask with the highest predicted IoU.
 
     embedding: ``segmenter.embed(rgb)`` of the original image (one encoding for all classes).
     = :func:`finish_query_points` of :func:`decode_query_points` (the stage runs the halves on either side of its
     model loop).
     """
-    return finish_query_points(decode_query_points(segmenter, embedding, features, text, classes, top_k=top_k,
-                                                   multimask=multimask, chunk=chunk))
+    return finish_query_points(decode_query_points(segmenter, embedding, features, text, classes, cfg, chunk=chunk))
 
 
 def mask_mean_features(features: DenseClip, masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -352,16 +355,17 @@ def mask_mean_features(features: DenseClip, masks: Sequence[np.ndarray]) -> np.n
 
 
 def label_auto_masks(
-    auto_masks: Sequence[Mapping[str, Any]], features: DenseClip, text: np.ndarray, classes: Sequence[int], *,
-    min_area_fraction: float, max_area_fraction: float,
+    auto_masks: Sequence[Mapping[str, Any]], features: DenseClip, text: np.ndarray, classes: Sequence[int],
+    cfg: FmbsegAutoMasksParams,
 ) -> list[PseudoMask]:
     """Stage 1.2: SAM automatic-generator records (dicts with 'segmentation' bool ``[H, W]``, 'predicted_iou',
-    'stability_score', 'point_coords') → masks whose area is within [min, max] fraction of the image, each
+    'stability_score', 'point_coords'; made with ``cfg.amg()``) → masks whose area is within
+    [``cfg.min_area_fraction``, ``cfg.max_area_fraction``] of the image, each
     labelled with the detected class (among ``classes``) most similar to its mean dense feature. Order kept."""
     classes = list(classes)
     h, w = features.resize.orig_hw
     kept = [m for m in auto_masks
-            if min_area_fraction * h * w <= int(np.asarray(m["segmentation"]).sum()) <= max_area_fraction * h * w]
+            if cfg.min_area_fraction * h * w <= int(np.asarray(m["segmentation"]).sum()) <= cfg.max_area_fraction * h * w]
     if not kept or not classes:
         return []
     means = _unit(mask_mean_features(features, [m["segmentation"] for m in kept]))
@@ -397,7 +401,7 @@ def mask_rows(image_id: str, vocab: Vocabulary, masks: Sequence[PseudoMask]) -> 
 def paint_order(masks: Sequence[PseudoMask], precedence: str) -> list[int]:
     """Indices of ``masks`` in painting order: later ones overwrite earlier ones, so the LAST has precedence.
 
-    - ``stage11_first`` (default): any Stage 1.1 pixel beats Stage 1.2 (1.2 fills what 1.1 left, as the paper
+    - ``stage11_first`` (the shipped setting): any Stage 1.1 pixel beats Stage 1.2 (1.2 fills what 1.1 left, as the paper
       uses it: complementary masks for small objects and missed instances);
     - ``stage12_first``: the reverse;
     - ``confidence``: higher SAM predicted IoU wins whatever the stage (ties: Stage 1.1).
@@ -417,12 +421,13 @@ def paint_order(masks: Sequence[PseudoMask], precedence: str) -> list[int]:
 
 
 def merge_label_map(
-    hw: tuple[int, int], masks: Sequence[PseudoMask], precedence: str = "stage11_first"
+    hw: tuple[int, int], masks: Sequence[PseudoMask], cfg: FmbsegLabelsParams
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(label uint8 ``[H, W]`` with 255 = unlabelled, source uint8 ``[H, W]``: 0 none, 11 = Stage 1.1, 12 = 1.2)."""
+    """(label uint8 ``[H, W]`` with 255 = unlabelled, source uint8 ``[H, W]``: 0 none, 11 = Stage 1.1, 12 = 1.2),
+    painted in ``paint_order(masks, cfg.precedence)``."""
     label = np.full(hw, UNLABELLED, np.uint8)
     source = np.zeros(hw, np.uint8)
-    for i in paint_order(masks, precedence):
+    for i in paint_order(masks, cfg.precedence):
         m = masks[i].mask
         if m.shape != tuple(hw):
             raise ValueError(f"mask {i} is {m.shape}, the image is {hw}")

@@ -1,0 +1,52 @@
+"""Settings of the CaR label stage (section ``[car_labels]`` of luigi.cfg): its params object, hashed whole into its
+folder name, and how it resolves to the ``CarParams`` the loop runs with (``car_label_params``: the official
+per-dataset preset of ``pipeline.car.recurrent.CAR_DEFAULTS``, then the configured θ, prompts, CRF and CAM).
+Defaults are written here only; luigi.cfg repeats them for the reader (a test keeps the two equal)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pipeline.car.recurrent import CAR_DEFAULTS, VISUAL_PROMPTS, CarParams, car_family, car_params
+from pipeline.core.params import StageParams, setting
+from pipeline.core.vocabularies import vocabulary_digest
+
+
+@dataclass(frozen=True)
+class CaRLabelsParams(StageParams):
+    vocabulary: str = setting("", digest=vocabulary_digest, help="vocabulary name or .txt path; empty = [fmbseg]'s")
+    params: str = setting("", choices=("", *sorted(CAR_DEFAULTS)),
+                          help="η/θ/λ of car-paper §4: voc | coco | context; empty = by vocabulary name "
+                          "(coco_* → coco, context* → context, else voc)")
+    theta: str = setting("", optional=True, ge=0, le=1,
+                         help="θ: a query survives a step when its score P_ii > θ; empty = the official config of "
+                         "`params` (voc 0.6, coco 0.3, context 0.25)")
+    prompts: str = setting("", items=VISUAL_PROMPTS, help="visual prompts (comma list); empty = the official config "
+                           "of `params` (voc: circle,blur; coco: blur,gray; ...)")
+    crf: bool = setting(True, help="dense-CRF post-processing (needs pydensecrf2)")
+    sam: bool = setting(False, help="CaR+SAM ensemble with the segmenter role (car-paper §3.4)")
+    cam: str = setting("clip_es", choices=("clip_es", "gradcam"),
+                       help="mask proposals: Grad-CAM + CLIP-ES affinity (λ), or Grad-CAM")
+    short_side: int = setting(0, ge=0, help="CaR runs at this short side, labels are resized back (nearest); 0 = "
+                              "original size (official code)")
+
+
+def car_label_family(cfg: CaRLabelsParams, vocabulary: str) -> str:
+    """The CAR_DEFAULTS family whose official settings apply: ``cfg.params``, or by the name of the vocabulary
+    labelled (``vocabulary``)."""
+    family = cfg.params.strip()
+    if family and family not in CAR_DEFAULTS:
+        raise ValueError(f"[car_labels] params must be one of {sorted(CAR_DEFAULTS)} or empty, got {family!r}")
+    return family or car_family(vocabulary.lower())
+
+
+def car_label_params(cfg: CaRLabelsParams, vocabulary: str) -> CarParams:
+    """The official settings of the family (``car_label_family``) with the configured θ, prompts, CRF and CAM."""
+    base = car_params(car_label_family(cfg, vocabulary))
+    prompts = tuple(p.strip() for p in cfg.prompts.split(",") if p.strip()) or base.prompts
+    unknown = set(prompts) - set(VISUAL_PROMPTS)
+    if unknown:
+        raise ValueError(f"[car_labels] prompts {cfg.prompts!r}: use a comma list of {VISUAL_PROMPTS}")
+    theta = float(cfg.theta) if cfg.theta.strip() else base.theta
+    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam, theta=theta)
