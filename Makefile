@@ -22,7 +22,7 @@ export PYTHONHASHSEED := 0
 .PHONY: help venv test test-fast demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
 help:
-	@echo "make demo | make test | make test-fast | make pseudo-labels STAGE=<Ingest|Captions|UseSegments|PseudoLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
+	@echo "make demo | make test | make test-fast | make pseudo-labels STAGE=<Ingest|UseCaptions|UseSegments|FmbsegLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ export-coco: $(STAMP)
 	$(VENV)/bin/pseudoseg run ExportCoco --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
 
 preview: $(STAMP)
-	$(VENV)/bin/pseudoseg run Preview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
+	$(VENV)/bin/pseudoseg run UsePreview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
 
 # DATASET = benchmark (pipeline.eval.benchmarks.BENCHMARKS key), ROOT = its folder; fmbseg/use_sam/pseudo also need IMAGES + RUN (upstream run).
 eval: $(STAMP)

@@ -125,7 +125,7 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     Stages as the Luigi tasks run them with luigi.cfg's [fmbseg] defaults (short side 672 → 672x896 working image,
     35 crops of 224 with stride 112; coco_stuff171 × "a photo of a {}."; top-5 points; 32x32 automatic grid):
     dense (crops → CLIP → stitch), detect (per image; the vocabulary's text embeddings are per shard and reported
-    apart), sam_embed (SamEmbedShard: SAM's encoder once per image, shared), 1.1 (one batched decode for
+    apart), sam_embed (SamEmbeddingsShard: SAM's encoder once per image, shared), 1.1 (one batched decode for
     `classes_11` class prompts), 1.2 (segment-anything's automatic generator on the shared embedding + mask
     labelling), merge (label map + region RLEs + PNG).
     `outside_model_share`: 1 - (time inside any torch module forward) / stage time — the pipeline's own cost
@@ -206,7 +206,7 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
         "dense": lambda: F.clip_dense_features(clip, rgb, dense_cfg),
         "text_embeddings_per_shard": lambda: F.class_text_embeddings(clip, vocab, load_templates("single")),
         "detect": lambda: F.detect_classes(dense.cls, text, detect_cfg),
-        "sam_embed": lambda: seg.embed(rgb),  # SamEmbedShard: once per image, shared
+        "sam_embed": lambda: seg.embed(rgb),  # SamEmbeddingsShard: once per image, shared
         "stage11": lambda: F.query_point_masks(seg, embedding, dense, text, classes, query_cfg),
         "stage12_generator": lambda: seg.automatic_masks(rgb, embedding=embedding, **amg),
         "stage12_labelling": lambda: F.label_auto_masks(auto, dense, text, classes, auto_cfg),
@@ -1065,16 +1065,16 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
 
     from models import registry
     from tasks.base import build_tasks
-    from tasks.features import FeatureCacheShard
+    from tasks.features import FeaturesShard
     from tasks.fmbseg import (
-        AutoMaskLabelShard,
-        ClipDenseShard,
-        DetectShard,
-        PseudoLabels,
-        QueryPointMaskShard,
+        FmbsegAutoMasksShard,
+        FmbsegDenseShard,
+        FmbsegDetectShard,
+        FmbsegLabels,
+        FmbsegQueryMasksShard,
     )
-    from tasks.sam import SamEmbedShard
-    from tasks.use import BoxMaskShard, CaptionShard, GroundShard, UseSegments
+    from tasks.sam import SamEmbeddingsShard
+    from tasks.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
 
     cuda = torch.cuda.is_available()
     settings = {
@@ -1144,19 +1144,19 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
                 cfg.set(section, key, str(value))
         common = {"images": str(images), "dataset": "bench", "out": str(work / "out")}
         registry.release_models()
-        build = build_tasks([UseSegments(**common), PseudoLabels(**common)], local_scheduler=True, workers=1)
+        build = build_tasks([UseSegments(**common), FmbsegLabels(**common)], local_scheduler=True, workers=1)
         assert build.scheduling_succeeded, build.summary_text
-        build = build_tasks([FeatureCacheShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg")],
+        build = build_tasks([FeaturesShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg")],
                             local_scheduler=True, workers=1)
         assert build.scheduling_succeeded, build.summary_text
         tasks = {
-            "SamEmbeddings": SamEmbedShard(shard=0, **common), "Captions": CaptionShard(shard=0, **common),
-            "Boxes": GroundShard(shard=0, **common), "BoxMasks": BoxMaskShard(shard=0, **common),
-            "ClipDense": ClipDenseShard(shard=0, **common), "Detections": DetectShard(shard=0, **common),
-            "QueryPointMasks": QueryPointMaskShard(shard=0, **common),
-            "AutoMaskLabels": AutoMaskLabelShard(shard=0, **common),
-            "UseFeatures": FeatureCacheShard(purpose="use", shard=0, **common),
-            "FmbsegFeatures": FeatureCacheShard(purpose="fmbseg", shard=0, **common),
+            "SamEmbeddings": SamEmbeddingsShard(shard=0, **common), "UseCaptions": UseCaptionsShard(shard=0, **common),
+            "UseBoxes": UseBoxesShard(shard=0, **common), "UseBoxMasks": UseBoxMasksShard(shard=0, **common),
+            "FmbsegDense": FmbsegDenseShard(shard=0, **common), "FmbsegDetect": FmbsegDetectShard(shard=0, **common),
+            "FmbsegQueryMasks": FmbsegQueryMasksShard(shard=0, **common),
+            "FmbsegAutoMasks": FmbsegAutoMasksShard(shard=0, **common),
+            "FeaturesUse": FeaturesShard(purpose="use", shard=0, **common),
+            "FeaturesFmbseg": FeaturesShard(purpose="fmbseg", shard=0, **common),
         }
         wanted = [s.strip() for s in stages.split(",") if s.strip()] or list(tasks)
         counts = {}

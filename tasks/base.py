@@ -208,7 +208,7 @@ class StageSettings:
     ``pipeline.core.params.StageParams`` dataclass (``params_type``) read from its luigi.cfg ``section``, and the
     model ``roles`` it loads. ``content_params`` hashes all of them (plus the upstream stages' hashes) into the folder
     name; the task reads its settings only through ``self.params``. A task whose settings depend on one of its
-    parameters (FeatureCacheShard's purpose, Evaluate's method) overrides ``params_source``."""
+    parameters (FeaturesShard's purpose, Evaluate's method) overrides ``params_source``."""
 
     params_type: ClassVar[type[StageParams]]
     section: ClassVar[type[luigi.Config]]

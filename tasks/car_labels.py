@@ -1,8 +1,8 @@
-"""CaR (car-paper) as a third pseudo-label source: IngestShard → CaRLabelShard.
+"""CaR (car-paper) as a third pseudo-label source: IngestShard → CarLabelsShard.
 
 One label map per image from ``pipeline.car.recurrent.CaRSegmenter`` over the preset's ``cam_clip`` role (``clip_cam``, the
 proposal generator f) and ``classifier_clip`` role (``clip_classifier``, the mask classifier g), written in exactly
-PseudoLabelShard's layout so the trainers can read either:
+FmbsegLabelsShard's layout so the trainers can read either:
 
 - ``shard-N.tar``: WebDataset samples ``<image_id>.png`` (uint8 label map, 255 = unlabelled) + ``<image_id>.json``
   (schemas.fmbseg.LABEL_MAP_META, ``precedence = "car"``);
@@ -49,12 +49,12 @@ from tasks.params import config_section
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 
 
-# Section [car_labels] of luigi.cfg: the fields of CaRLabelShard's params (pipeline/car/params.py).
+# Section [car_labels] of luigi.cfg: the fields of CarLabelsShard's params (pipeline/car/params.py).
 car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)
 
 
-class CaRLabelShard(ChainedShardTask):
-    """CaR label maps of one ingest shard, byte-format compatible with PseudoLabelShard's artifact."""
+class CarLabelsShard(ChainedShardTask):
+    """CaR label maps of one ingest shard, byte-format compatible with FmbsegLabelsShard's artifact."""
 
     stage = "car_labels"
     params_type, section = CaRLabelsParams, car_labels
@@ -130,7 +130,7 @@ class CaRLabelShard(ChainedShardTask):
                            classes_json=table)
 
 
-class CaRLabels(StageWrapper):
-    """All shards of the CaR pseudo-label artifact (same layout as PseudoLabels)."""
+class CarLabels(StageWrapper):
+    """All shards of the CaR pseudo-label artifact (same layout as FmbsegLabels)."""
 
-    shard_task = CaRLabelShard
+    shard_task = CarLabelsShard

@@ -46,7 +46,7 @@ def _short(value: Any) -> str:
 
 
 def _models(params: dict[str, Any]) -> dict[str, str]:
-    # "<preset>:<name>"; the same key may name an upstream stage's hash instead (``dense`` = the ClipDense folder)
+    # "<preset>:<name>"; the same key may name an upstream stage's hash instead (``dense`` = the FmbsegDense folder)
     found = {k: v for k, v in params.items() if k in MODEL_KEYS and isinstance(v, str) and ":" in v}
     nested = params.get("models")  # ModelProbe: the whole [models] content
     if isinstance(nested, dict):

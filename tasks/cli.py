@@ -28,6 +28,15 @@ from tasks.settings import SettingsError, closest, configure
 from tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
 from tasks.summary import RunInfo, footer, format_table, quarantine_notes, summarise, write_run_json
 
+# Stage names before every stage was named after its folder (pseudoseg 2026-12): `run OLD` says the new name.
+RENAMED = {
+    "Captions": "UseCaptions", "Expressions": "UseExpressions", "Boxes": "UseBoxes", "BoxMasks": "UseBoxMasks",
+    "PreviewShards": "UsePreviewShards", "Preview": "UsePreview", "ClipDense": "FmbsegDense", "Detections": "FmbsegDetect",
+    "QueryPointMasks": "FmbsegQueryMasks", "AutoMaskLabels": "FmbsegAutoMasks", "PseudoLabels": "FmbsegLabels",
+    "CaRLabels": "CarLabels", "UseFeatures": "FeaturesUse", "FmbsegFeatures": "FeaturesFmbseg",
+    "UseTextEmbeddings": "UseText", "ClassTextEmbeddings": "TextClasses", "TrainUSEHead": "TrainUse",
+}
+
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
     """Every task `run STAGE` accepts, in DAG order (tasks.dag.STAGES)."""
@@ -354,7 +363,10 @@ def check(args: argparse.Namespace) -> None:
     lines: list[str] = []
     if hasattr(args, "stage"):
         classes = stage_classes()
-        if args.stage not in classes:
+        if args.stage in RENAMED:
+            lines.append(f"pseudoseg: stage {args.stage!r} is now called {RENAMED[args.stage]!r} (every stage is "
+                         "named after its output folder: `pseudoseg stages` lists them)")
+        elif args.stage not in classes:
             lines.append(f"pseudoseg: unknown stage {args.stage!r}; did you mean {closest(args.stage, classes)}?")
     if args.command in ("status", "clean"):  # read the tree only: no settings involved
         if args.dataset and name_problem(args.dataset):

@@ -12,9 +12,9 @@ Methods and what they need:
   the COCO-Stuff images the pseudo labels came from); short side, sliding window and background rule of the
   protocol. Class texts: the benchmark classes' prompt names × the template set the block was trained with
   (``[fmbseg] templates``), through ``pipeline.core.vocabularies.class_text_embeddings`` as in training.
-- ``use_sam``: SAM automatic masks + the USE head of ``TrainUSEHead`` (same ``images``/``dataset`` convention);
+- ``use_sam``: SAM automatic masks + the USE head of ``TrainUse`` (same ``images``/``dataset`` convention);
   class texts: prompt names × ``[evaluate] use_sam_templates``, same function.
-- ``pseudo``: the FMbSeg Stage-1 label maps of ``PseudoLabels`` run over the benchmark's own images (``images`` =
+- ``pseudo``: the FMbSeg Stage-1 label maps of ``FmbsegLabels`` run over the benchmark's own images (``images`` =
   e.g. ``<data_root>/JPEGImages`` or a .txt listing the split's JPEGs; ``dataset`` = the run's name). Label maps
   are matched to benchmark ids by the source file's stem and mapped to the benchmark classes by name.
 
@@ -58,7 +58,7 @@ from tasks.failures import explain
 from tasks.params import IntParameter, config_section
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
-NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUSEHead", "pseudo": "PseudoLabels"}
+NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "FmbsegLabels"}
 
 
 # Section [evaluate] of luigi.cfg: the fields of every method's params (pipeline/eval/params.py).
@@ -92,9 +92,9 @@ class Evaluate(StageSettings, luigi.Task):
                              f"{NEEDS_RUN[self.method]} run it evaluates")
         common = {"images": self.images, "dataset": self.dataset, "out": self.out}
         if self.method == "pseudo":
-            from tasks.fmbseg import PseudoLabels
+            from tasks.fmbseg import FmbsegLabels
 
-            return {"pseudo": PseudoLabels(**common)}
+            return {"pseudo": FmbsegLabels(**common)}
         from tasks import train
 
         return {"model": getattr(train, NEEDS_RUN[self.method])(**common)}
@@ -109,7 +109,7 @@ class Evaluate(StageSettings, luigi.Task):
 
     def text_templates(self) -> tuple[str, tuple[str, ...]]:
         """(template set name, templates) of the class texts: fmbseg → the set its alignment block was trained
-        with (the ClassTextEmbeddings of the TrainAlignment run, i.e. [fmbseg] templates); use_sam →
+        with (the TextClasses of the TrainAlignment run, i.e. [fmbseg] templates); use_sam →
         [evaluate] use_sam_templates."""
         if self.method == "fmbseg":
             name = self.requires()["model"].requires()["text"].spec()[1]
@@ -230,7 +230,7 @@ class Evaluate(StageSettings, luigi.Task):
                                amg_params={"points_per_side": cfg.use_sam_points_per_side})
 
     def pseudo_segmenter(self):
-        """Stage-1 label maps of every PseudoLabels shard, keyed by the source file's stem."""
+        """Stage-1 label maps of every FmbsegLabels shard, keyed by the source file's stem."""
         import json
 
         from pipeline.eval.methods import PseudoLabelSegmenter

@@ -27,7 +27,7 @@ from tasks.base import (
     verify_inputs,
 )
 from tasks.ingest import IngestShard
-from tasks.use import SegmentNMSShard
+from tasks.use import UseSegmentsShard
 
 
 class ExportCoco(DatasetTask):
@@ -35,8 +35,8 @@ class ExportCoco(DatasetTask):
     it `data/<image_id>.<ext>`: every image at the size its masks were made on (`file_name` is relative to
     `data/`), so masks and pixels line up whatever the source was (a giant downsized at ingest, EXIF rotation)."""
 
-    def requires(self) -> list[SegmentNMSShard]:
-        return [SegmentNMSShard(shard=i, **self.common()) for i in range(self.shard_count)]
+    def requires(self) -> list[UseSegmentsShard]:
+        return [UseSegmentsShard(shard=i, **self.common()) for i in range(self.shard_count)]
 
     @property
     def stage_dir(self) -> StageDir:
@@ -63,13 +63,13 @@ class ExportCoco(DatasetTask):
         write_coco_json(coco, self.output().path)  # last: the task's target
 
 
-class PreviewShard(ShardTask):
+class UsePreviewShard(ShardTask):
     """`shard-NNNNNN/index.html`: every image of the shard with its segments coloured and expressions written."""
 
     stage = "use_preview"
 
-    def requires(self) -> SegmentNMSShard:
-        return SegmentNMSShard(shard=self.shard, **self.common())
+    def requires(self) -> UseSegmentsShard:
+        return UseSegmentsShard(shard=self.shard, **self.common())
 
     def content_params(self) -> dict:
         return {"segments": self.requires().stage_dir.hash, "banner": preview_banner()}
@@ -95,20 +95,20 @@ def preview_banner() -> str | None:
     return None
 
 
-class PreviewShards(StageWrapper):
+class UsePreviewShards(StageWrapper):
     """Every shard's gallery (`shard-N/index.html`)."""
 
-    shard_task = PreviewShard
+    shard_task = UsePreviewShard
 
 
-class Preview(DatasetTask):
+class UsePreview(DatasetTask):
     """`use_preview/<hash>/index.html`: one page linking every shard's gallery, with its image count."""
 
-    def requires(self) -> PreviewShards:
-        return PreviewShards(**self.common())
+    def requires(self) -> UsePreviewShards:
+        return UsePreviewShards(**self.common())
 
     def output(self) -> luigi.LocalTarget:
-        return luigi.LocalTarget(str(PreviewShard(shard=0, **self.common()).stage_dir.path / "index.html"))
+        return luigi.LocalTarget(str(UsePreviewShard(shard=0, **self.common()).stage_dir.path / "index.html"))
 
     def run(self) -> None:
         shards = []

@@ -1,10 +1,10 @@
 """Feature caches and text embeddings for the trainable heads, one Luigi task per shard (text of classes: one per
 dataset):
 
-IngestShard ──→ FeatureCacheShard(purpose=use)     frozen CLIP + DINOv2 blocks, USE square   (stage features_use)
-            └─→ FeatureCacheShard(purpose=fmbseg)  frozen DINOv2 tokens, aspect kept        (stage features_fmbseg)
-SegmentNMSShard → UseTextEmbeddingShard            CLIP text of every distinct phrase and expression (use_text)
-ClassTextEmbeddings                                CLIP text of every vocabulary class      (stage text_classes)
+IngestShard ──→ FeaturesShard(purpose=use)     frozen CLIP + DINOv2 blocks, USE square   (stage features_use)
+            └─→ FeaturesShard(purpose=fmbseg)  frozen DINOv2 tokens, aspect kept        (stage features_fmbseg)
+UseSegmentsShard → UseTextShard            CLIP text of every distinct phrase and expression (use_text)
+TextClasses                                CLIP text of every vocabulary class      (stage text_classes)
 
 Disk (defaults, ViT-L/14 CLIP-336 and DINOv2-L, width 1024, float16): USE 336² → 24×24 grid, CLIP blocks 7/15/23
 + DINOv2 blocks 22/23 = 5 × 576 × 1024 × 2 B + CLS ≈ 5.91 MB/image; FMbSeg DINOv2 last block at short side 336
@@ -57,7 +57,7 @@ from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
 from tasks.params import config_section
 from tasks.throughput import behind, decoded_images, manifest_order
-from tasks.use import SegmentNMSShard
+from tasks.use import UseSegmentsShard
 
 # Sections [features_use] and [features_fmbseg] of luigi.cfg: the fields of the stages' params
 # (pipeline/features/params.py).
@@ -69,7 +69,7 @@ PURPOSE_PARAMS = {"use": (FeaturesUseParams, features_use), "fmbseg": (FeaturesF
 TEXT_BATCH = 256  # texts per CLIP text-encoder call
 
 
-class FeatureCacheShard(ShardTask):
+class FeaturesShard(ShardTask):
     """Frozen-encoder tokens of one shard (float16 .npy in a WebDataset tar, the record per image in JSON and
     Parquet, ``feature_bytes`` = disk cost per image); ``purpose`` picks the configuration (use | fmbseg)."""
 
@@ -213,7 +213,7 @@ class FeatureCacheShard(ShardTask):
         return output
 
 
-class UseTextEmbeddingShard(ShardTask):
+class UseTextShard(ShardTask):
     """CLIP text embeddings of every distinct text of one shard's USE segments — noun phrases and referring
     expressions, the paper stores both (use-paper §3.1) — as the mean over the 4 templates of §4.2; each text once
     within the shard (``pipeline.use.pairs.text_pool``; the trainer deduplicates across shards)."""
@@ -221,7 +221,7 @@ class UseTextEmbeddingShard(ShardTask):
     stage = "use_text"
 
     def requires(self) -> dict[str, ShardTask]:
-        return {"segments": SegmentNMSShard(shard=self.shard, **self.common())}
+        return {"segments": UseSegmentsShard(shard=self.shard, **self.common())}
 
     params_type, section, roles = UseTextParams, features_use, ("clip",)
 
@@ -252,7 +252,7 @@ class UseTextEmbeddingShard(ShardTask):
         return output
 
 
-class ClassTextEmbeddings(DatasetTask):
+class TextClasses(DatasetTask):
     """CLIP text embeddings of a vocabulary's classes (``pipeline.core.vocabularies.class_text_embeddings``: prompt
     names × templates, averaged per class — the function Evaluate uses too), one Parquet row per class in
     label-value order. Defaults: ``[fmbseg] vocabulary`` / ``templates``, i.e. the classes the pseudo-label maps
@@ -287,23 +287,23 @@ class ClassTextEmbeddings(DatasetTask):
         atomic_write_bytes(stage_dir.path / "text.parquet", TEXT_EMBEDDINGS.to_parquet_bytes(TEXT_EMBEDDINGS.table(rows)))
 
 
-class UseFeatures(StageWrapper):
+class FeaturesUse(StageWrapper):
     """All shards of the USE feature cache (CLIP + DINOv2 blocks on one square grid)."""
 
-    shard_task = FeatureCacheShard
+    shard_task = FeaturesShard
 
     def requires(self) -> list[ShardTask]:
-        return [FeatureCacheShard(purpose="use", shard=i, **self.common()) for i in range(self.shard_count)]
+        return [FeaturesShard(purpose="use", shard=i, **self.common()) for i in range(self.shard_count)]
 
 
-class FmbsegFeatures(StageWrapper):
+class FeaturesFmbseg(StageWrapper):
     """All shards of the FMbSeg feature cache (DINOv2 tokens, aspect kept)."""
 
-    shard_task = FeatureCacheShard
+    shard_task = FeaturesShard
 
     def requires(self) -> list[ShardTask]:
-        return [FeatureCacheShard(purpose="fmbseg", shard=i, **self.common()) for i in range(self.shard_count)]
+        return [FeaturesShard(purpose="fmbseg", shard=i, **self.common()) for i in range(self.shard_count)]
 
 
-class UseTextEmbeddings(StageWrapper):
-    shard_task = UseTextEmbeddingShard
+class UseText(StageWrapper):
+    shard_task = UseTextShard

@@ -1,13 +1,13 @@
 """FMbSeg Stage 1 pseudo labels (fmbseg-paper §3.2), one Luigi task per shard and stage:
 
-IngestShard → ClipDenseShard → DetectShard → QueryPointMaskShard (1.1) ┐
-                                           └→ AutoMaskLabelShard  (1.2) ┴→ PseudoLabelShard
+IngestShard → FmbsegDenseShard → FmbsegDetectShard → FmbsegQueryMasksShard (1.1) ┐
+                                           └→ FmbsegAutoMasksShard  (1.2) ┴→ FmbsegLabelsShard
 
 What is computed once and shared:
-- CLIP runs once per image (ClipDenseShard); the stitched dense grid and per-crop CLS tokens are stored (float16)
+- CLIP runs once per image (FmbsegDenseShard); the stitched dense grid and per-crop CLS tokens are stored (float16)
   and read by detection, Stage 1.1 and Stage 1.2. The vocabulary's text embeddings are computed once per shard by
-  DetectShard and stored beside its rows (``shard-N.text.npy``), so Stage 1.1/1.2 never load CLIP.
-- SAM: the image encoder runs once per image in ``SamEmbedShard`` (tasks/sam.py); Stage 1.1 decodes every detected
+  FmbsegDetectShard and stored beside its rows (``shard-N.text.npy``), so Stage 1.1/1.2 never load CLIP.
+- SAM: the image encoder runs once per image in ``SamEmbeddingsShard`` (tasks/sam.py); Stage 1.1 decodes every detected
   class's prompt from that stored embedding in one batched call, and Stage 1.2 hands it to segment-anything's
   ``SamAutomaticMaskGenerator`` (whose whole-image crop then skips encoding). The USE branch's box masks read the
   same embedding. ``[sam_embeddings] share = false`` makes each stage encode on its own instead.
@@ -86,7 +86,7 @@ fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQ
 def detect_params() -> FmbsegDetectParams:
     """The detection stage's settings (``[fmbseg] vocabulary``, ``templates``, ...) for readers outside this
     branch: the class text embeddings and CaR labels default to the same vocabulary and templates."""
-    return by_settings(("params", DetectShard), lambda: read_params(FmbsegDetectParams, current(fmbseg)))
+    return by_settings(("params", FmbsegDetectShard), lambda: read_params(FmbsegDetectParams, current(fmbseg)))
 
 
 class FmbsegShardTask(ChainedShardTask):
@@ -99,7 +99,7 @@ class FmbsegShardTask(ChainedShardTask):
         return np.load(self.path("detect", "text.npy"), allow_pickle=False)
 
 
-class ClipDenseShard(FmbsegShardTask):
+class FmbsegDenseShard(FmbsegShardTask):
     """Sliding-window MaskCLIP features per image: stitched dense grid + one CLS per crop (float16 .npy)."""
 
     stage = "fmbseg_dense"
@@ -151,12 +151,12 @@ class ClipDenseShard(FmbsegShardTask):
         return self.finish(DENSE_FEATURES, rows, rejects, len(sources), tar=tar.path)
 
 
-class DetectShard(FmbsegShardTask):
+class FmbsegDetectShard(FmbsegShardTask):
     """Classes present per image: crop CLS argmax counts (> min_crops), or the image-level labels if configured.
     Also stores the vocabulary's text embeddings (``text.npy``, float32 [K, D]) for the later stages."""
 
     stage = "fmbseg_detect"
-    upstreams = {"dense": ClipDenseShard}
+    upstreams = {"dense": FmbsegDenseShard}
     params_type, section, roles = FmbsegDetectParams, fmbseg, ("clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
@@ -200,7 +200,7 @@ class DetectShard(FmbsegShardTask):
 class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
     """What Stage 1.1 and 1.2 share: the images with detected classes, with their dense features and SAM embedding."""
 
-    upstreams = {"dense": ClipDenseShard, "detect": DetectShard}
+    upstreams = {"dense": FmbsegDenseShard, "detect": FmbsegDetectShard}
 
     def units(self, image_id: str, classes: list[int]) -> list[str]:
         """REJECTS sources of one image's units (what this stage's in_count counts)."""
@@ -236,7 +236,7 @@ class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
         return self.image_errors(rejects, lambda image_id: self.units(image_id, self.detected(detections, image_id)))
 
 
-class QueryPointMaskShard(SamStage1Shard):
+class FmbsegQueryMasksShard(SamStage1Shard):
     """Stage 1.1: per detected class, top-k similar patch centres → one SAM point prompt → best-IoU mask."""
 
     stage = "fmbseg_query_masks"
@@ -280,7 +280,7 @@ class QueryPointMaskShard(SamStage1Shard):
         return [f"class:{c}" for c in classes]
 
 
-class AutoMaskLabelShard(SamStage1Shard):
+class FmbsegAutoMasksShard(SamStage1Shard):
     """Stage 1.2: SAM automatic masks within size limits, labelled by their mean dense CLIP feature (detected
     classes only)."""
 
@@ -326,7 +326,7 @@ def _pseudo_mask(row: dict[str, Any]) -> PseudoMask:
                       multimask_index=row["multimask_index"], stability=row["stability"])
 
 
-class PseudoLabelShard(FmbsegShardTask):
+class FmbsegLabelsShard(FmbsegShardTask):
     """Merge: one label map per image (PNG, 255 = unlabelled) + JSON, the class table (``classes.json``) and one
     Parquet row per (image, class) region (RLE)."""
 
@@ -337,11 +337,11 @@ class PseudoLabelShard(FmbsegShardTask):
     @property
     def upstreams(self) -> dict[str, type[ShardTask]]:  # type: ignore[override]
         cfg = self.params
-        ups: dict[str, type[ShardTask]] = {"detect": DetectShard}
+        ups: dict[str, type[ShardTask]] = {"detect": FmbsegDetectShard}
         if cfg.stage11:
-            ups["query"] = QueryPointMaskShard
+            ups["query"] = FmbsegQueryMasksShard
         if cfg.stage12:
-            ups["auto"] = AutoMaskLabelShard
+            ups["auto"] = FmbsegAutoMasksShard
         return ups
 
     def content_params(self) -> dict[str, Any]:
@@ -391,24 +391,24 @@ class PseudoLabelShard(FmbsegShardTask):
                            classes_json=table)
 
 
-class ClipDense(StageWrapper):
-    shard_task = ClipDenseShard
+class FmbsegDense(StageWrapper):
+    shard_task = FmbsegDenseShard
 
 
-class Detections(StageWrapper):
-    shard_task = DetectShard
+class FmbsegDetect(StageWrapper):
+    shard_task = FmbsegDetectShard
 
 
-class QueryPointMasks(StageWrapper):
-    shard_task = QueryPointMaskShard
+class FmbsegQueryMasks(StageWrapper):
+    shard_task = FmbsegQueryMasksShard
 
 
-class AutoMaskLabels(StageWrapper):
-    shard_task = AutoMaskLabelShard
+class FmbsegAutoMasks(StageWrapper):
+    shard_task = FmbsegAutoMasksShard
 
 
-class PseudoLabels(StageWrapper):
+class FmbsegLabels(StageWrapper):
     """All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps)."""
 
-    shard_task = PseudoLabelShard
+    shard_task = FmbsegLabelsShard
 

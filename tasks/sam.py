@@ -1,5 +1,5 @@
 """Shared SAM image embeddings: one Luigi task per shard encodes every ingested image once; the SAM stages of both
-branches (USE ``BoxMaskShard``, FMbSeg ``QueryPointMaskShard`` and ``AutoMaskLabelShard``) read the stored
+branches (USE ``UseBoxMasksShard``, FMbSeg ``FmbsegQueryMasksShard`` and ``FmbsegAutoMasksShard``) read the stored
 embedding instead of running SAM's image encoder again (``[sam_embeddings] share``; off = each stage encodes).
 
 Disk: float16 [1, 256, 64, 64] = 2 MiB per image (≈236 GB for COCO's 118k images; float32 doubles it). Precision:
@@ -46,7 +46,7 @@ def sam_sharing() -> SamSharingParams:
     return by_settings(("params", SamSharingParams), lambda: read_params(SamSharingParams, current(sam_embeddings)))
 
 
-class SamEmbedShard(ChainedShardTask):
+class SamEmbeddingsShard(ChainedShardTask):
     """SAM's image-encoder output for every image of the shard (``sam.npy`` in a WebDataset tar, spooled)."""
 
     stage = "sam_embeddings"
@@ -103,20 +103,20 @@ class SamEmbedShard(ChainedShardTask):
 
 
 class SamEmbeddings(StageWrapper):
-    shard_task = SamEmbedShard
+    shard_task = SamEmbeddingsShard
 
 
 EmbedFn = Callable[[str, np.ndarray], SamImageEmbedding | None]
 
 
 class UsesSamEmbeddings(ChainedShardTask):
-    """Base of the SAM stages: requires the shard's ``SamEmbedShard`` when sharing is on (its hash then enters
+    """Base of the SAM stages: requires the shard's ``SamEmbeddingsShard`` when sharing is on (its hash then enters
     this stage's hash) and hands out embeddings by image id."""
 
     def requires(self) -> dict[str, ShardTask]:
         deps = super().requires()
         if sam_sharing().share:
-            deps["sam"] = SamEmbedShard(shard=self.shard, **self.common())
+            deps["sam"] = SamEmbeddingsShard(shard=self.shard, **self.common())
         return deps
 
     def sam_embedder(self, segmenter) -> EmbedFn:

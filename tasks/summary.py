@@ -67,7 +67,7 @@ def dag_position(folder: str) -> int:
 @dataclass
 class StageRow:
     stage: str  # the stage folder (``use_box_masks``)
-    name: str = ""  # its STAGES name (``BoxMasks``)
+    name: str = ""  # its STAGES name (``UseBoxMasks``)
     unit: str = "records"  # what in / ok / rejected count
     rows_unit: str = "rows"  # what the rows written are
     path: str = ""  # the stage's folder for this run's parameters
@@ -133,7 +133,7 @@ def _new_row(folder: str, stage_dir: StageDir) -> StageRow:
 
 
 def _single(task: luigi.Task, row: StageRow, since: float | None) -> None:
-    """A task with one output (ModelProbe, ExportCoco, ClassTextEmbeddings, a trainer, Evaluate)."""
+    """A task with one output (ModelProbe, ExportCoco, TextClasses, a trainer, Evaluate)."""
     row.counted = False
     row.rows = None
     row.shards += 1
@@ -188,7 +188,7 @@ def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[S
                 continue       # run's own failure says why; the summary shows what exists
             row = rows.get(stage_dir.stage) or rows.setdefault(stage_dir.stage, _new_row(stage_dir.stage, stage_dir))
             _single(task, row, since)
-        elif type(task).__name__ == "Preview" and task.complete():
+        elif type(task).__name__ == "UsePreview" and task.complete():
             galleries.append(Path(task.output().path))  # <out>/<dataset>/use_preview/<hash>/index.html
     for gallery in galleries:
         folder = gallery.parent.parent.name

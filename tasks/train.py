@@ -1,10 +1,10 @@
 """The two trainers as dataset-level Luigi tasks over the cached shards:
 
-FeatureCacheShard(use) + SegmentNMSShard + UseTextEmbeddingShard  →  TrainUSEHead   (use-paper §3.2, §4.2)
-IngestShard + SegmentNMSShard + UseTextEmbeddingShard             →  TrainUSEHead   ([train_use] features = online)
-FeatureCacheShard(fmbseg) + PseudoLabelShard + ClassTextEmbeddings →  TrainAlignment (fmbseg-paper §3.3, §4.1)
+FeaturesShard(use) + UseSegmentsShard + UseTextShard  →  TrainUse   (use-paper §3.2, §4.2)
+IngestShard + UseSegmentsShard + UseTextShard             →  TrainUse   ([train_use] features = online)
+FeaturesShard(fmbseg) + FmbsegLabelsShard + TextClasses →  TrainAlignment (fmbseg-paper §3.3, §4.1)
 
-TrainUSEHead's ``features``: ``cache`` reads the frozen CLIP/DINOv2 tokens of the feature cache (each image squashed
+TrainUse's ``features``: ``cache`` reads the frozen CLIP/DINOv2 tokens of the feature cache (each image squashed
 to one square, computed once: cheap epochs, disk-bound); ``online`` runs the frozen encoders inside the training
 loop on the paper's augmented crops (random 0.5–2× rescale + 560² crop, use-paper §4.2; masks through the same
 ``pipeline.core.transforms.ScaleCrop``): the paper's setting, one CLIP + DINOv2 forward per image per epoch (GPU).
@@ -67,11 +67,11 @@ from tasks.base import (
     uses_gpu,
     verify_inputs,
 )
-from tasks.features import ClassTextEmbeddings, FeatureCacheShard, UseTextEmbeddingShard, features_use
-from tasks.fmbseg import PseudoLabelShard
+from tasks.features import FeaturesShard, TextClasses, UseTextShard, features_use
+from tasks.fmbseg import FmbsegLabelsShard
 from tasks.ingest import IngestShard
 from tasks.params import config_section
-from tasks.use import SegmentNMSShard
+from tasks.use import UseSegmentsShard
 
 # Sections [train_use] and [train_alignment] of luigi.cfg: the fields of the trainers' params
 # (models/training/params.py).
@@ -128,7 +128,7 @@ def _workers(requested: int) -> int:
     return max(0, min(requested, os.cpu_count() or 1))
 
 
-class TrainUSEHead(TrainTask):
+class TrainUse(TrainTask):
     """USE segment-embedding head (``models.training.heads.USEHead``) on the USE segment–text pairs with the symmetric
     segment–text contrastive loss; AdamW + poly by default (use-paper §4.2). ``[train_use] features`` picks cached
     tokens or online encoding on augmented crops (module docstring); ``requires`` follows it."""
@@ -138,12 +138,12 @@ class TrainUSEHead(TrainTask):
 
     def requires(self) -> dict[str, list[luigi.Task]]:
         c, n = self.common(), self.shard_count
-        deps: dict[str, list[luigi.Task]] = {"segments": [SegmentNMSShard(shard=i, **c) for i in range(n)],
-                                             "text": [UseTextEmbeddingShard(shard=i, **c) for i in range(n)]}
+        deps: dict[str, list[luigi.Task]] = {"segments": [UseSegmentsShard(shard=i, **c) for i in range(n)],
+                                             "text": [UseTextShard(shard=i, **c) for i in range(n)]}
         if self.params.features == "online":
             deps["images"] = [IngestShard(shard=i, **c) for i in range(n)]
         else:
-            deps["features"] = [FeatureCacheShard(purpose="use", shard=i, **c) for i in range(n)]
+            deps["features"] = [FeaturesShard(purpose="use", shard=i, **c) for i in range(n)]
         return deps
 
     def config(self) -> TrainConfig:
@@ -256,15 +256,15 @@ class TrainAlignment(TrainTask):
 
     def requires(self) -> dict[str, Any]:
         c, n = self.common(), self.shard_count
-        return {"features": [FeatureCacheShard(purpose="fmbseg", shard=i, **c) for i in range(n)],
+        return {"features": [FeaturesShard(purpose="fmbseg", shard=i, **c) for i in range(n)],
                 "labels": [self.label_task()(shard=i, **c) for i in range(n)],
-                "text": ClassTextEmbeddings(**c)}
+                "text": TextClasses(**c)}
 
     def label_task(self) -> type[luigi.Task]:
         """Both label sources write the same artifact layout (label PNGs + classes.json + LABEL_REGIONS)."""
-        from tasks.car_labels import CaRLabelShard
+        from tasks.car_labels import CarLabelsShard
 
-        return CaRLabelShard if self.params.label_source == "car" else PseudoLabelShard
+        return CarLabelsShard if self.params.label_source == "car" else FmbsegLabelsShard
 
     def config(self) -> TrainConfig:
         cfg = self.params

@@ -1,6 +1,6 @@
 """USE segment–text pairs (use-paper §3.1), one Luigi task per shard and stage:
 
-IngestShard → CaptionShard → ExpressionShard → GroundShard → BoxMaskShard → SegmentNMSShard
+IngestShard → UseCaptionsShard → UseExpressionsShard → UseBoxesShard → UseBoxMasksShard → UseSegmentsShard
 
 Each task reads its inputs, calls pipeline/ (and a model role from models/), and writes through schemas/.
 """
@@ -56,7 +56,7 @@ use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesPar
                      UseSegmentsParams, module=__name__)
 
 
-class CaptionShard(ChainedShardTask):
+class UseCaptionsShard(ChainedShardTask):
     """Ground-truth captions (if configured) + MLLM captions with the paper's prompt, both tagged by source."""
 
     stage = "use_captions"
@@ -118,11 +118,11 @@ class CaptionShard(ChainedShardTask):
         return self.finish(CAPTIONS, rows, rejects, in_count=len(manifest))
 
 
-class ExpressionShard(ChainedShardTask):
+class UseExpressionsShard(ChainedShardTask):
     """spaCy noun chunks expanded to referring expressions, per caption."""
 
     stage = "use_expressions"
-    upstreams = {"captions": CaptionShard}
+    upstreams = {"captions": UseCaptionsShard}
     uses_model = False
 
     params_type, section = UseExpressionsParams, use
@@ -149,11 +149,11 @@ class ExpressionShard(ChainedShardTask):
         return self.finish(EXPRESSIONS, rows, rejects, in_count=len(captions))
 
 
-class GroundShard(ChainedShardTask):
+class UseBoxesShard(ChainedShardTask):
     """Grounding DINO queried with the whole caption; each box goes to the phrase holding its best token."""
 
     stage = "use_boxes"
-    upstreams = {"captions": CaptionShard, "expressions": ExpressionShard}
+    upstreams = {"captions": UseCaptionsShard, "expressions": UseExpressionsShard}
 
     params_type, section, roles = UseBoxesParams, use, ("grounder",)
 
@@ -232,12 +232,12 @@ class GroundShard(ChainedShardTask):
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
-class BoxMaskShard(UsesSamEmbeddings):
+class UseBoxMasksShard(UsesSamEmbeddings):
     """SAM box → mask: one image encoding per image (the shared one, see tasks/sam.py), all its boxes in one
     batched decoder call."""
 
     stage = "use_box_masks"
-    upstreams = {"boxes": GroundShard}
+    upstreams = {"boxes": UseBoxesShard}
 
     params_type, section, roles = UseBoxMasksParams, use, ("segmenter",)
 
@@ -302,11 +302,11 @@ class BoxMaskShard(UsesSamEmbeddings):
         return self.finish(BOX_MASKS, rows, rejects, in_count=in_count)
 
 
-class SegmentNMSShard(ChainedShardTask):
+class UseSegmentsShard(ChainedShardTask):
     """Mask NMS per image; every suppressed mask's texts merge into the kept mask's list."""
 
     stage = "use_segments"
-    upstreams = {"box_masks": BoxMaskShard}
+    upstreams = {"box_masks": UseBoxMasksShard}
     uses_model = False
 
     params_type, section = UseSegmentsParams, use
@@ -321,23 +321,23 @@ class SegmentNMSShard(ChainedShardTask):
         return self.finish(SEGMENTS, rows, [], in_count=sum(len(v) for v in masks.values()))
 
 
-class Captions(StageWrapper):
-    shard_task = CaptionShard
+class UseCaptions(StageWrapper):
+    shard_task = UseCaptionsShard
 
 
-class Expressions(StageWrapper):
-    shard_task = ExpressionShard
+class UseExpressions(StageWrapper):
+    shard_task = UseExpressionsShard
 
 
-class Boxes(StageWrapper):
-    shard_task = GroundShard
+class UseBoxes(StageWrapper):
+    shard_task = UseBoxesShard
 
 
-class BoxMasks(StageWrapper):
-    shard_task = BoxMaskShard
+class UseBoxMasks(StageWrapper):
+    shard_task = UseBoxMasksShard
 
 
 class UseSegments(StageWrapper):
     """All shards of the USE branch's final artifact (segment–text pairs)."""
 
-    shard_task = SegmentNMSShard
+    shard_task = UseSegmentsShard

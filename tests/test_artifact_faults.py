@@ -270,7 +270,7 @@ def test_chaos_ten_sigkills_and_a_corrupted_upstream_end_byte_identical(tmp_path
     write_good_images(images, 3)
     (images / "x_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     models, counts = tmp_path / "models", tmp_path / "events"
-    args = ("PseudoLabels", images)
+    args = ("FmbsegLabels", images)
     opts = [*settings(models, shard_size=2), *TWO_BRANCHES]
     env = cli_env(tmp_path, CHAOS)
 

@@ -48,7 +48,7 @@ def test_sam_embed_batch_equals_one_image_at_a_time(settings):
 
 
 def test_clip_crops_packed_across_images_equal_each_image_alone(settings):
-    """ClipDense packs the crops of consecutive images into its batches (`packed_batches`): same dense grid and CLS
+    """FmbsegDense packs the crops of consecutive images into its batches (`packed_batches`): same dense grid and CLS
     per image as `clip_dense_features` one image at a time, for batches that split images anywhere."""
     clip = load_role("clip", settings)
     images = photos(3)

@@ -1,5 +1,5 @@
-"""CaRLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/test_evaluate.py: the label
-maps match GT, the artifact has PseudoLabelShard's layout (tar members, classes.json, LABEL_REGIONS rows) and an
+"""CarLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/test_evaluate.py: the label
+maps match GT, the artifact has FmbsegLabelsShard's layout (tar members, classes.json, LABEL_REGIONS rows) and an
 image where no query passes θ is a ``no_confident_query`` reject."""
 
 import json
@@ -18,7 +18,7 @@ from pipeline.features.cache import TarStore
 from schemas import REJECTS
 from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import build_tasks
-from tasks.car_labels import CaRLabels, CaRLabelShard
+from tasks.car_labels import CarLabels, CarLabelsShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleGT
 from tests.test_evaluate import CarOracleClip
@@ -55,10 +55,10 @@ def test_car_labels_oracle(images, gt, tmp_path):
     with luigi_settings(models={"preset": PRESET},
                         car_labels={"vocabulary": "voc21", "params": "voc", "prompts": "black", "crf": "false",
                                     "cam": "gradcam"}):  # the oracle answers Grad-CAM on the GT grid only
-        result = build_tasks([CaRLabels(images=str(images), dataset="voc", out=str(out))],
+        result = build_tasks([CarLabels(images=str(images), dataset="voc", out=str(out))],
                              local_scheduler=True, workers=1, log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text
-        task = CaRLabelShard(shard=0, images=str(images), dataset="voc", out=str(out))
+        task = CarLabelsShard(shard=0, images=str(images), dataset="voc", out=str(out))
         folder = task.stage_dir.path
         params = task.content_params()
     assert folder.parent.name == "car_labels"
@@ -67,7 +67,7 @@ def test_car_labels_oracle(images, gt, tmp_path):
     assert "segmenter" not in params["models"]  # [car_labels] sam = false
     assert "ingest" in params["upstream"] and params["vocabulary"]["name"] == "voc21"
 
-    # PseudoLabelShard's layout: <id>.png + <id>.json per labelled image, classes.json, LABEL_REGIONS, rejects
+    # FmbsegLabelsShard's layout: <id>.png + <id>.json per labelled image, classes.json, LABEL_REGIONS, rejects
     shard = folder / "shard-000000"
     members = tar_members(f"{shard}.tar")
     ids = sorted({k.rsplit(".", 1)[0] for k in members})
@@ -76,7 +76,7 @@ def test_car_labels_oracle(images, gt, tmp_path):
     label = decode_label_png(TarStore([f"{shard}.tar"]).read(image_id, "png"))  # as TrainAlignment reads it
     assert label.shape == gt.size and label.dtype == np.uint8
     m, per = miou([label], [gt.class_label], 21)
-    print("CaRLabels oracle mIoU", m, np.round(per[~np.isnan(per)], 3))
+    print("CarLabels oracle mIoU", m, np.round(per[~np.isnan(per)], 3))
     assert m >= 0.9
 
     meta = json.loads(members[f"{image_id}.json"])

@@ -28,7 +28,7 @@ def test_every_stage_wrapper_trainer_and_export_is_runnable_by_name():
     classes = stage_classes()
     wrappers = {c.__name__ for c in _all_subclasses(StageWrapper) if c.__module__.startswith("tasks.")}
     assert wrappers <= set(classes)
-    assert {"TrainAlignment", "TrainUSEHead", "ClassTextEmbeddings", "Evaluate", "ExportCoco", "Preview",
+    assert {"TrainAlignment", "TrainUse", "TextClasses", "Evaluate", "ExportCoco", "UsePreview",
             "FullDAG", "ModelProbe"} <= set(classes)
 
 
@@ -51,7 +51,7 @@ def test_stages_are_in_dag_order():
                     assert order[wrapper_of[upstream]] < order[name], (wrapper_of[upstream], name)
                     checked += 1
     assert checked >= 6
-    assert order["TrainAlignment"] > order["FmbsegFeatures"] and order["TrainUSEHead"] > order["UseTextEmbeddings"]
+    assert order["TrainAlignment"] > order["FeaturesFmbseg"] and order["TrainUse"] > order["UseText"]
 
 
 def test_run_accepts_every_listed_stage(tmp_path):
@@ -64,3 +64,33 @@ def test_stages_command_prints_one_line_per_stage_in_order():
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "stages"], capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [name for name, _ in STAGES]
+
+
+def test_one_name_per_stage_folder_wrapper_and_shard_task():
+    """A stage's `run` name is its folder in CamelCase, and its shard task is that name + "Shard" (one shard class
+    serving two folders is named after their common prefix: FeaturesShard)."""
+    import re
+
+    from tasks.base import StageWrapper
+    from tasks.cli import stage_classes
+    from tasks.dag import OUTPUTS
+
+    classes = stage_classes()
+    for out in OUTPUTS:
+        assert out.stage == "".join(part.title() for part in out.folder.split("_")), out
+        wrapper = classes[out.stage]
+        shard = getattr(wrapper, "shard_task", None) or getattr(classes.get(out.stage + "Shards"), "shard_task", None)
+        if shard is not None:
+            assert out.stage.startswith(shard.__name__.removesuffix("Shard")), (out.stage, shard.__name__)
+    wrappers = [c for c in classes.values() if isinstance(c, type) and issubclass(c, StageWrapper)]
+    assert all(re.fullmatch(r"[A-Z]\w+", c.__name__) for c in wrappers)
+
+
+def test_an_old_stage_name_says_its_new_name(tmp_path):
+    from tasks.cli import RENAMED
+
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run", "PseudoLabels", "--images", str(tmp_path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "'PseudoLabels' is now called 'FmbsegLabels'" in proc.stderr
+    assert RENAMED["TrainUSEHead"] == "TrainUse" and set(RENAMED.values()) <= set(__import__("tasks.cli").cli.stage_classes())

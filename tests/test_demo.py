@@ -25,7 +25,7 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
     demo_root = tmp_path / "out" / "demo"
     record = json.loads((demo_root / "run.json").read_text())
     assert [s["stage"] for s in record["stages"]][:2] == ["Ingest", "ModelProbe"] and not record["warnings"]
-    assert {"gallery", "coco.json", "model.pt (TrainUSEHead)", "model.pt (TrainAlignment)"} <= set(record["artifacts"])
+    assert {"gallery", "coco.json", "model.pt (TrainUse)", "model.pt (TrainAlignment)"} <= set(record["artifacts"])
     assert "## What each folder holds" in (demo_root / "README.md").read_text(encoding="utf-8")
 
     expected = write_sample_set(tmp_path / "expected")

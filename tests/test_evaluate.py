@@ -356,7 +356,7 @@ def test_trained_and_pseudo_methods_run_end_to_end_with_tiny_models(method_runs,
 def test_evaluate_prompts_clip_with_the_training_texts(method_runs):
     """Every text Evaluate sends to CLIP is a vocabulary prompt name in a training template set, never a raw
     benchmark class name ("diningtable", "tvmonitor"). fmbseg: for the 20 VOC classes exactly the texts its
-    ClassTextEmbeddings sent while training (same order), then the 91 COCO-Stuff stuff classes of the PV-21
+    TextClasses sent while training (same order), then the 91 COCO-Stuff stuff classes of the PV-21
     background rule (fmbseg-paper §4); use_sam: the 21 voc21 classes ("background" prompted as a class) in
     [evaluate] use_sam_templates. Two benchmark images: the class texts are encoded once per image."""
     voc21 = load_vocabulary("voc21")
@@ -374,7 +374,7 @@ def test_evaluate_prompts_clip_with_the_training_texts(method_runs):
             stuff_texts, _ = coco_stuff_classes().texts(single)
             assert per_image == voc_texts[1:] + stuff_texts
             assert "a photo of a sky." in per_image and "a photo of a sky-other." not in per_image
-            # ClassTextEmbeddings (TrainAlignment's class texts) sent the voc21 vocabulary's texts in one call
+            # TextClasses (TrainAlignment's class texts) sent the voc21 vocabulary's texts in one call
             start = trained.index(voc_texts[0])
             assert trained[start : start + len(voc_texts)] == voc_texts
         else:

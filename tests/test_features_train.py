@@ -6,7 +6,7 @@
   bytes per image in the Parquet stats.
 - TrainAlignment on the VOC photo: oracle DINOv2 features, FMbSeg pseudo labels of the oracle Stage-1 run
   (semi-supervised: GT image labels), oracle text → the trained block labels the photo's pixels (≥ 0.9 accuracy).
-- TrainUSEHead on the oracle USE segments of the VOC photo with the tiny CLIP/DINOv2: artifacts and metadata;
+- TrainUse on the oracle USE segments of the VOC photo with the tiny CLIP/DINOv2: artifacts and metadata;
   a crash after the first epoch resumes from its checkpoint and reproduces an uninterrupted run bit for bit.
 CPU only, one torch thread, small sizes.
 """
@@ -42,16 +42,16 @@ from schemas import SEGMENTS, SHARD_STATS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from tasks.base import build_tasks
 from tasks.features import (
-    FeatureCacheShard,
-    FmbsegFeatures,
-    UseFeatures,
-    UseTextEmbeddingShard,
+    FeaturesFmbseg,
+    FeaturesShard,
+    FeaturesUse,
+    UseTextShard,
     features_fmbseg,
     features_use,
 )
 from tasks.ingest import IngestShard
-from tasks.train import TrainAlignment, TrainUSEHead
-from tasks.use import SegmentNMSShard
+from tasks.train import TrainAlignment, TrainUse
+from tasks.use import UseSegmentsShard
 from tests.helpers import luigi_settings, write_good_images
 from tests.oracles import OracleCaptioner, OracleGrounder, OracleGT, OracleSegmenter, register_oracle
 
@@ -135,7 +135,7 @@ def test_feature_cache_tiny_through_luigi(tmp_path, tiny_cache) -> None:
     images = tmp_path / "images"
     write_good_images(images, 3)
     args = {"images": str(images), "dataset": "tiny", "out": str(tmp_path / "out")}
-    build([UseFeatures(**args), FmbsegFeatures(**args)], models={"preset": "tiny", "cache_dir": tiny_cache},
+    build([FeaturesUse(**args), FeaturesFmbseg(**args)], models={"preset": "tiny", "cache_dir": tiny_cache},
           features_use={"clip_blocks": "all", "dino_blocks": "last:2", "batch_size": 2},
           features_fmbseg={"short_side": 56, "max_long_side": 0})
     expected = {
@@ -255,7 +255,7 @@ def _use_setup(tmp_path: Path, tiny_cache: str, **train_use) -> tuple[dict, dict
 
 
 def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypatch) -> tuple[torch.nn.Module, dict]:
-    """Crash TrainUSEHead after its first epoch, rerun it (must resume), then train from scratch (must match).
+    """Crash TrainUse after its first epoch, rerun it (must resume), then train from scratch (must match).
     Returns (the resumed head, its model.pt record)."""
     # 1) crash after the first epoch (as a killed worker would leave it): a checkpoint, no model.pt
     real_train, calls = train_tasks.train, []
@@ -266,7 +266,7 @@ def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypat
 
     monkeypatch.setattr(train_tasks, "train", crashing)
     with luigi_settings(**settings, worker={"keep_alive": "false"}, scheduler={"retry_count": 1}):
-        result = build_tasks([TrainUSEHead(**args)], local_scheduler=True, workers=1, log_level="CRITICAL")
+        result = build_tasks([TrainUse(**args)], local_scheduler=True, workers=1, log_level="CRITICAL")
     assert not result.scheduling_succeeded
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["epoch-0000.pt"]
     assert not (run_dir / "model.pt").exists()
@@ -278,7 +278,7 @@ def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypat
         return out
 
     monkeypatch.setattr(train_tasks, "train", spy)
-    build([TrainUSEHead(**args)], **settings)
+    build([TrainUse(**args)], **settings)
     assert calls[-1].resumed and calls[-1].start_epoch == 1 and calls[-1].epochs_completed == 3
     head, record = load_trained(run_dir / "model.pt", "use")
     assert (run_dir / "loss.png").stat().st_size > 0
@@ -288,7 +288,7 @@ def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypat
 
     # 3) an uninterrupted run from scratch gives the same weights
     shutil.rmtree(run_dir)
-    build([TrainUSEHead(**args)], **settings)
+    build([TrainUse(**args)], **settings)
     assert not calls[-1].resumed
     fresh, _ = load_trained(run_dir / "model.pt", "use")
     for k, v in fresh.state_dict().items():
@@ -299,10 +299,10 @@ def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypat
 def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch) -> None:
     args, settings = _use_setup(tmp_path, tiny_cache)
     with luigi_settings(**settings):
-        task = TrainUSEHead(**args)
+        task = TrainUse(**args)
         run_dir = task.stage_dir.path
-        feature_hash = FeatureCacheShard(purpose="use", shard=0, **args).stage_dir.hash
-        text_path = UseTextEmbeddingShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
+        feature_hash = FeaturesShard(purpose="use", shard=0, **args).stage_dir.hash
+        text_path = UseTextShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
         assert set(task.requires()) == {"features", "segments", "text"}
     head, record = _crash_resume_and_fresh(args, settings, run_dir, monkeypatch)
     assert record["metadata"]["feature_cache"] == feature_hash
@@ -313,7 +313,7 @@ def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch)
     rows = TEXT_EMBEDDINGS.read_parquet(text_path).to_pylist()
     assert rows and {r["kind"] for r in rows} == {"segment_text"} and len({r["text"] for r in rows}) == len(rows)
     with luigi_settings(**settings):
-        seg_path = SegmentNMSShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
+        seg_path = UseSegmentsShard(shard=0, **args).stage_dir.shard_path(0, "parquet")
     texts = [t for s in SEGMENTS.read_parquet(seg_path).to_pylist() for t in s["texts"]]
     assert {r["text"] for r in rows if r["as_phrase"]} == {t["phrase"] for t in texts}
     assert {r["text"] for r in rows if r["as_expression"]} == {t["expression"] for t in texts}
@@ -331,7 +331,7 @@ def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, tiny_cach
     0.5–2× rescaled 112² crops (8×8 patches); finite loss, checkpoints, resumable like the cache mode."""
     args, settings = _use_setup(tmp_path, tiny_cache, features="online", crop_size=112)
     with luigi_settings(**settings):
-        task = TrainUSEHead(**args)
+        task = TrainUse(**args)
         run_dir = task.stage_dir.path
         assert set(task.requires()) == {"images", "segments", "text"}  # the DAG follows the mode
         online_hash = task.stage_dir.hash
@@ -342,9 +342,9 @@ def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, tiny_cach
     for change in ({"features": "cache"}, {"augment": "false"}, {"crop_size": 56}, {"scale_max": 1.5},
                    {"texts": "expressions"}):
         with luigi_settings(**{**settings, "train_use": {**settings["train_use"], **change}}):
-            assert TrainUSEHead(**args).stage_dir.hash != online_hash, change
+            assert TrainUse(**args).stage_dir.hash != online_hash, change
     with luigi_settings(**settings, features_use={"dino_blocks": "last:1"}):
-        assert TrainUSEHead(**args).stage_dir.hash != online_hash
+        assert TrainUse(**args).stage_dir.hash != online_hash
 
     head, record = _crash_resume_and_fresh(args, settings, run_dir, monkeypatch)
     meta = record["metadata"]
@@ -363,17 +363,17 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, tiny_cac
 
     args, settings = _use_setup(tmp_path, tiny_cache, epochs=1)
     online = {**settings, "train_use": {**settings["train_use"], "features": "online", "augment": "false"}}
-    build([TrainUSEHead(**args)], **settings)
-    build([TrainUSEHead(**args)], **online)
+    build([TrainUse(**args)], **settings)
+    build([TrainUse(**args)], **online)
     with luigi_settings(**settings):
-        cache_task = TrainUSEHead(**args)
+        cache_task = TrainUse(**args)
         features = TarStore(cache_task.shard_paths("features", "tar"))
         images = TarStore([str(IngestShard(shard=0, **args).stage_dir.shard_path(0, "tar"))])
         segments = SEGMENTS.read_parquet(cache_task.shard_paths("segments", "parquet")[0]).to_pylist()
         text = [TEXT_EMBEDDINGS.read_parquet(p) for p in cache_task.shard_paths("text", "parquet")]
         cache_dir = cache_task.stage_dir.path
     with luigi_settings(**online):
-        online_dir = TrainUSEHead(**args).stage_dir.path
+        online_dir = TrainUse(**args).stage_dir.path
     index, emb = text_matrix(text)
     by_image = {segments[0]["image_id"]: segments}
     kinds = ("phrase", "expression")
@@ -405,8 +405,8 @@ def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> N
     for mode, expected in (("cache", True), ("online", False)):
         with luigi_settings(train_use={"features": mode}):
             leaves = FullDAG(**args).requires()
-            assert any(isinstance(t, UseFeatures) for t in leaves) is expected
-            assert any(isinstance(t, FmbsegFeatures) for t in leaves)
+            assert any(isinstance(t, FeaturesUse) for t in leaves) is expected
+            assert any(isinstance(t, FeaturesFmbseg) for t in leaves)
 
 
 def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:

@@ -279,7 +279,7 @@ def test_tiny_real_models_write_valid_artifacts(tmp_path):
     from schemas import REJECTS, SHARD_STATS
     from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
     from tasks.base import build_tasks
-    from tasks.fmbseg import PseudoLabels, PseudoLabelShard
+    from tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
     from tests.helpers import luigi_settings, write_good_images
 
     images = tmp_path / "images"
@@ -289,10 +289,10 @@ def test_tiny_real_models_write_valid_artifacts(tmp_path):
            "stability_score_thresh": 0.0, "min_mask_region_area": 0, "min_area_fraction": 0.0,
            "max_area_fraction": 1.0}
     with luigi_settings(models=models, fmbseg=cfg):
-        result = build_tasks([PseudoLabels(images=str(images), dataset="tiny", out=str(tmp_path / "out"))],
+        result = build_tasks([FmbsegLabels(images=str(images), dataset="tiny", out=str(tmp_path / "out"))],
                              local_scheduler=True, workers=1, log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text
-        task = PseudoLabelShard(shard=0, images=str(images), dataset="tiny", out=str(tmp_path / "out"))
+        task = FmbsegLabelsShard(shard=0, images=str(images), dataset="tiny", out=str(tmp_path / "out"))
         dirs = {"labels": task.stage_dir.path}
         dirs.update({k: t.stage_dir.path for k, t in task.requires().items()})
         dirs["dense"] = task.requires()["detect"].requires()["dense"].stage_dir.path

@@ -35,7 +35,7 @@ from pipeline.core.vocabularies import load_vocabulary
 from schemas import REJECTS, SHARD_STATS
 from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
 from tasks.base import build_tasks
-from tasks.fmbseg import PseudoLabels, PseudoLabelShard
+from tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter, register_oracle
 
@@ -62,13 +62,13 @@ def image_folder(root: Path, name: str, rgb: np.ndarray) -> Path:
 
 
 def run(images: Path, out: Path, preset: str, **fmbseg) -> dict[str, Path]:
-    """Build PseudoLabels; returns each FMbSeg stage's output folder (stage name → folder) of this configuration."""
+    """Build FmbsegLabels; returns each FMbSeg stage's output folder (stage name → folder) of this configuration."""
     settings = {"vocabulary": "voc20", "stride": 112, **fmbseg}
     with luigi_settings(models={"preset": preset}, fmbseg=settings):
-        result = build_tasks([PseudoLabels(images=str(images), dataset="voc", out=str(out))],
+        result = build_tasks([FmbsegLabels(images=str(images), dataset="voc", out=str(out))],
                              local_scheduler=True, workers=1, log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text
-        dirs, pending = {}, [PseudoLabelShard(shard=0, images=str(images), dataset="voc", out=str(out))]
+        dirs, pending = {}, [FmbsegLabelsShard(shard=0, images=str(images), dataset="voc", out=str(out))]
         while pending:
             task = pending.pop()
             dirs[task.stage] = task.stage_dir.path

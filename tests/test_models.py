@@ -368,12 +368,12 @@ def test_oracle_answers_from_ground_truth(gt):
 
 
 def test_a_process_loads_each_model_once_across_shards(tmp_path):
-    """Three one-image shards of Expressions (captioner + spaCy) and SamEmbeddings (SAM) in one worker process:
+    """Three one-image shards of UseExpressions (captioner + spaCy) and SamEmbeddings (SAM) in one worker process:
     each model is loaded once and reused for every shard (models.registry keeps the adapters)."""
     from models import registry
     from tasks.base import build_tasks
     from tasks.sam import SamEmbeddings
-    from tasks.use import Expressions
+    from tasks.use import UseExpressions
     from tests.helpers import luigi_settings, write_good_images
 
     images = tmp_path / "images"
@@ -393,7 +393,7 @@ def test_a_process_loads_each_model_once_across_shards(tmp_path):
     args = {"images": str(images), "dataset": "ds", "out": str(tmp_path / "out")}
     with luigi_settings(models={"preset": "counting", "cache_dir": str(tmp_path / "models")},
                         ingest={"shard_size": 1}, use={"caption_max_new_tokens": 4}):
-        tasks = [Expressions(**args), SamEmbeddings(**args)]
+        tasks = [UseExpressions(**args), SamEmbeddings(**args)]
         result = build_tasks(tasks, local_scheduler=True, workers=1)
         assert all(t.complete() for t in tasks), result.summary_text
         assert len(SamEmbeddings(**args).requires()) == 3

@@ -52,10 +52,10 @@ def test_missing_model_fails_once_and_names_role_key_and_path(tmp_path, images):
     missing = tmp_path / "models" / "clip-l14-336"
     env = cli_env(tmp_path)
     env["HF_HUB_OFFLINE"] = "1"
-    code, text = run(["run", "ClipDense", "--images", str(images), "--dataset", "ds", "--out", str(tmp_path / "out"),
+    code, text = run(["run", "FmbsegDense", "--images", str(images), "--dataset", "ds", "--out", str(tmp_path / "out"),
                       "--set", "models.preset=real", "--set", f"models.adapters.clip={missing}"], env)
     assert code == 1, text
-    assert log_of(text).count("running   ClipDenseShard(") == 1  # one attempt, not retry_count of them
+    assert log_of(text).count("running   FmbsegDenseShard(") == 1  # one attempt, not retry_count of them
     assert_one_cause_last(text, "ModelUnavailableError", "CLIP model", f"`[models] clip = {missing}`",
                           "no such folder")
 
@@ -106,11 +106,11 @@ def test_schema_mismatch_of_an_upstream_parquet_heals_or_fails_once(tmp_path, im
     code, text = run(["run", "Ingest", *common], cli_env(tmp_path, OLD_MANIFEST_WRITER))
     assert code == 0, text
     manifest = (out / "ds" / "ingest" / "latest" / "shard-000000.parquet").resolve()  # errors name the hash folder
-    captions = ["run", "Captions", *common, "--set", "use.generate_captions=false"]
+    captions = ["run", "UseCaptions", *common, "--set", "use.generate_captions=false"]
     code, text = run(captions, cli_env(tmp_path, STALE_MANIFEST_WRITER))
     assert code == 1, text
     assert "running   IngestShard(" not in log_of(text)  # the upstream is redone inside its reader, not rescheduled
-    assert log_of(text).count("running   CaptionShard(") == 1
+    assert log_of(text).count("running   UseCaptionsShard(") == 1
     assert_one_cause_last(text, f"SchemaError: {manifest}: schema version mismatch: expected manifest/v1, "
                                 "found manifest/v0")
     code, text = run(captions, cli_env(tmp_path))  # today's writer: the reader redoes the shard and goes on

@@ -24,7 +24,7 @@ STAGE_NAMES = [o.stage for o in OUTPUTS]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """`pseudoseg run ExportCoco` on two photos with the papers' SAM thresholds: random tiny SAM predicts IoUs far
-    below 0.6, so every box is rejected (low_predicted_iou) and BoxMasks / UseSegments produce nothing — the
+    below 0.6, so every box is rejected (low_predicted_iou) and UseBoxMasks / UseSegments produce nothing — the
     run of the issue (exit 0, 0 masks). Then the same command again: everything is skipped."""
     tmp = tmp_path_factory.mktemp("summary")
     images = tmp / "photos"
@@ -55,19 +55,19 @@ def table_names(text: str) -> list[str]:
 
 def test_empty_stage_is_a_warning_with_its_top_reject_reason(run):
     text = run["text"]
-    assert re.search(r"^WARNING: BoxMasks produced no masks: \d+ boxes in, 0 ok, \d+ rejected "
+    assert re.search(r"^WARNING: UseBoxMasks produced no masks: \d+ boxes in, 0 ok, \d+ rejected "
                      r"\(low_predicted_iou \d+\)$", text, re.M), text
     assert re.search(r"^WARNING: UseSegments produced no segments: it received no masks", text, re.M), text
-    row = next(line for line in text.splitlines() if line.startswith("BoxMasks "))
+    row = next(line for line in text.splitlines() if line.startswith("UseBoxMasks "))
     assert "boxes" in row and "masks" in row and "low_predicted_iou" in row
 
     record = json.loads((run["root"] / "run.json").read_text())
     stages = {s["stage"]: s for s in record["stages"]}
-    masks = stages["BoxMasks"]
+    masks = stages["UseBoxMasks"]
     assert masks["unit"] == "boxes" and masks["rows_unit"] == "masks" and masks["rows"] == 0
     assert masks["in"] == masks["rejected"] > 0 and masks["reject_reasons"] == {"low_predicted_iou": masks["in"]}
-    assert stages["Boxes"]["rows"] == masks["in"]  # every box written is a BoxMasks input
-    assert any(w.startswith("BoxMasks produced no masks") for w in record["warnings"])
+    assert stages["UseBoxes"]["rows"] == masks["in"]  # every box written is a UseBoxMasks input
+    assert any(w.startswith("UseBoxMasks produced no masks") for w in record["warnings"])
     assert stages["UseSegments"]["warning"] and record["status"] == "ok"
     assert record["artifacts"]["coco.json"].endswith("coco.json") and Path(record["artifacts"]["coco.json"]).exists()
     assert [s["stage"] for s in record["stages"]] == sorted(stages, key=STAGE_NAMES.index)
@@ -76,7 +76,7 @@ def test_empty_stage_is_a_warning_with_its_top_reject_reason(run):
 def test_table_is_in_dag_order_printed_once_after_luigi_with_ran_and_skipped(run):
     text, again = run["text"], run["again"]
     names = table_names(text)
-    assert names == ["Ingest", "SamEmbeddings", "Captions", "Expressions", "Boxes", "BoxMasks", "UseSegments",
+    assert names == ["Ingest", "SamEmbeddings", "UseCaptions", "UseExpressions", "UseBoxes", "UseBoxMasks", "UseSegments",
                      "ExportCoco"]
     assert names == sorted(names, key=STAGE_NAMES.index)
     for output in (text, again):
@@ -95,9 +95,9 @@ def test_table_is_in_dag_order_printed_once_after_luigi_with_ran_and_skipped(run
 def test_dataset_card_has_every_section_and_its_read_snippets_run(run):
     root = run["root"]
     card = (root / "README.md").read_text(encoding="utf-8")
-    for needle in ("## Stages", "## What each folder holds", "### BoxMasks — `use_box_masks/", "Schema `box_masks/v",
+    for needle in ("## Stages", "## What each folder holds", "### UseBoxMasks — `use_box_masks/", "Schema `box_masks/v",
                    "| `predicted_iou` |", "Models: ", "segmenter = `tiny:", "`pred_iou_thresh`: `0.6`",
-                   "**Warning:** BoxMasks produced no masks", "## Reading it", "import duckdb",
+                   "**Warning:** UseBoxMasks produced no masks", "## Reading it", "import duckdb",
                    "import webdataset as wds", "from pycocotools.coco import COCO", "low_predicted_iou"):
         assert needle in card, needle
     snippets = re.findall(r"```python\n(.*?)```", card, re.S)

@@ -20,9 +20,9 @@ from pipeline.features.sam_params import SamEmbeddingsParams
 from schemas import REJECTS, SHARD_STATS
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import build_tasks
-from tasks.fmbseg import AutoMaskLabelShard, PseudoLabels, QueryPointMaskShard
-from tasks.sam import SamEmbedShard
-from tasks.use import BoxMaskShard
+from tasks.fmbseg import FmbsegAutoMasksShard, FmbsegLabels, FmbsegQueryMasksShard
+from tasks.sam import SamEmbeddingsShard
+from tasks.use import UseBoxMasksShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter
 
@@ -117,16 +117,16 @@ def run_stage1(images: Path, out: Path, gt: OracleGT, *, share: bool, nan: bool 
     pq.write_table(pa.table({"file_name": ["voc.png"], "class_names": [names]}), labels)
     with luigi_settings(models={"preset": "oracle-count"}, sam_embeddings={"share": str(share).lower()},
                         fmbseg={"vocabulary": "voc20", "image_labels": str(labels), "short_side": 448}):
-        result = build_tasks([PseudoLabels(images=str(images), dataset="voc", out=str(out))],
+        result = build_tasks([FmbsegLabels(images=str(images), dataset="voc", out=str(out))],
                              local_scheduler=True, workers=1, log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text
         common = {"shard": 0, "images": str(images), "dataset": "voc", "out": str(out)}
-        dirs = {"query": QueryPointMaskShard(**common).stage_dir.path,
-                "auto": AutoMaskLabelShard(**common).stage_dir.path}
+        dirs = {"query": FmbsegQueryMasksShard(**common).stage_dir.path,
+                "auto": FmbsegAutoMasksShard(**common).stage_dir.path}
         if share:
-            dirs["sam"] = SamEmbedShard(**common).stage_dir.path
+            dirs["sam"] = SamEmbeddingsShard(**common).stage_dir.path
             # the USE branch's box masks read the very same embedding shard
-            assert BoxMaskShard(**common).requires()["sam"] == QueryPointMaskShard(**common).requires()["sam"]
+            assert UseBoxMasksShard(**common).requires()["sam"] == FmbsegQueryMasksShard(**common).requires()["sam"]
     return dirs
 
 
@@ -142,7 +142,7 @@ def images(tmp_path_factory, gt) -> Path:
 
 def test_stage1_encodes_each_image_once_when_shared(images, gt, tmp_path):
     shared = run_stage1(images, tmp_path / "shared", gt, share=True)
-    assert CountingSegmenter.embeds == [gt.size]  # SamEmbedShard only
+    assert CountingSegmenter.embeds == [gt.size]  # SamEmbeddingsShard only
     (embedding,) = CountingSegmenter.auto_embeddings
     assert isinstance(embedding, SamImageEmbedding) and embedding.original_size == gt.size
     rows = SAM_EMBEDDINGS.read_parquet(shared["sam"] / "shard-000000.parquet").to_pylist()

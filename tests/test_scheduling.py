@@ -20,7 +20,7 @@ from pipeline.core.sources import list_source, plan_entries
 from schemas import PLAN
 from tasks.base import ShardRange, ShardTask, build_tasks, range_class, shards_per_task
 from tasks.ingest import Ingest, IngestShard, read_plan_shard
-from tasks.sam import SamEmbeddings, SamEmbedShard
+from tasks.sam import SamEmbeddings, SamEmbeddingsShard
 from tasks.settings import problems
 from tasks.summary import summarise, walk_dag
 from tests.helpers import luigi_settings, tree_bytes, write_good_images
@@ -89,7 +89,7 @@ def test_any_shards_per_task_makes_byte_identical_artifacts(tmp_path, images, mo
             assert not ranges and not runs.ranges
         else:
             count = -(-SHARDS // k)  # ranges per stage
-            assert ranges == ["IngestShardRange"] * count + ["SamEmbedShardRange"] * count
+            assert ranges == ["IngestShardRange"] * count + ["SamEmbeddingsShardRange"] * count
             assert len(runs.ranges) == 2 * count
         assert len(runs.units) == 2 * SHARDS, "every shard of both stages ran once"
         trees[k] = artifacts_of(tmp_path / f"k{k}")
@@ -100,8 +100,8 @@ def test_any_shards_per_task_makes_byte_identical_artifacts(tmp_path, images, mo
 def test_ranges_depend_on_the_upstream_ranges_covering_them(tmp_path, images, models):
     with luigi_settings(**settings(2, models)):
         common = {"images": str(images), "dataset": "ds", "out": str(tmp_path)}
-        sam_range = SamEmbedShard(shard=3, **common).scheduled()
-        assert (type(sam_range), sam_range.first, sam_range.stop) == (range_class(SamEmbedShard), 2, 4)
+        sam_range = SamEmbeddingsShard(shard=3, **common).scheduled()
+        assert (type(sam_range), sam_range.first, sam_range.stop) == (range_class(SamEmbeddingsShard), 2, 4)
         assert [u.shard for u in sam_range.units()] == [2, 3]
         (upstream,) = sam_range.deps()
         assert (type(upstream), upstream.first, upstream.stop) == (range_class(IngestShard), 2, 4)

@@ -24,7 +24,7 @@ from tests.helpers import REPO, luigi_settings, write_good_images
 
 # Tasks whose settings depend on one of their parameters (``params_source``): every variant is checked.
 VARIANTS: dict[str, list[dict[str, str]]] = {
-    "FeatureCacheShard": [{"purpose": "use"}, {"purpose": "fmbseg"}],
+    "FeaturesShard": [{"purpose": "use"}, {"purpose": "fmbseg"}],
     "Evaluate": [{"method": "car"}, {"method": "use_sam"}, {"method": "fmbseg"}],
 }
 
@@ -97,12 +97,12 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
 
 def test_every_stage_declares_its_params():
     names = {c.__name__ for c in STAGES}
-    assert {"CaptionShard", "ExpressionShard", "GroundShard", "BoxMaskShard", "SegmentNMSShard", "PlanIngest",
-            "IngestShard", "FeatureCacheShard", "UseTextEmbeddingShard", "TrainUSEHead", "TrainAlignment",
+    assert {"UseCaptionsShard", "UseExpressionsShard", "UseBoxesShard", "UseBoxMasksShard", "UseSegmentsShard", "PlanIngest",
+            "IngestShard", "FeaturesShard", "UseTextShard", "TrainUse", "TrainAlignment",
             "Evaluate"} <= names
     assert {c.__name__ for c in STAGES if "params_source" in vars(c)} <= set(VARIANTS), "add their variants"
-    assert {"ClipDenseShard", "DetectShard", "QueryPointMaskShard", "AutoMaskLabelShard", "PseudoLabelShard",
-            "SamEmbedShard", "CaRLabelShard"} <= names
+    assert {"FmbsegDenseShard", "FmbsegDetectShard", "FmbsegQueryMasksShard", "FmbsegAutoMasksShard", "FmbsegLabelsShard",
+            "SamEmbeddingsShard", "CarLabelsShard"} <= names
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

@@ -20,8 +20,8 @@ from pipeline.fmbseg.pseudo_labels import decode_query_points, dense_sample
 from pipeline.use.pairs import box_mask_row
 from schemas import REJECTS
 from tasks.base import build_tasks
-from tasks.features import FeatureCacheShard
-from tasks.fmbseg import PseudoLabels
+from tasks.features import FeaturesShard
+from tasks.fmbseg import FmbsegLabels
 from tasks.use import UseSegments
 from tests.helpers import luigi_settings, tree_bytes
 
@@ -68,8 +68,8 @@ def run_dag(dataset: dict, out: Path, *, overlap: bool) -> dict[str, bytes]:
     )
     common = {"images": str(dataset["images"]), "dataset": "ds", "out": str(out)}
     with luigi_settings(**settings):
-        result = build_tasks([UseSegments(**common), PseudoLabels(**common),
-                              *(FeatureCacheShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg"))],
+        result = build_tasks([UseSegments(**common), FmbsegLabels(**common),
+                              *(FeaturesShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg"))],
                              local_scheduler=True, workers=1, log_level="WARNING")
     assert result.scheduling_succeeded, result.summary_text
     files = tree_bytes(out)

