@@ -103,7 +103,7 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3, arch: str = "vit_b") ->
         "batched": lambda: seg.predict(embedding, boxes_xyxy=boxes, multimask=True),
         "per_box": per_box, "chunks_of_1": lambda: chunked(1), "chunks_of_4": lambda: chunked(4),
         "masks_for_boxes": lambda: masks_for_boxes(Cached(), image, boxes, UseBoxMasksParams(pred_iou_thresh=-np.inf,
-                                                   stability_thresh=-np.inf)),
+                                                   stability_score_thresh=-np.inf)),
     }, repeats=repeats, warmup=1)
     med = {k: v["wall_s"]["median"] for k, v in {**encoders, **decoders}.items()}
     return {
@@ -1081,7 +1081,7 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
         "ingest": {"shard_size": n_images},
         # random SAM fails the papers' quality thresholds: off, so every mask is cleaned, encoded and written
         "use": {"caption_max_new_tokens": 32, "box_threshold": 0.76, "caption_batch_size": 8,
-                "pred_iou_thresh": -1, "stability_thresh": -1},
+                "pred_iou_thresh": -1, "stability_score_thresh": -1},
         "fmbseg": {"short_side": 448, "points_per_side": 8, "min_crops": 0, "pred_iou_thresh": -1,
                    "stability_score_thresh": -1, "min_area_fraction": 0.0, "max_area_fraction": 1.0},
         "features_use": {"clip_blocks": "every:4", "dino_blocks": "last:2"},

@@ -48,6 +48,11 @@ LUIGI_RAW_CORE: dict[str, luigi.Parameter] = {
 }
 
 
+# Keys renamed so that one setting has one name in every section (segment-anything's names): an old key says its
+# new name.
+RENAMED_KEYS = {("use", "stability_thresh"): "stability_score_thresh", ("use", "box_nms_iou"): "box_nms_thresh"}
+
+
 class SettingsError(Exception):
     """One or more bad settings; ``lines`` holds one message per problem."""
 
@@ -197,7 +202,9 @@ def problems(cfg: configparser.ConfigParser, origin: Callable[[str, str], str]) 
         for option in cfg.options(section):
             where = origin(section, option)
             if _key(option) not in keys:
-                lines.append(f"pseudoseg: unknown key {option} in [{section}] (from {where}); "
+                renamed = RENAMED_KEYS.get((section, _key(option)))
+                lines.append(f"pseudoseg: [{section}] {option} (from {where}) is now called {renamed}" if renamed else
+                             f"pseudoseg: unknown key {option} in [{section}] (from {where}); "
                              f"did you mean {closest(_key(option), keys)}?")
                 continue
             try:

@@ -322,7 +322,7 @@ def method_runs(gt, tmp_path_factory):
         write_voc(voc, gt, ["a", "b"])
         with luigi_settings(models={"preset": "tiny_textlog", "cache_dir": str(tmp_path / "models")},
                             fmbseg={"points_per_side": 4, "vocabulary": "voc21"}, train_alignment={"epochs": 1},
-                            use={"pred_iou_thresh": -1, "stability_thresh": -1}, train_use={"epochs": 1},
+                            use={"pred_iou_thresh": -1, "stability_score_thresh": -1}, train_use={"epochs": 1},
                             evaluate={"use_sam_points_per_side": 4}):
             task = Evaluate(benchmark="voc21", data_root=str(voc), method=method, images=str(voc / "JPEGImages"),
                             dataset="vocrun", out=str(tmp_path / "out"))

@@ -123,7 +123,7 @@ def test_known_keys_come_from_the_classes():
     # our luigi.Config sections, [models] (ModelSettings), a task-parameter section, Luigi's own, [resources]
     cfg = _luigi_cfg()
     cfg["train_use"]["epochs"] = "0"
-    cfg["use"]["box_nms_iou"] = "1.5"
+    cfg["use"]["box_nms_thresh"] = "1.5"
     cfg["train_alignment"]["tempreature"] = "1"
     cfg["models"]["preset"] = "rael"
     cfg["Evaluate"] = {"limit": "-1", "benchmark": "voc22"}
@@ -138,13 +138,20 @@ def test_known_keys_come_from_the_classes():
     assert lines == [
         "pseudoseg: [scheduler] retry_count = 'x' (from test): must be an integer",
         "pseudoseg: unknown key gpus in [resources] (from test); did you mean gpu?",
-        "pseudoseg: [use] box_nms_iou = '1.5' (from test): must be a number in [0, 1]",
+        "pseudoseg: [use] box_nms_thresh = '1.5' (from test): must be a number in [0, 1]",
         "pseudoseg: [train_use] epochs = '0' (from test): must be an integer ≥ 1",
         "pseudoseg: unknown key tempreature in [train_alignment] (from test); did you mean temperature?",
         "pseudoseg: [Evaluate] limit = '-1' (from test): must be an integer ≥ 0",
         "pseudoseg: [Evaluate] benchmark = 'voc22' (from test): must be one of " + " | ".join(
             Evaluate.benchmark._choices),
     ]
+
+
+def test_a_renamed_key_says_its_new_name():
+    cfg = _luigi_cfg()
+    cfg["use"]["stability_thresh"] = "0.5"
+    assert problems(cfg, lambda section, key: "old.cfg") == [
+        "pseudoseg: [use] stability_thresh (from old.cfg) is now called stability_score_thresh"]
 
 
 def test_declared_ranges_are_checked_and_described():

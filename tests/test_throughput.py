@@ -57,8 +57,8 @@ def run_dag(dataset: dict, out: Path, *, overlap: bool) -> dict[str, bytes]:
         throughput=throughput,
         # tiny Grounding DINO scores every query ~1: box NMS at 0.05 keeps a few boxes per caption
         use={"gt_captions": str(dataset["captions"]), "generate_captions": "false",
-             "caption_batch_size": 2, "box_threshold": 0.0, "box_nms_iou": 0.05, "pred_iou_thresh": -1,
-             "stability_thresh": -1, "grounder_batch_size": 3, "sam_boxes_per_call": 0},
+             "caption_batch_size": 2, "box_threshold": 0.0, "box_nms_thresh": 0.05, "pred_iou_thresh": -1,
+             "stability_score_thresh": -1, "grounder_batch_size": 3, "sam_boxes_per_call": 0},
         sam_embeddings={"batch_size": 2},
         fmbseg={"vocabulary": "voc21", "short_side": 112, "min_crops": 0, "points_per_side": 2,
                 "pred_iou_thresh": -1, "stability_score_thresh": -1, "min_mask_region_area": 0,

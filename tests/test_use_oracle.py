@@ -76,7 +76,7 @@ def test_every_gt_instance_is_recovered_with_its_expressions(voc_folder, tmp_pat
     # the GT boxes of two stacked chairs overlap at box IoU 0.75, which the paper's 0.7 box NMS merges; and
     # speckle cleanup off, because the oracle SAM returns exact GT masks (nothing to clean) and filling 5-16 px
     # gaps of a 105 px occluded chair costs it IoU. Everything else is the paper's.
-    out = run_use(images, captions, tmp_path / "out", box_nms_iou=1.0, cleanup_area=0)
+    out = run_use(images, captions, tmp_path / "out", box_nms_thresh=1.0, cleanup_area=0)
     segments, best = recovered(out)
     assert len(best) == 19
     assert min(best.values()) >= 0.90, " ".join(f"{k}:{v:.2f}" for k, v in sorted(best.items()))
@@ -108,7 +108,7 @@ def test_with_all_defaults_only_the_stacked_chair_is_lost(voc_folder, tmp_path):
     # Cleanup trims fragments/gaps of tiny occluded chairs only; every other instance stays >= 0.8.
     assert min(iou for k, iou in best.items() if k not in lost) >= 0.8, best
     params = json.loads(next(out.glob("use_boxes/*/_meta/params.json")).read_text())
-    assert params["box_nms_iou"] == 0.7
+    assert params["params"]["box_nms_thresh"] == 0.7
 
 
 def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tmp_path):
@@ -117,7 +117,7 @@ def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tmp_path):
     # Random-init SAM predicts IoUs ~0.2 and stability 0, so the paper's 0.6 thresholds would reject every
     # mask (as they should); thresholds off here to exercise the writing path.
     settings = {"gt_captions": str(captions), "generate_captions": "true", "caption_max_new_tokens": 12,
-                "pred_iou_thresh": -1, "stability_thresh": -1}
+                "pred_iou_thresh": -1, "stability_score_thresh": -1}
     with luigi_settings(models={"preset": "tiny", "cache_dir": str(tmp_path / "models")}, use=settings):
         result = build_tasks([UseSegments(images=str(images), dataset="voc", out=str(tmp_path / "out"))],
                              local_scheduler=True, workers=1, log_level="WARNING")

@@ -217,7 +217,7 @@ def test_box_nms_over_the_caption_boxes():
     out = ground_caption(grounder, image, caption, spans, BOXES_PARAMS, sentence_spans=sents)
     assert grounder.calls == ["A dog runs.", "A dog sits."]
     assert [b.phrase_index for b in out] == [0]
-    both = ground_caption(grounder, image, caption, spans, replace(BOXES_PARAMS, box_nms_iou=1.0), sentence_spans=sents)
+    both = ground_caption(grounder, image, caption, spans, replace(BOXES_PARAMS, box_nms_thresh=1.0), sentence_spans=sents)
     assert [b.phrase_index for b in both] == [0, 1]  # equal scores: window order
     assert ground_caption(grounder, image, caption, [], BOXES_PARAMS) == []
 
@@ -259,7 +259,7 @@ def test_batched_masks_equal_sam_predictor_box_by_box(tiny_sam):
     )
     # Accept everything and skip cleanup, so the result is the chosen raw mask.
     got = masks_for_boxes(
-        tiny_sam, image, boxes, replace(MASKS_PARAMS, pred_iou_thresh=-np.inf, stability_thresh=-np.inf, cleanup_area=0)
+        tiny_sam, image, boxes, replace(MASKS_PARAMS, pred_iou_thresh=-np.inf, stability_score_thresh=-np.inf, cleanup_area=0)
     )
 
     predictor = SamPredictor(tiny_sam.sam)
@@ -414,7 +414,7 @@ def test_thresholds_rejections_and_cleanup():
     # Cleanup off: the defects stay. Stability threshold 0: the empty mask is rejected for being empty.
     res = masks_for_boxes(
         DesignedSegmenter(answers), image, boxes,
-        replace(MASKS_PARAMS, cleanup_area=0, stability_thresh=0.0, pred_iou_thresh=0.5),
+        replace(MASKS_PARAMS, cleanup_area=0, stability_score_thresh=0.0, pred_iou_thresh=0.5),
     )
     assert [r.reject_reason for r in res] == [None, None, None, EMPTY_MASK]
     assert np.array_equal(res[0].mask, with_defects)

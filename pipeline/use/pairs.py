@@ -139,11 +139,11 @@ def caption_windows(grounder: Grounder, query: CaptionQuery) -> list[tuple[int, 
 
 
 def caption_boxes(query: CaptionQuery, windows: Sequence[tuple[int, int]], groundings: Sequence,
-                  box_nms_iou: float) -> list[GroundedBox]:
+                  box_nms_thresh: float) -> list[GroundedBox]:
     """The boxes of one caption from the grounder's answers for its ``windows`` (same order): each window's token
     spans shifted back into caption coordinates, each box given to the phrase holding its most probable token
     (:func:`pipeline.use.grounding.match_boxes_to_phrases`; boxes outside every phrase dropped), then box NMS at
-    ``box_nms_iou`` over all the caption's boxes, whatever their phrase."""
+    ``box_nms_thresh`` over all the caption's boxes, whatever their phrase."""
     boxes: list[np.ndarray] = []
     scores: list[float] = []
     phrases: list[int] = []
@@ -159,7 +159,7 @@ def caption_boxes(query: CaptionQuery, windows: Sequence[tuple[int, int]], groun
                 phrases.append(k)
     if not boxes:
         return []
-    keep = box_nms(np.stack(boxes), np.asarray(scores, dtype=np.float32), box_nms_iou)
+    keep = box_nms(np.stack(boxes), np.asarray(scores, dtype=np.float32), box_nms_thresh)
     return [GroundedBox(box_xyxy=boxes[i], score=scores[i], phrase_index=phrases[i]) for i in keep.tolist()]
 
 
@@ -180,7 +180,7 @@ def ground_captions(
     answers = iter(grounder.ground_batch(images, texts, box_threshold=params.box_threshold,
                                          text_threshold=params.text_threshold, batch_size=params.grounder_batch_size,
                                          prepared=prepared) if texts else [])
-    return [caption_boxes(q, ws, [next(answers) for _ in ws], params.box_nms_iou) if ws else []
+    return [caption_boxes(q, ws, [next(answers) for _ in ws], params.box_nms_thresh) if ws else []
             for q, ws in zip(queries, windows, strict=True)]
 
 
@@ -201,7 +201,7 @@ def ground_caption(
     the caption is one sentence, which the grounder then truncates); each window's token spans are shifted
     back into caption coordinates. A box goes to the phrase holding its most probable token
     (:func:`pipeline.use.grounding.match_boxes_to_phrases`); boxes outside every phrase are dropped. Then box NMS
-    at ``params.box_nms_iou`` over all the caption's boxes, whatever their phrase.
+    at ``params.box_nms_thresh`` over all the caption's boxes, whatever their phrase.
 
     ``phrase_spans``: character spans of the phrases in ``caption``. Returns boxes by descending score (equal
     scores: earlier window, then the grounder's order first). = :func:`ground_captions` of this one caption.
@@ -356,7 +356,7 @@ def finish_box_masks(
 ) -> list[BoxMaskResult]:
     """The host half of :func:`masks_for_boxes` (thread-safe: stages run it behind the model loop): the decisions
     on the chosen outputs — rejected when the predicted IoU is below ``params.pred_iou_thresh`` or the stability
-    below ``params.stability_thresh``; else holes and islands under ``params.cleanup_area`` pixels fixed
+    below ``params.stability_score_thresh``; else holes and islands under ``params.cleanup_area`` pixels fixed
     (:func:`pipeline.core.masks.clean_mask`), empty → rejected — and the whole-image boxes. One result per box, in
     input order."""
     h, w = decoded.size
@@ -372,7 +372,7 @@ def finish_box_masks(
         mask = None
         if iou < params.pred_iou_thresh:
             reason = LOW_PREDICTED_IOU
-        elif s < params.stability_thresh:
+        elif s < params.stability_score_thresh:
             reason = LOW_STABILITY
         else:
             mask = clean_mask(arrays["masks"][n], params.cleanup_area)
@@ -401,7 +401,7 @@ def masks_for_boxes(
       ``predict(multimask=True)`` call (``params.sam_boxes_per_call`` splits it when the caller must bound the
       N*3*H*W float32 logits in memory; None = one call).
     - Of the 3 outputs the most stable is kept (:func:`choose_by_stability`); rejected when its predicted IoU
-      is below ``params.pred_iou_thresh`` or its stability below ``params.stability_thresh``; then holes and islands under
+      is below ``params.pred_iou_thresh`` or its stability below ``params.stability_score_thresh``; then holes and islands under
       ``params.cleanup_area`` pixels are fixed (:func:`pipeline.core.masks.clean_mask`); empty → rejected.
     Returns one :class:`BoxMaskResult` per box, in input order.
 

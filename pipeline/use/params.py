@@ -39,7 +39,7 @@ class UseBoxesParams(StageParams):
     box_threshold: float = setting(0.05, ge=0, le=1)
     text_threshold: float = setting(0.25, ge=0, le=1, help="Grounding DINO's default; phrase assignment uses the "
                                     "argmax token, not this cut")
-    box_nms_iou: float = setting(0.7, ge=0, le=1)
+    box_nms_thresh: float = setting(0.7, ge=0, le=1)
     grounder_batch_size: int = setting(8, ge=1, help="captions (sentence windows) per Grounding DINO forward; each "
                                        "image is encoded once for all its captions (float rounding may differ)")
 
@@ -47,7 +47,7 @@ class UseBoxesParams(StageParams):
 @dataclass(frozen=True)
 class UseBoxMasksParams(StageParams):
     pred_iou_thresh: float = setting(0.6, ge=-1, le=1)
-    stability_thresh: float = setting(0.6, ge=-1, le=1)
+    stability_score_thresh: float = setting(0.6, ge=-1, le=1)
     cleanup_area: int = setting(20, ge=0, help="holes and islands under this many pixels are fixed")
     whole_image_fraction: float = setting(0.9, ge=0, le=1, help="a box covering more is the whole image")
     sam_boxes_per_call: int = setting(0, ge=0, help="0: all boxes of an image in one call (chunks change float "
