@@ -244,3 +244,33 @@ def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeyp
     assert len(store._fds) == 2
     store.close()
     assert store.read("k0", "txt") == b"v0"
+
+
+def test_read_npy_batch_equals_per_member_reads_and_checks_like_them(tmp_path: Path) -> None:
+    from pipeline.features.cache import read_npy_batch
+
+    c = _caches(tmp_path, [(3, 4), (3, 4), (4, 3), (3, 4)])
+    store = c["align"]
+    keys = ["a3", "a0", "a1"]
+    want = np.stack([read_features(store, k)[1]["dino_patches"] for k in keys])
+    got = np.full_like(want, np.nan)
+    read_npy_batch(store, keys, "dino_patches", got)
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="batch slot"):  # a member of another shape: read_npy_into's check
+        read_npy_batch(store, ["a0", "a2"], "dino_patches", np.empty((2, *want.shape[1:]), np.float16))
+    with pytest.raises(ValueError, match="batch slot"):
+        read_npy_batch(store, ["a0"], "dino_patches", np.empty((1, *want.shape[1:]), np.float32))
+
+
+def test_tar_store_threads_keep_their_own_descriptors(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = _caches(tmp_path, [(3, 4)] * 3)
+    store = c["align"]
+    want = {k: store.read(k, "json") for k in store.keys()}
+    with ThreadPoolExecutor(3) as ex:
+        got = list(ex.map(lambda k: store.read(k, "json"), list(want) * 20))
+    assert got == list(want.values()) * 20
+    assert len(store._tables) >= 2
+    store.close()
+    assert all(not t for t in store._tables) and store.read("a0", "json") == want["a0"]

@@ -25,6 +25,7 @@ from pipeline.features.cache import (
     crop_cells,
     npy_header,
     read_features,
+    read_npy_batch,
     read_npy_into,
     rle_pooling_weights,
     sample_rng,
@@ -95,8 +96,7 @@ class UseSegmentDataset(Dataset):
         for name in names:
             _, shape, _ = npy_header(self.features, keys[0], name)
             out = empty_batch((len(keys), *shape), torch.float16)
-            for b, key in enumerate(keys):
-                read_npy_into(self.features, key, name, out[b].numpy())  # checks dtype and shape
+            read_npy_batch(self.features, keys, name, out.numpy())  # one read per member; checks dtype and shape
             batch[name] = out
         patches = next(batch[n] for n in names if n.endswith("_patches"))  # [B, L, g, g, C]: the shared grid
         grid = (int(patches.shape[2]), int(patches.shape[3]))
@@ -199,16 +199,18 @@ class AlignmentDataset(Dataset):
             return Collated(collate_alignment([self[x] for x in indices]))
         pairs = [epoch_index(x, self.epoch) for x in indices]
         keys = [self.ids[i % len(self.ids)] for _, i in pairs]
-        shapes = [npy_header(self.features, k, "dino_patches")[1] for k in keys]
+        headers = [npy_header(self.features, k, "dino_patches") for k in keys]  # read once per member
+        shapes = [h[1] for h in headers]
         sizes = [s[1] * s[2] for s in shapes]
         n, channels, same = max(sizes), shapes[0][-1], len(set(sizes)) == 1
         tokens = empty_batch((len(keys), n, channels), torch.float16)
         labels = torch.full((len(keys), n), -1, dtype=torch.long)
         if not same:
             tokens[:, min(sizes):].zero_()  # padding (``collate_alignment`` pads with zeros)
-        for b, (key, shape, size) in enumerate(zip(keys, shapes, sizes, strict=True)):
+        for b, (key, header, size) in enumerate(zip(keys, headers, sizes, strict=True)):
+            shape = header[1]
             read_npy_into(self.features, key, "dino_patches", tokens[b, :size].numpy().reshape(shape[1:]),
-                          index=self.block)
+                          index=self.block, header=header)
             labels[b, :size] = torch.from_numpy(self._labels(key, shape[1:3]).reshape(-1))
         batch = Collated(tokens=tokens, labels=labels)
         if not same:

@@ -232,8 +232,9 @@ def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for a batch a dataset fills in place. Inside a DataLoader worker it is allocated in
     shared memory, as ``default_collate`` does, so sending it to the main process copies nothing."""
     shape = tuple(int(v) for v in shape)
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+    if get_worker_info() is None:  # numpy's allocator asks for transparent huge pages on large arrays (torch's does
+        # not): a fresh batch buffer then costs a few page faults instead of one per 4 KiB
+        return torch.from_numpy(np.empty(shape, torch.empty(0, dtype=dtype).numpy().dtype))
     numel = math.prod(shape)
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
     return torch.empty(0, dtype=dtype).new(storage).resize_(shape)
