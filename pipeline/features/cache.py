@@ -21,6 +21,7 @@ it) | an explicit comma list of indices (negative from the end).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -363,18 +364,32 @@ class TarStore:
                 views[0] = views[0][n:]
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_npy_header(raw: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran order) of an .npy header's bytes; parsed once per distinct header (a cache holds a
+    few shapes: parsing — a Python literal — costs more than reading)."""
+    buf = io.BytesIO(raw)
+    version = np.lib.format.read_magic(buf)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(buf)
+    return np.dtype(dtype), tuple(int(v) for v in shape), bool(fortran)
+
+
 def _npy_header(store: TarStore, key: str, name: str) -> tuple[np.dtype, tuple[int, ...], int, bytes]:
     """``npy_header`` and the header's raw bytes (magic to the start of the data)."""
     _, _, size = store.member(key, f"{name}.npy")
     first = bytearray(min(size, NPY_HEADER_READ))
     store.read_into(key, f"{name}.npy", [first])
-    buf = io.BytesIO(first)
-    version = np.lib.format.read_magic(buf)
-    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = reader(buf)
+    if first[:6] == b"\x93NUMPY" and len(first) >= 12 and first[6] in (1, 2, 3):
+        start = 10 if first[6] == 1 else 12  # header length: uint16 in v1, uint32 in v2/v3
+        end = start + int.from_bytes(first[8:start], "little")
+    else:
+        end = len(first)  # not an .npy member: read_magic raises
+    raw = bytes(first[:end])
+    dtype, shape, fortran = _parse_npy_header(raw)
     if fortran:
         raise ValueError(f"{key}.{name}.npy is stored in Fortran order; feature caches are C order")
-    return np.dtype(dtype), tuple(int(v) for v in shape), buf.tell(), bytes(first[: buf.tell()])
+    return dtype, shape, end, raw
 
 
 def npy_header(store: TarStore, key: str, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
