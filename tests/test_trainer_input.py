@@ -253,13 +253,14 @@ def test_read_npy_batch_equals_per_member_reads_and_checks_like_them(tmp_path: P
     store = c["align"]
     keys = ["a3", "a0", "a1"]
     want = np.stack([read_features(store, k)[1]["dino_patches"] for k in keys])
-    got = np.full_like(want, np.nan)
-    read_npy_batch(store, keys, "dino_patches", got)
-    assert np.array_equal(got, want)
+    want_cls = np.stack([read_features(store, k)[1]["dino_cls"] for k in keys])
+    got, got_cls = np.full_like(want, np.nan), np.full_like(want_cls, np.nan)
+    read_npy_batch(store, keys, {"dino_patches": got, "dino_cls": got_cls})
+    assert np.array_equal(got, want) and np.array_equal(got_cls, want_cls)
     with pytest.raises(ValueError, match="batch slot"):  # a member of another shape: read_npy_into's check
-        read_npy_batch(store, ["a0", "a2"], "dino_patches", np.empty((2, *want.shape[1:]), np.float16))
+        read_npy_batch(store, ["a0", "a2"], {"dino_patches": np.empty((2, *want.shape[1:]), np.float16)})
     with pytest.raises(ValueError, match="batch slot"):
-        read_npy_batch(store, ["a0"], "dino_patches", np.empty((1, *want.shape[1:]), np.float32))
+        read_npy_batch(store, ["a0"], {"dino_patches": np.empty((1, *want.shape[1:]), np.float32)})
 
 
 def test_tar_store_threads_keep_their_own_descriptors(tmp_path: Path) -> None:

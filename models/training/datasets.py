@@ -168,9 +168,9 @@ class UseSegmentDataset(Dataset):
         batch = Collated()
         for name in names:
             _, shape, _ = npy_header(self.features, keys[0], name)
-            out = empty_batch((len(keys), *shape), torch.float16)
-            read_npy_batch(self.features, keys, name, out.numpy())  # one read per member; checks dtype and shape
-            batch[name] = out
+            batch[name] = empty_batch((len(keys), *shape), torch.float16)
+        # one read per member, in file order; checks dtype and shape
+        read_npy_batch(self.features, keys, {name: batch[name].numpy() for name in names})
         patches = next(batch[n] for n in names if n.endswith("_patches"))  # [B, L, g, g, C]: the shared grid
         grid = (int(patches.shape[2]), int(patches.shape[3]))
         weights, ids = zip(*(self._segments(e, i, grid) for e, i in pairs), strict=True)

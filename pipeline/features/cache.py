@@ -416,24 +416,35 @@ def read_npy_into(store: TarStore, key: str, name: str, out: np.ndarray, *, inde
     store.read_into(key, f"{name}.npy", [out.reshape(-1).view(np.uint8)], start)
 
 
-def read_npy_batch(store: TarStore, keys: Sequence[str], name: str, out: np.ndarray) -> None:
-    """``read_npy_into(store, key, name, out[b])`` for every ``keys[b]``, with one read per member: the first
-    member's header is parsed once; every member is then read header and payload together (one ``os.preadv``:
-    the header into a scratch buffer, the payload straight into ``out[b]``) and its header bytes compared with
-    the first's afterwards — equal bytes mean equal dtype, shape and data offset. A member with another header
-    (or too short for it) is read again through ``read_npy_into``, which checks it and raises as it does."""
-    if len(keys) != len(out):
-        raise ValueError(f"{len(keys)} keys for a batch of {len(out)}")
-    if not keys:
+def read_npy_batch(store: TarStore, keys: Sequence[str], outs: Mapping[str, np.ndarray]) -> None:
+    """``read_npy_into(store, key, name, outs[name][b])`` for every ``keys[b]`` and every ``name``, with one read
+    per member: each name's header is parsed once (from ``keys[0]``); every member is then read header and
+    payload together (one ``os.preadv``: the header into a scratch buffer, the payload straight into its slot)
+    and its header bytes compared with the first's afterwards — equal bytes mean equal dtype, shape and data
+    offset. A member with another header (or too short for it) is read again through ``read_npy_into``, which
+    checks it and raises as it does. Members are read in file order: item by item in (tar, offset) order, each
+    item's members in stored order (contiguous bytes; the batch order does not change what lands where)."""
+    for name, out in outs.items():
+        if len(out) != len(keys):
+            raise ValueError(f"{len(keys)} keys for a {name} batch of {len(out)}")
+    if not keys or not outs:
         return
-    dtype, shape, offset, raw = _npy_header(store, keys[0], name)
-    scratch = bytearray(offset)
-    for key, slot in zip(keys, out, strict=True):
+    headers = {name: _npy_header(store, keys[0], name) for name in outs}
+    scratch = {name: bytearray(h[2]) for name, h in headers.items()}
+
+    def place(b: int, name: str) -> tuple[str, int]:
+        path, offset, _ = store.member(keys[b], f"{name}.npy")
+        return path, offset
+
+    jobs = sorted(((b, name) for b in range(len(keys)) for name in outs), key=lambda j: place(*j))
+    for b, name in jobs:
+        key, slot = keys[b], outs[name][b]
+        dtype, shape, offset, raw = headers[name]
         _, _, size = store.member(key, f"{name}.npy")
         if (dtype == slot.dtype and tuple(slot.shape) == shape and slot.flags.c_contiguous
                 and size >= offset + slot.nbytes):
-            store.read_into(key, f"{name}.npy", [scratch, slot.reshape(-1).view(np.uint8)])
-            if scratch == raw:
+            store.read_into(key, f"{name}.npy", [scratch[name], slot.reshape(-1).view(np.uint8)])
+            if scratch[name] == raw:
                 continue
         read_npy_into(store, key, name, slot)
 
