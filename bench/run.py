@@ -439,7 +439,14 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
         timings = compare(variants, repeats=repeats, warmup=1)
         out: dict = {"build_s": round(build_s, 1), "workers": workers, "device": str(dev),
                      "loader": type(loaders[0]).__name__, "torch_threads_per_process": 1,
-                     "repeats": repeats}
+                     "repeats": repeats,
+                     "notes": ["X_over_Y_{median,best}: images/s of X over images/s of Y, medians / bests; "
+                               "loader_cold_over_raw_cold is like for like (both drop the same files' pages "
+                               "inside the timing)",
+                               "main_process_cpu_s counts the loader threads (ThreadBatchLoader), not the "
+                               "worker processes of loader_process_workers / loader_legacy",
+                               "the machine is shared: see load_before / load_after; medians move with the "
+                               "load, bests less"]}
         for name, (_, cfg) in configs.items():
             mb = sum(os.path.getsize(p) for p in files[name]) / 1e6
             n = len(datasets[name])
