@@ -273,8 +273,11 @@ def test_tar_store_threads_keep_their_own_descriptors(tmp_path: Path) -> None:
         got = list(ex.map(lambda k: store.read(k, "json"), list(want) * 20))
     assert got == list(want.values()) * 20
     assert len(store._tables) >= 2
+    with ThreadPoolExecutor(1) as ex:  # a new thread closes what the pool's ended threads had open
+        assert ex.submit(store.read, "a1", "json").result() == want["a1"]
+    assert sum(len(f) for _, f in store._tables) == 2  # this thread's and the last pool thread's
     store.close()
-    assert all(not t for t in store._tables) and store.read("a0", "json") == want["a0"]
+    assert all(not f for _, f in store._tables) and store.read("a0", "json") == want["a0"]
 
 
 @pytest.mark.parametrize("grids", [[(3, 4)] * 4, [(3, 4), (4, 3), (2, 5), (3, 4)]])

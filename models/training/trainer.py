@@ -37,6 +37,7 @@ same batches, none through shared memory). `use_step` / `collate_use` and `align
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -299,7 +300,7 @@ class ThreadBatchLoader:
     order — the batches a ``DataLoader`` of the same sampler, batch size, ``drop_last`` and ``collate_fn``
     gives (``dataset.__getitems__(indices)`` then ``collate_fn``), without worker processes: no batch goes
     through shared memory, whose fresh pages (4 KiB each, no huge pages) cost more than the reads themselves.
-    Pinned (``pin_memory``) by the thread that built it."""
+    Pinned (``pin_memory``) by the thread that built it. The threads persist from epoch to epoch (``close``)."""
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler, *, batch_size: int, drop_last: bool,
                  collate_fn: Callable, workers: int, prefetch: int, pin_memory: bool) -> None:
@@ -307,6 +308,18 @@ class ThreadBatchLoader:
             raise ValueError(f"ThreadBatchLoader needs workers >= 1 and batch_size >= 1, got {workers}, {batch_size}")
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.collate_fn, self.workers, self.prefetch, self.pin_memory = collate_fn, workers, prefetch, pin_memory
+        self._pool: ThreadPoolExecutor | None = None  # persistent: started on the first epoch, kept for the next
+
+    def close(self) -> None:
+        """Stop the threads (restarted by the next epoch)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -323,7 +336,9 @@ class ThreadBatchLoader:
             batches.pop()
         pending: collections.deque = collections.deque()
         todo = iter(batches)
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batches")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batches")
+        pool = self._pool
         try:
             for indices in itertools.islice(todo, self.workers * self.prefetch):
                 pending.append(pool.submit(self._batch, indices))
@@ -336,7 +351,7 @@ class ThreadBatchLoader:
         finally:  # an epoch cut short (steps_per_epoch, an exception): drop what was queued, wait for the rest
             for f in pending:
                 f.cancel()
-            pool.shutdown(wait=True)
+            concurrent.futures.wait(pending)
 
 
 def make_loader(dataset: Dataset | IterableDataset, config: TrainConfig, collate_fn: Callable | None,

@@ -293,8 +293,12 @@ class TarStore:
         fds = getattr(self._local, "fds", None)
         if fds is None:
             fds = self._local.fds = {}
-            with self._lock:
-                self._tables.append(fds)
+            with self._lock:  # a new thread: close what threads that ended had open
+                for old in [f for t, f in self._tables if not t.is_alive()]:
+                    for fd in old.values():
+                        os.close(fd)
+                self._tables = [(t, f) for t, f in self._tables if t.is_alive()]
+                self._tables.append((threading.current_thread(), fds))
         return fds
 
     def close(self) -> None:
@@ -303,7 +307,7 @@ class TarStore:
         if getattr(self, "_pid", None) != os.getpid():
             return
         with self._lock:
-            for fds in self._tables:
+            for _, fds in self._tables:
                 for fd in fds.values():
                     os.close(fd)
                 fds.clear()
