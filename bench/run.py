@@ -313,7 +313,8 @@ def _synthetic_training_caches(root: Path, *, n_use: int, n_align: int, shards: 
 
 
 def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, workers: int = 2,
-                         repeats: int = 5, legacy: bool = True, device: str = "cpu") -> dict:
+                         repeats: int = 5, legacy: bool = True, process_workers: bool = True,
+                         device: str = "cpu") -> dict:
     """Trainer input: samples/s of the training loader (``models.training.trainer.make_loader`` over the trainers'
     own datasets, ``models.training.datasets.UseSegmentDataset`` / ``AlignmentDataset``, ``collate_use`` /
     ``collate_alignment``, the trainers' batch sizes 32 / 5: ``workers`` threads, ``ThreadBatchLoader``) against a
@@ -328,8 +329,8 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
     patch labels come from the dataset's cache, as in every epoch of a run after the first: the loader then reads
     the feature members alone, the raw read every byte of the tars, label PNGs included); ``loader_first`` is a
     run's first epoch: a new dataset and loader each repeat, nothing cached, page cache warm.
-    ``loader_process_workers``: the same batch reads through DataLoader worker processes (persistent; batches in
-    shared memory), the path before ``ThreadBatchLoader``. ``legacy``: the datasets (no derived cache) through the
+    ``loader_process_workers`` (``process_workers``): the same batch reads through DataLoader worker processes
+    (persistent; batches in shared memory), the path before ``ThreadBatchLoader``. ``legacy``: the datasets (no derived cache) through the
     pre-issue-12 path (one item at a time, ``collate_*`` stacking, workers restarted every epoch) — dense mask
     pooling is not reproduced there, so legacy USE is faster than the old code was. All variants interleaved, min
     and median of ``repeats``. ``device`` "cuda" (or "auto" on a GPU host): pinned batches, each moved to the GPU
@@ -428,11 +429,12 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
             variants[f"{name}/loader"] = epoch_of(loader, len(ds))
             variants[f"{name}/loader_cold"] = epoch_of(loader, len(ds), cold=files[name])
             variants[f"{name}/loader_first"] = first_epoch(name)
-            procs = builders[name]()
-            procs.thread_batches = False
-            loader, _ = make_loader(procs, cfg, collate, dev)
-            loaders.append(loader)
-            variants[f"{name}/loader_process_workers"] = epoch_of(loader, len(ds))
+            if process_workers:
+                procs = builders[name]()
+                procs.thread_batches = False
+                loader, _ = make_loader(procs, cfg, collate, dev)
+                loaders.append(loader)
+                variants[f"{name}/loader_process_workers"] = epoch_of(loader, len(ds))
             if legacy:
                 old, _ = make_loader(Legacy(builders[name](cache_bytes=0)), cfg, collate, dev)
                 variants[f"{name}/loader_legacy"] = epoch_of(old, len(ds))
@@ -463,6 +465,8 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
                           "main_process_cpu_s_median": t["cpu_s"]["median"], "wall_s": t["wall_s"]}
             for v, ref in (("loader_cold", "raw_cold"), ("loader", "raw_warm"), ("loader", "raw_cold"),
                            ("loader_first", "raw_cold"), ("loader_process_workers", "raw_cold")):
+                if v not in row:
+                    continue
                 for stat in ("median", "best"):
                     row[f"{v}_over_{ref}_{stat}"] = round(row[v][f"images_per_s_{stat}"]
                                                           / row[ref][f"images_per_s_{stat}"], 3)
