@@ -245,3 +245,136 @@ def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeyp
     assert len(store._fds) == 2
     store.close()
     assert store.read("k0", "txt") == b"v0"
+
+
+def test_read_npy_batch_equals_per_member_reads_and_checks_like_them(tmp_path: Path) -> None:
+    from pipeline.features.cache import read_npy_batch
+
+    c = _caches(tmp_path, [(3, 4), (3, 4), (4, 3), (3, 4)])
+    store = c["align"]
+    keys = ["a3", "a0", "a1"]
+    want = np.stack([read_features(store, k)[1]["dino_patches"] for k in keys])
+    want_cls = np.stack([read_features(store, k)[1]["dino_cls"] for k in keys])
+    got, got_cls = np.full_like(want, np.nan), np.full_like(want_cls, np.nan)
+    read_npy_batch(store, keys, {"dino_patches": got, "dino_cls": got_cls})
+    assert np.array_equal(got, want) and np.array_equal(got_cls, want_cls)
+    with pytest.raises(ValueError, match="batch slot"):  # a member of another shape: read_npy_into's check
+        read_npy_batch(store, ["a0", "a2"], {"dino_patches": np.empty((2, *want.shape[1:]), np.float16)})
+    with pytest.raises(ValueError, match="batch slot"):
+        read_npy_batch(store, ["a0"], {"dino_patches": np.empty((1, *want.shape[1:]), np.float32)})
+
+
+def test_tar_store_threads_keep_their_own_descriptors(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = _caches(tmp_path, [(3, 4)] * 3)
+    store = c["align"]
+    want = {k: store.read(k, "json") for k in store.keys()}
+    with ThreadPoolExecutor(3) as ex:
+        got = list(ex.map(lambda k: store.read(k, "json"), list(want) * 20))
+    assert got == list(want.values()) * 20
+    assert len(store._tables) >= 2
+    with ThreadPoolExecutor(1) as ex:  # a new thread closes what the pool's ended threads had open
+        assert ex.submit(store.read, "a1", "json").result() == want["a1"]
+    assert sum(len(f) for _, f in store._tables) == 2  # this thread's and the last pool thread's
+    store.close()
+    assert all(not f for _, f in store._tables) and store.read("a0", "json") == want["a0"]
+
+
+@pytest.mark.parametrize("grids", [[(3, 4)] * 4, [(3, 4), (4, 3), (2, 5), (3, 4)]])
+def test_derived_caches_give_the_computed_batches(tmp_path: Path, grids) -> None:
+    from models.training.datasets import AlignmentDataset, UseSegmentDataset
+
+    c = _caches(tmp_path, grids)
+    use = [UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3, cache_bytes=b)
+           for b in (0, 1 << 20)]
+    for epoch in range(3):  # the cached dataset computes in epoch 0, reads its cache after
+        for idx in ([(epoch, 3), (epoch, 0), (epoch, 4)], [(epoch, 1), (epoch, 2)]):
+            _equal_batches(collate_use(use[0].__getitems__(idx)), collate_use(use[1].__getitems__(idx)))
+            _equal_batches(collate_use([use[0][i] for i in idx]), collate_use([use[1][i] for i in idx]))
+    assert len(use[0].weights_cache) == 0 and len(use[1].weights_cache) == 5
+    for crop in (0, 2):
+        align = [AlignmentDataset(c["align"], c["labels"], block=-1, mode="majority", crop=crop, repeats=2, seed=3,
+                                  cache_bytes=b) for b in (0, 1 << 20)]
+        for epoch in range(3):
+            for idx in ([(epoch, 0), (epoch, 5), (epoch, 2)], [(epoch, 3), (epoch, 1), (epoch, 6), (epoch, 7)]):
+                _equal_batches(collate_alignment(align[0].__getitems__(idx)),
+                               collate_alignment(align[1].__getitems__(idx)))
+        assert len(align[0].labels_cache) == 0 and len(align[1].labels_cache) == len(grids)
+    small = AlignmentDataset(c["align"], c["labels"], block=-1, mode="majority", crop=0, repeats=1, seed=3,
+                             cache_bytes=100)  # room for one map: the others are computed every time
+    ref = AlignmentDataset(c["align"], c["labels"], block=-1, mode="majority", crop=0, repeats=1, seed=3,
+                           cache_bytes=0)
+    for _ in range(2):
+        _equal_batches(collate_alignment(ref.__getitems__([0, 1, 2, 3])),
+                       collate_alignment(small.__getitems__([0, 1, 2, 3])))
+    assert len(small.labels_cache) == 1 and small.labels_cache.nbytes <= 100
+
+
+def test_derived_cache_packing_is_exact() -> None:
+    from models.training.datasets import _pack_small_int, _pack_sparse, _unpack_small_int, _unpack_sparse
+
+    rng = np.random.default_rng(4)
+    w = rng.random((5, 12)).astype(np.float32) * (rng.random((5, 12)) < 0.3)
+    w[2] = 0
+    got = _unpack_sparse(_pack_sparse(w))
+    assert got.dtype == w.dtype and np.array_equal(got.view(np.uint32), w.view(np.uint32))
+    for lab in (rng.integers(-1, 100, (3, 4)), rng.integers(-1, 1000, (3, 4)), np.array([[-1, 2**40]]),
+                np.zeros((0, 3), np.int64)):
+        packed = _pack_small_int(lab)
+        assert _unpack_small_int(packed).dtype == np.int64 and np.array_equal(_unpack_small_int(packed), lab)
+
+
+class ThreadedEpochNoise(EpochNoise):
+    """EpochNoise with a batch read and ``thread_batches``: ``make_loader`` gives it a ThreadBatchLoader."""
+
+    thread_batches = True
+
+    def __getitems__(self, indices: list) -> dict:
+        return [self[x] for x in indices]
+
+
+def test_thread_batch_loader_gives_the_dataloader_batches(tmp_path: Path) -> None:
+    from models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from models.training.trainer import ThreadBatchLoader, make_loader
+
+    c = _caches(tmp_path, [(3, 4), (4, 3), (2, 5), (3, 4)])
+    use = UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3)
+    align = AlignmentDataset(c["align"], c["labels"], block=-1, mode="majority", crop=0, repeats=3, seed=3)
+    for ds, collate in ((use, collate_use), (align, collate_alignment)):
+        for drop_last in (False, True):
+            cfg = TrainConfig.alignment_paper(batch_size=2, num_workers=0, seed=5, drop_last=drop_last)
+            ref, _ = make_loader(ds, cfg, collate, torch.device("cpu"))
+            threads, _ = make_loader(ds, TrainConfig.alignment_paper(batch_size=2, num_workers=2, seed=5,
+                                                                     drop_last=drop_last),
+                                     collate, torch.device("cpu"))
+            assert isinstance(ref, DataLoader) and isinstance(threads, ThreadBatchLoader)
+            for epoch in range(2):
+                ref.sampler.set_epoch(epoch)
+                threads.sampler.set_epoch(epoch)
+                want, got = list(ref), list(threads)
+                assert len(got) == len(want) == len(threads) == len(ref)
+                for a, b in zip(want, got, strict=True):
+                    _equal_batches(a, b)
+            it = iter(threads)  # an epoch cut short stops its threads
+            next(it)
+            it.close()
+
+
+def test_thread_batch_loader_trains_and_resumes_bit_identical_to_no_workers(tmp_path: Path) -> None:
+    protos = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
+
+    def run(out: Path, workers: int, stop: int | None = None) -> dict:
+        torch.manual_seed(0)
+        model = AlignmentBlock(8, 6, variant="block", width=16, num_heads=2, dropout=0.1)
+        cfg = TrainConfig.alignment_paper(epochs=3, batch_size=4, lr=0.05, num_workers=workers, seed=7)
+        train(model, alignment_step(protos), ThreadedEpochNoise(), cfg, out, collate_fn=collate_alignment,
+              stop_after_epochs=stop)
+        return model.state_dict()
+
+    reference = run(tmp_path / "ref", 0)
+    run(tmp_path / "split", 2, stop=1)
+    resumed = run(tmp_path / "split", 2)
+    threads = run(tmp_path / "full", 2)
+    for other in (resumed, threads):
+        assert all(torch.equal(reference[k], other[k]) for k in reference)

@@ -5,6 +5,8 @@ Items and batches follow ``models.training.trainer``'s collate formats."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,11 +27,78 @@ from pipeline.features.cache import (
     crop_cells,
     npy_header,
     read_features,
+    read_npy_batch,
     read_npy_into,
     rle_pooling_weights,
     sample_rng,
 )
 from pipeline.use.pairs import TEXT_CHOICES, draw_segment_texts, segment_texts
+
+# Bytes of per-item derived arrays (pooling weights, patch labels) a dataset keeps between epochs, each.
+DERIVED_CACHE_BYTES = 1 << 30
+
+
+class DerivedCache:
+    """Epoch-independent arrays derived from an item's stored pieces (a USE image's pooling weights, an
+    alignment image's patch labels), kept between epochs up to ``max_bytes``, compactly (``pack`` / ``unpack``
+    must give the computed array back bit for bit). Once full, new arrays are computed and not kept (a shuffled
+    epoch visits every item once: evicting would only churn). Thread-safe; each process keeps its own."""
+
+    def __init__(self, max_bytes: int, pack: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+                 unpack: Callable[[tuple[np.ndarray, ...]], np.ndarray]) -> None:
+        self.max_bytes, self.pack, self.unpack, self.nbytes = int(max_bytes), pack, unpack, 0
+        self._items: dict[Any, tuple[np.ndarray, ...]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        packed = self._items.get(key)
+        if packed is not None:
+            return self.unpack(packed)
+        value = compute()
+        if self.max_bytes > 0:
+            packed = self.pack(value)
+            size = sum(a.nbytes for a in packed) + 64 * len(packed)
+            with self._lock:
+                if key not in self._items and self.nbytes + size <= self.max_bytes:
+                    self._items[key], self.nbytes = packed, self.nbytes + size
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker starts with what the parent had
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _pack_sparse(a: np.ndarray) -> tuple[np.ndarray, ...]:
+    """float32 [S, N] weights (mostly zeros) → (shape, flat indices of the non-zeros, their values)."""
+    flat = a.reshape(-1)
+    nz = np.flatnonzero(flat)
+    return np.asarray(a.shape, np.int64), nz.astype(np.int32 if flat.size < 2**31 else np.int64), flat[nz]
+
+
+def _unpack_sparse(packed: tuple[np.ndarray, ...]) -> np.ndarray:
+    shape, nz, values = packed
+    out = np.zeros(int(np.prod(shape)), values.dtype)
+    out[nz] = values
+    return out.reshape(tuple(int(v) for v in shape))
+
+
+def _pack_small_int(a: np.ndarray) -> tuple[np.ndarray, ...]:
+    """int64 labels → the narrowest signed integer dtype holding them (``_unpack_small_int``: int64 again)."""
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    for dtype in (np.int8, np.int16, np.int32):
+        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+            return (a.astype(dtype),)
+    return (a.copy(),)
+
+
+def _unpack_small_int(packed: tuple[np.ndarray, ...]) -> np.ndarray:
+    return packed[0].astype(np.int64)
 
 
 def use_items(image_ids: list[str], segments: dict[str, list[dict]], text_index: dict[str, int],
@@ -60,14 +129,19 @@ class UseSegmentDataset(Dataset):
 
     Epoch-indexed (``models.training.trainer.EpochSampler``): an item may be asked for as ``(epoch, index)``. A batch
     (``__getitems__``) is read straight into one float16 tensor per array, with no per-sample copy; it equals
-    ``collate_use`` of the items."""
+    ``collate_use`` of the items. ``thread_batches``: with workers, batches are built by threads of the training
+    process (``models.training.trainer.ThreadBatchLoader``; the reads release the GIL). The pooling weights depend
+    on the item alone: computed once, then kept (sparse) for later epochs up to ``cache_bytes``."""
 
     epoch_indexed = True
+    thread_batches = True
 
     def __init__(self, features: TarStore, segments: dict[str, list[dict]], text_index: dict[str, int],
-                 text_emb: np.ndarray, seed: int, kinds: tuple[str, ...] = TEXT_CHOICES["both"]) -> None:
+                 text_emb: np.ndarray, seed: int, kinds: tuple[str, ...] = TEXT_CHOICES["both"],
+                 cache_bytes: int = DERIVED_CACHE_BYTES) -> None:
         self.features, self.text_emb, self.seed, self.epoch = features, text_emb, seed, 0
         self.items = use_items(features.keys(), segments, text_index, kinds)
+        self.weights_cache = DerivedCache(cache_bytes, _pack_sparse, _unpack_sparse)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -77,7 +151,7 @@ class UseSegmentDataset(Dataset):
 
     def _segments(self, epoch: int, i: int, grid: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
         segs = self.items[i][1]
-        weights, _ = rle_pooling_weights([rle for rle, _ in segs], grid)
+        weights = self.weights_cache.get((i, grid), lambda: rle_pooling_weights([rle for rle, _ in segs], grid)[0])
         return torch.from_numpy(weights), draw_segment_texts([o for _, o in segs], sample_rng(self.seed, epoch, i))
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
@@ -94,10 +168,9 @@ class UseSegmentDataset(Dataset):
         batch = Collated()
         for name in names:
             _, shape, _ = npy_header(self.features, keys[0], name)
-            out = empty_batch((len(keys), *shape), torch.float16)
-            for b, key in enumerate(keys):
-                read_npy_into(self.features, key, name, out[b].numpy())  # checks dtype and shape
-            batch[name] = out
+            batch[name] = empty_batch((len(keys), *shape), torch.float16)
+        # one read per member, in file order; checks dtype and shape
+        read_npy_batch(self.features, keys, {name: batch[name].numpy() for name in names})
         patches = next(batch[n] for n in names if n.endswith("_patches"))  # [B, L, g, g, C]: the shared grid
         grid = (int(patches.shape[2]), int(patches.shape[3]))
         weights, ids = zip(*(self._segments(e, i, grid) for e, i in pairs), strict=True)
@@ -161,15 +234,19 @@ class AlignmentDataset(Dataset):
 
     Epoch-indexed (``models.training.trainer.EpochSampler``). A batch (``__getitems__``) reads only the wanted block of
     each image straight into one float16 batch tensor (padded as ``collate_alignment`` pads mixed grids); it
-    equals ``collate_alignment`` of the items."""
+    equals ``collate_alignment`` of the items. ``thread_batches`` as ``UseSegmentDataset``'s (label PNGs decode
+    with the GIL released too). Patch labels depend on the image alone: computed once, then kept (narrowest
+    integer type) for later epochs up to ``cache_bytes``."""
 
     epoch_indexed = True
+    thread_batches = True
 
     def __init__(self, features: TarStore, labels: TarStore, *, block: int, mode: str, crop: int, repeats: int,
-                 seed: int) -> None:
+                 seed: int, cache_bytes: int = DERIVED_CACHE_BYTES) -> None:
         self.features, self.labels = features, labels
         self.block, self.mode, self.crop, self.repeats, self.seed, self.epoch = block, mode, crop, repeats, seed, 0
         self.ids = [k for k in features.keys() if k in labels]
+        self.labels_cache = DerivedCache(cache_bytes, _pack_small_int, _unpack_small_int)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -180,7 +257,9 @@ class AlignmentDataset(Dataset):
     def _labels(self, image_id: str, grid: tuple[int, int]) -> np.ndarray:
         if getattr(self, "_labeler", None) is None:
             self._labeler = PatchLabeler(self.mode, void=UNLABELLED)
-        return self._labeler(self._labeler.decode_png(self.labels.read(image_id, "png")), grid)
+        labeler = self._labeler
+        return self.labels_cache.get((image_id, tuple(grid)),
+                                     lambda: labeler(labeler.decode_png(self.labels.read(image_id, "png")), grid))
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         epoch, i = epoch_index(index, self.epoch)
@@ -199,16 +278,18 @@ class AlignmentDataset(Dataset):
             return Collated(collate_alignment([self[x] for x in indices]))
         pairs = [epoch_index(x, self.epoch) for x in indices]
         keys = [self.ids[i % len(self.ids)] for _, i in pairs]
-        shapes = [npy_header(self.features, k, "dino_patches")[1] for k in keys]
+        headers = [npy_header(self.features, k, "dino_patches") for k in keys]  # read once per member
+        shapes = [h[1] for h in headers]
         sizes = [s[1] * s[2] for s in shapes]
         n, channels, same = max(sizes), shapes[0][-1], len(set(sizes)) == 1
         tokens = empty_batch((len(keys), n, channels), torch.float16)
         labels = torch.full((len(keys), n), -1, dtype=torch.long)
         if not same:
             tokens[:, min(sizes):].zero_()  # padding (``collate_alignment`` pads with zeros)
-        for b, (key, shape, size) in enumerate(zip(keys, shapes, sizes, strict=True)):
+        for b, (key, header, size) in enumerate(zip(keys, headers, sizes, strict=True)):
+            shape = header[1]
             read_npy_into(self.features, key, "dino_patches", tokens[b, :size].numpy().reshape(shape[1:]),
-                          index=self.block)
+                          index=self.block, header=header)
             labels[b, :size] = torch.from_numpy(self._labels(key, shape[1:3]).reshape(-1))
         batch = Collated(tokens=tokens, labels=labels)
         if not same:

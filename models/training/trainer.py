@@ -28,12 +28,17 @@ every random choice from (seed, epoch, index)) is asked for `(epoch, index)` pai
 order as the shuffled DataLoader) and gets persistent workers: started once per `train` call, prefetching
 `PREFETCH_FACTOR` batches each, never seeing a stale epoch; its `__getitems__` may return a `Collated` batch it
 built in place (read straight into one tensor, in shared memory inside a worker), which the collate functions
-pass through. `use_step` / `collate_use` and `alignment_step` /
+pass through. One that also sets `thread_batches = True` (the trainers' cache datasets, whose reads release the
+GIL) gets `num_workers` threads of the training process instead of worker processes (`ThreadBatchLoader`: the
+same batches, none through shared memory). `use_step` / `collate_use` and `alignment_step` /
 `collate_alignment` are the two heads' step functions and sample formats.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import json
 import logging
 import math
@@ -42,6 +47,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +64,7 @@ from models.training.params import TrainAlignmentParams, TrainUseParams
 __all__ = [
     "TrainConfig", "TrainResult", "CheckpointMismatchError", "train", "seed_everything", "latest_checkpoint",
     "load_trained", "use_step", "collate_use", "alignment_step", "collate_alignment", "Collated", "EpochSampler",
-    "empty_batch", "epoch_index",
+    "empty_batch", "epoch_index", "ThreadBatchLoader",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,8 +235,9 @@ def empty_batch(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for a batch a dataset fills in place. Inside a DataLoader worker it is allocated in
     shared memory, as ``default_collate`` does, so sending it to the main process copies nothing."""
     shape = tuple(int(v) for v in shape)
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
+    if get_worker_info() is None:  # numpy's allocator asks for transparent huge pages on large arrays (torch's does
+        # not): a fresh batch buffer then costs a few page faults instead of one per 4 KiB
+        return torch.from_numpy(np.empty(shape, torch.empty(0, dtype=dtype).numpy().dtype))
     numel = math.prod(shape)
     storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
     return torch.empty(0, dtype=dtype).new(storage).resize_(shape)
@@ -273,17 +280,93 @@ class EpochSampler(Sampler):
         return iter([(epoch, i) for i in torch.randperm(self.n, generator=g).tolist()])
 
 
+def _pin(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, Mapping):
+        return {k: _pin(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_pin(v) for v in batch)
+    return batch
+
+
+class ThreadBatchLoader:
+    """The DataLoader of a dataset with ``thread_batches = True`` (epoch-indexed, with a ``__getitems__`` that
+    reads a batch straight into its tensors and releases the GIL for the reads): ``workers`` threads of this
+    process assemble the batches of an ``EpochSampler`` order, ``prefetch`` batches each ahead, delivered in
+    order — the batches a ``DataLoader`` of the same sampler, batch size, ``drop_last`` and ``collate_fn``
+    gives (``dataset.__getitems__(indices)`` then ``collate_fn``), without worker processes: no batch goes
+    through shared memory, whose fresh pages (4 KiB each, no huge pages) cost more than the reads themselves.
+    Pinned (``pin_memory``) by the thread that built it. The threads persist from epoch to epoch (``close``)."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, *, batch_size: int, drop_last: bool,
+                 collate_fn: Callable, workers: int, prefetch: int, pin_memory: bool) -> None:
+        if workers < 1 or batch_size < 1:
+            raise ValueError(f"ThreadBatchLoader needs workers >= 1 and batch_size >= 1, got {workers}, {batch_size}")
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.collate_fn, self.workers, self.prefetch, self.pin_memory = collate_fn, workers, prefetch, pin_memory
+        self._pool: ThreadPoolExecutor | None = None  # persistent: started on the first epoch, kept for the next
+
+    def close(self) -> None:
+        """Stop the threads (restarted by the next epoch)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _batch(self, indices: list) -> Any:
+        batch = self.collate_fn(self.dataset.__getitems__(indices))
+        return _pin(batch) if self.pin_memory else batch
+
+    def __iter__(self):
+        order = list(self.sampler)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        pending: collections.deque = collections.deque()
+        todo = iter(batches)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batches")
+        pool = self._pool
+        try:
+            for indices in itertools.islice(todo, self.workers * self.prefetch):
+                pending.append(pool.submit(self._batch, indices))
+            while pending:
+                batch = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self._batch, nxt))
+                yield batch
+        finally:  # an epoch cut short (steps_per_epoch, an exception): drop what was queued, wait for the rest
+            for f in pending:
+                f.cancel()
+            concurrent.futures.wait(pending)
+
+
 def make_loader(dataset: Dataset | IterableDataset, config: TrainConfig, collate_fn: Callable | None,
-                device: torch.device) -> tuple[DataLoader, torch.Generator]:
+                device: torch.device) -> tuple[DataLoader | ThreadBatchLoader, torch.Generator]:
     """The training DataLoader. Pinned memory on CUDA; ``PREFETCH_FACTOR`` batches per worker. A dataset with
     ``epoch_indexed = True`` gets an ``EpochSampler`` and persistent workers (started once per ``train`` call,
     not once per epoch); any other keeps per-epoch workers (it may draw from the worker's global RNG, which
-    ``_seed_worker`` reseeds per epoch)."""
+    ``_seed_worker`` reseeds per epoch). An epoch-indexed dataset with ``thread_batches = True`` and
+    ``num_workers > 0`` gets a ``ThreadBatchLoader`` (``num_workers`` threads) instead: the same batches."""
     generator = torch.Generator()
     iterable = isinstance(dataset, IterableDataset)
     workers = config.num_workers
     epoch_indexed = bool(getattr(dataset, "epoch_indexed", False)) and not iterable
     sampler = EpochSampler(len(dataset), config.seed, config.shuffle) if epoch_indexed else None
+    if epoch_indexed and workers > 0 and getattr(dataset, "thread_batches", False):
+        return ThreadBatchLoader(dataset, sampler, batch_size=config.batch_size, drop_last=config.drop_last,
+                                 collate_fn=collate_fn or default_collate, workers=workers,
+                                 prefetch=PREFETCH_FACTOR, pin_memory=device.type == "cuda"), generator
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=None if epoch_indexed else config.shuffle and not iterable,
         sampler=sampler, num_workers=workers, collate_fn=collate_fn or default_collate,

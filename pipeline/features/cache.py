@@ -21,10 +21,12 @@ it) | an explicit comma list of indices (negative from the end).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -267,33 +269,56 @@ class TarStore:
                     seen.setdefault(f"{folder}/{stem}" if folder else stem, {})[ext] = (m.offset_data, m.size)
             for key, members in seen.items():
                 self._index.setdefault(key, (str(path), members))
-        self._fds: dict[str, int] = {}
-        self._pid = os.getpid()
+        self._reset()
+
+    def _reset(self) -> None:
+        # descriptors per thread (a thread closing its oldest shard never pulls one from under another's read)
+        self._local, self._tables, self._lock, self._pid = threading.local(), [], threading.Lock(), os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_index": self._index}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._index, self._fds, self._pid = state["_index"], {}, os.getpid()
+        self._index = state["_index"]
+        self._reset()
 
     def __del__(self) -> None:
         self.close()
 
+    @property
+    def _fds(self) -> dict[str, int]:
+        """The calling thread's open descriptors, by tar path."""
+        if self._pid != os.getpid():  # forked: the parent's descriptors share its file offsets; pread needs none,
+            self._reset()  # but open our own so closing never touches the parent's
+        fds = getattr(self._local, "fds", None)
+        if fds is None:
+            fds = self._local.fds = {}
+            with self._lock:  # a new thread: close what threads that ended had open
+                for old in [f for t, f in self._tables if not t.is_alive()]:
+                    for fd in old.values():
+                        os.close(fd)
+                self._tables = [(t, f) for t, f in self._tables if t.is_alive()]
+                self._tables.append((threading.current_thread(), fds))
+        return fds
+
     def close(self) -> None:
-        """Close the descriptors this process opened (reopened on the next read)."""
-        if getattr(self, "_pid", None) == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
+        """Close the descriptors this process opened, in every thread (reopened on the next read); only while no
+        other thread reads."""
+        if getattr(self, "_pid", None) != os.getpid():
+            return
+        with self._lock:
+            for _, fds in self._tables:
+                for fd in fds.values():
+                    os.close(fd)
+                fds.clear()
 
     def _fd(self, path: str) -> int:
-        if self._pid != os.getpid():  # forked: the parent's descriptors share its file offsets; pread needs none,
-            self._fds, self._pid = {}, os.getpid()  # but open our own so closing never touches the parent's
-        fd = self._fds.get(path)
+        fds = self._fds
+        fd = fds.get(path)
         if fd is None:
-            if len(self._fds) >= MAX_OPEN_SHARDS:  # many small shards: stay far below the descriptor limit
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if len(fds) >= MAX_OPEN_SHARDS:  # many small shards: stay far below the descriptor limit
+                os.close(fds.pop(next(iter(fds))))
+            fd = fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return fd
 
     def keys(self) -> list[str]:
@@ -343,25 +368,46 @@ class TarStore:
                 views[0] = views[0][n:]
 
 
-def npy_header(store: TarStore, key: str, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, data offset within the member) of ``<key>.<name>.npy``, from its header alone (C order)."""
-    _, _, size = store.member(key, f"{name}.npy")
-    first = bytearray(min(size, NPY_HEADER_READ))
-    store.read_into(key, f"{name}.npy", [first])
-    buf = io.BytesIO(first)
+@functools.lru_cache(maxsize=4096)
+def _parse_npy_header(raw: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran order) of an .npy header's bytes; parsed once per distinct header (a cache holds a
+    few shapes: parsing — a Python literal — costs more than reading)."""
+    buf = io.BytesIO(raw)
     version = np.lib.format.read_magic(buf)
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = reader(buf)
+    return np.dtype(dtype), tuple(int(v) for v in shape), bool(fortran)
+
+
+def _npy_header(store: TarStore, key: str, name: str) -> tuple[np.dtype, tuple[int, ...], int, bytes]:
+    """``npy_header`` and the header's raw bytes (magic to the start of the data)."""
+    _, _, size = store.member(key, f"{name}.npy")
+    first = bytearray(min(size, NPY_HEADER_READ))
+    store.read_into(key, f"{name}.npy", [first])
+    if first[:6] == b"\x93NUMPY" and len(first) >= 12 and first[6] in (1, 2, 3):
+        start = 10 if first[6] == 1 else 12  # header length: uint16 in v1, uint32 in v2/v3
+        end = start + int.from_bytes(first[8:start], "little")
+    else:
+        end = len(first)  # not an .npy member: read_magic raises
+    raw = bytes(first[:end])
+    dtype, shape, fortran = _parse_npy_header(raw)
     if fortran:
         raise ValueError(f"{key}.{name}.npy is stored in Fortran order; feature caches are C order")
-    return np.dtype(dtype), tuple(int(v) for v in shape), buf.tell()
+    return dtype, shape, end, raw
 
 
-def read_npy_into(store: TarStore, key: str, name: str, out: np.ndarray, *, index: int | None = None) -> None:
+def npy_header(store: TarStore, key: str, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset within the member) of ``<key>.<name>.npy``, from its header alone (C order)."""
+    return _npy_header(store, key, name)[:3]
+
+
+def read_npy_into(store: TarStore, key: str, name: str, out: np.ndarray, *, index: int | None = None,
+                  header: tuple[np.dtype, tuple[int, ...], int] | None = None) -> None:
     """Read ``<key>.<name>.npy`` (or, with ``index``, its sub-array ``[index]`` along the first axis) straight
     into ``out`` (C-contiguous, of the stored dtype and that shape): the payload goes from the file to ``out``
-    with no intermediate copy. Raises ValueError when the stored dtype or shape differ from ``out``'s."""
-    dtype, shape, data_offset = npy_header(store, key, name)
+    with no intermediate copy. Raises ValueError when the stored dtype or shape differ from ``out``'s.
+    ``header``: the member's ``npy_header``, if the caller already read it (not read again)."""
+    dtype, shape, data_offset = npy_header(store, key, name) if header is None else header
     want = shape if index is None else shape[1:]
     if index is not None:
         if not shape or not -shape[0] <= index < shape[0]:
@@ -372,6 +418,39 @@ def read_npy_into(store: TarStore, key: str, name: str, out: np.ndarray, *, inde
                          f"the batch slot {out.dtype} {list(out.shape)}")
     start = data_offset + (0 if index is None else index * out.nbytes)
     store.read_into(key, f"{name}.npy", [out.reshape(-1).view(np.uint8)], start)
+
+
+def read_npy_batch(store: TarStore, keys: Sequence[str], outs: Mapping[str, np.ndarray]) -> None:
+    """``read_npy_into(store, key, name, outs[name][b])`` for every ``keys[b]`` and every ``name``, with one read
+    per member: each name's header is parsed once (from ``keys[0]``); every member is then read header and
+    payload together (one ``os.preadv``: the header into a scratch buffer, the payload straight into its slot)
+    and its header bytes compared with the first's afterwards — equal bytes mean equal dtype, shape and data
+    offset. A member with another header (or too short for it) is read again through ``read_npy_into``, which
+    checks it and raises as it does. Members are read in file order: item by item in (tar, offset) order, each
+    item's members in stored order (contiguous bytes; the batch order does not change what lands where)."""
+    for name, out in outs.items():
+        if len(out) != len(keys):
+            raise ValueError(f"{len(keys)} keys for a {name} batch of {len(out)}")
+    if not keys or not outs:
+        return
+    headers = {name: _npy_header(store, keys[0], name) for name in outs}
+    scratch = {name: bytearray(h[2]) for name, h in headers.items()}
+
+    def place(b: int, name: str) -> tuple[str, int]:
+        path, offset, _ = store.member(keys[b], f"{name}.npy")
+        return path, offset
+
+    jobs = sorted(((b, name) for b in range(len(keys)) for name in outs), key=lambda j: place(*j))
+    for b, name in jobs:
+        key, slot = keys[b], outs[name][b]
+        dtype, shape, offset, raw = headers[name]
+        _, _, size = store.member(key, f"{name}.npy")
+        if (dtype == slot.dtype and tuple(slot.shape) == shape and slot.flags.c_contiguous
+                and size >= offset + slot.nbytes):
+            store.read_into(key, f"{name}.npy", [scratch[name], slot.reshape(-1).view(np.uint8)])
+            if scratch[name] == raw:
+                continue
+        read_npy_into(store, key, name, slot)
 
 
 def read_features(store: TarStore, key: str, names: Sequence[str] | None = None
