@@ -45,7 +45,7 @@ PRECEDENCES = ("stage11_first", "stage12_first", "confidence")
 FEATURE_DTYPE = np.float16  # on disk; computations run in float32
 # Working-image short side for the sliding window. The paper's "high resolution": a crop must show a small object
 # whole to name it; at 448 a 224 crop spans half a VOC photo and small objects never win a crop (see
-# tests/test_fmbseg_oracle.py), at 672 they do. Cost grows with the crop count (15 → 35 on a 375×500 photo).
+# tests/pipeline/fmbseg/test_fmbseg_oracle.py), at 672 they do. Cost grows with the crop count (15 → 35 on a 375×500 photo).
 DEFAULT_SHORT_SIDE = 672
 
 

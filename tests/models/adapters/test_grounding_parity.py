@@ -1,6 +1,6 @@
 """Fidelity of the transformers Grounding DINO backend (`HFGroundingDino`) against the official implementation
 (`GroundingDinoPy`, groundingdino-py, which produced the papers' boxes) on shared random weights: one tiny official
-model, its state_dict converted into `GroundingDinoForObjectDetection` (tests/gdino_parity.py), both adapters run on
+model, its state_dict converted into `GroundingDinoForObjectDetection` (tests/models/adapters/gdino_parity.py), both adapters run on
 the real VOC photo at the official 800/1333 resize. CPU only; nothing is downloaded.
 
 The one computation the two models do differently (pinned by
@@ -20,7 +20,7 @@ import torch
 
 from models.adapters.grounder import GroundingDinoPy, HFGroundingDino, official_resize_hw, prepare_caption
 from pipeline.use.grounding import match_boxes_to_phrases
-from tests.gdino_parity import tiny_swin, write_hf, write_official
+from tests.models.adapters.gdino_parity import tiny_swin, write_hf, write_official
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]  # groundingdino-py's own

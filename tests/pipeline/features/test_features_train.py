@@ -178,7 +178,7 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None
     preset = "oracle"
     if label_source == "car":
         from tests.oracles import OracleDenseEncoder
-        from tests.test_evaluate import CarOracleClip
+        from tests.pipeline.eval.test_evaluate import CarOracleClip
 
         preset = "car_train_oracle"
         register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "cam_clip": lambda s: CarOracleClip(gt),

@@ -1,5 +1,5 @@
 """The per-image error policy of every stage's loop (tasks/image_errors.py): which exceptions become reject rows for
-one image, which fail the shard. Through the real CLI: tests/test_bad_inputs_cli.py."""
+one image, which fail the shard. Through the real CLI: tests/tasks/test_bad_inputs_cli.py."""
 
 from __future__ import annotations
 

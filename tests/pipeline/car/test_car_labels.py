@@ -1,4 +1,4 @@
-"""CaRLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/test_evaluate.py: the label
+"""CaRLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/pipeline/eval/test_evaluate.py: the label
 maps match GT, the artifact has PseudoLabelShard's layout (tar members, classes.json, LABEL_REGIONS rows) and an
 image where no query passes θ is a ``no_confident_query`` reject."""
 
@@ -21,7 +21,7 @@ from tasks.base import build_tasks
 from tasks.car_labels import CaRLabels, CaRLabelShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleGT
-from tests.test_evaluate import CarOracleClip
+from tests.pipeline.eval.test_evaluate import CarOracleClip
 
 PRESET = "car_labels_oracle"
 

@@ -1,7 +1,7 @@
 """FMbSeg Stage 1 pure logic (pipeline/fmbseg/pseudo_labels.py, pipeline/core/vocabularies.py) on hand-made inputs, and the Luigi
 stages with `tiny` random-init real architectures (transformers CLIP, segment-anything SAM) writing valid artifacts.
 
-The MaskCLIP dense path of one crop equals a hand computation in tests/test_models.py
+The MaskCLIP dense path of one crop equals a hand computation in tests/models/test_models.py
 (test_dense_clip_equals_hand_maskclip); here the sliding window around it is checked: with a fake encoder whose
 patch features depend only on each patch's pixels, the stitched grid equals the same function applied to the
 working image directly (crops aligned to the grid, overlaps averaged).

@@ -31,9 +31,8 @@ from models.training.trainer import (
     use_step,
 )
 from pipeline.core.transforms import patch_labels
+from tests.helpers import REPO
 from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
-
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -406,7 +405,7 @@ def _child_main(out: str, kill_at: int, threads: int) -> None:
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = "import sys; from tests.test_heads_training import _child_main; _child_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
+    code = "import sys; from tests.models.training.test_heads_training import _child_main; _child_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
     threads = str(torch.get_num_threads())
     # 3 steps per epoch: step 5 is mid epoch 2, after the epoch-1 checkpoint
     killed = subprocess.run([sys.executable, "-c", code, str(out), "5", threads], cwd=REPO, env=env,
