@@ -20,11 +20,6 @@ from tests.oracles import OracleGT, register_oracle
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
-
-
-@pytest.fixture(scope="session")
 def tiny_settings(tiny_cache) -> ModelSettings:
     return ModelSettings.from_mapping({"preset": "tiny", "cache_dir": str(tiny_cache), "device": "cpu"})
 
@@ -367,7 +362,7 @@ def test_oracle_answers_from_ground_truth(gt):
                                                     top_k=1, seed=0)[0].startswith("a photo of a person")
 
 
-def test_a_process_loads_each_model_once_across_shards(tmp_path):
+def test_a_process_loads_each_model_once_across_shards(tmp_path, tiny_cache):
     """Three one-image shards of Expressions (captioner + spaCy) and SamEmbeddings (SAM) in one worker process:
     each model is loaded once and reused for every shard (models.registry keeps the adapters)."""
     from models import registry
@@ -391,7 +386,7 @@ def test_a_process_loads_each_model_once_across_shards(tmp_path):
     registry.release_models()
     spacy_before = registry.LOADS["spacy"]
     args = {"images": str(images), "dataset": "ds", "out": str(tmp_path / "out")}
-    with luigi_settings(models={"preset": "counting", "cache_dir": str(tmp_path / "models")},
+    with luigi_settings(models={"preset": "counting", "cache_dir": str(tiny_cache)},
                         ingest={"shard_size": 1}, use={"caption_max_new_tokens": 4}):
         tasks = [Expressions(**args), SamEmbeddings(**args)]
         result = build_tasks(tasks, local_scheduler=True, workers=1)
@@ -400,7 +395,7 @@ def test_a_process_loads_each_model_once_across_shards(tmp_path):
     assert calls == {"captioner": 1, "segmenter": 1}
     assert registry.LOADS["spacy"] - spacy_before == 1
     # keep_loaded = 0: every call loads
-    s = ModelSettings(preset="counting", cache_dir=str(tmp_path / "models"), keep_loaded=0)
+    s = ModelSettings(preset="counting", cache_dir=str(tiny_cache), keep_loaded=0)
     load_role("segmenter", s)
     load_role("segmenter", s)
     assert calls["segmenter"] == 3

@@ -82,13 +82,13 @@ def flip(path: Path, count: int = 16) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_cache):
     """5 good images + 1 broken (2 shards of 3), tiny models, and a clean `run SamEmbeddings` (ingest + SAM)."""
     tmp = tmp_path_factory.mktemp("faults")
     images = tmp / "images"
     write_good_images(images, 5)
     (images / "x_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    models, reference = tmp / "models", tmp / "reference"
+    models, reference = tiny_cache, tmp / "reference"
     code, text = run("SamEmbeddings", images, reference, cli_env(tmp), *settings(models))
     assert code == 0, text
     return images, models, reference
@@ -265,11 +265,11 @@ TWO_BRANCHES = ["--set", "fmbseg.stage12=false"]
 KILLS, SEED = 10, 11
 
 
-def test_chaos_ten_sigkills_and_a_corrupted_upstream_end_byte_identical(tmp_path):
+def test_chaos_ten_sigkills_and_a_corrupted_upstream_end_byte_identical(tmp_path, tiny_cache):
     images = tmp_path / "images"
     write_good_images(images, 3)
     (images / "x_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    models, counts = tmp_path / "models", tmp_path / "events"
+    models, counts = tiny_cache, tmp_path / "events"
     args = ("PseudoLabels", images)
     opts = [*settings(models, shard_size=2), *TWO_BRANCHES]
     env = cli_env(tmp_path, CHAOS)

@@ -63,12 +63,12 @@ def tar_samples(path: str) -> dict[str, dict]:
     return {s["__key__"]: s for s in wds.WebDataset(path, shardshuffle=False, empty_check=False)}
 
 
-def test_thin_giant_is_rejected_at_ingest_and_a_failing_image_is_one_reject_row_later(tmp_path):
+def test_thin_giant_is_rejected_at_ingest_and_a_failing_image_is_one_reject_row_later(tmp_path, tiny_cache):
     images = tmp_path / "images"
     write_good_images(images, 4)
     cv2.imwrite(str(images / "victim.png"), np.full((*VICTIM_HW, 3), 77, np.uint8))
     cv2.imwrite(str(images / "thin.png"), np.full((2, 20000, 3), 128, np.uint8))
-    models = ["--set", f"models.cache_dir={tmp_path / 'models'}"]
+    models = ["--set", f"models.cache_dir={tiny_cache}"]
     out, reference = tmp_path / "out", tmp_path / "reference"
     faulty = cli_env(tmp_path, FAIL_ONE_IMAGE)
 

@@ -22,7 +22,7 @@ STAGE_NAMES = [o.stage for o in OUTPUTS]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_cache):
     """`pseudoseg run ExportCoco` on two photos with the papers' SAM thresholds: random tiny SAM predicts IoUs far
     below 0.6, so every box is rejected (low_predicted_iou) and BoxMasks / UseSegments produce nothing — the
     run of the issue (exit 0, 0 masks). Then the same command again: everything is skipped."""
@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     env = cli_env(tmp)
     env["HF_HUB_OFFLINE"] = "1"
     args = ["run", "ExportCoco", "--images", str(images), "--out", str(tmp / "out"),
-            "--set", f"models.cache_dir={tmp / 'models'}"]
+            "--set", f"models.cache_dir={tiny_cache}"]
     first = cli(args, env)
     text, _ = first.communicate(timeout=600)
     assert first.returncode == 0, text

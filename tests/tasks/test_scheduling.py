@@ -37,8 +37,8 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("tiny_models"))
+def models(tiny_cache) -> str:
+    return str(tiny_cache)
 
 
 def settings(k: int | str, models: str, **more) -> dict:

@@ -34,7 +34,7 @@ CAPTIONS = ["a dog is running very fast", "there is a cat. it is sleeping", "a m
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> dict:
+def dataset(tmp_path_factory, tiny_cache) -> dict:
     root = tmp_path_factory.mktemp("throughput")
     images = root / "images"
     images.mkdir()
@@ -46,7 +46,7 @@ def dataset(tmp_path_factory) -> dict:
         annotations.append({"image_id": i, "caption": CAPTIONS[i]})
     captions = root / "captions.json"
     captions.write_text(json.dumps({"images": entries, "annotations": annotations}))
-    return {"images": images, "captions": captions, "models": str(root / "models")}
+    return {"images": images, "captions": captions, "models": str(tiny_cache)}
 
 
 def run_dag(dataset: dict, out: Path, *, overlap: bool) -> dict[str, bytes]:

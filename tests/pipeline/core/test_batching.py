@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory) -> ModelSettings:
-    return ModelSettings(preset="tiny", cache_dir=str(tmp_path_factory.mktemp("tiny")), device="cpu", keep_loaded=0)
+def settings(tiny_cache) -> ModelSettings:
+    return ModelSettings(preset="tiny", cache_dir=str(tiny_cache), device="cpu", keep_loaded=0)
 
 
 def photos(n: int, seed: int = 0, sizes=((48, 64), (64, 48), (40, 70))) -> list[np.ndarray]:

