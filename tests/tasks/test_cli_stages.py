@@ -7,6 +7,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 from tasks.base import StageWrapper
 from tasks.chained import ChainedShardTask
 from tasks.cli import check, parser
@@ -60,6 +62,7 @@ def test_run_accepts_every_listed_stage(tmp_path):
         check(args)  # raises SettingsError for an unknown stage
 
 
+@pytest.mark.slow  # the real `pseudoseg` command in a subprocess
 def test_stages_command_prints_one_line_per_stage_in_order():
     proc = subprocess.run([sys.executable, "-m", "tasks.cli", "stages"], capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()

@@ -53,6 +53,7 @@ def table_names(text: str) -> list[str]:
     return names
 
 
+@pytest.mark.slow  # uses `run`: two `pseudoseg run ExportCoco` subprocesses
 def test_empty_stage_is_a_warning_with_its_top_reject_reason(run):
     text = run["text"]
     assert re.search(r"^WARNING: BoxMasks produced no masks: \d+ boxes in, 0 ok, \d+ rejected "
@@ -73,6 +74,7 @@ def test_empty_stage_is_a_warning_with_its_top_reject_reason(run):
     assert [s["stage"] for s in record["stages"]] == sorted(stages, key=STAGE_NAMES.index)
 
 
+@pytest.mark.slow  # uses `run`: two `pseudoseg run ExportCoco` subprocesses
 def test_table_is_in_dag_order_printed_once_after_luigi_with_ran_and_skipped(run):
     text, again = run["text"], run["again"]
     names = table_names(text)
@@ -92,6 +94,7 @@ def test_table_is_in_dag_order_printed_once_after_luigi_with_ran_and_skipped(run
     assert record["log"] == str(log)
 
 
+@pytest.mark.slow  # uses `run`: two `pseudoseg run ExportCoco` subprocesses
 def test_dataset_card_has_every_section_and_its_read_snippets_run(run):
     root = run["root"]
     card = (root / "README.md").read_text(encoding="utf-8")

@@ -103,6 +103,7 @@ def install_faults(monkeypatch, failing_id: str) -> None:
     monkeypatch.setattr(fmbseg_tasks, "decode_query_points", model_fault)
 
 
+@pytest.mark.slow  # every model stage of the DAG on tiny models, twice
 def test_overlap_on_equals_the_sequential_loop_byte_for_byte_also_when_images_fail(dataset, tmp_path, monkeypatch):
     failing_id = hashlib.sha256((dataset["images"] / "im_1.png").read_bytes()).hexdigest()[:20]
     install_faults(monkeypatch, failing_id)

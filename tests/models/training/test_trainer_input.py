@@ -208,6 +208,7 @@ class EpochNoise(torch.utils.data.Dataset):
         return dict(tokens=self.tokens[i] + noise, labels=self.labels[i])
 
 
+@pytest.mark.slow  # DataLoader worker processes, three trainings
 def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_path: Path) -> None:
     protos = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
 

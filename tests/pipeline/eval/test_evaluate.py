@@ -282,6 +282,7 @@ def method_runs(gt, tiny_cache, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # the whole upstream DAG, both trainers and Evaluate on tiny models
 @pytest.mark.parametrize("method", ["fmbseg", "pseudo", "use_sam"])
 def test_trained_and_pseudo_methods_run_end_to_end_with_tiny_models(method_runs, method):
     """Wiring, not quality: tiny random models train the alignment block / the USE head / write Stage-1 labels on
@@ -295,6 +296,7 @@ def test_trained_and_pseudo_methods_run_end_to_end_with_tiny_models(method_runs,
     assert len(rows) == 21 and (folder / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # uses method_runs: the whole upstream DAG, both trainers and Evaluate on tiny models
 def test_evaluate_prompts_clip_with_the_training_texts(method_runs):
     """Every text Evaluate sends to CLIP is a vocabulary prompt name in a training template set, never a raw
     benchmark class name ("diningtable", "tvmonitor"). fmbseg: for the 20 VOC classes exactly the texts its

@@ -132,6 +132,7 @@ def images(tmp_path_factory, gt) -> Path:
     return folder
 
 
+@pytest.mark.slow  # Stage 1 end to end twice (shared and own embeddings)
 def test_stage1_encodes_each_image_once_when_shared(images, gt, tmp_path):
     shared = run_stage1(images, tmp_path / "shared", gt, share=True)
     assert CountingSegmenter.embeds == [gt.size]  # SamEmbedShard only

@@ -259,6 +259,7 @@ def test_image_labels_lookup(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- tiny models
+@pytest.mark.slow  # FMbSeg Stage 1 end to end on tiny CLIP / DINOv2 / SAM
 def test_tiny_real_models_write_valid_artifacts(tmp_path, tiny_cache):
     from schemas import REJECTS, SHARD_STATS
     from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS

@@ -175,6 +175,7 @@ def test_unsupervised_voc20_pseudo_labels_match_gt(voc):
     check_artifacts(dirs, gt, crop=224, stride=112, short_side=HIGH_RES)
 
 
+@pytest.mark.slow  # Stage 1 end to end again at 672, another crop grid
 def test_unsupervised_other_crop_size_and_stride(voc):
     gt, images, out_root = voc
     register("oracle-crop192", gt, image_size=192, patch_size=16)
@@ -186,6 +187,7 @@ def test_unsupervised_other_crop_size_and_stride(voc):
     check_artifacts(dirs, gt, crop=192, stride=96, short_side=HIGH_RES)
 
 
+@pytest.mark.slow  # Stage 1 end to end again at 672, on a 373×499 crop
 def test_unsupervised_odd_sized_image(tmp_path, gt):
     full = gt
     gt = OracleGT(rgb=np.ascontiguousarray(full.rgb[:373, :499]), class_label=full.class_label[:373, :499].copy(),

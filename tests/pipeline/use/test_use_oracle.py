@@ -109,6 +109,7 @@ def test_with_all_defaults_only_the_stacked_chair_is_lost(voc_folder, gt, tmp_pa
     assert params["box_nms_iou"] == 0.7
 
 
+@pytest.mark.slow  # the USE branch end to end on tiny LLaVA / Grounding DINO / SAM
 def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tiny_cache, tmp_path):
     """Tiny random-init LLaVA / Grounding DINO / SAM through the real adapters: valid rows at every stage."""
     images, captions = voc_folder
@@ -177,14 +178,15 @@ def test_coco_export_images_line_up_with_their_masks(voc_folder, gt, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise on display: stored 500×375, upright 375×500
     photo.save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    photo.resize((2600, 1950)).save(folder / "giant.png")  # stored downsized to 2048×1536
+    photo.resize((800, 600)).save(folder / "giant.png")  # over max_side 640 (set below): stored downsized to 640×480
     names = ["plain.jpg", "rotated.jpg", "giant.png"]
     captions = tmp_path / "captions.parquet"
     pq.write_table(pa.table({"file_name": [n for n in names for _ in CAPTIONS_TEXT],
                              "caption": CAPTIONS_TEXT * len(names)}), captions)
     register_oracle(gt)
     args = {"images": str(folder), "dataset": "mixed", "out": str(tmp_path / "out")}
-    with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"}):
+    with luigi_settings(models={"preset": "oracle"}, use={"gt_captions": str(captions), "generate_captions": "false"},
+                        ingest={"max_side": 640}):  # a small giant: same downsizing, a fraction of the pixels
         result = build_tasks([ExportCoco(**args)], local_scheduler=True, workers=1, log_level="WARNING")
         assert result.scheduling_succeeded, result.summary_text
         coco_path = Path(ExportCoco(**args).output().path)
@@ -196,7 +198,7 @@ def test_coco_export_images_line_up_with_their_masks(voc_folder, gt, tmp_path):
             shapes[img["id"]] = (im.height, im.width)
         assert shapes[img["id"]] == (img["height"], img["width"])
     by_source = {Path(i["pseudoseg_source"]).name: shapes[i["id"]] for i in coco.loadImgs(coco.getImgIds())}
-    assert by_source == {"plain.jpg": (375, 500), "rotated.jpg": (500, 375), "giant.png": (1536, 2048)}
+    assert by_source == {"plain.jpg": (375, 500), "rotated.jpg": (500, 375), "giant.png": (480, 640)}
     anns = coco.loadAnns(coco.getAnnIds())
     assert {a["image_id"] for a in anns} == set(shapes)  # every image has segments
     for ann in anns:
