@@ -35,7 +35,8 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Everything but the `slow` end-to-end runs (subprocesses, luigid): the quick loop while editing.
+# Everything but the `slow` end-to-end runs (subprocesses, luigid, whole branches on tiny models): the quick loop
+# while editing.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -529,7 +529,7 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Why `[train_alignment] temperature` is an option: TSupCon (fmbseg Eq. 1–4, plain dot products = τ 1) vs τ 0.1
     (SupCon's usual value), same data, model, optimiser and budget, on CPU, `seeds` repeats (model init, data draw).
 
-    synthetic: the setup of tests/test_heads_training.py::test_alignment_block_learns_synthetic_patches — 6 class
+    synthetic: the setup of tests/models/training/test_heads_training.py::test_alignment_block_learns_synthetic_patches — 6 class
     centres in a 24-d token space + noise 0.6, 8×8-patch images with 3 rectangles, 10 % ignored patches; 40 training
     images, 10 epochs, SGD + cosine, batch 5, lr 0.1; held-out patch accuracy on 40 more images.
     oracle_voc: ...::test_alignment_block_on_oracle_voc_features — one-hot+noise DINOv2-like oracle tokens of the
@@ -550,8 +550,8 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     from models.training.params import TrainAlignmentParams
     from models.training.trainer import TrainConfig, alignment_step, collate_alignment, train
     from pipeline.core.transforms import patch_labels
+    from tests.models.training.test_heads_training import D_SYN, _align_sample, _align_world
     from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
-    from tests.test_heads_training import D_SYN, _align_sample, _align_world
 
     torch.set_num_threads(1)
     runs = {"synthetic": dict(lr=0.1), "oracle_voc": dict(lr=0.05)}

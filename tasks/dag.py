@@ -47,7 +47,7 @@ class FullDAG(luigi.WrapperTask, DatasetTask):
                 TrainAlignment(**common), CarLabels(**common)]
 
 
-# (name, what it makes), upstream before downstream; tests/test_cli_stages.py checks the order against the code.
+# (name, what it makes), upstream before downstream; tests/tasks/test_cli_stages.py checks the order against the code.
 STAGES: tuple[tuple[str, str], ...] = (
     ("Ingest", "list, hash, decode and shard the images; bad inputs become reject rows"),
     ("ModelProbe", "load every model role once and record its output shapes"),
@@ -90,7 +90,7 @@ class Output:
     contract: Contract | None = None
 
 
-# Every stage folder, in DAG order (the summary's order); tests/test_run_summary.py checks it covers FullDAG.
+# Every stage folder, in DAG order (the summary's order); tests/tasks/test_run_summary.py checks it covers FullDAG.
 OUTPUTS: tuple[Output, ...] = (
     Output("ingest", "Ingest", "images", "images", MANIFEST),
     Output("model_probe", "ModelProbe", "roles", "roles", MODEL_PROBE),

@@ -1,6 +1,6 @@
 """How a model stage keeps its accelerator busy (section ``[throughput]`` of luigi.cfg): images are read and decoded
 ahead of the model loop by a small thread pool, results are post-processed behind it (``pipeline.core.overlap``).
-None of these settings changes a byte of any output (tests/test_throughput.py), so none is part of a stage hash.
+None of these settings changes a byte of any output (tests/tasks/test_throughput.py), so none is part of a stage hash.
 Batch sizes, which can change float rounding, live with their stage's settings and are hashed there.
 """
 

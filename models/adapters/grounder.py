@@ -107,7 +107,7 @@ class HFGroundingDino(Grounder):
 
     Known model-level difference (not fixable here): transformers' box refinement inverts the sigmoid with
     eps=1e-5 where the official uses 1e-3; they agree for reference coordinates in [1e-3, 1 - 1e-3] (see
-    tests/test_grounding_parity.py).
+    tests/models/adapters/test_grounding_parity.py).
     """
 
     def __init__(self, model_id: str = DEFAULT_GROUNDER, *, device: str = "auto", key: str = "grounder",

@@ -22,7 +22,7 @@ def _vocabulary() -> Any:
 class FmbsegDenseParams(StageParams):
     # Working-image short side for the sliding window. The paper's "high resolution": a crop must show a small object
     # whole to name it; at 448 a 224 crop spans half a VOC photo and small objects never win a crop (see
-    # tests/test_fmbseg_oracle.py), at 672 they do. Cost grows with the crop count (15 → 35 on a 375×500 photo).
+    # tests/pipeline/fmbseg/test_fmbseg_oracle.py), at 672 they do. Cost grows with the crop count (15 → 35 on a 375×500 photo).
     short_side: int = setting(672, ge=1, help="working image short side (pixels) for CLIP crops")
     max_long_side: int = setting(1792, ge=0, help="cap on the working long side; 0 = none")
     stride: int = setting(0, ge=0, help="sliding-window stride, patch multiple; 0 = half a crop")

@@ -1,0 +1,99 @@
+"""Every task a user may want is runnable by name (`pseudoseg run NAME`), and `pseudoseg stages` lists them in DAG
+order with one line each (tasks.dag.STAGES)."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+from tasks.base import StageWrapper
+from tasks.chained import ChainedShardTask
+from tasks.cli import check, parser
+from tasks.dag import STAGES, stage_classes
+
+
+def _all_subclasses(cls):
+    out, pending = set(), [cls]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            out.add(sub)
+            pending.append(sub)
+    return out
+
+
+def test_every_stage_wrapper_trainer_and_export_is_runnable_by_name():
+    names = [name for name, _ in STAGES]
+    assert len(names) == len(set(names))
+    classes = stage_classes()
+    wrappers = {c.__name__ for c in _all_subclasses(StageWrapper) if c.__module__.startswith("tasks.")}
+    assert wrappers <= set(classes)
+    assert {"TrainAlignment", "TrainUse", "TextClasses", "Evaluate", "ExportCoco", "UsePreview",
+            "FullDAG", "ModelProbe"} <= set(classes)
+
+
+def test_stages_are_in_dag_order():
+    """A stage wrapper comes after the wrappers of its shard task's upstreams (and after Ingest)."""
+    order = {name: i for i, (name, _) in enumerate(STAGES)}
+    classes = stage_classes()
+    wrapper_of = {c.shard_task: name for name, c in classes.items()
+                  if isinstance(c, type) and issubclass(c, StageWrapper)}
+    checked = 0
+    for name, cls in classes.items():
+        if not (isinstance(cls, type) and issubclass(cls, StageWrapper)):
+            continue
+        shard = cls.shard_task
+        if issubclass(shard, ChainedShardTask):
+            assert order["Ingest"] < order[name], name
+            upstreams = inspect.getattr_static(shard, "upstreams")
+            for upstream in upstreams.values() if isinstance(upstreams, dict) else ():  # some are properties
+                if upstream in wrapper_of:
+                    assert order[wrapper_of[upstream]] < order[name], (wrapper_of[upstream], name)
+                    checked += 1
+    assert checked >= 6
+    assert order["TrainAlignment"] > order["FeaturesFmbseg"] and order["TrainUse"] > order["UseText"]
+
+
+def test_run_accepts_every_listed_stage(tmp_path):
+    for name, _ in STAGES:
+        args = parser().parse_args(["run", name, "--images", str(tmp_path), "--out", str(tmp_path / "out")])
+        check(args)  # raises SettingsError for an unknown stage
+
+
+@pytest.mark.slow  # the real `pseudoseg` command in a subprocess
+def test_stages_command_prints_one_line_per_stage_in_order():
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "stages"], capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [name for name, _ in STAGES]
+
+
+def test_one_name_per_stage_folder_wrapper_and_shard_task():
+    """A stage's `run` name is its folder in CamelCase, and its shard task is that name + "Shard" (one shard class
+    serving two folders is named after their common prefix: FeaturesShard)."""
+    import re
+
+    from tasks.base import StageWrapper
+    from tasks.cli import stage_classes
+    from tasks.dag import OUTPUTS
+
+    classes = stage_classes()
+    for out in OUTPUTS:
+        assert out.stage == "".join(part.title() for part in out.folder.split("_")), out
+        wrapper = classes[out.stage]
+        shard = getattr(wrapper, "shard_task", None) or getattr(classes.get(out.stage + "Shards"), "shard_task", None)
+        if shard is not None:
+            assert out.stage.startswith(shard.__name__.removesuffix("Shard")), (out.stage, shard.__name__)
+    wrappers = [c for c in classes.values() if isinstance(c, type) and issubclass(c, StageWrapper)]
+    assert all(re.fullmatch(r"[A-Z]\w+", c.__name__) for c in wrappers)
+
+
+def test_an_old_stage_name_says_its_new_name(tmp_path):
+    from tasks.cli import RENAMED
+
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run", "PseudoLabels", "--images", str(tmp_path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "'PseudoLabels' is now called 'FmbsegLabels'" in proc.stderr
+    assert RENAMED["TrainUSEHead"] == "TrainUse" and set(RENAMED.values()) <= set(__import__("tasks.cli").cli.stage_classes())
