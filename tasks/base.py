@@ -777,3 +777,13 @@ class StageWrapper(luigi.WrapperTask, DatasetTask):
 
     def requires(self) -> list[ShardTask]:
         return [self.shard_task(shard=i, **self.common()) for i in range(self.shard_count)]
+
+
+def stage_wrapper(shard_task: type[ShardTask], doc: str = "") -> type[StageWrapper]:
+    """The ``StageWrapper`` of a shard task (every shard of its stage), named after it without ``Shard``: one name
+    per stage (``UseCaptionsShard`` → ``UseCaptions``, what ``pseudoseg run`` takes). Assign it at module level under
+    that name."""
+    name = shard_task.__name__.removesuffix("Shard")
+    attrs = {"shard_task": shard_task, "__module__": shard_task.__module__, "__qualname__": name,
+             "__doc__": doc or f"Every shard of the {shard_task.stage} stage."}
+    return type(StageWrapper)(name, (StageWrapper,), attrs)

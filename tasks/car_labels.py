@@ -37,9 +37,9 @@ from pipeline.fmbseg.pseudo_labels import class_table, label_map_meta, label_reg
 from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
 from tasks.base import (
     ProgressReporter,
-    StageWrapper,
     model_settings,
     reject,
+    stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
 from tasks.fmbseg import detect_params
@@ -130,7 +130,4 @@ class CarLabelsShard(ChainedShardTask):
                            classes_json=table)
 
 
-class CarLabels(StageWrapper):
-    """All shards of the CaR pseudo-label artifact (same layout as FmbsegLabels)."""
-
-    shard_task = CarLabelsShard
+CarLabels = stage_wrapper(CarLabelsShard, "All shards of the CaR pseudo-label artifact (same layout as FmbsegLabels).")

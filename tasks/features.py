@@ -50,6 +50,7 @@ from tasks.base import (
     StageWrapper,
     model_identity,
     model_settings,
+    stage_wrapper,
     uses_gpu,
 )
 from tasks.fmbseg import detect_params
@@ -172,10 +173,7 @@ class FeaturesShard(ShardTask):
             return sample, record
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.sample_of(image_id, outcome, "nonfinite_features", "an encoder returned NaN/inf features")
-            if result is not None:
-                tar.write(result[0])
-                rows.append(result[1])
+            errors.write_sample(image_id, outcome, tar, rows, "nonfinite_features", "an encoder returned NaN/inf features")
 
         window: list[tuple[str, np.ndarray, Any]] = []
 
@@ -305,5 +303,4 @@ class FeaturesFmbseg(StageWrapper):
         return [FeaturesShard(purpose="fmbseg", shard=i, **self.common()) for i in range(self.shard_count)]
 
 
-class UseText(StageWrapper):
-    shard_task = UseTextShard
+UseText = stage_wrapper(UseTextShard)

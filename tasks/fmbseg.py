@@ -65,12 +65,12 @@ from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REG
 from tasks.base import (
     ProgressReporter,
     ShardTask,
-    StageWrapper,
     by_settings,
     current,
     group_by_image,
     model_settings,
     reject,
+    stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
@@ -131,14 +131,10 @@ class FmbsegDenseShard(FmbsegShardTask):
             return sample, meta
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.sample_of(image_id, outcome, "nonfinite_features", "CLIP returned NaN/inf features")
-            if result is not None:
-                tar.write(result[0])
-                rows.append(result[1])
+            errors.write_sample(image_id, outcome, tar, rows, "nonfinite_features", "CLIP returned NaN/inf features")
 
         def images() -> Iterator[tuple[tuple[str, DenseCrops], np.ndarray]]:
-            for i, (image_id, _rgb, crops) in enumerate(decoded_images(errors, self.path("ingest", "tar"), prepare)):
-                progress.step(i)
+            for image_id, _rgb, crops in self.decoded(errors, progress, prepare):
                 yield (image_id, crops), crops.crops
 
         with self.tar_spool() as tar, self.image_errors(rejects) as errors, behind(deliver) as post:
@@ -391,24 +387,10 @@ class FmbsegLabelsShard(FmbsegShardTask):
                            classes_json=table)
 
 
-class FmbsegDense(StageWrapper):
-    shard_task = FmbsegDenseShard
-
-
-class FmbsegDetect(StageWrapper):
-    shard_task = FmbsegDetectShard
-
-
-class FmbsegQueryMasks(StageWrapper):
-    shard_task = FmbsegQueryMasksShard
-
-
-class FmbsegAutoMasks(StageWrapper):
-    shard_task = FmbsegAutoMasksShard
-
-
-class FmbsegLabels(StageWrapper):
-    """All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps)."""
-
-    shard_task = FmbsegLabelsShard
+FmbsegDense = stage_wrapper(FmbsegDenseShard)
+FmbsegDetect = stage_wrapper(FmbsegDetectShard)
+FmbsegQueryMasks = stage_wrapper(FmbsegQueryMasksShard)
+FmbsegAutoMasks = stage_wrapper(FmbsegAutoMasksShard)
+FmbsegLabels = stage_wrapper(
+    FmbsegLabelsShard, "All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps).")
 

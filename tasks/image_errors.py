@@ -128,6 +128,15 @@ class ImageErrors:
                                  "detail": detail} for unit in self.units(image_id))
         return result
 
+    def write_sample(self, image_id: str, outcome: Any, tar: Any, rows: list[dict[str, Any]], reason: str,
+                     detail: str) -> None:
+        """The delivery of a stage that writes one tar sample and one row per image: ``sample_of`` the image's
+        outcome, written to ``tar`` and ``rows`` unless the image was rejected."""
+        result = self.sample_of(image_id, outcome, reason, detail)
+        if result is not None:
+            tar.write(result[0])
+            rows.append(result[1])
+
     def collect(self, image_id: str, outcome: Any, rows: list[dict[str, Any]]) -> None:
         """Append the (rows, reject rows) an image's work made behind the model loop (``outcome.get()``) to
         ``rows`` and ``rejects``, unless that work raised a per-image error (then its reject rows are there)."""

@@ -16,7 +16,7 @@ from pipeline.core.ingest import STAGE, ingest_entries
 from pipeline.core.params import DecodeLimits, IngestPlanParams
 from pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS, SchemaError
-from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, StageWrapper, ingest
+from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, ingest, stage_wrapper
 
 
 class PlanIngest(StageSettings, CommittedTask):
@@ -147,5 +147,4 @@ class IngestShard(ShardTask):
         return output
 
 
-class Ingest(StageWrapper):
-    shard_task = IngestShard
+Ingest = stage_wrapper(IngestShard)

@@ -25,16 +25,16 @@ from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
     ProgressReporter,
     ShardTask,
-    StageWrapper,
     by_settings,
     current,
     model_identity,
     model_settings,
+    stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ArtifactMismatchError
 from tasks.params import config_section, read_params
-from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
+from tasks.throughput import behind, manifest_order, read_ahead
 
 # Section [sam_embeddings] of luigi.cfg: the embedding stage's params and the sharing switch
 # (pipeline/features/sam_params.py).
@@ -73,10 +73,7 @@ class SamEmbeddingsShard(ChainedShardTask):
             return sample, record
 
         def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.sample_of(image_id, outcome, "nonfinite_embedding", "SAM's image encoder returned NaN/inf")
-            if result is not None:
-                tar.write(result[0])
-                rows.append(result[1])
+            errors.write_sample(image_id, outcome, tar, rows, "nonfinite_embedding", "SAM's image encoder returned NaN/inf")
 
         def flush() -> None:
             if not batch:
@@ -91,9 +88,7 @@ class SamEmbeddingsShard(ChainedShardTask):
             batch.clear()
 
         with self.tar_spool() as tar, self.image_errors(rejects) as errors, behind(deliver) as post:
-            for i, (image_id, rgb, prepared) in enumerate(decoded_images(errors, self.path("ingest", "tar"),
-                                                                         segmenter.prepare)):
-                progress.step(i)
+            for image_id, rgb, prepared in self.decoded(errors, progress, segmenter.prepare):
                 batch.append((image_id, rgb, prepared))
                 if len(batch) >= cfg.batch_size:
                     flush()
@@ -102,8 +97,7 @@ class SamEmbeddingsShard(ChainedShardTask):
         return self.finish(SAM_EMBEDDINGS, rows, rejects, len(sources), tar=tar.path)
 
 
-class SamEmbeddings(StageWrapper):
-    shard_task = SamEmbeddingsShard
+SamEmbeddings = stage_wrapper(SamEmbeddingsShard)
 
 
 EmbedFn = Callable[[str, np.ndarray], SamImageEmbedding | None]

@@ -40,10 +40,10 @@ from pipeline.use.params import (
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
 from tasks.base import (
     ProgressReporter,
-    StageWrapper,
     group_by_image,
     model_settings,
     reject,
+    stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED
@@ -321,23 +321,8 @@ class UseSegmentsShard(ChainedShardTask):
         return self.finish(SEGMENTS, rows, [], in_count=sum(len(v) for v in masks.values()))
 
 
-class UseCaptions(StageWrapper):
-    shard_task = UseCaptionsShard
-
-
-class UseExpressions(StageWrapper):
-    shard_task = UseExpressionsShard
-
-
-class UseBoxes(StageWrapper):
-    shard_task = UseBoxesShard
-
-
-class UseBoxMasks(StageWrapper):
-    shard_task = UseBoxMasksShard
-
-
-class UseSegments(StageWrapper):
-    """All shards of the USE branch's final artifact (segment–text pairs)."""
-
-    shard_task = UseSegmentsShard
+UseCaptions = stage_wrapper(UseCaptionsShard)
+UseExpressions = stage_wrapper(UseExpressionsShard)
+UseBoxes = stage_wrapper(UseBoxesShard)
+UseBoxMasks = stage_wrapper(UseBoxMasksShard)
+UseSegments = stage_wrapper(UseSegmentsShard, "All shards of the USE branch's final artifact (segment–text pairs).")
