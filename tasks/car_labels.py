@@ -1,6 +1,6 @@
 """CaR (car-paper) as a third pseudo-label source: IngestShard → CarLabelsShard.
 
-One label map per image from ``pipeline.car.recurrent.CaRSegmenter`` over the preset's ``cam_clip`` role (``clip_cam``, the
+One label map per image from ``pipeline.car.recurrent.CaRMethod`` over the preset's ``cam_clip`` role (``clip_cam``, the
 proposal generator f) and ``classifier_clip`` role (``clip_classifier``, the mask classifier g), written in exactly
 FmbsegLabelsShard's layout so the trainers can read either:
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from models.registry import load_role
 from pipeline.car.params import CaRLabelsParams, car_label_family, car_label_params
-from pipeline.car.recurrent import CarParams, CaRSegmenter, clip_cam, clip_classifier, official_query_name
+from pipeline.car.recurrent import CaRMethod, CarParams, clip_cam, clip_classifier, official_query_name
 from pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
 from pipeline.core.images import encode_png
 from pipeline.core.vocabularies import Vocabulary, load_vocabulary
@@ -85,7 +85,7 @@ class CarLabelsShard(ChainedShardTask):
                     for c, p in zip(vocab.classes, vocab.prompts, strict=True)}
         params = self.car_params(vocab)
         classifier = load_role("classifier_clip", settings)
-        seg = CaRSegmenter(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
+        seg = CaRMethod(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
                            clip_classifier(classifier, params.classifier_templates,
                                            skip_last_block=params.classifier_skip_last_block),
                            params, sam=sam, query_names=lambda n: query_of.get(n, n))

@@ -172,7 +172,7 @@ class Evaluate(StageSettings, luigi.Task):
         threshold = protocol.bg_threshold if protocol.background == "threshold" else None
         if self.method == "car":
             from pipeline.car.recurrent import (
-                CaRSegmenter,
+                CaRMethod,
                 car_family,
                 clip_cam,
                 clip_classifier,
@@ -184,7 +184,7 @@ class Evaluate(StageSettings, luigi.Task):
             family = car_family(self.benchmark)
             classifier = clip_classifier(load_role("classifier_clip", settings), params.classifier_templates,
                                          skip_last_block=params.classifier_skip_last_block)
-            seg = CaRSegmenter(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
+            seg = CaRMethod(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
                                classifier, params, sam=sam, query_names=lambda n: official_query_name(family, n))
             return ShortSide(seg, protocol.short_side)
         if self.method == "pseudo":
@@ -201,7 +201,7 @@ class Evaluate(StageSettings, luigi.Task):
 
         path = self.input()["model"].path
         if self.method == "fmbseg":
-            from pipeline.eval.methods import FMbSegSegmenter
+            from pipeline.eval.methods import FMbSegMethod
 
             block, record = load_trained(path, "alignment")
             meta = record.get("metadata", {})
@@ -210,11 +210,11 @@ class Evaluate(StageSettings, luigi.Task):
                                  f"evaluation would prompt with {template_set!r}")
             layer = int(meta.get("dino_layer", -1))
             stuff = coco_stuff_classes().classes if protocol.background == "stuff" else ()
-            return FMbSegSegmenter(load_role("dense", settings), block.eval(), protos,
+            return FMbSegMethod(load_role("dense", settings), block.eval(), protos,
                                    short_side=protocol.short_side, max_long_side=protocol.max_long_side,
                                    crop=protocol.crop, stride=protocol.stride, layer=layer,
                                    background_threshold=threshold, background_classes=stuff)
-        from pipeline.eval.methods import UseSamSegmenter, use_head_embedder
+        from pipeline.eval.methods import UseSamMethod, use_head_embedder
 
         head, record = load_trained(path, "use")
         meta = record.get("metadata", {})
@@ -225,7 +225,7 @@ class Evaluate(StageSettings, luigi.Task):
         embed = use_head_embedder(head.eval(), clip=clip if clip_layers else None,
                                   dense=load_role("dense", settings) if dino_layers else None,
                                   clip_layers=clip_layers, dino_layers=dino_layers, image_size=image_size)
-        return UseSamSegmenter(load_role("segmenter", settings), embed, protos,
+        return UseSamMethod(load_role("segmenter", settings), embed, protos,
                                uncovered=255 if protocol.background == "none" else 0,
                                amg_params={"points_per_side": cfg.use_sam_points_per_side})
 
@@ -233,7 +233,7 @@ class Evaluate(StageSettings, luigi.Task):
         """Stage-1 label maps of every FmbsegLabels shard, keyed by the source file's stem."""
         import json
 
-        from pipeline.eval.methods import PseudoLabelSegmenter
+        from pipeline.eval.methods import PseudoLabelMethod
 
         maps: dict[str, np.ndarray] = {}
         classes: list[str] | None = None
@@ -253,7 +253,7 @@ class Evaluate(StageSettings, luigi.Task):
                         with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
                             maps[stems[key]] = np.asarray(im, np.uint8)
         stuff = coco_stuff_classes().classes if self.protocol.background == "stuff" else ()
-        return PseudoLabelSegmenter(maps, classes or [], background_classes=stuff)
+        return PseudoLabelMethod(maps, classes or [], background_classes=stuff)
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> None:

@@ -414,8 +414,8 @@ def masks_to_label_map(masks: np.ndarray, labels: Sequence[int], scores: Sequenc
     return label
 
 
-class CaRSegmenter:
-    """The `pipeline.eval.methods.SemanticSegmenter` interface around :func:`car_loop` + post-processing.
+class CaRMethod:
+    """The `pipeline.eval.methods.SegmentationMethod` interface around :func:`car_loop` + post-processing.
 
     Queries are the classes' query texts (`query_names(class name)`; without "background" when class_names[0] is
     "background", which then labels the pixels the background wins); without a background class every pixel gets

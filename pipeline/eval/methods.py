@@ -1,5 +1,5 @@
-"""Zero-shot semantic segmenters behind one interface, for evaluation (fmbseg-paper §3.3 "Deployment",
-use-paper §4.3).
+"""The methods evaluated (zero-shot semantic segmentation) behind one interface, `SegmentationMethod` ("segmenter"
+names the SAM role only; fmbseg-paper §3.3 "Deployment", use-paper §4.3).
 
 ``segment(image, class_names, *, image_id=None) -> (label_map, class_scores)``
 - image: uint8 RGB ``[H, W, 3]`` (original frame);
@@ -29,7 +29,7 @@ from pipeline.eval.metrics import IGNORE
 TextProtos = np.ndarray | Callable[[Sequence[str]], np.ndarray]
 
 
-class SemanticSegmenter(ABC):
+class SegmentationMethod(ABC):
     @abstractmethod
     def segment(self, image: np.ndarray, class_names: Sequence[str], *,
                 image_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +80,7 @@ def stuff_as_background(scores: np.ndarray, num_foreground: int) -> tuple[np.nda
 
 
 # ------------------------------------------------------------------------------------------------ FMbSeg
-class FMbSegSegmenter(SemanticSegmenter):
+class FMbSegMethod(SegmentationMethod):
     """Frozen dense encoder (DINOv2) → alignment block ℳ → cosine to text prototypes → bilinear upsampling of the
     similarities to the original size → argmax (fmbseg-paper §3.3 "Deployment").
 
@@ -163,7 +163,7 @@ def vote_segments(masks: np.ndarray, probs: np.ndarray, uncovered: int = IGNORE,
     return label.reshape(h, w), best.reshape(h, w)
 
 
-class UseSamSegmenter(SemanticSegmenter):
+class UseSamMethod(SegmentationMethod):
     """USE + SAM (use-paper §4.3): SAM automatic masks → mask NMS (by predicted IoU) → segment embeddings →
     softmax over the classes of (logit_scale · cosine to the text prototypes) → :func:`vote_segments`.
 
@@ -232,7 +232,7 @@ def use_head_embedder(use_head, *, clip=None, dense=None, clip_layers: Sequence[
 
 
 # ------------------------------------------------------------------------------------------------ Stage-1 labels
-class PseudoLabelSegmenter(SemanticSegmenter):
+class PseudoLabelMethod(SegmentationMethod):
     """Scores Stage-1 pseudo label maps as predictions (an upper-bound check of the labels the heads learn from).
 
     label_maps: image_id → uint8 [h, w] label map in the Stage-1 vocabulary `source_classes` (255 = unlabelled);

@@ -1,7 +1,7 @@
 """Evaluation of a semantic segmenter over a benchmark, and what the run leaves for a reader: the per-class IoU rows,
 a Markdown report beside the seed papers' published mIoU, and an image | GT | prediction grid.
 
-Pure logic: the segmenter (``pipeline.eval.methods.SemanticSegmenter`` interface) and the dataset
+Pure logic: the segmenter (``pipeline.eval.methods.SegmentationMethod`` interface) and the dataset
 (``pipeline.eval.benchmarks.SegDataset``) come in built; this module loads no model and knows no Luigi.
 Label maps are uint8 ``[H, W]`` (rows, columns), 255 = ignore / no prediction.
 """

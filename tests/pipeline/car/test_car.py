@@ -8,8 +8,8 @@ from pipeline.car.recurrent import (
     BACKGROUND_QUERIES,
     CAM_TEMPLATE,
     CAR_DEFAULTS,
+    CaRMethod,
     CarParams,
-    CaRSegmenter,
     affinity_refine,
     apply_visual_prompts,
     cam_box_mask,
@@ -59,7 +59,7 @@ def test_loop_first_step_never_ends_it_and_best_query_is_kept(gt):
     assert res.queries == ("cat",) and res.proposals.shape == (1, *gt.size)
     assert [s.queries for s in res.steps] == [("cat", "dog", "person"), ("cat",)]
     np.testing.assert_allclose(res.steps[-1].scores, [1.0])
-    seg = CaRSegmenter(cam, flat, CarParams(prompts=("black",), crf=False))
+    seg = CaRMethod(cam, flat, CarParams(prompts=("black",), crf=False))
     _, scores = seg.segment(gt.rgb, ["background", "cat", "dog", "person"])
     assert 0 < scores[1] < 0.6  # the lowest score over the steps: the fallback stays below θ
 
@@ -85,7 +85,7 @@ def test_mutual_background_for_stuff(gt):
         return np.eye(len(queries))[: len(images)]
 
     params = dataclasses.replace(CAR_DEFAULTS["context"], crf=False, stuff=("sky", "grass"))
-    seg = CaRSegmenter(cam, classify, params)
+    seg = CaRMethod(cam, classify, params)
     names = ["background", "person", "sky", "cat", "grass"]
     label, _ = seg.segment(gt.rgb, names)
     stuff_calls = [c for c in calls if c[0][0] in ("sky", "grass", CAM_TEMPLATE.format("sky"))]
@@ -151,7 +151,7 @@ def test_clip_classifier_is_the_official_template_ensemble():
 
 @pytest.mark.parametrize("crf", [False, True])
 def test_car_segmenter_oracle(gt, crf):
-    seg = CaRSegmenter(OracleCam(gt), OracleClassifier(gt), CarParams(prompts=("black",), crf=crf))
+    seg = CaRMethod(OracleCam(gt), OracleClassifier(gt), CarParams(prompts=("black",), crf=crf))
     label, scores = seg.segment(gt.rgb, list(gt.class_names))
     m, per = miou([label], [gt.class_label], 21)
     print(f"CaR oracle mIoU (crf={crf})", m, np.round(per[~np.isnan(per)], 3))

@@ -5,9 +5,9 @@ import torch
 
 from models.training.heads import AlignmentBlock, USEHead
 from pipeline.eval.methods import (
-    FMbSegSegmenter,
-    PseudoLabelSegmenter,
-    UseSamSegmenter,
+    FMbSegMethod,
+    PseudoLabelMethod,
+    UseSamMethod,
     scores_to_labels,
     stuff_as_background,
     use_head_embedder,
@@ -33,7 +33,7 @@ def identity_block():
 def test_fmbseg_oracle_voc21(gt):
     names = list(gt.class_names)  # background + 20
     # A fine oracle grid (1-pixel patches, 16-pixel crops): the test checks the pipeline, not the resolution.
-    seg = FMbSegSegmenter(CropOracleDense(gt), identity_block(), np.eye(DIM, dtype=np.float32)[: len(names)],
+    seg = FMbSegMethod(CropOracleDense(gt), identity_block(), np.eye(DIM, dtype=np.float32)[: len(names)],
                           crop=16, stride=8)
     label, scores = seg.segment(gt.rgb, names)
     assert label.shape == gt.size and label.dtype == np.uint8 and scores.shape == (21,)
@@ -49,7 +49,7 @@ def test_fmbseg_at_dinov2_patch_grid_equals_reference(gt):
     fragments are thinner than a patch), which is why the ≥ 0.9 check above uses 1-px patches."""
     names = list(gt.class_names)
     dense = CropOracleDense(gt, short_side=336, crop=224, stride=112, patch=14, noise=0.0, soft=True)
-    seg = FMbSegSegmenter(dense, identity_block(), np.eye(DIM, dtype=np.float32)[: len(names)], short_side=336,
+    seg = FMbSegMethod(dense, identity_block(), np.eye(DIM, dtype=np.float32)[: len(names)], short_side=336,
                           crop=224, stride=112)
     label, _ = seg.segment(gt.rgb, names)
 
@@ -69,7 +69,7 @@ def test_fmbseg_at_dinov2_patch_grid_equals_reference(gt):
 def test_fmbseg_background_threshold(gt):
     names = list(gt.class_names)
     protos = lambda ns: np.eye(DIM, dtype=np.float32)[1 : 1 + len(ns)]  # noqa: E731 - foreground only
-    seg = FMbSegSegmenter(CropOracleDense(gt), identity_block(), protos, crop=16, stride=8,
+    seg = FMbSegMethod(CropOracleDense(gt), identity_block(), protos, crop=16, stride=8,
                           background_threshold=0.5, temperature=0.1)
     label, _ = seg.segment(gt.rgb, names)
     m, _ = miou([label], [gt.class_label], 21)
@@ -94,7 +94,7 @@ def test_stuff_as_background_hand():
 
 
 def test_fmbseg_stuff_classes_predict_background(gt):
-    """FMbSegSegmenter with background_classes: the foreground names then the stuff names are prompted (never
+    """FMbSegMethod with background_classes: the foreground names then the stuff names are prompted (never
     "background" itself); GT background patches (code 0) match a stuff prototype → label 0."""
     names = list(gt.class_names)
     stuff = ("sky-other", "wall-other", "grass")
@@ -106,7 +106,7 @@ def test_fmbseg_stuff_classes_predict_background(gt):
         return np.stack([eye[1 + names[1:].index(n)] if n in names else eye[0] if n == "wall-other" else eye[-1]
                          for n in ns])
 
-    seg = FMbSegSegmenter(CropOracleDense(gt), identity_block(), protos, crop=16, stride=8,
+    seg = FMbSegMethod(CropOracleDense(gt), identity_block(), protos, crop=16, stride=8,
                           background_classes=stuff)
     label, scores = seg.segment(gt.rgb, names)
     assert asked == [names[1:] + list(stuff)] and scores.shape == (21,)
@@ -114,13 +114,13 @@ def test_fmbseg_stuff_classes_predict_background(gt):
     print("FMbSeg oracle mIoU (background by stuff classes)", m)
     assert m >= 0.9 and per[0] >= 0.9
     with pytest.raises(ValueError, match="not both"):
-        FMbSegSegmenter(CropOracleDense(gt), identity_block(), protos, background_threshold=0.5,
+        FMbSegMethod(CropOracleDense(gt), identity_block(), protos, background_threshold=0.5,
                         background_classes=stuff)
 
 
 def test_pseudo_labels_stuff_as_background():
     src = np.array([[0, 1], [2, 255]], np.uint8)  # Stage-1 labels in a COCO-Stuff-like vocabulary
-    seg = PseudoLabelSegmenter({"x": src}, ["dog", "sky-other", "wall-other"], background_classes=["sky-other",
+    seg = PseudoLabelMethod({"x": src}, ["dog", "sky-other", "wall-other"], background_classes=["sky-other",
                                                                                                     "wall-other"])
     voc21 = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
              "diningtable", "dog"]
@@ -163,7 +163,7 @@ def test_use_sam_oracle(gt):
             out[i, np.bincount(vals[vals != 255], minlength=DIM).argmax()] = 1
         return out
 
-    seg = UseSamSegmenter(OracleSegmenter(gt), embed, np.eye(DIM, dtype=np.float32)[: len(names)], uncovered=0)
+    seg = UseSamMethod(OracleSegmenter(gt), embed, np.eye(DIM, dtype=np.float32)[: len(names)], uncovered=0)
     label, scores = seg.segment(gt.rgb, names)
     m, _ = miou([label], [gt.class_label], 21)
     print("USE+SAM oracle mIoU", m)
@@ -190,7 +190,7 @@ def test_pseudo_label_segmenter(gt):
     for c in np.unique(gt.class_label):
         if c != 255 and names[c] in inv:
             src[gt.class_label == c] = inv[names[c]]
-    seg = PseudoLabelSegmenter({"a": src, "half": src[::2, ::2]}, src_names)
+    seg = PseudoLabelMethod({"a": src, "half": src[::2, ::2]}, src_names)
     label, present = seg.segment(gt.rgb, names, image_id="a")
     m, _ = miou([label], [gt.class_label], 21)
     assert m == 1.0 and present[[0, 5, 9, 11, 15]].all()
