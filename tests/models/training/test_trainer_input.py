@@ -369,7 +369,8 @@ def test_thread_batch_loader_trains_and_resumes_bit_identical_to_no_workers(tmp_
         torch.manual_seed(0)
         model = AlignmentBlock(8, 6, variant="block", width=16, num_heads=2, dropout=0.1)
         cfg = TrainConfig.alignment_paper(epochs=3, batch_size=4, lr=0.05, num_workers=workers, seed=7)
-        train(model, alignment_step(protos), ThreadedEpochNoise(), cfg, out, collate_fn=collate_alignment,
+        train(model, alignment_step(protos, TrainAlignmentParams()), ThreadedEpochNoise(), cfg, out,
+              collate_fn=collate_alignment,
               stop_after_epochs=stop)
         return model.state_dict()
 
