@@ -55,6 +55,16 @@ def _models(params: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+def _parameter_items(params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The settings of a ``params.json`` one per line: the stage's params fields, then its upstream stages' hashes
+    (``upstream <name>``) and any other key (models are listed apart)."""
+    own = params.get("params") if isinstance(params.get("params"), dict) else {}
+    upstream = params.get("upstream") if isinstance(params.get("upstream"), dict) else {}
+    rest = {k: v for k, v in params.items() if k not in ("params", "upstream", "models") or
+            not isinstance(v, dict)}
+    return [*sorted(own.items()), *((f"upstream {k}", v) for k, v in sorted(upstream.items())), *sorted(rest.items())]
+
+
 def _glob(row: StageRow, suffix: str) -> str | None:
     """Relative glob (from the dataset root) of every shard's ``suffix`` file of the stage, located through its
     StageDir (never by hand: the stage folder layout may change)."""
@@ -106,7 +116,7 @@ def _stage_section(row: StageRow, root: Path) -> list[str]:
         lines += ["Models: " + ", ".join(f"{role} = `{name}`" for role, name in sorted(models.items())), ""]
     if params:
         lines += ["Parameters (`params.json`; upstream stages by their folder hash):", ""]
-        lines += [f"- `{k}`: `{_short(v)}`" for k, v in sorted(params.items()) if k != "models"]
+        lines += [f"- `{k}`: `{_short(v)}`" for k, v in _parameter_items(params)]
         lines.append("")
     return [*lines, *_schema_lines(row)]
 
