@@ -64,29 +64,15 @@ def _build_dino(out: Path, device: str) -> None:
 
 
 def _build_grounder(out: Path, device: str) -> None:
-    import torch
-    from transformers import (
-        BertConfig,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
+    """Grounding DINO-B at random init: Swin-B (384) backbone, BERT-base text encoder, d_model 256, 6+6 layers, 900
+    queries (transformers' defaults), images at 800/1333."""
+    from models.adapters.tiny import save_grounding_dino
 
-    from models.adapters.tiny import IMAGENET_MEAN, IMAGENET_STD, build_bert_tokenizer
-
-    tok = build_bert_tokenizer()
-    backbone = SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=12,
-                          image_size=384, out_indices=[2, 3, 4])
-    text = BertConfig(vocab_size=len(tok), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072)
-    config = GroundingDinoConfig(backbone_config=backbone, text_config=text)  # d_model 256, 6+6 layers, 900 queries
-    with torch.device(device):
-        GroundingDinoForObjectDetection(config).eval().save_pretrained(out)
-    ip = GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}, image_mean=IMAGENET_MEAN,
-                                     image_std=IMAGENET_STD)
-    GroundingDinoProcessor(image_processor=ip, tokenizer=tok).save_pretrained(out)
+    save_grounding_dino(out, backbone=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
+                                           window_size=12, image_size=384, out_indices=[2, 3, 4]),
+                        text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                  intermediate_size=3072),
+                        model={}, edges=(800, 1333), device=device)
 
 
 def load_models(size: str, root: Path, device: str = "auto") -> dict[str, Any]:

@@ -205,8 +205,12 @@ def build_dense(out: Path) -> None:
     ).save_pretrained(out)
 
 
-def build_grounder(out: Path) -> None:
-    """GroundingDinoForObjectDetection with a tiny Swin backbone and a tiny BERT, + its processor."""
+def save_grounding_dino(out: Path, *, backbone: dict, text: dict, model: dict, edges: tuple[int, int],
+                        seed: int | None = None, device: str = "cpu") -> None:
+    """A random-init GroundingDinoForObjectDetection of these Swin (``backbone``), BERT (``text``) and model sizes,
+    + its processor (the offline BERT tokenizer, images resized to ``edges`` = shortest/longest edge), saved to
+    ``out``: the tiny build below and the benchmarks' real-size one (bench/stages.py)."""
+    import torch
     from transformers import (
         BertConfig,
         GroundingDinoConfig,
@@ -217,25 +221,30 @@ def build_grounder(out: Path) -> None:
     )
 
     tok = build_bert_tokenizer()
-    backbone = SwinConfig(
-        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=128,
-        out_indices=[2, 3, 4],
-    )
-    text = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-    )
-    config = GroundingDinoConfig(
-        # decoder_layers=2: transformers cannot tie the per-layer bbox heads of a 1-layer decoder.
-        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
-        num_queries=20, encoder_n_points=2, decoder_n_points=2,
-    )
-    _seeded(3)
-    GroundingDinoForObjectDetection(config).eval().save_pretrained(out)
+    config = GroundingDinoConfig(backbone_config=SwinConfig(**backbone),
+                                 text_config=BertConfig(vocab_size=len(tok), **text), **model)
+    if seed is not None:
+        _seeded(seed)
+    with torch.device(device):
+        GroundingDinoForObjectDetection(config).eval().save_pretrained(out)
     image_processor = GroundingDinoImageProcessor(
-        size={"shortest_edge": 96, "longest_edge": 160}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+        size={"shortest_edge": edges[0], "longest_edge": edges[1]}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
     )
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
+
+
+def build_grounder(out: Path) -> None:
+    """GroundingDinoForObjectDetection with a tiny Swin backbone and a tiny BERT, + its processor."""
+    save_grounding_dino(
+        out,
+        backbone=dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=128,
+                      out_indices=[2, 3, 4]),
+        text=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        # decoder_layers=2: transformers cannot tie the per-layer bbox heads of a 1-layer decoder.
+        model=dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                   encoder_attention_heads=2, decoder_attention_heads=2, num_queries=20, encoder_n_points=2,
+                   decoder_n_points=2),
+        edges=(96, 160), seed=3)
 
 
 def build_captioner(out: Path) -> None:
