@@ -209,24 +209,30 @@ class EpochNoise(torch.utils.data.Dataset):
         return dict(tokens=self.tokens[i] + noise, labels=self.labels[i])
 
 
-@pytest.mark.slow  # DataLoader worker processes, three trainings
-def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_path: Path) -> None:
+def _trains_and_resumes_like_no_workers(tmp_path: Path, make_dataset) -> None:
+    """Training over ``make_dataset()`` with 2 loader workers, whole or stopped after one epoch and resumed, ends with the
+    weights of a run without workers, bit for bit."""
     protos = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
 
     def run(out: Path, workers: int, stop: int | None = None) -> dict:
         torch.manual_seed(0)
         model = AlignmentBlock(8, 6, variant="block", width=16, num_heads=2, dropout=0.1)
         cfg = TrainConfig.alignment_paper(epochs=3, batch_size=4, lr=0.05, num_workers=workers, seed=7)
-        train(model, alignment_step(protos, TrainAlignmentParams()), EpochNoise(), cfg, out, collate_fn=collate_alignment,
-              stop_after_epochs=stop)
+        train(model, alignment_step(protos, TrainAlignmentParams()), make_dataset(), cfg, out,
+              collate_fn=collate_alignment, stop_after_epochs=stop)
         return model.state_dict()
 
     reference = run(tmp_path / "ref", 0)
     run(tmp_path / "split", 2, stop=1)
     resumed = run(tmp_path / "split", 2)
-    persistent = run(tmp_path / "full", 2)
-    for other in (resumed, persistent):
+    whole = run(tmp_path / "full", 2)
+    for other in (resumed, whole):
         assert all(torch.equal(reference[k], other[k]) for k in reference)
+
+
+@pytest.mark.slow  # DataLoader worker processes, three trainings
+def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_path: Path) -> None:
+    _trains_and_resumes_like_no_workers(tmp_path, EpochNoise)
 
 
 def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeypatch) -> None:
@@ -363,20 +369,4 @@ def test_thread_batch_loader_gives_the_dataloader_batches(tmp_path: Path) -> Non
 
 
 def test_thread_batch_loader_trains_and_resumes_bit_identical_to_no_workers(tmp_path: Path) -> None:
-    protos = np.random.default_rng(1).standard_normal((3, 6)).astype(np.float32)
-
-    def run(out: Path, workers: int, stop: int | None = None) -> dict:
-        torch.manual_seed(0)
-        model = AlignmentBlock(8, 6, variant="block", width=16, num_heads=2, dropout=0.1)
-        cfg = TrainConfig.alignment_paper(epochs=3, batch_size=4, lr=0.05, num_workers=workers, seed=7)
-        train(model, alignment_step(protos, TrainAlignmentParams()), ThreadedEpochNoise(), cfg, out,
-              collate_fn=collate_alignment,
-              stop_after_epochs=stop)
-        return model.state_dict()
-
-    reference = run(tmp_path / "ref", 0)
-    run(tmp_path / "split", 2, stop=1)
-    resumed = run(tmp_path / "split", 2)
-    threads = run(tmp_path / "full", 2)
-    for other in (resumed, threads):
-        assert all(torch.equal(reference[k], other[k]) for k in reference)
+    _trains_and_resumes_like_no_workers(tmp_path, ThreadedEpochNoise)
