@@ -499,8 +499,8 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
 
     from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
     from pipeline.core.artifacts import TarSpool
+    from pipeline.features.params import SamEmbeddingsParams
     from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
-    from pipeline.features.sam_params import SamEmbeddingsParams
 
     torch.manual_seed(0)
     seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")

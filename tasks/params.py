@@ -15,7 +15,9 @@ import luigi
 from pipeline.core.params import Range, StageParams
 
 
-class _Ranged:
+class _WithRange:
+    """A declared range (``ge``/``gt``/``le``/``lt``, or a ``Range``) and ``allowed()``: "<kind> <range>"."""
+
     kind = "a value"
 
     def __init__(self, *args, ge=None, gt=None, le=None, lt=None, range_=None, **kwargs) -> None:
@@ -25,6 +27,8 @@ class _Ranged:
     def allowed(self) -> str:
         return f"{self.kind} {self.range.text}".strip()
 
+
+class _Ranged(_WithRange):
     def normalize(self, x):
         x = super().normalize(x)
         if x is not None and x not in self.range:
@@ -44,16 +48,11 @@ class FloatParameter(_Ranged, luigi.FloatParameter):
     kind = "a number"
 
 
-class OptionalFloatParameter(luigi.Parameter):
+class OptionalFloatParameter(_WithRange, luigi.Parameter):
     """A number in a range, or empty ("use the default of something else"). The value stays a string (as a plain
     ``luigi.Parameter`` would), so content hashes do not change."""
 
-    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, range_=None, **kwargs) -> None:
-        self.range = range_ if range_ is not None else Range(ge, gt, le, lt)
-        super().__init__(*args, **kwargs)
-
-    def allowed(self) -> str:
-        return f"empty or a number {self.range.text}".strip()
+    kind = "empty or a number"
 
     def normalize(self, x):
         x = super().normalize(x)
@@ -88,16 +87,11 @@ class ItemsParameter(luigi.Parameter):
         return x
 
 
-class AutoIntParameter(luigi.Parameter):
+class AutoIntParameter(_WithRange, luigi.Parameter):
     """``auto`` or an integer in a declared range, e.g. ``AutoIntParameter(default="auto", ge=1)``; the value is
     the string ``"auto"`` or an int."""
 
-    def __init__(self, *args, ge=None, gt=None, le=None, lt=None, range_=None, **kwargs) -> None:
-        self.range = range_ if range_ is not None else Range(ge, gt, le, lt)
-        super().__init__(*args, **kwargs)
-
-    def allowed(self) -> str:
-        return f"auto or an integer {self.range.text}".strip()
+    kind = "auto or an integer"
 
     def normalize(self, x):
         x = super().normalize(x)

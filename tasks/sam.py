@@ -19,8 +19,8 @@ from models.registry import load_role
 from models.roles import SamImageEmbedding
 from pipeline.core.artifacts import ShardOutput
 from pipeline.core.overlap import HostCopy, Outcome
+from pipeline.features.params import SamEmbeddingsParams, SamSharingParams
 from pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
-from pipeline.features.sam_params import SamEmbeddingsParams, SamSharingParams
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
     ProgressReporter,
@@ -37,7 +37,7 @@ from tasks.params import config_section, read_params
 from tasks.throughput import behind, manifest_order, read_ahead
 
 # Section [sam_embeddings] of luigi.cfg: the embedding stage's params and the sharing switch
-# (pipeline/features/sam_params.py).
+# (pipeline/features/params.py).
 sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)
 
 

@@ -1,6 +1,6 @@
 """Class vocabularies (label index → class name), CLIP prompt templates, and THE function that turns a
 vocabulary's classes into CLIP text embeddings (:func:`class_text_embeddings`: prompt names × templates, averaged
-per class). Training (FMbSeg Stage 1, ``ClassTextEmbeddings``) and evaluation (``Evaluate``: fmbseg, use_sam) all
+per class). Training (FMbSeg Stage 1, ``TextClasses``) and evaluation (``Evaluate``: fmbseg, use_sam) all
 call it, so a class is prompted with the same texts everywhere.
 
 Vocabulary file format (``pipeline/core/data/vocab/<name>.txt`` or any custom path), UTF-8, one class per line:
@@ -120,7 +120,7 @@ class Vocabulary:
 def class_text_embeddings(clip, vocab: Vocabulary, templates: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """float32 ``[K, D]``: per class the mean of its (prompt name × template) text embeddings
     (:meth:`Vocabulary.texts`, sent to ``clip.encode_text`` in that order, `batch_size` at a time), L2-normalised.
-    The one way class texts reach CLIP: FMbSeg Stage 1, ClassTextEmbeddings (training) and Evaluate use it."""
+    The one way class texts reach CLIP: FMbSeg Stage 1, TextClasses (training) and Evaluate use it."""
     texts, owner = vocab.texts(tuple(templates))
     if not texts:
         raise VocabularyError(f"{vocab.name}: no prompt text (empty vocabulary or template set)")

@@ -137,7 +137,7 @@ def test_changing_any_setting_changes_the_stage_hash(case, tmp_path):
 def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
-    from pipeline.features.sam_params import SamSharingParams
+    from pipeline.features.params import SamSharingParams
     from tasks.sam import sam_embeddings
 
     checked = 0

@@ -15,8 +15,8 @@ import torch
 from models.registry import ModelSettings, load_role
 from models.roles import SamImageEmbedding
 from pipeline.core.artifacts import webdataset_tar_bytes
+from pipeline.features.params import SamEmbeddingsParams
 from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
-from pipeline.features.sam_params import SamEmbeddingsParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

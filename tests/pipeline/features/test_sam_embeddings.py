@@ -15,8 +15,8 @@ import torch
 from models.registry import ModelSettings, load_role, register_preset
 from models.roles import SamImageEmbedding
 from pipeline.core.artifacts import unit_file, webdataset_tar_bytes
+from pipeline.features.params import SamEmbeddingsParams
 from pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
-from pipeline.features.sam_params import SamEmbeddingsParams
 from schemas import REJECTS, SHARD_STATS
 from schemas.features import SAM_EMBEDDINGS
 from tasks.base import build_tasks
