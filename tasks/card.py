@@ -29,7 +29,7 @@ def singular(unit: str) -> str:
 def _description(name: str) -> str:
     from tasks.dag import STAGES
 
-    return dict(STAGES).get(name, "")
+    return next((stage.makes for stage in STAGES if stage.name == name), "")
 
 
 def _params(row: StageRow) -> dict[str, Any]:

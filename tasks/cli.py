@@ -48,9 +48,9 @@ def stage_classes() -> dict[str, type[luigi.Task]]:
 def cmd_stages(args: argparse.Namespace) -> int:
     from tasks.dag import STAGES
 
-    width = max(len(name) for name, _ in STAGES)
-    for name, what in STAGES:
-        print(f"{name:<{width}}  {what}")
+    width = max(len(stage.name) for stage in STAGES)
+    for stage in STAGES:
+        print(f"{stage.name:<{width}}  {stage.makes}")
     return 0
 
 

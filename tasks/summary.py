@@ -47,14 +47,14 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
         stack.extend(task.deps())
 
 
-def output_of(folder: str):  # -> tasks.dag.Output
-    from tasks.dag import OUTPUT_OF, Output
+def output_of(folder: str):  # -> tasks.dag.Stage
+    from tasks.dag import OUTPUT_OF, Stage
 
     if folder in OUTPUT_OF:
         return OUTPUT_OF[folder]
     if folder.startswith("eval_"):
         return OUTPUT_OF["evaluate"]
-    return Output(folder, folder, "records", "rows")
+    return Stage(folder, "", "records", "rows")
 
 
 def dag_position(folder: str) -> int:
@@ -128,7 +128,7 @@ def _mtime(path: Path) -> float | None:
 
 def _new_row(folder: str, stage_dir: StageDir) -> StageRow:
     out = output_of(folder)
-    return StageRow(stage=folder, name=out.stage, unit=out.unit, rows_unit=out.rows, path=str(stage_dir.path),
+    return StageRow(stage=folder, name=out.name, unit=out.unit, rows_unit=out.rows, path=str(stage_dir.path),
                     stage_dir=stage_dir)
 
 

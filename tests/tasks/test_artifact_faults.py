@@ -50,7 +50,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
     stage, unit, shards, done, failed, ran, skipped, in, ok, rejected, rows, rows are, seconds, reasons)."""
     from tasks.dag import OUTPUTS
 
-    folder = {o.stage: o.folder for o in OUTPUTS}
+    folder = {o.name: o.folder for o in OUTPUTS}
     lines = text[text.rindex("\nstage "):].splitlines()[3:]
     rows = {}
     for parts in (line.split() for line in lines):
