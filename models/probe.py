@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import ROLES, ModelSettings, load_role
+from models.roles import Sampling
 
 PROBE_CAPTION = "a person next to a dog and a car."
 
@@ -24,8 +25,7 @@ def _crop(image: np.ndarray, side: int) -> np.ndarray:
 def _run(role: str, model: Any, image: np.ndarray) -> dict[str, Any]:
     h, w = image.shape[:2]
     if role == "captioner":
-        text = model.caption([image], "Describe this image.", max_new_tokens=8, temperature=0.8, top_p=0.4,
-                             top_k=5, seed=0)
+        text = model.caption([image], "Describe this image.", Sampling(8, temperature=0.8, top_p=0.4, top_k=5))
         return {"caption": np.asarray([len(t) for t in text])}
     if role == "grounder":
         g = model.ground(image, PROBE_CAPTION, box_threshold=0.0, text_threshold=0.25)

@@ -99,24 +99,26 @@ class DenseFeatures:
     layers: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a captioner generates: at most `max_new_tokens` new tokens; temperature <= 0 → greedy, else sampled with
+    `temperature`, `top_p`, `top_k` from a generator seeded with `seed`."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+
 # ----------------------------------------------------------------------------------------------------- roles
 class Captioner(ABC):
     @abstractmethod
-    def caption(
-        self,
-        images: Sequence[np.ndarray],
-        prompt: str,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int,
-    ) -> list[str]:
+    def caption(self, images: Sequence[np.ndarray], prompt: str, sampling: Sampling) -> list[str]:
         """Caption each image (uint8 RGB [H, W, 3], sizes may differ) with the same `prompt`.
 
         Returns one string per image (only the newly generated text, stripped). Sampling is seeded: the same
-        images in the same batch order with the same arguments give the same strings. temperature <= 0 → greedy.
+        images in the same batch order with the same `sampling` give the same strings.
         """
 
 
@@ -149,6 +151,27 @@ class Grounder(ABC):
     def count_tokens(self, caption: str) -> int:
         """Tokens (special tokens included) `ground` would feed the model for `caption`, before truncation to
         `max_text_tokens`; lets callers split long captions into windows that fit."""
+
+
+def prompt_arrays(boxes_xyxy: np.ndarray | None = None, points_xy: np.ndarray | None = None,
+                  point_labels: np.ndarray | None = None) -> tuple[np.ndarray | None, ...]:
+    """`Segmenter.predict`'s prompts, checked and as arrays: boxes float32 [N, 4]; points float32 [N, P, 2] with
+    their labels [N, P] (default all 1); at least one of the two, with the same N."""
+    boxes = points = labels = None
+    if boxes_xyxy is not None:
+        boxes = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+    if points_xy is not None:
+        points = np.asarray(points_xy, dtype=np.float32)
+        if points.ndim != 3 or points.shape[2] != 2:
+            raise ValueError(f"points_xy must be [N, P, 2] (x, y), got {points.shape}")
+        labels = np.ones(points.shape[:2]) if point_labels is None else np.asarray(point_labels)
+        if labels.shape != points.shape[:2]:
+            raise ValueError(f"point_labels must be [N, P] = {points.shape[:2]}, got {labels.shape}")
+    if boxes is None and points is None:
+        raise ValueError("predict needs boxes_xyxy and/or points_xy")
+    if boxes is not None and points is not None and len(boxes) != len(points):
+        raise ValueError(f"boxes ({len(boxes)}) and points ({len(points)}) must have the same N")
+    return boxes, points, labels
 
 
 class Segmenter(ABC):
@@ -184,11 +207,12 @@ class Segmenter(ABC):
         Returns `MaskPrediction` with M = 3 masks per prompt if multimask else 1.
         """
 
-    def predict_device(self, embedding: SamImageEmbedding, **prompts: Any) -> MaskPrediction:
+    def predict_device(self, embedding: SamImageEmbedding, *, multimask: bool = True,
+                       **prompts: Any) -> MaskPrediction:
         """`predict` (same keyword arguments), with the arrays left where the model computed them: float32 torch
         tensors on its device, nothing copied to the host and no synchronisation, for callers that reduce the logits
         there (thresholds, stability) and copy only binary masks. Default: `predict` (numpy arrays)."""
-        return self.predict(embedding, **prompts)
+        return self.predict(embedding, multimask=multimask, **prompts)
 
     @abstractmethod
     def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None,

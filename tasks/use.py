@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from models.registry import load_role, load_spacy
+from models.roles import Sampling
 from pipeline.core.artifacts import ShardOutput
 from pipeline.core.overlap import Outcome
 from pipeline.use.captions import load_gt_captions
@@ -87,9 +88,9 @@ class UseCaptionsShard(ChainedShardTask):
             # before it (reruns of one shard reproduce it). A batch redone image by image (one image failed) seeds
             # each from its own id.
             seed = cfg.seed + int(items[0][0][:8], 16)
-            return captioner.caption([img for _, img in items], cfg.caption_prompt,
-                                     max_new_tokens=cfg.caption_max_new_tokens, temperature=cfg.caption_temperature,
-                                     top_p=cfg.caption_top_p, top_k=cfg.caption_top_k, seed=seed)
+            sampling = Sampling(cfg.caption_max_new_tokens, cfg.caption_temperature, cfg.caption_top_p,
+                                cfg.caption_top_k, seed)
+            return captioner.caption([img for _, img in items], cfg.caption_prompt, sampling)
 
         def flush() -> None:
             if not batch:

@@ -440,7 +440,7 @@ class OracleCaptioner(Captioner):
         self.gt = gt
         self.source = "oracle"
 
-    def caption(self, images, prompt, *, max_new_tokens, temperature, top_p, top_k, seed) -> list[str]:
+    def caption(self, images, prompt, sampling) -> list[str]:
         hist = _class_hist(self.gt.class_label, len(self.gt.class_names))
         names = [self.gt.class_names[c] for c in np.argsort(-hist, kind="stable") if c > 0 and hist[c] > 0]
         if not names:

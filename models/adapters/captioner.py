@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from models.adapters._hf import autocast, hf_load, model_device
-from models.roles import Captioner
+from models.roles import Captioner, Sampling
 
 DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
 
@@ -35,17 +35,7 @@ class HFCaptioner(Captioner):
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
-    def caption(
-        self,
-        images: Sequence[np.ndarray],
-        prompt: str,
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int,
-    ) -> list[str]:
+    def caption(self, images: Sequence[np.ndarray], prompt: str, sampling: Sampling) -> list[str]:
         """images: uint8 RGB [H, W, 3] each (sizes may differ) → one caption per image, new text only, stripped.
 
         One conversation per image (the image, then `prompt`), generated as one left-padded batch. Sampling is
@@ -58,13 +48,13 @@ class HFCaptioner(Captioner):
         inputs = self.processor(
             images=[np.asarray(im) for im in images], text=[text] * len(images), padding=True, return_tensors="pt"
         ).to(self.device)
-        sample = temperature > 0
-        gen = dict(max_new_tokens=max_new_tokens, do_sample=sample)
+        sample = sampling.temperature > 0
+        gen = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sample)
         if sample:
-            gen.update(temperature=temperature, top_p=top_p, top_k=top_k)
+            gen.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.device):
-            torch.manual_seed(seed)
+            torch.manual_seed(sampling.seed)
             out = self.model.generate(**inputs, **gen)
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models.adapters._hf import ModelUnavailableError, autocast, model_device, to_numpy
-from models.roles import MaskPrediction, SamImageEmbedding, Segmenter
+from models.roles import MaskPrediction, SamImageEmbedding, Segmenter, prompt_arrays
 
 # `_build_sam` keyword arguments per image-encoder size; vit_* are the official ones (segment_anything.build_sam).
 SAM_ARCHS: dict[str, dict[str, Any]] = {
@@ -102,46 +102,29 @@ class SamSegmenter(Segmenter):
         return [SamImageEmbedding(features=features[i : i + 1], original_size=(int(im.shape[0]), int(im.shape[1])),
                                   input_size=size) for i, (im, size) in enumerate(zip(images, sizes, strict=True))]
 
-    @torch.inference_mode()
-    def predict(
-        self,
-        embedding: SamImageEmbedding,
-        *,
-        boxes_xyxy: np.ndarray | None = None,
-        points_xy: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        multimask: bool = True,
-        device_output: bool = False,
-    ) -> MaskPrediction:
-        """All N prompts in one batched decoder call (as `SamPredictor.predict_torch`).
+    def predict(self, embedding: SamImageEmbedding, *, multimask: bool = True, **prompts: Any) -> MaskPrediction:
+        """All N prompts (`Segmenter.predict`'s keywords) in one batched decoder call, as
+        `SamPredictor.predict_torch`. Returns logits float32 [N, M, H, W] (original size; > 0 is the mask), iou_pred
+        [N, M], low_res_logits [N, M, 256, 256]; M = 3 if multimask else 1. Memory is N*M*H*W*4 bytes: callers with
+        hundreds of prompts on large images pass them in chunks."""
+        pred = self.predict_device(embedding, multimask=multimask, **prompts)
+        return MaskPrediction(*(to_numpy(t) for t in (pred.logits, pred.iou_pred, pred.low_res_logits)))
 
-        boxes_xyxy: float [N, 4] (x0, y0, x1, y1) pixels of the original image.
-        points_xy: float [N, P, 2] (x, y) pixels of the original image (x = column); point_labels int [N, P]
-            (1 foreground, 0 background; default all 1).
-        Returns logits float32 [N, M, H, W] (original size; > 0 is the mask), iou_pred [N, M],
-        low_res_logits [N, M, 256, 256]; M = 3 if multimask else 1. Memory is N*M*H*W*4 bytes: callers with
-        hundreds of prompts on large images pass them in chunks. device_output: the three as float32 torch tensors
-        on the segmenter's device (nothing copied to the host, no synchronisation), for callers that reduce the
-        logits there (`predict_device`).
-        """
+    @torch.inference_mode()
+    def predict_device(self, embedding: SamImageEmbedding, *, multimask: bool = True,
+                       **prompts: Any) -> MaskPrediction:
+        """`predict` with logits, iou_pred, low_res_logits left as float32 tensors on the segmenter's device (nothing
+        copied to the host, no synchronisation), for callers that reduce the logits there."""
+        boxes_xyxy, points_xy, point_labels = prompt_arrays(**prompts)
         size = embedding.original_size
         boxes = points = None
         if boxes_xyxy is not None:
-            b = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-            boxes = torch.as_tensor(self.transform.apply_boxes(b, size), dtype=torch.float32, device=self.device)
+            boxes = torch.as_tensor(self.transform.apply_boxes(boxes_xyxy, size), dtype=torch.float32,
+                                    device=self.device)
         if points_xy is not None:
-            pts = np.asarray(points_xy, dtype=np.float32)
-            if pts.ndim != 3 or pts.shape[2] != 2:
-                raise ValueError(f"points_xy must be [N, P, 2] (x, y), got {pts.shape}")
-            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels)
-            if labels.shape != pts.shape[:2]:
-                raise ValueError(f"point_labels must be [N, P] = {pts.shape[:2]}, got {labels.shape}")
-            coords = torch.as_tensor(self.transform.apply_coords(pts, size), dtype=torch.float32, device=self.device)
-            points = (coords, torch.as_tensor(labels, dtype=torch.int, device=self.device))
-        if boxes is None and points is None:
-            raise ValueError("predict needs boxes_xyxy and/or points_xy")
-        if boxes is not None and points is not None and len(boxes) != len(points[0]):
-            raise ValueError(f"boxes ({len(boxes)}) and points ({len(points[0])}) must have the same N")
+            coords = torch.as_tensor(self.transform.apply_coords(points_xy, size), dtype=torch.float32,
+                                     device=self.device)
+            points = (coords, torch.as_tensor(point_labels, dtype=torch.int, device=self.device))
         with autocast(self.device):
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
             low_res, iou = self.sam.mask_decoder(
@@ -152,13 +135,7 @@ class SamSegmenter(Segmenter):
                 multimask_output=multimask,
             )
         logits = self.sam.postprocess_masks(low_res.float(), embedding.input_size, embedding.original_size)
-        if device_output:
-            return MaskPrediction(logits=logits, iou_pred=iou.float(), low_res_logits=low_res.float())
-        return MaskPrediction(logits=to_numpy(logits), iou_pred=to_numpy(iou), low_res_logits=to_numpy(low_res))
-
-    def predict_device(self, embedding: SamImageEmbedding, **prompts: Any) -> MaskPrediction:
-        """`predict(..., device_output=True)`: logits, iou_pred, low_res_logits as float32 tensors on the device."""
-        return self.predict(embedding, **prompts, device_output=True)
+        return MaskPrediction(logits=logits, iou_pred=iou.float(), low_res_logits=low_res.float())
 
     def automatic_masks(self, image: np.ndarray, *, embedding: SamImageEmbedding | None = None,
                         **params: Any) -> list[dict]:

@@ -15,7 +15,7 @@ import torch
 
 from models.adapters import tiny
 from models.registry import ROLES, ModelSettings, ModelUnavailableError, load_role, register_preset
-from models.roles import Captioner, ClipEncoder, DenseEncoder, Grounder, Segmenter
+from models.roles import Captioner, ClipEncoder, DenseEncoder, Grounder, Sampling, Segmenter
 from tests.oracles import OracleGT, register_oracle
 
 
@@ -91,10 +91,10 @@ def test_tiny_bert_vocab_keeps_grounding_dino_special_ids(adapters):
 def test_captioner_returns_seeded_strings(adapters, photo):
     cap = adapters["captioner"]
     images = [photo, photo[:60, :50]]
-    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=20)
-    a = cap.caption(images, "Describe the image.", seed=3, **kw)
+    sampling = Sampling(6, temperature=1.0, top_p=0.9, top_k=20, seed=3)
+    a = cap.caption(images, "Describe the image.", sampling)
     assert len(a) == 2 and all(isinstance(s, str) for s in a)
-    assert cap.caption(images, "Describe the image.", seed=3, **kw) == a
+    assert cap.caption(images, "Describe the image.", sampling) == a
     assert not any("ASSISTANT:" in s for s in a)  # only newly generated text, not the prompt
 
 
@@ -358,8 +358,7 @@ def test_oracle_answers_from_ground_truth(gt):
     assert len(out.boxes_xyxy) == n_person + n_bottle
     top = [caption[slice(*out.token_char_spans[t])] for t in out.token_probs.argmax(1)]
     assert sorted(set(top)) == ["bottle", "person"]
-    assert load_role("captioner", settings).caption([gt.rgb], "", max_new_tokens=1, temperature=0, top_p=1,
-                                                    top_k=1, seed=0)[0].startswith("a photo of a person")
+    assert load_role("captioner", settings).caption([gt.rgb], "", Sampling(1))[0].startswith("a photo of a person")
 
 
 def test_a_process_loads_each_model_once_across_shards(tmp_path, tiny_cache):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from models.registry import ModelSettings, load_role
+from models.roles import Sampling
 from pipeline.core.masks import stability_score
 from pipeline.core.overlap import Behind, HostCopy, Outcome, packed_batches, prefetch
 from pipeline.features.cache import encode_fmbseg, encode_fmbseg_batch, encode_use
@@ -128,9 +129,9 @@ def test_grounder_batch_encodes_each_image_once_and_equals_one_caption_calls(set
 def test_captioner_greedy_batch_equals_one_image_at_a_time(settings):
     captioner = load_role("captioner", settings)
     images = photos(3)
-    kw = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, seed=0)
-    batch = captioner.caption(images, "Describe this image.", **kw)
-    assert batch == [captioner.caption([im], "Describe this image.", **kw)[0] for im in images]
+    greedy = Sampling(8)
+    batch = captioner.caption(images, "Describe this image.", greedy)
+    assert batch == [captioner.caption([im], "Describe this image.", greedy)[0] for im in images]
 
 
 # ----------------------------------------------------------------------------------------------------- masks on device
