@@ -43,6 +43,34 @@ def cuda_fast_float32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+class HFAdapter:
+    """What the transformers adapters share: the `device` they run on, the hub id or folder they load from
+    (`source`), `load` (a `from_pretrained` on it that fails with one clear error, see `hf_load`), and the pixel
+    normalisation of their image processor (`use_image_processor`, then `normalised`)."""
+
+    def __init__(self, model_id: str, device: str, *, role: str, key: str, hub_id: str) -> None:
+        self.device = model_device(device)
+        self.source = model_id
+        self._names = dict(role=role, key=key, hub_id=hub_id)
+
+    def load(self, loader: Callable[..., Any], **kwargs: Any) -> Any:
+        return hf_load(loader, self.source, **self._names, **kwargs)
+
+    def use_image_processor(self, processor: Any) -> None:
+        """Take the rescale factor, mean and std of a transformers image processor (only those: resizing and
+        cropping are the callers')."""
+        self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
+        self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def normalised(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [B, H, W, 3] → float32 [B, 3, H, W] on the device, rescaled and normalised as the processor
+        would (the caller has checked the shape)."""
+        pixels = np.require(images, requirements=["C", "W"])  # a read-only input is copied: torch needs writable
+        x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        return (x * self._rescale - self._mean) / self._std
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; a no-op elsewhere (CPU runs stay float32 so results are exact and reproducible)."""
     if device.type == "cuda":

@@ -7,26 +7,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.adapters._hf import autocast, hf_load, model_device
+from models.adapters._hf import HFAdapter, autocast
 from models.roles import Captioner, Sampling
 
 DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
 
 
-class HFCaptioner(Captioner):
+class HFCaptioner(HFAdapter, Captioner):
     """`AutoProcessor` + `AutoModelForImageTextToText`; the prompt goes through the processor's chat template."""
 
     def __init__(self, model_id: str = DEFAULT_CAPTIONER, *, device: str = "auto", key: str = "captioner") -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.device = model_device(device)
-        self.source = model_id
-        load = dict(role="captioner", key=key, hub_id=DEFAULT_CAPTIONER)
+        super().__init__(model_id, device, role="captioner", key=key, hub_id=DEFAULT_CAPTIONER)
         # bf16 weights on CUDA (a 7B VLM in float32 would double memory for no gain in captions), float32 on CPU.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model = hf_load(AutoModelForImageTextToText.from_pretrained, model_id, dtype=dtype, **load)
-        self.model = model.to(self.device).eval()
-        self.processor = hf_load(AutoProcessor.from_pretrained, model_id, **load)
+        self.model = self.load(AutoModelForImageTextToText.from_pretrained, dtype=dtype).to(self.device).eval()
+        self.processor = self.load(AutoProcessor.from_pretrained)
         # Decoder-only batching needs left padding so every prompt ends right where generation starts.
         self.processor.tokenizer.padding_side = "left"
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.adapters._hf import autocast, hf_load, l2_normalize, model_device, to_numpy
+from models.adapters._hf import HFAdapter, autocast, l2_normalize, to_numpy
 from models.roles import ClipEncoder, ClipImageFeatures
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -16,28 +16,23 @@ DEFAULT_CAM_CLIP = "openai/clip-vit-base-patch16"
 DEFAULT_CLASSIFIER_CLIP = "openai/clip-vit-large-patch14"
 
 
-class HFClipEncoder(ClipEncoder):
+class HFClipEncoder(HFAdapter, ClipEncoder):
     """`CLIPModel` + `AutoTokenizer` + `AutoImageProcessor` (mean/std only) from one hub id or folder."""
 
     def __init__(self, model_id: str = DEFAULT_CLIP, *, device: str = "auto", key: str = "clip",
                  hub_id: str = DEFAULT_CLIP) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.device = model_device(device)
-        self.source = model_id
-        load = dict(role="CLIP", key=key, hub_id=hub_id)
+        super().__init__(model_id, device, role="CLIP", key=key, hub_id=hub_id)
         # float32 weights whatever the checkpoint stores; CUDA speed comes from autocast.
-        self.model = hf_load(CLIPModel.from_pretrained, model_id, dtype=torch.float32, **load).to(self.device).eval()
-        self.tokenizer = hf_load(AutoTokenizer.from_pretrained, model_id, **load)
-        processor = hf_load(AutoImageProcessor.from_pretrained, model_id, **load)
+        self.model = self.load(CLIPModel.from_pretrained, dtype=torch.float32).to(self.device).eval()
+        self.tokenizer = self.load(AutoTokenizer.from_pretrained)
+        self.use_image_processor(self.load(AutoImageProcessor.from_pretrained))
         vision = self.model.config.vision_config
         self.patch_size = int(vision.patch_size)
         self.image_size = int(vision.image_size)
         self.vision_layers = int(vision.num_hidden_layers)  # blocks of the vision tower (encode_image_blocks)
         self.embed_dim = int(self.model.config.projection_dim)
-        self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
-        self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._max_text = int(self.model.config.text_config.max_position_embeddings)
 
     def pixel_values(self, images: np.ndarray) -> torch.Tensor:
@@ -46,8 +41,7 @@ class HFClipEncoder(ClipEncoder):
         s = self.image_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
             raise ValueError(f"CLIP expects uint8 [B, {s}, {s}, 3] crops, got {images.dtype} {images.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float()
-        return (x * self._rescale - self._mean) / self._std
+        return self.normalised(images)
 
     @torch.inference_mode()
     def encode_image(self, images: np.ndarray) -> ClipImageFeatures:
@@ -101,8 +95,7 @@ class HFClipEncoder(ClipEncoder):
         if not idx or any(not 0 <= i < n_layers for i in idx):
             raise ValueError(f"layers must be block indices in [-{n_layers}, {n_layers}), got {list(layers)}")
         b, h, w, _ = images.shape
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float()
-        x = (x * self._rescale - self._mean) / self._std
+        x = self.normalised(images)
         with autocast(self.device):
             out = self.model.vision_model(pixel_values=x, output_hidden_states=True,
                                           interpolate_pos_encoding=(h, w) != (self.image_size,) * 2)
@@ -146,8 +139,7 @@ class HFClipEncoder(ClipEncoder):
                 or images.shape[2] % p:
             raise ValueError(f"expected uint8 [B, H, W, 3] with H, W multiples of {p}, got {images.dtype} "
                              f"{images.shape}")
-        x = torch.from_numpy(np.array(images, copy=True)).to(self.device).permute(0, 3, 1, 2).float()
-        return (x * self._rescale - self._mean) / self._std
+        return self.normalised(images)
 
     @torch.inference_mode()
     def encode_image_car(self, images: np.ndarray, *, skip_last_block: bool = True) -> np.ndarray:

@@ -7,29 +7,24 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.adapters._hf import autocast, hf_load, model_device, to_numpy
+from models.adapters._hf import HFAdapter, autocast, to_numpy
 from models.roles import DenseEncoder, DenseFeatures
 
 DEFAULT_DINO = "facebook/dinov2-large"
 
 
-class HFDinoEncoder(DenseEncoder):
+class HFDinoEncoder(HFAdapter, DenseEncoder):
     """`Dinov2Model` + the mean/std of its `AutoImageProcessor`, from one hub id or folder."""
 
     def __init__(self, model_id: str = DEFAULT_DINO, *, device: str = "auto", key: str = "dino") -> None:
         from transformers import AutoImageProcessor, Dinov2Model
 
-        self.device = model_device(device)
-        self.source = model_id
-        load = dict(role="DINOv2", key=key, hub_id=DEFAULT_DINO)
-        self.model = hf_load(Dinov2Model.from_pretrained, model_id, dtype=torch.float32, **load).to(self.device).eval()
-        processor = hf_load(AutoImageProcessor.from_pretrained, model_id, **load)
+        super().__init__(model_id, device, role="DINOv2", key=key, hub_id=DEFAULT_DINO)
+        self.model = self.load(Dinov2Model.from_pretrained, dtype=torch.float32).to(self.device).eval()
+        self.use_image_processor(self.load(AutoImageProcessor.from_pretrained))
         self.patch_size = int(self.model.config.patch_size)
         self.hidden_size = int(self.model.config.hidden_size)
         self.num_layers = int(self.model.config.num_hidden_layers)
-        self._rescale = float(getattr(processor, "rescale_factor", 1 / 255))
-        self._mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     def _layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
         if layers is None:
@@ -56,8 +51,7 @@ class HFDinoEncoder(DenseEncoder):
         if h % p or w % p:
             raise ValueError(f"H, W must be multiples of patch_size={p}, got {(h, w)}")
         idx = self._layers(layers)
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float()
-        x = (x * self._rescale - self._mean) / self._std
+        x = self.normalised(images)
         with autocast(self.device):
             out = self.model(pixel_values=x, output_hidden_states=True)
             # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of block i.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.adapters._hf import ModelUnavailableError, autocast, hf_load, model_device, to_numpy
+from models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
 from models.roles import Grounder, Grounding
 
 DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
@@ -95,7 +95,7 @@ def to_grounding(
     )
 
 
-class HFGroundingDino(Grounder):
+class HFGroundingDino(HFAdapter, Grounder):
     """transformers `GroundingDinoForObjectDetection` + `AutoProcessor` (tokenizer + image processor settings).
 
     Inputs are prepared as the official groundingdino-py does, not by transformers' image processor: the image is
@@ -114,12 +114,10 @@ class HFGroundingDino(Grounder):
                  size: int | None = None, max_size: int | None = None) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        self.device = model_device(device)
-        self.source = model_id
-        load = dict(role="Grounding DINO grounder", key=key, hub_id=DEFAULT_GROUNDER)
-        self.model = hf_load(GroundingDinoForObjectDetection.from_pretrained, model_id, dtype=torch.float32, **load)
+        super().__init__(model_id, device, role="Grounding DINO grounder", key=key, hub_id=DEFAULT_GROUNDER)
+        self.model = self.load(GroundingDinoForObjectDetection.from_pretrained, dtype=torch.float32)
         self.model = self.model.to(self.device).eval()
-        self.processor = hf_load(AutoProcessor.from_pretrained, model_id, **load)
+        self.processor = self.load(AutoProcessor.from_pretrained)
         self.max_text_tokens = int(self.model.config.max_text_len)
         ip = self.processor.image_processor
         sizes = ip.size or {}  # a dict or transformers' SizeDict
