@@ -19,6 +19,28 @@ import pyarrow.parquet as pq
 META_KEY = b"pseudoseg.schema"
 
 
+def column(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    """One column of a contract: non-nullable unless said."""
+    return pa.field(name, type_, nullable=nullable)
+
+
+def schema(*columns: pa.Field) -> pa.Schema:
+    return pa.schema(list(columns))
+
+
+# A bounding box, COCO xywh pixels (float, as pycocotools' toBbox).
+BBOX = pa.list_(pa.float64(), 4)
+# One mask as every mask table stores it (readers decode it with pycocotools): COCO compressed RLE counts of a
+# height x width mask, its area (pixels) and its bounding box.
+MASK_COLUMNS = (
+    column("height", pa.int32()),
+    column("width", pa.int32()),
+    column("rle_counts", pa.string()),
+    column("area", pa.int64()),
+    column("bbox", BBOX),
+)
+
+
 class SchemaError(ValueError):
     """An artifact does not match its contract. The message names the file, the field and expected vs found."""
 

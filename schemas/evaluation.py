@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract
+from schemas.contract import Contract, column, schema
 
-CLASS_IOU = Contract(
-    "class_iou",
-    1,
-    pa.schema(
-        [
-            pa.field("class_index", pa.int64(), nullable=False),  # label value in the benchmark's GT
-            pa.field("class_name", pa.string(), nullable=False),
-            pa.field("iou", pa.float64(), nullable=True),
-            pa.field("intersection", pa.int64(), nullable=False),
-            pa.field("union", pa.int64(), nullable=False),
-        ]
-    ),
-)
+CLASS_IOU = Contract("class_iou", 1, schema(
+    column("class_index", pa.int64()),  # label value in the benchmark's GT
+    column("class_name", pa.string()),
+    column("iou", pa.float64(), nullable=True),
+    column("intersection", pa.int64()),
+    column("union", pa.int64()),
+))

@@ -33,81 +33,58 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract
-
-
-def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
-
+from schemas.contract import Contract, column, schema
 
 INTS = pa.list_(pa.int32())
 
 
 def _backbone(prefix: str) -> list[pa.Field]:
     return [
-        _f(f"{prefix}_model", pa.string()),  # model identity (preset:id), "" if not stored
-        _f(f"{prefix}_patch_size", pa.int32()),  # 0 if not stored
-        _f(f"{prefix}_input_hw", INTS),  # [h, w] pixels fed to the encoder, [] if not stored
-        _f(f"{prefix}_layers", INTS),  # 0-based block indices, order of axis 0 of the arrays
-        _f(f"{prefix}_patches_shape", INTS),
-        _f(f"{prefix}_cls_shape", INTS),
+        column(f"{prefix}_model", pa.string()),  # model identity (preset:id), "" if not stored
+        column(f"{prefix}_patch_size", pa.int32()),  # 0 if not stored
+        column(f"{prefix}_input_hw", INTS),  # [h, w] pixels fed to the encoder, [] if not stored
+        column(f"{prefix}_layers", INTS),  # 0-based block indices, order of axis 0 of the arrays
+        column(f"{prefix}_patches_shape", INTS),
+        column(f"{prefix}_cls_shape", INTS),
     ]
 
 
-FEATURE_CACHE = Contract(
-    "feature_cache",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("purpose", pa.string()),  # "use" | "fmbseg"
-            _f("height", pa.int32()),  # original (ingested) image
-            _f("width", pa.int32()),
-            _f("resize", pa.string()),  # "squash" | "short_side"
-            _f("grid_height", pa.int32()),
-            _f("grid_width", pa.int32()),
-            _f("dtype", pa.string()),  # of every stored array: "float16"
-            *_backbone("clip"),
-            *_backbone("dino"),
-            _f("members", pa.list_(pa.string())),  # array member suffixes, e.g. "clip_patches.npy"
-            _f("feature_bytes", pa.int64()),
-        ]
-    ),
-)
+FEATURE_CACHE = Contract("feature_cache", 1, schema(
+    column("image_id", pa.string()),
+    column("purpose", pa.string()),  # "use" | "fmbseg"
+    column("height", pa.int32()),  # original (ingested) image
+    column("width", pa.int32()),
+    column("resize", pa.string()),  # "squash" | "short_side"
+    column("grid_height", pa.int32()),
+    column("grid_width", pa.int32()),
+    column("dtype", pa.string()),  # of every stored array: "float16"
+    *_backbone("clip"),
+    *_backbone("dino"),
+    column("members", pa.list_(pa.string())),  # array member suffixes, e.g. "clip_patches.npy"
+    column("feature_bytes", pa.int64()),
+))
 
-SAM_EMBEDDINGS = Contract(
-    "sam_embeddings",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("segmenter", pa.string()),  # model identity (preset:arch:checkpoint)
-            _f("height", pa.int32()),  # original (ingested) image
-            _f("width", pa.int32()),
-            _f("input_height", pa.int32()),  # after SAM's ResizeLongestSide, before padding
-            _f("input_width", pa.int32()),
-            _f("dtype", pa.string()),  # "float16" | "float32"
-            _f("shape", INTS),
-            _f("embedding_bytes", pa.int64()),
-        ]
-    ),
-)
+SAM_EMBEDDINGS = Contract("sam_embeddings", 1, schema(
+    column("image_id", pa.string()),
+    column("segmenter", pa.string()),  # model identity (preset:arch:checkpoint)
+    column("height", pa.int32()),  # original (ingested) image
+    column("width", pa.int32()),
+    column("input_height", pa.int32()),  # after SAM's ResizeLongestSide, before padding
+    column("input_width", pa.int32()),
+    column("dtype", pa.string()),  # "float16" | "float32"
+    column("shape", INTS),
+    column("embedding_bytes", pa.int64()),
+))
 
-TEXT_EMBEDDINGS = Contract(
-    "text_embeddings",
-    2,
-    pa.schema(
-        [
-            _f("text", pa.string()),
-            _f("kind", pa.string()),  # "segment_text" | "class"
-            _f("as_phrase", pa.bool_()),  # a noun phrase of some USE segment
-            _f("as_expression", pa.bool_()),  # a referring expression of some USE segment
-            _f("class_index", pa.int32()),  # label value for classes, -1 for segment texts
-            _f("template_set", pa.string()),  # e.g. "use4", "single"
-            _f("embedding", pa.list_(pa.float32())),
-            _f("dim", pa.int32()),
-        ]
-    ),
-)
+TEXT_EMBEDDINGS = Contract("text_embeddings", 2, schema(
+    column("text", pa.string()),
+    column("kind", pa.string()),  # "segment_text" | "class"
+    column("as_phrase", pa.bool_()),  # a noun phrase of some USE segment
+    column("as_expression", pa.bool_()),  # a referring expression of some USE segment
+    column("class_index", pa.int32()),  # label value for classes, -1 for segment texts
+    column("template_set", pa.string()),  # e.g. "use4", "single"
+    column("embedding", pa.list_(pa.float32())),
+    column("dim", pa.int32()),
+))
 
 __all__ = ["FEATURE_CACHE", "SAM_EMBEDDINGS", "TEXT_EMBEDDINGS"]

@@ -19,123 +19,79 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract
-
-
-def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable)
-
+from schemas.contract import MASK_COLUMNS, Contract, column, schema
 
 BOX_INT = pa.list_(pa.int32(), 4)
-BBOX = pa.list_(pa.float64(), 4)
 POINT = pa.list_(pa.float32(), 2)
 
 # One row per image with features (= the sample's JSON record).
-DENSE_FEATURES = Contract(
-    "fmbseg_dense",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("height", pa.int32()),
-            _f("width", pa.int32()),
-            _f("resized_height", pa.int32()),
-            _f("resized_width", pa.int32()),
-            _f("grid_height", pa.int32()),
-            _f("grid_width", pa.int32()),
-            _f("embed_dim", pa.int32()),
-            _f("patch_size", pa.int32()),
-            _f("crop_size", pa.int32()),  # = the CLIP encoder's image_size
-            _f("stride", pa.int32()),
-            _f("num_crops", pa.int32()),
-            _f("crop_boxes_xyxy", pa.list_(BOX_INT)),  # working pixels, crop order = order of cls.npy rows
-            _f("dtype", pa.string()),  # of the stored .npy arrays ("float16")
-            _f("dense_shape", pa.list_(pa.int32())),
-            _f("cls_shape", pa.list_(pa.int32())),
-        ]
-    ),
-)
+DENSE_FEATURES = Contract("fmbseg_dense", 1, schema(
+    column("image_id", pa.string()),
+    column("height", pa.int32()),
+    column("width", pa.int32()),
+    column("resized_height", pa.int32()),
+    column("resized_width", pa.int32()),
+    column("grid_height", pa.int32()),
+    column("grid_width", pa.int32()),
+    column("embed_dim", pa.int32()),
+    column("patch_size", pa.int32()),
+    column("crop_size", pa.int32()),  # = the CLIP encoder's image_size
+    column("stride", pa.int32()),
+    column("num_crops", pa.int32()),
+    column("crop_boxes_xyxy", pa.list_(BOX_INT)),  # working pixels, crop order = order of cls.npy rows
+    column("dtype", pa.string()),  # of the stored .npy arrays ("float16")
+    column("dense_shape", pa.list_(pa.int32())),
+    column("cls_shape", pa.list_(pa.int32())),
+))
 
 # One row per (image, present class). source: "clip" (crop CLS detection) or "image_labels".
-DETECTIONS = Contract(
-    "fmbseg_detections",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("class_index", pa.int32()),
-            _f("class_name", pa.string()),
-            _f("source", pa.string()),
-            _f("crop_count", pa.int32()),  # crops whose CLS argmax is this class (0 for image labels)
-            _f("crop_indices", pa.list_(pa.int32())),
-            _f("score", pa.float32()),  # best CLS·text cosine over those crops (1.0 for image labels)
-        ]
-    ),
-)
+DETECTIONS = Contract("fmbseg_detections", 1, schema(
+    column("image_id", pa.string()),
+    column("class_index", pa.int32()),
+    column("class_name", pa.string()),
+    column("source", pa.string()),
+    column("crop_count", pa.int32()),  # crops whose CLS argmax is this class (0 for image labels)
+    column("crop_indices", pa.list_(pa.int32())),
+    column("score", pa.float32()),  # best CLS·text cosine over those crops (1.0 for image labels)
+))
 
 # One row per class-labelled mask; stage "1.1" (query points) or "1.2" (automatic masks).
-PSEUDO_MASKS = Contract(
-    "fmbseg_masks",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("mask_index", pa.int32()),  # per image and stage
-            _f("stage", pa.string()),
-            _f("class_index", pa.int32()),
-            _f("class_name", pa.string()),
-            _f("height", pa.int32()),
-            _f("width", pa.int32()),
-            _f("rle_counts", pa.string()),
-            _f("area", pa.int64()),
-            _f("bbox", BBOX),
-            _f("score", pa.float32()),  # SAM predicted IoU
-            _f("similarity", pa.float32()),  # class text · evidence cosine (1.1: query cells; 1.2: mask mean)
-            _f("points_xy", pa.list_(POINT)),  # 1.1: the SAM prompt points, most similar first; 1.2: grid point
-            _f("multimask_index", pa.int8()),  # 1.1: which of SAM's 3 masks was kept; 1.2: -1
-            _f("stability", pa.float32()),  # 1.2: SAM stability score; 1.1: -1
-        ]
-    ),
-)
+PSEUDO_MASKS = Contract("fmbseg_masks", 1, schema(
+    column("image_id", pa.string()),
+    column("mask_index", pa.int32()),  # per image and stage
+    column("stage", pa.string()),
+    column("class_index", pa.int32()),
+    column("class_name", pa.string()),
+    *MASK_COLUMNS,
+    column("score", pa.float32()),  # SAM predicted IoU
+    column("similarity", pa.float32()),  # class text · evidence cosine (1.1: query cells; 1.2: mask mean)
+    column("points_xy", pa.list_(POINT)),  # 1.1: the SAM prompt points, most similar first; 1.2: grid point
+    column("multimask_index", pa.int8()),  # 1.1: which of SAM's 3 masks was kept; 1.2: -1
+    column("stability", pa.float32()),  # 1.2: SAM stability score; 1.1: -1
+))
 
 # One row per (image, class) region of the merged label map: the Parquet view of the PNG.
-LABEL_REGIONS = Contract(
-    "fmbseg_label_regions",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("class_index", pa.int32()),
-            _f("class_name", pa.string()),
-            _f("height", pa.int32()),
-            _f("width", pa.int32()),
-            _f("rle_counts", pa.string()),
-            _f("area", pa.int64()),
-            _f("bbox", BBOX),
-            _f("pixels_stage11", pa.int64()),  # pixels of the region painted by Stage 1.1 / 1.2 masks
-            _f("pixels_stage12", pa.int64()),
-        ]
-    ),
-)
+LABEL_REGIONS = Contract("fmbseg_label_regions", 1, schema(
+    column("image_id", pa.string()),
+    column("class_index", pa.int32()),
+    column("class_name", pa.string()),
+    *MASK_COLUMNS,
+    column("pixels_stage11", pa.int64()),  # pixels of the region painted by Stage 1.1 / 1.2 masks
+    column("pixels_stage12", pa.int64()),
+))
 
 # The JSON record beside each label-map PNG.
-LABEL_MAP_META = Contract(
-    "fmbseg_label_map",
-    1,
-    pa.schema(
-        [
-            _f("image_id", pa.string()),
-            _f("height", pa.int32()),
-            _f("width", pa.int32()),
-            _f("vocabulary", pa.string()),
-            _f("vocabulary_digest", pa.string()),
-            _f("unlabelled", pa.int32()),  # 255
-            _f("class_indices", pa.list_(pa.int32())),  # classes present in the map, ascending
-            _f("class_names", pa.list_(pa.string())),
-            _f("labelled_pixels", pa.int64()),
-            _f("precedence", pa.string()),
-        ]
-    ),
-)
+LABEL_MAP_META = Contract("fmbseg_label_map", 1, schema(
+    column("image_id", pa.string()),
+    column("height", pa.int32()),
+    column("width", pa.int32()),
+    column("vocabulary", pa.string()),
+    column("vocabulary_digest", pa.string()),
+    column("unlabelled", pa.int32()),  # 255
+    column("class_indices", pa.list_(pa.int32())),  # classes present in the map, ascending
+    column("class_names", pa.list_(pa.string())),
+    column("labelled_pixels", pa.int64()),
+    column("precedence", pa.string()),
+))
 
 __all__ = ["DENSE_FEATURES", "DETECTIONS", "PSEUDO_MASKS", "LABEL_REGIONS", "LABEL_MAP_META"]

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract
+from schemas.contract import Contract, column, schema
 
-MODEL_PROBE = Contract(
-    "model_probe",
-    1,
-    pa.schema(
-        [
-            pa.field("role", pa.string(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),  # id or local path the role was loaded from
-            pa.field("output", pa.string(), nullable=False),  # e.g. "cls", "patch", "logits", "caption"
-            pa.field("shape", pa.list_(pa.int64()), nullable=False),
-            pa.field("dtype", pa.string(), nullable=False),
-        ]
-    ),
-)
+MODEL_PROBE = Contract("model_probe", 1, schema(
+    column("role", pa.string()),
+    column("model", pa.string()),  # id or local path the role was loaded from
+    column("output", pa.string()),  # e.g. "cls", "patch", "logits", "caption"
+    column("shape", pa.list_(pa.int64())),
+    column("dtype", pa.string()),
+))

@@ -75,7 +75,7 @@ from tasks.base import (
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
 from tasks.params import config_section, read_params
-from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
+from tasks.sam import UsesSamEmbeddings
 from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
 
 # Section [fmbseg] of luigi.cfg: the fields of the five stages' params (pipeline/fmbseg/params.py).
@@ -219,8 +219,7 @@ class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask):
             if embedding is REJECTED:
                 continue
             if embedding is None:
-                errors.rejects.extend(reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
-                                      for unit in self.units(image_id, classes))
+                errors.rejects.extend(self.no_embedding_rejects(image_id, self.units(image_id, classes)))
                 continue
             yield image_id, rgb, features, classes, embedding
 

@@ -9,7 +9,7 @@ can differ from an unshared run by pixels whose logit is within ~1e-3 of the thr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from tasks.base import (
     current,
     model_identity,
     model_settings,
+    reject,
     stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
@@ -112,6 +113,10 @@ class UsesSamEmbeddings(ChainedShardTask):
         if sam_sharing().share:
             deps["sam"] = SamEmbeddingsShard(shard=self.shard, **self.common())
         return deps
+
+    def no_embedding_rejects(self, image_id: str, units: Iterable[str]) -> list[dict[str, str]]:
+        """The reject rows of an image the embedding stage rejected: one per unit of this stage's input."""
+        return [reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL) for unit in units]
 
     def sam_embedder(self, segmenter) -> EmbedFn:
         """(image_id, rgb) → the image's SAM embedding: the stored one (None if the embedding stage rejected the

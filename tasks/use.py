@@ -39,17 +39,11 @@ from pipeline.use.params import (
     UseSegmentsParams,
 )
 from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
-from tasks.base import (
-    ProgressReporter,
-    group_by_image,
-    model_settings,
-    reject,
-    stage_wrapper,
-)
+from tasks.base import ProgressReporter, group_by_image, model_settings, reject, stage_wrapper
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED
 from tasks.params import config_section
-from tasks.sam import NO_EMBEDDING, NO_EMBEDDING_DETAIL, UsesSamEmbeddings
+from tasks.sam import UsesSamEmbeddings
 from tasks.throughput import behind, manifest_order
 
 # Section [use] of luigi.cfg: the fields of the five stages' params (pipeline/use/params.py).
@@ -295,8 +289,7 @@ class UseBoxMasksShard(UsesSamEmbeddings):
                 if decoded is REJECTED:
                     continue
                 if decoded is None:
-                    rejects.extend(reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL)
-                                   for unit in units(image_id))
+                    rejects.extend(self.no_embedding_rejects(image_id, units(image_id)))
                     continue
                 post.submit(image_id, finish, image_id, these, decoded)
         rejects.sort(key=manifest_order(sources))
