@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,20 @@ def is_run_report(rel: Path) -> bool:
     """``rel`` (under an output root or a dataset root) is a run's report: run.json, the dataset card, a log."""
     parts = rel.parts
     return bool(parts) and (parts[0] in RUN_REPORTS or (len(parts) >= 2 and parts[1] in RUN_REPORTS))
+
+
+def assert_same_artifacts(a: Path, b: Path) -> None:
+    """Two output trees byte-identical (``tree_bytes``: hidden entries such as .quarantine/, .lock-* and
+    temporaries are not artifacts) except the run-dependent ``seconds`` of each done.json."""
+    ta, tb = tree_bytes(a), tree_bytes(b)
+    assert ta.keys() == tb.keys()
+    for rel in ta:
+        if rel.endswith(".done.json"):
+            ja, jb = json.loads(ta[rel]), json.loads(tb[rel])
+            ja.pop("seconds"), jb.pop("seconds")
+            assert ja == jb, rel
+        else:
+            assert ta[rel] == tb[rel], rel
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.core.artifacts import unit_file
-from tests.helpers import cli, cli_env, tree_bytes, write_good_images
+from tests.helpers import assert_same_artifacts, cli, cli_env, write_good_images
 
 pytestmark = pytest.mark.slow
 WARNING = "WARNING: pseudoseg: "
@@ -29,20 +29,6 @@ def run(target: str, images: Path, out: Path, env: dict[str, str], *extra: str, 
     proc = cli(["run", target, "--images", str(images), "--dataset", "ds", "--out", str(out), *extra], env)
     text, _ = proc.communicate(timeout=timeout)
     return proc.returncode, text
-
-
-def assert_same_tree(a: Path, b: Path) -> None:
-    """Byte-identical except the run-dependent ``seconds`` of each done.json; hidden entries (.quarantine/,
-    .lock-*, temporaries) are not artifacts."""
-    ta, tb = tree_bytes(a), tree_bytes(b)
-    assert ta.keys() == tb.keys()
-    for rel in ta:
-        if rel.endswith(".done.json"):
-            ja, jb = json.loads(ta[rel]), json.loads(tb[rel])
-            ja.pop("seconds"), jb.pop("seconds")
-            assert ja == jb, rel
-        else:
-            assert ta[rel] == tb[rel], rel
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -168,7 +154,7 @@ def test_a_damaged_upstream_file_is_named_invalidated_and_redone_in_the_same_run
     assert "moved to ds/" in line and line.endswith("; redoing it")
     assert "1 unit(s) failed verification or had an invalid done.json and were redone:" in text
     assert_accounting(text, EXPECTED)
-    assert_same_tree(tmp_path / "out", reference)
+    assert_same_artifacts(tmp_path / "out", reference)
     (evidence,) = one(ds, pattern).parent.joinpath(".quarantine").iterdir()
     assert (evidence / "reason.txt").read_text().strip() in line
 
@@ -192,7 +178,7 @@ def test_a_garbage_done_json_means_not_done_never_a_crash(tmp_path, setup, garba
     (line,) = [ln for ln in text.splitlines() if ln.startswith(WARNING)]
     assert line.startswith(f"{WARNING}ingest shard 1 is invalid: shard-000001.done.json: invalid: "), line
     assert_accounting(text, EXPECTED)
-    assert_same_tree(tmp_path / "out", reference)
+    assert_same_artifacts(tmp_path / "out", reference)
 
 
 PRODUCE_LOG = """
@@ -229,7 +215,7 @@ def test_two_runs_on_one_output_root_share_the_units_without_failures(tmp_path, 
                                        "sam_embeddings shard 1"]), "every unit produced exactly once"
     logs = [Path(re.search(r"^log: (.+)$", t, re.M).group(1)).read_text() for t in texts]
     assert any("pseudoseg: waiting for " in t for t in logs), "the second run waited for a unit in progress"
-    assert_same_tree(out, reference)
+    assert_same_artifacts(out, reference)
 
 
 # ------------------------------------------------------------------------------------------------ chaos
@@ -301,6 +287,6 @@ def test_chaos_ten_sigkills_and_a_corrupted_upstream_end_byte_identical(tmp_path
     code, text = run(*args, out, env, *opts)
     assert code == 0, text
 
-    assert_same_tree(out, tmp_path / "reference")
+    assert_same_artifacts(out, tmp_path / "reference")
     reasons = [p.read_text() for p in tar.parent.glob(".quarantine/*/reason.txt")]
     assert any("shard-000001.tar: sha256" in r for r in reasons), reasons

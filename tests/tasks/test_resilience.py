@@ -3,7 +3,6 @@ worker processes. Faults are injected through a sitecustomize module, so no test
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli, cli_env, tree_bytes, write_good_images
+from tests.helpers import assert_same_artifacts, cli, cli_env, write_good_images
 
 pytestmark = pytest.mark.slow
 SHARD_SIZE = "3"
@@ -37,18 +36,6 @@ def wait_for(path: Path, proc, timeout: float = 120) -> None:
             proc.kill()
             raise AssertionError(f"timed out waiting for {path}")
         time.sleep(0.05)
-
-
-def assert_same_artifacts(a: Path, b: Path) -> None:
-    ta, tb = tree_bytes(a), tree_bytes(b)
-    assert ta.keys() == tb.keys()
-    for rel in ta:
-        if rel.endswith(".done.json"):
-            ja, jb = json.loads(ta[rel]), json.loads(tb[rel])
-            ja.pop("seconds"), jb.pop("seconds")
-            assert ja == jb, rel
-        else:
-            assert ta[rel] == tb[rel], rel
 
 
 def shard_files(out: Path) -> dict[int, list[str]]:

@@ -27,19 +27,12 @@ def _check_offsets(caption: str, exprs: list[Expression]) -> None:
 
 def test_paper_example_exactly(nlp):
     exprs = extract_expressions(PAPER_CAPTION, nlp)
-    assert [e.phrase for e in exprs] == [
-        "an orange-red apple",
-        "the right side",
-        "the rabbit",
-        "another red apple",
-        "the rabbit",
-    ]
-    assert [e.expression for e in exprs] == [
-        "an orange-red apple",
-        "the right side of the rabbit",
-        "the rabbit",
-        "another red apple visible behind the rabbit",
-        "the rabbit",
+    assert [(e.phrase, e.expression) for e in exprs] == [
+        ("an orange-red apple", "an orange-red apple"),
+        ("the right side", "the right side of the rabbit"),
+        ("the rabbit", "the rabbit"),
+        ("another red apple", "another red apple visible behind the rabbit"),
+        ("the rabbit", "the rabbit"),
     ]
     # The repeated phrase keeps both occurrences, with their own offsets.
     assert exprs[2].phrase_start != exprs[4].phrase_start
