@@ -28,6 +28,8 @@ def schema(*columns: pa.Field) -> pa.Schema:
     return pa.schema(list(columns))
 
 
+# The class of a vocabulary a row is about: its label value and name.
+CLASS_COLUMNS = (column("class_index", pa.int32()), column("class_name", pa.string()))
 # A bounding box, COCO xywh pixels (float, as pycocotools' toBbox).
 BBOX = pa.list_(pa.float64(), 4)
 # One mask as every mask table stores it (readers decode it with pycocotools): COCO compressed RLE counts of a

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import MASK_COLUMNS, Contract, column, schema
+from schemas.contract import CLASS_COLUMNS, MASK_COLUMNS, Contract, column, schema
 
 BOX_INT = pa.list_(pa.int32(), 4)
 POINT = pa.list_(pa.float32(), 2)
@@ -47,8 +47,7 @@ DENSE_FEATURES = Contract("fmbseg_dense", 1, schema(
 # One row per (image, present class). source: "clip" (crop CLS detection) or "image_labels".
 DETECTIONS = Contract("fmbseg_detections", 1, schema(
     column("image_id", pa.string()),
-    column("class_index", pa.int32()),
-    column("class_name", pa.string()),
+    *CLASS_COLUMNS,
     column("source", pa.string()),
     column("crop_count", pa.int32()),  # crops whose CLS argmax is this class (0 for image labels)
     column("crop_indices", pa.list_(pa.int32())),
@@ -60,8 +59,7 @@ PSEUDO_MASKS = Contract("fmbseg_masks", 1, schema(
     column("image_id", pa.string()),
     column("mask_index", pa.int32()),  # per image and stage
     column("stage", pa.string()),
-    column("class_index", pa.int32()),
-    column("class_name", pa.string()),
+    *CLASS_COLUMNS,
     *MASK_COLUMNS,
     column("score", pa.float32()),  # SAM predicted IoU
     column("similarity", pa.float32()),  # class text · evidence cosine (1.1: query cells; 1.2: mask mean)
@@ -73,8 +71,7 @@ PSEUDO_MASKS = Contract("fmbseg_masks", 1, schema(
 # One row per (image, class) region of the merged label map: the Parquet view of the PNG.
 LABEL_REGIONS = Contract("fmbseg_label_regions", 1, schema(
     column("image_id", pa.string()),
-    column("class_index", pa.int32()),
-    column("class_name", pa.string()),
+    *CLASS_COLUMNS,
     *MASK_COLUMNS,
     column("pixels_stage11", pa.int64()),  # pixels of the region painted by Stage 1.1 / 1.2 masks
     column("pixels_stage12", pa.int64()),

@@ -87,15 +87,7 @@ SHARD_STATS = Contract(
 )
 SHARD_STATS_V1 = Contract("shard_stats", 1, pa.schema(_shard_stats_fields([])))
 
-# The `.json` member of each WebDataset sample in an ingest tar (key = image_id). The image payload sits
-# beside it as `<image_id>.<stored_ext>`; `tar tf shard-000000.tar` lists both.
-IMAGE_META = Contract("image_meta", 1, schema(
-    column("image_id", pa.string()),
-    column("source", pa.string()),
-    column("width", pa.int32()),
-    column("height", pa.int32()),
-    column("orig_width", pa.int32()),
-    column("orig_height", pa.int32()),
-    column("orig_mode", pa.string()),
-    column("stored_ext", pa.string()),
-))
+# The `.json` member of each WebDataset sample in an ingest tar (key = image_id): these MANIFEST columns. The
+# image payload sits beside it as `<image_id>.<stored_ext>`; `tar tf shard-000000.tar` lists both.
+IMAGE_META = Contract("image_meta", 1, schema(*(MANIFEST.schema.field(name) for name in (
+    "image_id", "source", "width", "height", "orig_width", "orig_height", "orig_mode", "stored_ext"))))

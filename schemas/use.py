@@ -13,6 +13,14 @@ import pyarrow as pa
 from schemas.contract import MASK_COLUMNS, Contract, column, schema
 
 BOX = pa.list_(pa.float32(), 4)
+# The phrase a row comes from: its caption (index, source) and the phrase with its referring expression.
+PHRASE_COLUMNS = (
+    column("caption_index", pa.int32()),
+    column("source", pa.string()),
+    column("phrase_index", pa.int32()),
+    column("phrase", pa.string()),
+    column("expression", pa.string()),
+)
 
 CAPTIONS = Contract("captions", 1, schema(
     column("image_id", pa.string()),
@@ -23,11 +31,7 @@ CAPTIONS = Contract("captions", 1, schema(
 
 EXPRESSIONS = Contract("expressions", 1, schema(
     column("image_id", pa.string()),
-    column("caption_index", pa.int32()),
-    column("source", pa.string()),
-    column("phrase_index", pa.int32()),
-    column("phrase", pa.string()),
-    column("expression", pa.string()),
+    *PHRASE_COLUMNS,
     column("phrase_start", pa.int32()),  # character offsets of the phrase in the caption, end exclusive
     column("phrase_end", pa.int32()),
 ))
@@ -36,23 +40,14 @@ EXPRESSIONS = Contract("expressions", 1, schema(
 BOXES = Contract("boxes", 1, schema(
     column("image_id", pa.string()),
     column("box_index", pa.int32()),
-    column("caption_index", pa.int32()),
-    column("source", pa.string()),
-    column("phrase_index", pa.int32()),
-    column("phrase", pa.string()),
-    column("expression", pa.string()),
+    *PHRASE_COLUMNS,
     column("box_xyxy", BOX),
     column("score", pa.float32()),  # grounder's box score (max token probability)
 ))
 
-TEXT = pa.struct(
-    [
-        column("phrase", pa.string()),
-        column("expression", pa.string()),
-        column("source", pa.string()),
-        column("caption_index", pa.int32()),
-    ]
-)
+# One text of a mask: the PHRASE_COLUMNS that say which phrase of which caption it is.
+TEXT = pa.struct([field for name in ("phrase", "expression", "source", "caption_index")
+                  for field in PHRASE_COLUMNS if field.name == name])
 
 # One row per kept box mask (SAM, best-stability multimask output, cleaned) with the texts of its box.
 BOX_MASKS = Contract("box_masks", 1, schema(
