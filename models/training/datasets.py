@@ -161,6 +161,11 @@ class UseSegmentDataset(Dataset):
         return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "weights": weights,
                 "text_emb": torch.from_numpy(self.text_emb[ids]), "text_ids": torch.from_numpy(ids)}
 
+    def will_need(self, indices: list[Any]) -> None:
+        """Read-ahead hint for a batch that is queued (``TarStore.will_need`` of its feature members)."""
+        for x in indices:
+            self.features.will_need(self.items[epoch_index(x, self.epoch)[1]][0])
+
     def __getitems__(self, indices: list[Any]) -> Collated:
         pairs = [epoch_index(x, self.epoch) for x in indices]
         keys = [self.items[i][0] for _, i in pairs]
@@ -272,6 +277,14 @@ class AlignmentDataset(Dataset):
             rows, cols = crop_cells(tokens.shape[:2], self.crop, sample_rng(self.seed, epoch, i))
             tokens, labels = tokens[rows, cols], labels[rows, cols]
         return {"tokens": torch.from_numpy(np.ascontiguousarray(tokens)), "labels": torch.from_numpy(labels)}
+
+    def will_need(self, indices: list[Any]) -> None:
+        """Read-ahead hint for a batch that is queued: its token members and label maps (a map already turned into
+        patch labels is not read again; hinting its few KB costs less than finding out)."""
+        for x in indices:
+            image_id = self.ids[epoch_index(x, self.epoch)[1] % len(self.ids)]
+            self.features.will_need(image_id, ["dino_patches.npy"])
+            self.labels.will_need(image_id, ["png"])
 
     def __getitems__(self, indices: list[Any]) -> Collated:
         if self.crop > 0:  # windows of the stored grid: no contiguous bytes to read in place

@@ -322,6 +322,12 @@ class ThreadBatchLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _queue(self, pool: ThreadPoolExecutor, indices: list) -> concurrent.futures.Future:
+        advise = getattr(self.dataset, "will_need", None)
+        if advise is not None:  # the disk starts on a queued batch while the threads read the ones before it
+            advise(indices)
+        return pool.submit(self._batch, indices)
+
     def _batch(self, indices: list) -> Any:
         batch = self.collate_fn(self.dataset.__getitems__(indices))
         return _pin(batch) if self.pin_memory else batch
@@ -338,12 +344,12 @@ class ThreadBatchLoader:
         pool = self._pool
         try:
             for indices in itertools.islice(todo, self.workers * self.prefetch):
-                pending.append(pool.submit(self._batch, indices))
+                pending.append(self._queue(pool, indices))
             while pending:
                 batch = pending.popleft().result()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.append(pool.submit(self._batch, nxt))
+                    pending.append(self._queue(pool, nxt))
                 yield batch
         finally:  # an epoch cut short (steps_per_epoch, an exception): drop what was queued, wait for the rest
             for f in pending:

@@ -347,6 +347,19 @@ class TarStore:
             raise OSError(f"{path}: member {key}.{ext} cut short ({len(data)} of {size} bytes)")
         return data
 
+    def will_need(self, key: str, exts: Sequence[str] | None = None) -> None:
+        """Tell the kernel the members ``exts`` of ``key`` (default: all) will be read soon
+        (``posix_fadvise(WILLNEED)``): it starts reading them into the page cache in the background, so the reads
+        of a batch queued behind others overlap with them instead of each waiting for the disk in turn. A hint
+        only: no effect where the OS has no posix_fadvise, and nothing is read that was not asked for."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        path, members = self._index[key]
+        fd = self._fd(path)
+        for ext in members if exts is None else exts:
+            offset, size = members[ext]
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+
     def read_into(self, key: str, ext: str, buffers: Sequence[Any], start: int = 0) -> None:
         """Fill ``buffers`` (writable buffers: bytearray, memoryview, C-contiguous arrays), in order, with the
         member's bytes from ``start`` on — one ``os.preadv``, straight into the caller's memory."""
