@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import itertools
 import json
 import logging
 import math
@@ -306,27 +305,23 @@ class ThreadBatchLoader:
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.collate_fn, self.workers, self.prefetch, self.pin_memory = collate_fn, workers, prefetch, pin_memory
         self._pool: ThreadPoolExecutor | None = None  # persistent: started on the first epoch, kept for the next
+        self._hints: ThreadPoolExecutor | None = None  # one thread: read-ahead hints, in batch order
 
     def close(self) -> None:
         """Stop the threads (restarted by the next epoch)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._hints):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._hints = None
 
     def __del__(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
+        for pool in (getattr(self, "_pool", None), getattr(self, "_hints", None)):
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _queue(self, pool: ThreadPoolExecutor, indices: list) -> concurrent.futures.Future:
-        advise = getattr(self.dataset, "will_need", None)
-        if advise is not None:  # the disk starts on a queued batch while the threads read the ones before it
-            advise(indices)
-        return pool.submit(self._batch, indices)
 
     def _batch(self, indices: list) -> Any:
         batch = self.collate_fn(self.dataset.__getitems__(indices))
@@ -338,23 +333,40 @@ class ThreadBatchLoader:
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         pending: collections.deque = collections.deque()
-        todo = iter(batches)
+        window = self.workers * self.prefetch  # batches queued at once
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batches")
         pool = self._pool
+        # Read-ahead (datasets with ``will_need``): one thread tells the kernel, in batch order, what the next
+        # ``window`` batches after the queued ones will read, so the disk works on them while the threads read
+        # these (a hint blocks its caller ~0.3 ms per MB-sized member: kept off the training loop's thread).
+        advise = getattr(self.dataset, "will_need", None)
+        if advise is not None and self._hints is None:
+            self._hints = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        hints: list[concurrent.futures.Future] = []
+
+        def queue(i: int) -> None:
+            while advise is not None and len(hints) < min(i + 1 + window, len(batches)):
+                hints.append(self._hints.submit(advise, batches[len(hints)]))
+            pending.append(pool.submit(self._batch, batches[i]))
+
         try:
-            for indices in itertools.islice(todo, self.workers * self.prefetch):
-                pending.append(self._queue(pool, indices))
+            queued = min(window, len(batches))
+            for i in range(queued):
+                queue(i)
             while pending:
                 batch = pending.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(self._queue(pool, nxt))
+                if queued < len(batches):
+                    queue(queued)
+                    queued += 1
                 yield batch
         finally:  # an epoch cut short (steps_per_epoch, an exception): drop what was queued, wait for the rest
             for f in pending:
                 f.cancel()
-            concurrent.futures.wait(pending)
+            concurrent.futures.wait([*pending, *hints])  # hints take ~ms: let them finish
+            for f in hints:  # a hint that failed (e.g. a shard removed) is the batch read's to report
+                if f.exception() is not None:
+                    log.debug("read-ahead hint failed: %s", f.exception())
 
 
 def make_loader(dataset: Dataset | IterableDataset, config: TrainConfig, collate_fn: Callable | None,

@@ -372,39 +372,40 @@ def test_thread_batch_loader_trains_and_resumes_bit_identical_to_no_workers(tmp_
     _trains_and_resumes_like_no_workers(tmp_path, ThreadedEpochNoise)
 
 
-def test_thread_batch_loader_hints_each_queued_batch_before_reading_it(tmp_path: Path, monkeypatch) -> None:
-    """Read-ahead: every member a batch reads is announced (posix_fadvise WILLNEED over exactly its bytes) when the
-    batch is queued, before the batch's own read; the batches are unchanged (the previous test's equality)."""
+def test_thread_batch_loader_hints_the_batches_ahead_in_order(tmp_path: Path, monkeypatch) -> None:
+    """Read-ahead: the kernel is told (posix_fadvise WILLNEED, over exactly each member's bytes) what every batch
+    will read, batch after batch in the epoch's order; the batches are unchanged (``_equal_batches`` against the
+    loader without workers)."""
     import os
 
     from models.training.datasets import AlignmentDataset, UseSegmentDataset
     from models.training.trainer import make_loader
 
     c = _caches(tmp_path, [(3, 4), (4, 3), (2, 5), (3, 4)])
-    events: list[tuple] = []
-    real_fadvise, real_preadv = os.posix_fadvise, os.preadv
+    hints: list[tuple] = []
+    real_fadvise = os.posix_fadvise
 
     def fadvise(fd, offset, size, advice):
-        events.append(("hint", os.readlink(f"/proc/self/fd/{fd}"), offset, size, advice))
+        hints.append((os.readlink(f"/proc/self/fd/{fd}"), offset, size, advice))
         return real_fadvise(fd, offset, size, advice)
 
-    def preadv(fd, views, pos):
-        events.append(("read", os.readlink(f"/proc/self/fd/{fd}"), pos, sum(memoryview(v).nbytes for v in views)))
-        return real_preadv(fd, views, pos)
-
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
-    monkeypatch.setattr(os, "preadv", preadv)
     use = UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3)
-    align = AlignmentDataset(c["align"], c["labels"], block=-1, mode="majority", crop=0, repeats=1, seed=3)
-    for ds, collate, store in ((use, collate_use, c["use"]), (align, collate_alignment, c["align"])):
-        events.clear()
+    align = AlignmentDataset(c["align"], c["labels"], block=-1, mode="majority", crop=0, repeats=2, seed=3)
+    for ds, collate, members in ((use, collate_use, lambda key: [(c["use"], m) for m in c["use"].members(key)]),
+                                 (align, collate_alignment,
+                                  lambda key: [(c["align"], "dino_patches.npy"), (c["labels"], "png")])):
         cfg = TrainConfig.alignment_paper(batch_size=2, num_workers=2, seed=5)
         loader, _ = make_loader(ds, cfg, collate, torch.device("cpu"))
-        assert sum(1 for _ in loader) == len(loader)
-        hints = [e for e in events if e[0] == "hint"]
-        assert hints and all(e[4] == os.POSIX_FADV_WILLNEED for e in hints)
-        for key in store.keys():
-            path, offset, size = store.member(key, "dino_patches.npy")
-            hinted = [i for i, e in enumerate(events) if e[:4] == ("hint", path, offset, size)]
-            read = [i for i, e in enumerate(events) if e[0] == "read" and e[1] == path and offset <= e[2] < offset + size]
-            assert hinted and read and hinted[0] < read[0], key
+        reference, _ = make_loader(ds, TrainConfig.alignment_paper(batch_size=2, num_workers=0, seed=5), collate,
+                                   torch.device("cpu"))
+        for epoch in range(2):
+            hints.clear()
+            loader.sampler.set_epoch(epoch)
+            reference.sampler.set_epoch(epoch)
+            for a, b in zip(reference, loader, strict=True):
+                _equal_batches(a, b)
+            keys = [ds.items[i][0] if ds is use else ds.ids[i % len(ds.ids)] for _, i in loader.sampler]
+            want = [(store.member(key, m)[:3], os.POSIX_FADV_WILLNEED) for key in keys for store, m in members(key)]
+            assert [((path, offset, size), advice) for path, offset, size, advice in hints] == want
+        loader.close()
