@@ -48,11 +48,12 @@ from pipeline.core.artifacts import (
 )
 from pipeline.core.locks import UnitLock
 from pipeline.core.locks import describe as describe_holder
-from pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
+from pipeline.core.params import IngestPlanParams, StageParams
 from pipeline.core.sources import Listing, list_source, num_shards
 from schemas import SchemaError
 from tasks.failures import CorruptInput, explain, one_line, permanent_cause
-from tasks.params import AutoIntParameter, FloatParameter, NameParameter, config_section, read_params
+from tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
+from tasks.sections import section_of
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
@@ -82,10 +83,6 @@ def shards_per_task(shard_count: int) -> int:
     if value == "auto":
         return max(1, -(-shard_count // RANGES_PER_STAGE))
     return int(value)
-
-
-# Section [ingest] of luigi.cfg: the plan's shard size and the decoding limits (pipeline/core/params.py).
-ingest = config_section("ingest", IngestPlanParams, DecodeLimits, module=__name__)
 
 
 @functools.lru_cache(maxsize=32)
@@ -150,10 +147,11 @@ def current(section: type[luigi.Config]) -> Any:
     return by_settings((section,), section)
 
 
-def stage_params(params_type: type[StageParams], section: type[luigi.Config]) -> Any:
-    """The ``params_type`` object of the current values of ``section``, once per settings state (how a task reads
-    the settings of a stage it schedules or follows, e.g. the shard size or the feature cache's blocks)."""
-    return by_settings(("params", params_type, section), lambda: read_params(params_type, current(section)))
+def stage_params(params_type: type[StageParams]) -> Any:
+    """The ``params_type`` object of the current values of its luigi.cfg section (``tasks.sections``), once per
+    settings state (also how a task reads the settings of a stage it schedules or follows, e.g. the shard size or
+    the feature cache's blocks)."""
+    return by_settings(("params", params_type), lambda: read_params(params_type, current(section_of(params_type))))
 
 
 def new_build() -> None:
@@ -205,23 +203,23 @@ def uses_gpu(settings: ModelSettings) -> bool:
 
 class StageSettings:
     """The settings of one stage's task (a shard, the ingest plan, a trainer, an evaluation): a
-    ``pipeline.core.params.StageParams`` dataclass (``params_type``) read from its luigi.cfg ``section``, and the
-    model ``roles`` it loads. ``content_params`` hashes all of them (plus the upstream stages' hashes) into the folder
-    name; the task reads its settings only through ``self.params``. A task whose settings depend on one of its
-    parameters (FeaturesShard's purpose, Evaluate's method) overrides ``params_source``."""
+    ``pipeline.core.params.StageParams`` dataclass (``params_type``) read from its luigi.cfg section
+    (``tasks.sections``), and the model ``roles`` it loads. ``content_params`` hashes all of them (plus the upstream
+    stages' hashes) into the folder name; the task reads its settings only through ``self.params``. A task whose
+    settings depend on one of its parameters (FeaturesShard's purpose, Evaluate's method) overrides
+    ``params_source``."""
 
     params_type: ClassVar[type[StageParams]]
-    section: ClassVar[type[luigi.Config]]
     roles: ClassVar[tuple[str, ...]] = ()  # model roles whose identity is hashed (see model_roles)
 
-    def params_source(self) -> tuple[type[StageParams], type[luigi.Config]]:
-        """(params type, section) of this task's settings."""
-        return self.params_type, self.section
+    def params_source(self) -> type[StageParams]:
+        """The params type of this task's settings."""
+        return self.params_type
 
     @property
     def params(self) -> Any:
         """This stage's settings, read once per settings state from its section."""
-        return stage_params(*self.params_source())
+        return stage_params(self.params_source())
 
     def model_roles(self) -> tuple[str, ...]:
         """The model roles this stage loads with the current settings (their identities are hashed)."""
@@ -280,7 +278,7 @@ class DatasetTask(luigi.Task):
 
     @property
     def shard_count(self) -> int:
-        return num_shards(len(self.listing.entries), stage_params(IngestPlanParams, ingest).shard_size)
+        return num_shards(len(self.listing.entries), stage_params(IngestPlanParams).shard_size)
 
     def common(self) -> dict[str, Any]:
         return {"images": self.images, "dataset": self.dataset, "out": self.out}

@@ -44,20 +44,17 @@ from tasks.base import (
 from tasks.chained import ChainedShardTask
 from tasks.fmbseg import detect_params
 from tasks.image_errors import REJECTED
-from tasks.params import config_section
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 
 
-# Section [car_labels] of luigi.cfg: the fields of CarLabelsShard's params (pipeline/car/params.py).
-car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)
 
 
 class CarLabelsShard(ChainedShardTask):
     """CaR label maps of one ingest shard, byte-format compatible with FmbsegLabelsShard's artifact."""
 
     stage = "car_labels"
-    params_type, section = CaRLabelsParams, car_labels
+    params_type = CaRLabelsParams
 
     def model_roles(self) -> tuple[str, ...]:
         return ("cam_clip", "classifier_clip", *(("segmenter",) if self.params.sam else ()))

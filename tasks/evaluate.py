@@ -48,27 +48,24 @@ from pipeline.eval.benchmarks import (
     prompt_vocabulary,
     protocol_for,
 )
-from pipeline.eval.params import EvaluateCarParams, EvaluateUseSamParams, method_params
+from pipeline.eval.params import method_params
 from pipeline.eval.report import ShortSide, grid_png, report_markdown, run_evaluation
 from pipeline.features.cache import text_templates
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
 from tasks.base import GPU, StageSettings, model_settings, pseudoseg, uses_gpu, verify_inputs
 from tasks.failures import explain
-from tasks.params import IntParameter, config_section
+from tasks.params import IntParameter
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "FmbsegLabels"}
 
 
-# Section [evaluate] of luigi.cfg: the fields of every method's params (pipeline/eval/params.py).
-evaluate = config_section("evaluate", EvaluateCarParams, EvaluateUseSamParams, module=__name__)
 
 
 class Evaluate(StageSettings, luigi.Task):
     """Settings: ``[evaluate]`` through ``self.params``, of the type of ``method`` (pipeline.eval.params)."""
 
-    section = evaluate
     benchmark = luigi.ChoiceParameter(choices=sorted(BENCHMARKS), description="a pipeline.eval.benchmarks.BENCHMARKS key")
     data_root = luigi.Parameter(description="the benchmark's folder (layout: see pipeline.eval.benchmarks)")
     method = luigi.ChoiceParameter(choices=METHODS, default="car")
@@ -77,8 +74,8 @@ class Evaluate(StageSettings, luigi.Task):
     dataset = luigi.Parameter(default="", description="the upstream run's dataset name (fmbseg/use_sam/pseudo)")
     out = luigi.Parameter(default=None, significant=True)
 
-    def params_source(self) -> tuple[type[StageParams], type[luigi.Config]]:
-        return method_params(self.method), evaluate
+    def params_source(self) -> type[StageParams]:
+        return method_params(self.method)
 
     @property
     def out_root(self) -> Path:

@@ -56,15 +56,10 @@ from tasks.base import (
 from tasks.fmbseg import detect_params
 from tasks.image_errors import REJECTED, ImageErrors
 from tasks.ingest import IngestShard
-from tasks.params import config_section
 from tasks.throughput import behind, decoded_images, manifest_order
 from tasks.use import UseSegmentsShard
 
-# Sections [features_use] and [features_fmbseg] of luigi.cfg: the fields of the stages' params
-# (pipeline/features/params.py).
-features_use = config_section("features_use", FeaturesUseParams, UseTextParams, module=__name__)
-features_fmbseg = config_section("features_fmbseg", FeaturesFmbsegParams, module=__name__)
-PURPOSE_PARAMS = {"use": (FeaturesUseParams, features_use), "fmbseg": (FeaturesFmbsegParams, features_fmbseg)}
+PURPOSE_PARAMS = {"use": FeaturesUseParams, "fmbseg": FeaturesFmbsegParams}
 
 
 TEXT_BATCH = 256  # texts per CLIP text-encoder call
@@ -83,7 +78,7 @@ class FeaturesShard(ShardTask):
     def requires(self) -> dict[str, ShardTask]:
         return {"ingest": IngestShard(shard=self.shard, **self.common())}
 
-    def params_source(self) -> tuple[type[StageParams], type[luigi.Config]]:
+    def params_source(self) -> type[StageParams]:
         return PURPOSE_PARAMS[self.purpose]
 
     def upstream_params(self) -> dict[str, str]:
@@ -221,7 +216,7 @@ class UseTextShard(ShardTask):
     def requires(self) -> dict[str, ShardTask]:
         return {"segments": UseSegmentsShard(shard=self.shard, **self.common())}
 
-    params_type, section, roles = UseTextParams, features_use, ("clip",)
+    params_type, roles = UseTextParams, ("clip",)
 
     def upstream_params(self) -> dict[str, str]:
         return {"segments": self.requires()["segments"].stage_dir.hash}

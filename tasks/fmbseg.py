@@ -65,28 +65,22 @@ from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REG
 from tasks.base import (
     ProgressReporter,
     ShardTask,
-    by_settings,
-    current,
     group_by_image,
     model_settings,
     reject,
+    stage_params,
     stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
-from tasks.params import config_section, read_params
 from tasks.sam import UsesSamEmbeddings
 from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
-
-# Section [fmbseg] of luigi.cfg: the fields of the five stages' params (pipeline/fmbseg/params.py).
-fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQueryMasksParams, FmbsegAutoMasksParams,
-                        FmbsegLabelsParams, module=__name__)
 
 
 def detect_params() -> FmbsegDetectParams:
     """The detection stage's settings (``[fmbseg] vocabulary``, ``templates``, ...) for readers outside this
     branch: the class text embeddings and CaR labels default to the same vocabulary and templates."""
-    return by_settings(("params", FmbsegDetectShard), lambda: read_params(FmbsegDetectParams, current(fmbseg)))
+    return stage_params(FmbsegDetectParams)
 
 
 class FmbsegShardTask(ChainedShardTask):
@@ -103,7 +97,7 @@ class FmbsegDenseShard(FmbsegShardTask):
     """Sliding-window MaskCLIP features per image: stitched dense grid + one CLS per crop (float16 .npy)."""
 
     stage = "fmbseg_dense"
-    params_type, section, roles = FmbsegDenseParams, fmbseg, ("clip",)
+    params_type, roles = FmbsegDenseParams, ("clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded, resized and cut into crops ahead (``[throughput]``); the crops of consecutive images packed
@@ -153,7 +147,7 @@ class FmbsegDetectShard(FmbsegShardTask):
 
     stage = "fmbseg_detect"
     upstreams = {"dense": FmbsegDenseShard}
-    params_type, section, roles = FmbsegDetectParams, fmbseg, ("clip",)
+    params_type, roles = FmbsegDetectParams, ("clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         cfg = self.params
@@ -235,7 +229,7 @@ class FmbsegQueryMasksShard(SamStage1Shard):
     """Stage 1.1: per detected class, top-k similar patch centres → one SAM point prompt → best-IoU mask."""
 
     stage = "fmbseg_query_masks"
-    params_type, section, roles = FmbsegQueryMasksParams, fmbseg, ("segmenter",)
+    params_type, roles = FmbsegQueryMasksParams, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Per image: the prompts decoded and the best-IoU masks thresholded on the device
@@ -280,7 +274,7 @@ class FmbsegAutoMasksShard(SamStage1Shard):
     classes only)."""
 
     stage = "fmbseg_auto_masks"
-    params_type, section, roles = FmbsegAutoMasksParams, fmbseg, ("segmenter",)
+    params_type, roles = FmbsegAutoMasksParams, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         cfg = self.params
@@ -327,7 +321,7 @@ class FmbsegLabelsShard(FmbsegShardTask):
 
     stage = "fmbseg_labels"
     uses_model = False
-    params_type, section = FmbsegLabelsParams, fmbseg
+    params_type = FmbsegLabelsParams
 
     @property
     def upstreams(self) -> dict[str, type[ShardTask]]:  # type: ignore[override]

@@ -16,14 +16,14 @@ from pipeline.core.ingest import STAGE, ingest_entries
 from pipeline.core.params import DecodeLimits, IngestPlanParams
 from pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS, SchemaError
-from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, ingest, stage_wrapper
+from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, stage_wrapper
 
 
 class PlanIngest(StageSettings, CommittedTask):
     """Hashes every entry once (ids, duplicates, unreadable paths) and fixes the shard of each: ``plan.parquet``
     and its record ``plan.done.json`` (same contract as a shard's, shard -1), which every IngestShard verifies."""
 
-    params_type, section = IngestPlanParams, ingest
+    params_type = IngestPlanParams
 
     def content_params(self) -> dict[str, Any]:
         return {**super().content_params(), "listing": self.listing.fingerprint}
@@ -120,7 +120,7 @@ class IngestShard(ShardTask):
     a rejects Parquet for every entry that could not be accepted."""
 
     stage = STAGE
-    params_type, section = DecodeLimits, ingest
+    params_type = DecodeLimits
 
     def requires(self) -> PlanIngest:
         return PlanIngest(**self.common())

@@ -165,7 +165,7 @@ def config_section(name: str, *params_types: type[StageParams], module: str,
             if (seen.default, dict(seen.metadata)) != (field.default, dict(field.metadata)):
                 raise TypeError(f"[{name}] {field.name} is declared differently in {params_type.__name__}")
     attrs: dict[str, Any] = {key: parameter_of(f) for key, f in fields.items()}
-    attrs.update(extra, __module__=module, __doc__=f"Section [{name}] of luigi.cfg: the fields of "
+    attrs.update(extra, params_types=params_types, __module__=module, __doc__=f"Section [{name}] of luigi.cfg: the fields of "
                  + ", ".join(t.__name__ for t in params_types) + ".")
     return type(name, (luigi.Config,), attrs)
 

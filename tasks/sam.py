@@ -25,33 +25,27 @@ from schemas.features import SAM_EMBEDDINGS
 from tasks.base import (
     ProgressReporter,
     ShardTask,
-    by_settings,
-    current,
     model_identity,
     model_settings,
     reject,
+    stage_params,
     stage_wrapper,
 )
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED, ArtifactMismatchError
-from tasks.params import config_section, read_params
 from tasks.throughput import behind, manifest_order, read_ahead
-
-# Section [sam_embeddings] of luigi.cfg: the embedding stage's params and the sharing switch
-# (pipeline/features/params.py).
-sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)
 
 
 def sam_sharing() -> SamSharingParams:
     """``[sam_embeddings] share``: whether the SAM stages read the stored embeddings (read once per settings state)."""
-    return by_settings(("params", SamSharingParams), lambda: read_params(SamSharingParams, current(sam_embeddings)))
+    return stage_params(SamSharingParams)
 
 
 class SamEmbeddingsShard(ChainedShardTask):
     """SAM's image-encoder output for every image of the shard (``sam.npy`` in a WebDataset tar, spooled)."""
 
     stage = "sam_embeddings"
-    params_type, section, roles = SamEmbeddingsParams, sam_embeddings, ("segmenter",)
+    params_type, roles = SamEmbeddingsParams, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded and resized ahead (``[throughput]``), ``[sam_embeddings] batch_size`` per encoder forward,

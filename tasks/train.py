@@ -67,16 +67,10 @@ from tasks.base import (
     uses_gpu,
     verify_inputs,
 )
-from tasks.features import FeaturesShard, TextClasses, UseTextShard, features_use
+from tasks.features import FeaturesShard, TextClasses, UseTextShard
 from tasks.fmbseg import FmbsegLabelsShard
 from tasks.ingest import IngestShard
-from tasks.params import config_section
 from tasks.use import UseSegmentsShard
-
-# Sections [train_use] and [train_alignment] of luigi.cfg: the fields of the trainers' params
-# (models/training/params.py).
-train_use = config_section("train_use", TrainUseParams, module=__name__)
-train_alignment = config_section("train_alignment", TrainAlignmentParams, module=__name__)
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -134,7 +128,7 @@ class TrainUse(TrainTask):
     tokens or online encoding on augmented crops (module docstring); ``requires`` follows it."""
 
     stage = "train_use"
-    params_type, section = TrainUseParams, train_use
+    params_type = TrainUseParams
 
     def requires(self) -> dict[str, list[luigi.Task]]:
         c, n = self.common(), self.shard_count
@@ -154,7 +148,7 @@ class TrainUse(TrainTask):
 
     def online_spec(self) -> dict[str, Any]:
         """What the online features depend on (the cache mode has them in the feature cache's hash instead)."""
-        cfg, fu, settings = self.params, stage_params(FeaturesUseParams, features_use), model_settings()
+        cfg, fu, settings = self.params, stage_params(FeaturesUseParams), model_settings()
         clip_blocks = fu.clip_blocks.strip().lower() not in ("", "none")
         need_clip = clip_blocks or (not cfg.augment and fu.input_size == 0)  # the squash defaults to CLIP's size
         need_dino = fu.dino_blocks.strip().lower() not in ("", "none")
@@ -216,7 +210,7 @@ class TrainUse(TrainTask):
                 kinds: tuple[str, ...], metadata: dict[str, Any]):
         """(UseOnlineDataset, head input dims, the encode function of use_step) for features = online."""
         cfg, settings, spec = self.params, model_settings(), self.online_spec()
-        fu = stage_params(FeaturesUseParams, features_use)
+        fu = stage_params(FeaturesUseParams)
         clip = load_role("clip", settings) if spec["clip"] else None
         dense = load_role("dense", settings) if spec["dense"] else None
         if spec["clip_blocks"] != "none" and not hasattr(clip, "encode_image_blocks"):
@@ -252,7 +246,7 @@ class TrainAlignment(TrainTask):
     images, 10 epochs by default (fmbseg-paper §4.1)."""
 
     stage = "train_alignment"
-    params_type, section = TrainAlignmentParams, train_alignment
+    params_type = TrainAlignmentParams
 
     def requires(self) -> dict[str, Any]:
         c, n = self.common(), self.shard_count

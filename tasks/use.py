@@ -42,13 +42,8 @@ from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
 from tasks.base import ProgressReporter, group_by_image, model_settings, reject, stage_wrapper
 from tasks.chained import ChainedShardTask
 from tasks.image_errors import REJECTED
-from tasks.params import config_section
 from tasks.sam import UsesSamEmbeddings
 from tasks.throughput import behind, manifest_order
-
-# Section [use] of luigi.cfg: the fields of the five stages' params (pipeline/use/params.py).
-use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesParams, UseBoxMasksParams,
-                     UseSegmentsParams, module=__name__)
 
 
 class UseCaptionsShard(ChainedShardTask):
@@ -56,7 +51,7 @@ class UseCaptionsShard(ChainedShardTask):
 
     stage = "use_captions"
 
-    params_type, section = UseCaptionsParams, use
+    params_type = UseCaptionsParams
 
     def model_roles(self) -> tuple[str, ...]:
         return ("captioner",) if self.params.generate_captions else ()
@@ -120,7 +115,7 @@ class UseExpressionsShard(ChainedShardTask):
     upstreams = {"captions": UseCaptionsShard}
     uses_model = False
 
-    params_type, section = UseExpressionsParams, use
+    params_type = UseExpressionsParams
 
     def content_params(self) -> dict[str, Any]:
         import spacy
@@ -150,7 +145,7 @@ class UseBoxesShard(ChainedShardTask):
     stage = "use_boxes"
     upstreams = {"captions": UseCaptionsShard, "expressions": UseExpressionsShard}
 
-    params_type, section, roles = UseBoxesParams, use, ("grounder",)
+    params_type, roles = UseBoxesParams, ("grounder",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded and resized ahead (``[throughput]``); the captions of consecutive images are grounded
@@ -234,7 +229,7 @@ class UseBoxMasksShard(UsesSamEmbeddings):
     stage = "use_box_masks"
     upstreams = {"boxes": UseBoxesShard}
 
-    params_type, section, roles = UseBoxMasksParams, use, ("segmenter",)
+    params_type, roles = UseBoxMasksParams, ("segmenter",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Per image (decoded ahead, ``[throughput]``): its stored embedding, one batched decoder call, the stability
@@ -303,7 +298,7 @@ class UseSegmentsShard(ChainedShardTask):
     upstreams = {"box_masks": UseBoxMasksShard}
     uses_model = False
 
-    params_type, section = UseSegmentsParams, use
+    params_type = UseSegmentsParams
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         masks = group_by_image(self.read("box_masks", BOX_MASKS))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tasks.base import ShardTask, StageSettings, new_build
+from tasks.sections import section_of
 from tasks.settings import import_task_modules
 from tests.helpers import REPO, luigi_settings, write_good_images
 
@@ -65,7 +66,8 @@ def _case_id(case) -> str:
 
 def _sources(tmp_path: Path) -> list[tuple[type, type]]:
     """Every (params type, section) a task reads its settings from."""
-    return list(dict.fromkeys(_task(cls, tmp_path, **kwargs).params_source() for cls, kwargs in CASES))
+    types = dict.fromkeys(_task(cls, tmp_path, **kwargs).params_source() for cls, kwargs in CASES)
+    return [(params_type, section_of(params_type)) for params_type in types]
 
 
 def _other_value(field: dataclasses.Field, value, tmp_path: Path):
@@ -117,7 +119,8 @@ def test_changing_any_setting_changes_the_stage_hash(case, tmp_path):
         return _task(cls, tmp_path, **kwargs)
 
     base = task()
-    params_type, section_class = base.params_source()
+    params_type = base.params_source()
+    section_class = section_of(params_type)
     section = section_class.get_task_family()
     before = base.stage_dir.hash
     defaults = base.params
@@ -138,7 +141,7 @@ def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
     from pipeline.features.params import SamSharingParams
-    from tasks.sam import sam_embeddings
+    from tasks.sections import sam_embeddings
 
     checked = 0
     # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share)

@@ -41,15 +41,9 @@ from pipeline.features.cache import (
 from schemas import SEGMENTS, SHARD_STATS
 from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from tasks.base import build_tasks
-from tasks.features import (
-    FeaturesFmbseg,
-    FeaturesShard,
-    FeaturesUse,
-    UseTextShard,
-    features_fmbseg,
-    features_use,
-)
+from tasks.features import FeaturesFmbseg, FeaturesShard, FeaturesUse, UseTextShard
 from tasks.ingest import IngestShard
+from tasks.sections import features_fmbseg, features_use
 from tasks.train import TrainAlignment, TrainUse
 from tasks.use import UseSegmentsShard
 from tests.helpers import luigi_settings, write_good_images
@@ -404,7 +398,7 @@ def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> N
 
 def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:
     """Defaults are Eq. 1–4 as written (τ 1, the anchor among its positives); each setting moves the folder."""
-    from tasks.train import train_alignment
+    from tasks.sections import train_alignment
 
     assert train_alignment().temperature == 1.0 and train_alignment().anchor_positive is True
     write_good_images(tmp_path / "images", 1)
