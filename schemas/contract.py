@@ -24,23 +24,24 @@ def column(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
     return pa.field(name, type_, nullable=nullable)
 
 
+def columns(**types: pa.DataType) -> tuple[pa.Field, ...]:
+    """A group of non-nullable columns several contracts share, in the order given."""
+    return tuple(column(name, type_) for name, type_ in types.items())
+
+
 def schema(*columns: pa.Field) -> pa.Schema:
     return pa.schema(list(columns))
 
 
+# The ingested image a row is about: its id and its (original) size.
+IMAGE_COLUMNS = columns(image_id=pa.string(), height=pa.int32(), width=pa.int32())
 # The class of a vocabulary a row is about: its label value and name.
-CLASS_COLUMNS = (column("class_index", pa.int32()), column("class_name", pa.string()))
+CLASS_COLUMNS = columns(class_index=pa.int32(), class_name=pa.string())
 # A bounding box, COCO xywh pixels (float, as pycocotools' toBbox).
 BBOX = pa.list_(pa.float64(), 4)
 # One mask as every mask table stores it (readers decode it with pycocotools): COCO compressed RLE counts of a
 # height x width mask, its area (pixels) and its bounding box.
-MASK_COLUMNS = (
-    column("height", pa.int32()),
-    column("width", pa.int32()),
-    column("rle_counts", pa.string()),
-    column("area", pa.int64()),
-    column("bbox", BBOX),
-)
+MASK_COLUMNS = columns(height=pa.int32(), width=pa.int32(), rle_counts=pa.string(), area=pa.int64(), bbox=BBOX)
 
 
 class SchemaError(ValueError):

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import CLASS_COLUMNS, MASK_COLUMNS, Contract, column, schema
+from schemas.contract import CLASS_COLUMNS, IMAGE_COLUMNS, MASK_COLUMNS, Contract, column, schema
 
 BOX_INT = pa.list_(pa.int32(), 4)
 POINT = pa.list_(pa.float32(), 2)
 
 # One row per image with features (= the sample's JSON record).
 DENSE_FEATURES = Contract("fmbseg_dense", 1, schema(
-    column("image_id", pa.string()),
-    column("height", pa.int32()),
-    column("width", pa.int32()),
+    *IMAGE_COLUMNS,
     column("resized_height", pa.int32()),
     column("resized_width", pa.int32()),
     column("grid_height", pa.int32()),
@@ -79,9 +77,7 @@ LABEL_REGIONS = Contract("fmbseg_label_regions", 1, schema(
 
 # The JSON record beside each label-map PNG.
 LABEL_MAP_META = Contract("fmbseg_label_map", 1, schema(
-    column("image_id", pa.string()),
-    column("height", pa.int32()),
-    column("width", pa.int32()),
+    *IMAGE_COLUMNS,
     column("vocabulary", pa.string()),
     column("vocabulary_digest", pa.string()),
     column("unlabelled", pa.int32()),  # 255

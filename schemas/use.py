@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import MASK_COLUMNS, Contract, column, schema
+from schemas.contract import MASK_COLUMNS, Contract, column, columns, schema
 
 BOX = pa.list_(pa.float32(), 4)
 # The phrase a row comes from: its caption (index, source) and the phrase with its referring expression.
-PHRASE_COLUMNS = (
-    column("caption_index", pa.int32()),
-    column("source", pa.string()),
-    column("phrase_index", pa.int32()),
-    column("phrase", pa.string()),
-    column("expression", pa.string()),
-)
+PHRASE_COLUMNS = columns(caption_index=pa.int32(), source=pa.string(), phrase_index=pa.int32(), phrase=pa.string(),
+                         expression=pa.string())
 
 CAPTIONS = Contract("captions", 1, schema(
     column("image_id", pa.string()),
