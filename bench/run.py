@@ -1101,8 +1101,11 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
     load_s = time in the role factories; ratio = wall_s / model_s; ratio_without_load = (wall_s - load_s) / model_s
     (a worker keeps its models for every later shard: `[models] keep_loaded`). cpu_s = process CPU time (all
     threads) — the machine is shared, so loadavg is recorded before every stage run. Reported: min and median over
-    the rounds (`ratio` from the medians). Reduced settings to fit a 2-core CPU, recorded in `settings`.
-    `stages`: comma list of stage names to time (empty: all)."""
+    the rounds (`ratio` from the medians). official_s = wall time inside segment-anything's
+    `SamAutomaticMaskGenerator.generate` (the official automatic-mask algorithm: its forwards plus its own crop /
+    NMS / RLE post-processing, which module hooks do not see); ratio_official = wall_s / official_s, for the stages
+    that call it: what the stage adds around the official generator. Reduced settings to fit a 2-core CPU,
+    recorded in `settings`. `stages`: comma list of stage names to time (empty: all)."""
     import gc
     import shutil
     import statistics
@@ -1158,6 +1161,21 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
 
     loading = {"total": 0.0}
     real = registry._PRESETS["real"]
+    from segment_anything import SamAutomaticMaskGenerator
+
+    official = {"total": 0.0}
+    official_generate = SamAutomaticMaskGenerator.generate
+
+    def timed_generate(self, *args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        try:
+            return official_generate(self, *args, **kwargs)
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            official["total"] += time.perf_counter() - t
 
     def timed_factory(factory):
         def load(s):
@@ -1218,6 +1236,7 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
             real[role] = timed_factory(factory)
         handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                    torch.nn.modules.module.register_module_forward_hook(post)]
+        SamAutomaticMaskGenerator.generate = timed_generate
         runs: dict[str, list[dict]] = {name: [] for name in wanted}
         try:
             for _ in range(repeats):
@@ -1227,27 +1246,30 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
                     registry.release_models()
                     gc.collect()
                     load = os.getloadavg()[0]
-                    inside["total"] = loading["total"] = 0.0
+                    inside["total"] = loading["total"] = official["total"] = 0.0
                     c0, t0 = time.process_time(), time.perf_counter()
                     task.run()
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                     runs[name].append({"wall_s": wall, "model_s": inside["total"], "load_s": loading["total"],
-                                       "cpu_s": cpu, "loadavg_1m_before": load})
+                                       "official_s": official["total"], "cpu_s": cpu, "loadavg_1m_before": load})
         finally:
             for h in handles:
                 h.remove()
             real.update(saved_real)
+            SamAutomaticMaskGenerator.generate = official_generate
         results = {}
         for name, rows in runs.items():
             def stat(key, rows=rows):
                 vals = [r[key] for r in rows]
                 return {"min": round(min(vals), 3), "median": round(statistics.median(vals), 3)}
 
-            wall, model, load = (statistics.median(r[k] for r in rows) for k in ("wall_s", "model_s", "load_s"))
+            wall, model, load, gen = (statistics.median(r[k] for r in rows)
+                                      for k in ("wall_s", "model_s", "load_s", "official_s"))
             results[name] = {
                 "wall_s": round(wall, 3), "model_s": round(model, 3), "ratio": round(wall / model, 3) if model else None,
                 "load_s": round(load, 3),
                 "ratio_without_load": round((wall - load) / model, 3) if model else None,
+                **({"official_s": round(gen, 3), "ratio_official": round(wall / gen, 3)} if gen else {}),
                 "min": {k: round(min(r[k] for r in rows), 3) for k in ("wall_s", "model_s", "load_s", "cpu_s")},
                 "cpu_s": stat("cpu_s"), "loadavg_1m_before": [round(r["loadavg_1m_before"], 2) for r in rows],
                 "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rows], "counts": counts[name],
