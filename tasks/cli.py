@@ -399,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(e.lines), file=sys.stderr)
         return 2
     with frozen_settings():  # nothing changes the settings from here on
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BrokenPipeError:  # `pseudoseg stages | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 0
 
 
 if __name__ == "__main__":

@@ -99,3 +99,18 @@ def test_an_old_stage_name_says_its_new_name(tmp_path):
     assert proc.returncode == 2
     assert "'PseudoLabels' is now called 'FmbsegLabels'" in proc.stderr
     assert RENAMED["TrainUSEHead"] == "TrainUse" and set(RENAMED.values()) <= set(__import__("tasks.cli").cli.stage_classes())
+
+
+@pytest.mark.slow  # the real `pseudoseg` command in a subprocess
+def test_a_reader_that_leaves_early_is_not_an_error():
+    """`pseudoseg stages | head -1`: output into a pipe nobody reads any more ends quietly with status 0."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tasks.cli", "stages"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
