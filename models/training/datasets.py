@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.training.heads import mask_pooling_weights
-from models.training.trainer import Collated, collate_alignment, empty_batch, epoch_index
+from models.training.trainer import BatchBuffers, Collated, collate_alignment, epoch_index
 from pipeline.core.ingest import read_ingested_image
 from pipeline.core.masks import decode_rle, row_rle
 from pipeline.core.transforms import random_scale_crop
@@ -36,6 +36,9 @@ from pipeline.use.pairs import TEXT_CHOICES, draw_segment_texts, segment_texts
 
 # Bytes of per-item derived arrays (pooling weights, patch labels) a dataset keeps between epochs, each.
 DERIVED_CACHE_BYTES = 1 << 30
+# Batch buffers a dataset keeps for reuse: the batches in flight of a ThreadBatchLoader (2 threads × 2 ahead + the
+# one being trained on ≈ 6 USE batches of 190 MB at the papers' sizes).
+BATCH_BUFFER_BYTES = 3 << 30
 
 
 class DerivedCache:
@@ -142,6 +145,7 @@ class UseSegmentDataset(Dataset):
         self.features, self.text_emb, self.seed, self.epoch = features, text_emb, seed, 0
         self.items = use_items(features.keys(), segments, text_index, kinds)
         self.weights_cache = DerivedCache(cache_bytes, _pack_sparse, _unpack_sparse)
+        self.buffers = BatchBuffers(BATCH_BUFFER_BYTES)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -173,7 +177,7 @@ class UseSegmentDataset(Dataset):
         batch = Collated()
         for name in names:
             _, shape, _ = npy_header(self.features, keys[0], name)
-            batch[name] = empty_batch((len(keys), *shape), torch.float16)
+            batch[name] = self.buffers.empty((len(keys), *shape), torch.float16)
         # one read per member, in file order; checks dtype and shape
         read_npy_batch(self.features, keys, {name: batch[name].numpy() for name in names})
         patches = next(batch[n] for n in names if n.endswith("_patches"))  # [B, L, g, g, C]: the shared grid
@@ -252,6 +256,7 @@ class AlignmentDataset(Dataset):
         self.block, self.mode, self.crop, self.repeats, self.seed, self.epoch = block, mode, crop, repeats, seed, 0
         self.ids = [k for k in features.keys() if k in labels]
         self.labels_cache = DerivedCache(cache_bytes, _pack_small_int, _unpack_small_int)
+        self.buffers = BatchBuffers(BATCH_BUFFER_BYTES)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -295,7 +300,7 @@ class AlignmentDataset(Dataset):
         shapes = [h[1] for h in headers]
         sizes = [s[1] * s[2] for s in shapes]
         n, channels, same = max(sizes), shapes[0][-1], len(set(sizes)) == 1
-        tokens = empty_batch((len(keys), n, channels), torch.float16)
+        tokens = self.buffers.empty((len(keys), n, channels), torch.float16)
         labels = torch.full((len(keys), n), -1, dtype=torch.long)
         if not same:
             tokens[:, min(sizes):].zero_()  # padding (``collate_alignment`` pads with zeros)

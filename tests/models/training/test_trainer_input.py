@@ -409,3 +409,29 @@ def test_thread_batch_loader_hints_the_batches_ahead_in_order(tmp_path: Path, mo
             want = [(store.member(key, m)[:3], os.POSIX_FADV_WILLNEED) for key in keys for store, m in members(key)]
             assert [((path, offset, size), advice) for path, offset, size, advice in hints] == want
         loader.close()
+
+
+def test_batch_buffers_are_reused_only_once_nothing_refers_to_them() -> None:
+    import gc
+
+    from models.training.trainer import BatchBuffers
+
+    buffers = BatchBuffers(max_bytes=3 * 4 * 6 * 2)  # room for three float16 [4, 6] buffers
+    a = buffers.empty((4, 6), torch.float16)
+    b = buffers.empty((4, 6), torch.float16)
+    assert a.data_ptr() != b.data_ptr()  # a is alive: b is another buffer
+    ptr_a = a.data_ptr()
+    view = a[1:]  # a view keeps a's buffer busy after a itself is gone
+    del a
+    gc.collect()
+    c = buffers.empty((4, 6), torch.float16)
+    assert c.data_ptr() not in (ptr_a, b.data_ptr())
+    del view
+    d = buffers.empty((4, 6), torch.float16)
+    assert d.data_ptr() == ptr_a and d.dtype == torch.float16 and d.shape == (4, 6)  # free again: reused
+    e = buffers.empty((4, 6), torch.float16)  # over max_bytes: fresh memory, not kept
+    del e
+    assert buffers.empty((4, 6), torch.float16).data_ptr() not in (ptr_a, b.data_ptr(), c.data_ptr())
+    assert buffers.empty((2, 6), torch.float16).shape == (2, 6)  # another shape: its own buffers
+    clone = pickle.loads(pickle.dumps(buffers))  # a DataLoader worker starts with none
+    assert clone.nbytes == 0 and clone.max_bytes == buffers.max_bytes
