@@ -53,7 +53,7 @@ from pipeline.features.cache import (
     use_grid,
 )
 from pipeline.features.params import FeaturesUseParams
-from pipeline.use.pairs import TEXT_CHOICES
+from pipeline.use.params import TEXT_CHOICES
 from schemas import SEGMENTS
 from schemas.features import TEXT_EMBEDDINGS
 from tasks.base import (

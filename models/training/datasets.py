@@ -32,7 +32,8 @@ from pipeline.features.cache import (
     rle_pooling_weights,
     sample_rng,
 )
-from pipeline.use.pairs import TEXT_CHOICES, draw_segment_texts, segment_texts
+from pipeline.use.pairs import draw_segment_texts, segment_texts
+from pipeline.use.params import TEXT_CHOICES
 
 # Bytes of per-item derived arrays (pooling weights, patch labels) a dataset keeps between epochs, each.
 DERIVED_CACHE_BYTES = 1 << 30

@@ -11,7 +11,7 @@ from typing import Any
 
 from models.training.heads import AlignmentBlock
 from pipeline.core.params import StageParams, setting
-from pipeline.use.pairs import TEXT_CHOICES
+from pipeline.use.params import TEXT_CHOICES
 
 WORKERS_HELP = "DataLoader workers (not a content parameter)"
 

@@ -41,7 +41,13 @@ from pipeline.core.masks import (
 from pipeline.core.overlap import HostCopy
 from pipeline.use.expressions import extract_expressions
 from pipeline.use.grounding import box_nms, match_boxes_to_phrases, shift_spans, split_caption_windows
-from pipeline.use.params import UseBoxesParams, UseBoxMasksParams, UseExpressionsParams, UseSegmentsParams
+from pipeline.use.params import (
+    TEXT_KINDS,
+    UseBoxesParams,
+    UseBoxMasksParams,
+    UseExpressionsParams,
+    UseSegmentsParams,
+)
 
 if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the model layer at run time
     from models.roles import Grounder, SamImageEmbedding, Segmenter
@@ -501,11 +507,8 @@ def segment_mask(row: Mapping) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------- training texts
-# use-paper §3.1: "we also extend box-phrase pairs to box-expression pairs and store both because the description of
-# an image region can be ambiguous and from multiple levels of detail"; §3.2: "a segment may correspond to multiple
-# text descriptions ... At each training iteration, we randomly sample a text description for each segment".
-TEXT_KINDS = ("phrase", "expression")
-TEXT_CHOICES: dict[str, tuple[str, ...]] = {"both": TEXT_KINDS, "phrases": ("phrase",), "expressions": ("expression",)}
+# The texts a segment's training text is drawn from: TEXT_KINDS / TEXT_CHOICES (pipeline/use/params.py, with the
+# paper's words).
 
 
 def segment_texts(texts: Sequence[Mapping], kinds: Sequence[str] = TEXT_KINDS) -> list[str]:

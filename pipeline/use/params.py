@@ -57,3 +57,11 @@ class UseBoxMasksParams(StageParams):
 @dataclass(frozen=True)
 class UseSegmentsParams(StageParams):
     segment_nms_iou: float = setting(0.7, ge=0, le=1)
+
+
+# ------------------------------------------------------------------------------------------- training texts
+# use-paper §3.1: "we also extend box-phrase pairs to box-expression pairs and store both because the description of
+# an image region can be ambiguous and from multiple levels of detail"; §3.2: "a segment may correspond to multiple
+# text descriptions ... At each training iteration, we randomly sample a text description for each segment".
+TEXT_KINDS = ("phrase", "expression")
+TEXT_CHOICES: dict[str, tuple[str, ...]] = {"both": TEXT_KINDS, "phrases": ("phrase",), "expressions": ("expression",)}
