@@ -1101,11 +1101,12 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
     load_s = time in the role factories; ratio = wall_s / model_s; ratio_without_load = (wall_s - load_s) / model_s
     (a worker keeps its models for every later shard: `[models] keep_loaded`). cpu_s = process CPU time (all
     threads) — the machine is shared, so loadavg is recorded before every stage run. Reported: min and median over
-    the rounds (`ratio` from the medians). official_s = wall time inside segment-anything's
-    `SamAutomaticMaskGenerator.generate` (the official automatic-mask algorithm: its forwards plus its own crop /
-    NMS / RLE post-processing, which module hooks do not see); ratio_official = wall_s / official_s, for the stages
-    that call it: what the stage adds around the official generator. Reduced settings to fit a 2-core CPU,
-    recorded in `settings`. `stages`: comma list of stage names to time (empty: all)."""
+    the rounds (`ratio` from the medians). official_s = wall time inside module forwards or segment-anything's own
+    non-module code the SAM stages call — `SamAutomaticMaskGenerator.generate` (crops, NMS, RLE) and
+    `Sam.postprocess_masks` (decoded masks upsampled to the image, `SamPredictor`'s last step) — which module hooks
+    do not see; ratio_official = wall_s / official_s, for the stages where it exceeds model_s: what the stage adds
+    around the official algorithm. Reduced settings to fit a 2-core CPU, recorded in `settings`. `stages`: comma
+    list of stage names to time (empty: all)."""
     import gc
     import shutil
     import statistics
@@ -1141,41 +1142,55 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
         "features_use": {"clip_blocks": "every:4", "dino_blocks": "last:2"},
     }
     grounder_short_side = 256
-    local = threading.local()
-    inside = {"total": 0.0}
+    class Span:
+        """Wall time while a thread is inside at least one region (nested regions count once)."""
+
+        def __init__(self) -> None:
+            self.total, self.local = 0.0, threading.local()
+
+        def enter(self) -> None:
+            depth = getattr(self.local, "depth", 0)
+            if depth == 0:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.local.start = time.perf_counter()
+            self.local.depth = depth + 1
+
+        def exit(self) -> None:
+            self.local.depth -= 1
+            if self.local.depth == 0:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.total += time.perf_counter() - self.local.start
+
+    forwards, official = Span(), Span()  # module forwards; those + segment-anything's own non-module code
 
     def pre(_module, _args):
-        depth = getattr(local, "depth", 0)
-        if depth == 0:
-            if cuda:
-                torch.cuda.synchronize()
-            local.start = time.perf_counter()
-        local.depth = depth + 1
+        forwards.enter()
+        official.enter()
 
     def post(_module, _args, _out):
-        local.depth -= 1
-        if local.depth == 0:
-            if cuda:
-                torch.cuda.synchronize()
-            inside["total"] += time.perf_counter() - local.start
+        official.exit()
+        forwards.exit()
 
     loading = {"total": 0.0}
     real = registry._PRESETS["real"]
     from segment_anything import SamAutomaticMaskGenerator
+    from segment_anything.modeling import Sam
 
-    official = {"total": 0.0}
-    official_generate = SamAutomaticMaskGenerator.generate
+    # segment-anything's own code outside module forwards: the automatic generator (crops, NMS, RLE) and the
+    # upsampling of decoded masks to the image (SamPredictor's last step, which the SAM stages call as it does).
+    unpatched = {(SamAutomaticMaskGenerator, "generate"): SamAutomaticMaskGenerator.generate,
+                 (Sam, "postprocess_masks"): Sam.postprocess_masks}
 
-    def timed_generate(self, *args, **kwargs):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        try:
-            return official_generate(self, *args, **kwargs)
-        finally:
-            if cuda:
-                torch.cuda.synchronize()
-            official["total"] += time.perf_counter() - t
+    def inside_official(fn):
+        def call(*args, **kwargs):
+            official.enter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                official.exit()
+        return call
 
     def timed_factory(factory):
         def load(s):
@@ -1236,7 +1251,8 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
             real[role] = timed_factory(factory)
         handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                    torch.nn.modules.module.register_module_forward_hook(post)]
-        SamAutomaticMaskGenerator.generate = timed_generate
+        for (owner, name), fn in unpatched.items():
+            setattr(owner, name, inside_official(fn))
         runs: dict[str, list[dict]] = {name: [] for name in wanted}
         try:
             for _ in range(repeats):
@@ -1246,17 +1262,18 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
                     registry.release_models()
                     gc.collect()
                     load = os.getloadavg()[0]
-                    inside["total"] = loading["total"] = official["total"] = 0.0
+                    forwards.total = official.total = loading["total"] = 0.0
                     c0, t0 = time.process_time(), time.perf_counter()
                     task.run()
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    runs[name].append({"wall_s": wall, "model_s": inside["total"], "load_s": loading["total"],
-                                       "official_s": official["total"], "cpu_s": cpu, "loadavg_1m_before": load})
+                    runs[name].append({"wall_s": wall, "model_s": forwards.total, "load_s": loading["total"],
+                                       "official_s": official.total, "cpu_s": cpu, "loadavg_1m_before": load})
         finally:
             for h in handles:
                 h.remove()
             real.update(saved_real)
-            SamAutomaticMaskGenerator.generate = official_generate
+            for (owner, name), fn in unpatched.items():
+                setattr(owner, name, fn)
         results = {}
         for name, rows in runs.items():
             def stat(key, rows=rows):
@@ -1269,7 +1286,8 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
                 "wall_s": round(wall, 3), "model_s": round(model, 3), "ratio": round(wall / model, 3) if model else None,
                 "load_s": round(load, 3),
                 "ratio_without_load": round((wall - load) / model, 3) if model else None,
-                **({"official_s": round(gen, 3), "ratio_official": round(wall / gen, 3)} if gen else {}),
+                **({"official_s": round(gen, 3), "ratio_official": round(wall / gen, 3),
+                    "ratio_official_without_load": round((wall - load) / gen, 3)} if gen > model else {}),
                 "min": {k: round(min(r[k] for r in rows), 3) for k in ("wall_s", "model_s", "load_s", "cpu_s")},
                 "cpu_s": stat("cpu_s"), "loadavg_1m_before": [round(r["loadavg_1m_before"], 2) for r in rows],
                 "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rows], "counts": counts[name],
