@@ -32,7 +32,6 @@ import luigi
 import luigi.configuration
 import luigi.execution_summary
 from luigi.task import flatten
-from tqdm import tqdm
 
 from models.registry import ModelSettings
 from pipeline.core.artifacts import (
@@ -53,6 +52,7 @@ from pipeline.core.sources import Listing, list_source, num_shards
 from schemas import SchemaError
 from tasks.failures import CorruptInput, explain, one_line, permanent_cause
 from tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
+from tasks.progress import STAGE_PROGRESS
 from tasks.sections import section_of
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
@@ -75,6 +75,9 @@ class pseudoseg(luigi.Config):  # noqa: N801 — the class name is the luigi.cfg
         description="shards per Luigi task (a range of one stage's shards, each still its own unit with done.json); "
                     f"auto: at most {RANGES_PER_STAGE} tasks per stage; 1: one task per shard. Never changes an "
                     "artifact")
+    progress_seconds = FloatParameter(
+        default=60.0, ge=0, description="away from a terminal (a pipe, a log, luigid workers), a running stage "
+                                        "prints one progress line at most this often (0: every shard and step)")
 
 
 def shards_per_task(shard_count: int) -> int:
@@ -376,8 +379,9 @@ class CommittedTask(DatasetTask):
                 redo(self, upstream, {name: detail}, why="failed its contract")
                 output = self.produce_unit()
             commit_shard(stage_dir, self.unit, output, seconds=time.perf_counter() - started)
-            if isinstance(self, ShardTask) and STAGE_BARS.active:
-                STAGE_BARS.committed(self)
+            if isinstance(self, ShardTask) and STAGE_PROGRESS.active:
+                STAGE_PROGRESS.shard_committed(STAGE_PROGRESS.line(self.stage, self.shard_count, stage_dir.meta_path),
+                                               self.shard)
         except BaseException:
             stage_dir.clear_unfinished(self.unit)  # a failed attempt leaves nothing behind (we hold the lock)
             raise
@@ -522,86 +526,26 @@ def hashed_params(params: StageParams) -> dict[str, Any]:
     return {f.name: hashed(f) for f in dataclasses.fields(params) if f.metadata.get("hashed", True)}
 
 
-class StageBars:
-    """One tqdm line per running stage on the terminal, advanced as its shards commit, with the current shard's
-    progress as the line's postfix. The CLI turns it on (``activate``) for a local run in one process; it draws
-    only where the stream is a terminal (tests, CI logs: nothing). While it is active, shards draw no bar of
-    their own."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.stream: Any = None
-        self.bars: dict[str, tqdm] = {}
-        self._last = 0.0
-
-    def activate(self, stream: Any = None) -> None:
-        self.active, self.stream, self.bars = True, stream or sys.stderr, {}
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.active, self.bars = False, {}
-
-    @property
-    def drawing(self) -> bool:
-        return self.active and bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def bar(self, task: ShardTask) -> tqdm | None:
-        if not self.drawing:
-            return None
-        bar = self.bars.get(task.stage)
-        if bar is None:
-            from tasks.summary import output_of  # tasks.summary imports this module
-
-            out = output_of(task.stage)
-            bar = self.bars[task.stage] = tqdm(total=task.shard_count, desc=f"{out.stage:<19}", unit="shard",
-                                               position=len(self.bars), leave=True, file=self.stream,
-                                               dynamic_ncols=True)
-        return bar
-
-    def step(self, task: ShardTask, index: int, total: int, unit: str) -> None:
-        now = time.monotonic()
-        if now - self._last < 0.5:
-            return
-        self._last = now
-        bar = self.bar(task)
-        if bar is not None:
-            bar.set_postfix_str(f"shard {task.shard}: {index}/{total} {unit}")
-
-    def committed(self, task: ShardTask) -> None:
-        bar = self.bar(task)
-        if bar is not None:
-            bar.set_postfix_str(f"shard {task.shard} done", refresh=False)
-            bar.update(1)
-
-
-STAGE_BARS = StageBars()
-
-
 class ProgressReporter:
-    """Progress of one shard, to luigid's UI (percentage + status message) and to the terminal (the stage's line,
-    see StageBars, or else a tqdm bar of the shard's own). At the end of a shard that succeeded: ``N/N <unit>``
-    and 100 %, so luigid never shows a finished shard as partly done."""
+    """Progress of one shard, to luigid's UI (percentage + status message) and to the run's progress on stderr
+    (``tasks.progress``: its stage's line). At the end of a shard that succeeded: ``N/N <unit>`` and 100 %, so
+    luigid never shows a finished shard as partly done."""
 
     def __init__(self, task: ShardTask) -> None:
         self.task = task
-        self.bar: tqdm | None = None
         self.total = 0
         self.unit = "images"
         self.started = False
         self._last = 0.0
+        self.line = STAGE_PROGRESS.line(task.stage, task.shard_count, task.stage_dir.meta_path) \
+            if STAGE_PROGRESS.active else None
 
     def start(self, total: int, unit: str = "images") -> None:
         self.total, self.unit, self.started = total, unit, True
-        if not STAGE_BARS.active:
-            self.bar = tqdm(total=total, desc=f"{self.task.stage} shard {self.task.shard}", unit="img",
-                            leave=False, disable=None)
 
     def step(self, index: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-        if STAGE_BARS.active:
-            STAGE_BARS.step(self.task, index, self.total, self.unit)
+        if self.line is not None:
+            STAGE_PROGRESS.shard_step(self.line, self.task.shard, index, self.total, self.unit)
         now = time.monotonic()
         if not callable(self.task.set_progress_percentage):  # None outside a Luigi worker
             return
@@ -621,8 +565,6 @@ class ProgressReporter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
         if exc_type is None:
             self.finished()
 

@@ -20,13 +20,22 @@ import luigi.setup_logging
 from luigi.execution_summary import LuigiStatusCode
 
 from pipeline.core.artifacts import params_hash
-from tasks.base import STAGE_BARS, build_tasks, frozen_settings
+from tasks.base import build_tasks, current, frozen_settings, pseudoseg
 from tasks.card import write_card
 from tasks.failures import FailFastWorkers
 from tasks.params import name_problem
+from tasks.progress import STAGE_PROGRESS
 from tasks.settings import SettingsError, closest, configure
 from tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
-from tasks.summary import RunInfo, footer, format_table, quarantine_notes, summarise, write_run_json
+from tasks.summary import (
+    RunInfo,
+    footer,
+    format_table,
+    output_of,
+    quarantine_notes,
+    summarise,
+    write_run_json,
+)
 
 # Stage names before every stage was named after its folder (pseudoseg 2026-12): `run OLD` says the new name.
 RENAMED = {
@@ -137,13 +146,14 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     log = root / "logs" / f"run-{stamp}-{os.getpid()}.log"
     record_shard_counts([task])
-    if summary and workers == 1 and not central:
-        STAGE_BARS.activate(sys.stderr)
+    # tqdm lines on a terminal when this process runs every task; plain progress lines otherwise
+    STAGE_PROGRESS.activate(sys.stderr, bars=workers == 1 and not central, every=current(pseudoseg).progress_seconds,
+                            name_of=lambda folder: output_of(folder).name)
     try:
         with run_logging(log, terminal_level=logging.INFO if central else logging.WARNING):
             result = build_tasks([task], **kwargs)
     finally:
-        STAGE_BARS.close()
+        STAGE_PROGRESS.close()
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
     mark_latest([task])  # every stage whose shards are all done: <stage>/latest -> this run's hash folder
     if summary:

@@ -260,9 +260,10 @@ class Evaluate(StageSettings, luigi.Task):
         total = len(data)
 
         def progress(i: int) -> None:
-            if callable(self.set_status_message) and (i == total or i % 10 == 0):  # None outside a worker
-                self.set_progress_percentage(round(100.0 * i / max(total, 1), 1))
-                self.set_status_message(f"{i}/{total} images")
+            if i == total or i % 10 == 0:
+                if callable(self.set_progress_percentage):  # None outside a worker
+                    self.set_progress_percentage(round(100.0 * i / max(total, 1), 1))
+                report(self, f"{i}/{total} images")
 
         protocol = self.protocol
         result = run_evaluation(segmenter, data, data.class_names, keep=cfg.grid_images, progress=progress,

@@ -17,6 +17,7 @@ from pipeline.core.params import DecodeLimits, IngestPlanParams
 from pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from schemas import MANIFEST, PLAN, REJECTS, SchemaError
 from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, stage_wrapper
+from tasks.progress import report
 
 
 class PlanIngest(StageSettings, CommittedTask):
@@ -44,8 +45,7 @@ class PlanIngest(StageSettings, CommittedTask):
         return self.stage_dir.unit_path(self.unit, "parquet")
 
     def produce_unit(self) -> ShardOutput:
-        if callable(self.set_status_message):  # None outside a Luigi worker
-            self.set_status_message(f"hashing {len(self.listing.entries)} entries")
+        report(self, f"hashing {len(self.listing.entries)} entries")
         listing, shard_size = self.listing, self.params.shard_size
         rows = [e.__dict__ for e in plan_entries(listing.entries, shard_size, problems=listing.problems)]
         output = ShardOutput(in_count=len(rows), ok_count=len(rows))

@@ -11,6 +11,7 @@ from pipeline.core.ingest import iter_ingested_images
 from schemas import MODEL_PROBE
 from tasks.base import DatasetTask, model_settings, verify_inputs
 from tasks.ingest import IngestShard
+from tasks.progress import report
 
 
 class ModelProbe(DatasetTask):
@@ -31,7 +32,7 @@ class ModelProbe(DatasetTask):
         tar = self.requires().stage_dir.shard_path(0, "tar")
         first = next(iter_ingested_images(str(tar)), None)
         image = first[1] if first else np.full((96, 128, 3), 127, np.uint8)  # empty shard: a grey image
-        self.set_status_message("loading and probing models")
+        report(self, "loading and probing models")
         rows = probe_roles(model_settings(), image)
         self.stage_dir.write_params()
         atomic_write_bytes(self.stage_dir.path / "probe.parquet",

@@ -69,6 +69,52 @@ def cli_env(tmp_path: Path, sitecustomize: str | None = None) -> dict[str, str]:
     return env
 
 
+def in_terminal(argv: list[str], env: dict[str, str], cwd: Path, *, timeout: float = 600,
+                columns: int = 120, interrupt_when: str | None = None) -> tuple[int, str]:
+    """Run ``argv`` as a person does in a terminal: stdin, stdout and stderr on a pseudo-terminal of ``columns``
+    columns (so ``isatty()`` is true and progress bars draw). Returns (exit status, everything it printed, with
+    carriage returns as newlines). ``interrupt_when``: send Ctrl-C (SIGINT to its process group, as a terminal
+    does) once this text has been printed."""
+    import fcntl
+    import pty
+    import select
+    import signal
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    interrupted = False
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise TimeoutError(f"{argv} did not end within {timeout} s:\n" + b"".join(chunks).decode(errors="replace"))
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+                if interrupt_when and not interrupted and interrupt_when.encode() in b"".join(chunks):
+                    os.killpg(proc.pid, signal.SIGINT)
+                    interrupted = True
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+    code = proc.wait(timeout=60)
+    return code, b"".join(chunks).decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
