@@ -33,8 +33,8 @@ import luigi.configuration
 import luigi.execution_summary
 from luigi.task import flatten
 
-from models.registry import ModelSettings
-from pipeline.core.artifacts import (
+from pseudoseg.models.registry import ModelSettings
+from pseudoseg.pipeline.core.artifacts import (
     VERIFY_MODES,
     ShardOutput,
     StageDir,
@@ -45,15 +45,15 @@ from pipeline.core.artifacts import (
     record_problems,
     unit_name,
 )
-from pipeline.core.locks import UnitLock
-from pipeline.core.locks import describe as describe_holder
-from pipeline.core.params import IngestPlanParams, StageParams
-from pipeline.core.sources import Listing, list_source, num_shards
-from schemas import SchemaError
-from tasks.failures import CorruptInput, explain, one_line, permanent_cause
-from tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
-from tasks.progress import STAGE_PROGRESS
-from tasks.sections import section_of
+from pseudoseg.pipeline.core.locks import UnitLock
+from pseudoseg.pipeline.core.locks import describe as describe_holder
+from pseudoseg.pipeline.core.params import IngestPlanParams, StageParams
+from pseudoseg.pipeline.core.sources import Listing, list_source, num_shards
+from pseudoseg.schemas import SchemaError
+from pseudoseg.tasks.failures import CorruptInput, explain, one_line, permanent_cause
+from pseudoseg.tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
+from pseudoseg.tasks.progress import STAGE_PROGRESS
+from pseudoseg.tasks.sections import section_of
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
