@@ -15,6 +15,7 @@ import importlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pseudoseg.models.adapters._hf import ModelUnavailableError
@@ -43,8 +44,8 @@ Factory = Callable[["ModelSettings"], Any]
 class ModelSettings:
     """The `[models]` section of luigi.cfg, typed. Every field has a default; unknown keys are rejected."""
 
-    preset: str = "real"  # "real" | "tiny" | any registered name
-    cache_dir: str = "~/.cache/pseudoseg"  # where tiny models are built
+    preset: str = "tiny"  # "tiny" | "real" | any registered name (random tiny models until real ones are set)
+    cache_dir: str = "~/.cache/pseudoseg/models"  # where tiny models are built (and SAM's checkpoint is looked for)
     device: str = "auto"  # "auto" → cuda if available else cpu
     captioner: str = DEFAULT_CAPTIONER
     clip: str = DEFAULT_CLIP
@@ -90,9 +91,9 @@ class ModelSettings:
 
     def sam_checkpoint_path(self) -> str:
         if self.sam_checkpoint:
-            return self.sam_checkpoint
+            return str(Path(self.sam_checkpoint).expanduser())
         url = SAM_CHECKPOINT_URLS.get(self.sam_arch, f"/sam_{self.sam_arch}.pth")
-        return f"{self.cache_dir}/{url.rsplit('/', 1)[-1]}"
+        return str(Path(self.cache_dir).expanduser() / url.rsplit("/", 1)[-1])
 
 
 RUNTIME_FIELDS = ("device", "keep_loaded")

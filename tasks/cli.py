@@ -25,7 +25,7 @@ from pseudoseg.tasks.card import write_card
 from pseudoseg.tasks.failures import FailFastWorkers
 from pseudoseg.tasks.params import name_problem
 from pseudoseg.tasks.progress import STAGE_PROGRESS
-from pseudoseg.tasks.settings import SettingsError, closest, configure
+from pseudoseg.tasks.settings import DEMO_CONFIG, SettingsError, closest, configure, load_config_files
 from pseudoseg.tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
 from pseudoseg.tasks.summary import (
     RunInfo,
@@ -196,10 +196,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                        scheduler_port=args.scheduler_port, summary=not args.no_summary)
     print_causes(causes)
     return 0 if ok else 1
-
-
-# The demo's settings (thresholds random tiny models can reach, and why): read after luigi.cfg, before --config.
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo.cfg"  # the repository root, beside luigi.cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -403,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     # at import: the model stages import it later).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
+    load_config_files()
     try:
         check(args)
     except SettingsError as e:

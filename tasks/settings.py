@@ -142,6 +142,30 @@ class Origins:
         return "the configuration"
 
 
+# The pseudoseg package's folder: the repository root in a checkout, site-packages/pseudoseg once installed. The
+# shipped settings live there, so every command finds them wherever it is run from.
+PACKAGE_ROOT = Path(tasks.__file__).resolve().parent.parent
+SHIPPED_CONFIG = PACKAGE_ROOT / "luigi.cfg"  # every default, read first
+DEMO_CONFIG = PACKAGE_ROOT / "demo.cfg"  # `pseudoseg demo`'s settings, read after luigi.cfg and the user's file
+
+
+def load_config_files() -> None:
+    """The configuration every command starts from, the same wherever it runs: the shipped luigi.cfg, then the
+    user's file named by ``LUIGI_CONFIG_PATH`` (if set) over it. Luigi's own search of the working directory
+    (``./luigi.cfg``, ``./client.cfg``) and of ``/etc/luigi/`` is replaced, so results never depend on the folder a
+    command is typed in; a command's own files (``--config``, the demo's) are added by ``configure``."""
+    paths = [str(SHIPPED_CONFIG)]
+    user = os.environ.get("LUIGI_CONFIG_PATH")
+    if user and os.path.isfile(user) and Path(user).resolve() != SHIPPED_CONFIG:
+        paths.append(str(Path(user).resolve()))
+    cls = luigi.configuration.LuigiConfigParser
+    cls._config_paths = paths
+    config = cls.instance()
+    config.clear()  # what an earlier load read (Luigi read LUIGI_CONFIG_PATH and ./luigi.cfg at import)
+    config.defaults().clear()
+    cls.reload()
+
+
 def config_paths() -> list[str]:
     """The config files Luigi read, in order (later ones win)."""
     cls = luigi.configuration.LuigiConfigParser

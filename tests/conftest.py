@@ -19,6 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pseudoseg.tasks.settings import load_config_files
+
+load_config_files()  # in-process tests read the settings a command reads, wherever pytest runs from
+
 
 @pytest.fixture(scope="session")
 def _voc_master() -> dict:

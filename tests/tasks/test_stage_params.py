@@ -149,8 +149,7 @@ def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
         section = section_class.get_task_family()
         param = dict(section_class.get_params())
         for field in dataclasses.fields(params_type):
-            if not parser.has_option(section, field.name):
-                continue
+            assert parser.has_option(section, field.name), f"luigi.cfg [{section}] does not name {field.name}"
             shipped = param[field.name].normalize(param[field.name].parse(parser.get(section, field.name)))
             assert shipped == field.default, f"luigi.cfg [{section}] {field.name} = {shipped!r}, code: {field.default!r}"
             checked += 1
