@@ -145,11 +145,11 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
     root = Path(out).resolve() / dataset
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     log = root / "logs" / f"run-{stamp}-{os.getpid()}.log"
-    record_shard_counts([task])
     # tqdm lines on a terminal when this process runs every task; plain progress lines otherwise
     STAGE_PROGRESS.activate(sys.stderr, bars=workers == 1 and not central, every=current(pseudoseg).progress_seconds,
                             name_of=lambda folder: output_of(folder).name)
     try:
+        record_shard_counts([task])  # every stage's folder: the ingest plan is made here if it is not done
         with run_logging(log, terminal_level=logging.INFO if central else logging.WARNING):
             result = build_tasks([task], **kwargs)
     finally:

@@ -11,13 +11,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir
+from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, read_record
 from pseudoseg.pipeline.core.ingest import STAGE, ingest_entries
 from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams
 from pseudoseg.pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from pseudoseg.schemas import MANIFEST, PLAN, REJECTS, SchemaError
-from pseudoseg.tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, stage_wrapper
-from pseudoseg.tasks.progress import report
+from pseudoseg.tasks.base import (
+    LOG,
+    CommittedTask,
+    ProgressReporter,
+    ShardTask,
+    StageSettings,
+    by_settings,
+    stage_wrapper,
+)
+from pseudoseg.tasks.progress import STAGE_PROGRESS, report
 
 
 class PlanIngest(StageSettings, CommittedTask):
@@ -43,6 +51,25 @@ class PlanIngest(StageSettings, CommittedTask):
     @property
     def plan_path(self) -> Path:
         return self.stage_dir.unit_path(self.unit, "parquet")
+
+    def content_digest(self) -> str:
+        """What the plan holds (its Parquet's sha256, from its record): what the ingest shards hash as their
+        upstream. The plan's own folder follows the listing (names, sizes, mtimes: cheap to check), so a folder whose
+        files were rewritten or copied with the same bytes gets a new plan with the same content, and nothing after
+        it is redone. Every stage's folder name depends on this, so the plan is made here, under its lock, when it
+        is not done yet (while Luigi schedules: once per build, before any stage runs)."""
+        def compute() -> str:
+            if self.problems():
+                entries = len(self.listing.entries)
+                LOG.info("pseudoseg: hashing the %d entries of %s for the ingest plan", entries, self.images)
+                STAGE_PROGRESS.note(f"ingest plan: hashing {entries} entr{'y' if entries == 1 else 'ies'}")
+                with self.lock():
+                    self.run_locked()
+            record = read_record(self.stage_dir, self.unit)
+            (plan,) = [f for f in record["files"] if f["name"] == self.stage_dir.unit_name_of(self.unit, "parquet")]
+            return plan["sha256"][:16]
+
+        return by_settings(("plan content", type(self), tuple(self.param_kwargs.items())), compute)
 
     def produce_unit(self) -> ShardOutput:
         report(self, f"hashing {len(self.listing.entries)} entries")
@@ -129,7 +156,7 @@ class IngestShard(ShardTask):
         return self.params
 
     def upstream_params(self) -> dict[str, str]:
-        return {"plan": self.requires().stage_dir.hash}
+        return {"plan": self.requires().content_digest()}
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         entries = read_plan_shard(str(self.requires().plan_path), self.shard)

@@ -128,6 +128,11 @@ class StageProgress:
         else:
             print(text, file=self.stream, flush=True)
 
+    def note(self, text: str) -> None:
+        """One line of the run's progress (nothing when no run is showing progress)."""
+        if self.active:
+            self.say(text)
+
     # ---------------------------------------------------------------------------------------------- shards
     def line(self, stage: str, total: int, meta: Path) -> StageLine:
         """The stage's line, made (and its start said) on first use in this process."""

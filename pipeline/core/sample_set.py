@@ -84,6 +84,17 @@ class SampleSet:
         return len(self.expected_rejects)
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """A file already holding ``data`` is left alone (its mtime too), so writing the set again changes nothing a
+    listing sees."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write_bytes(path, data)
+
+
 def _photos() -> dict[str, np.ndarray]:
     """Name → RGB uint8 [H, W, 3] from data bundled in the installed wheels (no network needed)."""
     import skimage.data
@@ -147,12 +158,12 @@ def write_sample_set(dest: Path, *, with_bad_inputs: bool = True) -> SampleSet:
     good: list[Path] = []
     for name, data in sorted(photo_bytes.items()):
         path = root / "album" / f"{name}.jpg"
-        atomic_write_bytes(path, data)
+        _write_if_changed(path, data)
         good.append(path)
 
     voc = _voc()
     voc_image = root / VOC_IMAGE
-    atomic_write_bytes(voc_image, _encode_jpeg(np.asarray(voc["rgb"], dtype=np.uint8)))
+    _write_if_changed(voc_image, _encode_jpeg(np.asarray(voc["rgb"], dtype=np.uint8)))
     good.append(voc_image)
     class_label, instance_label, class_names = voc_gt_arrays(voc)
     gt_paths = {
@@ -160,9 +171,9 @@ def write_sample_set(dest: Path, *, with_bad_inputs: bool = True) -> SampleSet:
         "instance_label": gt / INSTANCE_LABEL_FILE,
         "class_names": gt / CLASS_NAMES_FILE,
     }
-    atomic_write_bytes(gt_paths["class_label"], encode_png(class_label))
-    atomic_write_bytes(gt_paths["instance_label"], encode_png(instance_label))
-    atomic_write_bytes(gt_paths["class_names"], (json.dumps(class_names, indent=2) + "\n").encode())
+    _write_if_changed(gt_paths["class_label"], encode_png(class_label))
+    _write_if_changed(gt_paths["instance_label"], encode_png(instance_label))
+    _write_if_changed(gt_paths["class_names"], (json.dumps(class_names, indent=2) + "\n").encode())
 
     expected_rejects: dict[Path, str] = {}
     bad_bytes = {
@@ -174,7 +185,7 @@ def write_sample_set(dest: Path, *, with_bad_inputs: bool = True) -> SampleSet:
     for rel, data in bad_bytes.items():
         path = root / rel
         if with_bad_inputs:
-            atomic_write_bytes(path, data)
+            _write_if_changed(path, data)
             expected_rejects[path] = BAD_FILES[rel]
         else:
             path.unlink(missing_ok=True)

@@ -121,16 +121,19 @@ def test_same_inputs_give_byte_identical_artifacts(tmp_path):
 
 
 class RunCounter:
+    """Every shard a build runs and every ingest plan it makes (made while Luigi schedules: see
+    PlanIngest.content_digest)."""
+
     def __init__(self, monkeypatch):
         self.calls: list[str] = []
-        for cls in (ShardTask, PlanIngest):
-            original = cls.run
+        for cls, method in ((ShardTask, "run"), (PlanIngest, "produce_unit")):
+            original = getattr(cls, method)
 
             def counted(task, _original=original):
                 self.calls.append(task.task_id)
                 return _original(task)
 
-            monkeypatch.setattr(cls, "run", counted)
+            monkeypatch.setattr(cls, method, counted)
 
 
 def test_noop_rerun_runs_nothing_and_changed_params_run_into_a_new_folder(tmp_path, monkeypatch):
@@ -160,8 +163,21 @@ def test_noop_rerun_runs_nothing_and_changed_params_run_into_a_new_folder(tmp_pa
     rows = MANIFEST.read_parquet(new_folder / "shard-000000.parquet").to_pylist()
     assert all(max(r["width"], r["height"]) == 32 and r["resized"] for r in rows)
 
-    # A new image changes the listing → new plan → every shard re-runs.
+    # The same bytes written again (new mtimes, new inodes): the listing changed, so a new plan is made, but it
+    # holds what the old one held: no shard is redone and the ingest folder stays the same.
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+        os.utime(path, (1e9, 1e9))
+    with luigi_settings(ingest={"shard_size": 2}):
+        build(ingest_task(folder, out))
+    assert len(counter.calls) == first + 3 + 1
+    assert len(list((out / "ds" / "plan").iterdir())) == 2 and len(list((out / "ds" / "ingest").iterdir())) == 2
+
+    # A new image changes the listing → new plan with other content → every shard re-runs.
     write_good_images(folder, 1, seed=99, size=(20, 20))[0].rename(folder / "zz_new.png")
     with luigi_settings(ingest={"shard_size": 2}):
         build(ingest_task(folder, out))
-    assert len(counter.calls) == first + 3 + 1 + 3
+    assert len(counter.calls) == first + 3 + 1 + 1 + 3
+    assert len(list((out / "ds" / "ingest").iterdir())) == 3
