@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 OUT ?= out
-CONFIG ?= luigi.cfg
+# CONFIG=FILE: your settings, read over the shipped luigi.cfg; SET='section.key=value ...': single overrides.
+CONFIG ?=
+SET ?=
 N ?= 2
 PORT ?= 8082
 STAGE ?= Ingest
@@ -16,8 +18,8 @@ PYTEST_ARGS ?=
 # export-coco / preview default to the demo's sample set (after `make demo`).
 DEMO_IMAGES := $(OUT)/demo/samples/images
 
-export LUIGI_CONFIG_PATH := $(abspath $(CONFIG))
 export PYTHONHASHSEED := 0
+SETTINGS = $(if $(CONFIG),--config $(abspath $(CONFIG))) $(foreach item,$(SET),--set $(item))
 
 .PHONY: help venv test test-fast demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
@@ -41,24 +43,24 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/pseudoseg demo --out $(OUT)
+	$(VENV)/bin/pseudoseg demo --out $(OUT) $(SETTINGS)
 
 pseudo-labels: $(STAMP)
 	@test -n "$(IMAGES)" || { echo "usage: make pseudo-labels STAGE=<stage> IMAGES=<dir|list|tars> [DATASET=name]"; exit 2; }
-	$(VENV)/bin/pseudoseg run $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT)
+	$(VENV)/bin/pseudoseg run $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT) $(SETTINGS)
 
 export-coco: $(STAMP)
-	$(VENV)/bin/pseudoseg run ExportCoco --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
+	$(VENV)/bin/pseudoseg run ExportCoco --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT) $(SETTINGS)
 
 preview: $(STAMP)
-	$(VENV)/bin/pseudoseg run UsePreview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT)
+	$(VENV)/bin/pseudoseg run UsePreview --images $(or $(IMAGES),$(DEMO_IMAGES)) --dataset $(or $(DATASET),demo) --out $(OUT) $(SETTINGS)
 
 # DATASET = benchmark (pipeline.eval.benchmarks.BENCHMARKS key), ROOT = its folder; fmbseg/use_sam/pseudo also need IMAGES + RUN (upstream run).
 eval: $(STAMP)
 	@test -n "$(ROOT)" || { echo "usage: make eval DATASET=voc21 METHOD=car|fmbseg|use_sam|pseudo ROOT=<dir> [LIMIT=0] [IMAGES=<dir> RUN=<name>]"; exit 2; }
 	$(VENV)/bin/pseudoseg run Evaluate --images $(or $(IMAGES),$(ROOT)) --dataset $(or $(RUN),$(DATASET)) --out $(OUT) \
 		--set Evaluate.benchmark=$(DATASET) --set Evaluate.data_root=$(abspath $(ROOT)) \
-		--set Evaluate.method=$(or $(METHOD),car) --set Evaluate.limit=$(or $(LIMIT),0)
+		--set Evaluate.method=$(or $(METHOD),car) --set Evaluate.limit=$(or $(LIMIT),0) $(SETTINGS)
 
 luigid: $(STAMP)
 	$(VENV)/bin/pseudoseg luigid --out $(OUT) --port $(PORT)
@@ -66,7 +68,7 @@ luigid: $(STAMP)
 workers: $(STAMP)
 	@test -n "$(IMAGES)" || { echo "usage: make workers N=2 STAGE=<stage> IMAGES=<dir> [DATASET=name]"; exit 2; }
 	$(VENV)/bin/pseudoseg workers --n $(N) $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT) \
-		--scheduler-port $(PORT) $(if $(GPUS),--gpus $(GPUS))
+		--scheduler-port $(PORT) $(if $(GPUS),--gpus $(GPUS)) $(SETTINGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results

@@ -56,6 +56,7 @@ from pseudoseg.schemas.evaluation import CLASS_IOU
 from pseudoseg.tasks.base import GPU, StageSettings, model_settings, pseudoseg, uses_gpu, verify_inputs
 from pseudoseg.tasks.failures import explain
 from pseudoseg.tasks.params import IntParameter
+from pseudoseg.tasks.progress import report_status
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "FmbsegLabels"}
@@ -263,7 +264,7 @@ class Evaluate(StageSettings, luigi.Task):
             if i == total or i % 10 == 0:
                 if callable(self.set_progress_percentage):  # None outside a worker
                     self.set_progress_percentage(round(100.0 * i / max(total, 1), 1))
-                report(self, f"{i}/{total} images")
+                report_status(self, f"{i}/{total} images")
 
         protocol = self.protocol
         result = run_evaluation(segmenter, data, data.class_names, keep=cfg.grid_images, progress=progress,

@@ -25,7 +25,7 @@ from pseudoseg.tasks.base import (
     by_settings,
     stage_wrapper,
 )
-from pseudoseg.tasks.progress import STAGE_PROGRESS, report
+from pseudoseg.tasks.progress import STAGE_PROGRESS, report_status
 
 
 class PlanIngest(StageSettings, CommittedTask):
@@ -72,7 +72,7 @@ class PlanIngest(StageSettings, CommittedTask):
         return by_settings(("plan content", type(self), tuple(self.param_kwargs.items())), compute)
 
     def produce_unit(self) -> ShardOutput:
-        report(self, f"hashing {len(self.listing.entries)} entries")
+        report_status(self, f"hashing {len(self.listing.entries)} entries")
         listing, shard_size = self.listing, self.params.shard_size
         rows = [e.__dict__ for e in plan_entries(listing.entries, shard_size, problems=listing.problems)]
         output = ShardOutput(in_count=len(rows), ok_count=len(rows))

@@ -11,7 +11,7 @@ from pseudoseg.pipeline.core.ingest import iter_ingested_images
 from pseudoseg.schemas import MODEL_PROBE
 from pseudoseg.tasks.base import DatasetTask, model_settings, verify_inputs
 from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.progress import report
+from pseudoseg.tasks.progress import report_status
 
 
 class ModelProbe(DatasetTask):
@@ -32,7 +32,7 @@ class ModelProbe(DatasetTask):
         tar = self.requires().stage_dir.shard_path(0, "tar")
         first = next(iter_ingested_images(str(tar)), None)
         image = first[1] if first else np.full((96, 128, 3), 127, np.uint8)  # empty shard: a grey image
-        report(self, "loading and probing models")
+        report_status(self, "loading and probing models")
         rows = probe_roles(model_settings(), image)
         self.stage_dir.write_params()
         atomic_write_bytes(self.stage_dir.path / "probe.parquet",

@@ -191,7 +191,7 @@ class StageProgress:
         self.say(f"{task_name(task)}: started")
 
     def task_status(self, task: luigi.Task, message: str) -> None:
-        """What a task that is not a shard says it does (``DatasetTask.report``), throttled like a stage's line."""
+        """What a task that is not a shard says it does (``report_status``), throttled like a stage's line."""
         if not self.active or task.task_id not in self.tasks:
             return
         started, last = self.tasks[task.task_id]
@@ -214,7 +214,7 @@ class StageProgress:
 STAGE_PROGRESS = StageProgress()
 
 
-def report(task: luigi.Task, message: str) -> None:
+def report_status(task: luigi.Task, message: str) -> None:
     """What a task that is not a shard is doing: luigid's status message, and a line of the run's progress."""
     if callable(task.set_status_message):  # None outside a Luigi worker
         task.set_status_message(message)

@@ -70,7 +70,7 @@ from pseudoseg.tasks.base import (
 from pseudoseg.tasks.features import FeaturesShard, TextClasses, UseTextShard
 from pseudoseg.tasks.fmbseg import FmbsegLabelsShard
 from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.progress import report
+from pseudoseg.tasks.progress import report_status
 from pseudoseg.tasks.use import UseSegmentsShard
 
 
@@ -173,7 +173,7 @@ class TrainUse(TrainTask):
         self.check_inputs()
         cfg, stage_dir = self.params, self.stage_dir
         stage_dir.write_params()
-        report(self, "indexing segments and texts")
+        report_status(self, "indexing segments and texts")
         segments: dict[str, list[dict]] = defaultdict(list)
         for path in self.shard_paths("segments", "parquet"):
             for row in SEGMENTS.read_parquet(path).to_pylist():
@@ -203,7 +203,7 @@ class TrainUse(TrainTask):
         head = USEHead(clip_dim=dims["clip"][0], clip_blocks=dims["clip"][1], dino_dim=dims["dino"][0],
                        dino_blocks=dims["dino"][1], embed_dim=int(text_emb.shape[1]), width=cfg.width,
                        use_cls=cfg.use_cls)
-        report(self, f"training on {len(dataset)} images ({cfg.features} features)")
+        report_status(self, f"training on {len(dataset)} images ({cfg.features} features)")
         train(head, use_step(cfg, encode=encode), dataset, self.config(), stage_dir.path,
               resume=True, metadata=metadata, collate_fn=collate_use)
 
@@ -299,7 +299,7 @@ class TrainAlignment(TrainTask):
                     "input": {k: v for k, v in dataclasses.asdict(self.requires()["features"][0].params).items()
                               if k in ("short_side", "max_long_side")} | {"resize": meta["resize"]},
                     "images": len(dataset.ids)}
-        report(self, f"training on {len(dataset.ids)} images")
+        report_status(self, f"training on {len(dataset.ids)} images")
         step = alignment_step(protos, cfg)
         train(block, step, dataset, self.config(), stage_dir.path, resume=True, metadata=metadata,
               collate_fn=collate_alignment)

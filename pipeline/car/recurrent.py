@@ -354,7 +354,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *, pos
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.asarray(probs, np.float32))))
     d.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
-    d.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.ascontiguousarray(image, np.uint8), compat=bi_w)
+    d.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.array(image, np.uint8, order="C"), compat=bi_w)
     return np.asarray(d.inference(iterations), np.float32).reshape(c, h, w)
 
 

