@@ -98,6 +98,15 @@ class ModelSettings:
 
 RUNTIME_FIELDS = ("device", "keep_loaded")
 
+RANDOM_MODELS_NOTICE = ("Made with the tiny preset: random-init models, random by design, so these outputs show the "
+                        "machinery, not quality; for real results set [models] preset = real and the model paths "
+                        "(README: Real weights).")
+
+
+def random_models_notice(settings: ModelSettings) -> str | None:
+    """The one line every run, gallery, card and report of random models carries (None for real models)."""
+    return RANDOM_MODELS_NOTICE if settings.preset == "tiny" else None
+
 
 GROUNDER_BACKENDS = ("transformers", "groundingdino")
 
@@ -252,7 +261,7 @@ def load_role(role: str, settings: ModelSettings) -> Any:
         raise ModelUnavailableError(f"preset {settings.preset!r} has no {role!r} model (it provides {sorted(preset)})")
     factory = preset[role]
     key = (role, dataclasses.replace(settings, keep_loaded=0), factory)
-    if key in _LOADED:
+    if settings.keep_loaded > 0 and key in _LOADED:  # 0: a fresh load on every call
         _LOADED.move_to_end(key)
         return _LOADED[key]
     model = factory(settings)

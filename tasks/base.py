@@ -269,7 +269,12 @@ class DatasetTask(luigi.Task):
 
     def on_failure(self, exception: BaseException) -> str:
         # A missing model or a mismatched artifact: one line, and no retries (tasks.failures).
+        record_task_failure(self, exception)
         return explain(exception) or super().on_failure(exception)
+
+    def on_success(self) -> Any:
+        clear_task_failure(self)
+        return super().on_success()
 
     @property
     def root(self) -> Path:
@@ -404,6 +409,41 @@ class CommittedTask(DatasetTask):
                                      files=[n for n in problems if n != done])
         LOG.warning("pseudoseg: %s %s%s: %s; moved to %s; redoing it", self.describe(), why, before, listed,
                     where.relative_to(self.root))
+
+
+TASK_UNIT = "task"  # a task with one output folder and no shards (a trainer, an export, an evaluation)
+
+
+def _single_output_folder(task: luigi.Task) -> StageDir | None:
+    """The stage folder of a task that is not a committed unit (shards record their own failures)."""
+    if isinstance(task, CommittedTask) or not hasattr(type(task), "stage_dir"):
+        return None
+    try:
+        stage_dir = task.stage_dir
+    except Exception:  # noqa: BLE001 — no folder to record in (e.g. a benchmark that is not there)
+        return None
+    return stage_dir if isinstance(stage_dir, StageDir) else None
+
+
+def record_task_failure(task: luigi.Task, exc: BaseException) -> None:
+    """``_meta/task.failed.json`` of a single-output task's folder: ``pseudoseg status`` shows the failure (and
+    exits 1) after the run; the task's next success removes it."""
+    stage_dir = _single_output_folder(task)
+    if stage_dir is None:
+        return
+    body = {"stage": stage_dir.stage, "unit": TASK_UNIT, "pid": os.getpid(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "error": one_line(exc)}
+    try:
+        make_dirs(stage_dir.meta_path)
+        atomic_write_bytes(stage_dir.failed_path(TASK_UNIT), (json.dumps(body) + "\n").encode())
+    except OSError as err:
+        LOG.warning("pseudoseg: could not record the failure of %s: %s", task.task_family, err)
+
+
+def clear_task_failure(task: luigi.Task) -> None:
+    stage_dir = _single_output_folder(task)
+    if stage_dir is not None:
+        stage_dir.failed_path(TASK_UNIT).unlink(missing_ok=True)
 
 
 def verify_inputs(reader: luigi.Task, upstreams: Iterable[CommittedTask], mode: str | None = None) -> None:

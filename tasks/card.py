@@ -169,6 +169,7 @@ def card_text(rows: list[StageRow], info: RunInfo) -> str:
              f"The same counts, machine-readable: `run.json`" + (f"; Luigi's log: `{Path(info.log).relative_to(root)}`"
                                                                 if info.log and str(info.log).startswith(str(root))
                                                                 else "") + ".", "",
+             *([f"**Note:** {info.notice}", ""] if info.notice else []),
              "Every stage folder is `<stage>/<params-hash>/`: the hash covers the stage's parameters and models "
              "and every upstream stage's hash, so changed settings write a new folder; `<stage>/latest` links to the "
              "folder of the last complete run. Per shard: the table (`shard-NNNNNN.parquet`, the only Parquet "

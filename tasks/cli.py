@@ -4,7 +4,9 @@ workers, and the offline demo. Thin: it builds Luigi tasks and prints the end-of
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -16,17 +18,35 @@ from pathlib import Path
 import luigi
 import luigi.cmdline
 import luigi.configuration
+import luigi.execution_summary
 import luigi.setup_logging
 from luigi.execution_summary import LuigiStatusCode
 
-from pseudoseg.pipeline.core.artifacts import params_hash
-from pseudoseg.tasks.base import build_tasks, current, frozen_settings, pseudoseg
+from pseudoseg.models.registry import random_models_notice
+from pseudoseg.pipeline.core.artifacts import atomic_write_bytes, params_hash
+from pseudoseg.pipeline.core.sources import SourceError, list_source, source_problem
+from pseudoseg.tasks.base import build_tasks, current, frozen_settings, model_settings, pseudoseg
 from pseudoseg.tasks.card import write_card
 from pseudoseg.tasks.failures import FailFastWorkers
 from pseudoseg.tasks.params import name_problem
 from pseudoseg.tasks.progress import STAGE_PROGRESS
-from pseudoseg.tasks.settings import DEMO_CONFIG, SettingsError, closest, configure, load_config_files
-from pseudoseg.tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
+from pseudoseg.tasks.settings import (
+    DATASET_SETTINGS,
+    DEMO_CONFIG,
+    SettingsError,
+    closest,
+    configure,
+    content_settings,
+    load_config_files,
+    write_dataset_settings,
+)
+from pseudoseg.tasks.status import (
+    clean_stale,
+    mark_latest,
+    record_shard_counts,
+    settings_changes,
+    status_report,
+)
 from pseudoseg.tasks.summary import (
     RunInfo,
     footer,
@@ -130,8 +150,9 @@ def settings_hash() -> str:
 
 def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, central: bool = False,
           scheduler_host: str | None = None, scheduler_port: int | None = None,
-          summary: bool = True) -> tuple[bool, list[str]]:
-    """Run ``stage`` (and what it needs); (success, the one-line causes of failures no retry could fix).
+          summary: bool = True, recorded: Path | None = None) -> tuple[bool, list[str]]:
+    """Run ``stage`` (and what it needs); (success, one line per failure: the causes no retry could fix, then the
+    tasks that failed after their retries, each with its error and the log).
     Luigi logs to ``<out>/<dataset>/logs/run-<time>-<pid>.log``; the terminal shows one progress line per running
     stage (on a terminal, one local worker process) and, once at the end, the summary table, which is also
     written as ``run.json`` beside the dataset card (``README.md``)."""
@@ -143,6 +164,12 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
                                          ("scheduler_port", scheduler_port)) if v is not None})
     started = time.time()
     root = Path(out).resolve() / dataset
+    settings = content_settings()
+    count = recorded_count(recorded) if recorded is not None and summary else 0
+    if count:
+        print(f"pseudoseg: using the settings {root} was made with ({recorded}: {count} value(s) other than "
+              "luigi.cfg's); --set or --config change them, --fresh-settings starts from luigi.cfg", file=sys.stderr)
+    write_dataset_settings(root / DATASET_SETTINGS, settings)  # the next run on this dataset starts from them
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     log = root / "logs" / f"run-{stamp}-{os.getpid()}.log"
     # tqdm lines on a terminal when this process runs every task; plain progress lines otherwise
@@ -150,18 +177,66 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
                             name_of=lambda folder: output_of(folder).name)
     try:
         record_shard_counts([task])  # every stage's folder: the ingest plan is made here if it is not done
+        if summary:
+            say_settings_changes(task)
         with run_logging(log, terminal_level=logging.INFO if central else logging.WARNING):
             result = build_tasks([task], **kwargs)
     finally:
         STAGE_PROGRESS.close()
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
     mark_latest([task])  # every stage whose shards are all done: <stage>/latest -> this run's hash folder
+    failures = [f"failed, not retried: {cause}" for cause in factory.causes]
+    failures += [f"failed: {line} (log: {log})" for line in factory.failures]
+    failures += not_run_lines(result, central)
+    with open(log, "a", encoding="utf-8") as file:  # Luigi's own account of the run, for whoever reads the log
+        file.write(f"\n{result.summary_text}\n")
     if summary:
-        report(task, stage, images, dataset, out, started=started, ok=ok, log=log, causes=factory.causes)
-    if not ok:
+        report(task, stage, images, dataset, out, started=started, ok=ok, log=log, causes=failures)
+    if not ok and not failures:
         sys.stdout.flush()
         print(f"\n{result.summary_text}", file=sys.stderr)
-    return ok, factory.causes
+    if not summary:  # a worker of `pseudoseg workers`: its parent reports what failed here
+        atomic_write_bytes(log.with_suffix(".failures.json"), json.dumps({"ok": ok, "failures": failures}).encode())
+    return ok, failures
+
+
+def not_run_lines(result: luigi.execution_summary.LuigiRunResult, central: bool) -> list[str]:
+    """Under luigid: tasks it did not hand to this worker although nothing upstream failed — it disabled them
+    after repeated failures (``[scheduler] retry_count``), and keeps them disabled across runs."""
+    if not central:
+        return []
+    not_run = luigi.execution_summary._summary_dict(result.worker).get("not_run", set())
+    not_run = {t for t in not_run if not any(dep in not_run for dep in t._requires())}  # not the ones waiting on them
+    if not not_run:
+        return []
+    names = sorted({t.task_family.removesuffix("ShardRange").removesuffix("Shard") for t in not_run})
+    return [f"luigid did not hand out {len(not_run)} task(s) of {', '.join(names)}: it disables a task that failed "
+            f"[scheduler] retry_count times and keeps it disabled across runs; re-enable it in luigid's web page "
+            f"(http://<scheduler-host>:<port>/, the task's 'Re-enable' button) or restart luigid, then rerun"]
+
+
+def recorded_count(path: Path) -> int:
+    """How many values a dataset's settings.cfg holds."""
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return 0
+    return sum(len(parser.options(section)) for section in parser.sections())
+
+
+def say_settings_changes(task: luigi.Task) -> None:
+    """One line before a run whose settings make new folders for stages that have a ``latest``: which, and what
+    differs (their ``latest`` moves to the new folders when the run completes them)."""
+    changes = settings_changes([task])
+    if not changes:
+        return
+    own = [f"{output_of(stage).name} ({', '.join(diffs[:3])}{', …' if len(diffs) > 3 else ''})"
+           for stage, diffs in changes if diffs]
+    print(f"pseudoseg: {len(changes)} stage(s) run with settings other than their latest results'"
+          + (f": {'; '.join(own[:4])}{'; …' if len(own) > 4 else ''}" if own else " (an upstream stage changed)")
+          + f"{' and their downstream stages' if len(changes) > len(own) and own else ''}; new folders, and `latest` "
+          "moves to them when this run completes them", file=sys.stderr)
 
 
 def report(task: luigi.Task, stage: str, images: str, dataset: str, out: str, *, started: float, ok: bool,
@@ -171,7 +246,7 @@ def report(task: luigi.Task, stage: str, images: str, dataset: str, out: str, *,
     rows = summarise([task], since=started)
     info = RunInfo(command=stage, dataset=dataset, root=Path(out).resolve() / dataset, images=images,
                    started=started, ended=time.time(), ok=ok, log=log, settings_hash=settings_hash(),
-                   causes=list(causes))
+                   causes=list(causes), notice=random_models_notice(model_settings()))
     write_run_json(rows, info)
     write_card(rows, info)
     print()
@@ -183,17 +258,33 @@ def report(task: luigi.Task, stage: str, images: str, dataset: str, out: str, *,
         print("\n".join(f"  {note}" for note in notes))
 
 
-def print_causes(causes: list[str]) -> None:
-    """The last lines of a run: each failure no retry can fix, once (tasks.failures)."""
+def print_causes(failures: list[str]) -> None:
+    """The last lines of a run: each failure once (``build``)."""
     sys.stdout.flush()
-    for cause in causes:
-        print(f"pseudoseg: failed, not retried: {cause}", file=sys.stderr, flush=True)
+    for line in failures:
+        print(f"pseudoseg: {line}", file=sys.stderr, flush=True)
+
+
+def listing_problem(images: str) -> tuple[int, str] | None:
+    """(exit status, one line) when ``images`` lists no entry or cannot be listed; None when it has entries."""
+    try:
+        listing = list_source(images)
+    except SourceError as exc:
+        return 2, f"pseudoseg: --images {exc}"
+    if not listing.entries:
+        return 1, (f"pseudoseg: no images found in {images} (folders are searched recursively for files with an "
+                   "image extension or none; hidden files are skipped)")
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    problem = listing_problem(args.images)
+    if problem:
+        print(problem[1], file=sys.stderr)
+        return problem[0]
     ok, causes = build(args.stage, args.images, args.dataset, args.out, workers=args.workers,
                        central=args.central, scheduler_host=args.scheduler_host,
-                       scheduler_port=args.scheduler_port, summary=not args.no_summary)
+                       scheduler_port=args.scheduler_port, summary=not args.no_summary, recorded=args.recorded)
     print_causes(causes)
     return 0 if ok else 1
 
@@ -203,7 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")
-    ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1)
+    ok, causes = build("FullDAG", str(samples.root), "demo", str(out), workers=1, recorded=args.recorded)
     print(f"\nDemo output under {out}/demo/<stage>/latest/ (-> <params-hash>/): shard-NNNNNN.parquet (rows), "
           f".tar (WebDataset), _rejects/, _meta/ (done.json records, params.json); what each folder holds, its "
           f"schema and how to read it: {out}/demo/README.md; sample photos in {samples.root}, VOC ground truth in "
@@ -227,6 +318,10 @@ def cmd_luigid(args: argparse.Namespace) -> int:
 def cmd_workers(args: argparse.Namespace) -> int:
     """N worker processes against a running luigid (on this host or ``--scheduler-host``): the scheduler hands
     each task (a shard, or a range of shards) to exactly one of them."""
+    problem = listing_problem(args.images)
+    if problem:
+        print(problem[1], file=sys.stderr)
+        return problem[0]
     base = [sys.executable, "-m", "pseudoseg.tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
             "--central", "--scheduler-port", str(args.scheduler_port), "--no-summary"]
     if args.scheduler_host:
@@ -243,8 +338,20 @@ def cmd_workers(args: argparse.Namespace) -> int:
     task = make_task(args.stage, args.images, args.dataset, args.out)
     ok = all(c == 0 for c in codes) and task.complete()
     mark_latest([task])
+    logs = Path(args.out).resolve() / args.dataset / "logs"
+    failures: list[str] = []
+    log = None
+    for proc in procs:  # what each worker recorded beside its log (build, summary off)
+        for path in sorted(logs.glob(f"run-*-{proc.pid}.failures.json")):
+            found = json.loads(path.read_text()).get("failures", [])
+            failures += [line for line in found if line not in failures]
+            log = log or (path.with_name(path.name.removesuffix(".failures.json") + ".log") if found else None)
+    if codes and not any(logs.glob(f"run-*-{procs[0].pid}.failures.json")) and not ok:
+        failures.append(f"failed: worker processes exited with status {', '.join(map(str, codes))} "
+                        "(their output is above)")
     print("\nall workers finished (each logs to <out>/<dataset>/logs/run-<time>-<pid>.log):")
-    report(task, args.stage, args.images, args.dataset, args.out, started=started, ok=ok, log=None, causes=[])
+    report(task, args.stage, args.images, args.dataset, args.out, started=started, ok=ok, log=log, causes=failures)
+    print_causes(failures)
     return 0 if ok else 1
 
 
@@ -309,6 +416,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="extra luigi.cfg to read after the default one")
         sp.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set ingest.shard_size=500")
+        sp.add_argument("--fresh-settings", action="store_true",
+                        help="ignore the settings the dataset was made with (<out>/<dataset>/settings.cfg): start "
+                             "from luigi.cfg")
 
     stages = sub.add_parser("stages", help="every task `run` accepts, in DAG order, with what it makes")
     stages.set_defaults(func=cmd_stages)
@@ -380,12 +490,25 @@ def check(args: argparse.Namespace) -> None:
                                  f"OUT: {name_problem(args.dataset)}"])
         return
     if hasattr(args, "images"):
-        args.dataset = args.dataset or Path(args.images).name
+        problem = source_problem(args.images)
+        if problem:
+            lines.append(f"pseudoseg: --images {problem}")
+        # default dataset name: the folder's (or list's, tar's) name; a single image's without its extension
+        args.dataset = args.dataset or (Path(args.images).stem if Path(args.images).is_file()
+                                        and Path(args.images).suffix.lower() not in (".txt", ".lst", ".parquet", ".tar")
+                                        else Path(args.images).name)
         problem = name_problem(args.dataset)
         if problem:
             lines.append(f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under --out "
                          f"(no '/', '\\' or '..'): {problem}")
     presets = [str(DEMO_CONFIG)] if args.command == "demo" else []
+    args.recorded = None
+    if args.command in ("run", "demo", "workers") and not lines:
+        # the settings the dataset was made with come right after luigi.cfg (tasks.settings.load_config_files)
+        recorded = Path(args.out).resolve() / ("demo" if args.command == "demo" else args.dataset) / DATASET_SETTINGS
+        if recorded.is_file() and not args.fresh_settings:
+            load_config_files(recorded)
+            args.recorded = recorded
     try:
         configure(getattr(args, "config", None), getattr(args, "set", None) or [], presets=presets)
     except SettingsError as e:
@@ -411,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `pseudoseg stages | head`: the reader left; not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
             return 0
+        except KeyboardInterrupt:  # Ctrl-C: every finished shard is committed, the one in progress left no trace
+            print("\npseudoseg: interrupted — rerun the same command to resume", file=sys.stderr, flush=True)
+            return 130
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import luigi
 import numpy as np
 from PIL import Image
 
-from pseudoseg.models.registry import load_role
+from pseudoseg.models.registry import load_role, random_models_notice
 from pseudoseg.pipeline.core.artifacts import StageDir, atomic_write_bytes
 from pseudoseg.pipeline.core.params import StageParams
 from pseudoseg.pipeline.core.vocabularies import class_text_embeddings
@@ -53,7 +53,16 @@ from pseudoseg.pipeline.eval.report import ShortSide, grid_png, report_markdown,
 from pseudoseg.pipeline.features.cache import text_templates
 from pseudoseg.schemas import MANIFEST
 from pseudoseg.schemas.evaluation import CLASS_IOU
-from pseudoseg.tasks.base import GPU, StageSettings, model_settings, pseudoseg, uses_gpu, verify_inputs
+from pseudoseg.tasks.base import (
+    GPU,
+    StageSettings,
+    clear_task_failure,
+    model_settings,
+    pseudoseg,
+    record_task_failure,
+    uses_gpu,
+    verify_inputs,
+)
 from pseudoseg.tasks.failures import explain
 from pseudoseg.tasks.params import IntParameter
 from pseudoseg.tasks.progress import report_status
@@ -153,7 +162,12 @@ class Evaluate(StageSettings, luigi.Task):
     def on_failure(self, exception: BaseException) -> str:
         # A missing dataset or model: the message itself (it names the expected layout / the config key), not a
         # traceback, and no retries (tasks.failures).
+        record_task_failure(self, exception)
         return explain(exception, f"Evaluate {self.benchmark}") or super().on_failure(exception)
+
+    def on_success(self) -> object:
+        clear_task_failure(self)
+        return super().on_success()
 
     # ------------------------------------------------------------------------------------------------ methods
     def car_params(self):
@@ -277,5 +291,5 @@ class Evaluate(StageSettings, luigi.Task):
         params = {"benchmark": self.benchmark, "method": self.method, "split": cfg.split, "limit": self.limit,
                   "hash": stage_dir.hash}
         report = report_markdown(result, benchmark=self.benchmark, method=self.method, params=params,
-                                 protocol=protocol)
+                                 protocol=protocol, notice=random_models_notice(model_settings()))
         atomic_write_bytes(stage_dir.path / "report.md", report.encode())

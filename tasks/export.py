@@ -6,6 +6,7 @@ from pathlib import Path
 
 import luigi
 
+from pseudoseg.models.registry import random_models_notice
 from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pseudoseg.pipeline.core.ingest import iter_ingested_samples
 from pseudoseg.pipeline.use.export import (
@@ -89,10 +90,7 @@ class UsePreviewShard(ShardTask):
 
 def preview_banner() -> str | None:
     """The notice a gallery of random models carries (the tiny preset: outputs are random by design)."""
-    if model_settings().preset == "tiny":
-        return ("Made with the tiny preset: random-init models, so boxes, masks and captions are random by design. "
-                "This gallery shows the machinery, not quality (set [models] preset = real for real models).")
-    return None
+    return random_models_notice(model_settings())
 
 
 class UsePreviewShards(StageWrapper):

@@ -22,7 +22,7 @@ import logging
 import luigi.rpc
 import luigi.scheduler
 import luigi.worker
-from luigi.scheduler import DISABLED, FAILED
+from luigi.scheduler import DISABLED, DONE, FAILED
 
 from pseudoseg.models.adapters._hf import ModelUnavailableError
 from pseudoseg.pipeline.eval.benchmarks import DatasetError
@@ -86,17 +86,47 @@ class PermanentTracebackFilter(logging.Filter):
 _FILTER = PermanentTracebackFilter()
 
 
+def task_name(report: dict) -> str:
+    """A task as a person names it, from a worker's status report: ``UseBoxMasks shard 3``, ``TrainUse``."""
+    family, params = str(report.get("family") or report.get("task_id")), report.get("params") or {}
+    stage = family.removesuffix("ShardRange").removesuffix("Shard")
+    if "shard" in params:
+        return f"{stage} shard {params['shard']}"
+    if "first" in params and "stop" in params:
+        return f"{stage} shards {params['first']}-{int(params['stop']) - 1}"
+    return family
+
+
+def error_line(explanation: object) -> str:
+    """The error of a failure explanation in one line: a permanent cause, or the last line of the traceback."""
+    cause = cause_of(explanation)
+    if cause is not None:
+        return cause
+    if isinstance(explanation, str):
+        try:
+            explanation = json.loads(explanation)
+        except ValueError:
+            pass
+    lines = [line.strip() for line in str(explanation).splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
 class FailFastWorker(luigi.worker.Worker):
     """A Luigi worker that disables a task whose failure is permanent instead of letting it be retried."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.permanent_causes: list[str] = []
+        self.failed: dict[str, str] = {}  # task id → "<task>: <error line>" of its last attempt, while it failed
 
     def _add_task(self, *args, **kwargs):
         # Every status report of this worker passes here (luigi.worker.Worker._handle_next_task reports a
         # finished task with status FAILED and the task's on_failure explanation, JSON-encoded).
         super()._add_task(*args, **kwargs)
+        if kwargs.get("status") == FAILED and "expl" in kwargs and cause_of(kwargs["expl"]) is None:
+            self.failed[kwargs["task_id"]] = f"{task_name(kwargs)}: {error_line(kwargs['expl'])}"
+        elif kwargs.get("status") == DONE:
+            self.failed.pop(kwargs["task_id"], None)
         cause = cause_of(kwargs.get("expl")) if kwargs.get("status") == FAILED else None
         if cause is not None:
             if cause not in self.permanent_causes:
@@ -125,6 +155,12 @@ class FailFastWorkers:
         worker = FailFastWorker(scheduler=scheduler, worker_processes=worker_processes, assistant=assistant)
         self.workers.append(worker)
         return worker
+
+    @property
+    def failures(self) -> list[str]:
+        """``<task>: <error line>`` of every task whose last attempt failed with an error a retry might fix (the
+        permanent ones are ``causes``)."""
+        return list(dict.fromkeys(line for w in self.workers for line in w.failed.values()))
 
     @property
     def causes(self) -> list[str]:

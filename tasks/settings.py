@@ -149,12 +149,19 @@ SHIPPED_CONFIG = PACKAGE_ROOT / "luigi.cfg"  # every default, read first
 DEMO_CONFIG = PACKAGE_ROOT / "demo.cfg"  # `pseudoseg demo`'s settings, read after luigi.cfg and the user's file
 
 
-def load_config_files() -> None:
+DATASET_SETTINGS = "settings.cfg"  # <out>/<dataset>/settings.cfg: what the dataset was made with
+RUNTIME_MODEL_KEYS = ("device", "keep_loaded", "cache_dir")  # where and how models run: never recorded
+
+
+def load_config_files(dataset_settings: Path | None = None) -> None:
     """The configuration every command starts from, the same wherever it runs: the shipped luigi.cfg, then the
-    user's file named by ``LUIGI_CONFIG_PATH`` (if set) over it. Luigi's own search of the working directory
-    (``./luigi.cfg``, ``./client.cfg``) and of ``/etc/luigi/`` is replaced, so results never depend on the folder a
-    command is typed in; a command's own files (``--config``, the demo's) are added by ``configure``."""
+    settings a dataset was made with (``dataset_settings``: its ``settings.cfg``), then the user's file named by
+    ``LUIGI_CONFIG_PATH`` (if set). Luigi's own search of the working directory (``./luigi.cfg``, ``./client.cfg``)
+    and of ``/etc/luigi/`` is replaced, so results never depend on the folder a command is typed in; a command's
+    own files (``--config``, the demo's) are added by ``configure``."""
     paths = [str(SHIPPED_CONFIG)]
+    if dataset_settings is not None and dataset_settings.is_file():
+        paths.append(str(dataset_settings.resolve()))
     user = os.environ.get("LUIGI_CONFIG_PATH")
     if user and os.path.isfile(user) and Path(user).resolve() != SHIPPED_CONFIG:
         paths.append(str(Path(user).resolve()))
@@ -164,6 +171,45 @@ def load_config_files() -> None:
     config.clear()  # what an earlier load read (Luigi read LUIGI_CONFIG_PATH and ./luigi.cfg at import)
     config.defaults().clear()
     cls.reload()
+
+
+def content_settings() -> dict[str, dict[str, str]]:
+    """The settings in effect that decide what a dataset's stages make (every stage section and ``[models]`` but
+    where models run) and differ from the shipped luigi.cfg: section → key → value as written."""
+    from pseudoseg.tasks.sections import SECTIONS
+
+    shipped = configparser.RawConfigParser()
+    shipped.read(SHIPPED_CONFIG)
+    cfg = luigi.configuration.get_config()
+    found: dict[str, dict[str, str]] = {}
+    for section in ["models", *(s.get_task_family() for s in SECTIONS)]:
+        if not cfg.has_section(section):
+            continue
+        for key in cfg.options(section):
+            if section == "models" and _key(key) in RUNTIME_MODEL_KEYS:
+                continue
+            value = cfg.get(section, key, raw=True)
+            default = shipped.get(section, key, raw=True, fallback=None)
+            if default is None or value.strip() != default.strip():
+                found.setdefault(section, {})[_key(key)] = value.strip()
+    return found
+
+
+def write_dataset_settings(path: Path, values: dict[str, dict[str, str]]) -> None:
+    """``<out>/<dataset>/settings.cfg``: ``values`` (``content_settings``), read by the next run on the dataset."""
+    from pseudoseg.pipeline.core.artifacts import atomic_write_bytes
+
+    lines = ["# The settings this dataset was made with that differ from the shipped luigi.cfg, written by the last",
+             "# `pseudoseg run` / `demo` on it. Every later run on the dataset reads them right after luigi.cfg (so",
+             "# `make export-coco`, `make preview` and one stage again give the same folders); your LUIGI_CONFIG_PATH",
+             "# file, --config and --set still win, and --fresh-settings ignores this file.", ""]
+    for section, keys in sorted(values.items()):
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value}" for key, value in sorted(keys.items())]
+        lines.append("")
+    body = "\n".join(lines).encode()
+    if not path.is_file() or path.read_bytes() != body:
+        atomic_write_bytes(path, body)
 
 
 def config_paths() -> list[str]:

@@ -74,6 +74,32 @@ def record_shard_counts(roots: Iterable[luigi.Task]) -> None:
                 pass
 
 
+def settings_changes(roots: Iterable[luigi.Task]) -> list[tuple[str, list[str]]]:
+    """Before a run: the stages whose folder for these settings is not the one their ``latest`` names, each with
+    what differs from that folder's ``params.json`` (``key: old → new``; empty when only an upstream stage
+    changed). The run moves their ``latest`` when it completes them."""
+    changes = []
+    for stage_dir, _ in _stage_dirs(roots).values():
+        latest = latest_hash(stage_dir.path.parent)
+        if latest is None or latest == stage_dir.hash:
+            continue
+        try:
+            before = json.loads((stage_dir.path.parent / latest / META_DIR / "params.json").read_text())
+        except (OSError, ValueError):
+            before = {}
+        now = json.loads(json.dumps(stage_dir.params, default=str))
+        diffs = []
+        for group in ("params", "models"):
+            old, new = before.get(group) or {}, now.get(group) or {}
+            diffs += [f"{key} {old.get(key, '(none)')} → {new.get(key, '(none)')}"
+                      for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        for key in sorted(set(before) | set(now)):
+            if key not in ("params", "models", "upstream", "_layout") and before.get(key) != now.get(key):
+                diffs.append(f"{key} changed")
+        changes.append((stage_dir.stage, diffs))
+    return changes
+
+
 def mark_latest(roots: Iterable[luigi.Task]) -> list[StageDir]:
     """After a run: point ``latest`` of every stage of the DAG whose units are all complete at its hash folder."""
     marked = []

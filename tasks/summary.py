@@ -16,6 +16,7 @@ from typing import Any
 
 import luigi
 
+from pseudoseg.models.registry import random_models_notice
 from pseudoseg.pipeline.core.artifacts import (
     QUARANTINE,
     StageDir,
@@ -23,9 +24,21 @@ from pseudoseg.pipeline.core.artifacts import (
     load_shard_stats,
     package_versions,
 )
-from pseudoseg.tasks.base import CommittedTask, ShardRange, ShardTask
+from pseudoseg.tasks.base import CommittedTask, ShardRange, ShardTask, model_settings
 
 TOP_REASONS = 3
+
+# What to change when a stage made nothing because its records were refused for this reason (a stage's warning).
+REMEDIES = {
+    "low_predicted_iou": "lower [use] pred_iou_thresh",
+    "low_stability": "lower [use] stability_score_thresh",
+    "no_box": "lower [use] box_threshold or text_threshold",
+    "no_auto_mask": "lower [fmbseg] pred_iou_thresh or stability_score_thresh, or raise max_area_fraction",
+    "no_class_detected": "lower [fmbseg] min_crops",
+    "no_confident_query": "lower [car_labels] theta",
+}
+RANDOM_THRESHOLDS = ("random tiny models (preset = tiny) rarely pass the papers' thresholds: demo.cfg holds values "
+                     "they pass (--config it), or set [models] preset = real")
 
 
 def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
@@ -82,6 +95,7 @@ class StageRow:
     reasons: Counter = field(default_factory=Counter)
     artifacts: dict[str, str] = field(default_factory=dict)  # what a user opens: label → path
     counted: bool = True  # False: a single-output task (export, trainer) without per-record counts
+    random_models: bool = False  # made by the tiny preset's random models
     stage_dir: StageDir | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -106,8 +120,12 @@ class StageRow:
             return f"{self.name} produced no {self.rows_unit}: it received no {self.unit} (an upstream stage " \
                    f"produced nothing)"
         reasons = ", ".join(f"{reason} {count}" for reason, count in self.top_reasons())
+        remedies = [REMEDIES[reason] for reason, _ in self.top_reasons() if reason in REMEDIES]
+        why = f"; to keep more, {' / '.join(remedies)}" if remedies else ""
+        if remedies and self.random_models:
+            why += f" ({RANDOM_THRESHOLDS})"
         return (f"{self.name} produced no {self.rows_unit}: {self.records_in} {self.unit} in, {self.ok} ok, "
-                f"{self.rejected} rejected" + (f" ({reasons})" if reasons else ""))
+                f"{self.rejected} rejected" + (f" ({reasons})" if reasons else "") + why)
 
     def as_json(self) -> dict[str, Any]:
         return {"stage": self.name, "folder": self.stage, "path": self.path, "unit": self.unit,
@@ -160,6 +178,7 @@ def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[S
     start): units committed after it count as ran, the others as skipped."""
     rows: dict[str, StageRow] = {}
     galleries: list[Path] = []
+    random_models = random_models_notice(model_settings()) is not None
     for task in walk_dag(roots):
         if isinstance(task, ShardTask):
             stage_dir = task.stage_dir
@@ -196,6 +215,8 @@ def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[S
                                                                                     gallery.parents[2].name,
                                                                                     folder, {})))
         row.artifacts["gallery"] = str(gallery)
+    for row in rows.values():
+        row.random_models = random_models
     return sorted(rows.values(), key=lambda r: (dag_position(r.stage), r.stage))
 
 
@@ -253,6 +274,7 @@ class RunInfo:
     log: Path | None = None
     settings_hash: str = ""
     causes: list[str] = field(default_factory=list)
+    notice: str | None = None  # models.registry.random_models_notice
 
     @property
     def run_json(self) -> Path:
@@ -272,6 +294,8 @@ def footer(rows: list[StageRow], info: RunInfo) -> str:
     lines.append(f"ran {ran} unit(s), skipped {sum(r.skipped for r in rows)} already done; "
                  f"{info.ended - info.started:.1f} s")
     lines.append(f"run record: {info.run_json}   dataset card: {info.card}")
+    if info.notice:
+        lines.append(f"note: {info.notice}")
     if info.log is not None:
         lines.append(f"log: {info.log}")
     return "\n".join(lines)
@@ -299,6 +323,7 @@ def run_record(rows: list[StageRow], info: RunInfo) -> dict[str, Any]:
         "warnings": [w for w in (r.warning() for r in rows) if w],
         "artifacts": artifacts(rows),
         "card": str(info.card),
+        "notice": info.notice,
     }
 
 

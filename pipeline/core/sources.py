@@ -237,6 +237,8 @@ def list_source(spec: str | os.PathLike) -> Listing:
             tar_text = source_text(tar_path)
             stats.append(f"{tar_text}|{_stat_token(tar_path)}")
             entries.extend(f"{tar_text}{TAR_MEMBER_SEP}{source_text(m)}" for m in _tar_members(tar_path))
+    elif path.is_file() and _is_image_name(path.name):  # one image: a source of one entry
+        entries, stats = _sorted_with_stats([spec])
     elif path.is_file() and path.suffix in (".txt", ".lst", ".parquet"):
         if path.suffix == ".parquet":
             table = pq.read_table(path)
@@ -259,6 +261,26 @@ def list_source(spec: str | os.PathLike) -> Listing:
     text = "\n".join([source_text(spec), *stats, *entries, *marks])
     fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     return Listing(spec=spec, entries=tuple(entries), fingerprint=fingerprint, problems=problems)
+
+
+def source_problem(spec: str) -> str | None:
+    """Why ``spec`` cannot be a source, in words, before anything is listed (None: it can): a path that does not
+    exist, a tar pattern matching nothing, a file that is neither an image, a list nor a tar."""
+    path = Path(spec)
+    if path.is_dir():
+        return None if os.access(path, os.R_OK | os.X_OK) else f"{spec}: folder not readable"
+    if spec.endswith(".tar") or "{" in spec or glob.has_magic(spec):
+        try:
+            tars = _tar_paths(spec)
+        except SourceError as exc:
+            return str(exc)
+        missing = [t for t in tars if not os.path.isfile(t)]
+        return f"{missing[0]}: no such tar file" if len(missing) == len(tars) else None
+    if not path.exists():
+        return f"{spec}: no such file or folder"
+    if path.is_file() and (_is_image_name(path.name) or path.suffix in (".txt", ".lst", ".parquet")):
+        return None
+    return (f"{spec}: not a folder, an image, a .txt/.lst/.parquet list of paths, or WebDataset .tar shards")
 
 
 def num_shards(num_entries: int, shard_size: int) -> int:

@@ -164,11 +164,11 @@ BENCHMARK_NOTES = {
 
 
 def report_markdown(result: EvalResult, *, benchmark: str, method: str, params: dict | None = None,
-                    protocol: Protocol | None = None) -> str:
+                    protocol: Protocol | None = None, notice: str | None = None) -> str:
     """The run's mIoU beside the seed papers' published numbers for the same benchmark (with how each was
     obtained), which classes are scored, the protocol (``pipeline.eval.benchmarks.Protocol``) and per-class IoU."""
     ours = 100 * result.miou
-    lines = [f"# Evaluation: {method} on {benchmark}", "",
+    lines = [f"# Evaluation: {method} on {benchmark}", "", *([f"**Note:** {notice}", ""] if notice else []),
              f"{result.images} images; mIoU over {int((~np.isnan(result.per_class)).sum())} of "
              f"{len(result.class_names)} classes with a non-empty union.", ""]
     if benchmark in BENCHMARKS:

@@ -1,35 +1,82 @@
-"""`pseudoseg demo` (what `make demo` runs): full DAG on the embedded sample set with tiny models, offline."""
+"""`pseudoseg demo` (what `make demo` runs) as a newcomer runs it: a plain `pip install .` into a fresh environment
+(not editable), the installed command typed in a terminal, in a folder that is not the repository, on default
+settings; the same command again (nothing to redo); then `make export-coco` and `make preview` on the demo's
+dataset, which keep the settings it was made with (its segments stay the latest)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
 from pseudoseg.pipeline.core.artifacts import record_unit_file
 from pseudoseg.pipeline.core.sample_set import write_sample_set
-from pseudoseg.schemas import MANIFEST, MODEL_PROBE, REJECTS, SHARD_STATS
-from tests.helpers import cli, cli_env
+from pseudoseg.schemas import MANIFEST, MODEL_PROBE, REJECTS, SEGMENTS, SHARD_STATS
+from tests.helpers import REPO, in_terminal
+from tests.tasks.test_terminal import user_env
 
 pytestmark = pytest.mark.slow
 
+SHIPPED = ("pipeline", "tasks", "models", "schemas", "setup.cfg", "pyproject.toml", "README.md", "luigi.cfg",
+           "demo.cfg")
 
-def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
-    env = cli_env(tmp_path)
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh virtual environment with a non-editable `pip install` of a copy of the repository's files; the
+    packages pseudoseg depends on are the test environment's (a .pth file), so nothing is downloaded."""
+    tmp = tmp_path_factory.mktemp("install")
+    source = tmp / "src"
+    for name in SHIPPED:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
+    (site / "test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", str(source)], check=True, capture_output=True)
+    shutil.rmtree(source)  # the installed copy must not need the source folder
+    return venv
+
+
+def run_demo(venv: Path, env: dict[str, str], cwd: Path) -> str:
+    code, text = in_terminal([str(venv / "bin" / "pseudoseg"), "demo"], env, cwd, timeout=1200)
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    return text
+
+
+def test_demo_installed_in_a_terminal_elsewhere_then_again_then_export_and_preview(installed, tmp_path, tiny_cache):
+    env = user_env(tmp_path)
     env["HF_HUB_OFFLINE"] = "1"
-    proc = cli(["demo", "--out", str(tmp_path / "out"), "--set", f"models.cache_dir={tmp_path / 'models'}"], env)
-    text, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, text
+    models = Path(env["HOME"]) / ".cache" / "pseudoseg" / "models"  # the default [models] cache_dir
+    models.parent.mkdir(parents=True)
+    models.symlink_to(tiny_cache)  # the session's tiny models, not built once more
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    text = run_demo(installed, env, elsewhere)
     assert re.search(r"^stage +unit +shards +done +failed +ran +skipped +in +ok +rejected", text, re.M)  # the table
-    demo_root = tmp_path / "out" / "demo"
-    record = json.loads((demo_root / "run.json").read_text())
+    assert re.search(r"^FmbsegLabels +: 100%\|.*\| 1/1 ", text, re.M)  # a bar per stage, finished
+    assert "note: Made with the tiny preset: random-init models" in text  # random models say so
+    demo = elsewhere / "out" / "demo"
+    record = json.loads((demo / "run.json").read_text())
     assert [s["stage"] for s in record["stages"]][:2] == ["Ingest", "ModelProbe"] and not record["warnings"]
+    assert record["status"] == "ok" and record["ran"] > 20
     assert {"gallery", "coco.json", "model.pt (TrainUse)", "model.pt (TrainAlignment)"} <= set(record["artifacts"])
-    assert "## What each folder holds" in (demo_root / "README.md").read_text(encoding="utf-8")
+    card = (demo / "README.md").read_text(encoding="utf-8")
+    assert "## What each folder holds" in card and "**Note:** Made with the tiny preset" in card
 
     expected = write_sample_set(tmp_path / "expected")
-    demo = tmp_path / "out" / "demo"
     (done,) = demo.glob("ingest/latest/_meta/shard-000000.done.json")
     stats = SHARD_STATS.read_json(done)
     assert (stats["ok_count"], stats["rejected_count"]) == (expected.expected_good_count,
@@ -60,3 +107,19 @@ def test_demo_runs_the_full_dag_offline_and_writes_every_artifact(tmp_path):
     assert next(demo.glob("export_coco/latest/coco.json")).stat().st_size > 0
     top = next(demo.glob("use_preview/latest/index.html")).read_text(encoding="utf-8")
     assert 'class="banner"' in top and "random by design" in top  # tiny preset: the gallery says so
+    segments = (demo / "use_segments" / "latest").resolve()
+    segment_rows = SEGMENTS.read_parquet(segments / "shard-000000.parquet").num_rows
+    assert segment_rows > 0
+
+    # The same command again: the sample files are the same bytes, so nothing is redone.
+    text = run_demo(installed, env, elsewhere)
+    assert "ran 0 unit(s)" in text and json.loads((demo / "run.json").read_text())["ran"] == 0
+
+    # The README's next commands, on the demo's dataset: they run with the settings the demo was made with, so
+    # no stage gets a new folder and the demo's segments stay the latest ones.
+    for target in ("export-coco", "preview"):
+        code, text = in_terminal(["make", "-C", str(REPO), target, f"OUT={elsewhere / 'out'}"], env, elsewhere)
+        assert code == 0, text
+        assert "other than their latest" not in text and "ran 0 unit(s)" in text, text
+        assert (demo / "use_segments" / "latest").resolve() == segments
+    assert SEGMENTS.read_parquet(segments / "shard-000000.parquet").num_rows == segment_rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -141,6 +142,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(server: subprocess.Popen, port: int, timeout: float = 60) -> None:
+    """Until ``server`` (e.g. luigid) accepts connections on ``port`` of this host."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+
+
 @pytest.mark.parametrize("shards_per_task", ["auto", "3"])  # auto = 1 here; 3: ranges [0, 3), [3, 6), [6, 7)
 def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per_task):
     images = tmp_path / "images"
@@ -148,14 +161,7 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per
     out, log, port = tmp_path / "out", tmp_path / "runs.log", free_port()
     luigid = cli(["luigid", "--out", str(out), "--port", str(port)], cli_env(tmp_path))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert luigid.poll() is None and time.monotonic() < deadline, "luigid did not start"
-                time.sleep(0.2)
+        wait_for_port(luigid, port)
         workers = cli(["workers", "Ingest", "--n", "2", "--images", str(images), "--dataset", "ds",
                        "--out", str(out), "--scheduler-port", str(port),
                        "--set", "ingest.shard_size=2", "--set", f"pseudoseg.shards_per_task={shards_per_task}"],

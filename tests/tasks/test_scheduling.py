@@ -287,6 +287,8 @@ def started_workers(monkeypatch, tmp_path, *extra: str) -> list[tuple[list[str],
     started: list[tuple[list[str], dict]] = []
 
     class Worker:
+        pid = 0
+
         def __init__(self, args, env=None, **kwargs) -> None:
             started.append((args, env))
 
@@ -299,7 +301,8 @@ def started_workers(monkeypatch, tmp_path, *extra: str) -> list[tuple[list[str],
 
     monkeypatch.setattr(cli.subprocess, "Popen", Worker)
     monkeypatch.setattr(cli, "make_task", lambda *args: Done())
-    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", "/data/x", "--dataset", "x",
+    write_good_images(tmp_path / "x", 1)
+    args = cli.parser().parse_args(["workers", "FullDAG", "--n", "3", "--images", str(tmp_path / "x"), "--dataset", "x",
                                     "--out", str(tmp_path), *extra])
     assert cli.cmd_workers(args) == 0
     return started

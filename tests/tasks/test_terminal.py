@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,8 +45,6 @@ def test_run_in_a_terminal_draws_a_bar_per_stage_and_ends_with_the_table(tmp_pat
 def test_a_run_away_from_a_terminal_prints_progress_lines(tmp_path, tiny_cache):
     images = tmp_path / "photos"
     write_good_images(images, 3)
-    import subprocess
-
     proc = subprocess.run([PSEUDOSEG, "run", "UseExpressions", "--images", str(images), "--out", str(tmp_path / "out"),
                            "--set", f"models.cache_dir={tiny_cache}", "--set", "pseudoseg.progress_seconds=0"],
                           env=user_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -87,3 +86,91 @@ def test_make_eval_car_runs_on_default_settings_in_a_terminal(tmp_path, tiny_cac
     assert "Traceback" not in text, text
     report = tmp_path / "out" / "voc21" / "eval_car" / "latest" / "report.md"
     assert re.search(r"\*\*\d+\.\d\d\*\*", report.read_text())  # this run's mIoU
+
+
+def test_bad_images_arguments_are_one_line_and_a_single_image_is_a_source(tmp_path):
+    env, empty = user_env(tmp_path), tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".hidden.jpg").write_bytes(b"x")
+    for images, code, line in [
+        (tmp_path / "nope", 2, f"pseudoseg: --images {tmp_path / 'nope'}: no such file or folder"),
+        (tmp_path / "notes.doc", 2, f"pseudoseg: --images {tmp_path / 'notes.doc'}: not a folder, an image, a "
+                                    ".txt/.lst/.parquet list of paths, or WebDataset .tar shards"),
+        (empty, 1, f"pseudoseg: no images found in {empty} (folders are searched recursively for files with an "
+                   "image extension or none; hidden files are skipped)"),
+    ]:
+        if images.name == "notes.doc":
+            images.write_text("not images")
+        proc = subprocess.run([PSEUDOSEG, "run", "Ingest", "--images", str(images), "--out", str(tmp_path / "out")],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode, proc.stderr.splitlines(), proc.stdout) == (code, [line], ""), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+    (photo,) = write_good_images(tmp_path / "one", 1)
+    proc = subprocess.run([PSEUDOSEG, "run", "Ingest", "--images", str(photo), "--out", str(tmp_path / "out")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "out" / photo.stem / "run.json").read_text())  # the dataset: the file's stem
+    assert [(s["stage"], s["in"], s["ok"]) for s in record["stages"]] == [("Ingest", 1, 1)]
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130_and_a_rerun_resumes(tmp_path, tiny_cache):
+    images = tmp_path / "photos"
+    write_good_images(images, 3)
+    argv = [PSEUDOSEG, "run", "UseExpressions", "--images", str(images), "--out", str(tmp_path / "out"),
+            "--set", f"models.cache_dir={tiny_cache}"]
+    code, text = in_terminal(argv, user_env(tmp_path), tmp_path, interrupt_when="UseCaptions")
+    assert code == 130, text
+    assert text.rstrip().splitlines()[-1] == "pseudoseg: interrupted — rerun the same command to resume", text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    code, text = in_terminal(argv, user_env(tmp_path), tmp_path)
+    assert code == 0, text
+    assert re.search(r"^Ingest +images +1 +1 +0 +0 +1 ", text, re.M), text  # done before Ctrl-C: skipped
+    assert re.search(r"^UseExpressions +\w+ +1 +1 +0 +1 +0 ", text, re.M), text
+
+
+FAIL_SHARD_1 = """
+import pseudoseg.tasks.ingest as ingest
+_produce = ingest.IngestShard.produce
+def produce_or_fail(self, progress):
+    if self.shard == 1:
+        raise RuntimeError("injected failure in shard 1")
+    return _produce(self, progress)
+ingest.IngestShard.produce = produce_or_fail
+"""
+
+
+def test_a_failure_under_luigid_workers_is_said_last_recorded_and_seen_by_status(tmp_path):
+    from tests.helpers import cli, cli_env
+    from tests.tasks.test_resilience import free_port, wait_for_port
+
+    images, out, port = tmp_path / "photos", tmp_path / "out", free_port()
+    write_good_images(images, 4)
+    env = cli_env(tmp_path, FAIL_SHARD_1)
+    quick = tmp_path / "luigid.cfg"  # luigid disables a task after its first failure (the shipped file: third)
+    quick.write_text("[scheduler]\nretry_count = 1\nretry_delay = 1\n")
+    luigid = cli(["luigid", "--out", str(out), "--port", str(port)], {**cli_env(tmp_path), "LUIGI_CONFIG_PATH": str(quick)})
+    workers = ["workers", "Ingest", "--n", "1", "--images", str(images), "--out", str(out), "--scheduler-port",
+               str(port), "--set", "ingest.shard_size=2"]
+    try:
+        wait_for_port(luigid, port)
+        proc = cli(workers, env)
+        text, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 1, text
+        last = text.rstrip().splitlines()[-1]
+        assert re.fullmatch(r"pseudoseg: failed: Ingest shard 1: RuntimeError: injected failure in shard 1 "
+                            rf"\(log: {re.escape(str(out))}/photos/logs/run-\w+-\d+\.log\)", last), text
+        record = json.loads((out / "photos" / "run.json").read_text())
+        assert record["failures"] == [last.removeprefix("pseudoseg: ")] and record["log"], record
+        status = cli(["status", str(out)], env)
+        status_text, _ = status.communicate(timeout=300)
+        assert status.returncode == 1 and "RuntimeError: injected failure in shard 1" in status_text, status_text
+
+        # luigid disabled the shard after its retries; a rerun says so and how to re-enable it
+        proc = cli(workers, env)
+        text, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 1, text
+        assert "luigid did not hand out 1 task(s) of Ingest" in text.rstrip().splitlines()[-1], text
+    finally:
+        luigid.terminate()
+        luigid.wait(timeout=30)
