@@ -35,7 +35,7 @@ from pseudoseg.pipeline.car.recurrent import (
     official_query_name,
 )
 from pseudoseg.pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
-from pseudoseg.pipeline.core.images import encode_png
+from pseudoseg.pipeline.core.images import encode_label_png
 from pseudoseg.pipeline.core.vocabularies import Vocabulary, load_vocabulary
 from pseudoseg.pipeline.eval.metrics import IGNORE
 from pseudoseg.pipeline.eval.report import ShortSide
@@ -125,7 +125,7 @@ class CarLabelsShard(ChainedShardTask):
                     continue
                 meta = label_map_meta(image_id, vocab, label, PRECEDENCE)
                 LABEL_MAP_META.table([meta])
-                samples.append({"__key__": image_id, "png": encode_png(label),
+                samples.append({"__key__": image_id, "png": encode_label_png(label),
                                 "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
                 rows.extend(label_region_rows(image_id, vocab, label, np.zeros(label.shape, np.uint8)))
         table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()

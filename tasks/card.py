@@ -156,6 +156,16 @@ def _reading(rows: list[StageRow]) -> list[str]:
                   "    mask = coco.annToMask(ann)  # uint8 HxW at the size of data/<file_name>",
                   "    print(ann[\"image_id\"], mask.shape, int(mask.sum()), ann.get(\"expressions\", [])[:2])",
                   "```", ""]
+    for row in rows:
+        if row.stage.startswith("eval_") and row.done:
+            lines += [f"**pyarrow** (the {row.stage.removeprefix('eval_')} evaluation: per-class IoU; `report.md` and "
+                      "`grid.png` beside it):", "", "```python", "import pyarrow.parquet as pq", "",
+                      f"rows = pq.read_table(\"{row.stage}/latest/per_class.parquet\").to_pylist()",
+                      "scored = [r[\"iou\"] for r in rows if r[\"iou\"] is not None]",
+                      "print(f\"mIoU {100 * sum(scored) / len(scored):.2f} over {len(scored)} classes\")",
+                      "print(max(rows, key=lambda r: r[\"iou\"] or 0))", "```", ""]
+    if len(lines) == 4:
+        lines += ["(nothing to read yet: no stage of this dataset has finished)", ""]
     return lines
 
 

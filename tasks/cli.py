@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -243,7 +244,7 @@ def report(task: luigi.Task, stage: str, images: str, dataset: str, out: str, *,
            log: Path | None, causes: list[str]) -> None:
     """The end of a run, once: run.json and the dataset card written, then the table (DAG order) and its footer
     (outputs, ran/skipped, where the record, card and log are) printed."""
-    rows = summarise([task], since=started)
+    rows = summarise([task], since=started, durations=STAGE_PROGRESS.durations)
     info = RunInfo(command=stage, dataset=dataset, root=Path(out).resolve() / dataset, images=images,
                    started=started, ended=time.time(), ok=ok, log=log, settings_hash=settings_hash(),
                    causes=list(causes), notice=random_models_notice(model_settings()))
@@ -298,9 +299,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nDemo output under {out}/demo/<stage>/latest/ (-> <params-hash>/): shard-NNNNNN.parquet (rows), "
           f".tar (WebDataset), _rejects/, _meta/ (done.json records, params.json); what each folder holds, its "
           f"schema and how to read it: {out}/demo/README.md; sample photos in {samples.root}, VOC ground truth in "
-          f"{samples.dest}/gt; `pseudoseg status {out}`")
+          f"{samples.dest}/gt; `{command_name()} status {out}`")
     print_causes(causes)
     return 0 if ok else 1
+
+
+def command_name() -> str:
+    """How the user can type this command again: ``pseudoseg`` when that is on PATH, else its full path."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    on_path = shutil.which("pseudoseg")
+    if on_path and script is not None and Path(on_path).resolve() == script:
+        return "pseudoseg"
+    installed = Path(sys.executable).with_name("pseudoseg")
+    return str(installed) if installed.exists() else "pseudoseg"
 
 
 def cmd_luigid(args: argparse.Namespace) -> int:

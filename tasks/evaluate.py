@@ -287,7 +287,7 @@ class Evaluate(StageSettings, luigi.Task):
         stage_dir.write_params()
         atomic_write_bytes(stage_dir.path / "per_class.parquet",
                            CLASS_IOU.to_parquet_bytes(CLASS_IOU.table(result.rows())))
-        atomic_write_bytes(stage_dir.path / "grid.png", grid_png(result.samples))
+        atomic_write_bytes(stage_dir.path / "grid.png", grid_png(result.samples, class_names=data.class_names))
         params = {"benchmark": self.benchmark, "method": self.method, "split": cfg.split, "limit": self.limit,
                   "hash": stage_dir.hash}
         report = report_markdown(result, benchmark=self.benchmark, method=self.method, params=params,

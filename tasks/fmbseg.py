@@ -24,7 +24,7 @@ import numpy as np
 
 from pseudoseg.models.registry import load_role
 from pseudoseg.pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
-from pseudoseg.pipeline.core.images import encode_png
+from pseudoseg.pipeline.core.images import encode_label_png
 from pseudoseg.pipeline.core.masks import decode_rle, row_rle
 from pseudoseg.pipeline.core.npy import npy_bytes
 from pseudoseg.pipeline.core.overlap import Outcome, packed_batches
@@ -372,7 +372,7 @@ class FmbsegLabelsShard(FmbsegShardTask):
                                           f"no Stage {stages} mask for the detected classes"))
                     continue
                 LABEL_MAP_META.table([meta])
-                samples.append({"__key__": image_id, "png": encode_png(label),
+                samples.append({"__key__": image_id, "png": encode_label_png(label),
                                 "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
                 rows.extend(label_region_rows(image_id, vocab, label, source))
         table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()

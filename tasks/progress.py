@@ -93,6 +93,7 @@ class StageProgress:
         self.name_of: Callable[[str], str] = str
         self.stages: dict[str, StageLine] = {}
         self.tasks: dict[str, tuple[float, float]] = {}  # task id → (started, last line)
+        self.durations: dict[str, float] = {}  # task id → seconds, of the tasks that are not shards (until activate)
         self._last_draw = 0.0
         self.ncols: int | None = None
 
@@ -105,7 +106,7 @@ class StageProgress:
             self.ncols = None if os.get_terminal_size(self.stream.fileno()).columns > 0 else 100
         except (AttributeError, OSError, ValueError):
             self.ncols = 100
-        self.stages, self.tasks = {}, {}
+        self.stages, self.tasks, self.durations = {}, {}, {}
         for event, handler in self._handlers():
             luigi.Task.event_handler(event)(handler)
 
@@ -203,6 +204,7 @@ class StageProgress:
     def _task_done(self, task: luigi.Task) -> None:
         if task.task_id in self.tasks:
             started, _ = self.tasks.pop(task.task_id)
+            self.durations[task.task_id] = time.monotonic() - started
             self.say(f"{task_name(task)}: finished in {duration(time.monotonic() - started)}")
 
     def _task_failed(self, task: luigi.Task, exception: BaseException) -> None:

@@ -150,7 +150,11 @@ def _new_row(folder: str, stage_dir: StageDir) -> StageRow:
                     stage_dir=stage_dir)
 
 
-def _single(task: luigi.Task, row: StageRow, since: float | None) -> None:
+# Stage folders a user opens as a whole (their shards are the product): label in the run's outputs.
+FOLDER_ARTIFACTS = {"use_segments": "segment-text pairs", "fmbseg_labels": "label maps", "car_labels": "label maps"}
+
+
+def _single(task: luigi.Task, row: StageRow, since: float | None, durations: dict[str, float]) -> None:
     """A task with one output (ModelProbe, ExportCoco, TextClasses, a trainer, Evaluate)."""
     row.counted = False
     row.rows = None
@@ -162,7 +166,12 @@ def _single(task: luigi.Task, row: StageRow, since: float | None) -> None:
     mtime = _mtime(target)
     if since is not None and mtime is not None and mtime >= since:
         row.ran += 1
+        row.seconds += durations.get(task.task_id, 0.0)
     label = {"coco.json": "coco.json", "model.pt": "model.pt", "report.md": "report.md"}.get(target.name)
+    if label == "report.md":  # an evaluation: its mIoU, and the picture beside it
+        label = f"report.md (mIoU {_miou(target.parent):.2f} %)"
+        if (target.parent / "grid.png").is_file():
+            row.artifacts["grid.png"] = str(target.parent / "grid.png")
     if label:
         row.artifacts[label] = str(target)
     if target.name == "model.pt":  # metrics.jsonl: one line per optimiser step
@@ -173,9 +182,23 @@ def _single(task: luigi.Task, row: StageRow, since: float | None) -> None:
             pass
 
 
-def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[StageRow]:
+def _miou(folder: Path) -> float:
+    """An evaluation's mIoU in percent, from its per_class.parquet (classes with a non-empty union)."""
+    import pyarrow.parquet as pq
+
+    try:
+        ious = [v for v in pq.read_table(folder / "per_class.parquet", columns=["iou"]).column("iou").to_pylist()
+                if v is not None]
+    except (OSError, KeyError, ValueError):
+        return float("nan")
+    return 100.0 * sum(ious) / len(ious) if ious else float("nan")
+
+
+def summarise(roots: Iterable[luigi.Task], since: float | None = None,
+              durations: dict[str, float] | None = None) -> list[StageRow]:
     """One row per stage folder the DAG of ``roots`` writes, in DAG order; ``since`` (epoch seconds, the run's
-    start): units committed after it count as ran, the others as skipped."""
+    start): units committed after it count as ran, the others as skipped; ``durations``: task id → seconds of the
+    single-output tasks that ran (their time is not in a done.json)."""
     rows: dict[str, StageRow] = {}
     galleries: list[Path] = []
     random_models = random_models_notice(model_settings()) is not None
@@ -197,6 +220,8 @@ def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[S
             if row.rows is not None:  # unknown as soon as one record does not say (written before v2)
                 row.rows = None if stats.get("rows") is None else row.rows + stats["rows"]
             row.reasons.update(dict(stats.get("reject_reasons") or {}))
+            if task.stage in FOLDER_ARTIFACTS:
+                row.artifacts[FOLDER_ARTIFACTS[task.stage]] = str(stage_dir.path)
             mtime = _mtime(done)
             if since is not None and mtime is not None and mtime >= since:
                 row.ran += 1
@@ -206,7 +231,7 @@ def summarise(roots: Iterable[luigi.Task], since: float | None = None) -> list[S
             except Exception:  # noqa: BLE001 — e.g. a trainer over an empty source, a benchmark not found: the
                 continue       # run's own failure says why; the summary shows what exists
             row = rows.get(stage_dir.stage) or rows.setdefault(stage_dir.stage, _new_row(stage_dir.stage, stage_dir))
-            _single(task, row, since)
+            _single(task, row, since, durations or {})
         elif type(task).__name__ == "UsePreview" and task.complete():
             galleries.append(Path(task.output().path))  # <out>/<dataset>/use_preview/<hash>/index.html
     for gallery in galleries:
@@ -252,11 +277,14 @@ def format_table(rows: list[StageRow]) -> str:
 
 
 def artifacts(rows: list[StageRow]) -> dict[str, str]:
-    """label → path of what a user opens, in DAG order (``model.pt`` per trainer)."""
+    """label → path of what a user opens, in DAG order; a label several stages share names its stage
+    (``model.pt (TrainUse)``, ``label maps (CarLabels)``)."""
+    shared = {label for label in {lb for r in rows for lb in r.artifacts}
+              if sum(label in r.artifacts for r in rows) > 1 or label == "model.pt"}
     found: dict[str, str] = {}
     for r in rows:
         for label, path in r.artifacts.items():
-            found[f"{label} ({r.name})" if label == "model.pt" else label] = path
+            found[f"{label} ({r.name})" if label in shared else label] = path
     return found
 
 

@@ -117,7 +117,7 @@ def unavailable(role: str, key: str, tried: str, hub_id: str, reason: str) -> Mo
     return ModelUnavailableError(
         f"The {role} model could not be loaded from '{tried}' ({reason}); it comes from the config key "
         f"`[models] {key} = {tried}`. To use a local copy: on a connected machine run "
-        f"`huggingface-cli download {hub_id} --local-dir DIR`, copy DIR here, and set `[models] {key} = DIR` "
+        f"`hf download {hub_id} --local-dir DIR`, copy DIR here, and set `[models] {key} = DIR` "
         f"in luigi.cfg (or set `[models] preset = tiny` for the offline random-init models)."
     )
 

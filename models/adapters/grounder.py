@@ -310,7 +310,7 @@ def load_groundingdino(config_path: str, checkpoint_path: str, *, text_encoder: 
     except OSError as e:
         raise ModelUnavailableError(
             f"The groundingdino-py grounder needs its BERT text encoder '{args.text_encoder_type}', which could "
-            f"not be loaded ({e}). On a connected machine run `huggingface-cli download bert-base-uncased "
+            f"not be loaded ({e}). On a connected machine run `hf download bert-base-uncased "
             f"--local-dir DIR`, copy DIR here and set `[models] groundingdino_text_encoder = DIR`."
         ) from e
     state = torch.load(str(Path(checkpoint_path).expanduser()), map_location="cpu", weights_only=False)

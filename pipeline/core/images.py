@@ -375,6 +375,22 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def encode_label_png(label: np.ndarray) -> bytes:
+    """uint8 [H, W] class indices → a palette PNG: the pixels are the indices (``decode_label_png``, PIL and
+    every VOC-style reader get them back unchanged) and the palette is PASCAL VOC's colour map, so an image viewer
+    shows the classes in colour instead of near-black grey levels. Deterministic (fixed compression, no metadata)."""
+    import imgviz
+
+    arr = np.asarray(label)
+    if arr.dtype != np.uint8 or arr.ndim != 2:
+        raise ValueError(f"expected uint8 [H, W] label indices, got {arr.dtype} {arr.shape}")
+    img = Image.fromarray(np.ascontiguousarray(arr), mode="P")
+    img.putpalette(imgviz.label_colormap().astype(np.uint8).ravel().tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=PNG_COMPRESSION, optimize=False)
+    return buf.getvalue()
+
+
 def decode_label_png(data: bytes) -> np.ndarray:
     """Single-channel 8-bit PNG (a label map, e.g. from encode_png) → np.uint8 [H, W], values unchanged.
 

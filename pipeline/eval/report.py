@@ -207,21 +207,68 @@ def colourise(label: np.ndarray) -> np.ndarray:
     return imgviz.label_colormap()[np.asarray(label, np.uint8)]
 
 
-def grid_png(samples: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], height: int = 160) -> bytes:
-    """One row per sample: image | GT | prediction, each scaled to `height` pixels; rows padded (black) to the
-    widest. Deterministic PNG bytes (no metadata)."""
+GRID_TITLES = ("image", "ground truth", "prediction")
+
+
+def _caption(panel: np.ndarray, text: str) -> np.ndarray:
+    """``text`` in white on a black strip over the panel's top-left corner."""
+    import cv2
+
+    out = np.ascontiguousarray(panel).copy()
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+    out[: th + 6, : min(out.shape[1], tw + 6)] = 0
+    cv2.putText(out, text, (3, th + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def _legend(classes: Sequence[tuple[int, str]], width: int) -> np.ndarray:
+    """Rows of (colour swatch, class name) for ``classes`` (index, name), wrapped at ``width`` pixels."""
+    import cv2
+
+    rows: list[list[tuple[int, str, int]]] = [[]]
+    x = 4
+    for index, name in classes:
+        (tw, _), _ = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+        item = 12 + 4 + tw + 12
+        if x + item > width and rows[-1]:
+            rows.append([])
+            x = 4
+        rows[-1].append((index, name, x))
+        x += item
+    canvas = np.full((len(rows) * 18 + 4, width, 3), 255, np.uint8)
+    for r, items in enumerate(rows):
+        y = 4 + r * 18
+        for index, name, x0 in items:
+            canvas[y:y + 12, x0:x0 + 12] = colourise(np.array([[index]], np.uint8))[0, 0]
+            cv2.putText(canvas, name, (x0 + 16, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+def grid_png(samples: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], height: int = 160,
+             class_names: Sequence[str] = ()) -> bytes:
+    """One row per sample: image | ground truth | prediction (each captioned), scaled to `height` pixels; rows
+    padded (black) to the widest; below them a legend of every class the rows show (its colour and name, from
+    ``class_names``). Deterministic PNG bytes (no metadata)."""
     rows = []
+    shown: set[int] = set()
     for _, rgb, gt, pred in samples:
         h, w = rgb.shape[:2]
         nw = max(1, round(w * height / h))
         panels = [Resize((h, w), (height, nw)).apply_image(np.asarray(rgb, np.uint8))]
-        panels += [colourise(resize_label_map(lab, (height, nw))) for lab in (gt, pred)]
+        labels = [resize_label_map(lab, (height, nw)) for lab in (gt, pred)]
+        shown.update(int(v) for lab in labels for v in np.unique(lab))
+        panels += [colourise(lab) for lab in labels]
+        if height >= 40:
+            panels = [_caption(panel, title) for panel, title in zip(panels, GRID_TITLES, strict=True)]
         gap = np.full((height, 4, 3), 255, np.uint8)
         rows.append(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1))
     if not rows:
         rows = [np.zeros((height, height, 3), np.uint8)]
     width = max(r.shape[1] for r in rows)
     canvas = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    legend = [(i, class_names[i]) for i in sorted(shown) if i < len(class_names)]
+    if legend:
+        canvas = np.concatenate([canvas, _legend(legend, width)])
     buf = io.BytesIO()
     Image.fromarray(canvas).save(buf, format="PNG")
     return buf.getvalue()

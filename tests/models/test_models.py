@@ -281,7 +281,7 @@ def test_real_missing_folders_raise_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ModelUnavailableError) as err:
         load_role("grounder", settings)
     assert "[models] grounder = IDEA-Research/grounding-dino-base" in str(err.value)
-    assert "huggingface-cli download IDEA-Research/grounding-dino-base --local-dir DIR" in str(err.value)
+    assert "hf download IDEA-Research/grounding-dino-base --local-dir DIR" in str(err.value)
 
 
 def test_settings_from_mapping_and_plugins(tmp_path, monkeypatch):

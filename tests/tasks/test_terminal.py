@@ -85,7 +85,16 @@ def test_make_eval_car_runs_on_default_settings_in_a_terminal(tmp_path, tiny_cac
     assert code == 0, text
     assert "Traceback" not in text, text
     report = tmp_path / "out" / "voc21" / "eval_car" / "latest" / "report.md"
-    assert re.search(r"\*\*\d+\.\d\d\*\*", report.read_text())  # this run's mIoU
+    miou = re.search(r"\*\*(\d+\.\d\d)\*\*", report.read_text()).group(1)  # this run's mIoU
+    assert "**Note:** Made with the tiny preset" in report.read_text()
+    assert re.search(rf"^  report\.md \(mIoU {miou} %\) +\S+report\.md$", text, re.M), text  # in the outputs
+    assert re.search(r"^  grid\.png +\S+grid\.png$", text, re.M), text
+    # the dataset card says how to read the evaluation, and what it says runs
+    card = (tmp_path / "out" / "voc21" / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card[card.index("## Reading it"):], re.S)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path / "out" / "voc21", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"mIoU {miou} over "), proc.stderr
 
 
 def test_bad_images_arguments_are_one_line_and_a_single_image_is_a_source(tmp_path):

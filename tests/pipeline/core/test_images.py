@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import tracemalloc
@@ -287,3 +288,30 @@ def test_png_round_trip_is_exact(rgb: np.ndarray) -> None:
     decoded = decode_image(encode_png(rgb))
     assert decoded.format == "PNG" and decoded.orig_mode == "RGB"
     assert np.array_equal(decoded.rgb, rgb)
+
+
+def test_label_png_keeps_every_index_and_shows_voc_colours():
+    from PIL import Image
+
+    from pseudoseg.pipeline.core.images import decode_label_png, encode_label_png
+
+    label = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    data = encode_label_png(label)
+    assert np.array_equal(decode_label_png(data), label)  # the indices, whatever reads them
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "P" and np.array_equal(np.asarray(img), label)
+        rgb = np.asarray(img.convert("RGB"))
+    # PASCAL VOC's colour map (its bit-interleaving rule written out): 1 aeroplane (128, 0, 0), 15 person
+    # (192, 128, 128), 255 void (224, 224, 192) — what a viewer shows
+    def voc_colour(index: int) -> tuple[int, int, int]:
+        r = g = b = 0
+        for bit in range(8):
+            r |= ((index >> 0) & 1) << (7 - bit)
+            g |= ((index >> 1) & 1) << (7 - bit)
+            b |= ((index >> 2) & 1) << (7 - bit)
+            index >>= 3
+        return r, g, b
+
+    for index in (0, 1, 15, 255):
+        assert tuple(rgb.reshape(-1, 3)[index]) == voc_colour(index)
+    assert encode_label_png(label) == data  # deterministic bytes
