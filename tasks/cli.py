@@ -485,6 +485,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def overlap_problem(images: str, out: str) -> str | None:
+    """Inputs and outputs kept apart: an output root inside the images folder (every rerun would ingest the previous
+    run's galleries and label maps as new images), or an images folder that is an output root or a dataset folder of
+    one (where stage folders are written)."""
+    source, root = Path(images).resolve(), Path(out).resolve()
+    if not source.is_dir():
+        return None
+    if root == source or source in root.parents:
+        return f"{images}: the output root --out {out} is inside it; put the outputs elsewhere"
+    if source == root or source.parent == root:
+        return f"{images}: it is the output root --out {out} or a dataset folder of it; point --images elsewhere"
+    return None
+
+
 def check(args: argparse.Namespace) -> None:
     """Arguments and every setting, before anything runs or is written; SettingsError lists the problems."""
     lines: list[str] = []
@@ -501,7 +515,7 @@ def check(args: argparse.Namespace) -> None:
                                  f"OUT: {name_problem(args.dataset)}"])
         return
     if hasattr(args, "images"):
-        problem = source_problem(args.images)
+        problem = source_problem(args.images) or overlap_problem(args.images, args.out)
         if problem:
             lines.append(f"pseudoseg: --images {problem}")
         # default dataset name: the folder's (or list's, tar's) name; a single image's without its extension

@@ -115,6 +115,18 @@ def test_bad_images_arguments_are_one_line_and_a_single_image_is_a_source(tmp_pa
         assert (proc.returncode, proc.stderr.splitlines(), proc.stdout) == (code, [line], ""), proc.stderr
     assert not (tmp_path / "out").exists()
 
+    # outputs inside the inputs: every rerun would ingest the last run's galleries as new images
+    photos = tmp_path / "photos"
+    write_good_images(photos, 2)
+    for out, line in [(photos / "out", f"pseudoseg: --images {photos}: the output root --out {photos / 'out'} is "
+                                       "inside it; put the outputs elsewhere"),
+                      (photos.parent, f"pseudoseg: --images {photos}: it is the output root --out {photos.parent} or "
+                                      "a dataset folder of it; point --images elsewhere")]:
+        proc = subprocess.run([PSEUDOSEG, "run", "Ingest", "--images", str(photos), "--out", str(out)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode, proc.stderr.splitlines()) == (2, [line]), proc.stderr
+    assert sorted(p.name for p in photos.iterdir()) == ["good_000.jpg", "good_001.png"]
+
     (photo,) = write_good_images(tmp_path / "one", 1)
     proc = subprocess.run([PSEUDOSEG, "run", "Ingest", "--images", str(photo), "--out", str(tmp_path / "out")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
