@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -485,6 +486,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def unwritable(out: str) -> str | None:
+    """Why nothing can be written under the output root (None: it can): a temporary file is created and removed
+    in it, or in the nearest folder above it that exists (nothing is left behind)."""
+    folder = Path(out).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot write there ({folder} is not a folder)"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
+
+
 def overlap_problem(images: str, out: str) -> str | None:
     """Inputs and outputs kept apart: an output root inside the images folder (every rerun would ingest the previous
     run's galleries and label maps as new images), or an images folder that is an output root or a dataset folder of
@@ -514,6 +531,10 @@ def check(args: argparse.Namespace) -> None:
             raise SettingsError([f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under "
                                  f"OUT: {name_problem(args.dataset)}"])
         return
+    if args.command in ("run", "demo", "workers", "luigid"):
+        problem = unwritable(args.out)
+        if problem:
+            lines.append(f"pseudoseg: --out {args.out}: {problem}")
     if hasattr(args, "images"):
         problem = source_problem(args.images) or overlap_problem(args.images, args.out)
         if problem:
@@ -547,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     # at import: the model stages import it later).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
-    load_config_files()
     try:
+        load_config_files()
         check(args)
     except SettingsError as e:
         print("\n".join(e.lines), file=sys.stderr)

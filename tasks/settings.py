@@ -153,6 +153,12 @@ DATASET_SETTINGS = "settings.cfg"  # <out>/<dataset>/settings.cfg: what the data
 RUNTIME_MODEL_KEYS = ("device", "keep_loaded", "cache_dir")  # where and how models run: never recorded
 
 
+def user_config_path() -> str | None:
+    """The user's settings file: ``LUIGI_CONFIG_PATH`` (``PSEUDOSEG_USER_CONFIG`` once ``pseudoseg.tasks`` took it
+    from Luigi: see its ``__init__``)."""
+    return os.environ.get("LUIGI_CONFIG_PATH") or os.environ.get("PSEUDOSEG_USER_CONFIG") or None
+
+
 def load_config_files(dataset_settings: Path | None = None) -> None:
     """The configuration every command starts from, the same wherever it runs: the shipped luigi.cfg, then the
     settings a dataset was made with (``dataset_settings``: its ``settings.cfg``), then the user's file named by
@@ -162,7 +168,7 @@ def load_config_files(dataset_settings: Path | None = None) -> None:
     paths = [str(SHIPPED_CONFIG)]
     if dataset_settings is not None and dataset_settings.is_file():
         paths.append(str(dataset_settings.resolve()))
-    user = os.environ.get("LUIGI_CONFIG_PATH")
+    user = user_config_path()
     if user and os.path.isfile(user) and Path(user).resolve() != SHIPPED_CONFIG:
         paths.append(str(Path(user).resolve()))
     cls = luigi.configuration.LuigiConfigParser
@@ -170,7 +176,10 @@ def load_config_files(dataset_settings: Path | None = None) -> None:
     config = cls.instance()
     config.clear()  # what an earlier load read (Luigi read LUIGI_CONFIG_PATH and ./luigi.cfg at import)
     config.defaults().clear()
-    cls.reload()
+    try:
+        cls.reload()
+    except configparser.Error as e:  # a section or key written twice, a line that is no setting
+        raise SettingsError([f"pseudoseg: {' '.join(str(e).split())}"]) from None
 
 
 def content_settings() -> dict[str, dict[str, str]]:
@@ -222,7 +231,7 @@ def configure(config: str | None, sets: Iterable[str], presets: Sequence[str] = 
     """Read ``presets`` (a command's own config files, e.g. the demo's ``demo.cfg``), then ``--config``, apply
     ``--set`` items, then check every section and key; SettingsError on any problem."""
     lines: list[str] = []
-    env_path = os.environ.get("LUIGI_CONFIG_PATH")
+    env_path = user_config_path()
     if env_path and not os.path.isfile(env_path):
         lines.append(f"pseudoseg: LUIGI_CONFIG_PATH={env_path}: no such file")
     files = [(path, path) for path in presets] + ([(config, f"--config {config}")] if config else [])

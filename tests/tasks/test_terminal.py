@@ -127,6 +127,20 @@ def test_bad_images_arguments_are_one_line_and_a_single_image_is_a_source(tmp_pa
         assert (proc.returncode, proc.stderr.splitlines()) == (2, [line]), proc.stderr
     assert sorted(p.name for p in photos.iterdir()) == ["good_000.jpg", "good_001.png"]
 
+    # an output root that cannot be written, a settings file with a section written twice
+    (tmp_path / "a_file").write_text("")
+    twice = tmp_path / "twice.cfg"
+    twice.write_text("[ingest]\nshard_size = 3\n[ingest]\nmax_side = 9\n")
+    for extra_env, out, line in [
+        ({}, tmp_path / "a_file" / "out", f"pseudoseg: --out {tmp_path / 'a_file' / 'out'}: cannot write there "
+                                          f"({tmp_path / 'a_file'} is not a folder)"),
+        ({"LUIGI_CONFIG_PATH": str(twice)}, tmp_path / "out", f"pseudoseg: While reading from '{twice}' [line 3]: "
+                                                              "section 'ingest' already exists"),
+    ]:
+        proc = subprocess.run([PSEUDOSEG, "run", "Ingest", "--images", str(photos), "--out", str(out)],
+                              env={**env, **extra_env}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert (proc.returncode, proc.stderr.splitlines()) == (2, [line]), proc.stderr
+
     (photo,) = write_good_images(tmp_path / "one", 1)
     proc = subprocess.run([PSEUDOSEG, "run", "Ingest", "--images", str(photo), "--out", str(tmp_path / "out")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
