@@ -332,6 +332,7 @@ class CommittedTask(DatasetTask):
         def waiting(holder: dict[str, Any]) -> None:
             message = f"waiting for {self.describe()}: in progress in {describe_holder(holder)}"
             LOG.info("pseudoseg: %s", message)
+            STAGE_PROGRESS.note(f"pseudoseg: {message}")  # the terminal sees why nothing moves
             if callable(self.set_status_message):  # None outside a Luigi worker
                 self.set_status_message(message)
 

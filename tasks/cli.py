@@ -246,6 +246,7 @@ def report(task: luigi.Task, stage: str, images: str, dataset: str, out: str, *,
     """The end of a run, once: run.json and the dataset card written, then the table (DAG order) and its footer
     (outputs, ran/skipped, where the record, card and log are) printed."""
     rows = summarise([task], since=started, durations=STAGE_PROGRESS.durations)
+    ok = ok and all(r.done == r.shards for r in rows)  # a stage with a failed or missing shard: the run failed
     info = RunInfo(command=stage, dataset=dataset, root=Path(out).resolve() / dataset, images=images,
                    started=started, ended=time.time(), ok=ok, log=log, settings_hash=settings_hash(),
                    causes=list(causes), notice=random_models_notice(model_settings()))

@@ -31,6 +31,7 @@ from pseudoseg.pipeline.core.artifacts import (
     atomic_write_bytes,
     file_problems,
     load_shard_stats,
+    unit_name,
 )
 
 SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the shard count of the stage's last run
@@ -178,10 +179,16 @@ def folder_status(stage: str, folder: Path, latest: bool) -> FolderStatus:
     done_units: set[str] = set()
     for record_path in sorted(meta.glob("*.done.json")):
         record = load_shard_stats(record_path)
-        # Done = a record of this folder whose files are all there at their sizes (as the scheduler checks it).
-        if record is None or record.get("params_hash") != folder.name or file_problems(folder, record, "size"):
+        unit = _unit_of(record_path.name, ".done.json")
+        # Done = a record of exactly this unit of this folder (stage, dataset, hash and shard as its place says,
+        # a shard the last run counts) whose files are all there at their sizes (as the scheduler checks it).
+        if (record is None or record.get("params_hash") != folder.name or record.get("stage") != stage
+                or record.get("dataset") != folder.parent.parent.name
+                or unit != (unit_name(record["shard"]) if record.get("shard", -1) >= 0 else unit)
+                or (status.shards is not None and record.get("shard", -1) >= status.shards)
+                or file_problems(folder, record, "size")):
             continue
-        done_units.add(_unit_of(record_path.name, ".done.json"))
+        done_units.add(unit)
         if record["shard"] < 0:
             continue  # the ingest plan: a unit, not a shard of rows
         for entry in record["files"]:

@@ -130,3 +130,28 @@ def test_clean_stale_removes_only_hash_folders_that_are_not_latest(tmp_path, ima
     assert old.path.is_dir() and not new.path.exists() and plan_folder.is_dir()
     assert main(["clean", str(out), "--stale", "--yes"]) == 0  # nothing left to remove
     assert "no stale hash folders" in capsys.readouterr().out
+
+
+def test_status_counts_only_records_of_their_own_unit_and_a_rerun_redoes_the_others(tmp_path, images, capsys):
+    import json
+    import shutil
+
+    out = tmp_path / "out"
+    assert run_ingest(images, out)
+    stage = ingest_dir(images, out)
+    meta = stage.path / "_meta"
+    # a record copied under another shard's name, and one of a shard the stage does not have
+    shutil.copy(meta / "shard-000000.done.json", meta / "shard-000001.done.json.tmp")
+    (meta / "shard-000001.done.json").unlink()
+    (meta / "shard-000001.done.json.tmp").rename(meta / "shard-000001.done.json")
+    shutil.copy(meta / "shard-000000.done.json", meta / "shard-000007.done.json")
+    (row,) = tree_status(out)["ds"][1:]
+    assert (row.shards, row.done) == (SHARDS, 2), "a record counts only for the unit it records"
+
+    # the scheduler agrees: the shard whose record is another's is redone
+    capsys.readouterr()
+    with luigi_settings(ingest={"shard_size": 3}, scheduler={"retry_count": 1}):
+        ok, _ = build("Ingest", str(images), "ds", str(out))
+    record = json.loads((out / "ds" / "run.json").read_text())
+    stages = {s["stage"]: s for s in record["stages"]}
+    assert ok and record["status"] == "ok" and stages["Ingest"]["done"] == SHARDS  # the rerun redid shard 1
