@@ -46,6 +46,7 @@ from pseudoseg.tasks.status import (
     clean_stale,
     mark_latest,
     record_shard_counts,
+    run_lease,
     settings_changes,
     status_report,
 )
@@ -178,15 +179,16 @@ def build(stage: str, images: str, dataset: str, out: str, *, workers: int = 1, 
     STAGE_PROGRESS.activate(sys.stderr, bars=workers == 1 and not central, every=current(pseudoseg).progress_seconds,
                             name_of=lambda folder: output_of(folder).name)
     try:
-        record_shard_counts([task])  # every stage's folder: the ingest plan is made here if it is not done
-        if summary:
-            say_settings_changes(task)
-        with run_logging(log, terminal_level=logging.INFO if central else logging.WARNING):
-            result = build_tasks([task], **kwargs)
+        with run_lease(root, current(pseudoseg).lock_stale_seconds) as lease:  # clean --stale keeps our folders
+            lease(record_shard_counts([task]))  # every stage's folder: the ingest plan is made here if not done
+            if summary:
+                say_settings_changes(task)
+            with run_logging(log, terminal_level=logging.INFO if central else logging.WARNING):
+                result = build_tasks([task], **kwargs)
+            mark_latest([task])  # every stage whose shards are all done: <stage>/latest -> this run's hash folder
     finally:
         STAGE_PROGRESS.close()
     ok = result.status not in FAILED_STATUSES and (central or task.complete())
-    mark_latest([task])  # every stage whose shards are all done: <stage>/latest -> this run's hash folder
     failures = [f"failed, not retried: {cause}" for cause in factory.causes]
     failures += [f"failed: {line} (log: {log})" for line in factory.failures]
     failures += not_run_lines(result, central)
@@ -346,11 +348,12 @@ def cmd_workers(args: argparse.Namespace) -> int:
     for item in args.set or []:
         base += ["--set", item]
     started = time.time()
-    procs = [subprocess.Popen(base, env=worker_env(i, args.gpus)) for i in range(args.n)]
-    codes = [p.wait() for p in procs]
-    task = make_task(args.stage, args.images, args.dataset, args.out)
-    ok = all(c == 0 for c in codes) and task.complete()
-    mark_latest([task])
+    with run_lease(Path(args.out).resolve() / args.dataset, current(pseudoseg).lock_stale_seconds):
+        procs = [subprocess.Popen(base, env=worker_env(i, args.gpus)) for i in range(args.n)]
+        codes = [p.wait() for p in procs]
+        task = make_task(args.stage, args.images, args.dataset, args.out)
+        ok = all(c == 0 for c in codes) and task.complete()
+        mark_latest([task])
     logs = Path(args.out).resolve() / args.dataset / "logs"
     failures: list[str] = []
     log = None
@@ -395,7 +398,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print("pseudoseg: clean: say what to remove: --stale (hash folders that are not their stage's latest)",
               file=sys.stderr)
         return 2
-    return clean_stale(Path(args.out).resolve(), args.dataset, yes=args.yes, interactive=sys.stdin.isatty())
+    return clean_stale(Path(args.out).resolve(), args.dataset, yes=args.yes, interactive=sys.stdin.isatty(),
+                       force=args.force, stale_after=current(pseudoseg).lock_stale_seconds)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -483,6 +487,8 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--dataset", help="only this dataset (default: every dataset under OUT)")
     cl.add_argument("--stale", action="store_true", help="remove every hash folder its stage's latest does not name")
     cl.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    cl.add_argument("--force", action="store_true",
+                    help="clean while a run works on the dataset (the folders that run uses are kept)")
     cl.set_defaults(func=cmd_clean)
     return p
 

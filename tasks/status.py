@@ -12,11 +12,15 @@ of earlier runs are listed, not counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import shutil
+import socket
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,8 @@ from pseudoseg.pipeline.core.artifacts import (
     load_shard_stats,
     unit_name,
 )
+from pseudoseg.pipeline.core.locks import UnitLock
+from pseudoseg.pipeline.core.locks import describe as describe_holder
 
 SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the shard count of the stage's last run
 
@@ -60,11 +66,13 @@ def _stage_dirs(roots: Iterable[luigi.Task]) -> dict[Path, tuple[StageDir, list[
     return found
 
 
-def record_shard_counts(roots: Iterable[luigi.Task]) -> None:
-    """Before a run: ``_meta/shards.json`` of every shard stage of the DAG (how many units make it complete)."""
+def record_shard_counts(roots: Iterable[luigi.Task]) -> list[Path]:
+    """Before a run: ``_meta/shards.json`` of every shard stage of the DAG (how many units make it complete).
+    Returns every hash folder of the DAG (what the run reads and writes)."""
     from pseudoseg.tasks.base import ShardTask
 
-    for stage_dir, tasks in _stage_dirs(roots).values():
+    found = _stage_dirs(roots)
+    for stage_dir, tasks in found.values():
         shards = [t for t in tasks if isinstance(t, ShardTask)]
         if shards:
             body = (json.dumps({"shards": len(shards)}) + "\n").encode()
@@ -73,6 +81,7 @@ def record_shard_counts(roots: Iterable[luigi.Task]) -> None:
                 atomic_write_bytes(target, body)
             except OSError:
                 pass
+    return list(found)
 
 
 def settings_changes(roots: Iterable[luigi.Task]) -> list[tuple[str, list[str]]]:
@@ -114,15 +123,32 @@ def mark_latest(roots: Iterable[luigi.Task]) -> list[StageDir]:
 # -- read back ------------------------------------------------------------------------------------------------
 
 
-def latest_hash(stage_folder: Path) -> str | None:
-    """The hash folder ``latest`` names (the link, else the ``LATEST`` file), if it exists."""
+def _latest_name(stage_folder: Path) -> str | None:
+    """What ``latest`` says (the link's target, else the ``LATEST`` file's line), unchecked."""
     link = stage_folder / LATEST_LINK
-    name = None
-    if link.is_symlink():
-        name = Path(link.readlink()).name
-    elif (stage_folder / LATEST_FILE).is_file():
-        name = (stage_folder / LATEST_FILE).read_text().strip()
-    return name if name and (stage_folder / name).is_dir() and "/" not in name else None
+    try:
+        if link.is_symlink():
+            return str(link.readlink())
+        if (stage_folder / LATEST_FILE).is_file():
+            return (stage_folder / LATEST_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return "(unreadable)"
+    return None
+
+
+def latest_problem(stage_folder: Path) -> str | None:
+    """Why the stage's ``latest`` is ignored (None: absent, or a hash folder of the stage)."""
+    name = _latest_name(stage_folder)
+    if name is None or ("/" not in name and name not in (".", "..") and is_hash_folder(stage_folder / name)):
+        return None
+    return f"{stage_folder.name}/latest names {name!r}, not a hash folder of the stage: ignored"
+
+
+def latest_hash(stage_folder: Path) -> str | None:
+    """The hash folder ``latest`` names (the link, else the ``LATEST`` file), if it is a direct child hash folder
+    of the stage (a link or file naming ``..``, a path or anything else names nothing)."""
+    name = _latest_name(stage_folder)
+    return name if name is not None and latest_problem(stage_folder) is None else None
 
 
 _HEX = frozenset("0123456789abcdef")
@@ -303,14 +329,80 @@ def status_report(out: Path, dataset: str | None = None) -> tuple[str, bool]:
 # -- clean --stale -------------------------------------------------------------------------------------------
 
 
-def stale_folders(out: Path, dataset: str | None = None) -> list[Path]:
-    """Hash folders that are not their stage's latest (stages without a latest pointer are left alone)."""
+LEASES = ".runs"  # <out>/<dataset>/.runs/: one lease per run in progress (a lock file + the folders it uses)
+
+
+@contextlib.contextmanager
+def run_lease(dataset_root: Path, stale_after: float) -> Iterator[Callable[[Iterable[Path]], None]]:
+    """While a run works on a dataset: a lease, a lock file kept fresh by the same heartbeat as shard locks, and
+    beside it the hash folders the run reads and writes (the yielded function records them), so `clean --stale`
+    refuses to run meanwhile and, forced, keeps them. Removed when the run ends; a killed run's lease goes stale
+    like its locks."""
+    name = f"run-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    lock = UnitLock(dataset_root / LEASES / name, stale_after=stale_after)
+    listing = dataset_root / LEASES / f"{name}.json"
+
+    def record(folders: Iterable[Path]) -> None:
+        atomic_write_bytes(listing, (json.dumps(sorted({str(f) for f in folders})) + "\n").encode())
+
+    with lock:
+        try:
+            yield record
+        finally:
+            listing.unlink(missing_ok=True)
+
+
+def live_leases(dataset_folder: Path, stale_after: float) -> list[tuple[str, set[Path]]]:
+    """(who holds it, the folders it keeps) of every lease of a run still alive on this dataset."""
+    found = []
+    for lease in sorted((dataset_folder / LEASES).glob("run-*")):
+        if lease.suffix == ".json" or lease.name.startswith(".") or not lease.is_file():
+            continue
+        try:
+            holder, mtime = UnitLock.read(lease), lease.stat().st_mtime
+        except OSError:
+            continue
+        if UnitLock(lease, stale_after=stale_after).is_stale(holder, mtime):
+            continue
+        try:
+            folders = {Path(p) for p in json.loads(lease.with_name(f"{lease.name}.json").read_text())}
+        except (OSError, ValueError, TypeError):
+            folders = set()
+        found.append((describe_holder(holder), folders))
+    return found
+
+
+def reachable_folders(dataset_folder: Path) -> set[Path]:
+    """Every hash folder a stage's ``latest`` names, and every folder those were made from (the ``upstream``
+    hashes of their params.json, followed to the end): what the latest results still stand on."""
+    by_hash = {f.name: f for stage_folder in stage_folders(dataset_folder) for f in hash_folders(stage_folder)}
+    todo = [stage_folder / latest for stage_folder in stage_folders(dataset_folder)
+            if (latest := latest_hash(stage_folder)) is not None]
+    kept: set[Path] = set()
+    while todo:
+        folder = todo.pop()
+        if folder in kept:
+            continue
+        kept.add(folder)
+        try:
+            upstream = json.loads((folder / META_DIR / "params.json").read_text()).get("upstream") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        todo += [by_hash[h] for h in upstream.values() if isinstance(h, str) and h in by_hash]
+    return kept
+
+
+def stale_folders(out: Path, dataset: str | None = None, keep: Iterable[Path] = ()) -> list[Path]:
+    """Hash folders that are not their stage's latest, nor reachable from a latest (``reachable_folders``), nor
+    in ``keep`` (stages without a valid latest pointer are left alone)."""
     stale = []
+    keep = {Path(k).resolve() for k in keep}
     for ds in datasets_of(out, dataset):
+        reachable = reachable_folders(ds)
         for stage_folder in stage_folders(ds):
-            latest = latest_hash(stage_folder)
-            if latest is not None:
-                stale += [f for f in hash_folders(stage_folder) if f.name != latest]
+            if latest_hash(stage_folder) is not None:
+                stale += [f for f in hash_folders(stage_folder)
+                          if f not in reachable and f.resolve() not in keep]
     return stale
 
 
@@ -318,16 +410,30 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def clean_stale(out: Path, dataset: str | None, *, yes: bool, interactive: bool,
-                ask: Callable[[str], str] = input) -> int:
+def clean_stale(out: Path, dataset: str | None, *, yes: bool, interactive: bool, force: bool = False,
+                stale_after: float = 600.0, ask: Callable[[str], str] = input) -> int:
     """Remove the stale hash folders: after a y/N question on a terminal, at once with ``yes``; refuses (exit 2)
-    without a terminal and without ``yes``. Returns the exit status."""
+    without a terminal and without ``yes``, and while a run works on the dataset unless ``force`` (then every
+    folder that run uses is kept). Returns the exit status."""
     if not out.is_dir() or (dataset and not (out / dataset).is_dir()):
         print(f"pseudoseg: nothing to clean: no {'dataset ' + repr(dataset) + ' under ' if dataset else ''}{out}",
               file=sys.stderr)
         return 2
+    keep: set[Path] = set()
+    for ds in datasets_of(out, dataset):
+        for stage_folder in stage_folders(ds):
+            problem = latest_problem(stage_folder)
+            if problem:
+                print(f"  {ds.name}/{problem}")
+        for holder, folders in live_leases(ds, stale_after):
+            if not force:
+                print(f"pseudoseg: clean: a run is working on {ds.name} ({holder}); clean when it has ended, or "
+                      "--force to clean around it (the folders it uses are kept)", file=sys.stderr)
+                return 2
+            print(f"  {ds.name}: a run is working on it ({holder}): its {len(folders)} folder(s) are kept")
+            keep |= folders
     stale = []
-    for folder in stale_folders(out, dataset):
+    for folder in stale_folders(out, dataset, keep):
         if any(folder.glob(".lock-*")):  # a run is working in it (or one died holding a lock: rerun, then clean)
             print(f"  {folder.relative_to(out)}: a shard lock is held there, skipped")
         else:

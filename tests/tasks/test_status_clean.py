@@ -155,3 +155,38 @@ def test_status_counts_only_records_of_their_own_unit_and_a_rerun_redoes_the_oth
     record = json.loads((out / "ds" / "run.json").read_text())
     stages = {s["stage"]: s for s in record["stages"]}
     assert ok and record["status"] == "ok" and stages["Ingest"]["done"] == SHARDS  # the rerun redid shard 1
+
+
+def test_clean_keeps_what_a_latest_stands_on_ignores_a_latest_outside_its_stage_and_waits_for_live_runs(
+        tmp_path, images, tiny_cache, capsys):
+    from pseudoseg.tasks.status import run_lease
+
+    out = tmp_path / "out"
+    with luigi_settings(models={"cache_dir": str(tiny_cache)}, use={"caption_max_new_tokens": 4}, ingest={"shard_size": 3}):
+        assert build("UseCaptions", str(images), "ds", str(out), summary=False)[0]
+    first = ingest_dir(images, out)
+    assert run_ingest(images, out, max_side=32)  # ingest's latest moves; the captions' latest was made from `first`
+    assert (out / "ds" / "ingest" / "latest").resolve().name != first.hash
+
+    assert run_ingest(images, out, max_side=16)  # now the max_side=32 folder is no latest's and nothing stands on it
+    second = ingest_dir(images, out, max_side=32)
+    # a latest naming '..' names nothing: that stage's folders are left alone, and the pointer is reported
+    plan = out / "ds" / "plan"
+    (plan / "latest").unlink()
+    (plan / "latest").symlink_to("..")
+    plans = sorted(p.name for p in plan.iterdir() if p.name not in ("latest", "LATEST"))
+
+    with run_lease(out / "ds", stale_after=600) as lease:  # a run in progress on the dataset, using `second`
+        lease([second.path])
+        assert clean_stale(out, None, yes=True, interactive=False) == 2
+        assert "a run is working on ds" in capsys.readouterr().err
+        assert clean_stale(out, None, yes=True, interactive=False, force=True) == 0
+        assert second.path.is_dir(), "the live run's folder is kept"
+    assert not list((out / "ds" / ".runs").iterdir()), "the lease is gone with its run"
+    capsys.readouterr()
+    assert clean_stale(out, None, yes=True, interactive=False) == 0
+    text = capsys.readouterr().out
+    assert "plan/latest names '..', not a hash folder of the stage: ignored" in text
+    assert not second.path.exists(), "no run and no latest uses it any more: removed"
+    assert first.path.is_dir(), "the captions' latest stands on it: kept"
+    assert sorted(p.name for p in plan.iterdir() if p.name not in ("latest", "LATEST")) == plans
