@@ -140,7 +140,8 @@ def awkward_folder(folder: Path) -> tuple[dict[str, str], dict[str, Path]]:
 
 
 def ingest_rows(out: Path, plan_hash: str | None = None) -> tuple[list[dict], list[dict]]:
-    """(manifest rows, reject rows) over all shards of the one ingest folder (of the given plan)."""
+    """(manifest rows, reject rows) over all shards of the one ingest folder (of the plan whose content digest is
+    ``plan_hash``)."""
     manifest, rejects = [], []
     folders = [f for f in (out / "ds" / "ingest").iterdir() if f.is_dir() and not f.is_symlink()
                and (plan_hash is None or json.loads((f / "_meta" / "params.json").read_text())["upstream"]["plan"] == plan_hash)]
@@ -200,7 +201,8 @@ def test_awkward_folder_entries_become_reject_rows_and_a_rerun_heals(tmp_path):
     same_artifacts(healed, tree_bytes(clean))
     assert all(healed[k] == v for k, v in before.items() if Path(k).name != LATEST_FILE)  # the pointer moved on
     (plan,) = hash_folders(clean / "ds" / "plan")
-    manifest, rejects = ingest_rows(out, plan.name)
+    (record,) = json.loads((plan / "_meta" / "plan.done.json").read_text())["files"]
+    manifest, rejects = ingest_rows(out, record["sha256"][:16])  # ingest folders name their plan by its content
     assert {r["source"].removeprefix(prefix) for r in manifest} == set(good)
     assert {r["source"].removeprefix(prefix): r["reason"] for r in rejects} == {
         k: v for k, v in expected.items() if k != LOCKED}
