@@ -59,6 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from models.adapters._hf import autocast, resolve_device
+from models.adapters.weights import CheckpointError, load_state_strict, load_weights
 from models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 from models.training.params import TrainAlignmentParams, TrainUseParams
 
@@ -564,7 +565,10 @@ def train(
         for p in (metrics_path, plot_path, model_path):
             p.unlink(missing_ok=True)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = load_weights(ckpt, what="trainer")
+        if not isinstance(state, dict) or not {"config", "metadata", "steps_per_epoch", "model"} <= set(state):
+            raise CheckpointError(f"trainer checkpoint {ckpt} is not a checkpoint of this trainer (keys "
+                                  f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
         diff = _config_diff(state["config"], config)
         if diff or state["metadata"] != metadata or state["steps_per_epoch"] != steps_per_epoch:
             raise CheckpointMismatchError(
@@ -573,7 +577,7 @@ def train(
                 f"vs {steps_per_epoch}. Use another out_dir, or resume=False to start over "
                 "(to split one run over several calls keep `epochs` and pass stop_after_epochs)."
             )
-        model.load_state_dict(state["model"])
+        load_state_strict(model, state["model"], path=ckpt, what="trainer")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -661,14 +665,29 @@ def train(
 def load_trained(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu"):
     """Load out_dir/model.pt (or a checkpoint). With `kind` ("use" | "alignment") → (rebuilt head, record);
     without → the raw record {"model": state_dict, "head": config, "metadata", "config", ...}."""
-    record = torch.load(path, map_location=map_location, weights_only=True)
+    record = load_weights(path, what="trained head")
+    if map_location != "cpu":
+        record = _to_device(record, torch.device(map_location))
     if kind is None:
         return record
     from models.training.heads import build_head
 
+    if not isinstance(record, dict) or "model" not in record or "head" not in record:
+        raise CheckpointError(f"trained head checkpoint {path} holds no 'model' and 'head' (found "
+                              f"{sorted(record)[:8] if isinstance(record, dict) else type(record).__name__})")
     head = build_head(kind, record["head"])
-    head.load_state_dict(record["model"])
+    load_state_strict(head, record["model"], path=path, what="trained head")
     return head, record
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ USE head
