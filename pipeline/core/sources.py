@@ -385,6 +385,26 @@ def list_source(spec: str | os.PathLike) -> Listing:
     return Listing(spec=spec, entries=tuple(entries), fingerprint=fingerprint, problems=problems)
 
 
+def relative_name(spec: str | os.PathLike, source: str) -> str:
+    """An entry's path relative to the root of its source (source-text form, '/' separators): under the folder for
+    a folder, the member's name for a tar member (its leading ``./`` dropped), under the list's folder for a list
+    (the full path for an entry outside it). What ground truth keyed by path (COCO's ``file_name``) is matched by."""
+    if TAR_MEMBER_SEP in source:
+        member = source.split(TAR_MEMBER_SEP, 1)[1]
+        while member.startswith("./"):
+            member = member[2:]
+        return member
+    spec = str(spec)
+    root = spec if Path(spec).is_dir() else (str(Path(spec).parent) if Path(spec).suffix in (".txt", ".lst", ".parquet")
+                                             else "")
+    if root:
+        prefix = source_text(os.path.normpath(root)).rstrip("/") + "/"
+        normalised = source_text(os.path.normpath(source_path(source)))
+        if normalised.startswith(prefix):
+            return normalised[len(prefix):]
+    return source
+
+
 def num_shards(num_entries: int, shard_size: int) -> int:
     return max(1, -(-num_entries // shard_size))
 

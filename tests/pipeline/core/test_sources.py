@@ -259,3 +259,17 @@ def test_an_unlistable_folder_is_one_entry_with_its_problem(tmp_path, monkeypatc
                               "Permission denied" for name in ("album.jpg", "locked")}
     assert listing.fingerprint != healthy.fingerprint  # readable again → a new plan with its images
     assert f"{tmp_path}/locked/good_000.jpg" in healthy.entries
+
+
+def test_relative_name_is_the_path_under_the_source_root(tmp_path):
+    """What ground truth keyed by path (COCO's file_name) is matched by: under the folder, the member's name, under
+    the list's folder."""
+    from pipeline.core.sources import relative_name
+
+    (tmp_path / "imgs" / "dogs").mkdir(parents=True)
+    (tmp_path / "list.txt").write_text("imgs/dogs/0001.jpg\n")
+    assert relative_name(tmp_path / "imgs", f"{tmp_path}/imgs/dogs/0001.jpg") == "dogs/0001.jpg"
+    assert relative_name(f"{tmp_path}/imgs/", f"{tmp_path}/imgs/dogs/0001.jpg") == "dogs/0001.jpg"
+    assert relative_name(tmp_path / "list.txt", f"{tmp_path}/imgs/dogs/0001.jpg") == "imgs/dogs/0001.jpg"
+    assert relative_name(tmp_path / "list.txt", "/elsewhere/x.jpg") == "/elsewhere/x.jpg"
+    assert relative_name(f"{tmp_path}/s-{{0..1}}.tar", f"{tmp_path}/s-0.tar::././v1.0/chelsea.jpg") == "v1.0/chelsea.jpg"
