@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import io
 import os
 import re
 import stat
@@ -277,8 +278,8 @@ class TarIndex:
                 n += 1
                 label = f"{member.name}#{n}"
             self.members[label] = member
-        if self.error is None:
-            self.error = _missing_end(path, tar.offset)
+        if self.error is None and isinstance(tar.fileobj, io.BufferedReader):  # an uncompressed tar: offsets are
+            self.error = _missing_end(path, tar.offset)                       # the file's own
 
 
 def _missing_end(path: str, offset: int) -> str | None:

@@ -5,6 +5,7 @@ that never saw the fault."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,13 +25,13 @@ SETTINGS = ["--set", "models.device=cpu", "--set", "fmbseg.short_side=112", "--s
 # When training starts (the inputs passed their size check), the two images' DINOv2 patch tokens — members of one
 # size — trade places inside the cache tar: same size, other content.
 SWAP_WHEN_TRAINING_STARTS = """
-import glob, tarfile
+import glob, os, tarfile
 import tasks.train as train_tasks
 _train = train_tasks.train
 def swap_then_train(*args, **kwargs):
     if not getattr(swap_then_train, "done", False):
         swap_then_train.done = True
-        (path,) = glob.glob({pattern!r})
+        (path,) = {{os.path.realpath(p) for p in glob.glob({pattern!r})}}
         with tarfile.open(path) as tar:
             a, b = [m for m in tar.getmembers() if m.name.endswith(".dino_patches.npy")]
         assert a.size == b.size
@@ -59,6 +60,9 @@ def train_alignment(images: Path, out: Path, env: dict, tiny_cache: Path) -> str
 def test_swapped_same_size_cache_members_are_caught_on_the_first_epoch_and_healed(tmp_path, tiny_cache):
     images, out, reference = tmp_path / "images", tmp_path / "out", tmp_path / "reference"
     write_good_images(images, 2, size=(64, 64))  # one size: their patch-token members have one size
+    train_alignment(images, reference, cli_env(tmp_path / "ref"), tiny_cache)  # undisturbed
+    shutil.copytree(reference, out, symlinks=True)  # its inputs, done; the trainer runs again, with the fault
+    shutil.rmtree(out / "ds" / "train_alignment")
     fault = SWAP_WHEN_TRAINING_STARTS.format(pattern=str(out / "ds" / "features_fmbseg" / "*" / "shard-*.tar"))
     text = train_alignment(images, out, cli_env(tmp_path, fault), tiny_cache)
     warnings = [line for line in text.splitlines() if line.startswith("WARNING:")]
@@ -68,7 +72,6 @@ def test_swapped_same_size_cache_members_are_caught_on_the_first_epoch_and_heale
     (quarantined,) = {q.resolve() for q in (out / "ds" / "features_fmbseg").glob("*/.quarantine/*")}
     assert (quarantined / "shard-000000.tar").exists(), "the bad file is kept as evidence"
 
-    train_alignment(images, reference, cli_env(tmp_path / "ref"), tiny_cache)
     got, want = (torch.load(o / "ds" / "train_alignment" / "latest" / "model.pt", weights_only=True)
                  for o in (out, reference))
     assert got["model"].keys() == want["model"].keys()

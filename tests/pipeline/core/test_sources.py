@@ -273,3 +273,17 @@ def test_relative_name_is_the_path_under_the_source_root(tmp_path):
     assert relative_name(tmp_path / "list.txt", f"{tmp_path}/imgs/dogs/0001.jpg") == "imgs/dogs/0001.jpg"
     assert relative_name(tmp_path / "list.txt", "/elsewhere/x.jpg") == "/elsewhere/x.jpg"
     assert relative_name(f"{tmp_path}/s-{{0..1}}.tar", f"{tmp_path}/s-0.tar::././v1.0/chelsea.jpg") == "v1.0/chelsea.jpg"
+
+
+def test_a_gzip_compressed_tar_is_listed_whole(tmp_path):
+    """tarfile reads a compressed .tar too; its offsets are the uncompressed stream's, so the end-of-archive check
+    (a plain tar's) must not call it truncated."""
+    import tarfile
+
+    (image,) = write_good_images(tmp_path / "imgs", 1)
+    with tarfile.open(tmp_path / "z.tar", "w:gz") as tar:
+        tar.add(image, arcname="a.jpg")
+    listing = list_source(str(tmp_path / "z.tar"))
+    assert listing.entries == (f"{tmp_path}/z.tar::a.jpg",) and listing.problems == {}
+    with EntryReader() as reader:
+        assert reader.read(listing.entries[0]) == image.read_bytes()
