@@ -24,10 +24,10 @@ import luigi.scheduler
 import luigi.worker
 from luigi.scheduler import DISABLED, FAILED
 
-from models.adapters._hf import ModelUnavailableError
-from pipeline.eval.benchmarks import DatasetError
-from pipeline.use.captions import CaptionFileError
-from schemas.contract import SchemaError
+from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.pipeline.eval.benchmarks import DatasetError
+from pseudoseg.pipeline.use.captions import CaptionFileError
+from pseudoseg.schemas.contract import SchemaError
 
 
 class CorruptInput(RuntimeError):

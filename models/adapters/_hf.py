@@ -62,7 +62,7 @@ class HFAdapter:
         random init (missing keys), carries weights the model does not have (unexpected keys) or tensors of
         another shape fails with one line naming the folder and the keys (``models.adapters.weights``).
         transformers reads ``.safetensors`` (no code at all) or ``.bin`` with ``torch.load(weights_only=True)``."""
-        from models.adapters.weights import CheckpointError, refusal
+        from pseudoseg.models.adapters.weights import CheckpointError, refusal
 
         try:
             model, info = self.load(loader, output_loading_info=True, **kwargs)
@@ -136,7 +136,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def loading_problems(info: dict[str, Any]) -> str:
     """What a ``from_pretrained(..., output_loading_info=True)`` report says is wrong ("" when nothing)."""
-    from models.adapters.weights import key_problems
+    from pseudoseg.models.adapters.weights import key_problems
 
     mismatched = [f"{m[0]} {tuple(m[1])} vs {tuple(m[2])}" if isinstance(m, (list, tuple)) and len(m) == 3
                   else str(m) for m in info.get("mismatched_keys") or ()]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
-from models.adapters.weights import load_state_strict, load_weights
-from models.roles import Grounder, Grounding
+from pseudoseg.models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
+from pseudoseg.models.adapters.weights import load_state_strict, load_weights
+from pseudoseg.models.roles import Grounder, Grounding
 
 DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
 

@@ -58,10 +58,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
-from models.adapters._hf import autocast, resolve_device
-from models.adapters.weights import CheckpointError, load_state_strict, load_weights
-from models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
-from models.training.params import TrainAlignmentParams, TrainUseParams
+from pseudoseg.models.adapters._hf import autocast, resolve_device
+from pseudoseg.models.adapters.weights import CheckpointError, load_state_strict, load_weights
+from pseudoseg.models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
+from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 
 __all__ = [
     "TrainConfig", "TrainResult", "CheckpointMismatchError", "InputCheck", "InputChangedError", "train",
@@ -728,7 +728,7 @@ def load_trained(path: str | Path, kind: str | None = None, map_location: str | 
         record = _to_device(record, torch.device(map_location))
     if kind is None:
         return record
-    from models.training.heads import build_head
+    from pseudoseg.models.training.heads import build_head
 
     if not isinstance(record, dict) or "model" not in record or "head" not in record:
         raise CheckpointError(f"trained head checkpoint {path} holds no 'model' and 'head' (found "

@@ -50,8 +50,8 @@ from typing import Any
 import pyarrow as pa
 import webdataset as wds
 
-from pipeline.core.locks import UnitLock, describe, holds, owner_token
-from schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
+from pseudoseg.pipeline.core.locks import UnitLock, describe, holds, owner_token
+from pseudoseg.schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
 
 # The CLI routes this logger (a child of the one Luigi's worker prints through) to the terminal and the run's log.
 LOG = logging.getLogger("luigi-interface.pseudoseg")

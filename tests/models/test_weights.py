@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters.segmenter import SAM_ARCHS, build_sam_arch, load_sam
-from models.adapters.weights import CheckpointError, load_state_strict, load_weights
-from models.training.heads import build_head
-from models.training.trainer import load_trained
+from pseudoseg.models.adapters.segmenter import SAM_ARCHS, build_sam_arch, load_sam
+from pseudoseg.models.adapters.weights import CheckpointError, load_state_strict, load_weights
+from pseudoseg.models.training.heads import build_head
+from pseudoseg.models.training.trainer import load_trained
 
 
 class Payload:
@@ -100,7 +100,7 @@ def test_groundingdino_checkpoint_is_loaded_weights_only(tmp_path, monkeypatch):
     even needed (its config and checkpoint exist, the model build is stubbed)."""
     import groundingdino.models
 
-    from models.adapters import grounder
+    from pseudoseg.models.adapters import grounder
 
     monkeypatch.setattr(groundingdino.models, "build_model", lambda args: Small())
     config, path, marker = tmp_path / "cfg.py", tmp_path / "gd.pth", tmp_path / "ran"
@@ -138,8 +138,8 @@ def test_hugging_face_models_fail_on_missing_weights(tmp_path, tiny_cache):
     """A folder whose weights lack keys of the model (which transformers would quietly initialise at random)."""
     from safetensors.torch import load_file, save_file
 
-    from models.adapters import tiny
-    from models.adapters.dense import HFDinoEncoder
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.dense import HFDinoEncoder
 
     folder = tmp_path / "dino"
     source = tiny.ensure_tiny("dense", tiny_cache)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.artifacts import record_unit_file
-from schemas import CAPTIONS, REJECTS, SHARD_STATS
+from pseudoseg.pipeline.core.artifacts import record_unit_file
+from pseudoseg.schemas import CAPTIONS, REJECTS, SHARD_STATS
 from tests.helpers import cli, cli_env, write_good_images
 from tests.tasks.test_bad_inputs_cli import ingest_rows
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 NAMES = ["cats/0001.jpg", "dogs/0001.jpg", "a/0002.jpg", "b/0002.jpg", "solo.jpg"]
 EDIT_AFTER_ONE_SHARD = """
-import tasks.use as use
+import pseudoseg.tasks.use as use
 _produce = use.UseCaptionsShard.produce
 def produce_then_edit(self, progress):
     output = _produce(self, progress)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.adapters.segmenter import SAM_ARCHS, build_sam_arch
+from pseudoseg.models.adapters.segmenter import SAM_ARCHS, build_sam_arch
 from tests.helpers import cli, cli_env, write_good_images
 from tests.tasks.test_bad_inputs_cli import stage_files
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline.core.artifacts import sha256_hex
-from pipeline.core.sources import ID_LENGTH, IMAGE_EXTENSIONS, tar_member_key
+from pseudoseg.pipeline.core.artifacts import sha256_hex
+from pseudoseg.pipeline.core.sources import ID_LENGTH, IMAGE_EXTENSIONS, tar_member_key
 from tests.helpers import cli_env, write_good_images
 from tests.tasks.test_bad_inputs_cli import ingest_rows, run
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.adapters.clip import HFClipEncoder
+from pseudoseg.models.adapters.clip import HFClipEncoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
+from pseudoseg.models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

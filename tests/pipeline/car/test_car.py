@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.car.recurrent import (
+from pseudoseg.pipeline.car.recurrent import (
     BACKGROUND_QUERIES,
     CAM_TEMPLATE,
     CAR_DEFAULTS,
@@ -22,8 +22,8 @@ from pipeline.car.recurrent import (
     sam_ensemble,
     sinkhorn_affinity,
 )
-from pipeline.core.transforms import resize_label_map
-from pipeline.eval.metrics import miou
+from pseudoseg.pipeline.core.transforms import resize_label_map
+from pseudoseg.pipeline.eval.metrics import miou
 from tests.oracles import OracleCam, OracleClassifier, OracleSegmenter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -232,16 +232,16 @@ def test_defaults_are_the_official_configs():
     assert (ade.eta, ade.theta, ade.lam, set(ade.prompts), set(ade.stuff_prompts), len(ade.stuff)) == \
         (0.6, 0.25, 0.7, {"gray", "blur"}, {"gray", "blur"}, 25)
     assert car_params("coco_object80") == coco and car_params("cityscapes19") == voc
-    from pipeline.core.vocabularies import load_vocabulary
+    from pseudoseg.pipeline.core.vocabularies import load_vocabulary
 
     assert set(ctx.stuff) <= set(load_vocabulary("context59").classes)  # official ids → our class names
     assert set(ade.stuff) <= set(load_vocabulary("ade150").classes)
 
 
 def test_gradcam_and_clip_adapters_tiny(tiny_cache, gt):
-    from models.adapters import tiny
-    from models.adapters.clip import HFClipEncoder
-    from pipeline.car.recurrent import clip_cam
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.clip import HFClipEncoder
+    from pseudoseg.pipeline.car.recurrent import clip_cam
 
     f = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tiny_cache)), device="cpu")
     g = HFClipEncoder(str(tiny.ensure_tiny("classifier_clip", tiny_cache)), device="cpu")
@@ -263,8 +263,8 @@ def test_gradcam_and_clip_adapters_tiny(tiny_cache, gt):
 def test_gradcam_attention_equals_eager_attention_weights(tiny_cache, gt):
     """The CAA attention (recomputed from the blocks' inputs: sdpa returns no weights) equals transformers' own
     eager attention weights, averaged over heads and the last blocks, CLS dropped."""
-    from models.adapters import tiny
-    from models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.clip import HFClipEncoder
 
     clip = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tiny_cache)), device="cpu")
     s, g = clip.image_size, clip.image_size // clip.patch_size

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.artifacts import sha256_hex, webdataset_tar_bytes
-from pipeline.core.sources import (
+from pseudoseg.pipeline.core.artifacts import sha256_hex, webdataset_tar_bytes
+from pseudoseg.pipeline.core.sources import (
     ID_LENGTH,
     EntryReader,
     NotARegularFile,
@@ -84,7 +84,7 @@ def test_member_keys_are_webdataset_keys():
     files under the folder's name as a key ('d/' with extensions 'x.jpg') and we give no key (a reject row)."""
     from webdataset.tariterators import base_plus_ext
 
-    from pipeline.core.sources import webdataset_key
+    from pseudoseg.pipeline.core.sources import webdataset_key
 
     for name in WEBDATASET_NAMES:
         theirs = base_plus_ext(name)
@@ -264,7 +264,7 @@ def test_an_unlistable_folder_is_one_entry_with_its_problem(tmp_path, monkeypatc
 def test_relative_name_is_the_path_under_the_source_root(tmp_path):
     """What ground truth keyed by path (COCO's file_name) is matched by: under the folder, the member's name, under
     the list's folder."""
-    from pipeline.core.sources import relative_name
+    from pseudoseg.pipeline.core.sources import relative_name
 
     (tmp_path / "imgs" / "dogs").mkdir(parents=True)
     (tmp_path / "list.txt").write_text("imgs/dogs/0001.jpg\n")

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.use.captions import (
+from pseudoseg.pipeline.use.captions import (
     CaptionFileChanged,
     CaptionFileError,
     Match,
