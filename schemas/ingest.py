@@ -15,7 +15,8 @@ PLAN = Contract("plan", 1, schema(
     column("sha256", pa.string()),  # full content hash ("" when unreadable)
     column("num_bytes", pa.int64()),
     # "<reason>: <detail>" of an entry rejected while planning: unreadable, not_a_regular_file,
-    # unreadable_folder (source = the folder); a bare detail (older plans) means unreadable
+    # unreadable_folder (source = the folder), unreadable_tar (source = the tar), duplicate_member and
+    # non_image_member (tar members, pipeline.core.sources.PLAN_REASONS); a bare detail (older plans) means unreadable
     column("read_error", pa.string(), nullable=True),
     column("duplicate_of", pa.string(), nullable=True),  # source of the first entry with the same content
 ))

@@ -319,14 +319,40 @@ def command_name() -> str:
 
 
 def cmd_luigid(args: argparse.Namespace) -> int:
-    state = Path(args.out).resolve() / ".luigid"
-    (state / "logs").mkdir(parents=True, exist_ok=True)
+    from pseudoseg.tasks.luigid import (
+        LEGACY_STATE,
+        LOOPBACK,
+        STATE_FILE,
+        make_private_folder,
+        state_folder,
+        state_problem,
+    )
+
+    out = Path(args.out).resolve()
+    if args.state_path:
+        state = Path(args.state_path).expanduser().absolute()
+    else:
+        make_private_folder(state_folder())
+        state = state_folder() / STATE_FILE
+    problem = state_problem(state, out)
+    if problem:
+        print(f"pseudoseg: luigid: refusing the state file {state}: {problem}; give --state-path a file in a folder "
+              f"only you can write to, outside --out", file=sys.stderr)
+        return 2
+    if (out / LEGACY_STATE).exists():
+        print(f"pseudoseg: luigid: {out / LEGACY_STATE} (kept there by an older pseudoseg) is not loaded; "
+              f"delete it", file=sys.stderr)
+    (state.parent / "logs").mkdir(parents=True, exist_ok=True)
+    address = args.address or LOOPBACK
     # luigid counts [resources] over every worker of every host: its gpu pool is cluster-wide, not per host.
     luigi.configuration.get_config().set("resources", "gpu", str(args.gpu_slots))
-    print(f"luigid on port {args.port}; state {state}/state.pickle; UI http://localhost:{args.port}/; "
+    exposed = "" if address in (LOOPBACK, "localhost", "::1") else (
+        f" (WARNING: luigid has no authentication; anyone who reaches {address}:{args.port} can read and schedule "
+        f"tasks)")
+    print(f"luigid on {address}:{args.port}{exposed}; state {state}; UI http://{address}:{args.port}/; "
           f"GPU tasks at once, cluster-wide: {args.gpu_slots}")
-    luigi.cmdline.luigid(["--port", str(args.port), "--state-path", str(state / "state.pickle"),
-                          "--logdir", str(state / "logs")])
+    luigi.cmdline.luigid(["--port", str(args.port), "--address", address, "--state-path", str(state),
+                          "--logdir", str(state.parent / "logs")])
     return 0
 
 
@@ -456,9 +482,15 @@ def parser() -> argparse.ArgumentParser:
     common(demo)
     demo.set_defaults(func=cmd_demo)
 
-    lg = sub.add_parser("luigid", help="start the central scheduler (state under <out>/.luigid)")
-    lg.add_argument("--out", default="out")
+    lg = sub.add_parser("luigid", help="start the central scheduler (on 127.0.0.1; state in a per-user folder)")
+    lg.add_argument("--out", default="out", help="the output root the workers write to (luigid's state is never "
+                                                 "kept there)")
     lg.add_argument("--port", type=integer(1, 65535), default=8082)
+    lg.add_argument("--address", help="interface to listen on (default 127.0.0.1; luigid has no authentication: "
+                                      "see the README's Security section before exposing it)")
+    lg.add_argument("--state-path", help="luigid's pickled state (default $XDG_STATE_HOME/pseudoseg/luigid/"
+                                         "state.pickle or ~/.local/state/...); refused inside --out or in a folder "
+                                         "others can write to")
     lg.add_argument("--gpu-slots", type=integer(1), default=1024,
                     help="model tasks running at once in the whole cluster (luigid's [resources] gpu; default: "
                          "no cap, each worker process has its own GPU: workers --gpus)")

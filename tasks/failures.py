@@ -26,6 +26,7 @@ from luigi.scheduler import DISABLED, DONE, FAILED
 
 from pseudoseg.models.adapters._hf import ModelUnavailableError
 from pseudoseg.pipeline.eval.benchmarks import DatasetError
+from pseudoseg.pipeline.use.captions import CaptionFileError
 from pseudoseg.schemas.contract import SchemaError
 
 
@@ -33,7 +34,9 @@ class CorruptInput(RuntimeError):
     """An upstream unit failed verification and redoing it did not repair it (a retry would redo it the same way)."""
 
 
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ModelUnavailableError, DatasetError, SchemaError, CorruptInput)
+# CaptionFileError: the GT caption file changed (or broke) during the run; its check passed before the run.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ModelUnavailableError, DatasetError, SchemaError, CorruptInput,
+                                                     CaptionFileError)
 PERMANENT = "[not retried] "  # prefix of a task's failure explanation
 
 

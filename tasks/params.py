@@ -106,6 +106,29 @@ class AutoIntParameter(_WithRange, luigi.Parameter):
         return value
 
 
+class CheckedParameter(luigi.Parameter):
+    """A string setting whose value a ``setting(check=fn)`` validates (e.g. that a side file is readable and of a
+    layout the stage reads): ``fn(value)`` raises ValueError with one line, which ``allowed()`` then says."""
+
+    def __init__(self, *args, check, **kwargs) -> None:
+        self.check = check
+        self.problem = ""
+        super().__init__(*args, **kwargs)
+
+    def normalize(self, x):
+        x = super().normalize(x)
+        try:
+            self.check(x)
+        except ValueError as e:
+            self.problem = str(e)
+            raise
+        return x
+
+    def allowed(self) -> str:
+        return f"{self.description or 'a valid value'}: {self.problem}" if self.problem else \
+            (self.description or "a valid value")
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be one folder name under the output root (None: it can)."""
     if not name or not name.strip():
@@ -150,6 +173,8 @@ def parameter_of(field: dataclasses.Field) -> luigi.Parameter:
         return IntParameter(range_=meta["range"], **common)
     if isinstance(default, float):
         return FloatParameter(range_=meta["range"], **common)
+    if meta.get("check") is not None:
+        return CheckedParameter(check=meta["check"], **common)
     return luigi.Parameter(**common)
 
 

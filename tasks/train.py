@@ -34,6 +34,8 @@ from pseudoseg.models.training.datasets import AlignmentDataset, UseOnlineDatase
 from pseudoseg.models.training.heads import AlignmentBlock, USEHead
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 from pseudoseg.models.training.trainer import (
+    InputChangedError,
+    InputCheck,
     TrainConfig,
     alignment_step,
     collate_alignment,
@@ -63,10 +65,12 @@ from pseudoseg.tasks.base import (
     model_identity,
     model_settings,
     pseudoseg,
+    redo,
     stage_params,
     uses_gpu,
     verify_inputs,
 )
+from pseudoseg.tasks.failures import CorruptInput
 from pseudoseg.tasks.features import FeaturesShard, TextClasses, UseTextShard
 from pseudoseg.tasks.fmbseg import FmbsegLabelsShard
 from pseudoseg.tasks.ingest import IngestShard
@@ -109,13 +113,51 @@ class TrainTask(StageSettings, DatasetTask):
     def shard_paths(self, name: str, suffix: str) -> list[str]:
         return [str(t.stage_dir.shard_path(t.shard, suffix)) for t in self.requires()[name]]
 
+    def input_units(self) -> list[CommittedTask]:
+        return [t for group in self.requires().values()
+                for t in (group if isinstance(group, list) else [group]) if isinstance(t, CommittedTask)]
+
     def check_inputs(self) -> None:
-        """Every input shard against its done.json before training. sha256 is capped at size here: hashing a
-        whole feature cache is one more full read of it (≈ 1/epochs of the training's I/O, bench verify_cost)."""
+        """Every input shard against its done.json before training, by size (missing or cut files are redone
+        here); their content is checked by sha256 during the first epoch (``input_check``)."""
         mode = "size" if pseudoseg().verify == "sha256" else pseudoseg().verify
-        units = [t for group in self.requires().values()
-                 for t in (group if isinstance(group, list) else [group]) if isinstance(t, CommittedTask)]
-        verify_inputs(self, units, mode=mode)
+        verify_inputs(self, self.input_units(), mode=mode)
+
+    def input_check(self) -> InputCheck | None:
+        """``[pseudoseg] verify`` of every input file (sha256 by default), on the first epoch a run trains — in a
+        thread beside it, whose reads overlap the epoch's (bench/results/verify_cost.json: the cost) — and sizes
+        after each later epoch. Problems are keyed ``<unit>: <file>``."""
+        mode = pseudoseg().verify
+        if mode == "off":
+            return None
+        units = self.input_units()
+
+        def problems(how: str) -> dict[str, str]:
+            return {f"{u.describe()}: {name}": problem for u in units for name, problem in u.problems(how).items()}
+
+        return InputCheck(full=lambda: problems(mode), quick=lambda: problems("size"))
+
+    def fit(self, check: InputCheck | None) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Train (``fit``); an input that fails its check during training is redone like any corrupt input
+        (quarantined with one WARNING line, produced again here) and training goes on from the last checkpoint
+        before it — no checkpoint follows an epoch of unverified data. Failing again: CorruptInput, one line."""
+        self.check_inputs()
+        try:
+            self.fit(self.input_check())
+            return
+        except InputChangedError as e:
+            for unit in self.input_units():
+                prefix = f"{unit.describe()}: "
+                found = {k[len(prefix):]: v for k, v in e.problems.items() if k.startswith(prefix)}
+                if found:
+                    redo(self, unit, found, why="failed verification", mode=pseudoseg().verify)
+        try:
+            self.fit(self.input_check())
+        except InputChangedError as e:
+            raise CorruptInput(f"{self.stage}: {e}, again after its inputs were redone") from None
 
 
 def _workers(requested: int) -> int:
@@ -169,8 +211,7 @@ class TrainUse(TrainTask):
             params["online"] = self.online_spec()
         return params
 
-    def run(self) -> None:
-        self.check_inputs()
+    def fit(self, check: InputCheck | None) -> None:
         cfg, stage_dir = self.params, self.stage_dir
         stage_dir.write_params()
         report_status(self, "indexing segments and texts")
@@ -205,7 +246,7 @@ class TrainUse(TrainTask):
                        use_cls=cfg.use_cls)
         report_status(self, f"training on {len(dataset)} images ({cfg.features} features)")
         train(head, use_step(cfg, encode=encode), dataset, self.config(), stage_dir.path,
-              resume=True, metadata=metadata, collate_fn=collate_use)
+              resume=True, metadata=metadata, collate_fn=collate_use, input_check=check)
 
     def _online(self, segments: dict[str, list[dict]], text_index: dict[str, int], text_emb: np.ndarray,
                 kinds: tuple[str, ...], metadata: dict[str, Any]):
@@ -267,8 +308,7 @@ class TrainAlignment(TrainTask):
                                            num_workers=_workers(cfg.num_workers),
                                            keep_checkpoints=cfg.keep_checkpoints, device=model_settings().device)
 
-    def run(self) -> None:
-        self.check_inputs()
+    def fit(self, check: InputCheck | None) -> None:
         cfg, stage_dir = self.params, self.stage_dir
         stage_dir.write_params()
         text_task = self.requires()["text"]
@@ -302,4 +342,4 @@ class TrainAlignment(TrainTask):
         report_status(self, f"training on {len(dataset.ids)} images")
         step = alignment_step(protos, cfg)
         train(block, step, dataset, self.config(), stage_dir.path, resume=True, metadata=metadata,
-              collate_fn=collate_alignment)
+              collate_fn=collate_alignment, input_check=check)

@@ -8,6 +8,7 @@ Each task reads its inputs, calls pipeline/ (and a model role from models/), and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -17,7 +18,8 @@ from pseudoseg.models.registry import load_role, load_spacy
 from pseudoseg.models.roles import Sampling
 from pseudoseg.pipeline.core.artifacts import ShardOutput
 from pseudoseg.pipeline.core.overlap import Outcome
-from pseudoseg.pipeline.use.captions import load_gt_captions
+from pseudoseg.pipeline.core.sources import relative_name
+from pseudoseg.pipeline.use.captions import AMBIGUOUS_CAPTION_MATCH, load_gt_captions, name_index
 from pseudoseg.pipeline.use.pairs import (
     CaptionQuery,
     DecodedBoxes,
@@ -39,11 +41,24 @@ from pseudoseg.pipeline.use.params import (
     UseSegmentsParams,
 )
 from pseudoseg.schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
-from pseudoseg.tasks.base import ProgressReporter, group_by_image, model_settings, reject, stage_wrapper
+from pseudoseg.tasks.base import (
+    ProgressReporter,
+    cached_listing,
+    group_by_image,
+    model_settings,
+    reject,
+    stage_wrapper,
+)
 from pseudoseg.tasks.chained import ChainedShardTask
 from pseudoseg.tasks.image_errors import REJECTED
 from pseudoseg.tasks.sam import UsesSamEmbeddings
 from pseudoseg.tasks.throughput import behind, manifest_order
+
+
+@functools.lru_cache(maxsize=4)
+def dataset_names(images: str, fingerprint: str) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """``name_index`` over every input the dataset's source lists (once per listing and process)."""
+    return name_index(relative_name(images, e) for e in cached_listing(images).entries)
 
 
 class UseCaptionsShard(ChainedShardTask):
@@ -63,7 +78,10 @@ class UseCaptionsShard(ChainedShardTask):
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         cfg = self.params
         manifest = self.read("ingest", MANIFEST)
-        gt = load_gt_captions(cfg.gt_captions) if cfg.gt_captions else None
+        gt, names = None, None
+        if cfg.gt_captions:  # the content this stage was hashed with, or one line (CaptionFileChanged)
+            gt = load_gt_captions(cfg.gt_captions, expect=self.stage_dir.params["params"]["gt_captions"])
+            names = dataset_names(self.images, self.listing.fingerprint)
         captioner = load_role("captioner", model_settings()) if cfg.generate_captions else None
         progress.start(len(manifest))
         rows, rejects = [], []
@@ -89,7 +107,14 @@ class UseCaptionsShard(ChainedShardTask):
             for (image_id, _), text in zip(batch, generated, strict=True):
                 if text is REJECTED:
                     continue
-                gt_caps = gt.lookup(image_id, sources[image_id]) if gt is not None else []
+                gt_caps: list[str] = []
+                if gt is not None:
+                    source = sources[image_id]
+                    found = gt.match(image_id, source, relative_name(self.images, source), *names)
+                    if found.ambiguous:  # a caption that may be another image's: none, and a row saying why
+                        rejects.append(reject(image_id, source, self.stage, AMBIGUOUS_CAPTION_MATCH, found.ambiguous))
+                        continue
+                    gt_caps = found.captions
                 gen = [text] if text.strip() else []
                 image_rows = caption_rows(image_id, gt_caps, gen, captioner.source if captioner else "")
                 if image_rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pickle
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,26 @@ class HFAdapter:
 
     def load(self, loader: Callable[..., Any], **kwargs: Any) -> Any:
         return hf_load(loader, self.source, **self._names, **kwargs)
+
+    def load_model(self, loader: Callable[..., Any], **kwargs: Any) -> Any:
+        """``load`` of a model's weights, strictly: a checkpoint that leaves some of the model's weights at their
+        random init (missing keys), carries weights the model does not have (unexpected keys) or tensors of
+        another shape fails with one line naming the folder and the keys (``models.adapters.weights``).
+        transformers reads ``.safetensors`` (no code at all) or ``.bin`` with ``torch.load(weights_only=True)``."""
+        from pseudoseg.models.adapters.weights import CheckpointError, refusal
+
+        try:
+            model, info = self.load(loader, output_loading_info=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"The {self._names['role']} model at '{self.source}' (`[models] "
+                                  f"{self._names['key']}`) holds a weights file that is not plain weights: "
+                                  f"torch.load(weights_only=True) refused it ({refusal(e)}); nothing in it "
+                                  f"ran") from None
+        problems = loading_problems(info)
+        if problems:
+            raise CheckpointError(f"The {self._names['role']} model at '{self.source}' (`[models] "
+                                  f"{self._names['key']}`) does not fit {type(model).__name__}: {problems}")
+        return model
 
     def use_image_processor(self, processor: Any) -> None:
         """Take the rescale factor, mean and std of a transformers image processor (only those: resizing and
@@ -111,6 +132,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def loading_problems(info: dict[str, Any]) -> str:
+    """What a ``from_pretrained(..., output_loading_info=True)`` report says is wrong ("" when nothing)."""
+    from pseudoseg.models.adapters.weights import key_problems
+
+    mismatched = [f"{m[0]} {tuple(m[1])} vs {tuple(m[2])}" if isinstance(m, (list, tuple)) and len(m) == 3
+                  else str(m) for m in info.get("mismatched_keys") or ()]
+    text = key_problems(sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ()),
+                        mismatched)
+    errors = [" ".join(str(e).split()) for e in info.get("error_msgs") or ()]
+    return "; ".join([t for t in (text, *errors) if t])
 
 
 def unavailable(role: str, key: str, tried: str, hub_id: str, reason: str) -> ModelUnavailableError:

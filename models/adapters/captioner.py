@@ -22,7 +22,7 @@ class HFCaptioner(HFAdapter, Captioner):
         super().__init__(model_id, device, role="captioner", key=key, hub_id=DEFAULT_CAPTIONER)
         # bf16 weights on CUDA (a 7B VLM in float32 would double memory for no gain in captions), float32 on CPU.
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = self.load(AutoModelForImageTextToText.from_pretrained, dtype=dtype).to(self.device).eval()
+        self.model = self.load_model(AutoModelForImageTextToText.from_pretrained, dtype=dtype).to(self.device).eval()
         self.processor = self.load(AutoProcessor.from_pretrained)
         # Decoder-only batching needs left padding so every prompt ends right where generation starts.
         self.processor.tokenizer.padding_side = "left"

@@ -25,7 +25,7 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
 
         super().__init__(model_id, device, role="CLIP", key=key, hub_id=hub_id)
         # float32 weights whatever the checkpoint stores; CUDA speed comes from autocast.
-        self.model = self.load(CLIPModel.from_pretrained, dtype=torch.float32).to(self.device).eval()
+        self.model = self.load_model(CLIPModel.from_pretrained, dtype=torch.float32).to(self.device).eval()
         self.tokenizer = self.load(AutoTokenizer.from_pretrained)
         self.use_image_processor(self.load(AutoImageProcessor.from_pretrained))
         vision = self.model.config.vision_config

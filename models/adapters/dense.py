@@ -20,7 +20,7 @@ class HFDinoEncoder(HFAdapter, DenseEncoder):
         from transformers import AutoImageProcessor, Dinov2Model
 
         super().__init__(model_id, device, role="DINOv2", key=key, hub_id=DEFAULT_DINO)
-        self.model = self.load(Dinov2Model.from_pretrained, dtype=torch.float32).to(self.device).eval()
+        self.model = self.load_model(Dinov2Model.from_pretrained, dtype=torch.float32).to(self.device).eval()
         self.use_image_processor(self.load(AutoImageProcessor.from_pretrained))
         self.patch_size = int(self.model.config.patch_size)
         self.hidden_size = int(self.model.config.hidden_size)

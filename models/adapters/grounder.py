@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pseudoseg.models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
+from pseudoseg.models.adapters.weights import load_state_strict, load_weights
 from pseudoseg.models.roles import Grounder, Grounding
 
 DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
@@ -115,7 +116,7 @@ class HFGroundingDino(HFAdapter, Grounder):
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         super().__init__(model_id, device, role="Grounding DINO grounder", key=key, hub_id=DEFAULT_GROUNDER)
-        self.model = self.load(GroundingDinoForObjectDetection.from_pretrained, dtype=torch.float32)
+        self.model = self.load_model(GroundingDinoForObjectDetection.from_pretrained, dtype=torch.float32)
         self.model = self.model.to(self.device).eval()
         self.processor = self.load(AutoProcessor.from_pretrained)
         self.max_text_tokens = int(self.model.config.max_text_len)
@@ -313,8 +314,12 @@ def load_groundingdino(config_path: str, checkpoint_path: str, *, text_encoder: 
             f"not be loaded ({e}). On a connected machine run `hf download bert-base-uncased "
             f"--local-dir DIR`, copy DIR here and set `[models] groundingdino_text_encoder = DIR`."
         ) from e
-    state = torch.load(str(Path(checkpoint_path).expanduser()), map_location="cpu", weights_only=False)
-    model.load_state_dict(clean_state_dict(state.get("model", state)), strict=False)
+    path = Path(checkpoint_path).expanduser()
+    what = "groundingdino-py grounder (`[models] groundingdino_checkpoint`)"
+    state = load_weights(path, what=what)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    load_state_strict(model, clean_state_dict(state) if isinstance(state, dict) else state, path=path, what=what)
     return model.eval()
 
 

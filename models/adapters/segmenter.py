@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pseudoseg.models.adapters._hf import ModelUnavailableError, autocast, model_device, to_numpy
+from pseudoseg.models.adapters.weights import load_state_strict, load_weights
 from pseudoseg.models.roles import MaskPrediction, SamImageEmbedding, Segmenter, prompt_arrays
 
 # `_build_sam` keyword arguments per image-encoder size; vit_* are the official ones (segment_anything.build_sam).
@@ -45,7 +46,12 @@ def load_sam(arch: dict[str, Any], checkpoint: str, *, key: str = "sam_checkpoin
             f"checkpoint on a connected machine ({urls}), copy it to a local path here and set `[models] {key} = /path/to/file.pth` "
             f"(or set `[models] preset = tiny` for the offline random-init models)."
         )
-    return build_sam_arch(arch, str(path))
+    # Built empty, then filled by our own loader (segment-anything's `_build_sam` would torch.load it with the
+    # torch default and load_state_dict without naming the file): weights only, every key accounted for.
+    state = load_weights(path, what=f"SAM segmenter (`[models] {key}`)")
+    sam = build_sam_arch(arch, None)
+    load_state_strict(sam, state, path=path, what=f"SAM segmenter (`[models] {key}`)")
+    return sam.eval()
 
 
 class SamSegmenter(Segmenter):

@@ -59,11 +59,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
 from pseudoseg.models.adapters._hf import autocast, resolve_device
+from pseudoseg.models.adapters.weights import CheckpointError, load_state_strict, load_weights
 from pseudoseg.models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 
 __all__ = [
-    "TrainConfig", "TrainResult", "CheckpointMismatchError", "train", "seed_everything", "latest_checkpoint",
+    "TrainConfig", "TrainResult", "CheckpointMismatchError", "InputCheck", "InputChangedError", "train",
+    "seed_everything", "latest_checkpoint",
     "load_trained", "use_step", "collate_use", "alignment_step", "collate_alignment", "Collated", "EpochSampler",
     "BatchBuffers", "empty_batch", "epoch_index", "ThreadBatchLoader",
 ]
@@ -148,6 +150,54 @@ class TrainResult:
 
 class CheckpointMismatchError(ValueError):
     """out_dir holds checkpoints of a different run (config or metadata differ)."""
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """How `train` checks the files its dataset reads: ``full()`` on the first epoch each call runs — sha256 of
+    every file, in one background thread beside that epoch's batches, so its reads overlap the training's (and warm
+    the page cache for them) — and ``quick()`` after every later epoch (sizes). Each returns {what: problem}, empty
+    when the files are as recorded. A problem stops the run before the epoch's checkpoint is written
+    (`InputChangedError`): no checkpoint ever follows an epoch trained on unverified data."""
+
+    full: Callable[[], dict[str, str]]
+    quick: Callable[[], dict[str, str]]
+
+
+class Background:
+    """``fn()`` in a daemon thread: ``done()``, and ``result()`` (waits; re-raises what ``fn`` raised). A run that
+    stops early does not wait for it."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="verify-inputs", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 — handed to result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class InputChangedError(RuntimeError):
+    """The training input failed its check (`InputCheck`); ``problems``: {what: problem}."""
+
+    def __init__(self, problems: Mapping[str, str], *, epoch: int, how: str) -> None:
+        self.problems = dict(problems)
+        listed = "; ".join(f"{k}: {v}" for k, v in sorted(self.problems.items()))
+        super().__init__(f"training input failed its {how} check in epoch {epoch}, before that epoch's "
+                         f"checkpoint: {listed}")
 
 
 # ------------------------------------------------------------------------------------------------ seeding
@@ -530,13 +580,15 @@ def train(
     metadata: dict | None = None,
     collate_fn: Callable[[list], Any] | None = None,
     stop_after_epochs: int | None = None,
+    input_check: InputCheck | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.epochs` epochs (see the module docstring for what lands in out_dir).
 
     metadata: JSON-serialisable facts the weights depend on (feature-cache hash, vocabulary, backbone ids, head
     config); stored in every checkpoint and in model.pt, and checked on resume. resume=False starts over and
     deletes the earlier checkpoints and metrics of out_dir. stop_after_epochs: run at most this many epochs in
-    this call (the rest on a later call) — the schedule still spans config.epochs.
+    this call (the rest on a later call) — the schedule still spans config.epochs. input_check: see `InputCheck`
+    (sha256 on this call's first epoch, sizes after each later one; `InputChangedError` before a checkpoint).
     Returns a `TrainResult`; raises FloatingPointError on a non-finite loss (nothing of that step is written).
     """
     t_start = time.perf_counter()
@@ -564,7 +616,10 @@ def train(
         for p in (metrics_path, plot_path, model_path):
             p.unlink(missing_ok=True)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = load_weights(ckpt, what="trainer")
+        if not isinstance(state, dict) or not {"config", "metadata", "steps_per_epoch", "model"} <= set(state):
+            raise CheckpointError(f"trainer checkpoint {ckpt} is not a checkpoint of this trainer (keys "
+                                  f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
         diff = _config_diff(state["config"], config)
         if diff or state["metadata"] != metadata or state["steps_per_epoch"] != steps_per_epoch:
             raise CheckpointMismatchError(
@@ -573,7 +628,7 @@ def train(
                 f"vs {steps_per_epoch}. Use another out_dir, or resume=False to start over "
                 "(to split one run over several calls keep `epochs` and pass stop_after_epochs)."
             )
-        model.load_state_dict(state["model"])
+        load_state_strict(model, state["model"], path=ckpt, what="trainer")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -589,6 +644,7 @@ def train(
     steps_run = 0
     last_plot, plot_every_s = time.perf_counter(), 60.0
     for epoch in range(start_epoch, last_epoch):
+        full = Background(input_check.full) if input_check is not None and epoch == start_epoch else None
         generator.manual_seed(_epoch_seed(config.seed, epoch))
         if isinstance(loader.sampler, EpochSampler):
             loader.sampler.set_epoch(epoch)
@@ -600,6 +656,8 @@ def train(
             for i, batch in enumerate(loader):
                 if i >= steps_per_epoch:
                     break
+                if full is not None and full.done() and full.result():  # stop at once, not at the epoch's end
+                    raise InputChangedError(full.result(), epoch=epoch, how="sha256")
                 batch = to_device(batch, device)
                 with autocast(device):
                     result = loss_fn_step(model, batch)
@@ -622,6 +680,10 @@ def train(
                 mf.write(json.dumps(row) + "\n")
         if not losses:
             raise ValueError(f"epoch {epoch} got no batch from the dataset")
+        if input_check is not None:  # before the checkpoint: it must never follow an epoch of unverified data
+            problems = full.result() if full is not None else input_check.quick()
+            if problems:
+                raise InputChangedError(problems, epoch=epoch, how="sha256" if full is not None else "size")
         state = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "global_step": global_step,
             "steps_per_epoch": steps_per_epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -661,14 +723,29 @@ def train(
 def load_trained(path: str | Path, kind: str | None = None, map_location: str | torch.device = "cpu"):
     """Load out_dir/model.pt (or a checkpoint). With `kind` ("use" | "alignment") → (rebuilt head, record);
     without → the raw record {"model": state_dict, "head": config, "metadata", "config", ...}."""
-    record = torch.load(path, map_location=map_location, weights_only=True)
+    record = load_weights(path, what="trained head")
+    if map_location != "cpu":
+        record = _to_device(record, torch.device(map_location))
     if kind is None:
         return record
     from pseudoseg.models.training.heads import build_head
 
+    if not isinstance(record, dict) or "model" not in record or "head" not in record:
+        raise CheckpointError(f"trained head checkpoint {path} holds no 'model' and 'head' (found "
+                              f"{sorted(record)[:8] if isinstance(record, dict) else type(record).__name__})")
     head = build_head(kind, record["head"])
-    head.load_state_dict(record["model"])
+    load_state_strict(head, record["model"], path=path, what="trained head")
     return head, record
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ USE head

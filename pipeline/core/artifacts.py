@@ -36,6 +36,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
 import time
@@ -49,9 +50,14 @@ from typing import Any
 import pyarrow as pa
 import webdataset as wds
 
+from pseudoseg.pipeline.core.locks import UnitLock, describe, holds, owner_token
 from pseudoseg.schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
 
+# The CLI routes this logger (a child of the one Luigi's worker prints through) to the terminal and the run's log.
+LOG = logging.getLogger("luigi-interface.pseudoseg")
+
 TMP_PREFIX = ".tmp-"
+LOCK_PREFIX = ".lock-"  # + unit name: the unit's lock file in its stage folder
 TMP_DIR = ".tmp"  # in a stage folder: temporaries of the units in flight (and hints of what a redo must remove)
 QUARANTINE = ".quarantine"  # hidden: bad records and files moved aside, never read as artifacts
 META_DIR = "_meta"  # in a stage folder: done.json records, failure markers, params.json (not data)
@@ -217,7 +223,24 @@ class StageDir:
 
     def lock_path(self, unit: int | str) -> Path:
         """Hidden per-unit lock file (see pipeline.core.locks); never an artifact, never cleared by another run."""
-        return self.path / f".lock-{unit_name(unit)}"
+        return self.path / f"{LOCK_PREFIX}{unit_name(unit)}"
+
+    def lost_lock(self, unit: int | str) -> str | None:
+        """The token of ``unit``'s lock if this process took it and it has been taken over since (this process was
+        judged stale — paused past ``lock_stale_seconds`` — and another now works on the unit); else None."""
+        path = self.lock_path(unit)
+        token = owner_token(path)
+        return token if token is not None and not holds(path) else None
+
+    def clear_own_temporaries(self, unit: int | str, token: str) -> None:
+        """Remove the temporaries of ``unit`` named by lock ``token`` (this process's), nothing else."""
+        try:
+            entries = list(os.scandir(self.tmp_path))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith(f"{TMP_PREFIX}{unit_name(unit)}.") and tmp_owner(entry.name) == token:
+                Path(entry.path).unlink(missing_ok=True)
 
     def write_params(self) -> None:
         """params.json: the parameters behind the hash, human-readable. Idempotent."""
@@ -252,8 +275,13 @@ class StageDir:
         and payloads renamed into place before the attempt died without its done.json — by name: the names the
         unit's done.json temporary (or a ``.stale`` hint) lists. Reads ``.tmp/`` (what is in flight), never the
         stage folder. Call it only while holding the unit's lock: a live writer's temporaries look like a dead
-        one's."""
+        one's. A process whose lock on the unit was taken over since it took it (a stale holder that resumed) clears
+        only the temporaries named by its own token: the new holder's work is not its to touch."""
         if self.done_path(shard).exists():
+            return
+        lost = self.lost_lock(shard)
+        if lost is not None:
+            self.clear_own_temporaries(shard, lost)
             return
         name = unit_name(shard)
         try:
@@ -323,17 +351,27 @@ def _listed_names(record: Path) -> list[str] | None:
         return None
 
 
-def _tmp_suffix() -> str:
-    """pid + random: two processes (or two hosts with the same pid on a shared file system) never share one."""
-    return f"{os.getpid()}-{secrets.token_hex(4)}"
+def _tmp_suffix(owner: str | None = None) -> str:
+    """pid + random: two processes (or two hosts with the same pid on a shared file system) never share one;
+    prefixed by ``owner``, the token of the unit's lock, when this process took it."""
+    return f"{owner + '-' if owner else ''}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def tmp_owner(name: str) -> str | None:
+    """The lock token a temporary's name carries (``_tmp_suffix``), None for one made without a lock."""
+    parts = name.rsplit(".", 1)[-1].split("-")
+    return parts[0] if len(parts) == 3 else None
 
 
 def temporary_path(target: Path, tmp_dir: Path | None = None) -> Path:
-    """Hidden temporary for ``target``: ``.tmp-<name>.<pid>-<random>`` in ``tmp_dir``, else in the folder's
-    ``.tmp/`` where it has one (``StageDir.begin``), else beside ``target``."""
+    """Hidden temporary for ``target``: ``.tmp-<name>.[<lock token>-]<pid>-<random>`` in ``tmp_dir``, else in the
+    folder's ``.tmp/`` where it has one (``StageDir.begin``), else beside ``target``. The lock token is that of the
+    unit's lock (``.lock-<unit>`` in the stage folder) when this process took it: whose temporary it is."""
     target = Path(target)
     folder = tmp_dir if tmp_dir is not None else target.parent / TMP_DIR
-    name = f"{TMP_PREFIX}{target.name}.{_tmp_suffix()}"
+    stage_folder = tmp_dir.parent if tmp_dir is not None else target.parent
+    owner = owner_token(stage_folder / f"{LOCK_PREFIX}{target.name.split('.', 1)[0]}")
+    name = f"{TMP_PREFIX}{target.name}.{_tmp_suffix(owner)}"
     return folder / name if folder.is_dir() else target.with_name(name)
 
 
@@ -476,9 +514,31 @@ class AccountingError(RuntimeError):
     """A shard's counts do not add up (in != ok + rejected): a bug, never written as done."""
 
 
-def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, seconds: float) -> dict[str, Any]:
+def refuse_late_commit(stage_dir: StageDir, shard: int | str, output: ShardOutput, token: str) -> None:
+    """A holder whose lock was taken over does not commit: its temporaries go (only its own), one WARNING line."""
+    for data in output.files.values():
+        if isinstance(data, Path):
+            data.unlink(missing_ok=True)
+    stage_dir.clear_own_temporaries(shard, token)
+    try:
+        holder = describe(UnitLock.read(stage_dir.lock_path(shard)))
+    except FileNotFoundError:
+        holder = "nobody now"
+    LOG.warning("pseudoseg: %s %s: not committed: this process's lock on it was taken over while it worked (judged "
+                "stale: no heartbeat for [pseudoseg] lock_stale_seconds); held by %s; this result is discarded, the "
+                "new holder's work is left alone", stage_dir.stage,
+                f"shard {shard}" if isinstance(shard, int) else shard, holder)
+
+
+def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *,
+                 seconds: float) -> dict[str, Any] | None:
     """Rename every payload into place, fsync the folder, then write done.json last and fsync the folder again.
-    ``shard`` is a shard number, or a unit name (``"plan"``: recorded as shard -1). Returns the stats record."""
+    ``shard`` is a shard number, or a unit name (``"plan"``: recorded as shard -1). Returns the stats record, or
+    None when this process's lock on the unit was taken over meanwhile (``refuse_late_commit``: nothing written)."""
+    lost = stage_dir.lost_lock(shard)
+    if lost is not None:
+        refuse_late_commit(stage_dir, shard, output, lost)
+        return None
     if output.in_count != output.ok_count + output.rejected_count:
         raise AccountingError(
             f"{stage_dir.stage} shard {shard}: in={output.in_count} != ok={output.ok_count} "
@@ -521,6 +581,11 @@ def commit_shard(stage_dir: StageDir, shard: int | str, output: ShardOutput, *, 
             atomic_write_bytes(path, data, stage_dir.tmp_path)
     for folder in folders:
         fsync_dir(folder)  # payload renames durable before done.json can name them
+    lost = stage_dir.lost_lock(shard)
+    if lost is not None:  # taken over during the renames: the new holder's done.json is the one to stand
+        done.unlink(missing_ok=True)
+        refuse_late_commit(stage_dir, shard, output, lost)
+        return None
     os.replace(done, stage_dir.done_path(shard))
     fsync_dir(stage_dir.meta_path)  # the reported done.json survives a power cut
     stage_dir.failed_path(shard).unlink(missing_ok=True)  # an earlier failed attempt is history now

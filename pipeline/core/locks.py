@@ -13,6 +13,12 @@ A lock is **stale** (and taken over) when
   and write).
 Take-over renames the stale file to a unique name, checks it still holds what was judged stale, deletes it and
 creates a fresh lock with ``O_EXCL``; two processes taking over at once cannot both win.
+
+A holder that was judged stale may still be alive (a paused VM, a process stopped for longer than ``stale_after``)
+and resume later. It must then touch nothing of the new holder's: this process remembers the token of every lock
+it took (``owner_token``, until it releases it) and ``holds`` says whether the lock still carries it.
+``pipeline.core.artifacts`` names a unit's temporaries by that token, clears only its own once the lock is lost,
+and refuses the late commit.
 """
 
 from __future__ import annotations
@@ -29,6 +35,25 @@ from typing import Any
 
 UNREADABLE_GRACE = 30.0
 _HELD: set[str] = set()  # tokens of the locks this process holds now
+_TAKEN: dict[str, str] = {}  # lock path → token of the lock this process took there (held, or lost since)
+
+
+def owner_token(path: Path) -> str | None:
+    """The token of the lock this process took at ``path`` and has not released (it may have lost it since);
+    None when it took none there."""
+    return _TAKEN.get(str(path))
+
+
+def holds(path: Path) -> bool:
+    """Whether the lock at ``path`` still carries the token this process took it with."""
+    token = owner_token(path)
+    if token is None:
+        return False
+    try:
+        holder = UnitLock.read(Path(path))
+    except FileNotFoundError:
+        return False
+    return bool(holder) and holder.get("token") == token
 
 
 _OWN_START: dict[int, str | None] = {}  # this process's start time, by pid (a forked child has another pid)
@@ -128,6 +153,7 @@ class UnitLock:
                 with os.fdopen(fd, "w") as fh:
                     json.dump(self._content(), fh)
                 _HELD.add(self.token)
+                _TAKEN[str(self.path)] = self.token
                 self._start_heartbeat()
                 return
             try:
@@ -176,6 +202,8 @@ class UnitLock:
         if self.held():
             self.path.unlink(missing_ok=True)
         _HELD.discard(self.token)
+        if _TAKEN.get(str(self.path)) == self.token:
+            del _TAKEN[str(self.path)]
         self.token = None
 
     def _start_heartbeat(self) -> None:
@@ -243,6 +271,7 @@ def _fresh_heartbeat_in_child() -> None:
     # at the fork: the child starts clean.
     global _HEARTBEAT
     _HEARTBEAT = Heartbeat()
+    _TAKEN.clear()
 
 
 if hasattr(os, "register_at_fork"):

@@ -49,14 +49,16 @@ class Range:
 def setting(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, choices: tuple[str, ...] = (), items: tuple[str, ...] = (), file: bool = False,
             digest: Callable[[Any], str] | None = None, optional: bool = False, hashed: bool = True,
-            help: str = "") -> Any:
+            check: Callable[[Any], None] | None = None, help: str = "") -> Any:
     """A stage setting: its default, allowed range or choices, ``items`` (a comma list of these, possibly empty; the
     value stays a string), whether it names a side file (hashed by content), ``digest`` (the value enters the
     stage hash as ``digest(value)``: the content of what it names, e.g. a vocabulary by name or path), whether
     it may be empty (``optional``: a number in the range, or "" = "use another default"; the value stays a
-    string) and whether it enters the stage hash at all (``hashed=False``: it changes no byte of the output)."""
+    string), whether it enters the stage hash at all (``hashed=False``: it changes no byte of the output) and
+    ``check``: a function of the value raising ValueError (one line) when it cannot work, run with the other
+    settings checks before anything runs (e.g. a side file that does not parse)."""
     meta = {"range": Range(ge, gt, le, lt), "choices": tuple(choices), "items": tuple(items), "file": file,
-            "digest": digest, "optional": optional, "hashed": hashed, "help": help}
+            "digest": digest, "optional": optional, "hashed": hashed, "check": check, "help": help}
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -8,6 +8,12 @@ bytes escaped as ``\\xNN``; ``source_path`` gives the path back for reading). En
 each becomes a reject row with a reason instead of vanishing or stopping the run (``Listing.problems``): FIFOs,
 sockets and devices (``not_a_regular_file``, never opened, so a FIFO cannot hang the run) and folders that cannot be
 listed (``unreadable_folder``, one row per folder).
+
+Tars follow the webdataset convention (``webdataset_key``): a sample's key is its member path without the
+extensions, directories kept. Every member but a folder is an entry: the first image member of each key is read,
+every other member is a reject row (``non_image_member``, ``not_a_regular_file`` for links, ``duplicate_member``),
+and a tar that cannot be opened or listed to its end is one ``unreadable_tar`` row (source = the tar) while the
+other tars are ingested.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import io
 import os
 import re
 import stat
@@ -44,7 +51,10 @@ ID_LENGTH = 20  # hex chars of sha256 (80 bits) — collisions are not a practic
 UNREADABLE = "unreadable"  # the bytes cannot be read (permissions, dangling link, a directory named x.jpg, I/O)
 NOT_A_REGULAR_FILE = "not_a_regular_file"  # FIFO, socket, character or block device: never opened
 UNREADABLE_FOLDER = "unreadable_folder"  # a folder whose names cannot be listed: its images are unknown
-PLAN_REASONS = (UNREADABLE, NOT_A_REGULAR_FILE, UNREADABLE_FOLDER)
+UNREADABLE_TAR = "unreadable_tar"  # a tar that cannot be opened (or listed to its end): source = the tar
+DUPLICATE_MEMBER = "duplicate_member"  # a tar member with the webdataset key of an earlier image member
+NON_IMAGE_MEMBER = "non_image_member"  # a tar member that is no image (.json, .txt, no extension): never read
+PLAN_REASONS = (UNREADABLE, NOT_A_REGULAR_FILE, UNREADABLE_FOLDER, UNREADABLE_TAR, DUPLICATE_MEMBER, NON_IMAGE_MEMBER)
 
 
 class SourceError(ValueError):
@@ -202,24 +212,123 @@ def _tar_paths(spec: str) -> list[str]:
         paths.extend(matches)
     if not paths:
         raise SourceError(f"no tar files match {spec!r}")
-    return paths
+    return list(dict.fromkeys(paths))  # a tar named twice is read once
 
 
-def _tar_members(tar_path: str) -> list[str]:
-    """One image per WebDataset key: the first member (in tar order) whose extension is an image type."""
+def webdataset_key(name: str) -> tuple[str, str] | None:
+    """(key, extensions) of a tar member name as the webdataset convention groups members into samples: the key
+    is the member's path up to the first dot of its last component — directories kept, so ``v1.0/chelsea.jpg`` is
+    sample ``v1.0/chelsea`` — and the extensions are the rest (``a.seg.png`` → ``seg.png``). The ``./`` that
+    ``tar -C dir .`` puts before every name is not part of the key (webdataset keeps it: ``./a``; every such name
+    has it, so the samples are the same). A last component without a dot has no key (webdataset skips such
+    members), nor has one starting with a dot (a hidden file: webdataset would file ``d/.x.jpg`` under the key
+    ``d/``, the folder's name)."""
+    while name.startswith("./"):
+        name = name[2:]
+    folder, slash, base = name.rpartition("/")
+    stem, dot, extensions = base.partition(".")
+    if not stem or not dot or not extensions:
+        return None
+    return f"{folder}{slash}{stem}", extensions
+
+
+def tar_member_key(source: str) -> str | None:
+    """The webdataset key of a tar member source ``<tar>::<member>`` (None: not a tar member, or no key)."""
+    if TAR_MEMBER_SEP not in source:
+        return None
+    found = webdataset_key(source_path(source.split(TAR_MEMBER_SEP, 1)[1]))
+    return found[0] if found else None
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"a symbolic link to {source_text(member.linkname)!r}"
+    if member.islnk():
+        return f"a hard link to {source_text(member.linkname)!r}"
+    for test, kind in ((member.isfifo, "a FIFO"), (member.ischr, "a character device"),
+                       (member.isblk, "a block device")):
+        if test():
+            return kind
+    return f"of tar type {member.type!r}"
+
+
+class TarIndex:
+    """The members of one tar by label, in tar order: a member's label is its name, and a name that occurs again
+    (``tar -r``, or two folders packed as one) gets ``#2``, ``#3``, ... so every member — the first one of a name
+    included, which is the one ``tarfile.getmember`` would *not* return — can be addressed. Folders are structure,
+    not members. ``error``: why the tar could not be listed to its end (the members before it are kept)."""
+
+    def __init__(self, tar: tarfile.TarFile, path: str) -> None:
+        self.members: dict[str, tarfile.TarInfo] = {}
+        self.error: str | None = None
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, OSError) as exc:
+                last = next(reversed(self.members), None)
+                self.error = (f"cannot list past {f'member {last!r}' if last else 'its start'}: "
+                              f"{type(exc).__name__}: {_safe(str(exc))}")
+                break
+            if member is None:
+                break
+            if member.isdir():
+                continue
+            label, n = member.name, 1
+            while label in self.members:
+                n += 1
+                label = f"{member.name}#{n}"
+            self.members[label] = member
+        if self.error is None and isinstance(tar.fileobj, io.BufferedReader):  # an uncompressed tar: offsets are
+            self.error = _missing_end(path, tar.offset)                       # the file's own
+
+
+def _missing_end(path: str, offset: int) -> str | None:
+    """Why a tar whose listing stopped at ``offset`` may have lost members (None: it ends with the zero block that
+    closes every tar, so nothing was cut off)."""
     try:
-        with tarfile.open(tar_path) as tar:
-            names = [m.name for m in tar.getmembers() if m.isfile()]
-    except (OSError, tarfile.TarError) as exc:
-        raise SourceError(f"cannot read tar {tar_path}: {exc}") from exc
-    seen: set[str] = set()
-    out = []
-    for name in names:
-        key = name.split(".", 1)[0] if "." in os.path.basename(name) else name
-        if _is_image_name(name) and key not in seen:
-            seen.add(key)
-            out.append(name)
-    return out
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            block = fh.read(512)
+    except OSError as exc:
+        return f"cannot check its end: {type(exc).__name__}: {_safe(exc.strerror or str(exc))}"
+    if len(block) == 512 and not any(block):
+        return None
+    return (f"truncated: no end-of-archive block after byte {offset}; members after the last one listed "
+            f"are lost")
+
+
+def _tar_members(tar_path: str) -> tuple[list[str], dict[str, str]]:
+    """(member labels, problems by label) of one tar, by the webdataset convention: every member is listed; an
+    image member (last extension an image type) with a key not seen before in this tar is ingested, every other
+    member becomes a reject row — ``non_image_member`` (a sample's .json/.txt/.cls, a name without extension),
+    ``not_a_regular_file`` (symbolic and hard links, devices: never followed) or ``duplicate_member`` (the key
+    of an earlier image member: the first in tar order is ingested). Raises OSError / tarfile.TarError when the
+    tar cannot be opened."""
+    with tarfile.open(tar_path) as tar:
+        index = TarIndex(tar, tar_path)
+    labels: list[str] = []
+    problems: dict[str, str] = {}
+    first_of: dict[str, str] = {}
+    for label, member in index.members.items():
+        labels.append(label)
+        found = webdataset_key(member.name)
+        if not member.isreg():
+            problems[label] = f"{NOT_A_REGULAR_FILE}: tar member is {_member_kind(member)}, not followed"
+        elif found is None:
+            problems[label] = (f"{NON_IMAGE_MEMBER}: no webdataset key (its name has no extension, or starts "
+                               f"with '.'): not a sample member")
+        elif not _is_image_name(member.name):
+            problems[label] = (f"{NON_IMAGE_MEMBER}: .{found[1]} of sample {source_text(found[0])!r} is not an "
+                               f"image type")
+        elif found[0] in first_of:
+            problems[label] = (f"{DUPLICATE_MEMBER}: webdataset key {source_text(found[0])!r} already taken by "
+                               f"member {source_text(first_of[found[0]])!r} (the first in tar order is ingested)")
+        else:
+            first_of[found[0]] = label
+    if index.error is not None:
+        labels.append("")  # the tar itself
+        problems[""] = f"{UNREADABLE_TAR}: {index.error}"
+    return labels, problems
 
 
 def list_source(spec: str | os.PathLike) -> Listing:
@@ -232,11 +341,27 @@ def list_source(spec: str | os.PathLike) -> Listing:
         entries, stats = _sorted_with_stats(paths)
         problems = {source_text(p): problem for p, problem in found.items()}
     elif spec.endswith(".tar") or "{" in spec or glob.has_magic(spec):
-        entries, stats = [], []
+        entries, stats, opened = [], [], 0
+        failures: list[str] = []
         for tar_path in _tar_paths(spec):
             tar_text = source_text(tar_path)
             stats.append(f"{tar_text}|{_stat_token(tar_path)}")
-            entries.extend(f"{tar_text}{TAR_MEMBER_SEP}{source_text(m)}" for m in _tar_members(tar_path))
+            try:
+                labels, found = _tar_members(tar_path)
+            except (OSError, tarfile.TarError) as exc:  # one row for the tar; the other tars go on
+                why = f"{type(exc).__name__}: {_safe(str(exc))}"
+                failures.append(f"{tar_text}: {why}")
+                entries.append(tar_text)
+                problems[tar_text] = f"{UNREADABLE_TAR}: cannot read it: {why}"
+                continue
+            opened += 1
+            for label in labels:  # in tar order: a shard reads its tar front to back
+                source = f"{tar_text}{TAR_MEMBER_SEP}{source_text(label)}" if label else tar_text
+                entries.append(source)
+                if label in found:
+                    problems[source] = found[label]
+        if not opened:
+            raise SourceError(f"no tar of {spec!r} can be read: {'; '.join(failures)}")
     elif path.is_file() and _is_image_name(path.name):  # one image: a source of one entry
         entries, stats = _sorted_with_stats([spec])
     elif path.is_file() and path.suffix in (".txt", ".lst", ".parquet"):
@@ -281,6 +406,24 @@ def source_problem(spec: str) -> str | None:
     if path.is_file() and (_is_image_name(path.name) or path.suffix in (".txt", ".lst", ".parquet")):
         return None
     return (f"{spec}: not a folder, an image, a .txt/.lst/.parquet list of paths, or WebDataset .tar shards")
+def relative_name(spec: str | os.PathLike, source: str) -> str:
+    """An entry's path relative to the root of its source (source-text form, '/' separators): under the folder for
+    a folder, the member's name for a tar member (its leading ``./`` dropped), under the list's folder for a list
+    (the full path for an entry outside it). What ground truth keyed by path (COCO's ``file_name``) is matched by."""
+    if TAR_MEMBER_SEP in source:
+        member = source.split(TAR_MEMBER_SEP, 1)[1]
+        while member.startswith("./"):
+            member = member[2:]
+        return member
+    spec = str(spec)
+    root = spec if Path(spec).is_dir() else (str(Path(spec).parent) if Path(spec).suffix in (".txt", ".lst", ".parquet")
+                                             else "")
+    if root:
+        prefix = source_text(os.path.normpath(root)).rstrip("/") + "/"
+        normalised = source_text(os.path.normpath(source_path(source)))
+        if normalised.startswith(prefix):
+            return normalised[len(prefix):]
+    return source
 
 
 def num_shards(num_entries: int, shard_size: int) -> int:
@@ -291,7 +434,7 @@ class EntryReader:
     """Reads the bytes of entries; keeps tar files open while a shard is being read."""
 
     def __init__(self) -> None:
-        self._tars: dict[str, tarfile.TarFile] = {}
+        self._tars: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
 
     def read(self, source: str) -> bytes:
         """Bytes of one entry (a source string, see ``source_text``); OSError (NotARegularFile for a FIFO, socket
@@ -299,17 +442,24 @@ class EntryReader:
         if TAR_MEMBER_SEP in source:
             tar_text, member_text = source.split(TAR_MEMBER_SEP, 1)
             tar_path, member = source_path(tar_text), source_path(member_text)
-            tar = self._tars.get(tar_path)
-            if tar is None:
-                tar = self._tars[tar_path] = tarfile.open(tar_path)
-            fh = tar.extractfile(member)
+            opened = self._tars.get(tar_path)
+            if opened is None:
+                tar = tarfile.open(tar_path)
+                opened = self._tars[tar_path] = (tar, TarIndex(tar, tar_path).members)
+            tar, members = opened
+            info = members.get(member)
+            if info is None:
+                raise FileNotFoundError(errno.ENOENT, f"no member {member_text} in tar", tar_text)
+            if not info.isreg():
+                raise NotARegularFile(f"tar member {member_text} is {_member_kind(info)}, not followed")
+            fh = tar.extractfile(info)
             if fh is None:
                 raise OSError(f"tar member {member_text} is not a regular file")
             return fh.read()
         return read_regular_file(source_path(source))
 
     def close(self) -> None:
-        for tar in self._tars.values():
+        for tar, _ in self._tars.values():
             tar.close()
         self._tars.clear()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pseudoseg.pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.use.captions import check_gt_captions
 
 # LLaVA-1.5 prompt of use-paper §3.1
 CAPTION_PROMPT = ("Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "
@@ -16,7 +17,8 @@ CAPTION_PROMPT = ("Describe this image in detail. In your description, specifica
 
 @dataclass(frozen=True)
 class UseCaptionsParams(StageParams):
-    gt_captions: str = setting("", file=True, help="COCO-captions JSON or Parquet; empty: none")
+    gt_captions: str = setting("", file=True, check=check_gt_captions,
+                               help="a COCO captions JSON or a caption Parquet (empty: none)")
     generate_captions: bool = setting(True, help="also caption every image with the MLLM")
     caption_prompt: str = setting(CAPTION_PROMPT)
     caption_temperature: float = setting(0.8, ge=0)

@@ -242,11 +242,15 @@ def test_groundingdino_py_backend_matches_official_predict(tiny_cache, tmp_path,
     torch.manual_seed(1)
     with _bert_compat():
         built = build_model(args)
-    # Skip the (large, fixed-size) Swin-T backbone in the test checkpoint; strict=False loading keeps it random.
-    state = {k: v for k, v in built.state_dict().items() if not k.startswith("backbone.")}
-    torch.save({"model": state}, tmp_path / "ckpt.pth")
+    state = built.state_dict()
+    # As the official checkpoints: keys under "module." (DataParallel), plus the non-persistent buffers older
+    # transformers saved (BERT's position_ids): both accepted, every other key must be there (strict loading).
+    computed = {k: v for k, v in built.named_buffers() if k not in state}
+    assert computed, "the tiny BERT should have a non-persistent buffer to prove it is dropped"
+    torch.save({"model": {f"module.{k}": v for k, v in {**state, **computed}.items()}}, tmp_path / "ckpt.pth")
 
     g = GroundingDinoPy(str(config), str(tmp_path / "ckpt.pth"), device="cpu", size=96, max_size=160)
+    assert g.model.state_dict().keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(g.model.state_dict()[k], v), k
     caption = "A dog sitting on a red sofa"

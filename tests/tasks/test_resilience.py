@@ -159,7 +159,8 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per
     images = tmp_path / "images"
     write_good_images(images, 14)
     out, log, port = tmp_path / "out", tmp_path / "runs.log", free_port()
-    luigid = cli(["luigid", "--out", str(out), "--port", str(port)], cli_env(tmp_path))
+    env = {**cli_env(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    luigid = cli(["luigid", "--out", str(out), "--port", str(port)], env)
     try:
         wait_for_port(luigid, port)
         workers = cli(["workers", "Ingest", "--n", "2", "--images", str(images), "--dataset", "ds",
@@ -176,7 +177,8 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per
     assert len(task_ids) == 7 and len(set(task_ids)) == 7, "each of the 7 shards ran exactly once"
     done = sorted(p.name for p in (out / "ds" / "ingest").rglob("*.done.json"))
     assert done == [f"shard-{i:06d}.done.json" for i in range(7)]
-    assert (out / ".luigid" / "state.pickle").exists(), "luigid keeps its state under the output root"
+    assert (tmp_path / "state" / "pseudoseg" / "luigid" / "state.pickle").exists(), "luigid keeps its state per user"
+    assert not (out / ".luigid").exists(), "nothing of luigid's in the shared output root"
 
 
 FAIL_SHARD_1 = """

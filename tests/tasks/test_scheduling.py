@@ -330,10 +330,28 @@ def test_luigid_gpu_pool_is_cluster_wide_and_set_from_the_command(monkeypatch, t
     from pseudoseg.tasks import cli
 
     seen: dict[str, str] = {}
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setattr(cli.luigi.cmdline, "luigid",
                         lambda argv: seen.update(gpu=luigi.configuration.get_config().get("resources", "gpu")))
     with luigi_settings(resources={"gpu": 1}):
-        assert cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path), "--gpu-slots", "12"])) == 0
+        assert cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path / "out"), "--gpu-slots",
+                                                        "12"])) == 0
         assert seen["gpu"] == "12"
-        cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path)]))
+        cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path / "out")]))
         assert seen["gpu"] == "1024"
+
+
+def test_luigid_listens_on_loopback_unless_given_an_address_and_keeps_its_state_per_user(monkeypatch, tmp_path):
+    from pseudoseg.tasks import cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(cli.luigi.cmdline, "luigid", seen.append)
+    for extra, address in (([], "127.0.0.1"), (["--address", "0.0.0.0"], "0.0.0.0")):
+        assert cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path / "out"), *extra])) == 0
+        assert seen[-1][seen[-1].index("--address") + 1] == address
+        assert seen[-1][seen[-1].index("--state-path") + 1] == f"{tmp_path}/state/pseudoseg/luigid/state.pickle"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli.cmd_luigid(cli.parser().parse_args(["luigid", "--out", str(tmp_path / "out")])) == 0
+    assert seen[-1][seen[-1].index("--state-path") + 1] == f"{tmp_path}/home/.local/state/pseudoseg/luigid/state.pickle"

@@ -80,6 +80,9 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
     if meta.get("file") or meta.get("digest"):  # a side file, or a name/path hashed by content (a vocabulary)
         other = tmp_path / f"{field.name}.txt"
         other.write_text("another side file\n")
+        if meta.get("check"):  # one the setting's check accepts (the only checked file: a caption file)
+            other.write_text('{"images": [], "annotations": []}')
+            meta["check"](str(other))
         return str(other)
     if meta.get("optional"):
         return "0.5" if value != "0.5" else "0.25"

@@ -30,6 +30,8 @@ from pseudoseg.models.training.heads import (
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 from pseudoseg.models.training.trainer import (
     CheckpointMismatchError,
+    InputChangedError,
+    InputCheck,
     TrainConfig,
     alignment_step,
     collate_alignment,
@@ -427,3 +429,45 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert _same_weights(torch.load(out / "model.pt", weights_only=True)["model"], reference.state_dict())
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10))  # the killed epoch's lines were dropped and redone once
+
+
+def test_inputs_are_hashed_on_the_first_epoch_and_sized_after_and_no_checkpoint_follows_a_failed_check(
+        tmp_path: Path) -> None:
+    calls: list[tuple[str, int]] = []
+
+    step = alignment_step(RESUME_PROTOS, TrainAlignmentParams())
+
+    def check(bad_full: dict | None = None, bad_quick_after: int | None = None) -> InputCheck:
+        def full() -> dict:
+            calls.append(("full", len(calls)))
+            return dict(bad_full or {})
+
+        def quick() -> dict:
+            calls.append(("quick", len(calls)))
+            return {"features shard 0: shard-000000.tar": "512 bytes, recorded 640"} if (
+                bad_quick_after is not None and sum(c[0] == "quick" for c in calls) > bad_quick_after) else {}
+
+        return InputCheck(full=full, quick=quick)
+
+    def run(out: Path, ic: InputCheck, stop_after: int | None = None):
+        model = _resume_model()
+        return model, train(model, step, NoisyTokens(), _resume_config(), out, metadata=RESUME_META,
+                            collate_fn=collate_alignment, stop_after_epochs=stop_after, input_check=ic)
+
+    reference, _ = _run(tmp_path / "reference")
+    model, _ = run(tmp_path / "ok", check())
+    assert [c[0] for c in calls] == ["full", "quick", "quick"], "sha256 on the first epoch, sizes after the others"
+    assert _same_weights(model.state_dict(), reference.state_dict()), "checking changes no weight"
+
+    calls.clear()
+    with pytest.raises(InputChangedError, match=r"failed its sha256 check in epoch 0, before that epoch's checkpoint: "
+                                                 r"features shard 1: shard-000001.tar: sha256 ab\.\.\. recorded cd\.\.\."):
+        run(tmp_path / "bad", check({"features shard 1: shard-000001.tar": "sha256 ab... recorded cd..."}))
+    assert not list((tmp_path / "bad" / "checkpoints").iterdir()), "no checkpoint after an unverified epoch"
+
+    calls.clear()
+    run(tmp_path / "late", check(), stop_after=1)  # one epoch now, the rest in a later call: hashed again then
+    with pytest.raises(InputChangedError, match="failed its size check in epoch 2"):
+        run(tmp_path / "late", check(bad_quick_after=0))
+    assert [c[0] for c in calls] == ["full", "full", "quick"]
+    assert sorted(p.name for p in (tmp_path / "late" / "checkpoints").iterdir()) == ["epoch-0000.pt", "epoch-0001.pt"]

@@ -298,3 +298,49 @@ def test_one_heartbeat_thread_serves_every_held_lock(tmp_path):
         for lock in locks:
             lock.release()
     assert not any(lock.path.exists() for lock in locks)
+
+
+def test_a_resumed_stale_holder_clears_only_its_own_temporaries_and_its_late_commit_is_refused(tmp_path, caplog):
+    """Holder A was judged stale (paused past lock_stale_seconds) and B took the unit over; A resumes. A's clear must
+    not touch B's temporaries nor the payloads B's done.json temporary names, and A's commit writes nothing."""
+    stage = StageDir(tmp_path, "ds", "st", {"a": 1})
+    a = UnitLock(stage.lock_path(0))
+    a.acquire()
+    try:
+        stage.begin(0)
+        own = artifacts._write_temporary(stage.shard_path(0, "parquet"), b"A's rows", stage.tmp_path)
+        assert artifacts.tmp_owner(own.name) == a.token, "A's temporaries carry its token"
+        with artifacts.TarSpool(stage.shard_path(0, "tar")) as spool:
+            spool.write({"__key__": "k", "txt": b"A"})
+        assert artifacts.tmp_owner(spool.path.name) == a.token
+
+        # B takes the lock over (a fresh lock file with B's token) and is half way through its commit: payloads
+        # renamed into place, its done.json temporary listing them, its tar still a temporary
+        b_token = "b" * 16
+        stage.lock_path(0).write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": b_token, "since": 0}))
+        b_done = stage.tmp_path / f".tmp-shard-000000.done.json.{b_token}-4242-0badcafe"
+        b_done.write_text(json.dumps({"files": [{"name": "shard-000000.parquet"}, {"name": "shard-000000.tar"}]}))
+        b_tar = stage.tmp_path / f".tmp-shard-000000.tar.{b_token}-4242-12345678"
+        b_tar.write_bytes(b"B's tar")
+        stage.shard_path(0, "parquet").write_bytes(b"B's rows")
+        assert stage.lost_lock(0) == a.token
+
+        stage.clear_unfinished(0)  # what A's failed attempt would do on its way out
+        assert not own.exists(), "A's own temporary is gone"
+        assert b_done.exists() and b_tar.exists() and stage.shard_path(0, "parquet").read_bytes() == b"B's rows"
+
+        with caplog.at_level("WARNING", logger="luigi-interface.pseudoseg"):
+            again = artifacts._write_temporary(stage.shard_path(0, "parquet"), b"A's rows", stage.tmp_path)
+            assert commit_shard(stage, 0, ShardOutput(files={"parquet": b"A's rows", "tar": again}, in_count=1,
+                                                      ok_count=1), seconds=0.1) is None
+        (record,) = caplog.records
+        assert record.getMessage().startswith("pseudoseg: st shard 0: not committed: this process's lock on it "
+                                              "was taken over while it worked")
+        assert "held by pid 1 on elsewhere" in record.getMessage()
+        assert not stage.done_path(0).exists() and not again.exists()
+        assert b_done.exists() and b_tar.exists() and stage.shard_path(0, "parquet").read_bytes() == b"B's rows"
+        assert not (stage.path / "_rejects").exists(), "nothing of A's was renamed into place"
+    finally:
+        a.release()
+    assert stage.lock_path(0).exists(), "A's release leaves B's lock alone"
+    assert artifacts.tmp_owner(artifacts.temporary_path(stage.shard_path(0, "tar")).name) is None, "no lock: no token"

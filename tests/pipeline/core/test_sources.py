@@ -62,10 +62,87 @@ def test_webdataset_tars_as_input(tmp_path):
         samples = [{"__key__": f"s{i}_{j}", "jpg": p.read_bytes(), "txt": b"caption"} for j, p in enumerate(paths)]
         (tmp_path / f"shard-{i}.tar").write_bytes(webdataset_tar_bytes(samples))
     listing = list_source(str(tmp_path / "shard-{0..1}.tar"))
-    assert len(listing.entries) == 6 and all("::" in e and e.endswith(".jpg") for e in listing.entries)
+    images = [e for e in listing.entries if e not in listing.problems]
+    assert len(images) == 6 and all("::" in e and e.endswith(".jpg") for e in images)
+    # every member is an entry: each sample's .txt is a reject row, never read
+    assert {e: listing.problems[e] for e in listing.entries if e.endswith(".txt")} == {
+        f"{tmp_path}/shard-{i}.tar::s{i}_{j}.txt": f"non_image_member: .txt of sample 's{i}_{j}' is not an image type"
+        for i in range(2) for j in range(3)}
     with EntryReader() as reader:
-        assert reader.read(listing.entries[0]) == paths[0].read_bytes()
+        assert reader.read(images[0]) == paths[0].read_bytes()
     assert list_source(str(tmp_path / "shard-*.tar")).entries == listing.entries
+
+
+WEBDATASET_NAMES = ["a.jpg", "a.seg.png", "v1.0/chelsea.jpg", "x/y.z/w.tar.gz", "deep/er/n.JPG", "noext", "d/noext",
+                    "d.x/noext", ".hidden.jpg", "a.b.c.d", "name with space.png", "caf\xe9.jpg"]
+
+
+def test_member_keys_are_webdataset_keys():
+    """The key and extensions of a member name are what webdataset's own grouping computes (its base_plus_ext),
+    for names with and without folders, dots in folders, several extensions, none. Two differences: the './' of
+    `tar -C dir .`, which webdataset keeps in every key and we drop, and a hidden name in a folder, which webdataset
+    files under the folder's name as a key ('d/' with extensions 'x.jpg') and we give no key (a reject row)."""
+    from webdataset.tariterators import base_plus_ext
+
+    from pseudoseg.pipeline.core.sources import webdataset_key
+
+    for name in WEBDATASET_NAMES:
+        theirs = base_plus_ext(name)
+        assert webdataset_key(name) == (None if theirs == (None, None) else theirs), name
+        key = base_plus_ext(f"./{name}")[0]
+        assert webdataset_key(f"./{name}") == (None if key is None else (key.removeprefix("./"), theirs[1])), name
+    assert base_plus_ext("d/.x.jpg") == ("d/", "x.jpg") and webdataset_key("d/.x.jpg") is None
+    assert webdataset_key("v1.0/chelsea.jpg") == ("v1.0/chelsea", "jpg")
+    assert webdataset_key("././a.seg.png") == ("a", "seg.png")
+
+
+def test_tar_members_by_the_webdataset_convention(tmp_path):
+    """Every member is an entry with its fate: image members by key (first in tar order), duplicates of a key, a
+    sample's other members, links (never followed); a name packed twice is addressed by ``#2``; a missing tar is one
+    row and the others are listed; a tar cut short lists what it can plus one row."""
+    import io
+    import tarfile
+
+    def add(tar, name, data=None, **kw):
+        info = tarfile.TarInfo(name)
+        for k, v in kw.items():
+            setattr(info, k, v)
+        info.size = len(data or b"")
+        tar.addfile(info, io.BytesIO(data) if data else None)
+
+    a, b, c = (p.read_bytes() for p in write_good_images(tmp_path / "imgs", 3))
+    with tarfile.open(tmp_path / "one.tar", "w") as tar:
+        add(tar, "./", type=tarfile.DIRTYPE)
+        add(tar, "./dup.jpg", a)
+        add(tar, "./dup.json", b"{}")
+        add(tar, "./v1.0/chelsea.jpg", b)
+        add(tar, "./dup.jpg", c)
+        add(tar, "./dup.png", c)
+        add(tar, "./sym.jpg", type=tarfile.SYMTYPE, linkname="dup.jpg")
+        add(tar, "./hard.jpg", type=tarfile.LNKTYPE, linkname="./v1.0/chelsea.jpg")
+        add(tar, "./README", b"text")
+    data = (tmp_path / "one.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:512 * 3])  # dup.jpg's header and the start of its data
+    listing = list_source(f"{tmp_path}/{{one,missing,cut}}.tar")
+    one, cut, missing = (f"{tmp_path}/{n}.tar" for n in ("one", "cut", "missing"))
+    assert {e: listing.problems.get(e, "").split(":")[0] for e in listing.entries} == {
+        f"{one}::./dup.jpg": "", f"{one}::./dup.json": "non_image_member", f"{one}::./v1.0/chelsea.jpg": "",
+        f"{one}::./dup.jpg#2": "duplicate_member", f"{one}::./dup.png": "duplicate_member",
+        f"{one}::./sym.jpg": "not_a_regular_file", f"{one}::./hard.jpg": "not_a_regular_file",
+        f"{one}::./README": "non_image_member", missing: "unreadable_tar", f"{cut}::./dup.jpg": "",
+        cut: "unreadable_tar"}
+    assert listing.problems[f"{one}::./hard.jpg"] == ("not_a_regular_file: tar member is a hard link to "
+                                                      "'./v1.0/chelsea.jpg', not followed")
+    assert listing.problems[f"{one}::./dup.png"] == ("duplicate_member: webdataset key 'dup' already taken by member "
+                                                     "'./dup.jpg' (the first in tar order is ingested)")
+    assert listing.problems[cut].startswith("unreadable_tar: cannot list past member './dup.jpg': ReadError")
+    assert listing.problems[missing].startswith("unreadable_tar: cannot read it: FileNotFoundError")
+    with EntryReader() as reader:  # the first of two members of one name, not the last (tarfile's getmember)
+        assert reader.read(f"{one}::./dup.jpg") == a and reader.read(f"{one}::./dup.jpg#2") == c
+        with pytest.raises(NotARegularFile, match="symbolic link"):
+            reader.read(f"{one}::./sym.jpg")
+    with pytest.raises(SourceError, match="no tar of .* can be read"):
+        list_source(f"{tmp_path}/{{missing,gone}}.tar")
 
 
 def test_unusable_spec_is_a_clear_error(tmp_path):
@@ -182,3 +259,31 @@ def test_an_unlistable_folder_is_one_entry_with_its_problem(tmp_path, monkeypatc
                               "Permission denied" for name in ("album.jpg", "locked")}
     assert listing.fingerprint != healthy.fingerprint  # readable again → a new plan with its images
     assert f"{tmp_path}/locked/good_000.jpg" in healthy.entries
+
+
+def test_relative_name_is_the_path_under_the_source_root(tmp_path):
+    """What ground truth keyed by path (COCO's file_name) is matched by: under the folder, the member's name, under
+    the list's folder."""
+    from pseudoseg.pipeline.core.sources import relative_name
+
+    (tmp_path / "imgs" / "dogs").mkdir(parents=True)
+    (tmp_path / "list.txt").write_text("imgs/dogs/0001.jpg\n")
+    assert relative_name(tmp_path / "imgs", f"{tmp_path}/imgs/dogs/0001.jpg") == "dogs/0001.jpg"
+    assert relative_name(f"{tmp_path}/imgs/", f"{tmp_path}/imgs/dogs/0001.jpg") == "dogs/0001.jpg"
+    assert relative_name(tmp_path / "list.txt", f"{tmp_path}/imgs/dogs/0001.jpg") == "imgs/dogs/0001.jpg"
+    assert relative_name(tmp_path / "list.txt", "/elsewhere/x.jpg") == "/elsewhere/x.jpg"
+    assert relative_name(f"{tmp_path}/s-{{0..1}}.tar", f"{tmp_path}/s-0.tar::././v1.0/chelsea.jpg") == "v1.0/chelsea.jpg"
+
+
+def test_a_gzip_compressed_tar_is_listed_whole(tmp_path):
+    """tarfile reads a compressed .tar too; its offsets are the uncompressed stream's, so the end-of-archive check
+    (a plain tar's) must not call it truncated."""
+    import tarfile
+
+    (image,) = write_good_images(tmp_path / "imgs", 1)
+    with tarfile.open(tmp_path / "z.tar", "w:gz") as tar:
+        tar.add(image, arcname="a.jpg")
+    listing = list_source(str(tmp_path / "z.tar"))
+    assert listing.entries == (f"{tmp_path}/z.tar::a.jpg",) and listing.problems == {}
+    with EntryReader() as reader:
+        assert reader.read(listing.entries[0]) == image.read_bytes()

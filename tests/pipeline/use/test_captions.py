@@ -1,15 +1,25 @@
 """Ground-truth caption files (pipeline/use/captions.py): COCO captions JSON and Parquet layouts, the three lookup
-keys (ingest id, source basename, full source path) and clear errors for layouts we do not read."""
+keys (ingest id, path relative to the images root or full source path, a bare name only when no other input has
+it), clear errors for layouts we do not read, and a content change named."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pseudoseg.pipeline.use.captions import CaptionFileError, load_gt_captions
+from pseudoseg.pipeline.use.captions import (
+    CaptionFileChanged,
+    CaptionFileError,
+    Match,
+    check_gt_captions,
+    load_gt_captions,
+    name_index,
+)
 
 
 def _write_json(path, data) -> str:
@@ -22,7 +32,7 @@ def _write_parquet(path, columns: dict) -> str:
     return str(path)
 
 
-def test_coco_json_by_basename_in_file_order(tmp_path):
+def test_coco_json_by_file_name_relative_to_the_images_root_in_file_order(tmp_path):
     f = _write_json(
         tmp_path / "captions_train2017.json",
         {
@@ -43,22 +53,40 @@ def test_coco_json_by_basename_in_file_order(tmp_path):
         },
     )
     gt = load_gt_captions(f)
-    assert gt.lookup("abc123", "/data/coco/train2017/000000000009.jpg") == [
-        "Closeup of bins of food.",
-        "A meal in containers.",
-    ]
-    # A tar member matches by the member's basename; file_name's folder part is ignored.
-    assert gt.lookup("def456", "/shards/coco-000.tar::images/000000000025.jpg") == [
-        "A giraffe eating leaves.",
-        "A giraffe near a tree.",
-    ]
-    assert gt.lookup("x", "000000000030.jpg") == []  # known image without captions
-    assert gt.lookup("x", "/elsewhere/unknown.jpg") == []
-    # The COCO integer id is not our ingest id.
-    assert gt.lookup("9", "/nowhere/none.jpg") == []
-    result = gt.lookup("abc123", "/data/coco/train2017/000000000009.jpg")
+    nine = ["Closeup of bins of food.", "A meal in containers."]
+    giraffe = ["A giraffe eating leaves.", "A giraffe near a tree."]
+    # a bare file_name (COCO's usual): the image of that name, wherever under the root, when only one has it
+    assert gt.match("abc", "/data/coco/train2017/000000000009.jpg", "000000000009.jpg").captions == nine
+    assert gt.match("abc", "/data/coco/train2017/000000000009.jpg", "train2017/000000000009.jpg").captions == nine
+    # a file_name with folders is that path under the root (a tar member's name included), nothing else
+    assert gt.match("d", "/shards/coco-000.tar::./train2017/000000000025.jpg",
+                    "train2017/000000000025.jpg").captions == giraffe
+    assert gt.match("d", "/data/other/000000000025.jpg", "other/000000000025.jpg").captions == []
+    assert gt.match("d", "/data/000000000025.jpg", "000000000025.jpg").captions == []
+    assert gt.match("x", "/data/000000000030.jpg", "000000000030.jpg") == Match([])  # known, without captions
+    assert gt.match("x", "/elsewhere/unknown.jpg", "unknown.jpg") == Match([])
+    assert gt.match("9", "/nowhere/none.jpg", "none.jpg") == Match([])  # COCO's integer id is not our ingest id
+    result = gt.match("abc", "/d/000000000009.jpg", "000000000009.jpg").captions
     result.append("mutated")
-    assert len(gt.lookup("abc123", "/data/coco/train2017/000000000009.jpg")) == 2  # lookups return copies
+    assert gt.match("abc", "/d/000000000009.jpg", "000000000009.jpg").captions == nine  # copies
+    assert gt.sha256 == hashlib.sha256(Path(f).read_bytes()).hexdigest()
+
+
+def test_a_bare_name_shared_by_several_inputs_is_ambiguous_never_another_images_caption(tmp_path):
+    """The issue's case: cats/0001.jpg's caption must never reach dogs/0001.jpg."""
+    gt = load_gt_captions(_write_json(tmp_path / "c.json", {
+        "images": [{"id": 1, "file_name": "cats/0001.jpg"}, {"id": 2, "file_name": "0002.jpg"}],
+        "annotations": [{"image_id": 1, "caption": "a tabby cat"}, {"image_id": 2, "caption": "a bird"}]}))
+    names = name_index(["cats/0001.jpg", "dogs/0001.jpg", "a/0002.jpg", "b/0002.jpg", "c/0002.jpg", "d/0002.jpg"])
+    assert names[0] == {"0001.jpg": 2, "0002.jpg": 4}
+    assert gt.match("i1", "/r/cats/0001.jpg", "cats/0001.jpg", *names).captions == ["a tabby cat"]
+    assert gt.match("i2", "/r/dogs/0001.jpg", "dogs/0001.jpg", *names) == Match([])
+    found = gt.match("i3", "/r/b/0002.jpg", "b/0002.jpg", *names)
+    assert found.captions == [] and found.ambiguous == (
+        f"{tmp_path}/c.json names '0002.jpg' without a folder, and 4 inputs have that name (a/0002.jpg, b/0002.jpg, "
+        "c/0002.jpg, ...): give its path relative to the images root (file_name or path) instead")
+    alone = name_index(["x/0002.jpg"])
+    assert gt.match("i3", "/r/x/0002.jpg", "x/0002.jpg", *alone).captions == ["a bird"]
 
 
 def test_parquet_caption_rows_by_path_and_by_id(tmp_path):
@@ -66,8 +94,8 @@ def test_parquet_caption_rows_by_path_and_by_id(tmp_path):
         _write_parquet(
             tmp_path / "gt.parquet",
             {
-                "path": ["/imgs/a.jpg", "/imgs/b.jpg", "/imgs/a.jpg", "/other/a.jpg"],
-                "caption": ["first of a", "b", "second of a", "another a"],
+                "path": ["/imgs/a.jpg", "/imgs/b.jpg", "/imgs/a.jpg", "/other/a.jpg", "sub/c.jpg"],
+                "caption": ["first of a", "b", "second of a", "another a", "c"],
             },
         )
     )
@@ -75,6 +103,7 @@ def test_parquet_caption_rows_by_path_and_by_id(tmp_path):
     assert by_path.lookup("id-a", "/imgs//sub/../a.jpg") == ["first of a", "second of a"]  # normalised paths
     assert by_path.lookup("id-a", "/other/a.jpg") == ["another a"]
     assert by_path.lookup("id-a", "/third/a.jpg") == []  # a path column does not match by basename
+    assert by_path.match("id-c", "/root/sub/c.jpg", "./sub/c.jpg").captions == ["c"]  # relative to the root
 
     by_id = load_gt_captions(
         _write_parquet(
@@ -90,7 +119,7 @@ def test_parquet_caption_rows_by_path_and_by_id(tmp_path):
     assert by_id.lookup("ffff", "/any/where.jpg") == []
 
 
-def test_parquet_lookup_order_id_then_basename_then_path(tmp_path):
+def test_parquet_lookup_order_id_then_path_then_name(tmp_path):
     gt = load_gt_captions(
         _write_parquet(
             tmp_path / "gt.parquet",
@@ -106,6 +135,27 @@ def test_parquet_lookup_order_id_then_basename_then_path(tmp_path):
     assert gt.lookup("id2", "/q/x.jpg") == ["by name"]
     assert gt.lookup("id2", "/p/y.jpg") == ["by path"]
     assert gt.lookup("id2", "relative/y.jpg") == []
+
+
+def test_the_file_is_checked_once_and_a_changed_content_is_named(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}))
+    check_gt_captions(str(f))
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert load_gt_captions(f, expect=digest[:16]).sha256 == digest
+    f.write_text(json.dumps({"images": [{"id": 1, "file_name": "b.jpg"}], "annotations": []}))
+    with pytest.raises(CaptionFileChanged, match=rf"c\.json changed during the run: its sha256 was {digest[:16]}\.\.\."):
+        load_gt_captions(f, expect=digest[:16])
+    f.unlink()
+    with pytest.raises(CaptionFileChanged, match="cannot be read any more"):
+        load_gt_captions(f, expect=digest[:16])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [{"id": 1}], "annotations": []}')
+    with pytest.raises(ValueError, match=r"bad\.json: images\[0\] needs 'id' and 'file_name'"):
+        check_gt_captions(str(bad))
+    with pytest.raises(ValueError, match="missing.json: cannot be read"):
+        check_gt_captions(str(tmp_path / "missing.json"))
+    check_gt_captions("")  # none configured
 
 
 @pytest.mark.parametrize(
@@ -127,10 +177,10 @@ def test_parquet_lookup_order_id_then_basename_then_path(tmp_path):
         (
             "same_name.json",
             {
-                "images": [{"id": 1, "file_name": "a/x.jpg"}, {"id": 2, "file_name": "b/x.jpg"}],
+                "images": [{"id": 1, "file_name": "a/x.jpg"}, {"id": 2, "file_name": "./a//x.jpg"}],
                 "annotations": [],
             },
-            "share the file name 'x.jpg'",
+            "images 1 and 2 have the same file_name 'a/x.jpg'",
         ),
     ],
 )
