@@ -57,8 +57,10 @@ def test_stages_are_in_dag_order():
 
 
 def test_run_accepts_every_listed_stage(tmp_path):
+    (tmp_path / "images").mkdir()
     for stage in STAGES:
-        args = parser().parse_args(["run", stage.name, "--images", str(tmp_path), "--out", str(tmp_path / "out")])
+        args = parser().parse_args(["run", stage.name, "--images", str(tmp_path / "images"), "--out",
+                                    str(tmp_path / "out")])
         check(args)  # raises SettingsError for an unknown stage
 
 
