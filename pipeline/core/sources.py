@@ -52,9 +52,14 @@ UNREADABLE = "unreadable"  # the bytes cannot be read (permissions, dangling lin
 NOT_A_REGULAR_FILE = "not_a_regular_file"  # FIFO, socket, character or block device: never opened
 UNREADABLE_FOLDER = "unreadable_folder"  # a folder whose names cannot be listed: its images are unknown
 UNREADABLE_TAR = "unreadable_tar"  # a tar that cannot be opened (or listed to its end): source = the tar
+LINKED_FOLDER_SEEN = "linked_folder_seen"  # a link to a folder the listing already entered (a loop, a second link)
+LISTED_TWICE = "listed_twice"  # a list names the same file again (after normalising the path)
+UNSUPPORTED_URL = "unsupported_url"  # a list entry that is a URL: only local and mounted paths are read
+INVALID_PATH = "invalid_path"  # a list entry no file system can hold (a NUL byte)
 DUPLICATE_MEMBER = "duplicate_member"  # a tar member with the webdataset key of an earlier image member
 NON_IMAGE_MEMBER = "non_image_member"  # a tar member that is no image (.json, .txt, no extension): never read
-PLAN_REASONS = (UNREADABLE, NOT_A_REGULAR_FILE, UNREADABLE_FOLDER, UNREADABLE_TAR, DUPLICATE_MEMBER, NON_IMAGE_MEMBER)
+PLAN_REASONS = (UNREADABLE, NOT_A_REGULAR_FILE, UNREADABLE_FOLDER, UNREADABLE_TAR, DUPLICATE_MEMBER, NON_IMAGE_MEMBER,
+                LINKED_FOLDER_SEEN, LISTED_TWICE, UNSUPPORTED_URL, INVALID_PATH)
 
 
 class SourceError(ValueError):
@@ -161,24 +166,49 @@ def _sorted_with_stats(paths: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _walk_folder(root: str) -> tuple[list[str], dict[str, str]]:
-    """(paths, problems) of a folder tree: files with an image extension or none, hidden names skipped, symlinked
-    folders not entered (a folder named like an image is listed: it is rejected as unreadable). Every entry's kind
-    comes from its directory entry and ``stat`` — nothing is opened — so FIFOs and devices are found without
-    blocking. A folder that cannot be listed becomes a problem instead of silently losing its images."""
+    """(paths, problems) of a folder tree: files with an image extension or none, hidden names skipped (a folder
+    named like an image is listed: it is rejected as unreadable). Linked folders are entered too, each folder
+    once: the real tree first, then each link in order; a link to a folder already entered (a loop back up the
+    tree, a second link to one folder) is one ``linked_folder_seen`` row naming where its images are listed. Every
+    entry's kind comes from its directory entry and ``stat`` — nothing is opened — so FIFOs and devices are found
+    without blocking. A folder that cannot be listed becomes a problem instead of silently losing its images."""
     paths: list[str] = []
     problems: dict[str, str] = {}
-    pending = [root]
-    while pending:
+    seen: dict[tuple[int, int], str] = {}  # (device, inode) of each folder entered → its path
+
+    def identity(path: str, follow: bool = True) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path, follow_symlinks=follow)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    if (root_id := identity(root)) is not None:
+        seen[root_id] = root
+    pending, links = [root], []
+    while pending or links:
+        if not pending:  # every real folder is listed: now the next linked one, unless entered already
+            link = links.pop(0)
+            target = identity(link)
+            if target is not None and target in seen:
+                paths.append(link)
+                problems[link] = (f"{LINKED_FOLDER_SEEN}: a link to the folder {source_text(seen[target])}, whose "
+                                  "images are listed there (not entered twice)")
+                continue
+            if target is not None:
+                seen[target] = link
+            pending.append(link)
+            continue
         folder = pending.pop()
         try:
             with os.scandir(folder) as it:
-                children = list(it)
+                children = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             problems[folder] = (f"{UNREADABLE_FOLDER}: cannot list folder {source_text(folder)}: "
                                 f"{type(exc).__name__}: {_safe(exc.strerror or str(exc))}")
             paths.append(folder)
             continue
-        for child in children:
+        for child in reversed(children):  # the stack pops the first name first
             if child.name.startswith("."):
                 continue
             try:
@@ -186,10 +216,14 @@ def _walk_folder(root: str) -> tuple[list[str], dict[str, str]]:
             except OSError:  # cannot tell: listed when the name fits, rejected as unreadable when read
                 is_folder = is_linked_folder = False
             if is_folder:
+                if (found := identity(child.path, follow=False)) is not None:
+                    seen.setdefault(found, child.path)
                 pending.append(child.path)
-            if is_linked_folder:  # a folder named like an image is listed (rejected as unreadable); links not entered
-                if _is_image_name(child.name):
+                if _is_image_name(child.name):  # a folder named like an image: listed, rejected as unreadable
                     paths.append(child.path)
+                continue
+            if is_linked_folder:
+                links.append(child.path)
                 continue
             if not _is_listed_name(child.name):
                 continue
@@ -203,6 +237,40 @@ def _walk_folder(root: str) -> tuple[list[str], dict[str, str]]:
             if kind is not None:
                 problems[child.path] = f"{NOT_A_REGULAR_FILE}: {kind}, not opened"
     return list(dict.fromkeys(paths)), problems  # an unlistable folder named x.jpg: once, as unreadable_folder
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _list_entries(lines: Sequence[str], base: Path) -> tuple[list[str], dict[str, str]]:
+    """(paths, problems) of a list's lines: each path relative to the list's folder, normalised (``./a.jpg`` and
+    ``a.jpg`` are one file). A path listed again is an entry of its own, ``<path>#2`` (``#3``, ...), a
+    ``listed_twice`` row; a URL is an ``unsupported_url`` row naming its scheme; a line with a NUL byte an
+    ``invalid_path`` row. Every line stays an entry, so in = ok + rejected counts each."""
+    paths: list[str] = []
+    problems: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for line in lines:
+        if "\x00" in line:
+            entry = line.replace("\x00", "\\x00")
+            problems[entry] = f"{INVALID_PATH}: a path with a NUL byte (no file system holds one)"
+        elif (url := _URL.match(line)) is not None:
+            entry = line
+            problems[entry] = (f"{UNSUPPORTED_URL}: {url.group(1)}:// is not read; list local or mounted paths "
+                               "(download or mount the files first)")
+        else:
+            entry = os.path.normpath(line if os.path.isabs(line) else base / line)
+            count[entry] = count.get(entry, 0) + 1
+            if count[entry] > 1:
+                problems[f"{entry}#{count[entry]}"] = (f"{LISTED_TWICE}: the list names {source_text(entry)} again; "
+                                                       "it is read once")
+                entry = f"{entry}#{count[entry]}"
+        if entry in problems and entry in paths:  # the same URL or NUL line again: still one row each
+            count[entry] = count.get(entry, 1) + 1
+            entry = f"{entry}#{count[entry]}"
+            problems[entry] = problems[entry.rsplit("#", 1)[0]]
+        paths.append(entry)
+    return paths, problems
 
 
 def _tar_paths(spec: str) -> list[str]:
@@ -376,8 +444,9 @@ def list_source(spec: str | os.PathLike) -> Listing:
         else:  # one path per line, in the file system's encoding (a non-UTF-8 name is kept, not an error)
             lines = [os.fsdecode(ln).strip() for ln in path.read_bytes().splitlines()]
             lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        base = path.parent
-        entries, stats = _sorted_with_stats([str(p if os.path.isabs(p) else base / p) for p in lines])
+        paths, problems = _list_entries(lines, path.parent)
+        entries, stats = _sorted_with_stats(paths)
+        problems = {source_text(p): problem for p, problem in problems.items()}
     else:
         raise SourceError(
             f"image source {spec!r} is neither a folder, a .txt/.lst/.parquet list, nor WebDataset .tar shards"

@@ -287,3 +287,39 @@ def test_a_gzip_compressed_tar_is_listed_whole(tmp_path):
     assert listing.entries == (f"{tmp_path}/z.tar::a.jpg",) and listing.problems == {}
     with EntryReader() as reader:
         assert reader.read(listing.entries[0]) == image.read_bytes()
+
+
+def test_a_list_keeps_every_line_as_an_entry_and_names_what_it_cannot_read(tmp_path):
+    write_good_images(tmp_path / "img", 2)
+    lines = ["img/good_000.jpg", "./img/good_000.jpg", "img/sub/../good_000.jpg", str(tmp_path / "img" / "good_001.png"),
+             "s3://bucket/photo.jpg", "https://example.org/p.png", "https://example.org/p.png", "img/bad\x00name.jpg"]
+    listing_file = tmp_path / "list.txt"
+    listing_file.write_bytes(("\n".join(lines) + "\n").encode())
+    listing = list_source(listing_file)
+    assert len(listing.entries) == len(lines) == len(set(listing.entries)), "one entry per line"
+    reasons = sorted(problem.split(":", 1)[0] for problem in listing.problems.values())
+    assert reasons == ["invalid_path", "listed_twice", "listed_twice", "unsupported_url", "unsupported_url",
+                       "unsupported_url"]
+    assert listing.problems["s3://bucket/photo.jpg"].startswith("unsupported_url: s3:// is not read")
+    readable = [e for e in listing.entries if e not in listing.problems]
+    assert sorted(os.path.relpath(source_path(e), tmp_path) for e in readable) == ["img/good_000.jpg",
+                                                                                  "img/good_001.png"]
+    planned = list(plan_entries(listing.entries, 100, problems=listing.problems))
+    assert len({p.image_id for p in planned}) == len(planned), "no two entries share an id (one tar member each)"
+    assert sum(p.read_error is None for p in planned) == 2
+
+
+def test_linked_folders_are_entered_once_and_a_loop_is_one_row(tmp_path):
+    root = tmp_path / "photos"
+    write_good_images(root / "real", 2)
+    write_good_images(tmp_path / "elsewhere", 1, seed=3)
+    (root / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # followed: its image is listed
+    (root / "again").symlink_to(root / "real", target_is_directory=True)  # a second way to `real`
+    (root / "real" / "up").symlink_to(root, target_is_directory=True)  # a loop back to the root
+    listing = list_source(root)
+    names = sorted(os.path.relpath(e, root) for e in listing.entries)
+    assert names == ["again", "linked/good_000.jpg", "real/good_000.jpg", "real/good_001.png", "real/up"]
+    seen = {os.path.relpath(e, root): p.split(":", 1)[0] for e, p in listing.problems.items()}
+    assert seen == {"again": "linked_folder_seen", "real/up": "linked_folder_seen"}
+    assert "real" in listing.problems[str(root / "again")]
+    assert list_source(root) == listing  # deterministic
