@@ -35,7 +35,7 @@ def _run(role: str, model: Any, image: np.ndarray) -> dict[str, Any]:
         boxes = np.array([[0, 0, w / 2, h / 2], [w / 4, h / 4, w - 1, h - 1]], dtype=np.float32)
         pred = model.predict(emb, boxes_xyxy=boxes, multimask=True)
         return {"logits": pred.logits, "iou_pred": pred.iou_pred}
-    if role in ("clip", "cam_clip", "classifier_clip"):
+    if role in ("clip", "fmbseg_clip", "cam_clip", "classifier_clip"):
         feats = model.encode_image(_crop(image, model.image_size)[None])
         return {"cls": feats.cls, "patch": feats.patch, "text": model.encode_text(["a photo of a dog."])}
     if role == "dense":

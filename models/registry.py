@@ -20,7 +20,12 @@ from typing import Any
 
 from pseudoseg.models.adapters._hf import ModelUnavailableError
 from pseudoseg.models.adapters.captioner import DEFAULT_CAPTIONER
-from pseudoseg.models.adapters.clip import DEFAULT_CAM_CLIP, DEFAULT_CLASSIFIER_CLIP, DEFAULT_CLIP
+from pseudoseg.models.adapters.clip import (
+    DEFAULT_CAM_CLIP,
+    DEFAULT_CLASSIFIER_CLIP,
+    DEFAULT_CLIP,
+    DEFAULT_FMBSEG_CLIP,
+)
 from pseudoseg.models.adapters.dense import DEFAULT_DINO
 from pseudoseg.models.adapters.grounder import DEFAULT_GROUNDER
 from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SAM_CHECKPOINT_URLS
@@ -36,7 +41,7 @@ __all__ = [
     "setting_problems",
 ]
 
-ROLES = ("captioner", "grounder", "segmenter", "clip", "dense", "cam_clip", "classifier_clip")
+ROLES = ("captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "dense", "cam_clip", "classifier_clip")
 Factory = Callable[["ModelSettings"], Any]
 
 
@@ -48,7 +53,8 @@ class ModelSettings:
     cache_dir: str = "~/.cache/pseudoseg/models"  # where tiny models are built (and SAM's checkpoint is looked for)
     device: str = "auto"  # "auto" → cuda if available else cpu
     captioner: str = DEFAULT_CAPTIONER
-    clip: str = DEFAULT_CLIP
+    clip: str = DEFAULT_CLIP  # USE's CLIP (ViT-L/14-336)
+    fmbseg_clip: str = DEFAULT_FMBSEG_CLIP  # FMbSeg's CLIP (ViT-L/14): Stage 1 detection and the class texts
     cam_clip: str = DEFAULT_CAM_CLIP  # CaR's mask proposal generator f (car-paper §4: ViT-B/16)
     classifier_clip: str = DEFAULT_CLASSIFIER_CLIP  # CaR's mask classifier g (car-paper §4: ViT-L/14)
     dino: str = DEFAULT_DINO
@@ -178,6 +184,12 @@ def _clip(s: ModelSettings):
     return HFClipEncoder(s.clip, device=s.device)
 
 
+def _fmbseg_clip(s: ModelSettings):
+    from pseudoseg.models.adapters.clip import HFClipEncoder
+
+    return HFClipEncoder(s.fmbseg_clip, device=s.device, key="fmbseg_clip", hub_id=DEFAULT_FMBSEG_CLIP)
+
+
 def _cam_clip(s: ModelSettings):
     from pseudoseg.models.adapters.clip import HFClipEncoder
 
@@ -197,7 +209,8 @@ def _dense(s: ModelSettings):
 
 
 REAL: dict[str, Factory] = {
-    "captioner": _captioner, "grounder": _grounder, "segmenter": _segmenter, "clip": _clip, "dense": _dense,
+    "captioner": _captioner, "grounder": _grounder, "segmenter": _segmenter, "clip": _clip,
+    "fmbseg_clip": _fmbseg_clip, "dense": _dense,
     "cam_clip": _cam_clip, "classifier_clip": _classifier_clip,
 }
 
@@ -215,8 +228,8 @@ def tiny_settings(s: ModelSettings, roles: tuple[str, ...] = ROLES) -> ModelSett
         elif role == "grounder":
             swap.update(grounder=folder, grounder_backend="transformers")
         else:
-            swap[{"captioner": "captioner", "clip": "clip", "dense": "dino", "cam_clip": "cam_clip",
-                  "classifier_clip": "classifier_clip"}[role]] = folder
+            swap[{"captioner": "captioner", "clip": "clip", "fmbseg_clip": "fmbseg_clip", "dense": "dino",
+                  "cam_clip": "cam_clip", "classifier_clip": "classifier_clip"}[role]] = folder
     return dataclasses.replace(s, **swap)
 
 

@@ -186,6 +186,7 @@ def model_identity(role: str, settings: ModelSettings) -> str:
         "grounder": f"{settings.grounder_backend}:{settings.grounder}",
         "segmenter": f"{settings.sam_arch}:{Path(settings.sam_checkpoint_path()).name}",
         "clip": settings.clip,
+        "fmbseg_clip": settings.fmbseg_clip,
         "cam_clip": settings.cam_clip,
         "classifier_clip": settings.classifier_clip,
         "dense": settings.dino,

@@ -15,7 +15,8 @@ from pseudoseg.schemas import REJECTS
 from pseudoseg.tasks.summary import RunInfo, StageRow, output_of
 
 # params.json keys naming a model (values: "<preset>:<id or path>", see tasks.base.model_identity)
-MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "cam_clip", "classifier_clip", "dense", "dino")
+MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "cam_clip", "classifier_clip", "dense",
+              "dino")
 PARAM_WIDTH = 100
 
 

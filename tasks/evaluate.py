@@ -203,7 +203,8 @@ class Evaluate(StageSettings, luigi.Task):
             return self.pseudo_segmenter()
         from pseudoseg.models.training.trainer import load_trained
 
-        clip = load_role("clip", settings)
+        # FMbSeg's block speaks its CLIP's text space (ViT-L/14); USE's head that of USE's (ViT-L/14-336)
+        clip = load_role("fmbseg_clip" if self.method == "fmbseg" else "clip", settings)
         template_set, templates = self.text_templates()
         vocab = prompt_vocabulary(protocol)
 

@@ -261,7 +261,7 @@ class TextClasses(DatasetTask):
     def stage_dir(self) -> StageDir:
         vocab_spec, templates = self.spec()
         vocab = load_vocabulary(vocab_spec)
-        params = {"clip": model_identity("clip", model_settings()), "vocabulary": vocab.name,
+        params = {"clip": model_identity("fmbseg_clip", model_settings()), "vocabulary": vocab.name,
                   "vocabulary_digest": vocab.digest, "template_set": templates,
                   "templates": list(load_templates(templates)), "schema": TEXT_EMBEDDINGS.tag}
         return StageDir(self.root, self.dataset, "text_classes", params)
@@ -272,7 +272,7 @@ class TextClasses(DatasetTask):
     def run(self) -> None:
         vocab_spec, templates = self.spec()
         vocab = load_vocabulary(vocab_spec)
-        emb = class_text_embeddings(load_role("clip", model_settings()), vocab, load_templates(templates))
+        emb = class_text_embeddings(load_role("fmbseg_clip", model_settings()), vocab, load_templates(templates))
         rows = text_rows(list(vocab.classes), emb, kind="class", template_set=templates,
                          class_indices=range(len(vocab)))
         stage_dir = self.stage_dir

@@ -97,14 +97,14 @@ class FmbsegDenseShard(FmbsegShardTask):
     """Sliding-window MaskCLIP features per image: stitched dense grid + one CLS per crop (float16 .npy)."""
 
     stage = "fmbseg_dense"
-    params_type, roles = FmbsegDenseParams, ("clip",)
+    params_type, roles = FmbsegDenseParams, ("fmbseg_clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Images decoded, resized and cut into crops ahead (``[throughput]``); the crops of consecutive images packed
         into ``[fmbseg] clip_batch_size`` per CLIP forward (``packed_batches``); stitching and float16 serialisation
         behind the loop. Tar members, rows and rejects in manifest order."""
         cfg = self.params
-        clip = load_role("clip", model_settings())
+        clip = load_role("fmbseg_clip", model_settings())
         sources = self.sources()
         progress.start(len(sources))
         rows, rejects = [], []
@@ -147,12 +147,12 @@ class FmbsegDetectShard(FmbsegShardTask):
 
     stage = "fmbseg_detect"
     upstreams = {"dense": FmbsegDenseShard}
-    params_type, roles = FmbsegDetectParams, ("clip",)
+    params_type, roles = FmbsegDetectParams, ("fmbseg_clip",)
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         cfg = self.params
         vocab = load_vocabulary(cfg.vocabulary)
-        text = class_text_embeddings(load_role("clip", model_settings()), vocab, load_templates(cfg.templates))
+        text = class_text_embeddings(load_role("fmbseg_clip", model_settings()), vocab, load_templates(cfg.templates))
         labels = load_image_labels(cfg.image_labels) if cfg.image_labels else None
         sources = self.sources()
         metas = self.read("dense", DENSE_FEATURES)

@@ -603,6 +603,7 @@ def register_oracle(gt: OracleGT | None = None) -> OracleGT:
         "grounder": lambda s: OracleGrounder(gt),
         "segmenter": lambda s: OracleSegmenter(gt),
         "clip": lambda s: OracleClipEncoder(gt),
+        "fmbseg_clip": lambda s: OracleClipEncoder(gt),
         "dense": lambda s: OracleDenseEncoder(gt),
     })
     return gt

@@ -13,7 +13,7 @@ from pseudoseg.models.adapters._hf import HFAdapter, ModelUnavailableError, auto
 from pseudoseg.models.adapters.weights import load_state_strict, load_weights
 from pseudoseg.models.roles import Grounder, Grounding
 
-DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
+DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-tiny"  # Swin-T, as use-paper §4.1 states; -base (Swin-B) an option
 
 
 def prepare_caption(caption: str) -> tuple[str, int, int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 TINY_VERSION = "tiny-v1"
-TINY_ROLES = ("captioner", "grounder", "segmenter", "clip", "dense", "cam_clip", "classifier_clip")
+TINY_ROLES = ("captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "dense", "cam_clip", "classifier_clip")
 SAM_TINY_CHECKPOINT = "sam_tiny.pth"
 
 # Fixed English word list the tiny tokenizers are trained on: common caption words plus the VOC class names.
@@ -302,6 +302,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     # CaR's two CLIPs: f is a ViT-B/16 (patch 16, 64 px → 4×4), g a ViT-L/14 like `clip` (same tiny weights).
     "cam_clip": lambda out: build_clip(out, image_size=64, patch_size=16, seed=6),
     "classifier_clip": build_clip,
+    "fmbseg_clip": build_clip,  # FMbSeg's ViT-L/14: the same tiny weights as `clip` (a ViT/14)
     "dense": build_dense,
 }
 

@@ -41,6 +41,7 @@ def test_tiny_models_load_from_cache_through_real_loaders(adapters, tiny_cache):
     root = tiny_cache / tiny.TINY_VERSION
     assert sorted(p.name for p in root.iterdir()) == sorted(ROLES)  # no leftover temp folders
     kinds = {"captioner": Captioner, "grounder": Grounder, "segmenter": Segmenter, "clip": ClipEncoder,
+             "fmbseg_clip": ClipEncoder,
              "dense": DenseEncoder, "cam_clip": ClipEncoder, "classifier_clip": ClipEncoder}
     for role, adapter in adapters.items():
         assert isinstance(adapter, kinds[role])
@@ -284,8 +285,8 @@ def test_real_missing_folders_raise_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelUnavailableError) as err:
         load_role("grounder", settings)
-    assert "[models] grounder = IDEA-Research/grounding-dino-base" in str(err.value)
-    assert "hf download IDEA-Research/grounding-dino-base --local-dir DIR" in str(err.value)
+    assert "[models] grounder = IDEA-Research/grounding-dino-tiny" in str(err.value)
+    assert "hf download IDEA-Research/grounding-dino-tiny --local-dir DIR" in str(err.value)
 
 
 def test_settings_from_mapping_and_plugins(tmp_path, monkeypatch):
@@ -402,3 +403,18 @@ def test_a_process_loads_each_model_once_across_shards(tmp_path, tiny_cache):
     load_role("segmenter", s)
     load_role("segmenter", s)
     assert calls["segmenter"] == 3
+
+
+def test_stage1_loads_fmbseg_clip_and_use_loads_clip(tmp_path):
+    """FMbSeg (fmbseg-paper §4: CLIP ViT-L/14) detects, labels and trains against one CLIP; USE (use-paper §4.1:
+    ViT-L/14-336) embeds its texts with another; Grounding DINO is the Swin-T of use-paper §4.1."""
+    from pseudoseg.tasks.base import model_identity
+    from pseudoseg.tasks.features import TextClasses, UseTextShard
+    from pseudoseg.tasks.fmbseg import FmbsegDenseShard, FmbsegDetectShard
+
+    defaults = ModelSettings()
+    assert (defaults.fmbseg_clip, defaults.clip) == ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336")
+    assert defaults.grounder == "IDEA-Research/grounding-dino-tiny"
+    assert FmbsegDenseShard.roles == FmbsegDetectShard.roles == ("fmbseg_clip",) and UseTextShard.roles == ("clip",)
+    classes = TextClasses(images=str(tmp_path), dataset="d", out=str(tmp_path / "out"))
+    assert classes.stage_dir.params["clip"] == model_identity("fmbseg_clip", defaults)

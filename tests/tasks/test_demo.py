@@ -88,8 +88,8 @@ def test_demo_installed_in_a_terminal_elsewhere_then_again_then_export_and_previ
 
     (probe,) = demo.glob("model_probe/latest/probe.parquet")
     rows = MODEL_PROBE.read_parquet(probe).to_pylist()
-    assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "dense", "cam_clip",
-                                        "classifier_clip"}
+    assert {r["role"] for r in rows} == {"captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "dense",
+                                        "cam_clip", "classifier_clip"}
     assert all(r["model"].startswith("tiny:") for r in rows)
 
     # Every shard stage wrote exactly one finished shard whose accounting adds up, and the model stages produced

@@ -255,7 +255,8 @@ class RecordingClip:
 def method_runs(gt, tiny_cache, tmp_path_factory):
     """method → (result folder, texts CLIP encoded while the upstream run trained, texts it encoded during
     Evaluate), each method run once per module (tiny random models, the photo twice as a voc21 benchmark)."""
-    register_preset("tiny_textlog", {**TINY, "clip": lambda s: RecordingClip(TINY["clip"](s))})
+    register_preset("tiny_textlog", {**TINY, "clip": lambda s: RecordingClip(TINY["clip"](s)),
+                                     "fmbseg_clip": lambda s: RecordingClip(TINY["fmbseg_clip"](s))})
     runs = {}
 
     def run(method):

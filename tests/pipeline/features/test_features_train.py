@@ -169,7 +169,8 @@ def test_train_alignment_on_oracle_pseudo_labels(tmp_path, gt, label_source) -> 
         from tests.oracles import CarOracleClip, OracleDenseEncoder
 
         preset = "car_train_oracle"
-        register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "cam_clip": lambda s: CarOracleClip(gt),
+        register_preset(preset, {"clip": lambda s: CarOracleClip(gt), "fmbseg_clip": lambda s: CarOracleClip(gt),
+                                 "cam_clip": lambda s: CarOracleClip(gt),
                                  "classifier_clip": lambda s: CarOracleClip(gt),
                                  "dense": lambda s: OracleDenseEncoder(gt)})
     images = tmp_path / "images"

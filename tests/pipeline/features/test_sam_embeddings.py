@@ -104,7 +104,7 @@ class CountingSegmenter(OracleSegmenter):
 
 
 def run_stage1(images: Path, out: Path, gt: OracleGT, *, share: bool, nan: bool = False) -> dict[str, Path]:
-    register_preset("oracle-count", {"clip": lambda s: OracleClipEncoder(gt),
+    register_preset("oracle-count", {"fmbseg_clip": lambda s: OracleClipEncoder(gt),
                                      "segmenter": lambda s: CountingSegmenter(gt, nan=nan)})
     CountingSegmenter.embeds, CountingSegmenter.auto_embeddings = [], []
     labels = images.parent / "labels.parquet"

@@ -44,7 +44,7 @@ VOC21 = load_vocabulary("voc21")
 
 
 def register(name: str, gt: OracleGT, **clip_kwargs) -> None:
-    register_preset(name, {"clip": lambda s: OracleClipEncoder(gt, **clip_kwargs),
+    register_preset(name, {"fmbseg_clip": lambda s: OracleClipEncoder(gt, **clip_kwargs),
                            "segmenter": lambda s: OracleSegmenter(gt)})
 
 
