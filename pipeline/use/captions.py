@@ -62,25 +62,31 @@ def norm_key(path: str) -> str:
 
 @dataclass(frozen=True)
 class Match:
-    """What the caption file says about one image: its captions, or ``ambiguous`` (a detail naming the clash)."""
+    """What a ground-truth file says about one image: its items (captions, boxes) in file order, or
+    ``ambiguous`` (a detail naming the clash)."""
 
-    captions: list[str]
+    items: list
     ambiguous: str | None = None
+
+    @property
+    def captions(self) -> list:
+        return self.items
 
 
 @dataclass
-class GTCaptions:
-    """Captions keyed three ways; each dict maps a key to its captions in file order (already cleaned)."""
+class KeyedTruth:
+    """Ground truth of images (captions, boxes) keyed three ways; each dict maps a key to its items in file order.
+    :meth:`match` binds an ingested image to its items as the module docstring says."""
 
-    by_id: dict[str, list[str]] = field(default_factory=dict)
-    by_path: dict[str, list[str]] = field(default_factory=dict)  # keys with folders, or full paths (norm_key)
-    by_name: dict[str, list[str]] = field(default_factory=dict)  # bare file names (no folder)
+    by_id: dict[str, list] = field(default_factory=dict)
+    by_path: dict[str, list] = field(default_factory=dict)  # keys with folders, or full paths (norm_key)
+    by_name: dict[str, list] = field(default_factory=dict)  # bare file names (no folder)
     origin: str = ""
     sha256: str = ""
 
     def match(self, image_id: str, source: str, rel: str, name_counts: Mapping[str, int] | None = None,
               same_names: Mapping[str, list[str]] | None = None) -> Match:
-        """The captions of one ingested image (see the module docstring). ``name_counts``: basename → how many
+        """The items of one ingested image (see the module docstring). ``name_counts``: basename → how many
         listed inputs of the dataset have it (None: every basename is taken as unique); ``same_names``: basename →
         some of those inputs, for the detail."""
         if image_id in self.by_id:
@@ -100,9 +106,13 @@ class GTCaptions:
             return Match(list(self.by_name[name]))
         return Match([])
 
-    def lookup(self, image_id: str, source: str, rel: str | None = None) -> list[str]:
-        """The captions of one image when names are known to be unique (``match`` without counts)."""
-        return self.match(image_id, source, source if rel is None else rel).captions
+    def lookup(self, image_id: str, source: str, rel: str | None = None) -> list:
+        """The items of one image when names are known to be unique (``match`` without counts)."""
+        return self.match(image_id, source, source if rel is None else rel).items
+
+
+class GTCaptions(KeyedTruth):
+    """Captions (strings, already cleaned) keyed three ways (:class:`KeyedTruth`)."""
 
 
 def _clean(captions: Iterable[object]) -> list[str]:
