@@ -81,6 +81,8 @@ STAGES: tuple[Stage, ...] = (
           "captions", "expressions", EXPRESSIONS),
     Stage("UseBoxes", "USE: Grounding DINO boxes, each matched to the phrase of its best token",
           "captions", "boxes", BOXES),
+    Stage("UseGtBoxes", "USE: human box-text pairs ([use] gt_boxes: Visual Genome regions) as boxes for SAM",
+          "regions", "boxes", BOXES),
     Stage("UseBoxMasks", "USE: SAM box -> mask, best stability, cleanup, whole-image rule",
           "boxes", "masks", BOX_MASKS),
     Stage("UseSegments", "USE: mask NMS merging texts: the segment-text pairs",

@@ -29,14 +29,15 @@ from pseudoseg.pipeline.use.params import (
     UseBoxMasksParams,
     UseCaptionsParams,
     UseExpressionsParams,
+    UseGtBoxesParams,
     UseSegmentsParams,
 )
 from pseudoseg.tasks.params import config_section
 
 ingest = config_section("ingest", IngestPlanParams, DecodeLimits, module=__name__)
 sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)
-use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesParams, UseBoxMasksParams,
-                     UseSegmentsParams, module=__name__)
+use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesParams, UseGtBoxesParams,
+                     UseBoxMasksParams, UseSegmentsParams, module=__name__)
 fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQueryMasksParams,
                         FmbsegAutoMasksParams, FmbsegLabelsParams, module=__name__)
 car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)

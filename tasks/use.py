@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import posixpath
 from collections import defaultdict
 from typing import Any
 
@@ -19,7 +20,8 @@ from pseudoseg.models.roles import Sampling
 from pseudoseg.pipeline.core.artifacts import ShardOutput
 from pseudoseg.pipeline.core.overlap import Outcome
 from pseudoseg.pipeline.core.sources import relative_name
-from pseudoseg.pipeline.use.captions import AMBIGUOUS_CAPTION_MATCH, load_gt_captions, name_index
+from pseudoseg.pipeline.use.captions import AMBIGUOUS_CAPTION_MATCH, load_gt_captions, name_index, norm_key
+from pseudoseg.pipeline.use.gt_boxes import AMBIGUOUS_BOX_MATCH, BAD_REGION, load_gt_boxes, region_rows
 from pseudoseg.pipeline.use.pairs import (
     CaptionQuery,
     DecodedBoxes,
@@ -38,6 +40,7 @@ from pseudoseg.pipeline.use.params import (
     UseBoxMasksParams,
     UseCaptionsParams,
     UseExpressionsParams,
+    UseGtBoxesParams,
     UseSegmentsParams,
 )
 from pseudoseg.schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
@@ -47,6 +50,7 @@ from pseudoseg.tasks.base import (
     group_by_image,
     model_settings,
     reject,
+    stage_params,
     stage_wrapper,
 )
 from pseudoseg.tasks.chained import ChainedShardTask
@@ -247,6 +251,40 @@ class UseBoxesShard(ChainedShardTask):
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
+class UseGtBoxesShard(ChainedShardTask):
+    """Human box-text pairs (``[use] gt_boxes``: Visual Genome's region descriptions, or a Parquet) of this shard's
+    images as boxes, mapped onto the stored images; ``UseBoxMasks`` turns them into masks beside the caption-grounded
+    boxes (use-paper §4.1). Counts regions: in = the regions bound to the shard's images."""
+
+    stage = "use_gt_boxes"
+    params_type = UseGtBoxesParams
+    uses_model = False
+
+    def produce(self, progress: ProgressReporter) -> ShardOutput:
+        cfg = self.params
+        gt = load_gt_boxes(cfg.gt_boxes, expect=self.stage_dir.params["params"]["gt_boxes"])
+        names = dataset_names(self.images, self.listing.fingerprint)
+        manifest = self.read("ingest", MANIFEST)
+        progress.start(len(manifest))
+        rows, rejects, in_count = [], [], 0
+        for i, entry in enumerate(manifest):
+            progress.step(i)
+            image_id, source = entry["image_id"], entry["source"]
+            found = gt.match(image_id, source, relative_name(self.images, source), *names)
+            if found.ambiguous:  # regions that may be another image's: none, and a row per region saying why
+                matched = gt.by_name.get(posixpath.basename(norm_key(relative_name(self.images, source))), [])
+                in_count += len(matched)
+                rejects += [reject(image_id, f"region:{k}", self.stage, AMBIGUOUS_BOX_MATCH, found.ambiguous)
+                            for k in range(len(matched))]
+                continue
+            in_count += len(found.items)
+            image_rows, refused = region_rows(image_id, found.items, (entry["orig_height"], entry["orig_width"]),
+                                              (entry["height"], entry["width"]))
+            rows += image_rows
+            rejects += [reject(image_id, f"region:{k}", self.stage, BAD_REGION, why) for k, why in refused]
+        return self.finish(BOXES, rows, rejects, in_count=in_count)
+
+
 class UseBoxMasksShard(UsesSamEmbeddings):
     """SAM box → mask: one image encoding per image (the shared one, see tasks/sam.py), all its boxes in one
     batched decoder call."""
@@ -256,13 +294,21 @@ class UseBoxMasksShard(UsesSamEmbeddings):
 
     params_type, roles = UseBoxMasksParams, ("segmenter",)
 
+    def requires(self) -> dict[str, Any]:
+        """The caption-grounded boxes, and the human ones when ``[use] gt_boxes`` names a file."""
+        deps = super().requires()
+        if stage_params(UseGtBoxesParams).gt_boxes:
+            deps["gt_boxes"] = UseGtBoxesShard(shard=self.shard, **self.common())
+        return deps
+
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         """Per image (decoded ahead, ``[throughput]``): its stored embedding, one batched decoder call, the stability
         choice and threshold on the device (``decode_boxes``); behind the loop, on the host: the decisions, cleanup,
         RLE and rows (``finish_box_masks``). Rows and rejects in manifest and box order."""
         cfg = self.params
         segmenter = load_role("segmenter", model_settings())
-        boxes = group_by_image(self.read("boxes", BOXES))
+        boxes = group_by_image(self.read("boxes", BOXES) +
+                               (self.read("gt_boxes", BOXES) if "gt_boxes" in self.requires() else []))
         in_count = sum(len(v) for v in boxes.values())
         embed = self.sam_embedder(segmenter)
         sources = self.sources()
@@ -338,5 +384,6 @@ class UseSegmentsShard(ChainedShardTask):
 UseCaptions = stage_wrapper(UseCaptionsShard)
 UseExpressions = stage_wrapper(UseExpressionsShard)
 UseBoxes = stage_wrapper(UseBoxesShard)
+UseGtBoxes = stage_wrapper(UseGtBoxesShard)
 UseBoxMasks = stage_wrapper(UseBoxMasksShard)
 UseSegments = stage_wrapper(UseSegmentsShard, "All shards of the USE branch's final artifact (segment–text pairs).")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pseudoseg.pipeline.core.params import StageParams, setting
 from pseudoseg.pipeline.use.captions import check_gt_captions
+from pseudoseg.pipeline.use.gt_boxes import check_gt_boxes
 
 # LLaVA-1.5 prompt of use-paper §3.1
 CAPTION_PROMPT = ("Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "
@@ -44,6 +45,13 @@ class UseBoxesParams(StageParams):
     box_nms_thresh: float = setting(0.7, ge=0, le=1)
     grounder_batch_size: int = setting(8, ge=1, help="captions (sentence windows) per Grounding DINO forward; each "
                                        "image is encoded once for all its captions (float rounding may differ)")
+
+
+@dataclass(frozen=True)
+class UseGtBoxesParams(StageParams):
+    gt_boxes: str = setting("", file=True, check=check_gt_boxes,
+                            help="human box-text pairs fed to SAM beside the caption-grounded boxes: Visual Genome's "
+                                 "region_descriptions.json or a box Parquet (empty: none)")
 
 
 @dataclass(frozen=True)
