@@ -53,7 +53,7 @@ from pipeline.eval.report import ShortSide, grid_png, report_markdown, run_evalu
 from pipeline.features.cache import text_templates
 from schemas import MANIFEST
 from schemas.evaluation import CLASS_IOU
-from tasks.base import GPU, StageSettings, model_settings, pseudoseg, uses_gpu, verify_inputs
+from tasks.base import GPU, StageSettings, model_settings, pseudoseg, stage_params, uses_gpu, verify_inputs
 from tasks.failures import explain
 from tasks.params import IntParameter
 
@@ -156,12 +156,14 @@ class Evaluate(StageSettings, luigi.Task):
 
     # ------------------------------------------------------------------------------------------------ methods
     def car_params(self):
+        from pipeline.car.params import CarSettings, with_car_settings
         from pipeline.car.recurrent import car_params
 
         cfg = self.params
         base = car_params(self.benchmark)
         prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip()) or base.prompts
-        return dataclasses.replace(base, prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam)
+        return with_car_settings(dataclasses.replace(base, prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam),
+                                 stage_params(CarSettings))
 
     def segmenter(self):
         settings, cfg = model_settings(), self.params

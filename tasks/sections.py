@@ -7,7 +7,7 @@ from __future__ import annotations
 import luigi
 
 from models.training.params import TrainAlignmentParams, TrainUseParams
-from pipeline.car.params import CaRLabelsParams
+from pipeline.car.params import CaRLabelsParams, CarSettings
 from pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
 from pipeline.eval.params import EvaluateCarParams, EvaluateParams, EvaluateUseSamParams
 from pipeline.features.params import (
@@ -39,6 +39,7 @@ use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesPar
                      UseSegmentsParams, module=__name__)
 fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQueryMasksParams,
                         FmbsegAutoMasksParams, FmbsegLabelsParams, module=__name__)
+car = config_section("car", CarSettings, module=__name__)
 car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)
 features_use = config_section("features_use", FeaturesUseParams, UseTextParams, module=__name__)
 features_fmbseg = config_section("features_fmbseg", FeaturesFmbsegParams, module=__name__)
@@ -46,7 +47,7 @@ train_use = config_section("train_use", TrainUseParams, module=__name__)
 train_alignment = config_section("train_alignment", TrainAlignmentParams, module=__name__)
 evaluate = config_section("evaluate", EvaluateParams, EvaluateCarParams, EvaluateUseSamParams, module=__name__)
 
-SECTIONS: tuple[type[luigi.Config], ...] = (ingest, sam_embeddings, use, fmbseg, car_labels, features_use,
+SECTIONS: tuple[type[luigi.Config], ...] = (ingest, sam_embeddings, use, fmbseg, car, car_labels, features_use,
                                            features_fmbseg, train_use, train_alignment, evaluate)
 _SECTION_OF: dict[type[StageParams], type[luigi.Config]] = {
     params_type: section for section in SECTIONS for params_type in section.params_types}
