@@ -27,6 +27,7 @@ from pipeline.car.recurrent import (
 )
 from pipeline.core.transforms import resize_label_map
 from pipeline.eval.metrics import miou
+from tests import official
 from tests.oracles import OracleCam, OracleClassifier, OracleSegmenter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -366,6 +367,13 @@ def test_iom_and_sam_ensemble(gt):
     tiny = np.zeros_like(person)
     tiny[:3, :3] = True
     assert (sam_ensemble(tiny[None], sam)[0] == tiny).all()
+    # matched by IoM (half of one SAM mask: IoM 1) but the union's IoU with it is about 0.5 < φ_iou: kept
+    big = max(sam, key=lambda m: (m & person).sum())
+    ys, xs = np.nonzero(big)
+    part = np.zeros_like(person)
+    part[ys[: len(ys) // 2], xs[: len(xs) // 2]] = True
+    assert iom(big, part) == 1.0
+    assert (sam_ensemble(part[None], sam)[0] == part).all()
 
 
 # The official configs (clip_as_rnn configs/voc.yaml, coco.yaml, pascal_context.yaml, ade_150.yaml), written out.
@@ -609,23 +617,6 @@ def test_cam_box_mask_quirks_of_the_official_scoremap2bbox():
     assert cam_box_mask(edge, 0.4).sum() == 1
 
 
-def official_box_mask(cam: np.ndarray, lam: float) -> np.ndarray:
-    """CLIP-ES's box mask as the official utils.scoremap2bbox(multi_contour_eval=True) + clipcam.py's aff_mask,
-    written from their text: uint8 map, cv2.threshold at int(λ · max) (THRESH_BINARY: strictly above), every
-    contour's bounding rectangle with x1, y1 clipped to W - 1, H - 1, filled end-exclusive."""
-    import cv2
-
-    height, width = cam.shape
-    scoremap = (cam * 255).astype(np.uint8)
-    _, binary = cv2.threshold(scoremap, int(lam * np.max(scoremap)), 255, cv2.THRESH_BINARY)
-    contours, _ = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
-    mask = np.zeros((height, width), bool)
-    for contour in contours:
-        x, y, w, h = cv2.boundingRect(contour)
-        mask[y : min(y + h, height - 1), x : min(x + w, width - 1)] = True
-    return mask
-
-
 def test_affinity_refine_equals_formula_loop():
     """CLIP-ES refinement as the official clipcam.py computes it (car-paper Eq. 7-8), written out with loops: the
     attention W column- then row-normalised once and twice more (Sinkhorn, 3 rounds), A = (D + Dᵀ) / 2, squared
@@ -649,9 +640,9 @@ def test_affinity_refine_equals_formula_loop():
     a = [[(d[i][j] + d[j][i]) / 2 for j in range(n)] for i in range(n)]
     a2 = [[sum(a[i][k] * a[k][j] for k in range(n)) for j in range(n)] for i in range(n)]
     out = affinity_refine(cams, sinkhorn_affinity(attention), lam=0.5)
-    assert not official_box_mask(cams[2], 0.5).all()
+    assert not official.box_mask(cams[2], 0.5).all()
     for c in range(t):
-        box = official_box_mask(cams[c], 0.5).reshape(-1)
+        box = official.box_mask(cams[c], 0.5).reshape(-1)
         m = cams[c].reshape(-1)
         ref = np.array([sum(a2[i][j] * box[j] * m[j] for j in range(n)) for i in range(n)])
         ref = (ref - ref.min()) / (1e-15 + (ref - ref.min()).max())
