@@ -543,10 +543,10 @@ class CaRMethod:
             raise ImportError("CaR with crf=True needs pydensecrf2 (pip install 'pseudoseg[crf]'); "
                               "pass CarParams(crf=False) to run without CRF refinement")
 
-    def _pass(self, image, queries, params):
+    def _pass(self, image, queries, params, background):
         """One CaR loop + post-processing → (result, bool masks [K, H, W], score per kept query)."""
         result = car_loop(image, queries, self.cam, self.classify, params)
-        label = proposals_to_labels(image, result.proposals, crf=params.crf, background=True,
+        label = proposals_to_labels(image, result.proposals, crf=params.crf, background=background,
                                     bg_factor=params.bg_factor, crf_image_mode=params.crf_image)
         masks = np.stack([label == i for i in range(len(result.queries))]) if result.queries else \
             np.zeros((0, *label.shape), bool)
@@ -566,11 +566,12 @@ class CaRMethod:
         if stuff_queries:
             passes.insert(0, (stuff_queries, dataclasses.replace(self.params, prompts=self.params.stuff_prompts,
                                                                  background=tuple(things))))
+        background = True  # the official PostProcess always adds the background channel, whatever the benchmark
         label = np.full(np.asarray(image).shape[:2], 0 if has_bg else IGNORE, np.uint8)
         scores = np.zeros(len(names), np.float32)
         sam_masks = None
         for group, params in passes:
-            result, masks, kept_scores = self._pass(image, group, params)
+            result, masks, kept_scores = self._pass(image, group, params, background)
             seen: dict[str, float] = {}
             for step in result.steps:
                 for q, s in zip(step.queries, step.scores, strict=True):

@@ -200,7 +200,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("car_eval_short_side_448", "CaR protocol", "tasks/evaluate.py",
            "return ShortSide(seg, protocol.short_side)", "return ShortSide(seg, 448)", (OFFICIAL_TEXTS,)),
     Mutant("car_no_background_channel", "CaR protocol", RECURRENT,
-           "crf=params.crf, background=True,", "crf=params.crf, background=has_bg,",
+           "background = True  # the official PostProcess", "background = has_bg or len(passes) > 1  # the official PostProcess",
            (f"{CAR}::test_no_background_benchmarks_keep_the_background_channel",)),
     Mutant("car_voc20_unlabelled_scored", "CaR protocol", "pipeline/eval/benchmarks.py",
            '_car("voc20", ", App. A.2 Table J" + _CAR_IGNORE, unlabelled="ignored")',
