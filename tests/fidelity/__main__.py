@@ -1,8 +1,9 @@
 """``python -m tests.fidelity [--list] [--keep] [NAME ...]``: apply every mutant of ``tests/fidelity/mutants.py`` (or
 the named ones) to a scratch copy of the repository, run only the tests that must catch it, and print one line per
 mutant: ``killed`` (a named test failed), ``survived`` (they all passed), ``error`` (pytest could not run them: a
-node id that is not collected, a usage error) or ``stale`` (the original text is not in its file exactly once).
-Exit status 1 unless every mutant is killed.
+node id that is not collected, a usage error), ``broken`` (the mutant itself does not run: a NameError, SyntaxError
+or ImportError — a test failing on it proves nothing) or ``stale`` (the original text is not in its file exactly
+once). Exit status 1 unless every mutant is killed.
 
 The copy is made once (git's tracked and untracked-not-ignored files; no ``.venv``, no ``__pycache__``) and each
 mutant changes one file there and puts it back afterwards; the tests run with the interpreter running this module,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,8 @@ from tests.fidelity.mutants import MUTANTS, Mutant
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600  # one mutant's tests; a mutant that hangs them counts as killed (the tests did not pass)
+# A failure naming one of these is the mutant's own fault (broken code), not a test catching a changed behaviour.
+BROKEN = re.compile(r"\b(NameError|SyntaxError|IndentationError|ImportError|ModuleNotFoundError)\b")
 
 
 def repo_files(root: Path) -> list[str]:
@@ -95,6 +99,10 @@ def run_mutant(m: Mutant, root: Path) -> tuple[str, float, str]:
     # pytest: 0 passed, 1 tests failed, 2 interrupted (an import / collection error the mutant caused);
     # 3 internal error, 4 usage error (an unknown node id), 5 nothing collected: the table is wrong, not the tests
     status = {0: "survived", 1: "killed", 2: "killed"}.get(code, "error")
+    broken = BROKEN.search(output)
+    if status == "killed" and broken:
+        status = "broken"
+        output += f"\n(the output names {broken.group(1)})"
     tail = "\n".join(output.strip().splitlines()[-3:])
     return status, time.monotonic() - start, tail
 

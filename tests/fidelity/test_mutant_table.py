@@ -49,6 +49,12 @@ def test_original_text_occurs_exactly_once(mutant):
         f"{mutant.name}: the original text must occur exactly once in {mutant.file}"
 
 
+@pytest.mark.parametrize("mutant", [m for m in MUTANTS if m.file.endswith(".py")], ids=lambda m: m.name)
+def test_mutated_python_still_parses(mutant):
+    source = (REPO / mutant.file).read_text(encoding="utf-8")
+    ast.parse(source.replace(mutant.original, mutant.replacement), mutant.file)
+
+
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 def test_named_tests_exist(mutant):
     for node in mutant.tests:
