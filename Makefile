@@ -42,8 +42,10 @@ test-fast: $(STAMP)
 
 # Mutants as tests of the tests (tests/fidelity/mutants.py): each change of a README Fidelity row must make the
 # tests it names fail; one line per mutant (killed / survived, seconds), status 1 if any survives or is stale.
+# FIDELITY_JOBS=2 runs two mutants at once (each in its own scratch copy).
+FIDELITY_JOBS ?= 1
 fidelity: $(STAMP)
-	$(PY) -m tests.fidelity
+	$(PY) -m tests.fidelity --jobs $(FIDELITY_JOBS)
 
 demo: $(STAMP)
 	$(VENV)/bin/pseudoseg demo --out $(OUT)

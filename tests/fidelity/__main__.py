@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.fidelity.mutants import MUTANTS, Mutant
@@ -82,6 +85,14 @@ def check_imports_from(root: Path) -> None:
         raise SystemExit(f"fidelity: the scratch copy imports {out}, not its own modules")
 
 
+def plugins_off(m: Mutant, root: Path) -> list[str]:
+    """pytest plugins the mutant's tests do without: the cache (nothing is written to the copy) and, unless one of
+    their files uses it, hypothesis (its import is a third of the start-up)."""
+    files = {node.split("::")[0] for node in m.tests}
+    uses_hypothesis = any("hypothesis" in (root / f).read_text(encoding="utf-8") for f in files)
+    return ["-p", "no:cacheprovider", *([] if uses_hypothesis else ["-p", "no:hypothesispytest"])]
+
+
 def run_mutant(m: Mutant, root: Path) -> tuple[str, float, str]:
     """(status, seconds, pytest's last lines) of one mutant applied to ``root`` (restored afterwards)."""
     path = root / m.file
@@ -89,7 +100,7 @@ def run_mutant(m: Mutant, root: Path) -> tuple[str, float, str]:
     path.write_text(original.replace(m.original, m.replacement), encoding="utf-8")
     start = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", *plugins_off(m, root), *m.tests],
                               cwd=root, env=environment(root), capture_output=True, text=True, timeout=TIMEOUT_S)
         code, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies (their paths are printed)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once, each in its own scratch copy")
     args = parser.parse_args(argv)
     unknown = set(args.names) - {m.name for m in MUTANTS}
     if unknown:
@@ -123,27 +135,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # grouped by the tests they run (the same files stay in the page cache)
     chosen.sort(key=lambda m: (m.tests[0].split("::")[0], m.tests))
-    failures = 0
     started = time.monotonic()
-    scratch = Path(tempfile.mkdtemp(prefix="pseudoseg-fidelity-"))
-    try:
-        scratch_copy(scratch)
-        check_imports_from(scratch)
-        for m in chosen:
+    copies: queue.Queue[Path] = queue.Queue()
+    made = [Path(tempfile.mkdtemp(prefix="pseudoseg-fidelity-")) for _ in range(max(1, min(args.jobs, len(chosen))))]
+    lock = threading.Lock()
+    statuses: list[str] = []
+
+    def one(m: Mutant) -> None:
+        scratch = copies.get()
+        try:
             problem = stale(m, scratch)
-            if problem:
-                status, seconds, tail = "stale", 0.0, problem
-            else:
-                status, seconds, tail = run_mutant(m, scratch)
-            failures += status != "killed"
+            status, seconds, tail = ("stale", 0.0, problem) if problem else run_mutant(m, scratch)
+        finally:
+            copies.put(scratch)
+        with lock:
+            statuses.append(status)
             print(f"{status:8s} {seconds:6.1f}s  {m.name}  [{m.row}]", flush=True)
             if status != "killed":
                 print("         " + tail.replace("\n", "\n         "), flush=True)
+
+    try:
+        for scratch in made:
+            scratch_copy(scratch)
+            check_imports_from(scratch)
+            copies.put(scratch)
+        with ThreadPoolExecutor(len(made)) as pool:
+            list(pool.map(one, chosen))
     finally:
-        if args.keep:
-            print(f"scratch copy kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        for scratch in made:
+            if args.keep:
+                print(f"scratch copy kept: {scratch}")
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
+    failures = sum(s != "killed" for s in statuses)
     killed = len(chosen) - failures
     print(f"fidelity: {killed} of {len(chosen)} mutants killed in {time.monotonic() - started:.0f} s")
     return 1 if failures else 0
