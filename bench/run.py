@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from bench.timing import ForwardTimer, compare, envelope, load_avg, time_call, write_result
-from pipeline.core.ingest import DecodeLimits, ingest_entries
-from pipeline.core.sources import EntryReader, list_source, plan_entries
+from pseudoseg.pipeline.core.ingest import DecodeLimits, ingest_entries
+from pseudoseg.pipeline.core.sources import EntryReader, list_source, plan_entries
 
 
 def bench_ingest(n_images: int = 200, repeats: int = 3) -> dict:
@@ -62,10 +62,10 @@ def bench_sam_boxes(n_boxes: int = 20, repeats: int = 3, arch: str = "vit_b") ->
     import torch
     from segment_anything import SamPredictor
 
-    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from models.roles import Segmenter
-    from pipeline.use.pairs import masks_for_boxes
-    from pipeline.use.params import UseBoxMasksParams
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pseudoseg.models.roles import Segmenter
+    from pseudoseg.pipeline.use.pairs import masks_for_boxes
+    from pseudoseg.pipeline.use.params import UseBoxMasksParams
 
     torch.manual_seed(0)
     sam, build = time_call(lambda: build_sam_arch(SAM_ARCHS[arch], checkpoint=None))
@@ -141,13 +141,13 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from models.adapters.clip import HFClipEncoder
-    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from models.adapters.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
-    from pipeline.core.images import encode_png
-    from pipeline.core.vocabularies import load_templates, load_vocabulary
-    from pipeline.fmbseg import pseudo_labels as F
-    from pipeline.fmbseg.params import (
+    from pseudoseg.models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pseudoseg.models.adapters.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
+    from pseudoseg.pipeline.core.images import encode_png
+    from pseudoseg.pipeline.core.vocabularies import load_templates, load_vocabulary
+    from pseudoseg.pipeline.fmbseg import pseudo_labels as F
+    from pseudoseg.pipeline.fmbseg.params import (
         FmbsegAutoMasksParams,
         FmbsegDenseParams,
         FmbsegDetectParams,
@@ -254,10 +254,10 @@ def _synthetic_training_caches(root: Path, *, n_use: int, n_align: int, shards: 
     import cv2
     import numpy as np
 
-    from pipeline.core.artifacts import TarSpool
-    from pipeline.core.images import encode_png
-    from pipeline.core.masks import encode_rle, rle_area
-    from pipeline.features.cache import feature_sample
+    from pseudoseg.pipeline.core.artifacts import TarSpool
+    from pseudoseg.pipeline.core.images import encode_png
+    from pseudoseg.pipeline.core.masks import encode_rle, rle_area
+    from pseudoseg.pipeline.features.cache import feature_sample
 
     rng = np.random.default_rng(seed)
     hh, ww = image_hw
@@ -348,10 +348,10 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
     as ``train`` does (``to_device``), synchronised."""
     import torch
 
-    from models.adapters._hf import resolve_device
-    from models.training.datasets import AlignmentDataset, UseSegmentDataset
-    from models.training.trainer import TrainConfig, collate_alignment, collate_use, make_loader, to_device
-    from pipeline.features.cache import TarStore
+    from pseudoseg.models.adapters._hf import resolve_device
+    from pseudoseg.models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from pseudoseg.models.training.trainer import TrainConfig, collate_alignment, collate_use, make_loader, to_device
+    from pseudoseg.pipeline.features.cache import TarStore
 
     torch.set_num_threads(1)
     dev = resolve_device(device)
@@ -497,10 +497,10 @@ def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
     import numpy as np
     import torch
 
-    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from pipeline.core.artifacts import TarSpool
-    from pipeline.features.params import SamEmbeddingsParams
-    from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pseudoseg.pipeline.core.artifacts import TarSpool
+    from pseudoseg.pipeline.features.params import SamEmbeddingsParams
+    from pseudoseg.pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
 
     torch.manual_seed(0)
     seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
@@ -546,10 +546,10 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     import numpy as np
     import torch
 
-    from models.training.heads import AlignmentBlock
-    from models.training.params import TrainAlignmentParams
-    from models.training.trainer import TrainConfig, alignment_step, collate_alignment, train
-    from pipeline.core.transforms import patch_labels
+    from pseudoseg.models.training.heads import AlignmentBlock
+    from pseudoseg.models.training.params import TrainAlignmentParams
+    from pseudoseg.models.training.trainer import TrainConfig, alignment_step, collate_alignment, train
+    from pseudoseg.pipeline.core.transforms import patch_labels
     from tests.models.training.test_heads_training import D_SYN, _align_sample, _align_world
     from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
 
@@ -640,12 +640,12 @@ def bench_verify_cost(repeats: int = 3) -> dict:
 
     import luigi
 
-    from pipeline.core.artifacts import record_problems
-    from tasks import cli
-    from tasks.base import CommittedTask
-    from tasks.dag import FullDAG
-    from tasks.summary import walk_dag
-    from tasks.train import TrainTask
+    from pseudoseg.pipeline.core.artifacts import record_problems
+    from pseudoseg.tasks import cli
+    from pseudoseg.tasks.base import CommittedTask
+    from pseudoseg.tasks.dag import FullDAG
+    from pseudoseg.tasks.summary import walk_dag
+    from pseudoseg.tasks.train import TrainTask
 
     block = os.urandom(256 << 20)
     sha_mb_s = []
@@ -717,7 +717,7 @@ def bench_verify_cost(repeats: int = 3) -> dict:
 
 
 def _record_files(unit) -> list[str]:  # noqa: ANN001
-    from pipeline.core.artifacts import read_record
+    from pseudoseg.pipeline.core.artifacts import read_record
 
     return [f["name"] for f in read_record(unit.stage_dir, unit.unit)["files"]]
 
@@ -785,7 +785,7 @@ def _timed_cli(args: list[str], code: Path = REPO, timeout: float | None = None)
     env.update(PYTHONPATH=str(code), LUIGI_CONFIG_PATH=str(code / "luigi.cfg"), PYTHONHASHSEED="0")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=code, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.cli", *args], cwd=code, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     output = []
@@ -892,7 +892,7 @@ def bench_scheduling(sizes: tuple[int, ...] = (1_000, 10_000, 100_000), repeats:
                 for n in baseline_sizes:
                     before += one(n, rep, code_before, "baseline")
 
-        from tasks.base import RANGES_PER_STAGE  # the default `auto`
+        from pseudoseg.tasks.base import RANGES_PER_STAGE  # the default `auto`
 
         result: dict = {
             "storage": "tmpfs (/dev/shm)" if base.parent == shm else "disk",
@@ -1043,8 +1043,8 @@ def _stage_overhead_models(folder: Path, grounder_short_side: int) -> dict[str, 
         LlavaProcessor,
     )
 
-    from models.adapters import tiny
-    from models.adapters.segmenter import SAM_ARCHS, build_sam_arch
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, build_sam_arch
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -1118,18 +1118,18 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
     import numpy as np
     import torch
 
-    from models import registry
-    from tasks.base import build_tasks
-    from tasks.features import FeaturesShard
-    from tasks.fmbseg import (
+    from pseudoseg.models import registry
+    from pseudoseg.tasks.base import build_tasks
+    from pseudoseg.tasks.features import FeaturesShard
+    from pseudoseg.tasks.fmbseg import (
         FmbsegAutoMasksShard,
         FmbsegDenseShard,
         FmbsegDetectShard,
         FmbsegLabels,
         FmbsegQueryMasksShard,
     )
-    from tasks.sam import SamEmbeddingsShard
-    from tasks.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
+    from pseudoseg.tasks.sam import SamEmbeddingsShard
+    from pseudoseg.tasks.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
 
     cuda = torch.cuda.is_available()
     settings = {
@@ -1329,8 +1329,8 @@ def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: i
         GroundingDinoProcessor,
     )
 
-    from models.adapters import tiny
-    from models.adapters.grounder import HFGroundingDino
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.grounder import HFGroundingDino
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -35,7 +35,7 @@ def _build_clip(out: Path, spec: dict, image_size: int, patch: int, device: str)
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from models.adapters.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
+    from pseudoseg.models.adapters.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_clip_tokenizer
 
     tok = build_clip_tokenizer()
     config = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.bos_token_id,
@@ -53,7 +53,7 @@ def _build_dino(out: Path, device: str) -> None:
     import torch
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    from models.adapters.tiny import IMAGENET_MEAN, IMAGENET_STD
+    from pseudoseg.models.adapters.tiny import IMAGENET_MEAN, IMAGENET_STD
 
     config = Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=14,
                           image_size=518)
@@ -66,7 +66,7 @@ def _build_dino(out: Path, device: str) -> None:
 def _build_grounder(out: Path, device: str) -> None:
     """Grounding DINO-B at random init: Swin-B (384) backbone, BERT-base text encoder, d_model 256, 6+6 layers, 900
     queries (transformers' defaults), images at 800/1333."""
-    from models.adapters.tiny import save_grounding_dino
+    from pseudoseg.models.adapters.tiny import save_grounding_dino
 
     save_grounding_dino(out, backbone=dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
                                            window_size=12, image_size=384, out_indices=[2, 3, 4]),
@@ -79,11 +79,11 @@ def load_models(size: str, root: Path, device: str = "auto") -> dict[str, Any]:
     """{role: adapter} of every model role a stage benchmark needs, ``size`` "real" or "tiny", on ``device``."""
     import torch
 
-    from models.adapters.clip import HFClipEncoder
-    from models.adapters.dense import HFDinoEncoder
-    from models.adapters.grounder import HFGroundingDino
-    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
-    from models.adapters.tiny import SAM_TINY_CHECKPOINT, ensure_tiny
+    from pseudoseg.models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters.dense import HFDinoEncoder
+    from pseudoseg.models.adapters.grounder import HFGroundingDino
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pseudoseg.models.adapters.tiny import SAM_TINY_CHECKPOINT, ensure_tiny
 
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     torch.manual_seed(0)
@@ -114,10 +114,10 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
     import cv2
     import torch
 
-    from pipeline.core.vocabularies import load_templates, load_vocabulary
-    from pipeline.features.cache import encode_fmbseg, encode_use, resolve_blocks
-    from pipeline.fmbseg import pseudo_labels as F
-    from pipeline.fmbseg.params import FmbsegAutoMasksParams, FmbsegDenseParams, FmbsegQueryMasksParams
+    from pseudoseg.pipeline.core.vocabularies import load_templates, load_vocabulary
+    from pseudoseg.pipeline.features.cache import encode_fmbseg, encode_use, resolve_blocks
+    from pseudoseg.pipeline.fmbseg import pseudo_labels as F
+    from pseudoseg.pipeline.fmbseg.params import FmbsegAutoMasksParams, FmbsegDenseParams, FmbsegQueryMasksParams
 
     real = size == "real"
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import ROLES, ModelSettings, load_role
-from models.roles import Sampling
+from pseudoseg.models.registry import ROLES, ModelSettings, load_role
+from pseudoseg.models.roles import Sampling
 
 PROBE_CAPTION = "a person next to a dog and a car."
 

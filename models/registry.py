@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.adapters._hf import ModelUnavailableError
-from models.adapters.captioner import DEFAULT_CAPTIONER
-from models.adapters.clip import DEFAULT_CAM_CLIP, DEFAULT_CLASSIFIER_CLIP, DEFAULT_CLIP
-from models.adapters.dense import DEFAULT_DINO
-from models.adapters.grounder import DEFAULT_GROUNDER
-from models.adapters.segmenter import SAM_ARCHS, SAM_CHECKPOINT_URLS
+from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.models.adapters.captioner import DEFAULT_CAPTIONER
+from pseudoseg.models.adapters.clip import DEFAULT_CAM_CLIP, DEFAULT_CLASSIFIER_CLIP, DEFAULT_CLIP
+from pseudoseg.models.adapters.dense import DEFAULT_DINO
+from pseudoseg.models.adapters.grounder import DEFAULT_GROUNDER
+from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SAM_CHECKPOINT_URLS
 
 __all__ = [
     "ROLES",
@@ -136,14 +136,14 @@ def setting_problems(d: Mapping[str, str]) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------------------- real
 def _captioner(s: ModelSettings):
-    from models.adapters.captioner import HFCaptioner
+    from pseudoseg.models.adapters.captioner import HFCaptioner
 
     return HFCaptioner(s.captioner, device=s.device)
 
 
 def _grounder(s: ModelSettings):
     if s.grounder_backend == "groundingdino":
-        from models.adapters.grounder import GroundingDinoPy
+        from pseudoseg.models.adapters.grounder import GroundingDinoPy
 
         return GroundingDinoPy(
             s.groundingdino_config, s.groundingdino_checkpoint, device=s.device,
@@ -151,37 +151,37 @@ def _grounder(s: ModelSettings):
         )
     if s.grounder_backend != "transformers":
         raise ValueError(f"[models] grounder_backend must be one of {GROUNDER_BACKENDS}, got {s.grounder_backend!r}")
-    from models.adapters.grounder import HFGroundingDino
+    from pseudoseg.models.adapters.grounder import HFGroundingDino
 
     return HFGroundingDino(s.grounder, device=s.device)
 
 
 def _segmenter(s: ModelSettings):
-    from models.adapters.segmenter import SamSegmenter
+    from pseudoseg.models.adapters.segmenter import SamSegmenter
 
     return SamSegmenter.from_checkpoint(s.sam_arch, s.sam_checkpoint_path(), device=s.device)
 
 
 def _clip(s: ModelSettings):
-    from models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters.clip import HFClipEncoder
 
     return HFClipEncoder(s.clip, device=s.device)
 
 
 def _cam_clip(s: ModelSettings):
-    from models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters.clip import HFClipEncoder
 
     return HFClipEncoder(s.cam_clip, device=s.device, key="cam_clip", hub_id=DEFAULT_CAM_CLIP)
 
 
 def _classifier_clip(s: ModelSettings):
-    from models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters.clip import HFClipEncoder
 
     return HFClipEncoder(s.classifier_clip, device=s.device, key="classifier_clip", hub_id=DEFAULT_CLASSIFIER_CLIP)
 
 
 def _dense(s: ModelSettings):
-    from models.adapters.dense import HFDinoEncoder
+    from pseudoseg.models.adapters.dense import HFDinoEncoder
 
     return HFDinoEncoder(s.dino, device=s.device)
 
@@ -195,7 +195,7 @@ REAL: dict[str, Factory] = {
 # ----------------------------------------------------------------------------------------------------- tiny
 def tiny_settings(s: ModelSettings, roles: tuple[str, ...] = ROLES) -> ModelSettings:
     """`s` with the ids of `roles` swapped for tiny folders in `s.cache_dir` (built on first use)."""
-    from models.adapters.tiny import SAM_TINY_CHECKPOINT, ensure_tiny
+    from pseudoseg.models.adapters.tiny import SAM_TINY_CHECKPOINT, ensure_tiny
 
     swap: dict[str, str] = {}
     for role in roles:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract, column, schema
+from pseudoseg.schemas.contract import Contract, column, schema
 
 CLASS_IOU = Contract("class_iou", 1, schema(
     column("class_index", pa.int64()),  # label value in the benchmark's GT

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract, column, schema
+from pseudoseg.schemas.contract import Contract, column, schema
 
 INTS = pa.list_(pa.int32())
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import CLASS_COLUMNS, IMAGE_COLUMNS, MASK_COLUMNS, Contract, column, schema
+from pseudoseg.schemas.contract import CLASS_COLUMNS, IMAGE_COLUMNS, MASK_COLUMNS, Contract, column, schema
 
 BOX_INT = pa.list_(pa.int32(), 4)
 POINT = pa.list_(pa.float32(), 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract, column, schema
+from pseudoseg.schemas.contract import Contract, column, schema
 
 # One row per input entry (file, list line, or tar member), in the deterministic order that assigns shards.
 PLAN = Contract("plan", 1, schema(

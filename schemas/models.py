@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import Contract, column, schema
+from pseudoseg.schemas.contract import Contract, column, schema
 
 MODEL_PROBE = Contract("model_probe", 1, schema(
     column("role", pa.string()),

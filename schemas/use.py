@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.contract import MASK_COLUMNS, Contract, column, columns, schema
+from pseudoseg.schemas.contract import MASK_COLUMNS, Contract, column, columns, schema
 
 BOX = pa.list_(pa.float32(), 4)
 # The phrase a row comes from: its caption (index, source) and the phrase with its referring expression.

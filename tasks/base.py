@@ -34,8 +34,8 @@ import luigi.execution_summary
 from luigi.task import flatten
 from tqdm import tqdm
 
-from models.registry import ModelSettings
-from pipeline.core.artifacts import (
+from pseudoseg.models.registry import ModelSettings
+from pseudoseg.pipeline.core.artifacts import (
     VERIFY_MODES,
     ShardOutput,
     StageDir,
@@ -46,14 +46,14 @@ from pipeline.core.artifacts import (
     record_problems,
     unit_name,
 )
-from pipeline.core.locks import UnitLock
-from pipeline.core.locks import describe as describe_holder
-from pipeline.core.params import IngestPlanParams, StageParams
-from pipeline.core.sources import Listing, list_source, num_shards
-from schemas import SchemaError
-from tasks.failures import CorruptInput, explain, one_line, permanent_cause
-from tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
-from tasks.sections import section_of
+from pseudoseg.pipeline.core.locks import UnitLock
+from pseudoseg.pipeline.core.locks import describe as describe_holder
+from pseudoseg.pipeline.core.params import IngestPlanParams, StageParams
+from pseudoseg.pipeline.core.sources import Listing, list_source, num_shards
+from pseudoseg.schemas import SchemaError
+from pseudoseg.tasks.failures import CorruptInput, explain, one_line, permanent_cause
+from pseudoseg.tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
+from pseudoseg.tasks.sections import section_of
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 
@@ -551,7 +551,7 @@ class StageBars:
             return None
         bar = self.bars.get(task.stage)
         if bar is None:
-            from tasks.summary import output_of  # tasks.summary imports this module
+            from pseudoseg.tasks.summary import output_of  # tasks.summary imports this module
 
             out = output_of(task.stage)
             bar = self.bars[task.stage] = tqdm(total=task.shard_count, desc=f"{out.stage:<19}", unit="shard",

@@ -27,26 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import load_role
-from pipeline.car.params import CaRLabelsParams, CarSettings, car_label_family, car_label_params
-from pipeline.car.recurrent import CaRMethod, CarParams, clip_cam, clip_classifier, official_query_name
-from pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
-from pipeline.core.images import encode_png
-from pipeline.core.vocabularies import Vocabulary, load_vocabulary
-from pipeline.eval.metrics import IGNORE
-from pipeline.eval.report import ShortSide
-from pipeline.fmbseg.pseudo_labels import class_table, label_map_meta, label_region_rows
-from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
-from tasks.base import (
+from pseudoseg.models.registry import load_role
+from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings, car_label_family, car_label_params
+from pseudoseg.pipeline.car.recurrent import CaRMethod, CarParams, clip_cam, clip_classifier, official_query_name
+from pseudoseg.pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
+from pseudoseg.pipeline.core.images import encode_png
+from pseudoseg.pipeline.core.vocabularies import Vocabulary, load_vocabulary
+from pseudoseg.pipeline.eval.metrics import IGNORE
+from pseudoseg.pipeline.eval.report import ShortSide
+from pseudoseg.pipeline.fmbseg.pseudo_labels import class_table, label_map_meta, label_region_rows
+from pseudoseg.schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
+from pseudoseg.tasks.base import (
     ProgressReporter,
     model_settings,
     reject,
     stage_params,
     stage_wrapper,
 )
-from tasks.chained import ChainedShardTask
-from tasks.fmbseg import detect_params
-from tasks.image_errors import REJECTED
+from pseudoseg.tasks.chained import ChainedShardTask
+from pseudoseg.tasks.fmbseg import detect_params
+from pseudoseg.tasks.image_errors import REJECTED
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 

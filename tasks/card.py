@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.artifacts import META_DIR, atomic_write_bytes, package_versions
-from schemas import REJECTS
-from tasks.summary import RunInfo, StageRow, output_of
+from pseudoseg.pipeline.core.artifacts import META_DIR, atomic_write_bytes, package_versions
+from pseudoseg.schemas import REJECTS
+from pseudoseg.tasks.summary import RunInfo, StageRow, output_of
 
 # params.json keys naming a model (values: "<preset>:<id or path>", see tasks.base.model_identity)
 MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "cam_clip", "classifier_clip", "dense", "dino")
@@ -27,7 +27,7 @@ def singular(unit: str) -> str:
 
 
 def _description(name: str) -> str:
-    from tasks.dag import STAGES
+    from pseudoseg.tasks.dag import STAGES
 
     return next((stage.makes for stage in STAGES if stage.name == name), "")
 

@@ -9,13 +9,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.core.artifacts import ShardOutput
-from pipeline.core.ingest import iter_ingested_images
-from schemas import MANIFEST, REJECTS, Contract
-from tasks.base import GPU, ProgressReporter, ShardTask, model_settings, uses_gpu
-from tasks.image_errors import ImageErrors
-from tasks.ingest import IngestShard
-from tasks.throughput import decoded_images
+from pseudoseg.pipeline.core.artifacts import ShardOutput
+from pseudoseg.pipeline.core.ingest import iter_ingested_images
+from pseudoseg.schemas import MANIFEST, REJECTS, Contract
+from pseudoseg.tasks.base import GPU, ProgressReporter, ShardTask, model_settings, uses_gpu
+from pseudoseg.tasks.image_errors import ImageErrors
+from pseudoseg.tasks.ingest import IngestShard
+from pseudoseg.tasks.throughput import decoded_images
 
 
 class ChainedShardTask(ShardTask):

@@ -19,14 +19,14 @@ import luigi.configuration
 import luigi.setup_logging
 from luigi.execution_summary import LuigiStatusCode
 
-from pipeline.core.artifacts import params_hash
-from tasks.base import STAGE_BARS, build_tasks, frozen_settings
-from tasks.card import write_card
-from tasks.failures import FailFastWorkers
-from tasks.params import name_problem
-from tasks.settings import SettingsError, closest, configure
-from tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
-from tasks.summary import RunInfo, footer, format_table, quarantine_notes, summarise, write_run_json
+from pseudoseg.pipeline.core.artifacts import params_hash
+from pseudoseg.tasks.base import STAGE_BARS, build_tasks, frozen_settings
+from pseudoseg.tasks.card import write_card
+from pseudoseg.tasks.failures import FailFastWorkers
+from pseudoseg.tasks.params import name_problem
+from pseudoseg.tasks.settings import SettingsError, closest, configure
+from pseudoseg.tasks.status import clean_stale, mark_latest, record_shard_counts, status_report
+from pseudoseg.tasks.summary import RunInfo, footer, format_table, quarantine_notes, summarise, write_run_json
 
 # Stage names before every stage was named after its folder (pseudoseg 2026-12): `run OLD` says the new name.
 RENAMED = {
@@ -40,13 +40,13 @@ RENAMED = {
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
     """Every task `run STAGE` accepts, in DAG order (tasks.dag.STAGES)."""
-    from tasks.dag import stage_classes
+    from pseudoseg.tasks.dag import stage_classes
 
     return stage_classes()
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from tasks.dag import STAGES
+    from pseudoseg.tasks.dag import STAGES
 
     width = max(len(stage.name) for stage in STAGES)
     for stage in STAGES:
@@ -193,7 +193,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "demo.cfg"  # the reposit
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.core.sample_set import write_sample_set
+    from pseudoseg.pipeline.core.sample_set import write_sample_set
 
     out = Path(args.out).resolve()
     samples = write_sample_set(out / "demo" / "samples")
@@ -221,7 +221,7 @@ def cmd_luigid(args: argparse.Namespace) -> int:
 def cmd_workers(args: argparse.Namespace) -> int:
     """N worker processes against a running luigid (on this host or ``--scheduler-host``): the scheduler hands
     each task (a shard, or a range of shards) to exactly one of them."""
-    base = [sys.executable, "-m", "tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
+    base = [sys.executable, "-m", "pseudoseg.tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
             "--central", "--scheduler-port", str(args.scheduler_port), "--no-summary"]
     if args.scheduler_host:
         base += ["--scheduler-host", args.scheduler_host]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import luigi
 
-from schemas import (
+from pseudoseg.schemas import (
     BOX_MASKS,
     BOXES,
     CAPTIONS,
@@ -24,16 +24,16 @@ from schemas import (
     TEXT_EMBEDDINGS,
     Contract,
 )
-from schemas.features import SAM_EMBEDDINGS
-from tasks.base import DatasetTask
-from tasks.car_labels import CarLabels
-from tasks.export import ExportCoco, UsePreview
-from tasks.features import FeaturesFmbseg, FeaturesUse, TextClasses, UseText
-from tasks.fmbseg import FmbsegLabels
-from tasks.ingest import Ingest
-from tasks.models import ModelProbe
-from tasks.train import TrainAlignment, TrainUse
-from tasks.use import UseSegments
+from pseudoseg.schemas.features import SAM_EMBEDDINGS
+from pseudoseg.tasks.base import DatasetTask
+from pseudoseg.tasks.car_labels import CarLabels
+from pseudoseg.tasks.export import ExportCoco, UsePreview
+from pseudoseg.tasks.features import FeaturesFmbseg, FeaturesUse, TextClasses, UseText
+from pseudoseg.tasks.fmbseg import FmbsegLabels
+from pseudoseg.tasks.ingest import Ingest
+from pseudoseg.tasks.models import ModelProbe
+from pseudoseg.tasks.train import TrainAlignment, TrainUse
+from pseudoseg.tasks.use import UseSegments
 
 
 class FullDAG(luigi.WrapperTask, DatasetTask):
@@ -125,7 +125,7 @@ OUTPUT_OF: dict[str, Stage] = {o.folder: o for o in OUTPUTS}
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
     """The task class of every STAGES name, in DAG order."""
-    from tasks import car_labels, evaluate, export, features, fmbseg, ingest, models, sam, train, use
+    from pseudoseg.tasks import car_labels, evaluate, export, features, fmbseg, ingest, models, sam, train, use
 
     modules = (ingest, models, sam, use, export, fmbseg, car_labels, features, train, evaluate)
     found = {name: cls for m in modules for name, cls in vars(m).items() if isinstance(cls, type)}

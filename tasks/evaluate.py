@@ -36,11 +36,11 @@ import luigi
 import numpy as np
 from PIL import Image
 
-from models.registry import load_role
-from pipeline.core.artifacts import StageDir, atomic_write_bytes
-from pipeline.core.params import StageParams
-from pipeline.core.vocabularies import class_text_embeddings
-from pipeline.eval.benchmarks import (
+from pseudoseg.models.registry import load_role
+from pseudoseg.pipeline.core.artifacts import StageDir, atomic_write_bytes
+from pseudoseg.pipeline.core.params import StageParams
+from pseudoseg.pipeline.core.vocabularies import class_text_embeddings
+from pseudoseg.pipeline.eval.benchmarks import (
     BENCHMARKS,
     Protocol,
     coco_stuff_classes,
@@ -48,14 +48,14 @@ from pipeline.eval.benchmarks import (
     prompt_vocabulary,
     protocol_for,
 )
-from pipeline.eval.params import method_params
-from pipeline.eval.report import ShortSide, grid_png, report_markdown, run_evaluation
-from pipeline.features.cache import text_templates
-from schemas import MANIFEST
-from schemas.evaluation import CLASS_IOU
-from tasks.base import GPU, StageSettings, model_settings, pseudoseg, stage_params, uses_gpu, verify_inputs
-from tasks.failures import explain
-from tasks.params import IntParameter
+from pseudoseg.pipeline.eval.params import method_params
+from pseudoseg.pipeline.eval.report import ShortSide, grid_png, report_markdown, run_evaluation
+from pseudoseg.pipeline.features.cache import text_templates
+from pseudoseg.schemas import MANIFEST
+from pseudoseg.schemas.evaluation import CLASS_IOU
+from pseudoseg.tasks.base import GPU, StageSettings, model_settings, pseudoseg, stage_params, uses_gpu, verify_inputs
+from pseudoseg.tasks.failures import explain
+from pseudoseg.tasks.params import IntParameter
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "FmbsegLabels"}
@@ -89,10 +89,10 @@ class Evaluate(StageSettings, luigi.Task):
                              f"{NEEDS_RUN[self.method]} run it evaluates")
         common = {"images": self.images, "dataset": self.dataset, "out": self.out}
         if self.method == "pseudo":
-            from tasks.fmbseg import FmbsegLabels
+            from pseudoseg.tasks.fmbseg import FmbsegLabels
 
             return {"pseudo": FmbsegLabels(**common)}
-        from tasks import train
+        from pseudoseg.tasks import train
 
         return {"model": getattr(train, NEEDS_RUN[self.method])(**common)}
 
@@ -156,8 +156,8 @@ class Evaluate(StageSettings, luigi.Task):
 
     # ------------------------------------------------------------------------------------------------ methods
     def car_params(self):
-        from pipeline.car.params import CarSettings, with_car_settings
-        from pipeline.car.recurrent import car_params
+        from pseudoseg.pipeline.car.params import CarSettings, with_car_settings
+        from pseudoseg.pipeline.car.recurrent import car_params
 
         cfg = self.params
         base = car_params(self.benchmark)
@@ -170,7 +170,7 @@ class Evaluate(StageSettings, luigi.Task):
         protocol = self.protocol
         threshold = protocol.bg_threshold if protocol.background == "threshold" else None
         if self.method == "car":
-            from pipeline.car.recurrent import (
+            from pseudoseg.pipeline.car.recurrent import (
                 CaRMethod,
                 car_family,
                 clip_cam,
@@ -188,7 +188,7 @@ class Evaluate(StageSettings, luigi.Task):
             return ShortSide(seg, protocol.short_side)
         if self.method == "pseudo":
             return self.pseudo_segmenter()
-        from models.training.trainer import load_trained
+        from pseudoseg.models.training.trainer import load_trained
 
         clip = load_role("clip", settings)
         template_set, templates = self.text_templates()
@@ -200,7 +200,7 @@ class Evaluate(StageSettings, luigi.Task):
 
         path = self.input()["model"].path
         if self.method == "fmbseg":
-            from pipeline.eval.methods import FMbSegMethod
+            from pseudoseg.pipeline.eval.methods import FMbSegMethod
 
             block, record = load_trained(path, "alignment")
             meta = record.get("metadata", {})
@@ -213,7 +213,7 @@ class Evaluate(StageSettings, luigi.Task):
                                    short_side=protocol.short_side, max_long_side=protocol.max_long_side,
                                    crop=protocol.crop, stride=protocol.stride, layer=layer,
                                    background_threshold=threshold, background_classes=stuff)
-        from pipeline.eval.methods import UseSamMethod, use_head_embedder
+        from pseudoseg.pipeline.eval.methods import UseSamMethod, use_head_embedder
 
         head, record = load_trained(path, "use")
         meta = record.get("metadata", {})
@@ -232,7 +232,7 @@ class Evaluate(StageSettings, luigi.Task):
         """Stage-1 label maps of every FmbsegLabels shard, keyed by the source file's stem."""
         import json
 
-        from pipeline.eval.methods import PseudoLabelMethod
+        from pseudoseg.pipeline.eval.methods import PseudoLabelMethod
 
         maps: dict[str, np.ndarray] = {}
         classes: list[str] | None = None

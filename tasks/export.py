@@ -6,18 +6,18 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
-from pipeline.core.ingest import iter_ingested_samples
-from pipeline.use.export import (
+from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
+from pseudoseg.pipeline.core.ingest import iter_ingested_samples
+from pseudoseg.pipeline.use.export import (
     COCO_EXPORT_VERSION,
     IMAGES_DIR,
     coco_from_segments,
     export_image,
     write_coco_json,
 )
-from pipeline.use.preview import index_html, preview_shard
-from schemas import MANIFEST, SEGMENTS
-from tasks.base import (
+from pseudoseg.pipeline.use.preview import index_html, preview_shard
+from pseudoseg.schemas import MANIFEST, SEGMENTS
+from pseudoseg.tasks.base import (
     CommittedTask,
     DatasetTask,
     ProgressReporter,
@@ -26,8 +26,8 @@ from tasks.base import (
     model_settings,
     verify_inputs,
 )
-from tasks.ingest import IngestShard
-from tasks.use import UseSegmentsShard
+from pseudoseg.tasks.ingest import IngestShard
+from pseudoseg.tasks.use import UseSegmentsShard
 
 
 class ExportCoco(DatasetTask):

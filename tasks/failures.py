@@ -24,9 +24,9 @@ import luigi.scheduler
 import luigi.worker
 from luigi.scheduler import DISABLED, FAILED
 
-from models.adapters._hf import ModelUnavailableError
-from pipeline.eval.benchmarks import DatasetError
-from schemas.contract import SchemaError
+from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.pipeline.eval.benchmarks import DatasetError
+from pseudoseg.schemas.contract import SchemaError
 
 
 class CorruptInput(RuntimeError):

@@ -20,12 +20,12 @@ from typing import Any
 import luigi
 import numpy as np
 
-from models.registry import load_role
-from pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
-from pipeline.core.overlap import Outcome
-from pipeline.core.params import StageParams
-from pipeline.core.vocabularies import class_text_embeddings, load_templates, load_vocabulary
-from pipeline.features.cache import (
+from pseudoseg.models.registry import load_role
+from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
+from pseudoseg.pipeline.core.overlap import Outcome
+from pseudoseg.pipeline.core.params import StageParams
+from pseudoseg.pipeline.core.vocabularies import class_text_embeddings, load_templates, load_vocabulary
+from pseudoseg.pipeline.features.cache import (
     PURPOSES,
     embed_texts,
     encode_fmbseg_batch,
@@ -39,11 +39,11 @@ from pipeline.features.cache import (
     use_input_sides,
     use_inputs,
 )
-from pipeline.features.params import FeaturesFmbsegParams, FeaturesUseParams, UseTextParams
-from pipeline.use.pairs import text_pool
-from schemas import MANIFEST, REJECTS, SEGMENTS
-from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
-from tasks.base import (
+from pseudoseg.pipeline.features.params import FeaturesFmbsegParams, FeaturesUseParams, UseTextParams
+from pseudoseg.pipeline.use.pairs import text_pool
+from pseudoseg.schemas import MANIFEST, REJECTS, SEGMENTS
+from pseudoseg.schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
+from pseudoseg.tasks.base import (
     DatasetTask,
     ProgressReporter,
     ShardTask,
@@ -53,11 +53,11 @@ from tasks.base import (
     stage_wrapper,
     uses_gpu,
 )
-from tasks.fmbseg import detect_params
-from tasks.image_errors import REJECTED, ImageErrors
-from tasks.ingest import IngestShard
-from tasks.throughput import behind, decoded_images, manifest_order
-from tasks.use import UseSegmentsShard
+from pseudoseg.tasks.fmbseg import detect_params
+from pseudoseg.tasks.image_errors import REJECTED, ImageErrors
+from pseudoseg.tasks.ingest import IngestShard
+from pseudoseg.tasks.throughput import behind, decoded_images, manifest_order
+from pseudoseg.tasks.use import UseSegmentsShard
 
 PURPOSE_PARAMS = {"use": FeaturesUseParams, "fmbseg": FeaturesFmbsegParams}
 

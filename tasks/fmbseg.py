@@ -22,21 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import load_role
-from pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
-from pipeline.core.images import encode_png
-from pipeline.core.masks import decode_rle, row_rle
-from pipeline.core.npy import npy_bytes
-from pipeline.core.overlap import Outcome, packed_batches
-from pipeline.core.vocabularies import load_templates, load_vocabulary
-from pipeline.fmbseg.params import (
+from pseudoseg.models.registry import load_role
+from pseudoseg.pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
+from pseudoseg.pipeline.core.images import encode_png
+from pseudoseg.pipeline.core.masks import decode_rle, row_rle
+from pseudoseg.pipeline.core.npy import npy_bytes
+from pseudoseg.pipeline.core.overlap import Outcome, packed_batches
+from pseudoseg.pipeline.core.vocabularies import load_templates, load_vocabulary
+from pseudoseg.pipeline.fmbseg.params import (
     FmbsegAutoMasksParams,
     FmbsegDenseParams,
     FmbsegDetectParams,
     FmbsegLabelsParams,
     FmbsegQueryMasksParams,
 )
-from pipeline.fmbseg.pseudo_labels import (
+from pseudoseg.pipeline.fmbseg.pseudo_labels import (
     STAGE_11,
     STAGE_12,
     DecodedQueries,
@@ -60,9 +60,9 @@ from pipeline.fmbseg.pseudo_labels import (
     merge_label_map,
     stitch_dense,
 )
-from schemas import MANIFEST
-from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
-from tasks.base import (
+from pseudoseg.schemas import MANIFEST
+from pseudoseg.schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
+from pseudoseg.tasks.base import (
     ProgressReporter,
     ShardTask,
     group_by_image,
@@ -71,10 +71,10 @@ from tasks.base import (
     stage_params,
     stage_wrapper,
 )
-from tasks.chained import ChainedShardTask
-from tasks.image_errors import REJECTED, ImageErrors, per_image_reason
-from tasks.sam import UsesSamEmbeddings
-from tasks.throughput import behind, decoded_images, manifest_order, read_ahead
+from pseudoseg.tasks.chained import ChainedShardTask
+from pseudoseg.tasks.image_errors import REJECTED, ImageErrors, per_image_reason
+from pseudoseg.tasks.sam import UsesSamEmbeddings
+from pseudoseg.tasks.throughput import behind, decoded_images, manifest_order, read_ahead
 
 
 def detect_params() -> FmbsegDetectParams:

@@ -31,12 +31,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from pipeline.core.artifacts import AccountingError
-from pipeline.core.images import ImageRejected
-from pipeline.core.ingest import decode_stored, iter_ingested_samples
-from pipeline.core.vocabularies import VocabularyError
-from pipeline.use.captions import CaptionFileError
-from tasks.failures import PERMANENT_ERRORS
+from pseudoseg.pipeline.core.artifacts import AccountingError
+from pseudoseg.pipeline.core.images import ImageRejected
+from pseudoseg.pipeline.core.ingest import decode_stored, iter_ingested_samples
+from pseudoseg.pipeline.core.vocabularies import VocabularyError
+from pseudoseg.pipeline.use.captions import CaptionFileError
+from pseudoseg.tasks.failures import PERMANENT_ERRORS
 
 logger = logging.getLogger("luigi-interface.pseudoseg")
 

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.artifacts import ShardOutput, StageDir
-from pipeline.core.ingest import STAGE, ingest_entries
-from pipeline.core.params import DecodeLimits, IngestPlanParams
-from pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
-from schemas import MANIFEST, PLAN, REJECTS, SchemaError
-from tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, stage_wrapper
+from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir
+from pseudoseg.pipeline.core.ingest import STAGE, ingest_entries
+from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams
+from pseudoseg.pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
+from pseudoseg.schemas import MANIFEST, PLAN, REJECTS, SchemaError
+from pseudoseg.tasks.base import CommittedTask, ProgressReporter, ShardTask, StageSettings, stage_wrapper
 
 
 class PlanIngest(StageSettings, CommittedTask):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import luigi
 import numpy as np
 
-from models.probe import probe_roles
-from pipeline.core.artifacts import StageDir, atomic_write_bytes
-from pipeline.core.ingest import iter_ingested_images
-from schemas import MODEL_PROBE
-from tasks.base import DatasetTask, model_settings, verify_inputs
-from tasks.ingest import IngestShard
+from pseudoseg.models.probe import probe_roles
+from pseudoseg.pipeline.core.artifacts import StageDir, atomic_write_bytes
+from pseudoseg.pipeline.core.ingest import iter_ingested_images
+from pseudoseg.schemas import MODEL_PROBE
+from pseudoseg.tasks.base import DatasetTask, model_settings, verify_inputs
+from pseudoseg.tasks.ingest import IngestShard
 
 
 class ModelProbe(DatasetTask):

@@ -12,7 +12,7 @@ from typing import Any
 
 import luigi
 
-from pipeline.core.params import Range, StageParams
+from pseudoseg.pipeline.core.params import Range, StageParams
 
 
 class _WithRange:

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.registry import load_role
-from models.roles import SamImageEmbedding
-from pipeline.core.artifacts import ShardOutput
-from pipeline.core.overlap import HostCopy, Outcome
-from pipeline.features.params import SamEmbeddingsParams, SamSharingParams
-from pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
-from schemas.features import SAM_EMBEDDINGS
-from tasks.base import (
+from pseudoseg.models.registry import load_role
+from pseudoseg.models.roles import SamImageEmbedding
+from pseudoseg.pipeline.core.artifacts import ShardOutput
+from pseudoseg.pipeline.core.overlap import HostCopy, Outcome
+from pseudoseg.pipeline.features.params import SamEmbeddingsParams, SamSharingParams
+from pseudoseg.pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
+from pseudoseg.schemas.features import SAM_EMBEDDINGS
+from pseudoseg.tasks.base import (
     ProgressReporter,
     ShardTask,
     model_identity,
@@ -31,9 +31,9 @@ from tasks.base import (
     stage_params,
     stage_wrapper,
 )
-from tasks.chained import ChainedShardTask
-from tasks.image_errors import REJECTED, ArtifactMismatchError
-from tasks.throughput import behind, manifest_order, read_ahead
+from pseudoseg.tasks.chained import ChainedShardTask
+from pseudoseg.tasks.image_errors import REJECTED, ArtifactMismatchError
+from pseudoseg.tasks.throughput import behind, manifest_order, read_ahead
 
 
 def sam_sharing() -> SamSharingParams:

@@ -6,32 +6,32 @@ from __future__ import annotations
 
 import luigi
 
-from models.training.params import TrainAlignmentParams, TrainUseParams
-from pipeline.car.params import CaRLabelsParams, CarSettings
-from pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
-from pipeline.eval.params import EvaluateCarParams, EvaluateParams, EvaluateUseSamParams
-from pipeline.features.params import (
+from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
+from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings
+from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
+from pseudoseg.pipeline.eval.params import EvaluateCarParams, EvaluateParams, EvaluateUseSamParams
+from pseudoseg.pipeline.features.params import (
     FeaturesFmbsegParams,
     FeaturesUseParams,
     SamEmbeddingsParams,
     SamSharingParams,
     UseTextParams,
 )
-from pipeline.fmbseg.params import (
+from pseudoseg.pipeline.fmbseg.params import (
     FmbsegAutoMasksParams,
     FmbsegDenseParams,
     FmbsegDetectParams,
     FmbsegLabelsParams,
     FmbsegQueryMasksParams,
 )
-from pipeline.use.params import (
+from pseudoseg.pipeline.use.params import (
     UseBoxesParams,
     UseBoxMasksParams,
     UseCaptionsParams,
     UseExpressionsParams,
     UseSegmentsParams,
 )
-from tasks.params import config_section
+from pseudoseg.tasks.params import config_section
 
 ingest = config_section("ingest", IngestPlanParams, DecodeLimits, module=__name__)
 sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)

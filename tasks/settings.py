@@ -30,9 +30,9 @@ import luigi
 import luigi.configuration
 from luigi.task_register import Register
 
-import tasks
-from models.registry import ModelSettings, setting_problems
-from tasks.params import IntParameter
+import pseudoseg.tasks as tasks
+from pseudoseg.models.registry import ModelSettings, setting_problems
+from pseudoseg.tasks.params import IntParameter
 
 Check = Callable[[str], "str | None"]  # value → what is allowed (None: fine)
 
@@ -94,12 +94,12 @@ def param_check(param: luigi.Parameter) -> Check:
 def import_task_modules() -> None:
     """Every module of the ``tasks`` package, so that every luigi.Config and task class is registered."""
     for info in pkgutil.iter_modules(tasks.__path__):
-        importlib.import_module(f"tasks.{info.name}")
+        importlib.import_module(f"{tasks.__name__}.{info.name}")
 
 
 def known_sections() -> dict[str, dict[str, Check | None]]:
     """section → {key (underscored, lower case) → value check}; ``[models]`` values are checked together."""
-    from tasks.base import RESOURCES
+    from pseudoseg.tasks.base import RESOURCES
 
     import_task_modules()
     sections: dict[str, dict[str, Check | None]] = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline.core.artifacts import (
+from pseudoseg.pipeline.core.artifacts import (
     LATEST_FILE,
     LATEST_LINK,
     META_DIR,
@@ -37,7 +37,7 @@ SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the sha
 
 def stage_order() -> list[str]:
     """Stage folder names in DAG order (tasks.dag.OUTPUTS), the ingest plan first."""
-    from tasks.dag import OUTPUTS
+    from pseudoseg.tasks.dag import OUTPUTS
 
     return ["plan", *(output.folder for output in OUTPUTS)]
 
@@ -46,7 +46,7 @@ def stage_order() -> list[str]:
 
 
 def _stage_dirs(roots: Iterable[luigi.Task]) -> dict[Path, tuple[StageDir, list[luigi.Task]]]:
-    from tasks.summary import walk_dag
+    from pseudoseg.tasks.summary import walk_dag
 
     found: dict[Path, tuple[StageDir, list[luigi.Task]]] = {}
     for task in walk_dag(roots):
@@ -61,7 +61,7 @@ def _stage_dirs(roots: Iterable[luigi.Task]) -> dict[Path, tuple[StageDir, list[
 
 def record_shard_counts(roots: Iterable[luigi.Task]) -> None:
     """Before a run: ``_meta/shards.json`` of every shard stage of the DAG (how many units make it complete)."""
-    from tasks.base import ShardTask
+    from pseudoseg.tasks.base import ShardTask
 
     for stage_dir, tasks in _stage_dirs(roots).values():
         shards = [t for t in tasks if isinstance(t, ShardTask)]

@@ -16,14 +16,14 @@ from typing import Any
 
 import luigi
 
-from pipeline.core.artifacts import (
+from pseudoseg.pipeline.core.artifacts import (
     QUARANTINE,
     StageDir,
     atomic_write_bytes,
     load_shard_stats,
     package_versions,
 )
-from tasks.base import CommittedTask, ShardRange, ShardTask
+from pseudoseg.tasks.base import CommittedTask, ShardRange, ShardTask
 
 TOP_REASONS = 3
 
@@ -48,7 +48,7 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
 
 
 def output_of(folder: str):  # -> tasks.dag.Stage
-    from tasks.dag import OUTPUT_OF, Stage
+    from pseudoseg.tasks.dag import OUTPUT_OF, Stage
 
     if folder in OUTPUT_OF:
         return OUTPUT_OF[folder]
@@ -58,7 +58,7 @@ def output_of(folder: str):  # -> tasks.dag.Stage
 
 
 def dag_position(folder: str) -> int:
-    from tasks.dag import OUTPUTS
+    from pseudoseg.tasks.dag import OUTPUTS
 
     out = output_of(folder)
     return OUTPUTS.index(out) if out in OUTPUTS else len(OUTPUTS)

@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import luigi
 import numpy as np
 
-from pipeline.core.ingest import decode_stored, iter_ingested_samples
-from pipeline.core.overlap import Behind, Outcome, prefetch
-from tasks.image_errors import REJECTED, ImageErrors
-from tasks.params import IntParameter
+from pseudoseg.pipeline.core.ingest import decode_stored, iter_ingested_samples
+from pseudoseg.pipeline.core.overlap import Behind, Outcome, prefetch
+from pseudoseg.tasks.image_errors import REJECTED, ImageErrors
+from pseudoseg.tasks.params import IntParameter
 
 T = TypeVar("T")
 

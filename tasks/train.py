@@ -29,11 +29,11 @@ import luigi
 import numpy as np
 import torch
 
-from models.registry import load_role
-from models.training.datasets import AlignmentDataset, UseOnlineDataset, UseSegmentDataset
-from models.training.heads import AlignmentBlock, USEHead
-from models.training.params import TrainAlignmentParams, TrainUseParams
-from models.training.trainer import (
+from pseudoseg.models.registry import load_role
+from pseudoseg.models.training.datasets import AlignmentDataset, UseOnlineDataset, UseSegmentDataset
+from pseudoseg.models.training.heads import AlignmentBlock, USEHead
+from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
+from pseudoseg.models.training.trainer import (
     TrainConfig,
     alignment_step,
     collate_alignment,
@@ -41,10 +41,10 @@ from models.training.trainer import (
     train,
     use_step,
 )
-from pipeline.core.artifacts import StageDir
-from pipeline.core.transforms import PAD_VALUE
-from pipeline.core.vocabularies import load_vocabulary
-from pipeline.features.cache import (
+from pseudoseg.pipeline.core.artifacts import StageDir
+from pseudoseg.pipeline.core.transforms import PAD_VALUE
+from pseudoseg.pipeline.core.vocabularies import load_vocabulary
+from pseudoseg.pipeline.features.cache import (
     TarStore,
     encode_use_batch,
     read_features,
@@ -52,11 +52,11 @@ from pipeline.features.cache import (
     text_matrix,
     use_grid,
 )
-from pipeline.features.params import FeaturesUseParams
-from pipeline.use.params import TEXT_CHOICES
-from schemas import SEGMENTS
-from schemas.features import TEXT_EMBEDDINGS
-from tasks.base import (
+from pseudoseg.pipeline.features.params import FeaturesUseParams
+from pseudoseg.pipeline.use.params import TEXT_CHOICES
+from pseudoseg.schemas import SEGMENTS
+from pseudoseg.schemas.features import TEXT_EMBEDDINGS
+from pseudoseg.tasks.base import (
     CommittedTask,
     DatasetTask,
     StageSettings,
@@ -67,10 +67,10 @@ from tasks.base import (
     uses_gpu,
     verify_inputs,
 )
-from tasks.features import FeaturesShard, TextClasses, UseTextShard
-from tasks.fmbseg import FmbsegLabelsShard
-from tasks.ingest import IngestShard
-from tasks.use import UseSegmentsShard
+from pseudoseg.tasks.features import FeaturesShard, TextClasses, UseTextShard
+from pseudoseg.tasks.fmbseg import FmbsegLabelsShard
+from pseudoseg.tasks.ingest import IngestShard
+from pseudoseg.tasks.use import UseSegmentsShard
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -256,7 +256,7 @@ class TrainAlignment(TrainTask):
 
     def label_task(self) -> type[luigi.Task]:
         """Both label sources write the same artifact layout (label PNGs + classes.json + LABEL_REGIONS)."""
-        from tasks.car_labels import CarLabelsShard
+        from pseudoseg.tasks.car_labels import CarLabelsShard
 
         return CarLabelsShard if self.params.label_source == "car" else FmbsegLabelsShard
 

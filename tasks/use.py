@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from models.registry import load_role, load_spacy
-from models.roles import Sampling
-from pipeline.core.artifacts import ShardOutput
-from pipeline.core.overlap import Outcome
-from pipeline.use.captions import load_gt_captions
-from pipeline.use.pairs import (
+from pseudoseg.models.registry import load_role, load_spacy
+from pseudoseg.models.roles import Sampling
+from pseudoseg.pipeline.core.artifacts import ShardOutput
+from pseudoseg.pipeline.core.overlap import Outcome
+from pseudoseg.pipeline.use.captions import load_gt_captions
+from pseudoseg.pipeline.use.pairs import (
     CaptionQuery,
     DecodedBoxes,
     box_mask_row,
@@ -31,19 +31,19 @@ from pipeline.use.pairs import (
     ground_captions,
     merge_segments,
 )
-from pipeline.use.params import (
+from pseudoseg.pipeline.use.params import (
     UseBoxesParams,
     UseBoxMasksParams,
     UseCaptionsParams,
     UseExpressionsParams,
     UseSegmentsParams,
 )
-from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
-from tasks.base import ProgressReporter, group_by_image, model_settings, reject, stage_wrapper
-from tasks.chained import ChainedShardTask
-from tasks.image_errors import REJECTED
-from tasks.sam import UsesSamEmbeddings
-from tasks.throughput import behind, manifest_order
+from pseudoseg.schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
+from pseudoseg.tasks.base import ProgressReporter, group_by_image, model_settings, reject, stage_wrapper
+from pseudoseg.tasks.chained import ChainedShardTask
+from pseudoseg.tasks.image_errors import REJECTED
+from pseudoseg.tasks.sam import UsesSamEmbeddings
+from pseudoseg.tasks.throughput import behind, manifest_order
 
 
 class UseCaptionsShard(ChainedShardTask):

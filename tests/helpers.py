@@ -15,7 +15,7 @@ import cv2
 import luigi.configuration
 import numpy as np
 
-from pipeline.core.artifacts import LATEST_LINK
+from pseudoseg.pipeline.core.artifacts import LATEST_LINK
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def cli_env(tmp_path: Path, sitecustomize: str | None = None) -> dict[str, str]:
 
 
 def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

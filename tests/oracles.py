@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from models.registry import register_preset
-from models.roles import (
+from pseudoseg.models.registry import register_preset
+from pseudoseg.models.roles import (
     Captioner,
     ClipEncoder,
     ClipImageFeatures,
@@ -33,8 +33,8 @@ from models.roles import (
     SamImageEmbedding,
     Segmenter,
 )
-from pipeline.car.recurrent import _softmax
-from pipeline.core.transforms import Resize, SlidingWindows, working_size
+from pseudoseg.pipeline.car.recurrent import _softmax
+from pseudoseg.pipeline.core.transforms import Resize, SlidingWindows, working_size
 
 VOID = 255
 # Extra spellings of VOC class names that captions and prompts use.

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.adapters._hf import HFAdapter, autocast
-from models.roles import Captioner, Sampling
+from pseudoseg.models.adapters._hf import HFAdapter, autocast
+from pseudoseg.models.roles import Captioner, Sampling
 
 DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
 

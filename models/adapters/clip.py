@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.adapters._hf import HFAdapter, autocast, l2_normalize, to_numpy
-from models.roles import ClipEncoder, ClipImageFeatures
+from pseudoseg.models.adapters._hf import HFAdapter, autocast, l2_normalize, to_numpy
+from pseudoseg.models.roles import ClipEncoder, ClipImageFeatures
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 # CaR (car-paper §4): mask proposal generator f = ViT-B/16, mask classifier g = ViT-L/14 (224 px).

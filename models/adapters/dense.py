@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.adapters._hf import HFAdapter, autocast, to_numpy
-from models.roles import DenseEncoder, DenseFeatures
+from pseudoseg.models.adapters._hf import HFAdapter, autocast, to_numpy
+from pseudoseg.models.roles import DenseEncoder, DenseFeatures
 
 DEFAULT_DINO = "facebook/dinov2-large"
 

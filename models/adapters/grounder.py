@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
-from models.roles import Grounder, Grounding
+from pseudoseg.models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
+from pseudoseg.models.roles import Grounder, Grounding
 
 DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"
 

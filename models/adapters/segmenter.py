@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.adapters._hf import ModelUnavailableError, autocast, model_device, to_numpy
-from models.roles import MaskPrediction, SamImageEmbedding, Segmenter, prompt_arrays
+from pseudoseg.models.adapters._hf import ModelUnavailableError, autocast, model_device, to_numpy
+from pseudoseg.models.roles import MaskPrediction, SamImageEmbedding, Segmenter, prompt_arrays
 
 # `_build_sam` keyword arguments per image-encoder size; vit_* are the official ones (segment_anything.build_sam).
 SAM_ARCHS: dict[str, dict[str, Any]] = {

@@ -286,7 +286,7 @@ def build_captioner(out: Path) -> None:
 
 def build_segmenter(out: Path) -> None:
     """SAM with a tiny ViT image encoder (same `_build_sam` as vit_h), saved as a plain state_dict `.pth`."""
-    from models.adapters.segmenter import SAM_ARCHS, build_sam_arch
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, build_sam_arch
 
     _seeded(5)
     sam = build_sam_arch(SAM_ARCHS["tiny"], checkpoint=None)

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.training.heads import mask_pooling_weights
-from models.training.trainer import BatchBuffers, Collated, collate_alignment, epoch_index
-from pipeline.core.ingest import read_ingested_image
-from pipeline.core.masks import decode_rle, row_rle
-from pipeline.core.transforms import random_scale_crop
-from pipeline.core.vocabularies import UNLABELLED
-from pipeline.features.cache import (
+from pseudoseg.models.training.heads import mask_pooling_weights
+from pseudoseg.models.training.trainer import BatchBuffers, Collated, collate_alignment, epoch_index
+from pseudoseg.pipeline.core.ingest import read_ingested_image
+from pseudoseg.pipeline.core.masks import decode_rle, row_rle
+from pseudoseg.pipeline.core.transforms import random_scale_crop
+from pseudoseg.pipeline.core.vocabularies import UNLABELLED
+from pseudoseg.pipeline.features.cache import (
     ARRAY_NAMES,
     FEATURE_DTYPE,
     PatchLabeler,
@@ -32,8 +32,8 @@ from pipeline.features.cache import (
     rle_pooling_weights,
     sample_rng,
 )
-from pipeline.use.pairs import draw_segment_texts, segment_texts
-from pipeline.use.params import TEXT_CHOICES
+from pseudoseg.pipeline.use.pairs import draw_segment_texts, segment_texts
+from pseudoseg.pipeline.use.params import TEXT_CHOICES
 
 # Bytes of per-item derived arrays (pooling weights, patch labels) a dataset keeps between epochs, each.
 DERIVED_CACHE_BYTES = 1 << 30

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from models.training.heads import AlignmentBlock
-from pipeline.core.params import StageParams, setting
-from pipeline.use.params import TEXT_CHOICES
+from pseudoseg.models.training.heads import AlignmentBlock
+from pseudoseg.pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.use.params import TEXT_CHOICES
 
 WORKERS_HELP = "DataLoader workers (not a content parameter)"
 

@@ -58,9 +58,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
-from models.adapters._hf import autocast, resolve_device
-from models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
-from models.training.params import TrainAlignmentParams, TrainUseParams
+from pseudoseg.models.adapters._hf import autocast, resolve_device
+from pseudoseg.models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
+from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 
 __all__ = [
     "TrainConfig", "TrainResult", "CheckpointMismatchError", "train", "seed_everything", "latest_checkpoint",
@@ -664,7 +664,7 @@ def load_trained(path: str | Path, kind: str | None = None, map_location: str | 
     record = torch.load(path, map_location=map_location, weights_only=True)
     if kind is None:
         return record
-    from models.training.heads import build_head
+    from pseudoseg.models.training.heads import build_head
 
     head = build_head(kind, record["head"])
     head.load_state_dict(record["model"])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.car.recurrent import CAR_DEFAULTS, CRF_IMAGES, VISUAL_PROMPTS, CarParams, car_family, car_params
-from pipeline.core.params import StageParams, setting
-from pipeline.core.vocabularies import vocabulary_digest
+from pseudoseg.pipeline.car.recurrent import CAR_DEFAULTS, CRF_IMAGES, VISUAL_PROMPTS, CarParams, car_family, car_params
+from pseudoseg.pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.core.vocabularies import vocabulary_digest
 
 
 @dataclass(frozen=True)

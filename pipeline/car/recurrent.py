@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.eval.metrics import IGNORE
+from pseudoseg.pipeline.eval.metrics import IGNORE
 
 CamFn = Callable[[np.ndarray, Sequence[str], Sequence[str]], np.ndarray]
 ClassifyFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
@@ -594,7 +594,7 @@ def clip_cam(clip, *, method: str = "clip_es", lam: float = 0.4, attention_layer
     softmax — with "clip_es" refined by the class-aware affinity of the last `attention_layers` blocks' attention
     (:func:`affinity_refine`, box threshold λ = `lam`; car-paper App. B) — each min-max scaled and resized
     (bilinear) to the image. Background text embeddings are computed once per distinct list."""
-    from pipeline.core.transforms import patch_multiple_size, resize_bicubic_pil
+    from pseudoseg.pipeline.core.transforms import patch_multiple_size, resize_bicubic_pil
 
     if method not in CAM_METHODS:
         raise ValueError(f"CAM method must be one of {CAM_METHODS}, got {method!r}")
@@ -628,7 +628,7 @@ def clip_classifier(clip, templates: Sequence[str] = CLASSIFIER_TEMPLATES, *,
     (short side → S, centre crop; pipeline.core.transforms.clip_center_crop); for every template t,
     softmax_q(logit_scale · cos(image, text_t(q))); the per-template matrices are summed and softmaxed again over
     the queries. Returns P float64 [N, N_q], rows summing to 1. Text embeddings are cached per query."""
-    from pipeline.core.transforms import clip_center_crop
+    from pseudoseg.pipeline.core.transforms import clip_center_crop
 
     text_cache: dict[str, np.ndarray] = {}
 

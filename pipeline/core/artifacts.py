@@ -49,7 +49,7 @@ from typing import Any
 import pyarrow as pa
 import webdataset as wds
 
-from schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
+from pseudoseg.schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
 
 TMP_PREFIX = ".tmp-"
 TMP_DIR = ".tmp"  # in a stage folder: temporaries of the units in flight (and hints of what a redo must remove)

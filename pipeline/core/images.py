@@ -37,8 +37,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.core.params import DecodeLimits
-from pipeline.core.transforms import Resize, fit_long_side
+from pseudoseg.pipeline.core.params import DecodeLimits
+from pseudoseg.pipeline.core.transforms import Resize, fit_long_side
 
 REJECT_CODES: tuple[str, ...] = (
     "empty_file",  # zero bytes

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.core.artifacts import sha256_hex
-from pipeline.core.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
-from pipeline.core.params import DecodeLimits
-from pipeline.core.sources import PlannedEntry, plan_reject, read_error_text
-from schemas import IMAGE_META
+from pseudoseg.pipeline.core.artifacts import sha256_hex
+from pseudoseg.pipeline.core.images import DecodedImage, ImageRejected, decode_image, encode_png, sniff_extension
+from pseudoseg.pipeline.core.params import DecodeLimits
+from pseudoseg.pipeline.core.sources import PlannedEntry, plan_reject, read_error_text
+from pseudoseg.schemas import IMAGE_META
 
 STAGE = "ingest"
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.core.artifacts import atomic_write_bytes
-from pipeline.core.images import decode_image, decode_label_png, encode_png
+from pseudoseg.pipeline.core.artifacts import atomic_write_bytes
+from pseudoseg.pipeline.core.images import decode_image, decode_label_png, encode_png
 
 JPEG_QUALITY = 95
 VOID_LABEL = 255  # class/instance value meaning "ignore" (VOC convention)

@@ -27,7 +27,7 @@ from pathlib import Path
 import braceexpand
 import pyarrow.parquet as pq
 
-from pipeline.core.artifacts import sha256_hex
+from pseudoseg.pipeline.core.artifacts import sha256_hex
 
 # Files with these extensions are taken from folders, and so are files without any extension (decoding goes by
 # content, never by name; a README among them becomes a not_an_image reject). Formats we cannot decode are still

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.core.vocabularies import Vocabulary, load_vocabulary
-from pipeline.eval.metrics import IGNORE
+from pseudoseg.pipeline.core.vocabularies import Vocabulary, load_vocabulary
+from pseudoseg.pipeline.eval.metrics import IGNORE
 
 
 class DatasetError(FileNotFoundError):

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.masks import encode_rle, mask_nms
-from pipeline.core.transforms import Resize, SlidingWindows, resize_label_map, working_size
-from pipeline.eval.metrics import IGNORE
+from pseudoseg.pipeline.core.masks import encode_rle, mask_nms
+from pseudoseg.pipeline.core.transforms import Resize, SlidingWindows, resize_label_map, working_size
+from pseudoseg.pipeline.eval.metrics import IGNORE
 
 TextProtos = np.ndarray | Callable[[Sequence[str]], np.ndarray]
 

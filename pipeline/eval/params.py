@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.params import StageParams, setting
-from pipeline.features.cache import TEXT_TEMPLATE_SETS
+from pseudoseg.pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.features.cache import TEXT_TEMPLATE_SETS
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline.core.transforms import Resize, resize_label_map, short_side_size
-from pipeline.eval.benchmarks import BENCHMARKS, Protocol
-from pipeline.eval.metrics import IGNORE, ConfusionMatrix
+from pseudoseg.pipeline.core.transforms import Resize, resize_label_map, short_side_size
+from pseudoseg.pipeline.eval.benchmarks import BENCHMARKS, Protocol
+from pseudoseg.pipeline.eval.metrics import IGNORE, ConfusionMatrix
 
 # --------------------------------------------------------------------------------------------- published numbers
 # mIoU (%) as printed in the seed papers, keyed by pipeline.eval.benchmarks.BENCHMARKS name. Copied from

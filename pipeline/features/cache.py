@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.npy import npy_bytes
-from pipeline.core.transforms import Resize, working_size
-from pipeline.core.vocabularies import TEMPLATE_SETS
+from pseudoseg.pipeline.core.npy import npy_bytes
+from pseudoseg.pipeline.core.transforms import Resize, working_size
+from pseudoseg.pipeline.core.vocabularies import TEMPLATE_SETS
 
 PURPOSES = ("use", "fmbseg")
 FEATURE_DTYPE = np.float16  # on disk; encoders and heads compute in float32
@@ -568,7 +568,7 @@ class PatchLabeler:
     def decode_png(data: bytes) -> np.ndarray:
         import cv2
 
-        from pipeline.core.images import decode_label_png
+        from pseudoseg.pipeline.core.images import decode_label_png
 
         # IHDR: bit depth at byte 24, colour type at 25 (0 = grayscale); OpenCV keeps such a PNG as uint8 [H, W]
         if len(data) > 25 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[24] == 8 and data[25] == 0:
@@ -589,7 +589,7 @@ class PatchLabeler:
         return cell
 
     def __call__(self, label_map: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        from pipeline.core.transforms import patch_labels
+        from pseudoseg.pipeline.core.transforms import patch_labels
 
         lm = np.asarray(label_map)
         h, w = int(grid[0]), int(grid[1])

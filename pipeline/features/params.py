@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.params import StageParams, setting
-from pipeline.features.cache import TEXT_TEMPLATE_SETS
+from pseudoseg.pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.features.cache import TEXT_TEMPLATE_SETS
 
 BLOCKS_HELP = "all | none | last:N | every:K | i,j,k"
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.core.npy import npy_array, npy_bytes
-from pipeline.features.params import DTYPES, SamEmbeddingsParams
+from pseudoseg.pipeline.core.npy import npy_array, npy_bytes
+from pseudoseg.pipeline.features.params import DTYPES, SamEmbeddingsParams
 
 
 def embedding_sample(image_id: str, features: np.ndarray, original_hw: tuple[int, int], input_hw: tuple[int, int],

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.params import StageParams, setting
-from pipeline.core.vocabularies import TEMPLATE_SETS, vocabulary_digest
+from pseudoseg.pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.core.vocabularies import TEMPLATE_SETS, vocabulary_digest
 
 PRECEDENCES = ("stage11_first", "stage12_first", "confidence")
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from pipeline.core.masks import encode_rle, rle_bbox, rle_row_fields
-from pipeline.core.npy import npy_array, npy_bytes
-from pipeline.core.transforms import (
+from pseudoseg.pipeline.core.masks import encode_rle, rle_bbox, rle_row_fields
+from pseudoseg.pipeline.core.npy import npy_array, npy_bytes
+from pseudoseg.pipeline.core.transforms import (
     Resize,
     SlidingWindows,
     flat_to_rowcol,
@@ -39,8 +39,8 @@ from pipeline.core.transforms import (
     pixel_cell_index,
     working_size,
 )
-from pipeline.core.vocabularies import UNLABELLED, Vocabulary, class_text_embeddings  # noqa: F401 — re-exported
-from pipeline.fmbseg.params import (
+from pseudoseg.pipeline.core.vocabularies import UNLABELLED, Vocabulary, class_text_embeddings  # noqa: F401 — re-exported
+from pseudoseg.pipeline.fmbseg.params import (
     PRECEDENCES,
     FmbsegAutoMasksParams,
     FmbsegDenseParams,
@@ -290,7 +290,7 @@ def decode_query_points(
     device, only binary masks start their copy to the host. Nothing here waits for the device."""
     import torch
 
-    from pipeline.core.overlap import HostCopy
+    from pseudoseg.pipeline.core.overlap import HostCopy
 
     classes = tuple(int(c) for c in classes)
     if not classes:

@@ -30,8 +30,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.artifacts import atomic_write_bytes
-from schemas import SEGMENTS
+from pseudoseg.pipeline.core.artifacts import atomic_write_bytes
+from pseudoseg.schemas import SEGMENTS
 
 COCO_EXPORT_VERSION = "2"
 IMAGES_DIR = "data"  # beside coco.json: FiftyOne's COCO layout (data/ + labels), pycocotools takes any folder
@@ -66,8 +66,8 @@ def export_image(payload: bytes, meta: Mapping[str, Any]) -> tuple[bytes, str]:
 
     from PIL import Image
 
-    from pipeline.core.images import encode_png, exif_orientation
-    from pipeline.core.ingest import decode_stored
+    from pseudoseg.pipeline.core.images import encode_png, exif_orientation
+    from pseudoseg.pipeline.core.ingest import decode_stored
 
     with Image.open(io.BytesIO(payload)) as img:  # header only
         plain = (img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L") and exif_orientation(img) == 1

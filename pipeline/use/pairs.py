@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.core.masks import (
+from pseudoseg.pipeline.core.masks import (
     box_covers_image,
     clean_mask,
     decode_rle,
@@ -38,10 +38,10 @@ from pipeline.core.masks import (
     row_rle,
     stability_score,
 )
-from pipeline.core.overlap import HostCopy
-from pipeline.use.expressions import extract_expressions
-from pipeline.use.grounding import box_nms, match_boxes_to_phrases, shift_spans, split_caption_windows
-from pipeline.use.params import (
+from pseudoseg.pipeline.core.overlap import HostCopy
+from pseudoseg.pipeline.use.expressions import extract_expressions
+from pseudoseg.pipeline.use.grounding import box_nms, match_boxes_to_phrases, shift_spans, split_caption_windows
+from pseudoseg.pipeline.use.params import (
     TEXT_KINDS,
     UseBoxesParams,
     UseBoxMasksParams,
@@ -50,7 +50,7 @@ from pipeline.use.params import (
 )
 
 if TYPE_CHECKING:  # role objects are passed in; pipeline/ never imports the model layer at run time
-    from models.roles import Grounder, SamImageEmbedding, Segmenter
+    from pseudoseg.models.roles import Grounder, SamImageEmbedding, Segmenter
 
 GT_SOURCE = "gt"
 MLLM_PREFIX = "mllm:"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.params import StageParams, setting
+from pseudoseg.pipeline.core.params import StageParams, setting
 
 # LLaVA-1.5 prompt of use-paper §3.1
 CAPTION_PROMPT = ("Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of "

@@ -29,11 +29,11 @@ from urllib.parse import quote
 import cv2
 import numpy as np
 
-from pipeline.core.artifacts import atomic_write_bytes
-from pipeline.core.images import encode_png
-from pipeline.core.ingest import iter_ingested_images
-from pipeline.core.masks import decode_rle, row_rle
-from pipeline.core.transforms import Resize, fit_long_side
+from pseudoseg.pipeline.core.artifacts import atomic_write_bytes
+from pseudoseg.pipeline.core.images import encode_png
+from pseudoseg.pipeline.core.ingest import iter_ingested_images
+from pseudoseg.pipeline.core.masks import decode_rle, row_rle
+from pseudoseg.pipeline.core.transforms import Resize, fit_long_side
 
 FONT_PX = 11  # label font size in pixels
 LABEL_PAD = 2  # pixels around the text inside its box

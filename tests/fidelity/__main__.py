@@ -63,13 +63,24 @@ def stale(m: Mutant, root: Path) -> str | None:
     return None if n == 1 else f"its original text occurs {n} times in {m.file}"
 
 
+def shim(root: Path) -> Path:
+    """A folder beside the copy ``root`` holding one link, ``pseudoseg`` → ``root``: first on PYTHONPATH, it makes
+    the copy the ``pseudoseg`` package (setup.cfg maps the namespace onto the repository root; the editable
+    install's finder would otherwise import this repository's modules)."""
+    folder = root.with_name(root.name + "-shim")
+    folder.mkdir(exist_ok=True)
+    if not (folder / "pseudoseg").exists():
+        (folder / "pseudoseg").symlink_to(root, target_is_directory=True)
+    return folder
+
+
 def environment(root: Path) -> dict[str, str]:
-    """This process's environment for a run in the copy ``root``: no bytecode files, no PYTHONPATH, and a
-    LUIGI_CONFIG_PATH naming a file of this repository (the Makefile exports luigi.cfg's) moved into the copy, so
-    a mutant of luigi.cfg is what the tests read."""
+    """This process's environment for a run in the copy ``root``: no bytecode files, the copy as the ``pseudoseg``
+    package (``shim``), and a LUIGI_CONFIG_PATH naming a file of this repository moved into the copy, so a mutant
+    of luigi.cfg is what the tests read (the shipped luigi.cfg is found beside the package: the copy's)."""
     env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(shim(root))
     config = env.get("LUIGI_CONFIG_PATH")
     if config and Path(config).resolve().is_relative_to(REPO):
         env["LUIGI_CONFIG_PATH"] = str(root / Path(config).resolve().relative_to(REPO))
@@ -78,7 +89,8 @@ def environment(root: Path) -> dict[str, str]:
 
 def check_imports_from(root: Path) -> None:
     """The tests run in ``root`` must import the copy's modules, not the editable install's."""
-    code = "import pipeline, tests; print(pipeline.__file__); print(tests.__file__)"
+    code = ("import pseudoseg.tasks.settings as s, tests; print(s.__file__); print(tests.__file__); "
+            "print(s.SHIPPED_CONFIG)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment(root), capture_output=True, text=True,
                          check=True).stdout.split()
     if not all(Path(p).resolve().is_relative_to(root.resolve()) for p in out):
@@ -167,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scratch copy kept: {scratch}")
             else:
                 shutil.rmtree(scratch, ignore_errors=True)
+                shutil.rmtree(scratch.with_name(scratch.name + "-shim"), ignore_errors=True)
     failures = sum(s != "killed" for s in statuses)
     killed = len(chosen) - failures
     print(f"fidelity: {killed} of {len(chosen)} mutants killed in {time.monotonic() - started:.0f} s")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.adapters import tiny
-from models.registry import ROLES, ModelSettings, ModelUnavailableError, load_role, register_preset
-from models.roles import Captioner, ClipEncoder, DenseEncoder, Grounder, Sampling, Segmenter
+from pseudoseg.models.adapters import tiny
+from pseudoseg.models.registry import ROLES, ModelSettings, ModelUnavailableError, load_role, register_preset
+from pseudoseg.models.roles import Captioner, ClipEncoder, DenseEncoder, Grounder, Sampling, Segmenter
 from tests.oracles import OracleGT, register_oracle
 
 
@@ -215,7 +215,7 @@ def test_groundingdino_py_backend_matches_official_predict(tiny_cache, tmp_path,
     from torchvision.ops import box_convert
     from transformers import BertConfig, BertModel
 
-    from models.adapters.grounder import GroundingDinoPy, _bert_compat
+    from pseudoseg.models.adapters.grounder import GroundingDinoPy, _bert_compat
 
     bert_dir = tmp_path / "bert"
     tok = tiny.build_bert_tokenizer()
@@ -291,7 +291,7 @@ def test_settings_from_mapping_and_plugins(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown"):
         ModelSettings.from_mapping({"cilp": "x"})
     (tmp_path / "my_plugin.py").write_text(
-        "from models.registry import register_preset\n"
+        "from pseudoseg.models.registry import register_preset\n"
         "register_preset('plugged', {'dense': lambda s: ('dense from plugin', s.device)})\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -364,10 +364,10 @@ def test_oracle_answers_from_ground_truth(gt):
 def test_a_process_loads_each_model_once_across_shards(tmp_path, tiny_cache):
     """Three one-image shards of UseExpressions (captioner + spaCy) and SamEmbeddings (SAM) in one worker process:
     each model is loaded once and reused for every shard (models.registry keeps the adapters)."""
-    from models import registry
-    from tasks.base import build_tasks
-    from tasks.sam import SamEmbeddings
-    from tasks.use import UseExpressions
+    from pseudoseg.models import registry
+    from pseudoseg.tasks.base import build_tasks
+    from pseudoseg.tasks.sam import SamEmbeddings
+    from pseudoseg.tasks.use import UseExpressions
     from tests.helpers import luigi_settings, write_good_images
 
     images = tmp_path / "images"

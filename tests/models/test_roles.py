@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.roles import prompt_arrays
+from pseudoseg.models.roles import prompt_arrays
 
 
 def test_prompts_become_float32_arrays_with_default_foreground_labels():

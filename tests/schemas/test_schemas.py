@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core.artifacts import ShardOutput, StageDir, commit_shard, read_shard_stats
-from schemas import MANIFEST, REJECTS, SHARD_STATS, SchemaError
+from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, commit_shard, read_shard_stats
+from pseudoseg.schemas import MANIFEST, REJECTS, SHARD_STATS, SchemaError
 
 REJECT = {"image_id": "ab", "source": "x.jpg", "stage": "ingest", "reason": "truncated", "detail": "cut"}
 
@@ -79,7 +79,7 @@ def test_done_json_is_validated_on_read(tmp_path):
 
 
 def test_commit_refuses_counts_that_do_not_add_up(tmp_path):
-    from pipeline.core.artifacts import AccountingError
+    from pseudoseg.pipeline.core.artifacts import AccountingError
 
     stage = StageDir(tmp_path, "ds", "ingest", {})
     with pytest.raises(AccountingError):
@@ -95,7 +95,7 @@ def _write(path, data: bytes):
 def test_tar_spool_streams_the_same_bytes_and_commits_by_rename(tmp_path):
     import hashlib
 
-    from pipeline.core.artifacts import TMP_PREFIX, TarSpool, webdataset_tar_bytes
+    from pseudoseg.pipeline.core.artifacts import TMP_PREFIX, TarSpool, webdataset_tar_bytes
 
     samples = [{"__key__": f"k{i}", "x.npy": bytes([i]) * (1000 + i), "json": b"{}"} for i in range(5)]
     stage = StageDir(tmp_path, "ds", "st", {"a": 1})
@@ -113,7 +113,7 @@ def test_tar_spool_streams_the_same_bytes_and_commits_by_rename(tmp_path):
 
 
 def test_tar_spool_removes_its_temporary_on_error(tmp_path):
-    from pipeline.core.artifacts import TarSpool
+    from pseudoseg.pipeline.core.artifacts import TarSpool
 
     target = tmp_path / "st" / "shard-000000.tar"
     with pytest.raises(RuntimeError, match="encoder died"):

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.core.artifacts import LATEST_FILE, record_unit_file, sha256_hex
-from pipeline.core.sources import source_path
-from schemas import MANIFEST, REJECTS, SHARD_STATS
-from schemas.features import SAM_EMBEDDINGS
-from tasks.status import hash_folders
+from pseudoseg.pipeline.core.artifacts import LATEST_FILE, record_unit_file, sha256_hex
+from pseudoseg.pipeline.core.sources import source_path
+from pseudoseg.schemas import MANIFEST, REJECTS, SHARD_STATS
+from pseudoseg.schemas.features import SAM_EMBEDDINGS
+from pseudoseg.tasks.status import hash_folders
 from tests.helpers import cli, cli_env, tree_bytes, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ VICTIM_HW = (40, 56)  # the one image whose processing the fault below makes rai
 # SAM's encoder runs on batches of images (embed is a batch of one): a batch holding the victim fails, and the stage
 # redoes its images one by one to find it.
 FAIL_ONE_IMAGE = f"""
-import models.adapters.segmenter as segmenter
+import pseudoseg.models.adapters.segmenter as segmenter
 _embed_batch = segmenter.SamSegmenter.embed_batch
 def embed_batch_or_fail(self, images, prepared=None):
     if any(tuple(image.shape[:2]) == {VICTIM_HW!r} for image in images):

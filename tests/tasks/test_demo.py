@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from pipeline.core.artifacts import record_unit_file
-from pipeline.core.sample_set import write_sample_set
-from schemas import MANIFEST, MODEL_PROBE, REJECTS, SHARD_STATS
+from pseudoseg.pipeline.core.artifacts import record_unit_file
+from pseudoseg.pipeline.core.sample_set import write_sample_set
+from pseudoseg.schemas import MANIFEST, MODEL_PROBE, REJECTS, SHARD_STATS
 from tests.helpers import cli, cli_env
 
 pytestmark = pytest.mark.slow

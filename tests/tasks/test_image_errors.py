@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from models.adapters._hf import ModelUnavailableError
-from pipeline.core.images import ImageRejected
-from schemas.contract import SchemaError
-from tasks.image_errors import (
+from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.pipeline.core.images import ImageRejected
+from pseudoseg.schemas.contract import SchemaError
+from pseudoseg.tasks.image_errors import (
     IMAGE_ERROR,
     REJECTED,
     ArtifactMismatchError,

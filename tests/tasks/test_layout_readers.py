@@ -12,10 +12,10 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.core.artifacts import LATEST_FILE, StageDir
-from schemas import MANIFEST, REJECTS
-from tasks.cli import build
-from tasks.ingest import Ingest
+from pseudoseg.pipeline.core.artifacts import LATEST_FILE, StageDir
+from pseudoseg.schemas import MANIFEST, REJECTS
+from pseudoseg.tasks.cli import build
+from pseudoseg.tasks.ingest import Ingest
 from tests.helpers import luigi_settings, write_good_images
 
 GOOD = 5

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from models.adapters._hf import ModelUnavailableError
-from pipeline.eval.benchmarks import DatasetError
-from schemas.contract import SchemaError
-from tasks.failures import cause_of, explain, permanent_cause
+from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.pipeline.eval.benchmarks import DatasetError
+from pseudoseg.schemas.contract import SchemaError
+from pseudoseg.tasks.failures import cause_of, explain, permanent_cause
 from tests.helpers import cli, cli_env, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -80,15 +80,15 @@ def test_wrong_benchmark_layout_fails_once_with_the_expected_layout(tmp_path, im
 
 # An older pseudoseg wrote the manifest: same folder (the stage hash does not cover schema versions), other tag.
 OLD_MANIFEST_WRITER = """
-import schemas.ingest
+from pseudoseg import schemas
 object.__setattr__(schemas.ingest.MANIFEST, "version", 0)
 """
 
 
 # A writer that stamps the manifest with an older version tag while this version's reader checks it.
 STALE_MANIFEST_WRITER = """
-import schemas.ingest
-from schemas.contract import META_KEY
+from pseudoseg import schemas
+from pseudoseg.schemas.contract import META_KEY
 _stamp = type(schemas.ingest.MANIFEST).stamp
 def stamp(table):
     table = _stamp(schemas.ingest.MANIFEST, table)
@@ -120,7 +120,7 @@ def test_schema_mismatch_of_an_upstream_parquet_heals_or_fails_once(tmp_path, im
 
 FAIL_FIRST_ATTEMPT = """
 import pathlib
-import tasks.ingest as ingest
+import pseudoseg.tasks.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce(self, progress):
     marker = pathlib.Path({marker!r})

@@ -61,7 +61,7 @@ def images_and_reference(tmp_path_factory):
 
 HANG_IN_DECODE = """
 import pathlib, time
-import pipeline.core.ingest as ingest
+import pseudoseg.pipeline.core.ingest as ingest
 _decode, _calls = ingest.decode_image, [0]
 def decode_then_hang(data, **kw):
     _calls[0] += 1
@@ -74,7 +74,7 @@ ingest.decode_image = decode_then_hang
 
 DIE_MID_COMMIT = """
 import os, pathlib, signal
-import pipeline.core.artifacts as artifacts
+import pseudoseg.pipeline.core.artifacts as artifacts
 _write, _count = artifacts.atomic_write_bytes, [0]
 def write_then_die(target, data, *args):
     _write(target, data, *args)
@@ -124,7 +124,7 @@ def test_sigkill_between_payload_and_done_json_is_redone_on_rerun(tmp_path, imag
 
 RUN_LOG = """
 import os, time
-import tasks.base as base
+import pseudoseg.tasks.base as base
 _run = base.ShardTask.run
 def logged_run(self):
     with open({log!r}, "a") as fh:
@@ -175,7 +175,7 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per
 
 FAIL_SHARD_1 = """
 import os
-import tasks.ingest as ingest
+import pseudoseg.tasks.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce_or_fail(self, progress):
     with open({log!r}, "a") as fh:
@@ -187,7 +187,7 @@ ingest.IngestShard.produce = produce_or_fail
 """
 
 RUN_LOG_ONLY = """
-import tasks.ingest as ingest
+import pseudoseg.tasks.ingest as ingest
 _produce = ingest.IngestShard.produce
 def logged(self, progress):
     with open({log!r}, "a") as fh:

@@ -13,16 +13,16 @@ import luigi.configuration
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.ingest as ingest_module
-from pipeline.core import artifacts
-from pipeline.core.artifacts import ShardOutput, StageDir, commit_shard
-from pipeline.core.sources import list_source, plan_entries
-from schemas import PLAN
-from tasks.base import ShardRange, ShardTask, build_tasks, range_class, shards_per_task
-from tasks.ingest import Ingest, IngestShard, read_plan_shard
-from tasks.sam import SamEmbeddings, SamEmbeddingsShard
-from tasks.settings import problems
-from tasks.summary import summarise, walk_dag
+import pseudoseg.tasks.ingest as ingest_module
+from pseudoseg.pipeline.core import artifacts
+from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, commit_shard
+from pseudoseg.pipeline.core.sources import list_source, plan_entries
+from pseudoseg.schemas import PLAN
+from pseudoseg.tasks.base import ShardRange, ShardTask, build_tasks, range_class, shards_per_task
+from pseudoseg.tasks.ingest import Ingest, IngestShard, read_plan_shard
+from pseudoseg.tasks.sam import SamEmbeddings, SamEmbeddingsShard
+from pseudoseg.tasks.settings import problems
+from pseudoseg.tasks.summary import summarise, walk_dag
 from tests.helpers import luigi_settings, tree_bytes, write_good_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -282,7 +282,7 @@ def test_stage_folders_follow_settings_changed_in_process(tmp_path, images):
 
 def started_workers(monkeypatch, tmp_path, *extra: str) -> list[tuple[list[str], dict]]:
     """``pseudoseg workers FullDAG --n 3 ... EXTRA`` with Popen faked: each worker's (argv, env)."""
-    from tasks import cli
+    from pseudoseg.tasks import cli
 
     started: list[tuple[list[str], dict]] = []
 
@@ -314,7 +314,7 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, tmp_path):
 
 
 def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch, tmp_path):
-    from tasks import cli
+    from pseudoseg.tasks import cli
 
     started = started_workers(monkeypatch, tmp_path, "--gpus", "0,1")
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0", "1", "0"]
@@ -324,7 +324,7 @@ def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch, tmp_path):
 
 def test_luigid_gpu_pool_is_cluster_wide_and_set_from_the_command(monkeypatch, tmp_path):
     """luigid counts [resources] over all workers of all hosts, so its gpu pool cannot be luigi.cfg's per-host 1."""
-    from tasks import cli
+    from pseudoseg.tasks import cli
 
     seen: dict[str, str] = {}
     monkeypatch.setattr(cli.luigi.cmdline, "luigid",

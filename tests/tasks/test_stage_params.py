@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.base import ShardTask, StageSettings, new_build
-from tasks.sections import section_of
-from tasks.settings import import_task_modules
+from pseudoseg.tasks.base import ShardTask, StageSettings, new_build
+from pseudoseg.tasks.sections import section_of
+from pseudoseg.tasks.settings import import_task_modules
 from tests.helpers import REPO, luigi_settings, write_good_images
 
 # Tasks whose settings depend on one of their parameters (``params_source``): every variant is checked.
@@ -140,9 +140,9 @@ def test_changing_any_setting_changes_the_stage_hash(case, tmp_path):
 def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
-    from pipeline.car.params import CarSettings
-    from pipeline.features.params import SamSharingParams
-    from tasks.sections import car, sam_embeddings
+    from pseudoseg.pipeline.car.params import CarSettings
+    from pseudoseg.pipeline.features.params import SamSharingParams
+    from pseudoseg.tasks.sections import car, sam_embeddings
 
     checked = 0
     # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share, [car])
@@ -161,7 +161,7 @@ def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
 def test_car_settings_move_every_car_run(tmp_path):
     """[car] holds no stage's own params but every CaR run's (the label stage, Evaluate method=car): each of its
     settings moves both folders, and no other evaluation's."""
-    from pipeline.car.params import CarSettings
+    from pseudoseg.pipeline.car.params import CarSettings
 
     write_good_images(tmp_path / "images", 2)
     classes = {c.__name__: c for c in STAGES}

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import tasks.ingest as ingest_module
-from tasks.cli import build, main
-from tasks.ingest import Ingest
-from tasks.status import clean_stale, folder_status, tree_status
+import pseudoseg.tasks.ingest as ingest_module
+from pseudoseg.tasks.cli import build, main
+from pseudoseg.tasks.ingest import Ingest
+from pseudoseg.tasks.status import clean_stale, folder_status, tree_status
 from tests.helpers import luigi_settings, write_good_images
 
 SHARDS = 3  # 7 good + 1 bad image, 3 per shard

@@ -14,15 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.fmbseg as fmbseg_tasks
-import tasks.use as use_tasks
-from pipeline.fmbseg.pseudo_labels import decode_query_points, dense_sample
-from pipeline.use.pairs import box_mask_row
-from schemas import REJECTS
-from tasks.base import build_tasks
-from tasks.features import FeaturesShard
-from tasks.fmbseg import FmbsegLabels
-from tasks.use import UseSegments
+import pseudoseg.tasks.fmbseg as fmbseg_tasks
+import pseudoseg.tasks.use as use_tasks
+from pseudoseg.pipeline.fmbseg.pseudo_labels import decode_query_points, dense_sample
+from pseudoseg.pipeline.use.pairs import box_mask_row
+from pseudoseg.schemas import REJECTS
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.features import FeaturesShard
+from pseudoseg.tasks.fmbseg import FmbsegLabels
+from pseudoseg.tasks.use import UseSegments
 from tests.helpers import luigi_settings, tree_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

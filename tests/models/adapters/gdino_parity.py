@@ -53,8 +53,8 @@ def write_official(folder: Path, *, seed: int = 1) -> tuple[Path, Path]:
     from groundingdino.util.slconfig import SLConfig
     from transformers import BertConfig, BertModel
 
-    from models.adapters import tiny
-    from models.adapters.grounder import _bert_compat
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.grounder import _bert_compat
 
     folder.mkdir(parents=True, exist_ok=True)
     bert_dir = folder / "bert"
@@ -100,7 +100,7 @@ def hf_config():
     flags, max_text_len 256 (hard-coded in the official model)."""
     from transformers import BertConfig, GroundingDinoConfig, SwinConfig
 
-    from models.adapters import tiny
+    from pseudoseg.models.adapters import tiny
 
     backbone = SwinConfig(**TINY_SWIN, image_size=224, out_indices=[2, 3, 4])
     text = BertConfig(vocab_size=len(tiny.build_bert_tokenizer()), **TINY_BERT)
@@ -205,7 +205,7 @@ def write_hf(folder: Path, official_state: dict[str, torch.Tensor]) -> list[str]
         GroundingDinoProcessor,
     )
 
-    from models.adapters import tiny
+    from pseudoseg.models.adapters import tiny
 
     model = GroundingDinoForObjectDetection(hf_config()).eval()
     missing, unexpected = model.load_state_dict(official_to_hf(official_state), strict=False)

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.adapters.clip import HFClipEncoder
+from pseudoseg.models.adapters.clip import HFClipEncoder
 from tests import official
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -364,7 +364,7 @@ def test_clip_cam_equals_official_clipcam_end_to_end(pair):
     cv2.resize back to the photo. A 50 × 70 photo: 4 × 5 patches."""
     from PIL import Image
 
-    from pipeline.car.recurrent import clip_cam
+    from pseudoseg.pipeline.car.recurrent import clip_cam
 
     model, tokenize, clip, _ = pair
     photo = np.random.default_rng(6).integers(0, 256, (50, 70, 3), dtype=np.uint8)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.adapters.grounder import GroundingDinoPy, HFGroundingDino, official_resize_hw, prepare_caption
-from pipeline.use.grounding import match_boxes_to_phrases
+from pseudoseg.models.adapters.grounder import GroundingDinoPy, HFGroundingDino, official_resize_hw, prepare_caption
+from pseudoseg.pipeline.use.grounding import match_boxes_to_phrases
 from tests.models.adapters.gdino_parity import tiny_swin, write_hf, write_official
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),

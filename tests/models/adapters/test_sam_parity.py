@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import ModelSettings, load_role
-from models.roles import SamImageEmbedding
-from pipeline.core.artifacts import webdataset_tar_bytes
-from pipeline.core.npy import npy_array
-from pipeline.features.params import SamEmbeddingsParams
-from pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
+from pseudoseg.models.registry import ModelSettings, load_role
+from pseudoseg.models.roles import SamImageEmbedding
+from pseudoseg.pipeline.core.artifacts import webdataset_tar_bytes
+from pseudoseg.pipeline.core.npy import npy_array
+from pseudoseg.pipeline.features.params import SamEmbeddingsParams
+from pseudoseg.pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.training.heads import AlignmentBlock, USEHead, build_head, mask_pooling_weights, pool_segments
-from models.training.params import TrainAlignmentParams, TrainUseParams
-from models.training.trainer import (
+from pseudoseg.models.training.heads import AlignmentBlock, USEHead, build_head, mask_pooling_weights, pool_segments
+from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
+from pseudoseg.models.training.trainer import (
     CheckpointMismatchError,
     TrainConfig,
     alignment_step,
@@ -32,7 +32,7 @@ from models.training.trainer import (
     train,
     use_step,
 )
-from pipeline.core.transforms import patch_labels
+from pseudoseg.pipeline.core.transforms import patch_labels
 from tests.helpers import REPO
 from tests.oracles import OracleClipEncoder, OracleDenseEncoder, OracleGT
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
+from pseudoseg.models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -118,8 +118,8 @@ def test_tsupcon_matches_equations_on_random_batches(seed: int) -> None:
 def test_tsupcon_training_defaults_are_the_papers_equations() -> None:
     """TrainAlignment's loss step with the default settings ([train_alignment] temperature, anchor_positive) is
     Eq. 1–4 as printed: plain dot products of unit vectors (τ = 1), the anchor among its own positives."""
-    from models.training.params import TrainAlignmentParams
-    from models.training.trainer import alignment_step
+    from pseudoseg.models.training.params import TrainAlignmentParams
+    from pseudoseg.models.training.trainer import alignment_step
 
     for seed in range(3):
         z, labels, text = _case(seed)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from models.training.heads import AlignmentBlock, mask_pooling_weights
-from models.training.params import TrainAlignmentParams
-from models.training.trainer import (
+from pseudoseg.models.training.heads import AlignmentBlock, mask_pooling_weights
+from pseudoseg.models.training.params import TrainAlignmentParams
+from pseudoseg.models.training.trainer import (
     EpochSampler,
     TrainConfig,
     _epoch_seed,
@@ -24,11 +24,11 @@ from models.training.trainer import (
     epoch_index,
     train,
 )
-from pipeline.core.artifacts import TarSpool
-from pipeline.core.images import decode_label_png, encode_png
-from pipeline.core.masks import encode_rle, rle_area
-from pipeline.core.transforms import patch_labels
-from pipeline.features.cache import (
+from pseudoseg.pipeline.core.artifacts import TarSpool
+from pseudoseg.pipeline.core.images import decode_label_png, encode_png
+from pseudoseg.pipeline.core.masks import encode_rle, rle_area
+from pseudoseg.pipeline.core.transforms import patch_labels
+from pseudoseg.pipeline.features.cache import (
     PatchLabeler,
     TarStore,
     _rle_counts,
@@ -135,7 +135,7 @@ def _equal_batches(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("grids", [[(3, 4)] * 4, [(3, 4), (4, 3), (2, 5), (3, 4)]])
 def test_batch_reads_equal_collated_items(tmp_path: Path, grids) -> None:
-    from models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from pseudoseg.models.training.datasets import AlignmentDataset, UseSegmentDataset
 
     c = _caches(tmp_path, grids)
     use = UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3)
@@ -236,7 +236,7 @@ def test_persistent_workers_train_and_resume_bit_identical_to_no_workers(tmp_pat
 
 
 def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeypatch) -> None:
-    import pipeline.features.cache as fc
+    import pseudoseg.pipeline.features.cache as fc
 
     monkeypatch.setattr(fc, "MAX_OPEN_SHARDS", 2)
     paths = []
@@ -255,7 +255,7 @@ def test_tar_store_keeps_a_bounded_number_of_shards_open(tmp_path: Path, monkeyp
 
 
 def test_read_npy_batch_equals_per_member_reads_and_checks_like_them(tmp_path: Path) -> None:
-    from pipeline.features.cache import read_npy_batch
+    from pseudoseg.pipeline.features.cache import read_npy_batch
 
     c = _caches(tmp_path, [(3, 4), (3, 4), (4, 3), (3, 4)])
     store = c["align"]
@@ -290,7 +290,7 @@ def test_tar_store_threads_keep_their_own_descriptors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("grids", [[(3, 4)] * 4, [(3, 4), (4, 3), (2, 5), (3, 4)]])
 def test_derived_caches_give_the_computed_batches(tmp_path: Path, grids) -> None:
-    from models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from pseudoseg.models.training.datasets import AlignmentDataset, UseSegmentDataset
 
     c = _caches(tmp_path, grids)
     use = [UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3, cache_bytes=b)
@@ -319,7 +319,7 @@ def test_derived_caches_give_the_computed_batches(tmp_path: Path, grids) -> None
 
 
 def test_derived_cache_packing_is_exact() -> None:
-    from models.training.datasets import _pack_small_int, _pack_sparse, _unpack_small_int, _unpack_sparse
+    from pseudoseg.models.training.datasets import _pack_small_int, _pack_sparse, _unpack_small_int, _unpack_sparse
 
     rng = np.random.default_rng(4)
     w = rng.random((5, 12)).astype(np.float32) * (rng.random((5, 12)) < 0.3)
@@ -342,8 +342,8 @@ class ThreadedEpochNoise(EpochNoise):
 
 
 def test_thread_batch_loader_gives_the_dataloader_batches(tmp_path: Path) -> None:
-    from models.training.datasets import AlignmentDataset, UseSegmentDataset
-    from models.training.trainer import ThreadBatchLoader, make_loader
+    from pseudoseg.models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from pseudoseg.models.training.trainer import ThreadBatchLoader, make_loader
 
     c = _caches(tmp_path, [(3, 4), (4, 3), (2, 5), (3, 4)])
     use = UseSegmentDataset(c["use"], c["segments"], c["text_index"], c["text_emb"], seed=3)
@@ -378,8 +378,8 @@ def test_thread_batch_loader_hints_the_batches_ahead_in_order(tmp_path: Path, mo
     loader without workers)."""
     import os
 
-    from models.training.datasets import AlignmentDataset, UseSegmentDataset
-    from models.training.trainer import make_loader
+    from pseudoseg.models.training.datasets import AlignmentDataset, UseSegmentDataset
+    from pseudoseg.models.training.trainer import make_loader
 
     c = _caches(tmp_path, [(3, 4), (4, 3), (2, 5), (3, 4)])
     hints: list[tuple] = []
@@ -414,7 +414,7 @@ def test_thread_batch_loader_hints_the_batches_ahead_in_order(tmp_path: Path, mo
 def test_batch_buffers_are_reused_only_once_nothing_refers_to_them() -> None:
     import gc
 
-    from models.training.trainer import BatchBuffers
+    from pseudoseg.models.training.trainer import BatchBuffers
 
     buffers = BatchBuffers(max_bytes=3 * 4 * 6 * 2)  # room for three float16 [4, 6] buffers
     a = buffers.empty((4, 6), torch.float16)
@@ -440,8 +440,8 @@ def test_batch_buffers_are_reused_only_once_nothing_refers_to_them() -> None:
 def test_use_online_augmentation_is_the_papers():
     """use-paper §4.2: "random rescaling in the range of [0.5, 2]" and crops of 560 × 560 pixels: the defaults of
     [train_use] (crop_size, scale_min, scale_max) draw crops of that size at scales in that range."""
-    from models.training.params import TrainUseParams
-    from pipeline.core.transforms import random_scale_crop
+    from pseudoseg.models.training.params import TrainUseParams
+    from pseudoseg.pipeline.core.transforms import random_scale_crop
 
     p = TrainUseParams()
     assert (p.crop_size, p.scale_min, p.scale_max) == (560, 0.5, 2.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.car.recurrent import (
+from pseudoseg.pipeline.car.recurrent import (
     CAR_DEFAULTS,
     CaRMethod,
     CarParams,
@@ -25,8 +25,8 @@ from pipeline.car.recurrent import (
     sam_ensemble,
     sinkhorn_affinity,
 )
-from pipeline.core.transforms import resize_label_map
-from pipeline.eval.metrics import miou
+from pseudoseg.pipeline.core.transforms import resize_label_map
+from pseudoseg.pipeline.eval.metrics import miou
 from tests import official
 from tests.oracles import OracleCam, OracleClassifier, OracleSegmenter
 
@@ -417,7 +417,7 @@ def test_defaults_are_the_official_configs():
         assert p.raw_first_step and p.classifier_skip_last_block and p.cam == "clip_es"
         assert p.crf and p.bg_factor == 1.0 and p.crf_image == "official"
         assert (p.phi_iom, p.phi_iou) == (0.7, 0.7)
-    from pipeline.core.vocabularies import load_vocabulary
+    from pseudoseg.pipeline.core.vocabularies import load_vocabulary
 
     assert set(ctx.stuff) <= set(load_vocabulary("context59").classes)  # official ids → our class names
     assert set(ade.stuff) <= set(load_vocabulary("ade150").classes)
@@ -489,7 +489,7 @@ OFFICIAL_ADE_CLASSES = [
 def test_query_names_are_the_official_class_lists(benchmark, official):
     """CaR queries each benchmark class by the official code's name list (as Evaluate does: the benchmark's family,
     `official_query_name`); the stuff classes of the mutual-background pass are found among those queries."""
-    from pipeline.core.vocabularies import load_vocabulary
+    from pseudoseg.pipeline.core.vocabularies import load_vocabulary
 
     family = car_family(benchmark)
     classes = load_vocabulary(benchmark).classes
@@ -521,8 +521,8 @@ def test_label_runs_leave_background_queries_equal_to_a_query_out(gt):
     """The CaR label source (pipeline.car.params.car_label_params) is no official benchmark: with a vocabulary such as
     coco_stuff171 the background queries equal to one of its classes (grass, tree, wall, sky, ...) are left out of
     f's softmax; the others stay."""
-    from pipeline.car.params import CaRLabelsParams, CarSettings, car_label_params
-    from pipeline.core.vocabularies import load_vocabulary
+    from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings, car_label_params
+    from pseudoseg.pipeline.core.vocabularies import load_vocabulary
 
     vocab = load_vocabulary("coco_stuff171")
     params = dataclasses.replace(car_label_params(CaRLabelsParams(), vocab.name, CarSettings()), crf=False)
@@ -539,9 +539,9 @@ def test_label_runs_leave_background_queries_equal_to_a_query_out(gt):
 
 
 def test_gradcam_and_clip_adapters_tiny(tiny_cache, gt):
-    from models.adapters import tiny
-    from models.adapters.clip import HFClipEncoder
-    from pipeline.car.recurrent import clip_cam
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.clip import HFClipEncoder
+    from pseudoseg.pipeline.car.recurrent import clip_cam
 
     f = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tiny_cache)), device="cpu")
     g = HFClipEncoder(str(tiny.ensure_tiny("classifier_clip", tiny_cache)), device="cpu")
@@ -563,8 +563,8 @@ def test_gradcam_and_clip_adapters_tiny(tiny_cache, gt):
 def test_gradcam_attention_equals_eager_attention_weights(tiny_cache, gt):
     """The CAA attention (recomputed from the blocks' inputs: sdpa returns no weights) equals transformers' own
     eager attention weights, averaged over heads and the last blocks, CLS dropped."""
-    from models.adapters import tiny
-    from models.adapters.clip import HFClipEncoder
+    from pseudoseg.models.adapters import tiny
+    from pseudoseg.models.adapters.clip import HFClipEncoder
 
     clip = HFClipEncoder(str(tiny.ensure_tiny("cam_clip", tiny_cache)), device="cpu")
     s, g = clip.image_size, clip.image_size // clip.patch_size

@@ -9,16 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from models.registry import register_preset
-from pipeline.core.artifacts import unit_file
-from pipeline.core.images import decode_label_png
-from pipeline.core.vocabularies import load_vocabulary
-from pipeline.eval.metrics import miou
-from pipeline.features.cache import TarStore
-from schemas import REJECTS
-from schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
-from tasks.base import build_tasks
-from tasks.car_labels import CarLabels, CarLabelsShard
+from pseudoseg.models.registry import register_preset
+from pseudoseg.pipeline.core.artifacts import unit_file
+from pseudoseg.pipeline.core.images import decode_label_png
+from pseudoseg.pipeline.core.vocabularies import load_vocabulary
+from pseudoseg.pipeline.eval.metrics import miou
+from pseudoseg.pipeline.features.cache import TarStore
+from pseudoseg.schemas import REJECTS
+from pseudoseg.schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.car_labels import CarLabels, CarLabelsShard
 from tests.helpers import luigi_settings
 from tests.oracles import CarOracleClip
 

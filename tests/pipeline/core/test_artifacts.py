@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pipeline.core import artifacts
-from pipeline.core.artifacts import (
+from pseudoseg.pipeline.core import artifacts
+from pseudoseg.pipeline.core.artifacts import (
     QUARANTINE,
     ShardOutput,
     StageDir,
@@ -22,7 +22,7 @@ from pipeline.core.artifacts import (
     load_shard_stats,
     record_problems,
 )
-from pipeline.core.locks import LockBusy, UnitLock
+from pseudoseg.pipeline.core.locks import LockBusy, UnitLock
 from tests.helpers import luigi_settings, write_good_images
 
 
@@ -148,7 +148,7 @@ def test_a_live_holder_on_this_host_is_waited_for(tmp_path):
     path = tmp_path / ".lock-shard-000000"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        from pipeline.core.locks import process_start
+        from pseudoseg.pipeline.core.locks import process_start
 
         time.sleep(0.1)
         path.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
@@ -233,8 +233,8 @@ def test_two_takers_of_one_stale_lock_never_both_hold_it(tmp_path):
 def test_garbage_done_json_is_not_done_and_the_summary_counts_it_so(tmp_path):
     import luigi
 
-    from tasks.ingest import IngestShard
-    from tasks.summary import summarise
+    from pseudoseg.tasks.ingest import IngestShard
+    from pseudoseg.tasks.summary import summarise
 
     write_good_images(tmp_path / "images", 3)
     with luigi_settings(ingest={"shard_size": 2}):
@@ -259,8 +259,8 @@ def test_garbage_done_json_is_not_done_and_the_summary_counts_it_so(tmp_path):
 def test_verify_setting_size_misses_flipped_bytes_sha256_heals_them(tmp_path):
     import luigi
 
-    from tasks.base import verify_inputs
-    from tasks.ingest import IngestShard
+    from pseudoseg.tasks.base import verify_inputs
+    from pseudoseg.tasks.ingest import IngestShard
 
     write_good_images(tmp_path / "images", 3)
     with luigi_settings(ingest={"shard_size": 2}):

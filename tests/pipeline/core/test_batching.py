@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import ModelSettings, load_role
-from models.roles import Sampling
-from pipeline.core.masks import stability_score
-from pipeline.core.overlap import Behind, HostCopy, Outcome, packed_batches, prefetch
-from pipeline.features.cache import encode_fmbseg, encode_fmbseg_batch, encode_use
-from pipeline.fmbseg import pseudo_labels as F
-from pipeline.fmbseg.params import FmbsegDenseParams
-from pipeline.use.pairs import choose_by_stability
+from pseudoseg.models.registry import ModelSettings, load_role
+from pseudoseg.models.roles import Sampling
+from pseudoseg.pipeline.core.masks import stability_score
+from pseudoseg.pipeline.core.overlap import Behind, HostCopy, Outcome, packed_batches, prefetch
+from pseudoseg.pipeline.features.cache import encode_fmbseg, encode_fmbseg_batch, encode_use
+from pseudoseg.pipeline.fmbseg import pseudo_labels as F
+from pseudoseg.pipeline.fmbseg.params import FmbsegDenseParams
+from pseudoseg.pipeline.use.pairs import choose_by_stability
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

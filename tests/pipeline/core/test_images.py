@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image, ImageFile
 
-from pipeline.core.images import (
+from pseudoseg.pipeline.core.images import (
     REJECT_CODES,
     DecodedImage,
     ImageRejected,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pycocotools import mask as coco
 from segment_anything.utils import amg
 
-from pipeline.core.masks import (
+from pseudoseg.pipeline.core.masks import (
     box_covers_image,
     clean_mask,
     decode_rle,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.images import ImageRejected, decode_image
-from pipeline.core.sample_set import DUPLICATE_REASON, SampleSet, load_voc_gt, write_sample_set
+from pseudoseg.pipeline.core.images import ImageRejected, decode_image
+from pseudoseg.pipeline.core.sample_set import DUPLICATE_REASON, SampleSet, load_voc_gt, write_sample_set
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.artifacts import sha256_hex, webdataset_tar_bytes
-from pipeline.core.sources import (
+from pseudoseg.pipeline.core.artifacts import sha256_hex, webdataset_tar_bytes
+from pseudoseg.pipeline.core.sources import (
     ID_LENGTH,
     EntryReader,
     NotARegularFile,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core.transforms import (
+from pseudoseg.pipeline.core.transforms import (
     PAD_VALUE,
     Resize,
     ScaleCrop,

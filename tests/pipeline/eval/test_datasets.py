@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.eval.benchmarks import (
+from pseudoseg.pipeline.eval.benchmarks import (
     BENCHMARKS,
     METHOD_PAPER,
     PAPER_PROTOCOLS,

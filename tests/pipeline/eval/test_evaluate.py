@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from models.registry import TINY, register_preset
-from pipeline.core.vocabularies import load_templates, load_vocabulary
-from pipeline.eval.benchmarks import DatasetError, Sample, coco_stuff_classes, protocol_for
-from pipeline.eval.metrics import ConfusionMatrix
-from pipeline.eval.report import (
+from pseudoseg.models.registry import TINY, register_preset
+from pseudoseg.pipeline.core.vocabularies import load_templates, load_vocabulary
+from pseudoseg.pipeline.eval.benchmarks import DatasetError, Sample, coco_stuff_classes, protocol_for
+from pseudoseg.pipeline.eval.metrics import ConfusionMatrix
+from pseudoseg.pipeline.eval.report import (
     PUBLISHED,
     EvalResult,
     ShortSide,
@@ -22,9 +22,9 @@ from pipeline.eval.report import (
     report_markdown,
     run_evaluation,
 )
-from schemas.evaluation import CLASS_IOU
-from tasks.base import build_tasks
-from tasks.evaluate import Evaluate
+from pseudoseg.schemas.evaluation import CLASS_IOU
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.evaluate import Evaluate
 from tests.helpers import luigi_settings
 from tests.oracles import CarOracleClip
 

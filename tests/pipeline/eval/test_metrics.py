@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.eval.metrics import miou
+from pseudoseg.pipeline.eval.metrics import miou
 
 
 def reference_miou(preds, gts, k, ignore=255):

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.training.heads import AlignmentBlock, USEHead
-from pipeline.eval.methods import (
+from pseudoseg.models.training.heads import AlignmentBlock, USEHead
+from pseudoseg.pipeline.eval.methods import (
     FMbSegMethod,
     PseudoLabelMethod,
     UseSamMethod,
@@ -13,7 +13,7 @@ from pipeline.eval.methods import (
     use_head_embedder,
     vote_segments,
 )
-from pipeline.eval.metrics import miou
+from pseudoseg.pipeline.eval.metrics import miou
 from tests.oracles import CropOracleDense, OracleDenseEncoder, OracleSegmenter, area_fractions
 
 DIM = 32

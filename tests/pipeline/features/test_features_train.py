@@ -26,26 +26,26 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import tasks.train as train_tasks
-from models.registry import TINY, ModelSettings, load_role, register_preset
-from models.training.trainer import load_trained
-from pipeline.core.artifacts import unit_file
-from pipeline.core.transforms import working_size
-from pipeline.features.cache import (
+import pseudoseg.tasks.train as train_tasks
+from pseudoseg.models.registry import TINY, ModelSettings, load_role, register_preset
+from pseudoseg.models.training.trainer import load_trained
+from pseudoseg.pipeline.core.artifacts import unit_file
+from pseudoseg.pipeline.core.transforms import working_size
+from pseudoseg.pipeline.features.cache import (
     COCO_TRAIN_IMAGES,
     DISK_BUDGET_BYTES,
     USE_TEMPLATES,
     estimate_feature_bytes,
     resolve_blocks,
 )
-from schemas import SEGMENTS, SHARD_STATS
-from schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
-from tasks.base import build_tasks
-from tasks.features import FeaturesFmbseg, FeaturesShard, FeaturesUse, UseTextShard
-from tasks.ingest import IngestShard
-from tasks.sections import features_fmbseg, features_use
-from tasks.train import TrainAlignment, TrainUse
-from tasks.use import UseSegmentsShard
+from pseudoseg.schemas import SEGMENTS, SHARD_STATS
+from pseudoseg.schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.features import FeaturesFmbseg, FeaturesShard, FeaturesUse, UseTextShard
+from pseudoseg.tasks.ingest import IngestShard
+from pseudoseg.tasks.sections import features_fmbseg, features_use
+from pseudoseg.tasks.train import TrainAlignment, TrainUse
+from pseudoseg.tasks.use import UseSegmentsShard
 from tests.helpers import luigi_settings, write_good_images
 from tests.oracles import OracleCaptioner, OracleGrounder, OracleGT, OracleSegmenter, register_oracle
 
@@ -348,8 +348,8 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, gt, tiny
     """augment = false: the online item (whole image, original masks) encoded in the loop gives the cached tokens
     up to their float16 storage, the same pooling weights and the same drawn texts; the two modes' first losses
     agree to float16 precision."""
-    from models.training.datasets import UseOnlineDataset, UseSegmentDataset
-    from pipeline.features.cache import TarStore, encode_use_batch, resolve_blocks, text_matrix
+    from pseudoseg.models.training.datasets import UseOnlineDataset, UseSegmentDataset
+    from pseudoseg.pipeline.features.cache import TarStore, encode_use_batch, resolve_blocks, text_matrix
 
     args, settings = _use_setup(tmp_path, gt, tiny_cache, epochs=1)
     online = {**settings, "train_use": {**settings["train_use"], "features": "online", "augment": "false"}}
@@ -388,7 +388,7 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, gt, tiny
 
 
 def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> None:
-    from tasks.dag import FullDAG
+    from pseudoseg.tasks.dag import FullDAG
 
     write_good_images(tmp_path / "images", 1)
     args = {"images": str(tmp_path / "images"), "dataset": "d", "out": str(tmp_path / "out")}
@@ -401,7 +401,7 @@ def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> N
 
 def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:
     """Defaults are Eq. 1–4 as written (τ 1, the anchor among its positives); each setting moves the folder."""
-    from tasks.sections import train_alignment
+    from pseudoseg.tasks.sections import train_alignment
 
     assert train_alignment().temperature == 1.0 and train_alignment().anchor_positive is True
     write_good_images(tmp_path / "images", 1)

@@ -12,17 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.registry import ModelSettings, load_role, register_preset
-from models.roles import SamImageEmbedding
-from pipeline.core.artifacts import unit_file, webdataset_tar_bytes
-from pipeline.features.params import SamEmbeddingsParams
-from pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
-from schemas import REJECTS, SHARD_STATS
-from schemas.features import SAM_EMBEDDINGS
-from tasks.base import build_tasks
-from tasks.fmbseg import FmbsegAutoMasksShard, FmbsegLabels, FmbsegQueryMasksShard
-from tasks.sam import SamEmbeddingsShard
-from tasks.use import UseBoxMasksShard
+from pseudoseg.models.registry import ModelSettings, load_role, register_preset
+from pseudoseg.models.roles import SamImageEmbedding
+from pseudoseg.pipeline.core.artifacts import unit_file, webdataset_tar_bytes
+from pseudoseg.pipeline.features.params import SamEmbeddingsParams
+from pseudoseg.pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
+from pseudoseg.schemas import REJECTS, SHARD_STATS
+from pseudoseg.schemas.features import SAM_EMBEDDINGS
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.fmbseg import FmbsegAutoMasksShard, FmbsegLabels, FmbsegQueryMasksShard
+from pseudoseg.tasks.sam import SamEmbeddingsShard
+from pseudoseg.tasks.use import UseBoxMasksShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter
 

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.roles import ClipImageFeatures, MaskPrediction, SamImageEmbedding
-from pipeline.core.transforms import Resize, SlidingWindows
-from pipeline.core.vocabularies import (
+from pseudoseg.models.roles import ClipImageFeatures, MaskPrediction, SamImageEmbedding
+from pseudoseg.pipeline.core.transforms import Resize, SlidingWindows
+from pseudoseg.pipeline.core.vocabularies import (
     BUILTIN_VOCABULARIES,
     IMAGENET_TEMPLATES,
     VocabularyError,
@@ -28,8 +28,8 @@ from pipeline.core.vocabularies import (
     load_vocabulary,
     parse_vocabulary,
 )
-from pipeline.fmbseg import pseudo_labels as F
-from pipeline.fmbseg.params import (
+from pseudoseg.pipeline.fmbseg import pseudo_labels as F
+from pseudoseg.pipeline.fmbseg.params import (
     FmbsegAutoMasksParams,
     FmbsegDenseParams,
     FmbsegDetectParams,
@@ -275,10 +275,10 @@ def test_image_labels_lookup(tmp_path):
 # ----------------------------------------------------------------------------------------------------- tiny models
 @pytest.mark.slow  # FMbSeg Stage 1 end to end on tiny CLIP / DINOv2 / SAM
 def test_tiny_real_models_write_valid_artifacts(tmp_path, tiny_cache):
-    from schemas import REJECTS, SHARD_STATS
-    from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
-    from tasks.base import build_tasks
-    from tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
+    from pseudoseg.schemas import REJECTS, SHARD_STATS
+    from pseudoseg.schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
+    from pseudoseg.tasks.base import build_tasks
+    from pseudoseg.tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
     from tests.helpers import luigi_settings, write_good_images
 
     images = tmp_path / "images"

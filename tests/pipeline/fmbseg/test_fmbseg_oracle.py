@@ -26,16 +26,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.registry import register_preset
-from pipeline.core.artifacts import unit_file
-from pipeline.core.images import decode_label_png
-from pipeline.core.masks import decode_rle
-from pipeline.core.transforms import Resize, SlidingWindows
-from pipeline.core.vocabularies import load_vocabulary
-from schemas import REJECTS, SHARD_STATS
-from schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
-from tasks.base import build_tasks
-from tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
+from pseudoseg.models.registry import register_preset
+from pseudoseg.pipeline.core.artifacts import unit_file
+from pseudoseg.pipeline.core.images import decode_label_png
+from pseudoseg.pipeline.core.masks import decode_rle
+from pseudoseg.pipeline.core.transforms import Resize, SlidingWindows
+from pseudoseg.pipeline.core.vocabularies import load_vocabulary
+from pseudoseg.schemas import REJECTS, SHARD_STATS
+from pseudoseg.schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter, register_oracle
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.use.captions import CaptionFileError, load_gt_captions
+from pseudoseg.pipeline.use.captions import CaptionFileError, load_gt_captions
 
 
 def _write_json(path, data) -> str:

@@ -11,12 +11,12 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.core.artifacts import webdataset_tar_bytes
-from pipeline.core.images import decode_image, encode_png
-from pipeline.core.masks import decode_rle, encode_rle, rle_area, rle_bbox
-from pipeline.use.export import coco_from_segments, coco_json_bytes, write_coco_json
-from pipeline.use.preview import preview_frame, preview_shard, render_overlay, write_gallery
-from schemas import SEGMENTS
+from pseudoseg.pipeline.core.artifacts import webdataset_tar_bytes
+from pseudoseg.pipeline.core.images import decode_image, encode_png
+from pseudoseg.pipeline.core.masks import decode_rle, encode_rle, rle_area, rle_bbox
+from pseudoseg.pipeline.use.export import coco_from_segments, coco_json_bytes, write_coco_json
+from pseudoseg.pipeline.use.preview import preview_frame, preview_shard, render_overlay, write_gallery
+from pseudoseg.schemas import SEGMENTS
 
 TRICKY = "the <b>red</b> & \"shiny\" car"
 
@@ -320,7 +320,7 @@ def test_preview_shard_joins_tar_and_segments(data, tmp_path):
 
 
 def test_labels_render_utf8_and_pages_carry_banner_heading_and_shard_links(data, tmp_path):
-    from pipeline.use.preview import gallery_html, index_html
+    from pseudoseg.pipeline.use.preview import gallery_html, index_html
 
     rgb, segs = data["small"]
     seg = {**segs[0], "texts": [{**segs[0]["texts"][0], "expression": "café crème"}]}

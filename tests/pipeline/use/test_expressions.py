@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.use.expressions import Expression, extract_expressions
+from pseudoseg.pipeline.use.expressions import Expression, extract_expressions
 
 PAPER_CAPTION = (
     "There is an orange-red apple at the right side of the rabbit and there is another red apple visible "

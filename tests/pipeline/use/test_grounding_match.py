@@ -11,7 +11,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.use.grounding import (
+from pseudoseg.pipeline.use.grounding import (
     SPECIAL_SPAN,
     box_nms,
     match_boxes_to_phrases,

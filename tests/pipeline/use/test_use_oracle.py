@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.core.artifacts import record_unit_file
-from pipeline.core.masks import decode_rle
-from pipeline.core.sample_set import write_sample_set
-from schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS, SHARD_STATS
-from tasks.base import build_tasks
-from tasks.use import UseSegments
+from pseudoseg.pipeline.core.artifacts import record_unit_file
+from pseudoseg.pipeline.core.masks import decode_rle
+from pseudoseg.pipeline.core.sample_set import write_sample_set
+from pseudoseg.schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS, SHARD_STATS
+from pseudoseg.tasks.base import build_tasks
+from pseudoseg.tasks.use import UseSegments
 from tests.helpers import luigi_settings
 from tests.oracles import ALIASES, OracleGT, register_oracle
 
@@ -135,7 +135,7 @@ def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tiny_cache, tm
 def test_coco_export_and_preview_gallery(voc_folder, gt, tmp_path):
     from pycocotools.coco import COCO
 
-    from tasks.export import ExportCoco, UsePreview
+    from pseudoseg.tasks.export import ExportCoco, UsePreview
 
     images, captions = voc_folder
     register_oracle(gt)
@@ -167,7 +167,7 @@ def test_coco_export_images_line_up_with_their_masks(voc_folder, gt, tmp_path):
     from PIL import Image
     from pycocotools.coco import COCO
 
-    from tasks.export import ExportCoco
+    from pseudoseg.tasks.export import ExportCoco
 
     images, _ = voc_folder
     folder = tmp_path / "images"

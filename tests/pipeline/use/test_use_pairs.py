@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.roles import Grounder, Grounding, MaskPrediction, SamImageEmbedding, Segmenter
-from pipeline.core.masks import clean_mask, decode_rle, encode_rle, full_image_mask, mask_nms
-from pipeline.use.pairs import (
+from pseudoseg.models.roles import Grounder, Grounding, MaskPrediction, SamImageEmbedding, Segmenter
+from pseudoseg.pipeline.core.masks import clean_mask, decode_rle, encode_rle, full_image_mask, mask_nms
+from pseudoseg.pipeline.use.pairs import (
     EMPTY_MASK,
     LOW_PREDICTED_IOU,
     LOW_STABILITY,
@@ -33,8 +33,8 @@ from pipeline.use.pairs import (
     segment_mask,
     text_of,
 )
-from pipeline.use.params import UseBoxesParams, UseBoxMasksParams, UseExpressionsParams, UseSegmentsParams
-from schemas.use import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS
+from pseudoseg.pipeline.use.params import UseBoxesParams, UseBoxMasksParams, UseExpressionsParams, UseSegmentsParams
+from pseudoseg.schemas.use import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS
 from tests.oracles import OracleGrounder, OracleSegmenter
 
 # the stages' defaults (pipeline/use/params.py), as production passes them
@@ -217,7 +217,7 @@ def tiny_sam():
     """segment-anything's SAM with the tiny image encoder, random init (seed 0). The mask hypernetworks' last
     layers are scaled so that logits span about ±10 like a trained SAM's (random init gives ±0.2, where every
     stability score would be 0 and the choice among the 3 outputs would be untested)."""
-    from models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
 
     torch.manual_seed(0)
     sam = build_sam_arch(SAM_ARCHS["tiny"], checkpoint=None)
@@ -562,10 +562,10 @@ class _WordClip:
 def test_segment_text_pool_holds_phrases_and_expressions_each_once():
     """use-paper §3.1 "store both": a segment's texts are its noun phrases AND its referring expressions; the pool
     the text encoder embeds is every distinct one of them, each embedded once, with where it came from."""
-    from pipeline.features.cache import TEXT_TEMPLATE_SETS, embed_texts, text_matrix, text_rows
-    from pipeline.features.params import UseTextParams
-    from pipeline.use.pairs import segment_texts, text_pool
-    from schemas.features import TEXT_EMBEDDINGS
+    from pseudoseg.pipeline.features.cache import TEXT_TEMPLATE_SETS, embed_texts, text_matrix, text_rows
+    from pseudoseg.pipeline.features.params import UseTextParams
+    from pseudoseg.pipeline.use.pairs import segment_texts, text_pool
+    from pseudoseg.schemas.features import TEXT_EMBEDDINGS
 
     assert segment_texts(TEXT_SEGMENTS[0]["texts"]) == ["the right side", "the right side of the rabbit", "the rabbit"]
     assert segment_texts(TEXT_SEGMENTS[1]["texts"]) == [
@@ -606,8 +606,8 @@ def test_segment_text_pool_holds_phrases_and_expressions_each_once():
 def test_segment_texts_are_drawn_from_both_kinds_seeded():
     """use-paper §3.2: one text per segment per iteration, at random: over epochs every text of a segment comes
     up, phrases and expressions alike, uniformly; the same (seed, epoch, index) draws the same texts."""
-    from pipeline.features.cache import sample_rng
-    from pipeline.use.pairs import draw_segment_texts, segment_texts, text_pool
+    from pseudoseg.pipeline.features.cache import sample_rng
+    from pseudoseg.pipeline.use.pairs import draw_segment_texts, segment_texts, text_pool
 
     index = {t: i for i, (t, _, _) in enumerate(text_pool(TEXT_SEGMENTS))}
     options = [[index[t] for t in segment_texts(s["texts"])] for s in TEXT_SEGMENTS[:3]]
@@ -631,8 +631,8 @@ def test_text_embeddings_of_an_older_version_fail_clearly(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from schemas.contract import META_KEY, SchemaError
-    from schemas.features import TEXT_EMBEDDINGS
+    from pseudoseg.schemas.contract import META_KEY, SchemaError
+    from pseudoseg.schemas.features import TEXT_EMBEDDINGS
 
     v1 = pa.table({"text": ["a dog"], "kind": ["expression"], "class_index": pa.array([-1], pa.int32()),
                    "template_set": ["use4"], "embedding": [[1.0, 0.0]], "dim": pa.array([2], pa.int32())})
