@@ -21,10 +21,10 @@ DEMO_IMAGES := $(OUT)/demo/samples/images
 export PYTHONHASHSEED := 0
 SETTINGS = $(if $(CONFIG),--config $(abspath $(CONFIG))) $(foreach item,$(SET),--set $(item))
 
-.PHONY: help venv test test-fast demo pseudo-labels export-coco preview eval luigid workers bench lint clean
+.PHONY: help venv test test-fast fidelity demo pseudo-labels export-coco preview eval luigid workers bench lint clean
 
 help:
-	@echo "make demo | make test | make test-fast | make pseudo-labels STAGE=<Ingest|UseCaptions|UseSegments|FmbsegLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
+	@echo "make demo | make test | make test-fast | make fidelity | make pseudo-labels STAGE=<Ingest|UseCaptions|UseSegments|FmbsegLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ test: $(STAMP)
 # while editing.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Mutants as tests of the tests (tests/fidelity/mutants.py): each change of a README Fidelity row must make the
+# tests it names fail; one line per mutant (killed / survived, seconds), status 1 if any survives or is stale.
+# FIDELITY_JOBS=2 runs two mutants at once (each in its own scratch copy).
+FIDELITY_JOBS ?= 1
+fidelity: $(STAMP)
+	$(PY) -m tests.fidelity --jobs $(FIDELITY_JOBS)
 
 demo: $(STAMP)
 	$(VENV)/bin/pseudoseg demo --out $(OUT) $(SETTINGS)

@@ -14,7 +14,9 @@ FmbsegLabelsShard's layout so the trainers can read either:
   queries label no pixel with a foreground class.
 
 Vocabulary: ``[car_labels] vocabulary`` (empty = ``[fmbseg] vocabulary``). A vocabulary whose class 0 is
-``background`` (voc21) labels the pixels the background wins 0; without one, every pixel gets the best kept query.
+``background`` (voc21) labels the pixels the background wins 0; without one they stay 255 (unlabelled). Settings:
+``[car_labels]`` and ``[car]`` (``crf_image``); background queries equal to a query are left out (see
+``pipeline.car.params.car_label_params``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pseudoseg.models.registry import load_role
-from pseudoseg.pipeline.car.params import CaRLabelsParams, car_label_family, car_label_params
+from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings, car_label_family, car_label_params
 from pseudoseg.pipeline.car.recurrent import (
     CaRMethod,
     CarParams,
@@ -45,6 +47,7 @@ from pseudoseg.tasks.base import (
     ProgressReporter,
     model_settings,
     reject,
+    stage_params,
     stage_wrapper,
 )
 from pseudoseg.tasks.chained import ChainedShardTask
@@ -70,7 +73,7 @@ class CarLabelsShard(ChainedShardTask):
         return load_vocabulary(self.params.vocabulary or detect_params().vocabulary)
 
     def car_params(self, vocab: Vocabulary) -> CarParams:
-        return car_label_params(self.params, vocab.name)
+        return car_label_params(self.params, vocab.name, stage_params(CarSettings))
 
     def content_params(self) -> dict[str, Any]:
         """Beside the settings: the vocabulary labelled (``[fmbseg]``'s when ours is empty) and the CaR

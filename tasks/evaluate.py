@@ -60,6 +60,7 @@ from pseudoseg.tasks.base import (
     model_settings,
     pseudoseg,
     record_task_failure,
+    stage_params,
     uses_gpu,
     verify_inputs,
 )
@@ -171,12 +172,14 @@ class Evaluate(StageSettings, luigi.Task):
 
     # ------------------------------------------------------------------------------------------------ methods
     def car_params(self):
+        from pseudoseg.pipeline.car.params import CarSettings, with_car_settings
         from pseudoseg.pipeline.car.recurrent import car_params
 
         cfg = self.params
         base = car_params(self.benchmark)
         prompts = tuple(p.strip() for p in cfg.car_prompts.split(",") if p.strip()) or base.prompts
-        return dataclasses.replace(base, prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam)
+        return with_car_settings(dataclasses.replace(base, prompts=prompts, crf=cfg.car_crf, cam=cfg.car_cam),
+                                 stage_params(CarSettings))
 
     def segmenter(self):
         settings, cfg = model_settings(), self.params

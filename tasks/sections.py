@@ -7,7 +7,7 @@ from __future__ import annotations
 import luigi
 
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
-from pseudoseg.pipeline.car.params import CaRLabelsParams
+from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings
 from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
 from pseudoseg.pipeline.eval.params import EvaluateCarParams, EvaluateParams, EvaluateUseSamParams
 from pseudoseg.pipeline.features.params import (
@@ -40,6 +40,7 @@ use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesPar
                      UseBoxMasksParams, UseSegmentsParams, module=__name__)
 fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQueryMasksParams,
                         FmbsegAutoMasksParams, FmbsegLabelsParams, module=__name__)
+car = config_section("car", CarSettings, module=__name__)
 car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)
 features_use = config_section("features_use", FeaturesUseParams, UseTextParams, module=__name__)
 features_fmbseg = config_section("features_fmbseg", FeaturesFmbsegParams, module=__name__)
@@ -47,7 +48,7 @@ train_use = config_section("train_use", TrainUseParams, module=__name__)
 train_alignment = config_section("train_alignment", TrainAlignmentParams, module=__name__)
 evaluate = config_section("evaluate", EvaluateParams, EvaluateCarParams, EvaluateUseSamParams, module=__name__)
 
-SECTIONS: tuple[type[luigi.Config], ...] = (ingest, sam_embeddings, use, fmbseg, car_labels, features_use,
+SECTIONS: tuple[type[luigi.Config], ...] = (ingest, sam_embeddings, use, fmbseg, car, car_labels, features_use,
                                            features_fmbseg, train_use, train_alignment, evaluate)
 _SECTION_OF: dict[type[StageParams], type[luigi.Config]] = {
     params_type: section for section in SECTIONS for params_type in section.params_types}

@@ -16,6 +16,12 @@ DEFAULT_FMBSEG_CLIP = "openai/clip-vit-large-patch14"
 # CaR (car-paper §4): mask proposal generator f = ViT-B/16, mask classifier g = ViT-L/14 (224 px).
 DEFAULT_CAM_CLIP = "openai/clip-vit-base-patch16"
 DEFAULT_CLASSIFIER_CLIP = "openai/clip-vit-large-patch14"
+# CaR's official CLIP wrapper (clip_wrapper.CustomTransformer) tells text from images by the token count: a sequence
+# of exactly 77 tokens (the text context) runs every block, anything else all but the last. An image of exactly 76
+# patches (+ CLS) therefore runs every block, and Grad-CAM then repeats the last one on top (followed here).
+OFFICIAL_TEXT_CONTEXT = 77
+# CLIP-ES / CaR min-max scaling: (x - min) / (max + eps) (cam.py scale_cam_image).
+CAM_EPS = 1e-15
 
 
 class HFClipEncoder(HFAdapter, ClipEncoder):
@@ -121,7 +127,9 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
     def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch + CLS embeddings with position embeddings resized BILINEARLY to the input's patch grid (any H, W
         multiples of p), then the pre-layernorm: the official CaR / CLIP-ES image stem (`upsample_position_embedding`),
-        not transformers' bicubic `interpolate_pos_encoding`. Returns [B, 1 + h*w, C]."""
+        not transformers' bicubic `interpolate_pos_encoding`. As the official stem, the resized table (CLS row
+        included, also at the native size) is rounded through float16 (`Parameter(embed.half())`) before it is
+        added. Returns [B, 1 + h*w, C]."""
         emb = self.model.vision_model.embeddings
         b, _, height, width = pixel_values.shape
         gh, gw = height // self.patch_size, width // self.patch_size
@@ -130,7 +138,7 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
         side = int(round((pos.shape[0] - 1) ** 0.5))
         grid = pos[1:].T.reshape(1, -1, side, side)
         grid = torch.nn.functional.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
-        pos = torch.cat([pos[:1], grid.reshape(pos.shape[1], -1).T])
+        pos = torch.cat([pos[:1], grid.reshape(pos.shape[1], -1).T]).half().to(pos.dtype)
         tokens = torch.cat([emb.class_embedding.expand(b, 1, -1).to(patches.dtype), patches], dim=1) + pos
         return self.model.vision_model.pre_layrnorm(tokens)
 
@@ -143,17 +151,24 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
                              f"{images.shape}")
         return self.normalised(images)
 
+    def _car_blocks(self, tokens: int) -> int:
+        """Blocks the official CaR wrapper runs without gradient on `tokens` tokens: all but the last, or all of
+        them when the count equals the text context (OFFICIAL_TEXT_CONTEXT)."""
+        n = len(self.model.vision_model.encoder.layers)
+        return n if tokens == OFFICIAL_TEXT_CONTEXT else n - 1
+
     @torch.inference_mode()
     def encode_image_car(self, images: np.ndarray, *, skip_last_block: bool = True) -> np.ndarray:
         """CaR's mask-classifier image embedding (car-paper g; official `CLIPWrapper.forward`): the CLS token
         after the vision blocks — all but the LAST one when `skip_last_block` (the official wrapper runs L-1
-        blocks on images and never repeats the last one for this call) — post-layernorm, projected, L2-normalised.
+        blocks on images and never repeats the last one for this call; all L on a 76-patch input, see
+        OFFICIAL_TEXT_CONTEXT) — post-layernorm, projected, L2-normalised.
         images: uint8 RGB [B, S, S, 3] (S = image_size). Returns float32 [B, D]."""
         x = self._normalised(images)
         layers = self.model.vision_model.encoder.layers
         with autocast(self.device):
             h = self._tokens(x)
-            for block in layers[: len(layers) - 1 if skip_last_block else len(layers)]:
+            for block in layers[: self._car_blocks(h.shape[1]) if skip_last_block else len(layers)]:
                 h = block(h, None)
             cls = self.model.visual_projection(self.model.vision_model.post_layernorm(h[:, 0]))
         return to_numpy(l2_normalize(cls))
@@ -169,13 +184,16 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
 
         image: uint8 RGB [H, W, 3] with H, W multiples of patch_size (any aspect: position embeddings are resized
         bilinearly). fg_text [T, D], bg_text [B, D]: L2-normalised text embeddings (queries, background queries).
-        Blocks 0..L-2 run without gradient; the last block runs with it. Image embedding = the MEAN of the
-        post-layernormed patch tokens (not CLS), projected and normalised; score of text t = softmax over the
-        T + B texts of logit_scale · cosine. Target layer: the last block's layer_norm1 output (car-paper App. B).
-        map_t = ReLU(Σ_c mean_patches(∂score_t/∂A_c) · A_c) on the patch grid, min-max scaled (`scale_cam_image`);
-        a map that is all zero is recomputed with the softmax over the fg texts only (as the official code).
-        Returns float32 [T, H/p, W/p]; with attention_layers > 0 also the patch-to-patch attention [N, N]
-        (N = H/p · W/p, row-major as the maps) averaged over heads and the last `attention_layers` blocks.
+        Blocks 0..L-2 run without gradient (0..L-1 on a 76-patch image, OFFICIAL_TEXT_CONTEXT); the last block
+        runs (again) with it. Image embedding = the MEAN of the post-layernormed patch tokens (not CLS), projected
+        and normalised; score of text t = softmax over the T + B texts of logit_scale · cosine. Target layer: the
+        last block's layer_norm1 output (car-paper App. B). map_t = ReLU(Σ_c mean_patches(∂score_t/∂A_c) · A_c)
+        on the patch grid, min-max scaled TWICE as the official cam.py (per target layer, then again when the
+        layers are aggregated; each (x - min) / (max + 1e-15)); a map that is then all zero is recomputed with the
+        softmax over the fg texts only (as the official clipcam.py). Returns float32 [T, H/p, W/p]; with
+        attention_layers > 0 also the patch-to-patch attention [N, N] (N = H/p · W/p, row-major as the maps)
+        averaged over heads and the last `attention_layers` block applications (the official list: the no-grad
+        blocks, then the last block's grad run).
         """
         x = self._normalised(np.asarray(image)[None])
         fg = torch.as_tensor(np.asarray(fg_text, np.float32), device=self.device)
@@ -183,13 +201,13 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
             torch.cat([fg, torch.as_tensor(np.asarray(bg_text, np.float32), device=self.device)])
         vm, gh, gw = self.model.vision_model, x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         layers = vm.encoder.layers
-        block_inputs = []
+        applied: list[tuple[int, torch.Tensor]] = []  # (block index, its input) of every block application
         with torch.no_grad(), autocast(self.device):
             h = self._tokens(x)
-            for block in layers[:-1]:
-                block_inputs.append(h)
-                h = block(h, None)
-        block_inputs.append(h)
+            for i in range(self._car_blocks(h.shape[1])):
+                applied.append((i, h))
+                h = layers[i](h, None)
+        applied.append((len(layers) - 1, h))
         captured: dict[str, torch.Tensor] = {}
 
         def keep(_module, _args, output):
@@ -216,38 +234,44 @@ class HFClipEncoder(HFAdapter, ClipEncoder):
         if attention_layers <= 0:
             return maps
         with torch.no_grad():
-            attention = self._patch_attention(block_inputs, attention_layers)
+            attention = self._patch_attention(applied[-attention_layers:])
         return maps, to_numpy(attention)
 
     @staticmethod
-    def _cams_of(scores: torch.Tensor, act: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    def _min_max(cams: torch.Tensor) -> torch.Tensor:
+        """(x - min) / (max + 1e-15) per map [T, gh, gw] (cam.py scale_cam_image)."""
+        cams = cams - cams.flatten(1).amin(1)[:, None, None]
+        return cams / (cams.flatten(1).amax(1)[:, None, None] + CAM_EPS)
+
+    @classmethod
+    def _cams_of(cls, scores: torch.Tensor, act: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """Grad-CAM of each of T scalar scores w.r.t. the activation [1, 1 + N, C] (CLS dropped), all T gradients in
-        one batched backward: channel weights = mean gradient over patches, ReLU of the weighted sum, then
-        (x - min) / (max + 1e-15) as CLIP-ES. Returns [T, gh, gw]."""
+        one batched backward: channel weights = mean gradient over patches, ReLU of the weighted sum, then min-max
+        scaled twice as the official cam.py (`compute_cam_per_layer`, then `aggregate_multi_layers` over the one
+        target layer: ReLU, mean, scaled again). Returns [T, gh, gw]."""
         if len(scores) == 0:
             return torch.zeros((0, gh, gw), device=act.device)
         (grads,) = torch.autograd.grad(scores, act, grad_outputs=torch.eye(len(scores), device=scores.device),
                                        retain_graph=True, is_grads_batched=True)
         tokens, grads = act[0, 1:].detach().float(), grads[:, 0, 1:].float()  # [N, C], [T, N, C]
         cams = torch.relu(torch.einsum("nc,tc->tn", tokens, grads.mean(1))).reshape(-1, gh, gw)
-        cams = cams - cams.flatten(1).amin(1)[:, None, None]
-        return cams / (cams.flatten(1).amax(1)[:, None, None] + 1e-15)
+        return cls._min_max(torch.relu(cls._min_max(cams)))
 
-    def _patch_attention(self, block_inputs: Sequence[torch.Tensor], last: int) -> torch.Tensor:
-        """Mean over heads and the last `last` blocks of softmax(q·kᵀ · scale), patches only: float32 [N, N].
+    def _patch_attention(self, applied: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Mean over heads and the given block applications (block index, its input) of softmax(q·kᵀ · scale),
+        patches only: float32 [N, N].
 
-        Computed from each block's input (block_inputs[i] feeds block i) through its layer_norm1, q_proj, k_proj:
-        the attention implementation (sdpa) does not return weights, and switching it to eager would slow every
-        other call."""
+        Computed from each block's input through its layer_norm1, q_proj, k_proj: the attention implementation
+        (sdpa) does not return weights, and switching it to eager would slow every other call."""
         layers = self.model.vision_model.encoder.layers
         total = None
-        for i in range(max(0, len(layers) - last), len(layers)):
+        for i, block_input in applied:
             block = layers[i]
-            x = block.layer_norm1(block_inputs[i].float())[0]  # [1 + N, C]
+            x = block.layer_norm1(block_input.float())[0]  # [1 + N, C]
             attn = block.self_attn
             heads, dim = attn.num_heads, attn.head_dim
             q = attn.q_proj(x).reshape(-1, heads, dim).transpose(0, 1)
             k = attn.k_proj(x).reshape(-1, heads, dim).transpose(0, 1)
             weights = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1).mean(0)  # [1 + N, 1 + N]
             total = weights if total is None else total + weights
-        return (total / min(last, len(layers)))[1:, 1:].float()
+        return (total / len(applied))[1:, 1:].float()

@@ -1,6 +1,7 @@
-"""Settings of the CaR label stage (section ``[car_labels]`` of luigi.cfg): its params object, hashed whole into its
-folder name, and how it resolves to the ``CarParams`` the loop runs with (``car_label_params``: the official
-per-dataset preset of ``pipeline.car.recurrent.CAR_DEFAULTS``, then the configured θ, prompts, CRF and CAM).
+"""Settings of CaR: those of every CaR run (section ``[car]`` of luigi.cfg: ``CarSettings``, read by the CaR label
+stage and by Evaluate's CaR) and those of the CaR label stage (section ``[car_labels]``): its params object, hashed
+whole into its folder name, and how it resolves to the ``CarParams`` the loop runs with (``car_label_params``: the
+official per-dataset preset of ``pipeline.car.recurrent.CAR_DEFAULTS``, then the configured θ, prompts, CRF and CAM).
 Defaults are written here only; luigi.cfg repeats them for the reader (a test keeps the two equal)."""
 
 from __future__ import annotations
@@ -8,9 +9,31 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pseudoseg.pipeline.car.recurrent import CAR_DEFAULTS, VISUAL_PROMPTS, CarParams, car_family, car_params
+from pseudoseg.pipeline.car.recurrent import (
+    CAR_DEFAULTS,
+    CRF_IMAGES,
+    VISUAL_PROMPTS,
+    CarParams,
+    car_family,
+    car_params,
+)
 from pseudoseg.pipeline.core.params import StageParams, setting
 from pseudoseg.pipeline.core.vocabularies import vocabulary_digest
+
+
+@dataclass(frozen=True)
+class CarSettings(StageParams):
+    """Section ``[car]``: settings of every CaR run (the label stage and Evaluate's CaR); they reach each run's
+    ``CarParams`` (:func:`with_car_settings`) and so its folder hash."""
+
+    crf_image: str = setting(CarParams.crf_image, choices=CRF_IMAGES,
+                             help="what the dense CRF's bilateral kernel compares: official = the released code's "
+                             "mean-subtracted BGR copy cast to uint8 (negatives wrap, as on x86), rgb = the photo")
+
+
+def with_car_settings(params: CarParams, car: CarSettings) -> CarParams:
+    """``params`` with the ``[car]`` settings."""
+    return dataclasses.replace(params, crf_image=car.crf_image)
 
 
 @dataclass(frozen=True)
@@ -41,12 +64,16 @@ def car_label_family(cfg: CaRLabelsParams, vocabulary: str) -> str:
     return family or car_family(vocabulary.lower())
 
 
-def car_label_params(cfg: CaRLabelsParams, vocabulary: str) -> CarParams:
-    """The official settings of the family (``car_label_family``) with the configured θ, prompts, CRF and CAM."""
+def car_label_params(cfg: CaRLabelsParams, vocabulary: str, car: CarSettings) -> CarParams:
+    """The official settings of the family (``car_label_family``) with the configured θ, prompts, CRF and CAM and
+    the ``[car]`` settings. A label run leaves background queries equal to one of its queries out of f's softmax
+    (``drop_background_queries``: vocabularies such as coco_stuff171 or context59 hold "grass", "sky", "tree",
+    ...; the official benchmarks keep all 23, as the released code)."""
     base = car_params(car_label_family(cfg, vocabulary))
     prompts = tuple(p.strip() for p in cfg.prompts.split(",") if p.strip()) or base.prompts
     unknown = set(prompts) - set(VISUAL_PROMPTS)
     if unknown:
         raise ValueError(f"[car_labels] prompts {cfg.prompts!r}: use a comma list of {VISUAL_PROMPTS}")
     theta = float(cfg.theta) if cfg.theta.strip() else base.theta
-    return dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam, theta=theta)
+    return with_car_settings(dataclasses.replace(base, prompts=prompts, crf=cfg.crf, cam=cfg.cam, theta=theta,
+                                                 drop_background_queries=True), car)

@@ -17,6 +17,7 @@ Arrays: image uint8 RGB ``[H, W, 3]``; masks/maps ``[N, H, W]`` (rows, columns) 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -61,13 +62,80 @@ ADE_STUFF = (
     "land", "mountain", "path", "plant", "river", "road", "sand", "sea", "sky", "skyscraper", "tree", "wall",
     "water", "waterfall",
 )
-# The official code's query text for class names that differ from the dataset's own (data/voc.py VOC_CLASSES,
-# data/context.py PASCAL_CONTEXT_CLASSES); other classes are queried by their dataset name.
+# The official code's query text for class names that differ from the dataset's own: data/voc.py VOC_CLASSES,
+# data/context.py PASCAL_CONTEXT_CLASSES, data/coco.py COCO_OBJECT_CLASSES (for coco_object80's / COCO-Stuff's 80
+# thing names; its typo "sknowboard" included) and data/ade.py ADE_CLASSES (ADE20K's comma-joined WordNet synonym
+# lists, as written there); other classes are queried by their dataset name.
 OFFICIAL_QUERY_NAMES = {
     "voc": {"bird": "bird avian", "chair": "chair seat", "person": "person with clothes,people,human",
             "tvmonitor": "tvmonitor screen"},
     "context": {"aeroplane": "airplane", "pottedplant": "plant", "tvmonitor": "monitor"},
+    "coco": {"person": "person with clothes,people,human", "motorcycle": "motorbike", "airplane": "aeroplane",
+             "bird": "bird avian", "backpack": "backpack,bag", "umbrella": "umbrella,parasol",
+             "handbag": "handbag,purse", "tie": "necktie", "snowboard": "sknowboard", "baseball glove": "glove",
+             "spoon": "dessertspoon", "chair": "chair seat", "couch": "sofa", "potted plant": "pottedplant",
+             "dining table": "diningtable", "tv": "tvmonitor screen", "remote": "remote control",
+             "hair drier": "hairdrier,blowdrier"},
+    "ade": {
+        "building": "building, edifice", "floor": "floor, flooring", "road": "road, route",
+        "windowpane": "windowpane, window", "sidewalk": "sidewalk, pavement",
+        "person": "person, individual, someone, somebody, mortal, soul", "earth": "earth, ground",
+        "door": "door, double, door", "mountain": "mountain, mount", "plant": "plant, flora, plant, life",
+        "curtain": "curtain, drape, drapery, mantle, pall", "car": "car, auto, automobile, machine, motorcar",
+        "painting": "painting, picture", "sofa": "sofa, couch, lounge", "rug": "rug, carpet, carpeting",
+        "fence": "fence, fencing", "rock": "rock, stone", "wardrobe": "wardrobe, closet, press",
+        "bathtub": "bathtub, bathing, tub, bath, tub", "railing": "railing, rail",
+        "base": "base, pedestal, stand", "column": "column, pillar", "signboard": "signboard, sign",
+        "chest of drawers": "chest, of, drawers, chest, bureau, dresser",
+        "fireplace": "fireplace, hearth, open, fireplace", "refrigerator": "refrigerator, icebox",
+        "grandstand": "grandstand, covered, stand", "stairs": "stairs, steps",
+        "case": "case, display, case, showcase, vitrine",
+        "pool table": "pool, table, billiard, table, snooker, table", "screen door": "screen, door, screen",
+        "stairway": "stairway, staircase", "bridge": "bridge, span", "blind": "blind, screen",
+        "coffee table": "coffee, table, cocktail, table",
+        "toilet": "toilet, can, commode, crapper, pot, potty, stool, throne",
+        "stove": "stove, kitchen, stove, range, kitchen, range, cooking, stove", "palm": "palm, palm, tree",
+        "kitchen island": "kitchen, island",
+        "computer": "computer, computing, machine, computing, device, data, processor, electronic, computer, "
+        "information, processing, system",
+        "swivel chair": "swivel, chair", "arcade machine": "arcade, machine",
+        "hovel": "hovel, hut, hutch, shack, shanty",
+        "bus": "bus, autobus, coach, charabanc, double-decker, jitney, motorbus, motorcoach, omnibus, "
+        "passenger, vehicle",
+        "light": "light, light, source", "truck": "truck, motortruck",
+        "chandelier": "chandelier, pendant, pendent", "awning": "awning, sunshade, sunblind",
+        "streetlight": "streetlight, street, lamp", "booth": "booth, cubicle, stall, kiosk",
+        "television receiver": "television, television, receiver, television, set, tv, tv, set, idiot, box, "
+        "boob, tube, telly, goggle, box",
+        "airplane": "airplane, aeroplane, plane", "dirt track": "dirt, track",
+        "apparel": "apparel, wearing, apparel, dress, clothes", "land": "land, ground, soil",
+        "bannister": "bannister, banister, balustrade, balusters, handrail",
+        "escalator": "escalator, moving, staircase, moving, stairway",
+        "ottoman": "ottoman, pouf, pouffe, puff, hassock", "buffet": "buffet, counter, sideboard",
+        "poster": "poster, posting, placard, notice, bill, card",
+        "conveyer belt": "conveyer, belt, conveyor, belt, conveyer, conveyor, transporter",
+        "washer": "washer, automatic, washer, washing, machine", "plaything": "plaything, toy",
+        "swimming pool": "swimming, pool, swimming, bath, natatorium", "barrel": "barrel, cask",
+        "basket": "basket, handbasket", "waterfall": "waterfall, falls", "tent": "tent, collapsible, shelter",
+        "minibike": "minibike, motorbike", "food": "food, solid, food", "step": "step, stair",
+        "tank": "tank, storage, tank", "trade name": "trade, name, brand, name, brand, marque",
+        "microwave": "microwave, microwave, oven", "pot": "pot, flowerpot",
+        "animal": "animal, animate, being, beast, brute, creature, fauna",
+        "bicycle": "bicycle, bike, wheel, cycle", "dishwasher": "dishwasher, dish, washer, dishwashing, machine",
+        "screen": "screen, silver, screen, projection, screen", "blanket": "blanket, cover",
+        "hood": "hood, exhaust, hood", "traffic light": "traffic, light, traffic, signal, stoplight",
+        "ashcan": "ashcan, trash, can, garbage, can, wastebin, ash, bin, ash-bin, ashbin, dustbin, trash, "
+        "barrel, trash, bin",
+        "pier": "pier, wharf, wharfage, dock", "crt screen": "crt, screen",
+        "monitor": "monitor, monitoring, device", "bulletin board": "bulletin, board, notice, board",
+        "glass": "glass, drinking, glass",
+    },
 }
+# What the dense CRF's bilateral kernel sees (`[car] crf_image`): "official" = what the official PostProcess passes,
+# the photo as BGR minus the Caffe mean (104.008, 116.669, 122.675), cast to uint8 (see :func:`crf_image`); "rgb" =
+# the photo itself.
+CRF_IMAGES = ("official", "rgb")
+CRF_MEAN_BGR = (104.008, 116.669, 122.675)
 
 
 @dataclass(frozen=True)
@@ -81,10 +149,15 @@ class CarParams:
     queries of f; cam_template / raw_first_step: CAM texts (see CAM_TEMPLATE); classifier_templates: g's template
     ensemble; classifier_skip_last_block: g's image embedding is the CLS after all but the last vision block (the
     official wrapper); bg_factor: the CRF's background score is (1 - max_q proposal_q)^bg_factor; crf: dense-CRF
-    refinement (always on in the official code); stuff / stuff_prompts: class names segmented in a second pass with
-    the other classes as background queries (mutual background, Pascal Context) and their visual prompts;
-    max_steps: a safety bound on the recurrence (the paper stops when no query is dropped); phi_iom / phi_iou: SAM
-    ensemble thresholds (car-paper §4: 0.7 for all datasets)."""
+    refinement (always on in the official code); crf_image: what the CRF's bilateral kernel sees (CRF_IMAGES;
+    "official" = the official PostProcess's wrapped mean-subtracted BGR copy, see :func:`crf_image`); stuff /
+    stuff_prompts: class names segmented in a second pass with the other classes as background queries (mutual
+    background, Pascal Context, ADE) and their visual prompts; drop_background_queries: leave background queries
+    equal to a query out of f's softmax (False in the official code and on the official benchmarks; the CaR label
+    source sets it, see pipeline.car.params); max_steps: a safety cap only — the official loop has none, and
+    every step that does not end it drops a query, so it ends within len(queries) + 1 steps; a run that reaches
+    the cap is logged and marked (:class:`CarResult` ``capped``); phi_iom / phi_iou: SAM ensemble thresholds
+    (car-paper §4: 0.7 for all datasets)."""
 
     eta: float = 0.4
     theta: float = 0.6
@@ -98,9 +171,11 @@ class CarParams:
     classifier_skip_last_block: bool = True
     bg_factor: float = 1.0
     crf: bool = True
+    crf_image: str = "official"
     stuff: tuple[str, ...] = ()
     stuff_prompts: tuple[str, ...] = ("blur", "gray")
-    max_steps: int = 10
+    drop_background_queries: bool = False
+    max_steps: int = 1000
     phi_iom: float = 0.7
     phi_iou: float = 0.7
 
@@ -218,11 +293,13 @@ class CarStep:
 
 @dataclass(frozen=True)
 class CarResult:
-    """queries: h_T (kept); proposals float [len(queries), H, W] from the final step; steps: the history."""
+    """queries: h_T (kept); proposals float [len(queries), H, W] from the final step; steps: the history; capped:
+    the loop stopped at ``CarParams.max_steps`` instead of converging (never expected: see CarParams)."""
 
     queries: tuple[str, ...]
     proposals: np.ndarray
     steps: tuple[CarStep, ...]
+    capped: bool = False
 
 
 def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -237,18 +314,24 @@ def car_loop(image: np.ndarray, queries: Sequence[str], cam: CamFn, classify: Cl
     prompted_i = v(image, proposals_i > eta); P = classify(prompted, h); keep h_i with P_ii > theta — or, when none
     passes, the best one (a query set never empties) } until a step keeps every query it scored (the number of
     kept queries no longer changes; the first step never ends the loop, so the final proposals always come from
-    CAM texts with the `cam_template`).
+    CAM texts with the `cam_template`). A later step whose proposals are all zero keeps the previous step's
+    proposals of its queries (official: `mask_proposals = prev_mask_proposals`; the official reuses the whole
+    previous stack, pairing its first rows with the kept queries by position, and at the first step it has none
+    and crashes later — here the rows of the same queries are kept, and a first step keeps its zero maps).
 
-    Background queries equal to a query are left out of f's softmax (a no-op on the official benchmarks, needed
-    for vocabularies such as COCO-Stuff whose classes include "grass" or "sky"). Returns the kept queries with
-    the proposals of the final step.
+    All background queries enter f's softmax, also one equal to a query (the official code: Pascal Context's
+    "building" and "tree" are both); with ``params.drop_background_queries`` those are left out (the CaR label
+    source's setting, for vocabularies such as COCO-Stuff whose classes include "grass" or "sky"). Returns the
+    kept queries with the proposals of the final step.
     """
     image = np.asarray(image, np.uint8)
     h = tuple(dict.fromkeys(queries))  # unique, order kept
-    bg_texts = [params.cam_template.format(q) for q in params.background if q not in h]
+    background = [q for q in params.background if not (params.drop_background_queries and q in h)]
+    bg_texts = [params.cam_template.format(q) for q in background]
     steps: list[CarStep] = []
     if not h:
         return CarResult((), np.zeros((0, *image.shape[:2]), np.float32), ())
+    previous = None
     for step in range(params.max_steps):
         template = "{}" if step == 0 and params.raw_first_step else params.cam_template
         proposals = np.asarray(cam(image, [template.format(q) for q in h], bg_texts), np.float32)
@@ -258,14 +341,19 @@ def car_loop(image: np.ndarray, queries: Sequence[str], cam: CamFn, classify: Cl
         scores = np.asarray(classify(prompted, list(h)), np.float64)
         diag = np.diagonal(scores).astype(np.float32)
         steps.append(CarStep(h, diag))
-        keep = diag > params.theta
+        if previous is not None and float(proposals.max(initial=0.0)) == 0.0:
+            proposals = previous  # every map is zero: the previous step's proposals of these queries
+        keep = diag > np.float32(params.theta)  # compared in float32, as the official torch scores
         if not keep.any():
             keep[int(np.argmax(diag))] = True
         if step > 0 and keep.all():
             return CarResult(h, proposals, tuple(steps))
         h = tuple(q for q, k in zip(h, keep, strict=True) if k)
-        proposals = proposals[keep]
-    return CarResult(h, proposals, tuple(steps))
+        proposals = previous = proposals[keep]
+    logging.getLogger(__name__).warning(
+        "CaR stopped at its safety cap of %d steps with %d queries left (the loop had not converged)",
+        params.max_steps, len(h))
+    return CarResult(h, proposals, tuple(steps), capped=True)
 
 
 # ----------------------------------------------------------------------------------------- CLIP-ES affinity (CAA)
@@ -335,15 +423,31 @@ def crf_available() -> bool:
     return True
 
 
+def crf_image(image: np.ndarray, mode: str) -> np.ndarray:
+    """The uint8 [H, W, 3] image the CRF's bilateral kernel sees (`CarParams.crf_image`, one of CRF_IMAGES).
+
+    "official": what CaR's official `PostProcess` passes — the RGB photo as float32, channels reversed to BGR,
+    minus the Caffe mean CRF_MEAN_BGR, then `astype(np.uint8)`. Values below the mean are negative and wrap: on
+    x86 (where the published numbers were made) the cast truncates toward zero and keeps the low 8 bits, so -0.6
+    → 0, -1.5 → 255 and -104.008 → 152; other platforms may saturate. That x86 result is written out here
+    (truncate, then modulo 256), so it does not depend on the machine. "rgb": the photo itself."""
+    if mode not in CRF_IMAGES:
+        raise ValueError(f"crf_image must be one of {CRF_IMAGES}, got {mode!r}")
+    rgb = np.ascontiguousarray(image, np.uint8)
+    if mode == "rgb":
+        return rgb
+    shifted = rgb[..., ::-1].astype(np.float32) - np.asarray(CRF_MEAN_BGR, np.float32)
+    return np.ascontiguousarray(np.mod(np.trunc(shifted).astype(np.int64), 256).astype(np.uint8))
+
+
 def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *, pos_xy: float = 1.0,
               pos_w: float = 3.0, bi_xy: float = 67.0, bi_rgb: float = 3.0, bi_w: float = 4.0) -> np.ndarray:
     """Fully connected CRF (Krähenbühl & Koltun 2011) on class scores float [C, H, W] in (0, 1] (unaries -log of
     the scores, clipped at 1e-5: `unary_from_softmax`; normalising per pixel would not change the result) →
     refined probabilities float32 [C, H, W]. Kernels as CaR's official `PostProcess` (CLIP-ES's / DeepLab's):
-    Gaussian sxy=1 w=3, bilateral sxy=67 srgb=3 w=4, 10 iterations. The bilateral kernel sees the RGB image (the
-    official code passes a mean-subtracted BGR copy cast to uint8, which wraps every value below the mean: an
-    accident whose result depends on the platform's float→uint8 cast). Needs the optional `pydensecrf2` package
-    (extra "crf")."""
+    Gaussian sxy=1 w=3, bilateral sxy=67 srgb=3 w=4, 10 iterations. `image` uint8 [H, W, 3] is what the
+    bilateral kernel compares, as given (:func:`crf_image` makes the official one). Needs the optional
+    `pydensecrf2` package (extra "crf")."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
@@ -359,11 +463,12 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, *, pos
 
 
 def proposals_to_labels(image: np.ndarray, proposals: np.ndarray, *, crf: bool, background: bool,
-                        bg_factor: float = 1.0) -> np.ndarray:
+                        bg_factor: float = 1.0, crf_image_mode: str = CRF_IMAGES[0]) -> np.ndarray:
     """Final proposals float [N, H, W] in [0, 1] → label map int64 [H, W] over their index 0..N-1, -1 where the
     background wins (official `PostProcess`): the background score is (1 - max_q proposal_q)^bg_factor, and with
-    crf the unnormalised [background, proposals] scores are the dense CRF's softmax unaries (-log, clipped at 1e-5).
-    background False: no background label, argmax over the proposals only (benchmarks without a background class).
+    crf the unnormalised [background, proposals] scores are the dense CRF's softmax unaries (-log, clipped at 1e-5)
+    over :func:`crf_image` (`crf_image_mode`) of the image. background False: no background label, argmax over the
+    proposals only (not what CaR runs: the official code always has the background channel).
     """
     n, h, w = proposals.shape
     if n == 0:
@@ -373,7 +478,7 @@ def proposals_to_labels(image: np.ndarray, proposals: np.ndarray, *, crf: bool, 
         bg = np.power(1.0 - scores.max(0, keepdims=True), bg_factor)
         scores = np.concatenate([bg, scores])
     if crf:
-        scores = dense_crf(image, scores)
+        scores = dense_crf(crf_image(image, crf_image_mode), scores)
     label = scores.argmax(0)
     return label - 1 if background else label
 
@@ -418,10 +523,13 @@ class CaRMethod:
     """The `pipeline.eval.methods.SegmentationMethod` interface around :func:`car_loop` + post-processing.
 
     Queries are the classes' query texts (`query_names(class name)`; without "background" when class_names[0] is
-    "background", which then labels the pixels the background wins); without a background class every pixel gets
-    its best query. With `params.stuff`, those classes run in a second loop whose background queries are the other
-    classes' (mutual background, car-paper App. E); stuff masks are painted first, things on top, each pass in
-    ascending score order. sam: optional `Segmenter` role for the SAM ensemble (its automatic masks).
+    "background"). The CRF always has the background channel, as the official PostProcess: the pixels the
+    background wins (and those no kept mask covers) are label 0 when class_names[0] is "background", else 255 =
+    no class (official evaluate.py: assign_label leaves them 0 and `ignore_background` drops predicted background
+    from the score; pipeline.eval's "ignored" unlabelled rule). With `params.stuff`, those classes run in a second
+    loop whose background queries are the other classes' (mutual background, car-paper App. E); stuff masks are
+    painted first, things on top, each pass in ascending score order. sam: optional `Segmenter` role for the SAM
+    ensemble (its automatic masks).
     class_scores: per class the LOWEST diagonal score P_ii over the steps that scored it (0 if never queried), so
     a score > θ means the query passed every step — a query kept only because none passed (the set never empties;
     alone, its later scores are a softmax over one query, i.e. 1) stays at its sub-θ score.
@@ -435,11 +543,11 @@ class CaRMethod:
             raise ImportError("CaR with crf=True needs pydensecrf2 (pip install 'pseudoseg[crf]'); "
                               "pass CarParams(crf=False) to run without CRF refinement")
 
-    def _pass(self, image, queries, params, has_bg):
+    def _pass(self, image, queries, params, background):
         """One CaR loop + post-processing → (result, bool masks [K, H, W], score per kept query)."""
         result = car_loop(image, queries, self.cam, self.classify, params)
-        label = proposals_to_labels(image, result.proposals, crf=params.crf, background=has_bg,
-                                    bg_factor=params.bg_factor)
+        label = proposals_to_labels(image, result.proposals, crf=params.crf, background=background,
+                                    bg_factor=params.bg_factor, crf_image_mode=params.crf_image)
         masks = np.stack([label == i for i in range(len(result.queries))]) if result.queries else \
             np.zeros((0, *label.shape), bool)
         last = dict(zip(result.steps[-1].queries, result.steps[-1].scores, strict=True)) if result.steps else {}
@@ -458,13 +566,12 @@ class CaRMethod:
         if stuff_queries:
             passes.insert(0, (stuff_queries, dataclasses.replace(self.params, prompts=self.params.stuff_prompts,
                                                                  background=tuple(things))))
-        pass_bg = has_bg or len(passes) > 1
+        background = True  # the official PostProcess always adds the background channel, whatever the benchmark
         label = np.full(np.asarray(image).shape[:2], 0 if has_bg else IGNORE, np.uint8)
         scores = np.zeros(len(names), np.float32)
         sam_masks = None
-        kept_all, proposals_all = [], []
         for group, params in passes:
-            result, masks, kept_scores = self._pass(image, group, params, pass_bg)
+            result, masks, kept_scores = self._pass(image, group, params, background)
             seen: dict[str, float] = {}
             for step in result.steps:
                 for q, s in zip(step.queries, step.scores, strict=True):
@@ -476,14 +583,6 @@ class CaRMethod:
                     sam_masks = [r["segmentation"] for r in self.sam.automatic_masks(image)]
                 masks = sam_ensemble(masks, sam_masks, params.phi_iom, params.phi_iou)
             label = masks_to_label_map(masks, [index[q] for q in result.queries], kept_scores, 0, out=label)
-            kept_all.extend(index[q] for q in result.queries)
-            proposals_all.append(result.proposals)
-        if not has_bg and len(passes) > 1 and kept_all:
-            # Without a background class, each pass kept its background rule so the two groups can share the
-            # image; the pixels neither pass claims take the class of the highest final proposal.
-            best = np.concatenate(proposals_all).argmax(0)
-            uncovered = label == IGNORE
-            label[uncovered] = np.asarray(kept_all, np.uint8)[best[uncovered]]
         return label, scores
 
 

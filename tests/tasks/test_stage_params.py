@@ -143,12 +143,13 @@ def test_changing_any_setting_changes_the_stage_hash(case, tmp_path):
 def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(REPO / "luigi.cfg")
+    from pseudoseg.pipeline.car.params import CarSettings
     from pseudoseg.pipeline.features.params import SamSharingParams
-    from pseudoseg.tasks.sections import sam_embeddings
+    from pseudoseg.tasks.sections import car, sam_embeddings
 
     checked = 0
-    # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share)
-    for params_type, section_class in [*_sources(tmp_path), (SamSharingParams, sam_embeddings)]:
+    # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share, [car])
+    for params_type, section_class in [*_sources(tmp_path), (SamSharingParams, sam_embeddings), (CarSettings, car)]:
         section = section_class.get_task_family()
         param = dict(section_class.get_params())
         for field in dataclasses.fields(params_type):
@@ -157,6 +158,28 @@ def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
             assert shipped == field.default, f"luigi.cfg [{section}] {field.name} = {shipped!r}, code: {field.default!r}"
             checked += 1
     assert checked >= 80
+
+
+def test_car_settings_move_every_car_run(tmp_path):
+    """[car] holds no stage's own params but every CaR run's (the label stage, Evaluate method=car): each of its
+    settings moves both folders, and no other evaluation's."""
+    from pseudoseg.pipeline.car.params import CarSettings
+
+    write_good_images(tmp_path / "images", 2)
+    classes = {c.__name__: c for c in STAGES}
+
+    def hashes(**car):
+        with luigi_settings(car=car):
+            new_build()
+            return (_task(classes["CarLabelsShard"], tmp_path).stage_dir.hash,
+                    _task(classes["Evaluate"], tmp_path, method="car").stage_dir.hash,
+                    _task(classes["Evaluate"], tmp_path, method="fmbseg").stage_dir.hash)
+
+    before = hashes()
+    for field in dataclasses.fields(CarSettings):
+        other = _other_value(field, getattr(CarSettings(), field.name), tmp_path)
+        labels, evaluate_car, evaluate_fmbseg = hashes(**{field.name: other})
+        assert labels != before[0] and evaluate_car != before[1] and evaluate_fmbseg == before[2], field.name
 
 
 def test_stage_modules_read_settings_only_through_params(tmp_path):

@@ -5,7 +5,6 @@ back as tasks/sam.py does). CPU only; the SAM is the tiny random-init one, loade
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from pseudoseg.models.registry import ModelSettings, load_role
 from pseudoseg.models.roles import SamImageEmbedding
 from pseudoseg.pipeline.core.artifacts import webdataset_tar_bytes
+from pseudoseg.pipeline.core.npy import npy_array
 from pseudoseg.pipeline.features.params import SamEmbeddingsParams
 from pseudoseg.pipeline.features.sam_embeddings import embedding_sample, iter_sam_embeddings
 
@@ -94,9 +94,11 @@ def reference(seg, image) -> list[dict]:
 
 
 def float16_stored(embedding: SamImageEmbedding, tmp_path) -> SamImageEmbedding:
-    """The embedding through the shared store: float16 .npy in a WebDataset tar, read back as tasks/sam.py does."""
+    """The embedding through the shared store with its default settings (float16 .npy in a WebDataset tar: half
+    the disk), read back as tasks/sam.py does."""
     sample, _ = embedding_sample("img", embedding.features.numpy(), embedding.original_size, embedding.input_size,
-                                 "tiny", dataclasses.replace(SamEmbeddingsParams(), dtype="float16"))
+                                 "tiny", SamEmbeddingsParams())
+    assert npy_array(sample["sam.npy"]).dtype == np.float16
     tar = tmp_path / "sam.tar"
     tar.write_bytes(webdataset_tar_bytes([sample]))
     ((_, features, record),) = list(iter_sam_embeddings(str(tar)))

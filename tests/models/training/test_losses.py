@@ -115,6 +115,20 @@ def test_tsupcon_matches_equations_on_random_batches(seed: int) -> None:
     assert abs(float(tsupcon_loss(z, labels, text)) - want) < 1e-5 * max(1.0, abs(want))
 
 
+def test_tsupcon_training_defaults_are_the_papers_equations() -> None:
+    """TrainAlignment's loss step with the default settings ([train_alignment] temperature, anchor_positive) is
+    Eq. 1–4 as printed: plain dot products of unit vectors (τ = 1), the anchor among its own positives."""
+    from pseudoseg.models.training.params import TrainAlignmentParams
+    from pseudoseg.models.training.trainer import alignment_step
+
+    for seed in range(3):
+        z, labels, text = _case(seed)
+        step = alignment_step(text, TrainAlignmentParams())
+        got = step(lambda tokens, mask: tokens, {"tokens": z[None], "labels": labels[None]})
+        want = ref_tsupcon(z, labels, text, temperature=1.0, anchor_positive=True)
+        assert abs(float(got) - want) < 1e-5 * max(1.0, abs(want))
+
+
 def test_tsupcon_anchor_term_is_eq4_as_printed() -> None:
     """With the anchor among its positives, a class-k patch's ℓ_im is the SupCon one reweighted by (N−1)/N plus the
     constant −1/(N·τ); a patch alone in its class gets −1/τ + log Σ_{j≠i} instead of 0."""

@@ -440,3 +440,20 @@ def test_batch_buffers_are_reused_only_once_nothing_refers_to_them() -> None:
     assert buffers.empty((2, 6), torch.float16).shape == (2, 6)  # another shape: its own buffers
     clone = pickle.loads(pickle.dumps(buffers))  # a DataLoader worker starts with none
     assert clone.nbytes == 0 and clone.max_bytes == buffers.max_bytes
+
+
+def test_use_online_augmentation_is_the_papers():
+    """use-paper §4.2: "random rescaling in the range of [0.5, 2]" and crops of 560 × 560 pixels: the defaults of
+    [train_use] (crop_size, scale_min, scale_max) draw crops of that size at scales in that range."""
+    from pseudoseg.models.training.params import TrainUseParams
+    from pseudoseg.pipeline.core.transforms import random_scale_crop
+
+    p = TrainUseParams()
+    assert (p.crop_size, p.scale_min, p.scale_max) == (560, 0.5, 2.0)
+    rng = np.random.default_rng(0)
+    scales = []
+    for _ in range(200):
+        geo = random_scale_crop((480, 640), p.crop_size, (p.scale_min, p.scale_max), rng)
+        assert geo.crop_hw == (560, 560)
+        scales.append(geo.resize.scale_xy[0] * 640 / 560)  # relative to the crop-fitting size
+    assert 0.5 <= min(scales) < 0.6 and 1.9 < max(scales) <= 2.0

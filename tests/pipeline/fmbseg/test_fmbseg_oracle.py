@@ -164,8 +164,10 @@ def detected(dirs: dict[str, Path]) -> list[str]:
 
 
 def test_unsupervised_voc20_pseudo_labels_match_gt(voc):
+    """The default [fmbseg] settings (no short side, top-k or crop passed): Stage 1 at short side 672 with 224 / 112
+    crops, one SAM prompt of the top 5 points per class (check_artifacts)."""
     gt, images, out_root = voc
-    dirs = run(images, out_root, "oracle", short_side=HIGH_RES)
+    dirs = run(images, out_root, "oracle")
     assert detected(dirs) == PRESENT
     label, meta = label_map(dirs)
     ious = miou(label, gt, offset=1)

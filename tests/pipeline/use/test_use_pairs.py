@@ -567,7 +567,13 @@ class _WordClip:
 def test_segment_text_pool_holds_phrases_and_expressions_each_once():
     """use-paper §3.1 "store both": a segment's texts are its noun phrases AND its referring expressions; the pool
     the text encoder embeds is every distinct one of them, each embedded once, with where it came from."""
-    from pseudoseg.pipeline.features.cache import USE_TEMPLATES, embed_texts, text_matrix, text_rows
+    from pseudoseg.pipeline.features.cache import (
+        TEXT_TEMPLATE_SETS,
+        embed_texts,
+        text_matrix,
+        text_rows,
+    )
+    from pseudoseg.pipeline.features.params import UseTextParams
     from pseudoseg.pipeline.use.pairs import segment_texts, text_pool
     from pseudoseg.schemas.features import TEXT_EMBEDDINGS
 
@@ -591,8 +597,13 @@ def test_segment_text_pool_holds_phrases_and_expressions_each_once():
     ]
     clip = _WordClip()
     texts = [t for t, _, _ in pool]
-    emb = embed_texts(clip, texts, USE_TEMPLATES, batch_size=5)
-    assert sorted(clip.prompts) == sorted(t.format(x) for x in texts for t in USE_TEMPLATES)  # each text once
+    # use-paper §4.2: "4 prompt templates including: a photo of {}, This is a photo of {}, There is {} in the scene,
+    # and a photo of {} in the scene" — the default of [features_use] text_templates
+    paper = ("a photo of {}", "This is a photo of {}", "There is {} in the scene", "a photo of {} in the scene")
+    templates = TEXT_TEMPLATE_SETS[UseTextParams().text_templates]
+    assert templates == paper
+    emb = embed_texts(clip, texts, templates, batch_size=5)
+    assert sorted(clip.prompts) == sorted(t.format(x) for x in texts for t in paper)  # each text once
     rows = text_rows(texts, emb, kind="segment_text", template_set="use4", as_phrase=[p for _, p, _ in pool],
                      as_expression=[x for _, _, x in pool])
     table = TEXT_EMBEDDINGS.table(rows)
