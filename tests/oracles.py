@@ -602,7 +602,9 @@ def register_oracle(gt: OracleGT | None = None) -> OracleGT:
         "captioner": lambda s: OracleCaptioner(gt),
         "grounder": lambda s: OracleGrounder(gt),
         "segmenter": lambda s: OracleSegmenter(gt),
-        "clip": lambda s: OracleClipEncoder(gt),
+        # USE's CLIP sees 336 px (ViT-L/14-336), FMbSeg's 224 px (ViT-L/14): a stage asking for the wrong one gets
+        # another crop grid (the FMbSeg oracle test checks 224-px crops)
+        "clip": lambda s: OracleClipEncoder(gt, image_size=336, patch_size=14),
         "fmbseg_clip": lambda s: OracleClipEncoder(gt),
         "dense": lambda s: OracleDenseEncoder(gt),
     })

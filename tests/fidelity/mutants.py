@@ -44,6 +44,7 @@ OFFICIAL_TEXTS = f"{EVALUATE}::test_evaluate_car_sends_the_official_texts_to_its
 OFFICIAL_CRF = f"{CAR}::test_dense_crf_is_the_official_postprocess"
 PROTOCOLS = f"{DATASETS}::test_protocol_table_matches_the_papers_and_configs"
 SHIPPED_CFG = "tests/tasks/test_stage_params.py::test_shipped_luigi_cfg_repeats_the_dataclass_defaults"
+ROLES_TEST = "tests/models/test_models.py::test_stage1_loads_fmbseg_clip_and_use_loads_clip"
 
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------------ CaR
@@ -284,4 +285,26 @@ MUTANTS: tuple[Mutant, ...] = (
            "results[q] = to_grounding(out.logits[b].float().sigmoid(),",
            "results[q] = to_grounding(out.logits[b].float().softmax(-1),",
            (f"{GDINO_PARITY}::test_ground_equals_official_on_voc_photo",)),
+    # ------------------------------------------------------------------------------------------------ backbones
+    Mutant("fmbseg_dense_uses_use_clip", "FMbSeg backbones", "tasks/fmbseg.py",
+           'params_type, roles = FmbsegDenseParams, ("fmbseg_clip",)', 'params_type, roles = FmbsegDenseParams, ("clip",)',
+           (ROLES_TEST,)),
+    Mutant("fmbseg_clip_is_l14_336", "FMbSeg backbones", CLIP_ADAPTER,
+           'DEFAULT_FMBSEG_CLIP = "openai/clip-vit-large-patch14"',
+           'DEFAULT_FMBSEG_CLIP = "openai/clip-vit-large-patch14-336"', (ROLES_TEST,)),
+    Mutant("fmbseg_detect_loads_use_clip", "FMbSeg backbones", "tasks/fmbseg.py",
+           'clip = load_role("fmbseg_clip", model_settings())', 'clip = load_role("clip", model_settings())',
+           ("tests/pipeline/fmbseg/test_fmbseg_oracle.py::test_unsupervised_voc20_pseudo_labels_match_gt",)),
+    Mutant("grounder_swin_b", "USE grounder", "models/adapters/grounder.py",
+           'DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-tiny"', 'DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"',
+           (ROLES_TEST,)),
+    Mutant("grounder_swin_b_in_luigi_cfg", "USE grounder", "luigi.cfg",
+           "grounder = IDEA-Research/grounding-dino-tiny", "grounder = IDEA-Research/grounding-dino-base",
+           ("tests/tasks/test_defaults.py::test_models_defaults_are_the_shipped_luigi_cfg",)),
+    Mutant("gt_boxes_not_fed_to_sam", "USE human box–text pairs", "tasks/use.py",
+           "        if stage_params(UseGtBoxesParams).gt_boxes:\n", "        if False:\n",
+           ("tests/pipeline/use/test_gt_boxes.py::test_every_gt_region_becomes_a_segment_with_its_phrase",)),
+    Mutant("gt_boxes_not_resized", "USE human box–text pairs", "pipeline/use/gt_boxes.py",
+           "resize = Resize(tuple(orig_hw), tuple(stored_hw))", "resize = Resize(tuple(orig_hw), tuple(orig_hw))",
+           ("tests/pipeline/use/test_gt_boxes.py::test_regions_are_mapped_onto_the_stored_image_and_bad_ones_refused",)),
 )
