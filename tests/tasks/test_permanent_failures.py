@@ -49,14 +49,14 @@ def images(tmp_path_factory) -> Path:
 
 
 def test_missing_model_fails_once_and_names_role_key_and_path(tmp_path, images):
-    missing = tmp_path / "models" / "clip-l14-336"
+    missing = tmp_path / "models" / "clip-l14"
     env = cli_env(tmp_path)
     env["HF_HUB_OFFLINE"] = "1"
     code, text = run(["run", "FmbsegDense", "--images", str(images), "--dataset", "ds", "--out", str(tmp_path / "out"),
-                      "--set", "models.preset=real", "--set", f"models.clip={missing}"], env)
+                      "--set", "models.preset=real", "--set", f"models.fmbseg_clip={missing}"], env)
     assert code == 1, text
     assert log_of(text).count("running   FmbsegDenseShard(") == 1  # one attempt, not retry_count of them
-    assert_one_cause_last(text, "ModelUnavailableError", "CLIP model", f"`[models] clip = {missing}`",
+    assert_one_cause_last(text, "ModelUnavailableError", "CLIP model", f"`[models] fmbseg_clip = {missing}`",
                           "no such folder")
 
 
