@@ -45,6 +45,7 @@ OFFICIAL_CRF = f"{CAR}::test_dense_crf_is_the_official_postprocess"
 PROTOCOLS = f"{DATASETS}::test_protocol_table_matches_the_papers_and_configs"
 SHIPPED_CFG = "tests/tasks/test_stage_params.py::test_shipped_luigi_cfg_repeats_the_dataclass_defaults"
 ROLES_TEST = "tests/models/test_models.py::test_stage1_loads_fmbseg_clip_and_use_loads_clip"
+STATED = "tests/fidelity/test_stated_defaults.py::test_the_fidelity_table_states_the_defaults_the_code_and_luigi_cfg_have"
 
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------------ CaR
@@ -285,6 +286,35 @@ MUTANTS: tuple[Mutant, ...] = (
            "results[q] = to_grounding(out.logits[b].float().sigmoid(),",
            "results[q] = to_grounding(out.logits[b].float().softmax(-1),",
            (f"{GDINO_PARITY}::test_ground_equals_official_on_voc_photo",)),
+    # ------------------------------------------------------------------------------------------------ stated defaults
+    Mutant("captioner_cogvlm_id", "USE captioner", "models/adapters/captioner.py",
+           'DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"', 'DEFAULT_CAPTIONER = "THUDM/cogvlm-chat-hf"', (STATED,)),
+    Mutant("caption_tokens_512", "USE captioner", "luigi.cfg",
+           "caption_max_new_tokens = 256", "caption_max_new_tokens = 512", (STATED,)),
+    Mutant("caption_temperature_1", "USE captioner", "pipeline/use/params.py",
+           "caption_temperature: float = setting(0.8,", "caption_temperature: float = setting(1.0,", (STATED,)),
+    Mutant("use_head_width_128", "USE head", "models/training/params.py",
+           'width: int = setting(256, ge=1, help="per-part width', 'width: int = setting(128, ge=1, help="per-part width',
+           (STATED,)),
+    Mutant("use_batch_16", "USE head", "models/training/params.py",
+           'batch_size: int = setting(32, ge=1,', 'batch_size: int = setting(16, ge=1,', (STATED,)),
+    Mutant("use_cls_off", "USE head", "models/training/params.py",
+           "use_cls: bool = setting(True)", "use_cls: bool = setting(False)", (STATED,)),
+    Mutant("expression_tokens_8", "USE expressions", "pipeline/use/params.py",
+           "max_expression_tokens: int = setting(16,", "max_expression_tokens: int = setting(8,", (STATED,)),
+    Mutant("cleanup_100_px", "USE mask cleanup", "luigi.cfg", "\ncleanup_area = 20\n", "\ncleanup_area = 100\n",
+           (STATED,)),
+    Mutant("fmbseg_min_crops_2", "FMbSeg settings left to the appendix", "pipeline/fmbseg/params.py",
+           "min_crops: int = setting(1,", "min_crops: int = setting(2,", (STATED,)),
+    Mutant("fmbseg_auto_iou_0_8", "FMbSeg settings left to the appendix", "pipeline/fmbseg/params.py",
+           "pred_iou_thresh: float = setting(0.88,", "pred_iou_thresh: float = setting(0.8,", (STATED,)),
+    Mutant("fmbseg_precedence_stage12", "FMbSeg settings left to the appendix", "pipeline/fmbseg/params.py",
+           'precedence: str = setting("stage11_first",', 'precedence: str = setting("stage12_first",', (STATED,)),
+    Mutant("alignment_lr_0_1", "FMbSeg settings left to the appendix", "models/training/params.py",
+           "lr: float = setting(0.01, gt=0)", "lr: float = setting(0.1, gt=0)", (STATED,)),
+    Mutant("fmbseg_train_short_side_448", "FMbSeg settings left to the appendix", "pipeline/features/params.py",
+           'short_side: int = setting(336, ge=1, help="DINOv2 input short side',
+           'short_side: int = setting(448, ge=1, help="DINOv2 input short side', (STATED,)),
     # ------------------------------------------------------------------------------------------------ backbones
     Mutant("fmbseg_dense_uses_use_clip", "FMbSeg backbones", "tasks/fmbseg.py",
            'params_type, roles = FmbsegDenseParams, ("fmbseg_clip",)', 'params_type, roles = FmbsegDenseParams, ("clip",)',
