@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pseudoseg.models.adapters._hf import ModelUnavailableError
-from pseudoseg.models.adapters.captioner import DEFAULT_CAPTIONER
-from pseudoseg.models.adapters.clip import (
+from pseudoseg.models.catalog import (
     DEFAULT_CAM_CLIP,
+    DEFAULT_CAPTIONER,
     DEFAULT_CLASSIFIER_CLIP,
     DEFAULT_CLIP,
+    DEFAULT_DINO,
     DEFAULT_FMBSEG_CLIP,
+    DEFAULT_GROUNDER,
+    SAM_ARCHS,
+    SAM_CHECKPOINT_URLS,
+    ModelUnavailableError,
 )
-from pseudoseg.models.adapters.dense import DEFAULT_DINO
-from pseudoseg.models.adapters.grounder import DEFAULT_GROUNDER
-from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SAM_CHECKPOINT_URLS
 
 __all__ = [
     "ROLES",

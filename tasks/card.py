@@ -28,7 +28,7 @@ def singular(unit: str) -> str:
 
 
 def _description(name: str) -> str:
-    from pseudoseg.tasks.dag import STAGES
+    from pseudoseg.tasks.catalog import STAGES
 
     return next((stage.makes for stage in STAGES if stage.name == name), "")
 

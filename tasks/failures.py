@@ -24,7 +24,7 @@ import luigi.scheduler
 import luigi.worker
 from luigi.scheduler import DISABLED, DONE, FAILED
 
-from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.models.catalog import ModelUnavailableError
 from pseudoseg.pipeline.eval.benchmarks import DatasetError
 from pseudoseg.pipeline.use.captions import CaptionFileError
 from pseudoseg.schemas.contract import SchemaError

@@ -44,7 +44,7 @@ SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the sha
 
 def stage_order() -> list[str]:
     """Stage folder names in DAG order (tasks.dag.OUTPUTS), the ingest plan first."""
-    from pseudoseg.tasks.dag import OUTPUTS
+    from pseudoseg.tasks.catalog import OUTPUTS
 
     return ["plan", *(output.folder for output in OUTPUTS)]
 

@@ -61,7 +61,7 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
 
 
 def output_of(folder: str):  # -> tasks.dag.Stage
-    from pseudoseg.tasks.dag import OUTPUT_OF, Stage
+    from pseudoseg.tasks.catalog import OUTPUT_OF, Stage
 
     if folder in OUTPUT_OF:
         return OUTPUT_OF[folder]
@@ -71,7 +71,7 @@ def output_of(folder: str):  # -> tasks.dag.Stage
 
 
 def dag_position(folder: str) -> int:
-    from pseudoseg.tasks.dag import OUTPUTS
+    from pseudoseg.tasks.catalog import OUTPUTS
 
     out = output_of(folder)
     return OUTPUTS.index(out) if out in OUTPUTS else len(OUTPUTS)

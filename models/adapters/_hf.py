@@ -15,9 +15,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-
-class ModelUnavailableError(RuntimeError):
-    """A configured model (hub id, folder or checkpoint) cannot be loaded here; the message says how to fix it."""
+from pseudoseg.models.catalog import ModelUnavailableError  # noqa: F401 (the adapters raise it)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from pseudoseg.models.adapters._hf import HFAdapter, autocast
+from pseudoseg.models.catalog import DEFAULT_CAPTIONER
 from pseudoseg.models.roles import Captioner, Sampling
-
-DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"
 
 
 class HFCaptioner(HFAdapter, Captioner):

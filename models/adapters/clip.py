@@ -8,14 +8,11 @@ import numpy as np
 import torch
 
 from pseudoseg.models.adapters._hf import HFAdapter, autocast, l2_normalize, to_numpy
+from pseudoseg.models.catalog import (
+    DEFAULT_CLIP,
+)
 from pseudoseg.models.roles import ClipEncoder, ClipImageFeatures
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"  # USE (use-paper §4.1)
-# FMbSeg (fmbseg-paper §4 "Implementation Details": ViT-L/14 for CLIP and DINOv2): Stage 1 and its text space.
-DEFAULT_FMBSEG_CLIP = "openai/clip-vit-large-patch14"
-# CaR (car-paper §4): mask proposal generator f = ViT-B/16, mask classifier g = ViT-L/14 (224 px).
-DEFAULT_CAM_CLIP = "openai/clip-vit-base-patch16"
-DEFAULT_CLASSIFIER_CLIP = "openai/clip-vit-large-patch14"
 # CaR's official CLIP wrapper (clip_wrapper.CustomTransformer) tells text from images by the token count: a sequence
 # of exactly 77 tokens (the text context) runs every block, anything else all but the last. An image of exactly 76
 # patches (+ CLS) therefore runs every block, and Grad-CAM then repeats the last one on top (followed here).

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from pseudoseg.models.adapters._hf import HFAdapter, autocast, to_numpy
+from pseudoseg.models.catalog import DEFAULT_DINO
 from pseudoseg.models.roles import DenseEncoder, DenseFeatures
-
-DEFAULT_DINO = "facebook/dinov2-large"
 
 
 class HFDinoEncoder(HFAdapter, DenseEncoder):

@@ -11,9 +11,8 @@ import torch
 
 from pseudoseg.models.adapters._hf import HFAdapter, ModelUnavailableError, autocast, model_device, to_numpy
 from pseudoseg.models.adapters.weights import load_state_strict, load_weights
+from pseudoseg.models.catalog import DEFAULT_GROUNDER
 from pseudoseg.models.roles import Grounder, Grounding
-
-DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-tiny"  # Swin-T, as use-paper §4.1 states; -base (Swin-B) an option
 
 
 def prepare_caption(caption: str) -> tuple[str, int, int]:

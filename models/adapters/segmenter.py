@@ -10,24 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pseudoseg.models.adapters._hf import ModelUnavailableError, autocast, model_device, to_numpy
+from pseudoseg.models.adapters._hf import autocast, model_device, to_numpy
 from pseudoseg.models.adapters.weights import load_state_strict, load_weights
+from pseudoseg.models.catalog import SAM_ARCHS, SAM_CHECKPOINT_URLS, ModelUnavailableError  # noqa: F401 (re-exported)
 from pseudoseg.models.roles import MaskPrediction, SamImageEmbedding, Segmenter, prompt_arrays
 
+
 # `_build_sam` keyword arguments per image-encoder size; vit_* are the official ones (segment_anything.build_sam).
-SAM_ARCHS: dict[str, dict[str, Any]] = {
-    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=[7, 15, 23, 31]),
-    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=[5, 11, 17, 23]),
-    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=[2, 5, 8, 11]),
-    "tiny": dict(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1]),
-}
-SAM_CHECKPOINT_URLS = {
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-}
-
-
 def build_sam_arch(arch: dict[str, Any], checkpoint: str | None):
     """`segment_anything.build_sam._build_sam(**arch, checkpoint=...)`; checkpoint None → random init."""
     from segment_anything.build_sam import _build_sam

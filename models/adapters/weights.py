@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.models.catalog import ModelUnavailableError
 
 SHOWN_KEYS = 6  # keys named per kind in a message (then "+N more")
 

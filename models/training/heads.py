@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pseudoseg.models.training.params import ALIGNMENT_VARIANTS
+
 __all__ = ["mask_pooling_weights", "pool_segments", "BlockLLN", "USEHead", "AlignmentBlock", "build_head"]
 
 
@@ -232,7 +234,7 @@ class AlignmentBlock(nn.Module):
     (only "block" mixes patches, the others ignore it). No positional embedding is added: DINOv2's tokens carry it.
     """
 
-    VARIANTS = ("block", "linear", "mlp")
+    VARIANTS = ALIGNMENT_VARIANTS
 
     def __init__(self, in_dim: int, out_dim: int, *, variant: str = "block", width: int | None = None,
                  num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pseudoseg.models.training.heads import AlignmentBlock
 from pseudoseg.pipeline.core.params import StageParams, setting
 from pseudoseg.pipeline.use.params import TEXT_CHOICES
+
+ALIGNMENT_VARIANTS = ("block", "linear", "mlp")  # models.training.heads.AlignmentBlock's (kept torch-free here)
 
 WORKERS_HELP = "DataLoader workers (not a content parameter)"
 
@@ -62,7 +63,7 @@ class TrainAlignmentParams(StageParams):
     epochs: int = setting(10, ge=1)
     batch_size: int = setting(5, ge=1, help="images per batch")
     grad_clip: float = setting(0.0, ge=0, help="max grad norm; 0 = off")
-    variant: str = setting("block", choices=AlignmentBlock.VARIANTS)
+    variant: str = setting("block", choices=ALIGNMENT_VARIANTS)
     width: int = setting(0, ge=0, help="0 = the DINOv2 width")
     num_heads: int = setting(8, ge=1)
     mlp_ratio: float = setting(4.0, gt=0)

@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import webdataset as wds
 
 from pseudoseg.pipeline.core.locks import UnitLock, describe, holds, owner_token
 from pseudoseg.schemas import REJECTS, SHARD_STATS, SHARD_STATS_V1, Contract, SchemaError
@@ -398,6 +397,8 @@ def webdataset_tar_bytes(samples: Iterable[Mapping[str, Any]]) -> bytes:
 
     webdataset's own TarWriter, with a fixed mtime so the same samples always give the same bytes."""
     buf = io.BytesIO()
+    import webdataset as wds  # here: it imports torch, which a command checking its settings does not need
+
     with wds.TarWriter(buf, mtime=0.0, encoder=False) as writer:
         for sample in samples:
             writer.write(dict(sample))
@@ -419,6 +420,8 @@ class TarSpool:
     def __enter__(self) -> TarSpool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "wb")  # noqa: SIM115 — closed in __exit__
+        import webdataset as wds  # here: it imports torch (see webdataset_tar_bytes)
+
         self._writer = wds.TarWriter(self._fh, mtime=0.0, encoder=False)
         return self
 

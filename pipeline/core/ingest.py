@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from pseudoseg.pipeline.core.artifacts import sha256_hex
 from pseudoseg.pipeline.core.images import (
@@ -129,6 +128,8 @@ def _json_bytes(meta: Mapping[str, Any]) -> bytes:
 def iter_ingested_samples(tar_path: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """(image_id, stored payload bytes, meta) for every sample of an ingest shard tar, in manifest order; nothing
     decoded, so a caller can decode each image under its own error handling (``decode_stored``)."""
+    import webdataset as wds  # here: it imports torch (see artifacts.webdataset_tar_bytes)
+
     dataset = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False)
     for sample in dataset:
         meta = json.loads(sample["json"])

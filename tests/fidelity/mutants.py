@@ -36,6 +36,7 @@ SEGMENTERS = "tests/pipeline/eval/test_segmenters.py"
 LOSSES = "tests/models/training/test_losses.py"
 RECURRENT = "pipeline/car/recurrent.py"
 CLIP_ADAPTER = "models/adapters/clip.py"
+CATALOG = "models/catalog.py"
 
 DEFAULTS = f"{CAR}::test_defaults_are_the_official_configs"
 END_TO_END_CAM = f"{CLIP_PARITY}::test_clip_cam_equals_official_clipcam_end_to_end"
@@ -49,10 +50,10 @@ STATED = "tests/fidelity/test_stated_defaults.py::test_the_fidelity_table_states
 
 MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------------------------------------ CaR
-    Mutant("car_f_is_vit_l14", "CaR backbones", CLIP_ADAPTER,
+    Mutant("car_f_is_vit_l14", "CaR backbones", CATALOG,
            'DEFAULT_CAM_CLIP = "openai/clip-vit-base-patch16"', 'DEFAULT_CAM_CLIP = "openai/clip-vit-large-patch14"',
            ("tests/models/test_models.py::test_car_clip_roles_are_the_papers_architectures",)),
-    Mutant("car_g_is_vit_b16", "CaR backbones", CLIP_ADAPTER,
+    Mutant("car_g_is_vit_b16", "CaR backbones", CATALOG,
            'DEFAULT_CLASSIFIER_CLIP = "openai/clip-vit-large-patch14"',
            'DEFAULT_CLASSIFIER_CLIP = "openai/clip-vit-base-patch16"',
            ("tests/models/test_models.py::test_car_clip_roles_are_the_papers_architectures",)),
@@ -287,7 +288,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "results[q] = to_grounding(out.logits[b].float().softmax(-1),",
            (f"{GDINO_PARITY}::test_ground_equals_official_on_voc_photo",)),
     # ------------------------------------------------------------------------------------------------ stated defaults
-    Mutant("captioner_cogvlm_id", "USE captioner", "models/adapters/captioner.py",
+    Mutant("captioner_cogvlm_id", "USE captioner", CATALOG,
            'DEFAULT_CAPTIONER = "llava-hf/llava-1.5-7b-hf"', 'DEFAULT_CAPTIONER = "THUDM/cogvlm-chat-hf"', (STATED,)),
     Mutant("caption_tokens_512", "USE captioner", "luigi.cfg",
            "caption_max_new_tokens = 256", "caption_max_new_tokens = 512", (STATED,)),
@@ -319,13 +320,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("fmbseg_dense_uses_use_clip", "FMbSeg backbones", "tasks/fmbseg.py",
            'params_type, roles = FmbsegDenseParams, ("fmbseg_clip",)', 'params_type, roles = FmbsegDenseParams, ("clip",)',
            (ROLES_TEST,)),
-    Mutant("fmbseg_clip_is_l14_336", "FMbSeg backbones", CLIP_ADAPTER,
+    Mutant("fmbseg_clip_is_l14_336", "FMbSeg backbones", CATALOG,
            'DEFAULT_FMBSEG_CLIP = "openai/clip-vit-large-patch14"',
            'DEFAULT_FMBSEG_CLIP = "openai/clip-vit-large-patch14-336"', (ROLES_TEST,)),
     Mutant("fmbseg_detect_loads_use_clip", "FMbSeg backbones", "tasks/fmbseg.py",
            'clip = load_role("fmbseg_clip", model_settings())', 'clip = load_role("clip", model_settings())',
            ("tests/pipeline/fmbseg/test_fmbseg_oracle.py::test_unsupervised_voc20_pseudo_labels_match_gt",)),
-    Mutant("grounder_swin_b", "USE grounder", "models/adapters/grounder.py",
+    Mutant("grounder_swin_b", "USE grounder", CATALOG,
            'DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-tiny"', 'DEFAULT_GROUNDER = "IDEA-Research/grounding-dino-base"',
            (ROLES_TEST,)),
     Mutant("grounder_swin_b_in_luigi_cfg", "USE grounder", "luigi.cfg",
