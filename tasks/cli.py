@@ -78,7 +78,7 @@ def stage_classes() -> dict[str, type[luigi.Task]]:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from pseudoseg.tasks.dag import STAGES
+    from pseudoseg.tasks.catalog import STAGES
 
     width = max(len(stage.name) for stage in STAGES)
     for stage in STAGES:
@@ -559,7 +559,9 @@ def check(args: argparse.Namespace) -> None:
     """Arguments and every setting, before anything runs or is written; SettingsError lists the problems."""
     lines: list[str] = []
     if hasattr(args, "stage"):
-        classes = stage_classes()
+        from pseudoseg.tasks.catalog import STAGES
+
+        classes = [stage.name for stage in STAGES]  # the names, without importing the stages (and their models)
         if args.stage in RENAMED:
             lines.append(f"pseudoseg: stage {args.stage!r} is now called {RENAMED[args.stage]!r} (every stage is "
                          "named after its output folder: `pseudoseg stages` lists them)")

@@ -97,11 +97,23 @@ def import_task_modules() -> None:
         importlib.import_module(f"{tasks.__name__}.{info.name}")
 
 
-def known_sections() -> dict[str, dict[str, Check | None]]:
-    """section → {key (underscored, lower case) → value check}; ``[models]`` values are checked together."""
+# The modules declaring every luigi.Config section of ours: what a check of the usual settings needs. The task
+# modules (which load model libraries) are imported only for a section none of these declares, e.g. a task's own
+# parameters ([Evaluate] benchmark).
+CONFIG_MODULES = ("pseudoseg.tasks.base", "pseudoseg.tasks.sections", "pseudoseg.tasks.throughput")
+
+
+def known_sections(every_task: bool = True) -> dict[str, dict[str, Check | None]]:
+    """section → {key (underscored, lower case) → value check}; ``[models]`` values are checked together.
+    ``every_task`` False: only Luigi's and our configuration sections (``CONFIG_MODULES``), without importing the
+    task modules."""
     from pseudoseg.tasks.base import RESOURCES
 
-    import_task_modules()
+    if every_task:
+        import_task_modules()
+    else:
+        for module in CONFIG_MODULES:
+            importlib.import_module(module)
     sections: dict[str, dict[str, Check | None]] = {}
     for family, cls in Register._get_reg().items():
         if cls is Register.AMBIGUOUS_CLASS:
@@ -268,7 +280,11 @@ def configure(config: str | None, sets: Iterable[str], presets: Sequence[str] = 
 
 def problems(cfg: configparser.ConfigParser, origin: Callable[[str, str], str]) -> list[str]:
     """One line per unknown section, unknown key or bad value in ``cfg``."""
-    known = known_sections()
+    known = known_sections(every_task=False)
+    # A section none of those declares may be a task's own ([Evaluate]: task families are CamelCase): ask every
+    # task then. A lower-case one is no task's: a typo, said at once.
+    if any(section not in known and not section.islower() for section in cfg.sections()):
+        known = known_sections()
     lines: list[str] = []
     for section in cfg.sections():
         keys = known.get(section)

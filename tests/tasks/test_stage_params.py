@@ -80,8 +80,8 @@ def _other_value(field: dataclasses.Field, value, tmp_path: Path):
     if meta.get("file") or meta.get("digest"):  # a side file, or a name/path hashed by content (a vocabulary)
         other = tmp_path / f"{field.name}.txt"
         other.write_text("another side file\n")
-        if meta.get("check"):  # one the setting's check accepts (the only checked file: a caption file)
-            other.write_text('{"images": [], "annotations": []}')
+        if meta.get("check"):  # one the setting's check accepts: a caption file, or a box file (a list)
+            other.write_text('[]' if field.name == "gt_boxes" else '{"images": [], "annotations": []}')
             meta["check"](str(other))
         return str(other)
     if meta.get("optional"):

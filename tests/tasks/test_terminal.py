@@ -209,3 +209,34 @@ def test_a_failure_under_luigid_workers_is_said_last_recorded_and_seen_by_status
     finally:
         luigid.terminate()
         luigid.wait(timeout=30)
+
+
+RECORD_MODULES = """
+import atexit, sys
+def _record():
+    with open({path!r}, "w") as fh:
+        fh.write(" ".join(sorted(m for m in ("torch", "transformers", "segment_anything", "groundingdino", "spacy")
+                                 if m in sys.modules)))
+atexit.register(_record)
+"""
+
+
+@pytest.mark.parametrize("args", [["stages"], ["run", "Ingest", "--set", "ingest.shard_sizee=3"],
+                                  ["run", "Ingest", "--set", "ingset.shard_size=3"],
+                                  ["run", "Ingets"], ["run", "Ingest", "--images", "nope"]],
+                         ids=["stages", "key_typo", "section_typo", "unknown_stage", "missing_images"])
+def test_what_is_typed_first_is_answered_before_any_model_library_loads(tmp_path, args):
+    """`pseudoseg stages` and argument or settings errors come back at once: no model library (torch,
+    transformers, SAM, Grounding DINO) is imported before they are checked (bench/results/cli_latency.json: the
+    seconds)."""
+    from tests.helpers import cli_env
+
+    images = tmp_path / "photos"
+    write_good_images(images, 1)
+    if "--images" not in args and args[0] == "run":
+        args = [*args, "--images", str(images)]
+    loaded = tmp_path / "modules.txt"
+    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=cli_env(tmp_path, RECORD_MODULES.format(path=str(loaded))))
+    assert proc.returncode == (0 if args == ["stages"] else 2), proc.stderr
+    assert loaded.read_text() == "", f"{args}: imported {loaded.read_text()}"
