@@ -44,7 +44,7 @@ def test_clean_refuses_while_a_run_works_and_keeps_its_folders_when_forced(tmp_p
     ingest = ["run", "Ingest", "--images", str(images), "--dataset", "ds", "--out", str(out)]
     assert run(ingest + ["--set", "ingest.max_side=32"], env)[0] == 0
     (first,) = ingest_folders(out)
-    assert run(ingest, env)[0] == 0  # the latest moves: `first` is stale
+    assert run(ingest + ["--fresh-settings"], env)[0] == 0  # the shipped max_side: the latest moves, `first` is stale
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, str(out / "ds"), str(first)], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -110,6 +110,7 @@ def produce(self, progress):
 ingest.IngestShard.produce = produce
 """
     args = ["-m", "pseudoseg.tasks.cli", "run", "Ingest", "--images", str(images), "--dataset", "ds", "--out", str(out)]
+    (tmp_path / "a").mkdir()
     first = subprocess.Popen([sys.executable, *args], env=cli_env(tmp_path / "a", slow), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
