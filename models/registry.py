@@ -105,6 +105,22 @@ class ModelSettings:
 
 RUNTIME_FIELDS = ("device", "keep_loaded")
 
+
+def model_identity(role: str, settings: ModelSettings) -> str:
+    """What a model role is, for stage hashes: preset + id/path (device and cache location excluded)."""
+    name = {
+        "captioner": settings.captioner,
+        "grounder": f"{settings.grounder_backend}:{settings.grounder}",
+        "segmenter": f"{settings.sam_arch}:{Path(settings.sam_checkpoint_path()).name}",
+        "clip": settings.clip,
+        "fmbseg_clip": settings.fmbseg_clip,
+        "cam_clip": settings.cam_clip,
+        "classifier_clip": settings.classifier_clip,
+        "dense": settings.dino,
+    }[role]
+    return f"{settings.preset}:{name}"
+
+
 RANDOM_MODELS_NOTICE = ("Made with the tiny preset: random-init models, random by design, so these outputs show the "
                         "machinery, not quality; for real results set [models] preset = real and the model paths "
                         "(README: Real weights).")

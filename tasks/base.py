@@ -33,7 +33,7 @@ import luigi.configuration
 import luigi.execution_summary
 from luigi.task import flatten
 
-from pseudoseg.models.registry import ModelSettings
+from pseudoseg.models.registry import ModelSettings, model_identity
 from pseudoseg.pipeline.core.artifacts import (
     VERIFY_MODES,
     ShardOutput,
@@ -177,21 +177,6 @@ def model_settings() -> ModelSettings:
         return ModelSettings.from_mapping(items)
 
     return by_settings(("models", os.getcwd()), read)
-
-
-def model_identity(role: str, settings: ModelSettings) -> str:
-    """What a model role is, for stage hashes: preset + id/path (device and cache location excluded)."""
-    name = {
-        "captioner": settings.captioner,
-        "grounder": f"{settings.grounder_backend}:{settings.grounder}",
-        "segmenter": f"{settings.sam_arch}:{Path(settings.sam_checkpoint_path()).name}",
-        "clip": settings.clip,
-        "fmbseg_clip": settings.fmbseg_clip,
-        "cam_clip": settings.cam_clip,
-        "classifier_clip": settings.classifier_clip,
-        "dense": settings.dino,
-    }[role]
-    return f"{settings.preset}:{name}"
 
 
 GPU = "gpu"  # the one [resources] pool the tasks request (luigi.cfg caps it per worker host)

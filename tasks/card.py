@@ -14,7 +14,7 @@ from pseudoseg.pipeline.core.artifacts import META_DIR, atomic_write_bytes, pack
 from pseudoseg.schemas import REJECTS
 from pseudoseg.tasks.summary import RunInfo, StageRow, output_of
 
-# params.json keys naming a model (values: "<preset>:<id or path>", see tasks.base.model_identity)
+# params.json keys naming a model (values: "<preset>:<id or path>", see models.registry.model_identity)
 MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "cam_clip", "classifier_clip", "dense",
               "dino")
 PARAM_WIDTH = 100

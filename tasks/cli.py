@@ -597,7 +597,8 @@ def check(args: argparse.Namespace) -> None:
             load_config_files(recorded)
             args.recorded = recorded
     try:
-        configure(getattr(args, "config", None), getattr(args, "set", None) or [], presets=presets)
+        configure(getattr(args, "config", None), getattr(args, "set", None) or [], presets=presets,
+                  load_tasks=stage_classes)
     except SettingsError as e:
         lines += e.lines
     if lines:

@@ -20,7 +20,7 @@ from typing import Any
 import luigi
 import numpy as np
 
-from pseudoseg.models.registry import load_role
+from pseudoseg.models.registry import load_role, model_identity
 from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pseudoseg.pipeline.core.overlap import Outcome
 from pseudoseg.pipeline.core.params import StageParams
@@ -48,7 +48,6 @@ from pseudoseg.tasks.base import (
     ProgressReporter,
     ShardTask,
     StageWrapper,
-    model_identity,
     model_settings,
     stage_wrapper,
     uses_gpu,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pseudoseg.models.registry import load_role
+from pseudoseg.models.registry import load_role, model_identity
 from pseudoseg.models.roles import SamImageEmbedding
 from pseudoseg.pipeline.core.artifacts import ShardOutput
 from pseudoseg.pipeline.core.overlap import HostCopy, Outcome
@@ -25,7 +25,6 @@ from pseudoseg.schemas.features import SAM_EMBEDDINGS
 from pseudoseg.tasks.base import (
     ProgressReporter,
     ShardTask,
-    model_identity,
     model_settings,
     reject,
     stage_params,

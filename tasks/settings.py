@@ -22,7 +22,6 @@ import dataclasses
 import difflib
 import importlib
 import os
-import pkgutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import luigi
 import luigi.configuration
 from luigi.task_register import Register
 
-import pseudoseg.tasks as tasks
+import pseudoseg.tasks as tasks_package
 from pseudoseg.models.registry import ModelSettings, setting_problems
 from pseudoseg.tasks.params import IntParameter
 
@@ -91,29 +90,22 @@ def param_check(param: luigi.Parameter) -> Check:
     return check
 
 
-def import_task_modules() -> None:
-    """Every module of the ``tasks`` package, so that every luigi.Config and task class is registered."""
-    for info in pkgutil.iter_modules(tasks.__path__):
-        importlib.import_module(f"{tasks.__name__}.{info.name}")
-
-
 # The modules declaring every luigi.Config section of ours: what a check of the usual settings needs. The task
 # modules (which load model libraries) are imported only for a section none of these declares, e.g. a task's own
 # parameters ([Evaluate] benchmark).
 CONFIG_MODULES = ("pseudoseg.tasks.base", "pseudoseg.tasks.sections", "pseudoseg.tasks.throughput")
 
 
-def known_sections(every_task: bool = True) -> dict[str, dict[str, Check | None]]:
+def known_sections(load_tasks: Callable[[], object] | None = None) -> dict[str, dict[str, Check | None]]:
     """section → {key (underscored, lower case) → value check}; ``[models]`` values are checked together.
-    ``every_task`` False: only Luigi's and our configuration sections (``CONFIG_MODULES``), without importing the
-    task modules."""
+    Luigi's and our configuration sections (``CONFIG_MODULES``) and every task class registered so far;
+    ``load_tasks`` (the caller's: the settings know no stage) imports every task module first."""
     from pseudoseg.tasks.base import RESOURCES
 
-    if every_task:
-        import_task_modules()
-    else:
-        for module in CONFIG_MODULES:
-            importlib.import_module(module)
+    for module in CONFIG_MODULES:
+        importlib.import_module(module)
+    if load_tasks is not None:
+        load_tasks()
     sections: dict[str, dict[str, Check | None]] = {}
     for family, cls in Register._get_reg().items():
         if cls is Register.AMBIGUOUS_CLASS:
@@ -156,7 +148,7 @@ class Origins:
 
 # The pseudoseg package's folder: the repository root in a checkout, site-packages/pseudoseg once installed. The
 # shipped settings live there, so every command finds them wherever it is run from.
-PACKAGE_ROOT = Path(tasks.__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(tasks_package.__file__).resolve().parent.parent
 SHIPPED_CONFIG = PACKAGE_ROOT / "luigi.cfg"  # every default, read first
 DEMO_CONFIG = PACKAGE_ROOT / "demo.cfg"  # `pseudoseg demo`'s settings, read after luigi.cfg and the user's file
 
@@ -239,9 +231,10 @@ def config_paths() -> list[str]:
     return [p for p in cls._config_paths if os.path.isfile(p)]
 
 
-def configure(config: str | None, sets: Iterable[str], presets: Sequence[str] = ()) -> Origins:
+def configure(config: str | None, sets: Iterable[str], presets: Sequence[str] = (),
+              load_tasks: Callable[[], object] | None = None) -> Origins:
     """Read ``presets`` (a command's own config files, e.g. the demo's ``demo.cfg``), then ``--config``, apply
-    ``--set`` items, then check every section and key; SettingsError on any problem."""
+    ``--set`` items, then check every section and key (``problems``); SettingsError on any problem."""
     lines: list[str] = []
     env_path = user_config_path()
     if env_path and not os.path.isfile(env_path):
@@ -272,19 +265,20 @@ def configure(config: str | None, sets: Iterable[str], presets: Sequence[str] = 
             lines.append(f"pseudoseg: --set {item}: {e}")
             continue
         origins.sets[section, _key(option)] = item
-    lines += problems(cfg, origins)
+    lines += problems(cfg, origins, load_tasks)
     if lines:
         raise SettingsError(lines)
     return origins
 
 
-def problems(cfg: configparser.ConfigParser, origin: Callable[[str, str], str]) -> list[str]:
-    """One line per unknown section, unknown key or bad value in ``cfg``."""
-    known = known_sections(every_task=False)
-    # A section none of those declares may be a task's own ([Evaluate]: task families are CamelCase): ask every
-    # task then. A lower-case one is no task's: a typo, said at once.
-    if any(section not in known and not section.islower() for section in cfg.sections()):
-        known = known_sections()
+def problems(cfg: configparser.ConfigParser, origin: Callable[[str, str], str],
+             load_tasks: Callable[[], object] | None = None) -> list[str]:
+    """One line per unknown section, unknown key or bad value in ``cfg``. ``load_tasks`` imports every task module:
+    called only for a section the configuration modules do not declare and that may be a task's own ([Evaluate]:
+    task families are CamelCase); a lower-case one is no task's: a typo, said at once."""
+    known = known_sections()
+    if load_tasks is not None and any(section not in known and not section.islower() for section in cfg.sections()):
+        known = known_sections(load_tasks)
     lines: list[str] = []
     for section in cfg.sections():
         keys = known.get(section)

@@ -29,7 +29,7 @@ import luigi
 import numpy as np
 import torch
 
-from pseudoseg.models.registry import load_role
+from pseudoseg.models.registry import load_role, model_identity
 from pseudoseg.models.training.datasets import AlignmentDataset, UseOnlineDataset, UseSegmentDataset
 from pseudoseg.models.training.heads import AlignmentBlock, USEHead
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
@@ -62,7 +62,6 @@ from pseudoseg.tasks.base import (
     CommittedTask,
     DatasetTask,
     StageSettings,
-    model_identity,
     model_settings,
     pseudoseg,
     redo,

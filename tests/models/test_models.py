@@ -408,7 +408,7 @@ def test_a_process_loads_each_model_once_across_shards(tmp_path, tiny_cache):
 def test_stage1_loads_fmbseg_clip_and_use_loads_clip(tmp_path):
     """FMbSeg (fmbseg-paper §4: CLIP ViT-L/14) detects, labels and trains against one CLIP; USE (use-paper §4.1:
     ViT-L/14-336) embeds its texts with another; Grounding DINO is the Swin-T of use-paper §4.1."""
-    from pseudoseg.tasks.base import model_identity
+    from pseudoseg.models.registry import model_identity
     from pseudoseg.tasks.features import TextClasses, UseTextShard
     from pseudoseg.tasks.fmbseg import FmbsegDenseShard, FmbsegDetectShard
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from pseudoseg.tasks.base import ShardTask, StageSettings, new_build
+from pseudoseg.tasks.dag import stage_classes
 from pseudoseg.tasks.sections import section_of
-from pseudoseg.tasks.settings import import_task_modules
 from tests.helpers import REPO, luigi_settings, write_good_images
 
 # Tasks whose settings depend on one of their parameters (``params_source``): every variant is checked.
@@ -32,7 +32,7 @@ VARIANTS: dict[str, list[dict[str, str]]] = {
 
 def _stage_classes() -> list[type[StageSettings]]:
     """Every task class with settings: the shard stages, the ingest plan, the trainers, Evaluate."""
-    import_task_modules()
+    stage_classes()  # every task module imported: every task class registered
     found, todo = [], [StageSettings]
     while todo:
         cls = todo.pop()
