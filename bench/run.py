@@ -348,7 +348,7 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
     as ``train`` does (``to_device``), synchronised."""
     import torch
 
-    from pseudoseg.models.adapters._hf import resolve_device
+    from pseudoseg.models.device import resolve_device
     from pseudoseg.models.training.datasets import AlignmentDataset, UseSegmentDataset
     from pseudoseg.models.training.trainer import (
         TrainConfig,
@@ -496,7 +496,7 @@ def bench_trainer_loader(n_use: int = 96, n_align: int = 256, shards: int = 4, w
 
 
 def bench_sam_embedding_share(repeats: int = 5, arch: str = "vit_b") -> dict:
-    """What sharing SAM image embeddings (tasks/sam.py) trades: one ``arch`` encoder forward (random init, seed 0,
+    """What sharing SAM image embeddings (tasks/stages/sam.py) trades: one ``arch`` encoder forward (random init, seed 0,
     one 640x480 image, this machine's device) against reading the stored float16 embedding back from a WebDataset
     tar (both: 1 warm-up, median of ``repeats`` interleaved), and the bytes it costs per image. With both branches,
     each image is otherwise encoded 3 times (USE box masks, FMbSeg Stage 1.1, Stage 1.2)."""
@@ -773,11 +773,11 @@ def _stage_verify_cost(repeats: int) -> dict:
     import luigi
 
     from pseudoseg.pipeline.core.artifacts import record_problems
-    from pseudoseg.tasks import cli
-    from pseudoseg.tasks.base import CommittedTask
-    from pseudoseg.tasks.dag import FullDAG
-    from pseudoseg.tasks.summary import walk_dag
-    from pseudoseg.tasks.train import TrainTask
+    from pseudoseg.tasks.engine.base import CommittedTask
+    from pseudoseg.tasks.report import cli
+    from pseudoseg.tasks.report.summary import walk_dag
+    from pseudoseg.tasks.stages.dag import FullDAG
+    from pseudoseg.tasks.stages.train import TrainTask
 
     block = os.urandom(256 << 20)
     sha_mb_s = []
@@ -908,7 +908,7 @@ def _image_lists(folder: Path, sizes: list[int], side: int = 8) -> dict[int, Pat
 
 
 def _timed_cli(args: list[str], code: Path = REPO, timeout: float | None = None) -> dict:
-    """`python -m pseudoseg.tasks.cli ARGS` with ``code`` as the ``pseudoseg`` package: wall time, CPU time (user + sys of the
+    """`python -m pseudoseg.tasks.report.cli ARGS` with ``code`` as the ``pseudoseg`` package: wall time, CPU time (user + sys of the
     process and every worker process it waited for: os.wait4) and peak RSS, with the load average before/after."""
     import subprocess
     import sys
@@ -923,7 +923,7 @@ def _timed_cli(args: list[str], code: Path = REPO, timeout: float | None = None)
                PYTHONHASHSEED="0")
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.cli", *args], cwd=code, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.report.cli", *args], cwd=code, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     output = []
@@ -1030,7 +1030,7 @@ def bench_scheduling(sizes: tuple[int, ...] = (1_000, 10_000, 100_000), repeats:
                 for n in baseline_sizes:
                     before += one(n, rep, code_before, "baseline")
 
-        from pseudoseg.tasks.base import RANGES_PER_STAGE  # the default `auto`
+        from pseudoseg.tasks.engine.base import RANGES_PER_STAGE  # the default `auto`
 
         result: dict = {
             "storage": "tmpfs (/dev/shm)" if base.parent == shm else "disk",
@@ -1257,17 +1257,17 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
     import torch
 
     from pseudoseg.models import registry
-    from pseudoseg.tasks.base import build_tasks
-    from pseudoseg.tasks.features import FeaturesShard
-    from pseudoseg.tasks.fmbseg import (
+    from pseudoseg.tasks.engine.base import build_tasks
+    from pseudoseg.tasks.stages.features import FeaturesShard
+    from pseudoseg.tasks.stages.fmbseg import (
         FmbsegAutoMasksShard,
         FmbsegDenseShard,
         FmbsegDetectShard,
         FmbsegLabels,
         FmbsegQueryMasksShard,
     )
-    from pseudoseg.tasks.sam import SamEmbeddingsShard
-    from pseudoseg.tasks.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
+    from pseudoseg.tasks.stages.sam import SamEmbeddingsShard
+    from pseudoseg.tasks.stages.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
 
     cuda = torch.cuda.is_available()
     settings = {
@@ -1564,7 +1564,7 @@ def bench_cli_latency(repeats: int = 5) -> dict:
     for _ in range(repeats):
         for name, args in cases.items():
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", *args], capture_output=True, cwd=images)
+            subprocess.run([sys.executable, "-m", "pseudoseg.tasks.report.cli", *args], capture_output=True, cwd=images)
             times[name].append(time.perf_counter() - t0)
     return {name: {"min_s": round(min(t), 3), "median_s": round(statistics.median(t), 3), "runs": len(t)}
             for name, t in times.items()}

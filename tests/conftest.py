@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pseudoseg.tasks.settings import load_config_files
+from pseudoseg.tasks.engine.settings import load_config_files
 
 load_config_files()  # in-process tests read the settings a command reads, wherever pytest runs from
 

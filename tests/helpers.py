@@ -116,7 +116,7 @@ def in_terminal(argv: list[str], env: dict[str, str], cwd: Path, *, timeout: flo
 
 
 def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.report.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

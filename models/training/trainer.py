@@ -58,8 +58,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
-from pseudoseg.models.adapters._hf import autocast, resolve_device
 from pseudoseg.models.adapters.weights import CheckpointError, load_state_strict, load_weights
+from pseudoseg.models.device import autocast, resolve_device
 from pseudoseg.models.training.losses import segment_text_loss, segment_text_loss_dedup, tsupcon_loss
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 

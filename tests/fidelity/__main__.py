@@ -89,7 +89,7 @@ def environment(root: Path) -> dict[str, str]:
 
 def check_imports_from(root: Path) -> None:
     """The tests run in ``root`` must import the copy's modules, not the editable install's."""
-    code = ("import pseudoseg.tasks.settings as s, tests; print(s.__file__); print(tests.__file__); "
+    code = ("import pseudoseg.tasks.engine.settings as s, tests; print(s.__file__); print(tests.__file__); "
             "print(s.SHIPPED_CONFIG)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment(root), capture_output=True, text=True,
                          check=True).stdout.split()

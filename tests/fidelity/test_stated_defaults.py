@@ -9,8 +9,8 @@ import dataclasses
 import re
 
 from pseudoseg.models.registry import ModelSettings
-from pseudoseg.tasks.sections import SECTIONS
-from pseudoseg.tasks.settings import SHIPPED_CONFIG
+from pseudoseg.tasks.engine.sections import SECTIONS
+from pseudoseg.tasks.engine.settings import SHIPPED_CONFIG
 from tests.fidelity.test_mutant_table import fidelity_rows
 
 CLAIM = re.compile(r"default `\[(\w+)\] (\w+) = ([^`]+)`")

@@ -370,9 +370,9 @@ def test_a_process_loads_each_model_once_across_shards(tmp_path, tiny_cache):
     """Three one-image shards of UseExpressions (captioner + spaCy) and SamEmbeddings (SAM) in one worker process:
     each model is loaded once and reused for every shard (models.registry keeps the adapters)."""
     from pseudoseg.models import registry
-    from pseudoseg.tasks.base import build_tasks
-    from pseudoseg.tasks.sam import SamEmbeddings
-    from pseudoseg.tasks.use import UseExpressions
+    from pseudoseg.tasks.engine.base import build_tasks
+    from pseudoseg.tasks.stages.sam import SamEmbeddings
+    from pseudoseg.tasks.stages.use import UseExpressions
     from tests.helpers import luigi_settings, write_good_images
 
     images = tmp_path / "images"
@@ -409,8 +409,8 @@ def test_stage1_loads_fmbseg_clip_and_use_loads_clip(tmp_path):
     """FMbSeg (fmbseg-paper §4: CLIP ViT-L/14) detects, labels and trains against one CLIP; USE (use-paper §4.1:
     ViT-L/14-336) embeds its texts with another; Grounding DINO is the Swin-T of use-paper §4.1."""
     from pseudoseg.models.registry import model_identity
-    from pseudoseg.tasks.features import TextClasses, UseTextShard
-    from pseudoseg.tasks.fmbseg import FmbsegDenseShard, FmbsegDetectShard
+    from pseudoseg.tasks.stages.features import TextClasses, UseTextShard
+    from pseudoseg.tasks.stages.fmbseg import FmbsegDenseShard, FmbsegDetectShard
 
     defaults = ModelSettings()
     assert (defaults.fmbseg_clip, defaults.clip) == ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336")

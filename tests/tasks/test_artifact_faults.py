@@ -34,7 +34,7 @@ def run(target: str, images: Path, out: Path, env: dict[str, str], *extra: str, 
 def table_rows(text: str) -> dict[str, list[str]]:
     """stage folder → [shards, done, failed, in, ok, rejected, seconds] of the end-of-run table (its columns:
     stage, unit, shards, done, failed, ran, skipped, in, ok, rejected, rows, rows are, seconds, reasons)."""
-    from pseudoseg.tasks.dag import OUTPUTS
+    from pseudoseg.tasks.stages.dag import OUTPUTS
 
     folder = {o.name: o.folder for o in OUTPUTS}
     lines = text[text.rindex("\nstage "):].splitlines()[3:]
@@ -183,8 +183,8 @@ def test_a_garbage_done_json_means_not_done_never_a_crash(tmp_path, setup, garba
 
 PRODUCE_LOG = """
 import os, time
-import pseudoseg.tasks.base as base
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.engine.base as base
+import pseudoseg.tasks.stages.ingest as ingest
 def slow_logged(produce):
     def wrapper(self):
         with open({log!r}, "a") as fh:
@@ -222,8 +222,8 @@ def test_two_runs_on_one_output_root_share_the_units_without_failures(tmp_path, 
 CHAOS = """
 import os, signal
 import pseudoseg.pipeline.core.artifacts as artifacts
-import pseudoseg.tasks.base as base
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.engine.base as base
+import pseudoseg.tasks.stages.ingest as ingest
 KILL_AT, COUNT = int(os.environ.get("CHAOS_KILL_AT", "0")), os.environ.get("CHAOS_COUNT")
 _n = [0]
 def event():

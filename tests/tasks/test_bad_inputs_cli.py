@@ -19,7 +19,7 @@ from pseudoseg.pipeline.core.artifacts import LATEST_FILE, record_unit_file, sha
 from pseudoseg.pipeline.core.sources import source_path
 from pseudoseg.schemas import MANIFEST, REJECTS, SHARD_STATS
 from pseudoseg.schemas.features import SAM_EMBEDDINGS
-from pseudoseg.tasks.status import hash_folders
+from pseudoseg.tasks.report.status import hash_folders
 from tests.helpers import cli, cli_env, tree_bytes, write_good_images
 
 pytestmark = pytest.mark.slow

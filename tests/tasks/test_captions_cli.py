@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 NAMES = ["cats/0001.jpg", "dogs/0001.jpg", "a/0002.jpg", "b/0002.jpg", "solo.jpg"]
 EDIT_AFTER_ONE_SHARD = """
-import pseudoseg.tasks.use as use
+import pseudoseg.tasks.stages.use as use
 _produce = use.UseCaptionsShard.produce
 def produce_then_edit(self, progress):
     output = _produce(self, progress)

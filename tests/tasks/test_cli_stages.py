@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from pseudoseg.tasks.base import StageWrapper
-from pseudoseg.tasks.chained import ChainedShardTask
-from pseudoseg.tasks.cli import check, parser
-from pseudoseg.tasks.dag import STAGES, stage_classes
+from pseudoseg.tasks.engine.base import StageWrapper
+from pseudoseg.tasks.report.cli import check, parser
+from pseudoseg.tasks.stages.chained import ChainedShardTask
+from pseudoseg.tasks.stages.dag import STAGES, stage_classes
 
 
 def _all_subclasses(cls):
@@ -66,7 +66,7 @@ def test_run_accepts_every_listed_stage(tmp_path):
 
 @pytest.mark.slow  # the real `pseudoseg` command in a subprocess
 def test_stages_command_prints_one_line_per_stage_in_order():
-    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", "stages"], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.report.cli", "stages"], capture_output=True, text=True, check=True)
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [stage.name for stage in STAGES]
 
@@ -76,9 +76,9 @@ def test_one_name_per_stage_folder_wrapper_and_shard_task():
     serving two folders is named after their common prefix: FeaturesShard)."""
     import re
 
-    from pseudoseg.tasks.base import StageWrapper
-    from pseudoseg.tasks.cli import stage_classes
-    from pseudoseg.tasks.dag import OUTPUTS
+    from pseudoseg.tasks.engine.base import StageWrapper
+    from pseudoseg.tasks.report.cli import stage_classes
+    from pseudoseg.tasks.stages.dag import OUTPUTS
 
     classes = stage_classes()
     for out in OUTPUTS:
@@ -94,13 +94,13 @@ def test_one_name_per_stage_folder_wrapper_and_shard_task():
 
 
 def test_an_old_stage_name_says_its_new_name(tmp_path):
-    from pseudoseg.tasks.cli import RENAMED
+    from pseudoseg.tasks.report.cli import RENAMED
 
-    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", "run", "PseudoLabels", "--images", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.report.cli", "run", "PseudoLabels", "--images", str(tmp_path),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "'PseudoLabels' is now called 'FmbsegLabels'" in proc.stderr
-    assert RENAMED["TrainUSEHead"] == "TrainUse" and set(RENAMED.values()) <= set(__import__("pseudoseg.tasks.cli").tasks.cli.stage_classes())
+    assert RENAMED["TrainUSEHead"] == "TrainUse" and set(RENAMED.values()) <= set(__import__("pseudoseg.tasks.report.cli").tasks.report.cli.stage_classes())
 
 
 @pytest.mark.slow  # the real `pseudoseg` command in a subprocess
@@ -111,7 +111,7 @@ def test_a_reader_that_leaves_early_is_not_an_error():
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first line
     try:
-        proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", "stages"], stdout=write_end, stderr=subprocess.PIPE,
+        proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.report.cli", "stages"], stdout=write_end, stderr=subprocess.PIPE,
                               text=True)
     finally:
         os.close(write_end)

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 
 from pseudoseg.models.registry import ModelSettings
-from pseudoseg.tasks.base import pseudoseg
-from pseudoseg.tasks.settings import SHIPPED_CONFIG
-from pseudoseg.tasks.throughput import throughput
+from pseudoseg.tasks.engine.base import pseudoseg
+from pseudoseg.tasks.engine.settings import SHIPPED_CONFIG
+from pseudoseg.tasks.engine.throughput import throughput
 
 
 @pytest.fixture(scope="module")

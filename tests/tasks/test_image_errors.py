@@ -1,14 +1,14 @@
-"""The per-image error policy of every stage's loop (tasks/image_errors.py): which exceptions become reject rows for
+"""The per-image error policy of every stage's loop (tasks/engine/image_errors.py): which exceptions become reject rows for
 one image, which fail the shard. Through the real CLI: tests/tasks/test_bad_inputs_cli.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.models.catalog import ModelUnavailableError
 from pseudoseg.pipeline.core.images import ImageRejected
 from pseudoseg.schemas.contract import SchemaError
-from pseudoseg.tasks.image_errors import (
+from pseudoseg.tasks.engine.image_errors import (
     IMAGE_ERROR,
     REJECTED,
     ArtifactMismatchError,

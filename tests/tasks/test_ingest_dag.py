@@ -15,8 +15,8 @@ import webdataset as wds
 from pseudoseg.pipeline.core.artifacts import record_unit_file
 from pseudoseg.pipeline.core.images import decode_image
 from pseudoseg.schemas import MANIFEST, REJECTS, SHARD_STATS
-from pseudoseg.tasks.base import ShardTask, build_tasks
-from pseudoseg.tasks.ingest import Ingest, PlanIngest
+from pseudoseg.tasks.engine.base import ShardTask, build_tasks
+from pseudoseg.tasks.stages.ingest import Ingest, PlanIngest
 from tests.bad_inputs import BAD_INPUTS
 from tests.helpers import luigi_settings, tree_bytes, write_good_images
 

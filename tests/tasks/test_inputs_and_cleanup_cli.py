@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pseudoseg.schemas import MANIFEST, REJECTS, SHARD_STATS
-from pseudoseg.tasks.status import hash_folders
+from pseudoseg.tasks.report.status import hash_folders
 from tests.helpers import cli, cli_env, in_terminal, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 HOLD_LEASE = """
 import sys, time
 from pathlib import Path
-from pseudoseg.tasks.status import run_lease
+from pseudoseg.tasks.report.status import run_lease
 with run_lease(Path(sys.argv[1]), stale_after=600) as lease:
     lease([Path(p) for p in sys.argv[2:]])
     print("holding", flush=True)
@@ -102,14 +102,14 @@ def test_a_run_waiting_on_another_runs_lock_says_so_on_the_terminal(tmp_path):
     write_good_images(images, 2)
     slow = """
 import time
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.stages.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce(self, progress):
     time.sleep(20)
     return _produce(self, progress)
 ingest.IngestShard.produce = produce
 """
-    args = ["-m", "pseudoseg.tasks.cli", "run", "Ingest", "--images", str(images), "--dataset", "ds", "--out", str(out)]
+    args = ["-m", "pseudoseg.tasks.report.cli", "run", "Ingest", "--images", str(images), "--dataset", "ds", "--out", str(out)]
     (tmp_path / "a").mkdir()
     first = subprocess.Popen([sys.executable, *args], env=cli_env(tmp_path / "a", slow), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)

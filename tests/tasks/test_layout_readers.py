@@ -14,8 +14,8 @@ import pytest
 
 from pseudoseg.pipeline.core.artifacts import LATEST_FILE, StageDir
 from pseudoseg.schemas import MANIFEST, REJECTS
-from pseudoseg.tasks.cli import build
-from pseudoseg.tasks.ingest import Ingest
+from pseudoseg.tasks.report.cli import build
+from pseudoseg.tasks.stages.ingest import Ingest
 from tests.helpers import luigi_settings, write_good_images
 
 GOOD = 5

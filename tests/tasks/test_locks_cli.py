@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 PAUSE_AFTER_PRODUCE = """
 import os, signal, socket
 {host}
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.stages.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce_then_pause(self, progress):
     output = _produce(self, progress)

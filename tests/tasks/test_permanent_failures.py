@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pseudoseg.models.adapters._hf import ModelUnavailableError
+from pseudoseg.models.catalog import ModelUnavailableError
 from pseudoseg.pipeline.eval.benchmarks import DatasetError
 from pseudoseg.schemas.contract import SchemaError
-from pseudoseg.tasks.failures import cause_of, explain, permanent_cause
+from pseudoseg.tasks.engine.failures import cause_of, explain, permanent_cause
 from tests.helpers import cli, cli_env, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def test_schema_mismatch_of_an_upstream_parquet_heals_or_fails_once(tmp_path, im
 
 FAIL_FIRST_ATTEMPT = """
 import pathlib
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.stages.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce(self, progress):
     marker = pathlib.Path({marker!r})

@@ -125,7 +125,7 @@ def test_sigkill_between_payload_and_done_json_is_redone_on_rerun(tmp_path, imag
 
 RUN_LOG = """
 import os, time
-import pseudoseg.tasks.base as base
+import pseudoseg.tasks.engine.base as base
 _run = base.ShardTask.run
 def logged_run(self):
     with open({log!r}, "a") as fh:
@@ -183,7 +183,7 @@ def test_luigid_and_two_workers_do_every_shard_exactly_once(tmp_path, shards_per
 
 FAIL_SHARD_1 = """
 import os
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.stages.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce_or_fail(self, progress):
     with open({log!r}, "a") as fh:
@@ -195,7 +195,7 @@ ingest.IngestShard.produce = produce_or_fail
 """
 
 RUN_LOG_ONLY = """
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.stages.ingest as ingest
 _produce = ingest.IngestShard.produce
 def logged(self, progress):
     with open({log!r}, "a") as fh:

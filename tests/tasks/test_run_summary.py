@@ -20,8 +20,8 @@ from pseudoseg.pipeline.core.artifacts import (
     load_shard_stats,
     record_problems,
 )
-from pseudoseg.tasks.base import ProgressReporter
-from pseudoseg.tasks.dag import OUTPUT_OF, OUTPUTS
+from pseudoseg.tasks.engine.base import ProgressReporter
+from pseudoseg.tasks.stages.dag import OUTPUT_OF, OUTPUTS
 from tests.helpers import REPO, cli, cli_env, write_good_images
 
 STAGE_NAMES = [o.name for o in OUTPUTS]
@@ -122,8 +122,8 @@ def test_dataset_card_has_every_section_and_its_read_snippets_run(run):
 
 def test_every_stage_folder_of_the_full_dag_has_a_declared_unit(tmp_path):
     """tasks.dag.OUTPUTS (the STAGES with a folder and its units, in DAG order) covers every folder FullDAG writes."""
-    from pseudoseg.tasks.dag import STAGES, FullDAG
-    from pseudoseg.tasks.summary import walk_dag
+    from pseudoseg.tasks.report.summary import walk_dag
+    from pseudoseg.tasks.stages.dag import STAGES, FullDAG
 
     write_good_images(tmp_path / "img", 1)
     folders = set()

@@ -13,16 +13,16 @@ import luigi.configuration
 import pyarrow.parquet as pq
 import pytest
 
-import pseudoseg.tasks.ingest as ingest_module
+import pseudoseg.tasks.stages.ingest as ingest_module
 from pseudoseg.pipeline.core import artifacts
 from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, commit_shard
 from pseudoseg.pipeline.core.sources import list_source, plan_entries
 from pseudoseg.schemas import PLAN
-from pseudoseg.tasks.base import ShardRange, ShardTask, build_tasks, range_class, shards_per_task
-from pseudoseg.tasks.ingest import Ingest, IngestShard, read_plan_shard
-from pseudoseg.tasks.sam import SamEmbeddings, SamEmbeddingsShard
-from pseudoseg.tasks.settings import problems
-from pseudoseg.tasks.summary import summarise, walk_dag
+from pseudoseg.tasks.engine.base import ShardRange, ShardTask, build_tasks, range_class, shards_per_task
+from pseudoseg.tasks.engine.settings import problems
+from pseudoseg.tasks.report.summary import summarise, walk_dag
+from pseudoseg.tasks.stages.ingest import Ingest, IngestShard, read_plan_shard
+from pseudoseg.tasks.stages.sam import SamEmbeddings, SamEmbeddingsShard
 from tests.helpers import luigi_settings, tree_bytes, write_good_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -282,7 +282,7 @@ def test_stage_folders_follow_settings_changed_in_process(tmp_path, images):
 
 def started_workers(monkeypatch, tmp_path, *extra: str) -> list[tuple[list[str], dict]]:
     """``pseudoseg workers FullDAG --n 3 ... EXTRA`` with Popen faked: each worker's (argv, env)."""
-    from pseudoseg.tasks import cli
+    from pseudoseg.tasks.report import cli
 
     started: list[tuple[list[str], dict]] = []
 
@@ -317,7 +317,7 @@ def test_workers_reach_a_luigid_on_another_host(monkeypatch, tmp_path):
 
 
 def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch, tmp_path):
-    from pseudoseg.tasks import cli
+    from pseudoseg.tasks.report import cli
 
     started = started_workers(monkeypatch, tmp_path, "--gpus", "0,1")
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0", "1", "0"]
@@ -327,7 +327,7 @@ def test_workers_are_pinned_to_their_gpus_round_robin(monkeypatch, tmp_path):
 
 def test_luigid_gpu_pool_is_cluster_wide_and_set_from_the_command(monkeypatch, tmp_path):
     """luigid counts [resources] over all workers of all hosts, so its gpu pool cannot be luigi.cfg's per-host 1."""
-    from pseudoseg.tasks import cli
+    from pseudoseg.tasks.report import cli
 
     seen: dict[str, str] = {}
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
@@ -342,7 +342,7 @@ def test_luigid_gpu_pool_is_cluster_wide_and_set_from_the_command(monkeypatch, t
 
 
 def test_luigid_listens_on_loopback_unless_given_an_address_and_keeps_its_state_per_user(monkeypatch, tmp_path):
-    from pseudoseg.tasks import cli
+    from pseudoseg.tasks.report import cli
 
     seen: list[list[str]] = []
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pseudoseg.tasks.evaluate import Evaluate
-from pseudoseg.tasks.params import FloatParameter, IntParameter
-from pseudoseg.tasks.settings import closest, problems
+from pseudoseg.tasks.engine.params import FloatParameter, IntParameter
+from pseudoseg.tasks.engine.settings import closest, problems
+from pseudoseg.tasks.stages.evaluate import Evaluate
 from tests.helpers import REPO, cli, cli_env, write_good_images
 
 pytestmark = pytest.mark.slow

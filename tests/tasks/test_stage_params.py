@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pseudoseg.tasks.base import ShardTask, StageSettings, new_build
-from pseudoseg.tasks.dag import stage_classes
-from pseudoseg.tasks.sections import section_of
+from pseudoseg.tasks.engine.base import ShardTask, StageSettings, new_build
+from pseudoseg.tasks.engine.sections import section_of
+from pseudoseg.tasks.stages.dag import stage_classes
 from tests.helpers import REPO, luigi_settings, write_good_images
 
 # Tasks whose settings depend on one of their parameters (``params_source``): every variant is checked.
@@ -145,7 +145,7 @@ def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser.read(REPO / "luigi.cfg")
     from pseudoseg.pipeline.car.params import CarSettings
     from pseudoseg.pipeline.features.params import SamSharingParams
-    from pseudoseg.tasks.sections import car, sam_embeddings
+    from pseudoseg.tasks.engine.sections import car, sam_embeddings
 
     checked = 0
     # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share, [car])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import pseudoseg.tasks.ingest as ingest_module
-from pseudoseg.tasks.cli import build, main
-from pseudoseg.tasks.ingest import Ingest
-from pseudoseg.tasks.status import clean_stale, folder_status, tree_status
+import pseudoseg.tasks.stages.ingest as ingest_module
+from pseudoseg.tasks.report.cli import build, main
+from pseudoseg.tasks.report.status import clean_stale, folder_status, tree_status
+from pseudoseg.tasks.stages.ingest import Ingest
 from tests.helpers import luigi_settings, write_good_images
 
 SHARDS = 3  # 7 good + 1 bad image, 3 per shard
@@ -159,7 +159,7 @@ def test_status_counts_only_records_of_their_own_unit_and_a_rerun_redoes_the_oth
 
 def test_clean_keeps_what_a_latest_stands_on_ignores_a_latest_outside_its_stage_and_waits_for_live_runs(
         tmp_path, images, tiny_cache, capsys):
-    from pseudoseg.tasks.status import run_lease
+    from pseudoseg.tasks.report.status import run_lease
 
     out = tmp_path / "out"
     with luigi_settings(models={"cache_dir": str(tiny_cache)}, use={"caption_max_new_tokens": 4}, ingest={"shard_size": 3}):

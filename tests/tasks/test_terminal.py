@@ -165,7 +165,7 @@ def test_ctrl_c_ends_with_one_line_and_status_130_and_a_rerun_resumes(tmp_path, 
 
 
 FAIL_SHARD_1 = """
-import pseudoseg.tasks.ingest as ingest
+import pseudoseg.tasks.stages.ingest as ingest
 _produce = ingest.IngestShard.produce
 def produce_or_fail(self, progress):
     if self.shard == 1:
@@ -236,7 +236,7 @@ def test_what_is_typed_first_is_answered_before_any_model_library_loads(tmp_path
     if "--images" not in args and args[0] == "run":
         args = [*args, "--images", str(images)]
     loaded = tmp_path / "modules.txt"
-    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", *args], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.report.cli", *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=cli_env(tmp_path, RECORD_MODULES.format(path=str(loaded))))
     assert proc.returncode == (0 if args == ["stages"] else 2), proc.stderr
     assert loaded.read_text() == "", f"{args}: imported {loaded.read_text()}"

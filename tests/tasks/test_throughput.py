@@ -14,15 +14,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import pseudoseg.tasks.fmbseg as fmbseg_tasks
-import pseudoseg.tasks.use as use_tasks
+import pseudoseg.tasks.stages.fmbseg as fmbseg_tasks
+import pseudoseg.tasks.stages.use as use_tasks
 from pseudoseg.pipeline.fmbseg.pseudo_labels import decode_query_points, dense_sample
 from pseudoseg.pipeline.use.pairs import box_mask_row
 from pseudoseg.schemas import REJECTS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.features import FeaturesShard
-from pseudoseg.tasks.fmbseg import FmbsegLabels
-from pseudoseg.tasks.use import UseSegments
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.features import FeaturesShard
+from pseudoseg.tasks.stages.fmbseg import FmbsegLabels
+from pseudoseg.tasks.stages.use import UseSegments
 from tests.helpers import luigi_settings, tree_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

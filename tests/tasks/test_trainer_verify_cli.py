@@ -26,7 +26,7 @@ SETTINGS = ["--set", "models.device=cpu", "--set", "fmbseg.short_side=112", "--s
 # size — trade places inside the cache tar: same size, other content.
 SWAP_WHEN_TRAINING_STARTS = """
 import glob, os, tarfile
-import pseudoseg.tasks.train as train_tasks
+import pseudoseg.tasks.stages.train as train_tasks
 _train = train_tasks.train
 def swap_then_train(*args, **kwargs):
     if not getattr(swap_then_train, "done", False):

@@ -1,7 +1,7 @@
 """Fidelity of the SAM `Segmenter` adapter (models/adapters/segmenter.py) against segment-anything's own `SamPredictor` and
 `SamAutomaticMaskGenerator` on the same random weights: point/box prompts, automatic masks with and without a
 passed-in embedding, and through the float16 embedding store the SAM stages share (pipeline/features/sam_embeddings.py, read
-back as tasks/sam.py does). CPU only; the SAM is the tiny random-init one, loaded through the real loader."""
+back as tasks/stages/sam.py does). CPU only; the SAM is the tiny random-init one, loaded through the real loader."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def reference(seg, image) -> list[dict]:
 
 def float16_stored(embedding: SamImageEmbedding, tmp_path) -> SamImageEmbedding:
     """The embedding through the shared store with its default settings (float16 .npy in a WebDataset tar: half
-    the disk), read back as tasks/sam.py does."""
+    the disk), read back as tasks/stages/sam.py does."""
     sample, _ = embedding_sample("img", embedding.features.numpy(), embedding.original_size, embedding.input_size,
                                  "tiny", SamEmbeddingsParams())
     assert npy_array(sample["sam.npy"]).dtype == np.float16

@@ -532,7 +532,7 @@ def test_label_runs_leave_background_queries_equal_to_a_query_out(gt):
         seen.append(tuple(background))
         return np.zeros((len(queries), *image.shape[:2]), np.float32)
 
-    assert vocab.prompts[vocab.index("sky-other")][0] == "sky"  # what tasks/car_labels.py queries for it
+    assert vocab.prompts[vocab.index("sky-other")][0] == "sky"  # what tasks/stages/car_labels.py queries for it
     car_loop(gt.rgb, ["grass", "sky", "tree", "person"], cam, lambda im, q: np.eye(len(q))[: len(im)], params)
     kept = tuple(f"a clean origami {q}." for q in OFFICIAL_BG_CLS if q not in ("grass", "sky", "tree"))
     assert seen and all(bg == kept for bg in seen)

@@ -1,4 +1,4 @@
-"""CarLabels (tasks/car_labels.py) through Luigi with the CaR oracle clip role of tests/oracles.py: the label
+"""CarLabels (tasks/stages/car_labels.py) through Luigi with the CaR oracle clip role of tests/oracles.py: the label
 maps match GT, the artifact has FmbsegLabelsShard's layout (tar members, classes.json, LABEL_REGIONS rows) and an
 image where no query passes θ is a ``no_confident_query`` reject."""
 
@@ -17,8 +17,8 @@ from pseudoseg.pipeline.eval.metrics import miou
 from pseudoseg.pipeline.features.cache import TarStore
 from pseudoseg.schemas import REJECTS
 from pseudoseg.schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.car_labels import CarLabels, CarLabelsShard
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.car_labels import CarLabels, CarLabelsShard
 from tests.helpers import luigi_settings
 from tests.oracles import CarOracleClip
 

@@ -233,8 +233,8 @@ def test_two_takers_of_one_stale_lock_never_both_hold_it(tmp_path):
 def test_garbage_done_json_is_not_done_and_the_summary_counts_it_so(tmp_path):
     import luigi
 
-    from pseudoseg.tasks.ingest import IngestShard
-    from pseudoseg.tasks.summary import summarise
+    from pseudoseg.tasks.report.summary import summarise
+    from pseudoseg.tasks.stages.ingest import IngestShard
 
     write_good_images(tmp_path / "images", 3)
     with luigi_settings(ingest={"shard_size": 2}):
@@ -259,8 +259,8 @@ def test_garbage_done_json_is_not_done_and_the_summary_counts_it_so(tmp_path):
 def test_verify_setting_size_misses_flipped_bytes_sha256_heals_them(tmp_path):
     import luigi
 
-    from pseudoseg.tasks.base import verify_inputs
-    from pseudoseg.tasks.ingest import IngestShard
+    from pseudoseg.tasks.engine.base import verify_inputs
+    from pseudoseg.tasks.stages.ingest import IngestShard
 
     write_good_images(tmp_path / "images", 3)
     with luigi_settings(ingest={"shard_size": 2}):

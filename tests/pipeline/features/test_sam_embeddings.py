@@ -19,10 +19,10 @@ from pseudoseg.pipeline.features.params import SamEmbeddingsParams
 from pseudoseg.pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
 from pseudoseg.schemas import REJECTS, SHARD_STATS
 from pseudoseg.schemas.features import SAM_EMBEDDINGS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.fmbseg import FmbsegAutoMasksShard, FmbsegLabels, FmbsegQueryMasksShard
-from pseudoseg.tasks.sam import SamEmbeddingsShard
-from pseudoseg.tasks.use import UseBoxMasksShard
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.fmbseg import FmbsegAutoMasksShard, FmbsegLabels, FmbsegQueryMasksShard
+from pseudoseg.tasks.stages.sam import SamEmbeddingsShard
+from pseudoseg.tasks.stages.use import UseBoxMasksShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter
 

@@ -277,8 +277,8 @@ def test_image_labels_lookup(tmp_path):
 def test_tiny_real_models_write_valid_artifacts(tmp_path, tiny_cache):
     from pseudoseg.schemas import REJECTS, SHARD_STATS
     from pseudoseg.schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
-    from pseudoseg.tasks.base import build_tasks
-    from pseudoseg.tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
+    from pseudoseg.tasks.engine.base import build_tasks
+    from pseudoseg.tasks.stages.fmbseg import FmbsegLabels, FmbsegLabelsShard
     from tests.helpers import luigi_settings, write_good_images
 
     images = tmp_path / "images"

@@ -34,8 +34,8 @@ from pseudoseg.pipeline.core.transforms import Resize, SlidingWindows
 from pseudoseg.pipeline.core.vocabularies import load_vocabulary
 from pseudoseg.schemas import REJECTS, SHARD_STATS
 from pseudoseg.schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_REGIONS, PSEUDO_MASKS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.fmbseg import FmbsegLabels, FmbsegLabelsShard
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.fmbseg import FmbsegLabels, FmbsegLabelsShard
 from tests.helpers import luigi_settings
 from tests.oracles import OracleClipEncoder, OracleGT, OracleSegmenter, register_oracle
 

@@ -17,8 +17,8 @@ from pseudoseg.pipeline.core.masks import decode_rle
 from pseudoseg.pipeline.core.sample_set import write_sample_set
 from pseudoseg.pipeline.use.gt_boxes import GT_BOX_BASE, GTBoxFileError, Region, parse_gt_boxes, region_rows
 from pseudoseg.schemas import BOXES, REJECTS, SEGMENTS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.use import UseSegments
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.use import UseSegments
 from tests.helpers import luigi_settings
 from tests.oracles import OracleGT, register_oracle
 
@@ -116,7 +116,7 @@ def test_a_malformed_box_file_stops_the_command_before_anything_runs(voc, tmp_pa
     images, _ = voc
     bad = tmp_path / "regions.json"
     bad.write_text('{"images": []}')
-    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.cli", "run", "UseSegments", "--images", str(images),
+    proc = subprocess.run([sys.executable, "-m", "pseudoseg.tasks.report.cli", "run", "UseSegments", "--images", str(images),
                            "--out", str(tmp_path / "out"), "--set", f"use.gt_boxes={bad}"],
                           capture_output=True, text=True, timeout=300)
     (line,) = proc.stderr.splitlines()

@@ -16,8 +16,8 @@ from pseudoseg.pipeline.core.artifacts import record_unit_file
 from pseudoseg.pipeline.core.masks import decode_rle
 from pseudoseg.pipeline.core.sample_set import write_sample_set
 from pseudoseg.schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, SEGMENTS, SHARD_STATS
-from pseudoseg.tasks.base import build_tasks
-from pseudoseg.tasks.use import UseSegments
+from pseudoseg.tasks.engine.base import build_tasks
+from pseudoseg.tasks.stages.use import UseSegments
 from tests.helpers import luigi_settings
 from tests.oracles import ALIASES, OracleGT, register_oracle
 
@@ -135,7 +135,7 @@ def test_use_branch_runs_with_tiny_real_architectures(voc_folder, tiny_cache, tm
 def test_coco_export_and_preview_gallery(voc_folder, gt, tmp_path):
     from pycocotools.coco import COCO
 
-    from pseudoseg.tasks.export import ExportCoco, UsePreview
+    from pseudoseg.tasks.stages.export import ExportCoco, UsePreview
 
     images, captions = voc_folder
     register_oracle(gt)
@@ -167,7 +167,7 @@ def test_coco_export_images_line_up_with_their_masks(voc_folder, gt, tmp_path):
     from PIL import Image
     from pycocotools.coco import COCO
 
-    from pseudoseg.tasks.export import ExportCoco
+    from pseudoseg.tasks.stages.export import ExportCoco
 
     images, _ = voc_folder
     folder = tmp_path / "images"

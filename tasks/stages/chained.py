@@ -12,10 +12,10 @@ import numpy as np
 from pseudoseg.pipeline.core.artifacts import ShardOutput
 from pseudoseg.pipeline.core.ingest import iter_ingested_images
 from pseudoseg.schemas import MANIFEST, REJECTS, Contract
-from pseudoseg.tasks.base import GPU, ProgressReporter, ShardTask, model_settings, uses_gpu
-from pseudoseg.tasks.image_errors import ImageErrors
-from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.throughput import decoded_images
+from pseudoseg.tasks.engine.base import GPU, ProgressReporter, ShardTask, model_settings, uses_gpu
+from pseudoseg.tasks.engine.image_errors import ImageErrors
+from pseudoseg.tasks.engine.throughput import decoded_images
+from pseudoseg.tasks.stages.ingest import IngestShard
 
 
 class ChainedShardTask(ShardTask):

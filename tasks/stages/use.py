@@ -44,7 +44,7 @@ from pseudoseg.pipeline.use.params import (
     UseSegmentsParams,
 )
 from pseudoseg.schemas import BOX_MASKS, BOXES, CAPTIONS, EXPRESSIONS, MANIFEST, SEGMENTS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     ProgressReporter,
     cached_listing,
     group_by_image,
@@ -53,10 +53,10 @@ from pseudoseg.tasks.base import (
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.chained import ChainedShardTask
-from pseudoseg.tasks.image_errors import REJECTED
-from pseudoseg.tasks.sam import UsesSamEmbeddings
-from pseudoseg.tasks.throughput import behind, manifest_order
+from pseudoseg.tasks.engine.image_errors import REJECTED
+from pseudoseg.tasks.engine.throughput import behind, manifest_order
+from pseudoseg.tasks.stages.chained import ChainedShardTask
+from pseudoseg.tasks.stages.sam import UsesSamEmbeddings
 
 
 @functools.lru_cache(maxsize=4)
@@ -286,7 +286,7 @@ class UseGtBoxesShard(ChainedShardTask):
 
 
 class UseBoxMasksShard(UsesSamEmbeddings):
-    """SAM box → mask: one image encoding per image (the shared one, see tasks/sam.py), all its boxes in one
+    """SAM box → mask: one image encoding per image (the shared one, see tasks/stages/sam.py), all its boxes in one
     batched decoder call."""
 
     stage = "use_box_masks"

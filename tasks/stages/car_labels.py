@@ -43,16 +43,16 @@ from pseudoseg.pipeline.eval.metrics import IGNORE
 from pseudoseg.pipeline.eval.report import ShortSide
 from pseudoseg.pipeline.fmbseg.pseudo_labels import class_table, label_map_meta, label_region_rows
 from pseudoseg.schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     ProgressReporter,
     model_settings,
     reject,
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.chained import ChainedShardTask
-from pseudoseg.tasks.fmbseg import detect_params
-from pseudoseg.tasks.image_errors import REJECTED
+from pseudoseg.tasks.engine.image_errors import REJECTED
+from pseudoseg.tasks.stages.chained import ChainedShardTask
+from pseudoseg.tasks.stages.fmbseg import detect_params
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 

@@ -50,10 +50,10 @@ from pseudoseg.pipeline.core.locks import describe as describe_holder
 from pseudoseg.pipeline.core.params import IngestPlanParams, StageParams
 from pseudoseg.pipeline.core.sources import Listing, list_source, num_shards
 from pseudoseg.schemas import SchemaError
-from pseudoseg.tasks.failures import CorruptInput, explain, one_line, permanent_cause
-from pseudoseg.tasks.params import AutoIntParameter, FloatParameter, NameParameter, read_params
-from pseudoseg.tasks.progress import STAGE_PROGRESS
-from pseudoseg.tasks.sections import section_of
+from pseudoseg.tasks.engine.failures import CorruptInput, explain, one_line, permanent_cause
+from pseudoseg.tasks.engine.params import AutoIntParameter, FloatParameter, NameParameter, read_params
+from pseudoseg.tasks.engine.progress import STAGE_PROGRESS
+from pseudoseg.tasks.engine.sections import section_of
 
 LOG = logging.getLogger("luigi-interface")  # the logger luigi prints to the console
 

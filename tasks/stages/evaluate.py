@@ -53,7 +53,7 @@ from pseudoseg.pipeline.eval.report import ShortSide, grid_png, report_markdown,
 from pseudoseg.pipeline.features.cache import text_templates
 from pseudoseg.schemas import MANIFEST
 from pseudoseg.schemas.evaluation import CLASS_IOU
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     GPU,
     StageSettings,
     clear_task_failure,
@@ -64,9 +64,9 @@ from pseudoseg.tasks.base import (
     uses_gpu,
     verify_inputs,
 )
-from pseudoseg.tasks.failures import explain
-from pseudoseg.tasks.params import IntParameter
-from pseudoseg.tasks.progress import report_status
+from pseudoseg.tasks.engine.failures import explain
+from pseudoseg.tasks.engine.params import IntParameter
+from pseudoseg.tasks.engine.progress import report_status
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "FmbsegLabels"}
@@ -100,10 +100,10 @@ class Evaluate(StageSettings, luigi.Task):
                              f"{NEEDS_RUN[self.method]} run it evaluates")
         common = {"images": self.images, "dataset": self.dataset, "out": self.out}
         if self.method == "pseudo":
-            from pseudoseg.tasks.fmbseg import FmbsegLabels
+            from pseudoseg.tasks.stages.fmbseg import FmbsegLabels
 
             return {"pseudo": FmbsegLabels(**common)}
-        from pseudoseg.tasks import train
+        from pseudoseg.tasks.stages import train
 
         return {"model": getattr(train, NEEDS_RUN[self.method])(**common)}
 

@@ -16,7 +16,7 @@ from pseudoseg.pipeline.core.ingest import STAGE, ingest_entries
 from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams
 from pseudoseg.pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from pseudoseg.schemas import MANIFEST, PLAN, REJECTS, SchemaError
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     LOG,
     CommittedTask,
     ProgressReporter,
@@ -25,7 +25,7 @@ from pseudoseg.tasks.base import (
     by_settings,
     stage_wrapper,
 )
-from pseudoseg.tasks.progress import STAGE_PROGRESS, report_status
+from pseudoseg.tasks.engine.progress import STAGE_PROGRESS, report_status
 
 
 class PlanIngest(StageSettings, CommittedTask):

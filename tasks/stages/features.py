@@ -43,7 +43,7 @@ from pseudoseg.pipeline.features.params import FeaturesFmbsegParams, FeaturesUse
 from pseudoseg.pipeline.use.pairs import text_pool
 from pseudoseg.schemas import MANIFEST, REJECTS, SEGMENTS
 from pseudoseg.schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     DatasetTask,
     ProgressReporter,
     ShardTask,
@@ -52,11 +52,11 @@ from pseudoseg.tasks.base import (
     stage_wrapper,
     uses_gpu,
 )
-from pseudoseg.tasks.fmbseg import detect_params
-from pseudoseg.tasks.image_errors import REJECTED, ImageErrors
-from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.throughput import behind, decoded_images, manifest_order
-from pseudoseg.tasks.use import UseSegmentsShard
+from pseudoseg.tasks.engine.image_errors import REJECTED, ImageErrors
+from pseudoseg.tasks.engine.throughput import behind, decoded_images, manifest_order
+from pseudoseg.tasks.stages.fmbseg import detect_params
+from pseudoseg.tasks.stages.ingest import IngestShard
+from pseudoseg.tasks.stages.use import UseSegmentsShard
 
 PURPOSE_PARAMS = {"use": FeaturesUseParams, "fmbseg": FeaturesFmbsegParams}
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import luigi
 
-from pseudoseg.tasks.base import DatasetTask
-from pseudoseg.tasks.car_labels import CarLabels
-from pseudoseg.tasks.catalog import OUTPUT_OF, OUTPUTS, STAGES, Stage  # noqa: F401 (where callers look)
-from pseudoseg.tasks.export import ExportCoco, UsePreview
-from pseudoseg.tasks.features import FeaturesFmbseg, FeaturesUse, TextClasses, UseText
-from pseudoseg.tasks.fmbseg import FmbsegLabels
-from pseudoseg.tasks.ingest import Ingest
-from pseudoseg.tasks.models import ModelProbe
-from pseudoseg.tasks.train import TrainAlignment, TrainUse
-from pseudoseg.tasks.use import UseSegments
+from pseudoseg.tasks.engine.base import DatasetTask
+from pseudoseg.tasks.stages.car_labels import CarLabels
+from pseudoseg.tasks.stages.catalog import OUTPUT_OF, OUTPUTS, STAGES, Stage  # noqa: F401 (where callers look)
+from pseudoseg.tasks.stages.export import ExportCoco, UsePreview
+from pseudoseg.tasks.stages.features import FeaturesFmbseg, FeaturesUse, TextClasses, UseText
+from pseudoseg.tasks.stages.fmbseg import FmbsegLabels
+from pseudoseg.tasks.stages.ingest import Ingest
+from pseudoseg.tasks.stages.models import ModelProbe
+from pseudoseg.tasks.stages.train import TrainAlignment, TrainUse
+from pseudoseg.tasks.stages.use import UseSegments
 
 
 class FullDAG(luigi.WrapperTask, DatasetTask):
@@ -30,7 +30,7 @@ class FullDAG(luigi.WrapperTask, DatasetTask):
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
     """The task class of every STAGES name, in DAG order."""
-    from pseudoseg.tasks import (
+    from pseudoseg.tasks.stages import (
         car_labels,
         evaluate,
         export,

@@ -9,9 +9,9 @@ from pseudoseg.models.probe import probe_roles
 from pseudoseg.pipeline.core.artifacts import StageDir, atomic_write_bytes
 from pseudoseg.pipeline.core.ingest import iter_ingested_images
 from pseudoseg.schemas import MODEL_PROBE
-from pseudoseg.tasks.base import DatasetTask, model_settings, verify_inputs
-from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.progress import report_status
+from pseudoseg.tasks.engine.base import DatasetTask, model_settings, verify_inputs
+from pseudoseg.tasks.engine.progress import report_status
+from pseudoseg.tasks.stages.ingest import IngestShard
 
 
 class ModelProbe(DatasetTask):

@@ -18,7 +18,7 @@ from pseudoseg.pipeline.use.export import (
 )
 from pseudoseg.pipeline.use.preview import index_html, preview_shard
 from pseudoseg.schemas import MANIFEST, SEGMENTS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     CommittedTask,
     DatasetTask,
     ProgressReporter,
@@ -27,8 +27,8 @@ from pseudoseg.tasks.base import (
     model_settings,
     verify_inputs,
 )
-from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.use import UseSegmentsShard
+from pseudoseg.tasks.stages.ingest import IngestShard
+from pseudoseg.tasks.stages.use import UseSegmentsShard
 
 
 class ExportCoco(DatasetTask):

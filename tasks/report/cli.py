@@ -27,12 +27,11 @@ from luigi.execution_summary import LuigiStatusCode
 from pseudoseg.models.registry import random_models_notice
 from pseudoseg.pipeline.core.artifacts import atomic_write_bytes, params_hash
 from pseudoseg.pipeline.core.sources import SourceError, list_source, source_problem
-from pseudoseg.tasks.base import build_tasks, current, frozen_settings, model_settings, pseudoseg
-from pseudoseg.tasks.card import write_card
-from pseudoseg.tasks.failures import FailFastWorkers
-from pseudoseg.tasks.params import name_problem
-from pseudoseg.tasks.progress import STAGE_PROGRESS
-from pseudoseg.tasks.settings import (
+from pseudoseg.tasks.engine.base import build_tasks, current, frozen_settings, model_settings, pseudoseg
+from pseudoseg.tasks.engine.failures import FailFastWorkers
+from pseudoseg.tasks.engine.params import name_problem
+from pseudoseg.tasks.engine.progress import STAGE_PROGRESS
+from pseudoseg.tasks.engine.settings import (
     DATASET_SETTINGS,
     DEMO_CONFIG,
     SettingsError,
@@ -42,7 +41,8 @@ from pseudoseg.tasks.settings import (
     load_config_files,
     write_dataset_settings,
 )
-from pseudoseg.tasks.status import (
+from pseudoseg.tasks.report.card import write_card
+from pseudoseg.tasks.report.status import (
     clean_stale,
     mark_latest,
     record_shard_counts,
@@ -50,7 +50,7 @@ from pseudoseg.tasks.status import (
     settings_changes,
     status_report,
 )
-from pseudoseg.tasks.summary import (
+from pseudoseg.tasks.report.summary import (
     RunInfo,
     footer,
     format_table,
@@ -72,13 +72,13 @@ RENAMED = {
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
     """Every task `run STAGE` accepts, in DAG order (tasks.dag.STAGES)."""
-    from pseudoseg.tasks.dag import stage_classes
+    from pseudoseg.tasks.stages.dag import stage_classes
 
     return stage_classes()
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from pseudoseg.tasks.catalog import STAGES
+    from pseudoseg.tasks.stages.catalog import STAGES
 
     width = max(len(stage.name) for stage in STAGES)
     for stage in STAGES:
@@ -319,7 +319,7 @@ def command_name() -> str:
 
 
 def cmd_luigid(args: argparse.Namespace) -> int:
-    from pseudoseg.tasks.luigid import (
+    from pseudoseg.tasks.report.luigid import (
         LEGACY_STATE,
         LOOPBACK,
         STATE_FILE,
@@ -363,7 +363,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     if problem:
         print(problem[1], file=sys.stderr)
         return problem[0]
-    base = [sys.executable, "-m", "pseudoseg.tasks.cli", "run", args.stage, "--images", args.images, "--out", args.out,
+    base = [sys.executable, "-m", "pseudoseg.tasks.report.cli", "run", args.stage, "--images", args.images, "--out", args.out,
             "--central", "--scheduler-port", str(args.scheduler_port), "--no-summary"]
     if args.scheduler_host:
         base += ["--scheduler-host", args.scheduler_host]
@@ -559,7 +559,7 @@ def check(args: argparse.Namespace) -> None:
     """Arguments and every setting, before anything runs or is written; SettingsError lists the problems."""
     lines: list[str] = []
     if hasattr(args, "stage"):
-        from pseudoseg.tasks.catalog import STAGES
+        from pseudoseg.tasks.stages.catalog import STAGES
 
         classes = [stage.name for stage in STAGES]  # the names, without importing the stages (and their models)
         if args.stage in RENAMED:

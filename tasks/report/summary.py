@@ -24,7 +24,7 @@ from pseudoseg.pipeline.core.artifacts import (
     load_shard_stats,
     package_versions,
 )
-from pseudoseg.tasks.base import CommittedTask, ShardRange, ShardTask, model_settings
+from pseudoseg.tasks.engine.base import CommittedTask, ShardRange, ShardTask, model_settings
 
 TOP_REASONS = 3
 
@@ -61,7 +61,7 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
 
 
 def output_of(folder: str):  # -> tasks.dag.Stage
-    from pseudoseg.tasks.catalog import OUTPUT_OF, Stage
+    from pseudoseg.tasks.stages.catalog import OUTPUT_OF, Stage
 
     if folder in OUTPUT_OF:
         return OUTPUT_OF[folder]
@@ -71,7 +71,7 @@ def output_of(folder: str):  # -> tasks.dag.Stage
 
 
 def dag_position(folder: str) -> int:
-    from pseudoseg.tasks.catalog import OUTPUTS
+    from pseudoseg.tasks.stages.catalog import OUTPUTS
 
     out = output_of(folder)
     return OUTPUTS.index(out) if out in OUTPUTS else len(OUTPUTS)

@@ -31,7 +31,7 @@ from luigi.task_register import Register
 
 import pseudoseg.tasks as tasks_package
 from pseudoseg.models.registry import ModelSettings, setting_problems
-from pseudoseg.tasks.params import IntParameter
+from pseudoseg.tasks.engine.params import IntParameter
 
 Check = Callable[[str], "str | None"]  # value → what is allowed (None: fine)
 
@@ -93,14 +93,14 @@ def param_check(param: luigi.Parameter) -> Check:
 # The modules declaring every luigi.Config section of ours: what a check of the usual settings needs. The task
 # modules (which load model libraries) are imported only for a section none of these declares, e.g. a task's own
 # parameters ([Evaluate] benchmark).
-CONFIG_MODULES = ("pseudoseg.tasks.base", "pseudoseg.tasks.sections", "pseudoseg.tasks.throughput")
+CONFIG_MODULES = ("pseudoseg.tasks.engine.base", "pseudoseg.tasks.engine.sections", "pseudoseg.tasks.engine.throughput")
 
 
 def known_sections(load_tasks: Callable[[], object] | None = None) -> dict[str, dict[str, Check | None]]:
     """section → {key (underscored, lower case) → value check}; ``[models]`` values are checked together.
     Luigi's and our configuration sections (``CONFIG_MODULES``) and every task class registered so far;
     ``load_tasks`` (the caller's: the settings know no stage) imports every task module first."""
-    from pseudoseg.tasks.base import RESOURCES
+    from pseudoseg.tasks.engine.base import RESOURCES
 
     for module in CONFIG_MODULES:
         importlib.import_module(module)
@@ -189,7 +189,7 @@ def load_config_files(dataset_settings: Path | None = None) -> None:
 def content_settings() -> dict[str, dict[str, str]]:
     """The settings in effect that decide what a dataset's stages make (every stage section and ``[models]`` but
     where models run) and differ from the shipped luigi.cfg: section → key → value as written."""
-    from pseudoseg.tasks.sections import SECTIONS
+    from pseudoseg.tasks.engine.sections import SECTIONS
 
     shipped = configparser.RawConfigParser()
     shipped.read(SHIPPED_CONFIG)

@@ -14,8 +14,8 @@ import numpy as np
 
 from pseudoseg.pipeline.core.ingest import decode_stored, iter_ingested_samples
 from pseudoseg.pipeline.core.overlap import Behind, Outcome, prefetch
-from pseudoseg.tasks.image_errors import REJECTED, ImageErrors
-from pseudoseg.tasks.params import IntParameter
+from pseudoseg.tasks.engine.image_errors import REJECTED, ImageErrors
+from pseudoseg.tasks.engine.params import IntParameter
 
 T = TypeVar("T")
 

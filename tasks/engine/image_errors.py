@@ -36,7 +36,7 @@ from pseudoseg.pipeline.core.images import ImageRejected
 from pseudoseg.pipeline.core.ingest import decode_stored, iter_ingested_samples
 from pseudoseg.pipeline.core.vocabularies import VocabularyError
 from pseudoseg.pipeline.use.captions import CaptionFileError
-from pseudoseg.tasks.failures import PERMANENT_ERRORS
+from pseudoseg.tasks.engine.failures import PERMANENT_ERRORS
 
 logger = logging.getLogger("luigi-interface.pseudoseg")
 

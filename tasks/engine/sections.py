@@ -32,7 +32,7 @@ from pseudoseg.pipeline.use.params import (
     UseGtBoxesParams,
     UseSegmentsParams,
 )
-from pseudoseg.tasks.params import config_section
+from pseudoseg.tasks.engine.params import config_section
 
 ingest = config_section("ingest", IngestPlanParams, DecodeLimits, module=__name__)
 sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)

@@ -44,7 +44,7 @@ SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the sha
 
 def stage_order() -> list[str]:
     """Stage folder names in DAG order (tasks.dag.OUTPUTS), the ingest plan first."""
-    from pseudoseg.tasks.catalog import OUTPUTS
+    from pseudoseg.tasks.stages.catalog import OUTPUTS
 
     return ["plan", *(output.folder for output in OUTPUTS)]
 
@@ -53,7 +53,7 @@ def stage_order() -> list[str]:
 
 
 def _stage_dirs(roots: Iterable[luigi.Task]) -> dict[Path, tuple[StageDir, list[luigi.Task]]]:
-    from pseudoseg.tasks.summary import walk_dag
+    from pseudoseg.tasks.report.summary import walk_dag
 
     found: dict[Path, tuple[StageDir, list[luigi.Task]]] = {}
     for task in walk_dag(roots):
@@ -69,7 +69,7 @@ def _stage_dirs(roots: Iterable[luigi.Task]) -> dict[Path, tuple[StageDir, list[
 def record_shard_counts(roots: Iterable[luigi.Task]) -> list[Path]:
     """Before a run: ``_meta/shards.json`` of every shard stage of the DAG (how many units make it complete).
     Returns every hash folder of the DAG (what the run reads and writes)."""
-    from pseudoseg.tasks.base import ShardTask
+    from pseudoseg.tasks.engine.base import ShardTask
 
     found = _stage_dirs(roots)
     for stage_dir, tasks in found.values():

@@ -22,7 +22,7 @@ from pseudoseg.pipeline.core.overlap import HostCopy, Outcome
 from pseudoseg.pipeline.features.params import SamEmbeddingsParams, SamSharingParams
 from pseudoseg.pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
 from pseudoseg.schemas.features import SAM_EMBEDDINGS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     ProgressReporter,
     ShardTask,
     model_settings,
@@ -30,9 +30,9 @@ from pseudoseg.tasks.base import (
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.chained import ChainedShardTask
-from pseudoseg.tasks.image_errors import REJECTED, ArtifactMismatchError
-from pseudoseg.tasks.throughput import behind, manifest_order, read_ahead
+from pseudoseg.tasks.engine.image_errors import REJECTED, ArtifactMismatchError
+from pseudoseg.tasks.engine.throughput import behind, manifest_order, read_ahead
+from pseudoseg.tasks.stages.chained import ChainedShardTask
 
 
 def sam_sharing() -> SamSharingParams:

@@ -58,7 +58,7 @@ from pseudoseg.pipeline.features.params import FeaturesUseParams
 from pseudoseg.pipeline.use.params import TEXT_CHOICES
 from pseudoseg.schemas import SEGMENTS
 from pseudoseg.schemas.features import TEXT_EMBEDDINGS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     CommittedTask,
     DatasetTask,
     StageSettings,
@@ -69,12 +69,12 @@ from pseudoseg.tasks.base import (
     uses_gpu,
     verify_inputs,
 )
-from pseudoseg.tasks.failures import CorruptInput
-from pseudoseg.tasks.features import FeaturesShard, TextClasses, UseTextShard
-from pseudoseg.tasks.fmbseg import FmbsegLabelsShard
-from pseudoseg.tasks.ingest import IngestShard
-from pseudoseg.tasks.progress import report_status
-from pseudoseg.tasks.use import UseSegmentsShard
+from pseudoseg.tasks.engine.failures import CorruptInput
+from pseudoseg.tasks.engine.progress import report_status
+from pseudoseg.tasks.stages.features import FeaturesShard, TextClasses, UseTextShard
+from pseudoseg.tasks.stages.fmbseg import FmbsegLabelsShard
+from pseudoseg.tasks.stages.ingest import IngestShard
+from pseudoseg.tasks.stages.use import UseSegmentsShard
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
@@ -297,7 +297,7 @@ class TrainAlignment(TrainTask):
 
     def label_task(self) -> type[luigi.Task]:
         """Both label sources write the same artifact layout (label PNGs + classes.json + LABEL_REGIONS)."""
-        from pseudoseg.tasks.car_labels import CarLabelsShard
+        from pseudoseg.tasks.stages.car_labels import CarLabelsShard
 
         return CarLabelsShard if self.params.label_source == "car" else FmbsegLabelsShard
 

@@ -7,7 +7,7 @@ What is computed once and shared:
 - CLIP runs once per image (FmbsegDenseShard); the stitched dense grid and per-crop CLS tokens are stored (float16)
   and read by detection, Stage 1.1 and Stage 1.2. The vocabulary's text embeddings are computed once per shard by
   FmbsegDetectShard and stored beside its rows (``shard-N.text.npy``), so Stage 1.1/1.2 never load CLIP.
-- SAM: the image encoder runs once per image in ``SamEmbeddingsShard`` (tasks/sam.py); Stage 1.1 decodes every detected
+- SAM: the image encoder runs once per image in ``SamEmbeddingsShard`` (tasks/stages/sam.py); Stage 1.1 decodes every detected
   class's prompt from that stored embedding in one batched call, and Stage 1.2 hands it to segment-anything's
   ``SamAutomaticMaskGenerator`` (whose whole-image crop then skips encoding). The USE branch's box masks read the
   same embedding. ``[sam_embeddings] share = false`` makes each stage encode on its own instead.
@@ -62,7 +62,7 @@ from pseudoseg.pipeline.fmbseg.pseudo_labels import (
 )
 from pseudoseg.schemas import MANIFEST
 from pseudoseg.schemas.fmbseg import DENSE_FEATURES, DETECTIONS, LABEL_MAP_META, LABEL_REGIONS, PSEUDO_MASKS
-from pseudoseg.tasks.base import (
+from pseudoseg.tasks.engine.base import (
     ProgressReporter,
     ShardTask,
     group_by_image,
@@ -71,10 +71,10 @@ from pseudoseg.tasks.base import (
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.chained import ChainedShardTask
-from pseudoseg.tasks.image_errors import REJECTED, ImageErrors, per_image_reason
-from pseudoseg.tasks.sam import UsesSamEmbeddings
-from pseudoseg.tasks.throughput import behind, decoded_images, manifest_order, read_ahead
+from pseudoseg.tasks.engine.image_errors import REJECTED, ImageErrors, per_image_reason
+from pseudoseg.tasks.engine.throughput import behind, decoded_images, manifest_order, read_ahead
+from pseudoseg.tasks.stages.chained import ChainedShardTask
+from pseudoseg.tasks.stages.sam import UsesSamEmbeddings
 
 
 def detect_params() -> FmbsegDetectParams:

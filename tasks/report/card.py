@@ -12,7 +12,7 @@ from typing import Any
 
 from pseudoseg.pipeline.core.artifacts import META_DIR, atomic_write_bytes, package_versions
 from pseudoseg.schemas import REJECTS
-from pseudoseg.tasks.summary import RunInfo, StageRow, output_of
+from pseudoseg.tasks.report.summary import RunInfo, StageRow, output_of
 
 # params.json keys naming a model (values: "<preset>:<id or path>", see models.registry.model_identity)
 MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "cam_clip", "classifier_clip", "dense",
@@ -28,7 +28,7 @@ def singular(unit: str) -> str:
 
 
 def _description(name: str) -> str:
-    from pseudoseg.tasks.catalog import STAGES
+    from pseudoseg.tasks.stages.catalog import STAGES
 
     return next((stage.makes for stage in STAGES if stage.name == name), "")
 

@@ -1,0 +1,1 @@
+"""The engine: units and commits, shard ranges, locks, progress, settings — no stage, no report."""

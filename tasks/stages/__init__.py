@@ -1,0 +1,1 @@
+"""The stages: one module per branch (a stage = its params, its contract, its task)."""
