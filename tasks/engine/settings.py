@@ -146,6 +146,69 @@ class Origins:
         return "the configuration"
 
 
+    def where(self, section: str, option: str) -> str | None:
+        """``--set ITEM``, or ``FILE:LINE`` of the last configuration file setting it; None: nobody set it."""
+        if (section, _key(option)) in self.sets:
+            return f"--set {self.sets[section, _key(option)]}"
+        for path in reversed(config_paths()):
+            line = _line_of(Path(path), section, option)
+            if line is not None:
+                return f"{Path(path).resolve()}:{line}"
+        return None
+
+
+def _line_of(path: Path, section: str, option: str) -> int | None:
+    """The line of ``path`` that sets ``[section] option`` (the last one), if any."""
+    found, current = None, None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for number, text in enumerate(lines, 1):
+        stripped = text.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped[1:-1].strip()
+        elif current == section and stripped and not stripped.startswith(("#", ";")) and not text[0].isspace():
+            key = stripped.split("=", 1)[0].split(":", 1)[0]
+            if _key(key) == _key(option):
+                found = number
+    return found
+
+
+def effective_settings(origins: Origins, *, defaults_only: bool = False) -> list[tuple[str, str, str, str]]:
+    """(origin, section, key, value) of every setting pseudoseg declares (its sections, ``[models]``,
+    ``[resources]``) and of every other one the configuration sets (Luigi's ``[core]``, ...): the value in effect
+    and where it came from (``FILE:LINE``, ``--set ...``, or ``default``: the code's). ``defaults_only``: the code's
+    defaults, whatever the files say."""
+    from pseudoseg.tasks.engine.sections import SECTIONS
+
+    cfg = luigi.configuration.get_config()
+    ours: dict[str, dict[str, str]] = {}
+    for config in SECTIONS:
+        ours[config.get_task_family()] = {name: str(param._default) for name, param in config.get_params()}
+    for config_module in CONFIG_MODULES:
+        importlib.import_module(config_module)
+    for family in ("pseudoseg", "throughput"):
+        cls = Register.get_task_cls(family)
+        ours[family] = {name: str(param._default) for name, param in cls.get_params()}
+    ours["models"] = {f.name: ",".join(f.default) if isinstance(f.default, tuple) else str(f.default)
+                      for f in dataclasses.fields(ModelSettings)}
+    rows = []
+    for section, keys in ours.items():
+        for key, default in keys.items():
+            origin = None if defaults_only else origins.where(section, key)
+            value = default if origin is None else cfg.get(section, key, raw=True)
+            rows.append((origin or "default", section, key, value))
+    if not defaults_only:
+        for section in cfg.sections():
+            if section in ours:
+                continue
+            for key in cfg.options(section):
+                rows.append((origins.where(section, key) or "the configuration", section, key,
+                             cfg.get(section, key, raw=True)))
+    return rows
+
+
 # The pseudoseg package's folder: the repository root in a checkout, site-packages/pseudoseg once installed. The
 # shipped settings live there, so every command finds them wherever it is run from.
 PACKAGE_ROOT = Path(tasks_package.__file__).resolve().parent.parent

@@ -38,6 +38,7 @@ from pseudoseg.tasks.engine.settings import (
     closest,
     configure,
     content_settings,
+    effective_settings,
     load_config_files,
     write_dataset_settings,
 )
@@ -413,6 +414,13 @@ def gpu_list(text: str) -> list[str]:
     return items
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every setting in effect and where it came from (as ``git config --list --show-origin``)."""
+    for origin, section, key, value in effective_settings(args.origins, defaults_only=args.defaults):
+        print(f"{origin}\t{section}.{key}={value}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     text, failed = status_report(Path(args.out).resolve(), args.dataset)
     print(text)
@@ -508,6 +516,14 @@ def parser() -> argparse.ArgumentParser:
     common(wk)
     wk.set_defaults(func=cmd_workers)
 
+    cf = sub.add_parser("config", help="every setting in effect and where it came from (file:line, --set, default)")
+    cf.add_argument("--out", default="out", help="output root (with --dataset: that dataset's recorded settings too)")
+    cf.add_argument("--dataset", help="include the settings this dataset was made with (<out>/<dataset>/settings.cfg)")
+    cf.add_argument("--defaults", action="store_true", help="the code's defaults, whatever the files say")
+    cf.add_argument("--config", help="extra luigi.cfg to read after the default one")
+    cf.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    cf.set_defaults(func=cmd_config)
+
     st = sub.add_parser("status", help="per stage and hash folder: shards done/pending/failed, rows, rejects by "
                                        "reason, which is latest; exit 1 if a shard failed")
     st.add_argument("out", nargs="?", default="out", help="output root (default: out)")
@@ -590,6 +606,10 @@ def check(args: argparse.Namespace) -> None:
                          f"(no '/', '\\' or '..'): {problem}")
     presets = [str(DEMO_CONFIG)] if args.command == "demo" else []
     args.recorded = None
+    if args.command == "config" and args.dataset and not name_problem(args.dataset):
+        recorded = Path(args.out).resolve() / args.dataset / DATASET_SETTINGS
+        if recorded.is_file():
+            load_config_files(recorded)
     if args.command in ("run", "demo", "workers") and not lines:
         # the settings the dataset was made with come right after luigi.cfg (tasks.settings.load_config_files)
         recorded = Path(args.out).resolve() / ("demo" if args.command == "demo" else args.dataset) / DATASET_SETTINGS
@@ -597,8 +617,8 @@ def check(args: argparse.Namespace) -> None:
             load_config_files(recorded)
             args.recorded = recorded
     try:
-        configure(getattr(args, "config", None), getattr(args, "set", None) or [], presets=presets,
-                  load_tasks=stage_classes)
+        args.origins = configure(getattr(args, "config", None), getattr(args, "set", None) or [], presets=presets,
+                                 load_tasks=stage_classes)
     except SettingsError as e:
         lines += e.lines
     if lines:
