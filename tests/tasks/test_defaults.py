@@ -39,8 +39,8 @@ def test_engine_sections_defaults_are_the_shipped_luigi_cfg(shipped, section_cla
 def test_config_lists_every_setting_with_where_it_came_from(tmp_path, capsys):
     """`pseudoseg config`: every setting in effect, as `git config --list --show-origin` does: the shipped
     luigi.cfg's file:line, --set, a user's file; --defaults: the code's defaults."""
-    from pseudoseg.tasks.report.cli import main
     from pseudoseg.tasks.engine.settings import load_config_files
+    from pseudoseg.tasks.report.cli import main
 
     mine = tmp_path / "mine.cfg"
     mine.write_text("[fmbseg]\n# mine\ntop_k = 3\n")

@@ -83,6 +83,23 @@ def test_every_line_of_a_list_is_counted_and_none_shares_an_id(tmp_path):
                env)[0] == 0, "a later stage reads the shard: one tar member per id"
 
 
+def test_linked_folders_are_ingested_once_and_a_loop_is_one_reject_row(tmp_path):
+    images, out, env = tmp_path / "images", tmp_path / "out", cli_env(tmp_path)
+    write_good_images(images / "real", 2)
+    (linked,) = write_good_images(tmp_path / "elsewhere", 1, seed=7)
+    (images / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (images / "real" / "up").symlink_to(images, target_is_directory=True)  # a loop
+    code, text = run(["run", "Ingest", "--images", str(images), "--dataset", "ds", "--out", str(out)], env)
+    assert code == 0, text
+    (folder,) = ingest_folders(out)
+    stats = SHARD_STATS.read_json(folder / "_meta" / "shard-000000.done.json")
+    assert (stats["in_count"], stats["ok_count"], stats["rejected_count"]) == (4, 3, 1)
+    manifest = MANIFEST.read_parquet(folder / "shard-000000.parquet").to_pylist()
+    assert str(images / "linked" / linked.name) in {r["source"] for r in manifest}
+    (row,) = REJECTS.read_parquet(folder / "_rejects" / "shard-000000.parquet").to_pylist()
+    assert (row["reason"], row["source"]) == ("linked_folder_seen", str(images / "real" / "up"))
+
+
 def test_status_counts_a_copied_record_as_nothing_and_exits_1_for_the_missing_shard(tmp_path):
     images, out, env = tmp_path / "images", tmp_path / "out", cli_env(tmp_path)
     write_good_images(images, 4)

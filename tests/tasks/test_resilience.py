@@ -3,6 +3,7 @@ worker processes. Faults are injected through a sitecustomize module, so no test
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -215,6 +216,8 @@ def test_a_failed_shard_is_reported_and_only_it_is_redone_on_rerun(tmp_path, ima
     table = text[text.index("\nstage "):]
     assert table.splitlines()[3].split()[:5] == ["Ingest", "images", "3", "2", "1"]  # shards, done, failed
     assert sorted(shard_files(out)) == [0, 2]  # the failed shard left nothing visible
+    record = json.loads(next(out.glob("*/run.json")).read_text())
+    assert record["status"] == "failed" and record["failures"][-1].startswith("failed: Ingest shard 1: RuntimeError")
 
     log.unlink()
     rerun = run_ingest(images, out, cli_env(tmp_path, RUN_LOG_ONLY.format(log=str(log))))
