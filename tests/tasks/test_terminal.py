@@ -40,6 +40,8 @@ def test_run_in_a_terminal_draws_a_bar_per_stage_and_ends_with_the_table(tmp_pat
         assert re.search(rf"^{stage} +\w+ +1 +1 +0 +1 +0 ", text, re.M), (stage, text)  # its row of the table
     record = json.loads((elsewhere / "out" / "photos" / "run.json").read_text())
     assert record["status"] == "ok" and record["ran"] == 4
+    code, text = in_terminal([PSEUDOSEG, "status", "out"], user_env(tmp_path), elsewhere)  # as typed next
+    assert code == 0 and re.search(r"^use_boxes +[0-9a-f]{12} +\* +1 +1 +0 +0 ", text, re.M), text
 
 
 def test_a_run_away_from_a_terminal_prints_progress_lines(tmp_path, tiny_cache):
