@@ -21,6 +21,8 @@ WORKERS_HELP = "DataLoader workers (not a content parameter)"
 class TrainUseParams(StageParams):
     """The USE head (use-paper §4.2: AdamW lr 1e-3, wd 0.01, poly 0.9, 5 epochs, batch 32 images, logit scale 30)."""
 
+    section = "train_use"  # its luigi.cfg section
+
     lr: float = setting(1e-3, gt=0)
     weight_decay: float = setting(0.01, ge=0)
     poly_power: float = setting(0.9, ge=0)
@@ -53,6 +55,8 @@ class TrainUseParams(StageParams):
 class TrainAlignmentParams(StageParams):
     """The FMbSeg alignment block (fmbseg-paper §4.1: SGD + cosine, batch 5 images, 10 epochs; lr / momentum / wd
     are usual SGD values, the paper's appendix is not available here) and TSupCon (Eq. 1-4)."""
+
+    section = "train_alignment"  # its luigi.cfg section
 
     label_source: str = setting("fmbseg", choices=("fmbseg", "car"),
                                 help="pseudo-label maps: FMbSeg Stage 1 or CaR (car_labels)")

@@ -26,6 +26,8 @@ class CarSettings(StageParams):
     """Section ``[car]``: settings of every CaR run (the label stage and Evaluate's CaR); they reach each run's
     ``CarParams`` (:func:`with_car_settings`) and so its folder hash."""
 
+    section = "car"  # its luigi.cfg section
+
     crf_image: str = setting(CarParams.crf_image, choices=CRF_IMAGES,
                              help="what the dense CRF's bilateral kernel compares: official = the released code's "
                              "mean-subtracted BGR copy cast to uint8 (negatives wrap, as on x86), rgb = the photo")
@@ -38,6 +40,8 @@ def with_car_settings(params: CarParams, car: CarSettings) -> CarParams:
 
 @dataclass(frozen=True)
 class CaRLabelsParams(StageParams):
+    section = "car_labels"  # its luigi.cfg section
+
     vocabulary: str = setting("", digest=vocabulary_digest, help="vocabulary name or .txt path; empty = [fmbseg]'s")
     params: str = setting("", choices=("", *sorted(CAR_DEFAULTS)),
                           help="η/θ/λ of car-paper §4: voc | coco | context; empty = by vocabulary name "

@@ -64,7 +64,8 @@ def setting(default: Any, *, ge: float | None = None, gt: float | None = None, l
 
 @dataclass(frozen=True)
 class StageParams:
-    """Base of every stage's params. Subclasses add ``setting`` fields only (hashed unless ``hashed=False``)."""
+    """Base of every stage's params. A subclass names its luigi.cfg section (``section = "use"``: a class attribute,
+    not a field, so never hashed) and adds ``setting`` fields only (hashed unless ``hashed=False``)."""
 
 
 # ------------------------------------------------------------------------------------------------ [ingest]
@@ -72,12 +73,16 @@ class StageParams:
 class IngestPlanParams(StageParams):
     """The ingest plan (``tasks.ingest.PlanIngest``): shard membership of every entry."""
 
+    section = "ingest"  # its luigi.cfg section
+
     shard_size: int = setting(1000, ge=1, help="images per shard: the unit of work, retry and accounting")
 
 
 @dataclass(frozen=True)
 class DecodeLimits(StageParams):
     """Ingest's decoding limits (``tasks.ingest.IngestShard``; ``pipeline.core.images.decode_image``'s defaults)."""
+
+    section = "ingest"  # its luigi.cfg section
 
     max_side: int = setting(2048, ge=1, help="longer side above this is downsized")
     min_side: int = setting(2, ge=1, help="shorter side below this is rejected (too_small)")

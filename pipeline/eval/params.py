@@ -16,6 +16,8 @@ from pseudoseg.pipeline.features.cache import TEXT_TEMPLATE_SETS
 class EvaluateParams(StageParams):
     """Every method (``fmbseg`` and ``pseudo`` have no settings of their own)."""
 
+    section = "evaluate"  # its luigi.cfg section
+
     split: str = setting("val", help="benchmark split (the split file / folder name)")
     grid_images: int = setting(4, ge=0, help="rows of grid.png: the first N images by id")
 
@@ -23,6 +25,8 @@ class EvaluateParams(StageParams):
 @dataclass(frozen=True)
 class EvaluateCarParams(EvaluateParams):
     """method = car: overrides of CaR's official per-benchmark config (``pipeline.car.recurrent.car_params``)."""
+
+    section = "evaluate"  # its luigi.cfg section
 
     car_prompts: str = setting("", help="CaR visual prompts (comma list); empty = the official config of the "
                                "benchmark (voc: circle,blur; coco: blur,gray)")
@@ -35,6 +39,8 @@ class EvaluateCarParams(EvaluateParams):
 @dataclass(frozen=True)
 class EvaluateUseSamParams(EvaluateParams):
     """method = use_sam: the class texts' template set and SAM's automatic-mask point grid (use-paper §4.3)."""
+
+    section = "evaluate"  # its luigi.cfg section
 
     use_sam_templates: str = setting("single", choices=tuple(sorted(TEXT_TEMPLATE_SETS)),
                                      help="use_sam: template set of the class texts (use-paper §4.3: one noun "

@@ -17,6 +17,8 @@ BLOCKS_HELP = "all | none | last:N | every:K | i,j,k"
 class FeaturesUseParams(StageParams):
     """The USE feature cache (FeaturesShard purpose=use): images squashed to one square, CLIP + DINOv2 blocks."""
 
+    section = "features_use"  # its luigi.cfg section
+
     input_size: int = setting(0, ge=0, help="square side images are squashed to; 0 = CLIP's image_size (336 for "
                               "ViT-L/14-336); other sizes interpolate CLIP's positions")
     clip_blocks: str = setting("every:8", help=BLOCKS_HELP)
@@ -29,6 +31,8 @@ class FeaturesUseParams(StageParams):
 class UseTextParams(StageParams):
     """The CLIP text embeddings of the USE segments' texts (UseTextShard; section [features_use])."""
 
+    section = "features_use"  # its luigi.cfg section
+
     text_templates: str = setting("use4", choices=tuple(sorted(TEXT_TEMPLATE_SETS)),
                                   help="templates averaged per expression")
 
@@ -36,6 +40,8 @@ class UseTextParams(StageParams):
 @dataclass(frozen=True)
 class FeaturesFmbsegParams(StageParams):
     """The FMbSeg feature cache (FeaturesShard purpose=fmbseg): DINOv2 tokens, aspect kept."""
+
+    section = "features_fmbseg"  # its luigi.cfg section
 
     dino_blocks: str = setting("last:1", help=BLOCKS_HELP)
     short_side: int = setting(336, ge=1, help="DINOv2 input short side (patch multiples)")
@@ -49,6 +55,8 @@ DTYPES = ("float16", "float32")  # stored embedding dtypes
 
 @dataclass(frozen=True)
 class SamEmbeddingsParams(StageParams):
+    section = "sam_embeddings"  # its luigi.cfg section
+
     dtype: str = setting("float16", choices=DTYPES, help="stored embedding dtype")
     batch_size: int = setting(4, ge=1, help="images per image-encoder forward (float rounding may differ with it, "
                               "so it is part of the stage hash)")
@@ -58,5 +66,7 @@ class SamEmbeddingsParams(StageParams):
 class SamSharingParams(StageParams):
     """Not a stage's settings: whether the SAM stages read ``SamEmbeddingsShard``'s embeddings (its hash then enters
     theirs as an upstream) or each encode the image themselves."""
+
+    section = "sam_embeddings"  # its luigi.cfg section
 
     share: bool = setting(True, help="encode each image once and share it between the SAM stages")

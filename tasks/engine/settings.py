@@ -29,9 +29,9 @@ import luigi
 import luigi.configuration
 from luigi.task_register import Register
 
-import pseudoseg.tasks as tasks_package
 from pseudoseg.models.registry import ModelSettings, setting_problems
 from pseudoseg.tasks.engine.params import IntParameter
+from pseudoseg.tasks.engine.shipped import DEMO_CONFIG, PACKAGE_ROOT, SHIPPED_CONFIG  # noqa: F401 (callers look here)
 
 Check = Callable[[str], "str | None"]  # value → what is allowed (None: fine)
 
@@ -209,11 +209,6 @@ def effective_settings(origins: Origins, *, defaults_only: bool = False) -> list
     return rows
 
 
-# The pseudoseg package's folder: the repository root in a checkout, site-packages/pseudoseg once installed. The
-# shipped settings live there, so every command finds them wherever it is run from.
-PACKAGE_ROOT = Path(tasks_package.__file__).resolve().parent.parent
-SHIPPED_CONFIG = PACKAGE_ROOT / "luigi.cfg"  # every default, read first
-DEMO_CONFIG = PACKAGE_ROOT / "demo.cfg"  # `pseudoseg demo`'s settings, read after luigi.cfg and the user's file
 
 
 DATASET_SETTINGS = "settings.cfg"  # <out>/<dataset>/settings.cfg: what the dataset was made with

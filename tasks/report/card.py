@@ -12,7 +12,8 @@ from typing import Any
 
 from pseudoseg.pipeline.core.artifacts import META_DIR, atomic_write_bytes, package_versions
 from pseudoseg.schemas import REJECTS
-from pseudoseg.tasks.report.summary import RunInfo, StageRow, output_of
+from pseudoseg.tasks.report.summary import RunInfo, StageRow
+from pseudoseg.tasks.stages.catalog import contract_of
 
 # params.json keys naming a model (values: "<preset>:<id or path>", see models.registry.model_identity)
 MODEL_KEYS = ("captioner", "grounder", "segmenter", "clip", "fmbseg_clip", "cam_clip", "classifier_clip", "dense",
@@ -28,9 +29,9 @@ def singular(unit: str) -> str:
 
 
 def _description(name: str) -> str:
-    from pseudoseg.tasks.stages.catalog import STAGES
+    from pseudoseg.tasks.stages.catalog import stage_index
 
-    return next((stage.makes for stage in STAGES if stage.name == name), "")
+    return next((stage.makes for stage in stage_index() if stage.name == name), "")
 
 
 def _params(row: StageRow) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def _glob(row: StageRow, suffix: str) -> str | None:
 
 
 def _schema_lines(row: StageRow) -> list[str]:
-    contract = output_of(row.stage).contract
+    contract = contract_of(row.stage)
     if contract is None:
         return []
     lines = [f"Schema `{contract.tag}` (one row per {singular(row.rows_unit)}):", "",
@@ -106,7 +107,7 @@ def _stage_section(row: StageRow, root: Path) -> list[str]:
         lines.append(f"**Warning:** {row.warning()}")
     lines.append("")
     main, rejects = _glob(row, "parquet"), _glob(row, "rejects.parquet")
-    if main and output_of(row.stage).contract is not None:
+    if main and contract_of(row.stage) is not None:
         lines.append(f"Files: `{main}` (the rows below), `{rejects}` (schema `{REJECTS.tag}`: one row per "
                      f"rejected {singular(row.unit)}, with `reason` and `detail`), and per shard a done "
                      f"record listing every file with its size and sha256.")

@@ -72,17 +72,17 @@ RENAMED = {
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
-    """Every task `run STAGE` accepts, in DAG order (tasks.dag.STAGES)."""
+    """Every task `run STAGE` accepts, in DAG order (tasks.stages.catalog)."""
     from pseudoseg.tasks.stages.dag import stage_classes
 
     return stage_classes()
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from pseudoseg.tasks.stages.catalog import STAGES
+    from pseudoseg.tasks.stages.catalog import stage_index
 
-    width = max(len(stage.name) for stage in STAGES)
-    for stage in STAGES:
+    width = max(len(stage.name) for stage in stage_index())
+    for stage in stage_index():
         print(f"{stage.name:<{width}}  {stage.makes}")
     return 0
 
@@ -575,9 +575,9 @@ def check(args: argparse.Namespace) -> None:
     """Arguments and every setting, before anything runs or is written; SettingsError lists the problems."""
     lines: list[str] = []
     if hasattr(args, "stage"):
-        from pseudoseg.tasks.stages.catalog import STAGES
+        from pseudoseg.tasks.stages.catalog import stage_index
 
-        classes = [stage.name for stage in STAGES]  # the names, without importing the stages (and their models)
+        classes = [stage.name for stage in stage_index()]  # the names, without importing the stages (and their models)
         if args.stage in RENAMED:
             lines.append(f"pseudoseg: stage {args.stage!r} is now called {RENAMED[args.stage]!r} (every stage is "
                          "named after its output folder: `pseudoseg stages` lists them)")

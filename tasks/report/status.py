@@ -43,10 +43,10 @@ from pseudoseg.pipeline.core.locks import describe as describe_holder
 SHARDS_FILE = "shards.json"  # in a hash folder's _meta/: {"shards": N}, the shard count of the stage's last run
 
 def stage_order() -> list[str]:
-    """Stage folder names in DAG order (tasks.dag.OUTPUTS), the ingest plan first."""
-    from pseudoseg.tasks.stages.catalog import OUTPUTS
+    """Stage folder names in DAG order (tasks.stages.catalog.outputs), the ingest plan first."""
+    from pseudoseg.tasks.stages.catalog import outputs
 
-    return ["plan", *(output.folder for output in OUTPUTS)]
+    return ["plan", *(output.folder for output in outputs())]
 
 
 # -- written by a run -----------------------------------------------------------------------------------------

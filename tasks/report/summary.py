@@ -60,21 +60,19 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
         stack.extend(task.deps())
 
 
-def output_of(folder: str):  # -> tasks.dag.Stage
-    from pseudoseg.tasks.stages.catalog import OUTPUT_OF, Stage
+def output_of(folder: str):  # -> tasks.stages.catalog.Stage
+    from pseudoseg.tasks.stages.catalog import Stage
+    from pseudoseg.tasks.stages.catalog import output_of as declared_output
 
-    if folder in OUTPUT_OF:
-        return OUTPUT_OF[folder]
-    if folder.startswith("eval_"):
-        return OUTPUT_OF["evaluate"]
-    return Stage(folder, "", "records", "rows")
+    found = declared_output("evaluate" if folder.startswith("eval_") else folder)
+    return found if found is not None else Stage(folder, "", "records", "rows")
 
 
 def dag_position(folder: str) -> int:
-    from pseudoseg.tasks.stages.catalog import OUTPUTS
+    from pseudoseg.tasks.stages.catalog import outputs
 
-    out = output_of(folder)
-    return OUTPUTS.index(out) if out in OUTPUTS else len(OUTPUTS)
+    out, ordered = output_of(folder), outputs()
+    return ordered.index(out) if out in ordered else len(ordered)
 
 
 @dataclass

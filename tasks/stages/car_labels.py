@@ -51,6 +51,7 @@ from pseudoseg.tasks.engine.base import (
     stage_wrapper,
 )
 from pseudoseg.tasks.engine.image_errors import REJECTED
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.chained import ChainedShardTask
 from pseudoseg.tasks.stages.fmbseg import detect_params
 
@@ -136,4 +137,6 @@ class CarLabelsShard(ChainedShardTask):
                            classes_json=table)
 
 
-CarLabels = stage_wrapper(CarLabelsShard, "All shards of the CaR pseudo-label artifact (same layout as FmbsegLabels).")
+CarLabels = declare(stage_wrapper(CarLabelsShard, "All shards of the CaR pseudo-label artifact (same layout as "
+                                  "FmbsegLabels)."), makes="CaR: training-free label maps, a third label source",
+                    unit="images", rows="regions", contract=LABEL_REGIONS, full_dag=True)

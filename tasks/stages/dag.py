@@ -1,49 +1,29 @@
-"""FullDAG (the leaves of every branch) and the task class of every name in ``tasks.catalog.STAGES``."""
+"""FullDAG: every declared stage that says ``full_dag`` (the leaves of every branch, and Ingest and ModelProbe),
+and the task class of every name `pseudoseg run` takes."""
 
 from __future__ import annotations
 
 import luigi
 
 from pseudoseg.tasks.engine.base import DatasetTask
-from pseudoseg.tasks.stages.car_labels import CarLabels
-from pseudoseg.tasks.stages.catalog import OUTPUT_OF, OUTPUTS, STAGES, Stage  # noqa: F401 (where callers look)
-from pseudoseg.tasks.stages.export import ExportCoco, UsePreview
-from pseudoseg.tasks.stages.features import FeaturesFmbseg, FeaturesUse, TextClasses, UseText
-from pseudoseg.tasks.stages.fmbseg import FmbsegLabels
-from pseudoseg.tasks.stages.ingest import Ingest
-from pseudoseg.tasks.stages.models import ModelProbe
-from pseudoseg.tasks.stages.train import TrainAlignment, TrainUse
-from pseudoseg.tasks.stages.use import UseSegments
+from pseudoseg.tasks.stages.catalog import declare, declared
 
 
+@declare(makes="every branch above except Evaluate")
 class FullDAG(luigi.WrapperTask, DatasetTask):
     def requires(self) -> list[luigi.Task]:
         common = self.common()
-        # [train_use] features = online encodes in the training loop: no USE feature cache to build then
-        train = TrainUse(**common)
-        use_cache = [FeaturesUse(**common)] if train.params.features == "cache" else []
-        return [Ingest(**common), ModelProbe(**common), UseSegments(**common), ExportCoco(**common),
-                UsePreview(**common), FmbsegLabels(**common), *use_cache, FeaturesFmbseg(**common),
-                UseText(**common), TextClasses(**common), train,
-                TrainAlignment(**common), CarLabels(**common)]
+        tasks = [task(**common) for stage, task in declared() if stage.full_dag]
+        return [task for task in tasks if wanted(task)]
+
+
+def wanted(task: luigi.Task) -> bool:
+    """Whether FullDAG runs a stage it declares: a stage may be wanted only under some settings (``FeaturesUse``:
+    only when the USE head trains from the cache) and says so with a ``wanted_by_full_dag`` method."""
+    check = getattr(task, "wanted_by_full_dag", None)
+    return check is None or bool(check())
 
 
 def stage_classes() -> dict[str, type[luigi.Task]]:
-    """The task class of every STAGES name, in DAG order."""
-    from pseudoseg.tasks.stages import (
-        car_labels,
-        evaluate,
-        export,
-        features,
-        fmbseg,
-        ingest,
-        models,
-        sam,
-        train,
-        use,
-    )
-
-    modules = (ingest, models, sam, use, export, fmbseg, car_labels, features, train, evaluate)
-    found = {name: cls for m in modules for name, cls in vars(m).items() if isinstance(cls, type)}
-    found["FullDAG"] = FullDAG
-    return {stage.name: found[stage.name] for stage in STAGES}
+    """The task class of every declared stage, in DAG order."""
+    return {stage.name: task for stage, task in declared()}

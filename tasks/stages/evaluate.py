@@ -67,6 +67,7 @@ from pseudoseg.tasks.engine.base import (
 from pseudoseg.tasks.engine.failures import explain
 from pseudoseg.tasks.engine.params import IntParameter
 from pseudoseg.tasks.engine.progress import report_status
+from pseudoseg.tasks.stages.catalog import declare
 
 METHODS = ("car", "pseudo", "fmbseg", "use_sam")
 NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "FmbsegLabels"}
@@ -74,6 +75,8 @@ NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "Fmbse
 
 
 
+@declare(makes="mIoU of a method on a benchmark (--set Evaluate.benchmark=... Evaluate.data_root=...)",
+         unit="runs", rows="classes")
 class Evaluate(StageSettings, luigi.Task):
     """Settings: ``[evaluate]`` through ``self.params``, of the type of ``method`` (pipeline.eval.params)."""
 

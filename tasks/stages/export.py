@@ -27,10 +27,13 @@ from pseudoseg.tasks.engine.base import (
     model_settings,
     verify_inputs,
 )
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.ingest import IngestShard
 from pseudoseg.tasks.stages.use import UseSegmentsShard
 
 
+@declare(makes="USE segments as COCO JSON + the images at mask size", unit="segments", rows="COCO files",
+         full_dag=True)
 class ExportCoco(DatasetTask):
     """`coco.json` (images, RLE annotations with their expressions) that pycocotools and FiftyOne load, and beside
     it `data/<image_id>.<ext>`: every image at the size its masks were made on (`file_name` is relative to
@@ -93,12 +96,14 @@ def preview_banner() -> str | None:
     return random_models_notice(model_settings())
 
 
+@declare(makes="one HTML gallery of the USE segments per shard")
 class UsePreviewShards(StageWrapper):
     """Every shard's gallery (`shard-N/index.html`)."""
 
     shard_task = UsePreviewShard
 
 
+@declare(makes="one page linking every shard's gallery", unit="images", rows="pages", full_dag=True)
 class UsePreview(DatasetTask):
     """`use_preview/<hash>/index.html`: one page linking every shard's gallery, with its image count."""
 

@@ -21,6 +21,7 @@ import luigi
 import numpy as np
 
 from pseudoseg.models.registry import load_role, model_identity
+from pseudoseg.models.training.params import TrainUseParams
 from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, atomic_write_bytes
 from pseudoseg.pipeline.core.overlap import Outcome
 from pseudoseg.pipeline.core.params import StageParams
@@ -49,11 +50,13 @@ from pseudoseg.tasks.engine.base import (
     ShardTask,
     StageWrapper,
     model_settings,
+    stage_params,
     stage_wrapper,
     uses_gpu,
 )
 from pseudoseg.tasks.engine.image_errors import REJECTED, ImageErrors
 from pseudoseg.tasks.engine.throughput import behind, decoded_images, manifest_order
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.fmbseg import detect_params
 from pseudoseg.tasks.stages.ingest import IngestShard
 from pseudoseg.tasks.stages.use import UseSegmentsShard
@@ -279,6 +282,8 @@ class TextClasses(DatasetTask):
         atomic_write_bytes(stage_dir.path / "text.parquet", TEXT_EMBEDDINGS.to_parquet_bytes(TEXT_EMBEDDINGS.table(rows)))
 
 
+@declare(makes="frozen CLIP + DINOv2 tokens for the USE head", unit="images", rows="images", contract=FEATURE_CACHE,
+         full_dag=True)
 class FeaturesUse(StageWrapper):
     """All shards of the USE feature cache (CLIP + DINOv2 blocks on one square grid)."""
 
@@ -287,7 +292,13 @@ class FeaturesUse(StageWrapper):
     def requires(self) -> list[ShardTask]:
         return [FeaturesShard(purpose="use", shard=i, **self.common()) for i in range(self.shard_count)]
 
+    def wanted_by_full_dag(self) -> bool:
+        """Only when the USE head trains from the cache ([train_use] features = online encodes in its loop)."""
+        return stage_params(TrainUseParams).features == "cache"
 
+
+@declare(makes="frozen DINOv2 tokens for the alignment block", unit="images", rows="images",
+         contract=FEATURE_CACHE, full_dag=True)
 class FeaturesFmbseg(StageWrapper):
     """All shards of the FMbSeg feature cache (DINOv2 tokens, aspect kept)."""
 
@@ -297,4 +308,7 @@ class FeaturesFmbseg(StageWrapper):
         return [FeaturesShard(purpose="fmbseg", shard=i, **self.common()) for i in range(self.shard_count)]
 
 
-UseText = stage_wrapper(UseTextShard)
+UseText = declare(stage_wrapper(UseTextShard), makes="CLIP text embeddings of every segment phrase and expression",
+                  unit="texts", rows="texts", contract=TEXT_EMBEDDINGS, full_dag=True)
+TextClasses = declare(TextClasses, makes="CLIP text embeddings of the vocabulary's classes", unit="classes",
+                      rows="classes", contract=TEXT_EMBEDDINGS, full_dag=True)

@@ -73,6 +73,7 @@ from pseudoseg.tasks.engine.base import (
 )
 from pseudoseg.tasks.engine.image_errors import REJECTED, ImageErrors, per_image_reason
 from pseudoseg.tasks.engine.throughput import behind, decoded_images, manifest_order, read_ahead
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.chained import ChainedShardTask
 from pseudoseg.tasks.stages.sam import UsesSamEmbeddings
 
@@ -380,10 +381,18 @@ class FmbsegLabelsShard(FmbsegShardTask):
                            classes_json=table)
 
 
-FmbsegDense = stage_wrapper(FmbsegDenseShard)
-FmbsegDetect = stage_wrapper(FmbsegDetectShard)
-FmbsegQueryMasks = stage_wrapper(FmbsegQueryMasksShard)
-FmbsegAutoMasks = stage_wrapper(FmbsegAutoMasksShard)
-FmbsegLabels = stage_wrapper(
-    FmbsegLabelsShard, "All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps).")
+FmbsegDense = declare(stage_wrapper(FmbsegDenseShard), makes="FMbSeg: sliding-window MaskCLIP features",
+                      unit="images", rows="images", contract=DENSE_FEATURES)
+FmbsegDetect = declare(stage_wrapper(FmbsegDetectShard),
+                       makes="FMbSeg: classes present (crop votes) or image-level labels",
+                       unit="images", rows="detections", contract=DETECTIONS)
+FmbsegQueryMasks = declare(stage_wrapper(FmbsegQueryMasksShard), makes="FMbSeg Stage 1.1: top-5 patches per class -> SAM",
+                           unit="detections", rows="masks", contract=PSEUDO_MASKS)
+FmbsegAutoMasks = declare(stage_wrapper(FmbsegAutoMasksShard),
+                          makes="FMbSeg Stage 1.2: SAM automatic masks labelled by dense CLIP",
+                          unit="images", rows="masks", contract=PSEUDO_MASKS)
+FmbsegLabels = declare(stage_wrapper(
+    FmbsegLabelsShard, "All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps)."),
+    makes="FMbSeg: Stage 1.1 + 1.2 merged into one label map per image", unit="images", rows="regions",
+    contract=LABEL_REGIONS, full_dag=True)
 

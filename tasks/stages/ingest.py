@@ -26,6 +26,7 @@ from pseudoseg.tasks.engine.base import (
     stage_wrapper,
 )
 from pseudoseg.tasks.engine.progress import STAGE_PROGRESS, report_status
+from pseudoseg.tasks.stages.catalog import declare
 
 
 class PlanIngest(StageSettings, CommittedTask):
@@ -174,4 +175,5 @@ class IngestShard(ShardTask):
         return output
 
 
-Ingest = stage_wrapper(IngestShard)
+Ingest = declare(stage_wrapper(IngestShard), makes="list, hash, decode and shard the images; bad inputs become reject rows",
+                 unit="images", rows="images", contract=MANIFEST, full_dag=True)

@@ -11,9 +11,12 @@ from pseudoseg.pipeline.core.ingest import iter_ingested_images
 from pseudoseg.schemas import MODEL_PROBE
 from pseudoseg.tasks.engine.base import DatasetTask, model_settings, verify_inputs
 from pseudoseg.tasks.engine.progress import report_status
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.ingest import IngestShard
 
 
+@declare(makes="load every model role once and record its output shapes", unit="roles", rows="roles",
+         contract=MODEL_PROBE, full_dag=True)
 class ModelProbe(DatasetTask):
     def requires(self) -> IngestShard:
         return IngestShard(shard=0, **self.common())

@@ -32,6 +32,7 @@ from pseudoseg.tasks.engine.base import (
 )
 from pseudoseg.tasks.engine.image_errors import REJECTED, ArtifactMismatchError
 from pseudoseg.tasks.engine.throughput import behind, manifest_order, read_ahead
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.chained import ChainedShardTask
 
 
@@ -91,7 +92,9 @@ class SamEmbeddingsShard(ChainedShardTask):
         return self.finish(SAM_EMBEDDINGS, rows, rejects, len(sources), tar=tar.path)
 
 
-SamEmbeddings = stage_wrapper(SamEmbeddingsShard)
+SamEmbeddings = declare(stage_wrapper(SamEmbeddingsShard),
+                        makes="SAM image encoding per image, shared by the USE and FMbSeg SAM stages",
+                        unit="images", rows="embeddings", contract=SAM_EMBEDDINGS)
 
 
 EmbedFn = Callable[[str, np.ndarray], SamImageEmbedding | None]

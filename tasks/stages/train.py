@@ -71,6 +71,7 @@ from pseudoseg.tasks.engine.base import (
 )
 from pseudoseg.tasks.engine.failures import CorruptInput
 from pseudoseg.tasks.engine.progress import report_status
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.features import FeaturesShard, TextClasses, UseTextShard
 from pseudoseg.tasks.stages.fmbseg import FmbsegLabelsShard
 from pseudoseg.tasks.stages.ingest import IngestShard
@@ -164,6 +165,7 @@ def _workers(requested: int) -> int:
     return max(0, min(requested, os.cpu_count() or 1))
 
 
+@declare(makes="train the USE segment-embedding head", unit="runs", rows="steps", full_dag=True)
 class TrainUse(TrainTask):
     """USE segment-embedding head (``models.training.heads.USEHead``) on the USE segment–text pairs with the symmetric
     segment–text contrastive loss; AdamW + poly by default (use-paper §4.2). ``[train_use] features`` picks cached
@@ -281,6 +283,7 @@ class TrainUse(TrainTask):
         return dataset, dims, encode
 
 
+@declare(makes="train the FMbSeg alignment block", unit="runs", rows="steps", full_dag=True)
 class TrainAlignment(TrainTask):
     """FMbSeg alignment block (``models.training.heads.AlignmentBlock``) from DINOv2 tokens to the CLIP text space, on the
     Stage-1 pseudo-label maps with TSupCon against the vocabulary's class text embeddings; SGD + cosine, batch 5

@@ -55,6 +55,7 @@ from pseudoseg.tasks.engine.base import (
 )
 from pseudoseg.tasks.engine.image_errors import REJECTED
 from pseudoseg.tasks.engine.throughput import behind, manifest_order
+from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.chained import ChainedShardTask
 from pseudoseg.tasks.stages.sam import UsesSamEmbeddings
 
@@ -381,9 +382,19 @@ class UseSegmentsShard(ChainedShardTask):
         return self.finish(SEGMENTS, rows, [], in_count=sum(len(v) for v in masks.values()))
 
 
-UseCaptions = stage_wrapper(UseCaptionsShard)
-UseExpressions = stage_wrapper(UseExpressionsShard)
-UseBoxes = stage_wrapper(UseBoxesShard)
-UseGtBoxes = stage_wrapper(UseGtBoxesShard)
-UseBoxMasks = stage_wrapper(UseBoxMasksShard)
-UseSegments = stage_wrapper(UseSegmentsShard, "All shards of the USE branch's final artifact (segment–text pairs).")
+UseCaptions = declare(stage_wrapper(UseCaptionsShard), makes="USE: ground-truth and MLLM captions",
+                      unit="images", rows="captions", contract=CAPTIONS)
+UseExpressions = declare(stage_wrapper(UseExpressionsShard),
+                         makes="USE: spaCy noun phrases expanded to referring expressions",
+                         unit="captions", rows="expressions", contract=EXPRESSIONS)
+UseBoxes = declare(stage_wrapper(UseBoxesShard),
+                   makes="USE: Grounding DINO boxes, each matched to the phrase of its best token",
+                   unit="captions", rows="boxes", contract=BOXES)
+UseGtBoxes = declare(stage_wrapper(UseGtBoxesShard),
+                     makes="USE: human box-text pairs ([use] gt_boxes: Visual Genome regions) as boxes for SAM",
+                     unit="regions", rows="boxes", contract=BOXES)
+UseBoxMasks = declare(stage_wrapper(UseBoxMasksShard), makes="USE: SAM box -> mask, best stability, cleanup, "
+                      "whole-image rule", unit="boxes", rows="masks", contract=BOX_MASKS)
+UseSegments = declare(stage_wrapper(UseSegmentsShard, "All shards of the USE branch's final artifact (segment–text "
+                                    "pairs)."), makes="USE: mask NMS merging texts: the segment-text pairs",
+                      unit="masks", rows="segments", contract=SEGMENTS, full_dag=True)

@@ -34,9 +34,9 @@ def run(target: str, images: Path, out: Path, env: dict[str, str], *extra: str, 
 def table_rows(text: str) -> dict[str, list[str]]:
     """stage folder → [shards, done, failed, in, ok, rejected, seconds] of the end-of-run table (its columns:
     stage, unit, shards, done, failed, ran, skipped, in, ok, rejected, rows, rows are, seconds, reasons)."""
-    from pseudoseg.tasks.stages.dag import OUTPUTS
+    from pseudoseg.tasks.stages.catalog import outputs
 
-    folder = {o.name: o.folder for o in OUTPUTS}
+    folder = {o.name: o.folder for o in outputs()}
     lines = text[text.rindex("\nstage "):].splitlines()[3:]
     rows = {}
     for parts in (line.split() for line in lines):

@@ -1,5 +1,5 @@
 """Every task a user may want is runnable by name (`pseudoseg run NAME`), and `pseudoseg stages` lists them in DAG
-order with one line each (tasks.dag.STAGES)."""
+order with one line each (tasks.stages.catalog: declared once, beside each task)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import pytest
 
 from pseudoseg.tasks.engine.base import StageWrapper
 from pseudoseg.tasks.report.cli import check, parser
+from pseudoseg.tasks.stages.catalog import outputs, stage_index
 from pseudoseg.tasks.stages.chained import ChainedShardTask
-from pseudoseg.tasks.stages.dag import STAGES, stage_classes
+from pseudoseg.tasks.stages.dag import stage_classes
+
+STAGES = stage_index()
 
 
 def _all_subclasses(cls):
@@ -28,7 +31,7 @@ def test_every_stage_wrapper_trainer_and_export_is_runnable_by_name():
     names = [stage.name for stage in STAGES]
     assert len(names) == len(set(names))
     classes = stage_classes()
-    wrappers = {c.__name__ for c in _all_subclasses(StageWrapper) if c.__module__.startswith("tasks.")}
+    wrappers = {c.__name__ for c in _all_subclasses(StageWrapper) if c.__module__.startswith("pseudoseg.tasks.")}
     assert wrappers <= set(classes)
     assert {"TrainAlignment", "TrainUse", "TextClasses", "Evaluate", "ExportCoco", "UsePreview",
             "FullDAG", "ModelProbe"} <= set(classes)
@@ -78,10 +81,8 @@ def test_one_name_per_stage_folder_wrapper_and_shard_task():
 
     from pseudoseg.tasks.engine.base import StageWrapper
     from pseudoseg.tasks.report.cli import stage_classes
-    from pseudoseg.tasks.stages.dag import OUTPUTS
-
     classes = stage_classes()
-    for out in OUTPUTS:
+    for out in outputs():
         assert out.name == "".join(part.title() for part in out.folder.split("_")), out
         wrapper = classes[out.name]
         shard = getattr(wrapper, "shard_task", None) or getattr(classes.get(out.name + "Shards"), "shard_task", None)

@@ -21,10 +21,10 @@ from pseudoseg.pipeline.core.artifacts import (
     record_problems,
 )
 from pseudoseg.tasks.engine.base import ProgressReporter
-from pseudoseg.tasks.stages.dag import OUTPUT_OF, OUTPUTS
+from pseudoseg.tasks.stages.catalog import outputs, stage_index
 from tests.helpers import REPO, cli, cli_env, write_good_images
 
-STAGE_NAMES = [o.name for o in OUTPUTS]
+STAGE_NAMES = [o.name for o in outputs()]
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +121,19 @@ def test_dataset_card_has_every_section_and_its_read_snippets_run(run):
 
 
 def test_every_stage_folder_of_the_full_dag_has_a_declared_unit(tmp_path):
-    """tasks.dag.OUTPUTS (the STAGES with a folder and its units, in DAG order) covers every folder FullDAG writes."""
+    """The declared stages with a folder (catalog.outputs, in DAG order) cover every folder FullDAG writes."""
     from pseudoseg.tasks.report.summary import walk_dag
-    from pseudoseg.tasks.stages.dag import STAGES, FullDAG
+    from pseudoseg.tasks.stages.dag import FullDAG
 
     write_good_images(tmp_path / "img", 1)
     folders = set()
     for task in walk_dag([FullDAG(images=str(tmp_path / "img"), dataset="d", out=str(tmp_path / "out"))]):
         if hasattr(type(task), "stage_dir") and type(task).__name__ != "PlanIngest":
             folders.add(task.stage_dir.stage)
-    assert folders <= set(OUTPUT_OF), folders - set(OUTPUT_OF)
-    order = [stage.name for stage in STAGES]
-    assert [o.name for o in OUTPUTS] == [name for name in order if name in {o.name for o in OUTPUTS}]
+    declared_folders = {o.folder for o in outputs()}
+    assert folders <= declared_folders, folders - declared_folders
+    order = [stage.name for stage in stage_index()]
+    assert [o.name for o in outputs()] == [name for name in order if name in {o.name for o in outputs()}]
 
 
 class FakeTask:

@@ -145,11 +145,12 @@ def test_shipped_luigi_cfg_repeats_the_dataclass_defaults(tmp_path):
     parser.read(REPO / "luigi.cfg")
     from pseudoseg.pipeline.car.params import CarSettings
     from pseudoseg.pipeline.features.params import SamSharingParams
-    from pseudoseg.tasks.engine.sections import car, sam_embeddings
+    from pseudoseg.tasks.engine.sections import section
 
     checked = 0
     # every stage's params, and the settings of a section that are no stage's ([sam_embeddings] share, [car])
-    for params_type, section_class in [*_sources(tmp_path), (SamSharingParams, sam_embeddings), (CarSettings, car)]:
+    for params_type, section_class in [*_sources(tmp_path), (SamSharingParams, section("sam_embeddings")),
+                                             (CarSettings, section("car"))]:
         section = section_class.get_task_family()
         param = dict(section_class.get_params())
         for field in dataclasses.fields(params_type):

@@ -41,7 +41,7 @@ from pseudoseg.pipeline.features.cache import (
 from pseudoseg.schemas import SEGMENTS, SHARD_STATS
 from pseudoseg.schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from pseudoseg.tasks.engine.base import build_tasks
-from pseudoseg.tasks.engine.sections import features_fmbseg, features_use
+from pseudoseg.tasks.engine.sections import section
 from pseudoseg.tasks.stages.features import FeaturesFmbseg, FeaturesShard, FeaturesUse, UseTextShard
 from pseudoseg.tasks.stages.ingest import IngestShard
 from pseudoseg.tasks.stages.train import TrainAlignment, TrainUse
@@ -104,7 +104,7 @@ def test_block_specs() -> None:
 def test_default_feature_caches_fit_the_disk_budget() -> None:
     """Bytes per image of the default [features_use]/[features_fmbseg] with the real models (CLIP ViT-L/14-336,
     DINOv2-L/14: 24 blocks, width 1024) on a 640×480 COCO image; both caches of 118,287 images within 1 TB."""
-    use, fmb = features_use(), features_fmbseg()
+    use, fmb = section("features_use")(), section("features_fmbseg")()
     s = use.input_size or 336
     g = s // 14
     lc, ld = len(resolve_blocks(use.clip_blocks, 24)), len(resolve_blocks(use.dino_blocks, 24))
@@ -402,7 +402,9 @@ def test_full_dag_builds_the_use_feature_cache_only_in_cache_mode(tmp_path) -> N
 
 def test_train_alignment_hash_holds_the_tsupcon_settings(tmp_path) -> None:
     """Defaults are Eq. 1–4 as written (τ 1, the anchor among its positives); each setting moves the folder."""
-    from pseudoseg.tasks.engine.sections import train_alignment
+    from pseudoseg.tasks.engine.sections import section
+
+    train_alignment = section("train_alignment")
 
     assert train_alignment().temperature == 1.0 and train_alignment().anchor_positive is True
     write_good_images(tmp_path / "images", 1)
