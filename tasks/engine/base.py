@@ -618,44 +618,44 @@ class ShardRange(DatasetTask):
     One subclass per stage, made by ``range_class`` (``IngestShardRange``, ...) with the shard task's
     parameters but ``shard``."""
 
-    unit_class: ClassVar[type[ShardTask]]
+    shard_class: ClassVar[type[ShardTask]]
     first = luigi.IntParameter(description="first shard of the range")
     stop = luigi.IntParameter(description="one past the last shard of the range")
 
-    def units(self) -> list[ShardTask]:
-        units = self.__dict__.get("_units")
+    def shard_tasks(self) -> list[ShardTask]:
+        units = self.__dict__.get("_shard_tasks")
         if units is None:
             kwargs = {k: v for k, v in self.param_kwargs.items() if k not in ("first", "stop")}
-            units = self._units = [self.unit_class(shard=i, **kwargs) for i in range(self.first, self.stop)]
+            units = self._shard_tasks = [self.shard_class(shard=i, **kwargs) for i in range(self.first, self.stop)]
         return units
 
     def requires(self) -> list[luigi.Task]:
         """The upstream units of every shard of the range, each once (``_requires`` groups them into ranges)."""
         out: dict[str, luigi.Task] = {}
-        for unit in self.units():
+        for unit in self.shard_tasks():
             for task in flatten(unit.requires()):
                 out.setdefault(task.task_id, task)
         return list(out.values())
 
     def output(self) -> list[luigi.LocalTarget]:
-        return [unit.output() for unit in self.units()]
+        return [unit.output() for unit in self.shard_tasks()]
 
     def complete(self) -> bool:
-        return all(unit.complete() for unit in self.units())
+        return all(unit.complete() for unit in self.shard_tasks())
 
     @property
     def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return dict(self.units()[0].resources) if self.units() else {}
+        return dict(self.shard_tasks()[0].resources) if self.shard_tasks() else {}
 
     @property
     def stage(self) -> str:
-        return self.unit_class.stage
+        return self.shard_class.stage
 
     def describe(self) -> str:
         return f"{self.stage} shards {self.first}-{self.stop - 1}"
 
     def run(self) -> None:
-        units = self.units()
+        units = self.shard_tasks()
         progress = RangeProgress(self, len(units))
         failed: list[tuple[ShardTask, Exception]] = []
         for index, unit in enumerate(units):
@@ -698,7 +698,7 @@ class RangeProgress:
 
     def at(self, index: int, final: bool = False) -> None:
         self.index = index
-        self.shard = self.task.units()[index].shard if index < self.total else None
+        self.shard = self.task.shard_tasks()[index].shard if index < self.total else None
         if (callable(self.task.set_status_message) and callable(self.task.set_progress_percentage)
                 and self._due(final)):
             self.task.set_progress_percentage(round(100.0 * index / max(self.total, 1), 1))
@@ -716,17 +716,17 @@ class RangeProgress:
 _RANGE_CLASSES: dict[type, type[ShardRange]] = {}
 
 
-def range_class(unit_class: type[ShardTask]) -> type[ShardRange]:
+def range_class(shard_class: type[ShardTask]) -> type[ShardRange]:
     """The ShardRange task class of one stage (``<ShardTask name>Range``), made once per process; it carries the
     shard task's parameters but ``shard`` and lives in the shard task's module (Luigi can load it by name)."""
-    cls = _RANGE_CLASSES.get(unit_class)
+    cls = _RANGE_CLASSES.get(shard_class)
     if cls is None:
-        name = f"{unit_class.__name__}Range"
-        attrs: dict[str, Any] = {n: p for n, p in unit_class.get_params() if n != "shard"}
-        attrs.update(unit_class=unit_class, __module__=unit_class.__module__, __qualname__=name,
-                     __doc__=f"Shards [first, stop) of {unit_class.__name__} as one Luigi task (see ShardRange).")
-        cls = _RANGE_CLASSES[unit_class] = type(name, (ShardRange,), attrs)
-        module = sys.modules.get(unit_class.__module__)
+        name = f"{shard_class.__name__}Range"
+        attrs: dict[str, Any] = {n: p for n, p in shard_class.get_params() if n != "shard"}
+        attrs.update(shard_class=shard_class, __module__=shard_class.__module__, __qualname__=name,
+                     __doc__=f"Shards [first, stop) of {shard_class.__name__} as one Luigi task (see ShardRange).")
+        cls = _RANGE_CLASSES[shard_class] = type(name, (ShardRange,), attrs)
+        module = sys.modules.get(shard_class.__module__)
         if module is not None and not hasattr(module, name):
             setattr(module, name, cls)
     return cls

@@ -181,7 +181,7 @@ class StageProgress:
     # ------------------------------------------------------------------------------ tasks that are not shards
     def _plain_task(self, task: luigi.Task) -> bool:
         # Shards and ranges have their stage's line; wrappers do no work of their own.
-        return not (hasattr(task, "stage_dir") and hasattr(task, "shard")) and not hasattr(task, "unit_class") \
+        return not (hasattr(task, "stage_dir") and hasattr(task, "shard")) and not hasattr(task, "shard_class") \
             and not isinstance(task, luigi.WrapperTask) and not getattr(task, "progress_silent", False)
 
     def _task_started(self, task: luigi.Task) -> None:

@@ -84,7 +84,7 @@ def _schema_lines(row: StageRow) -> list[str]:
     contract = contract_of(row.stage)
     if contract is None:
         return []
-    lines = [f"Schema `{contract.tag}` (one row per {singular(row.rows_unit)}):", "",
+    lines = [f"Schema `{contract.tag}` (one row per {singular(row.rows_are)}):", "",
              "| field | type |", "|---|---|"]
     lines += [f"| `{f.name}` | `{f.type}`{'' if f.nullable else ', not null'} |" for f in contract.schema]
     return [*lines, ""]
@@ -95,11 +95,11 @@ def _stage_section(row: StageRow, root: Path) -> list[str]:
     lines = [f"### {row.name} — `{rel}/`", "", _description(row.name) or "", ""]
     if row.counted:
         reasons = ", ".join(f"{r} {c}" for r, c in row.reasons.most_common())
-        lines.append(f"Counts: {row.done}/{row.shards} shards done; {row.records_in} {row.unit} in, {row.ok} ok, "
+        lines.append(f"Counts: {row.done}/{row.shards} shards done; {row.records_in} {row.counts} in, {row.ok} ok, "
                      f"{row.rejected} rejected{f' ({reasons})' if reasons else ''}; "
-                     f"{'?' if row.rows is None else row.rows} {row.rows_unit} written.")
+                     f"{'?' if row.rows is None else row.rows} {row.rows_are} written.")
     else:
-        lines.append(f"Counts: {row.done}/{row.shards} done" + (f"; {row.rows} {row.rows_unit}"
+        lines.append(f"Counts: {row.done}/{row.shards} done" + (f"; {row.rows} {row.rows_are}"
                                                                  if row.rows is not None else "") + ".")
     for label, path in row.artifacts.items():
         lines.append(f"Open: `{label}` → `{path}`")
@@ -109,7 +109,7 @@ def _stage_section(row: StageRow, root: Path) -> list[str]:
     main, rejects = _glob(row, "parquet"), _glob(row, "rejects.parquet")
     if main and contract_of(row.stage) is not None:
         lines.append(f"Files: `{main}` (the rows below), `{rejects}` (schema `{REJECTS.tag}`: one row per "
-                     f"rejected {singular(row.unit)}, with `reason` and `detail`), and per shard a done "
+                     f"rejected {singular(row.counts)}, with `reason` and `detail`), and per shard a done "
                      f"record listing every file with its size and sha256.")
         lines.append("")
     params = _params(row)
@@ -187,11 +187,11 @@ def card_text(rows: list[StageRow], info: RunInfo) -> str:
              "folder of the last complete run. Per shard: the table (`shard-NNNNNN.parquet`, the only Parquet "
              "files of the folder), payloads (`.tar` WebDataset, `.npy`), its rejects in `_rejects/` and its "
              "done record in `_meta/`.", "",
-             "## Stages", "", "| stage | folder | unit | in | ok | rejected | rows written |", "|---|---|---|---:|---:|---:|---|"]
+             "## Stages", "", "| stage | folder | counts | in | ok | rejected | rows written |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         counts = (r.records_in, r.ok, r.rejected) if r.counted else ("", "", "")
-        written = "" if r.rows is None else f"{r.rows} {r.rows_unit}"
-        lines.append(f"| {r.name} | `{r.stage}` | {r.unit if r.counted else ''} | {counts[0]} | {counts[1]} | "
+        written = "" if r.rows is None else f"{r.rows} {r.rows_are}"
+        lines.append(f"| {r.name} | `{r.stage}` | {r.counts if r.counted else ''} | {counts[0]} | {counts[1]} | "
                      f"{counts[2]} | {written} |")
     warnings = [w for w in (r.warning() for r in rows) if w]
     if warnings:

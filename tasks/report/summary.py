@@ -1,5 +1,5 @@
 """End-of-run summary of one dataset, from the records alone (done.json files, output files): per stage in DAG
-order (tasks.dag.OUTPUTS) its unit, shards done/failed, shards ran in this invocation vs. already done, records
+order (tasks.stages.catalog.outputs) what its counts count, shards done/failed, shards ran in this invocation vs. already done, records
 in → ok / rejected, rows written, the top reject reasons, seconds; a warning line for each stage that produced
 nothing; the paths of what a user opens (gallery, coco.json, model.pt, report.md). The same as ``run.json``."""
 
@@ -53,7 +53,7 @@ def walk_dag(roots: Iterable[luigi.Task]) -> Iterator[luigi.Task]:
         seen.add(task.task_id)
         yield task
         if isinstance(task, ShardRange):
-            for unit in task.units():
+            for unit in task.shard_tasks():
                 if unit.task_id not in seen:
                     seen.add(unit.task_id)
                     yield unit
@@ -79,8 +79,8 @@ def dag_position(folder: str) -> int:
 class StageRow:
     stage: str  # the stage folder (``use_box_masks``)
     name: str = ""  # its STAGES name (``UseBoxMasks``)
-    unit: str = "records"  # what in / ok / rejected count
-    rows_unit: str = "rows"  # what the rows written are
+    counts: str = "records"  # what in / ok / rejected count
+    rows_are: str = "rows"  # what the rows written are
     path: str = ""  # the stage's folder for this run's parameters
     shards: int = 0
     done: int = 0
@@ -115,22 +115,22 @@ class StageRow:
         if produced:
             return None
         if self.records_in == 0:
-            return f"{self.name} produced no {self.rows_unit}: it received no {self.unit} (an upstream stage " \
+            return f"{self.name} produced no {self.rows_are}: it received no {self.counts} (an upstream stage " \
                    f"produced nothing)"
         reasons = ", ".join(f"{reason} {count}" for reason, count in self.top_reasons())
         remedies = [REMEDIES[reason] for reason, _ in self.top_reasons() if reason in REMEDIES]
         why = f"; to keep more, {' / '.join(remedies)}" if remedies else ""
         if remedies and self.random_models:
             why += f" ({RANDOM_THRESHOLDS})"
-        return (f"{self.name} produced no {self.rows_unit}: {self.records_in} {self.unit} in, {self.ok} ok, "
+        return (f"{self.name} produced no {self.rows_are}: {self.records_in} {self.counts} in, {self.ok} ok, "
                 f"{self.rejected} rejected" + (f" ({reasons})" if reasons else "") + why)
 
     def as_json(self) -> dict[str, Any]:
-        return {"stage": self.name, "folder": self.stage, "path": self.path, "unit": self.unit,
+        return {"stage": self.name, "folder": self.stage, "path": self.path, "counts": self.counts,
                 "shards": self.shards, "done": self.done, "failed": self.failed, "ran": self.ran,
                 "skipped": self.skipped,
                 **({"in": self.records_in, "ok": self.ok, "rejected": self.rejected} if self.counted else {}),
-                "rows": self.rows, "rows_unit": self.rows_unit, "seconds": round(self.seconds, 3),
+                "rows": self.rows, "rows_are": self.rows_are, "seconds": round(self.seconds, 3),
                 "reject_reasons": dict(self.reasons.most_common()), "warning": self.warning(),
                 "artifacts": self.artifacts}
 
@@ -144,7 +144,7 @@ def _mtime(path: Path) -> float | None:
 
 def _new_row(folder: str, stage_dir: StageDir) -> StageRow:
     out = output_of(folder)
-    return StageRow(stage=folder, name=out.name, unit=out.unit, rows_unit=out.rows, path=str(stage_dir.path),
+    return StageRow(stage=folder, name=out.name, counts=out.counts, rows_are=out.rows_are, path=str(stage_dir.path),
                     stage_dir=stage_dir)
 
 
@@ -248,9 +248,9 @@ def _cell(value: int | None) -> str:
 
 
 def format_table(rows: list[StageRow]) -> str:
-    """Per stage, in DAG order: shards done/failed, ran/skipped in this run, records in/ok/rejected in the stage's
-    unit, rows written (and what they are), seconds, top reject reasons; then a warning line per empty stage."""
-    header = ("stage", "unit", "shards", "done", "failed", "ran", "skipped", "in", "ok", "rejected", "rows",
+    """Per stage, in DAG order: shards done/failed, ran/skipped in this run, records in/ok/rejected (what the stage
+    counts), rows written (and what they are), seconds, top reject reasons; then a warning line per empty stage."""
+    header = ("stage", "counts", "shards", "done", "failed", "ran", "skipped", "in", "ok", "rejected", "rows",
               "rows are", "seconds", "top reject reasons")
     body = []
     for r in rows:
@@ -258,8 +258,8 @@ def format_table(rows: list[StageRow]) -> str:
         reasons = ", ".join(f"{reason} {count}" for reason, count in r.top_reasons())
         if len(r.reasons) > TOP_REASONS:
             reasons += f", +{len(r.reasons) - TOP_REASONS} more"
-        body.append((r.name, r.unit if r.counted else "-", r.shards, r.done, r.failed, r.ran, r.skipped,
-                     *(_cell(c) for c in counts), _cell(r.rows), r.rows_unit, f"{r.seconds:.1f}", reasons or "-"))
+        body.append((r.name, r.counts if r.counted else "-", r.shards, r.done, r.failed, r.ran, r.skipped,
+                     *(_cell(c) for c in counts), _cell(r.rows), r.rows_are, f"{r.seconds:.1f}", reasons or "-"))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
     left = {0, 1, 11, 13}
 
@@ -330,7 +330,7 @@ def footer(rows: list[StageRow], info: RunInfo) -> str:
 def run_record(rows: list[StageRow], info: RunInfo) -> dict[str, Any]:
     """What ``run.json`` holds: the table as data, with the run's identity."""
     return {
-        "schema": "run/v1",
+        "schema": "run/v2",  # v2: per stage "counts" / "rows_are" (v1: "unit" / "rows_unit")
         "command": info.command,
         "dataset": info.dataset,
         "images": info.images,

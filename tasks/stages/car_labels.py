@@ -139,4 +139,4 @@ class CarLabelsShard(ChainedShardTask):
 
 CarLabels = declare(stage_wrapper(CarLabelsShard, "All shards of the CaR pseudo-label artifact (same layout as "
                                   "FmbsegLabels)."), makes="CaR: training-free label maps, a third label source",
-                    unit="images", rows="regions", contract=LABEL_REGIONS, full_dag=True)
+                    counts="images", rows_are="regions", contract=LABEL_REGIONS, full_dag=True)

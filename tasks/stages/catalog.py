@@ -36,14 +36,14 @@ BRANCHES = ("ingest", "models", "sam", "use", "export", "fmbseg", "car_labels", 
 class Stage:
     """One task `pseudoseg run NAME` accepts: what it makes (`pseudoseg stages`) and, for one that writes a stage
     folder (``<out>/<dataset>/<folder>/<hash>/``, the snake_case of its name), what the end-of-run summary, run.json
-    and the dataset card say of that folder: what its in/ok/rejected counts count (``unit``), what its rows are
-    (``rows``) and the contract of its main table (None: not a table, or not known to ``stage_index``); whether
+    and the dataset card say of that folder: what its in/ok/rejected counts count (``counts``), what its rows are
+    (``rows_are``) and the contract of its main table (None: not a table, or not known to ``stage_index``); whether
     ``FullDAG`` requires it (``full_dag``)."""
 
     name: str
     makes: str
-    unit: str | None = None  # None: writes no stage folder of its own (a wrapper of other stages)
-    rows: str = "rows"
+    counts: str | None = None  # None: writes no stage folder of its own (a wrapper of other stages)
+    rows_are: str = "rows"
     contract: Contract | None = None
     full_dag: bool = False
 
@@ -55,14 +55,14 @@ class Stage:
 _DECLARED: dict[str, tuple[Stage, type]] = {}
 
 
-def declare(task: T | None = None, /, *, makes: str, unit: str | None = None, rows: str = "rows",
+def declare(task: T | None = None, /, *, makes: str, counts: str | None = None, rows_are: str = "rows",
             contract: Contract | None = None, full_dag: bool = False) -> Any:
     """Declare ``task`` (the class `pseudoseg run` takes, named as its name) a stage: ``UseBoxes = declare(
-    stage_wrapper(UseBoxesShard), makes=..., unit="captions", rows="boxes", contract=BOXES)``, or as a class
+    stage_wrapper(UseBoxesShard), makes=..., counts="captions", rows_are="boxes", contract=BOXES)``, or as a class
     decorator ``@declare(makes=...)``. Write the keywords as literals (``contract`` as a name): ``stage_index``
     reads them from the source."""
     def bind(cls: T) -> T:
-        stage = Stage(cls.__name__, makes, unit, rows, contract, full_dag)
+        stage = Stage(cls.__name__, makes, counts, rows_are, contract, full_dag)
         cls.declaration = stage  # type: ignore[attr-defined]
         _DECLARED[stage.name] = (stage, cls)
         return cls
@@ -88,7 +88,7 @@ def _declaration(call: ast.expr, name: str, where: str) -> Stage | None:
     try:
         values = {key: ast.literal_eval(value) for key, value in literal.items()}
     except ValueError:
-        raise TypeError(f"{where}: declare() of {name}: write makes / unit / rows / full_dag as literals") from None
+        raise TypeError(f"{where}: declare() of {name}: write makes / counts / rows_are / full_dag as literals") from None
     return Stage(name, **values)
 
 
@@ -123,7 +123,7 @@ def declared() -> tuple[tuple[Stage, type], ...]:
 
 def outputs() -> tuple[Stage, ...]:
     """The stages that write a folder, in DAG order (the summary's order)."""
-    return tuple(stage for stage in stage_index() if stage.unit is not None)
+    return tuple(stage for stage in stage_index() if stage.counts is not None)
 
 
 def output_of(folder: str) -> Stage | None:

@@ -76,7 +76,7 @@ NEEDS_RUN = {"fmbseg": "TrainAlignment", "use_sam": "TrainUse", "pseudo": "Fmbse
 
 
 @declare(makes="mIoU of a method on a benchmark (--set Evaluate.benchmark=... Evaluate.data_root=...)",
-         unit="runs", rows="classes")
+         counts="runs", rows_are="classes")
 class Evaluate(StageSettings, luigi.Task):
     """Settings: ``[evaluate]`` through ``self.params``, of the type of ``method`` (pipeline.eval.params)."""
 

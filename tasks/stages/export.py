@@ -32,7 +32,7 @@ from pseudoseg.tasks.stages.ingest import IngestShard
 from pseudoseg.tasks.stages.use import UseSegmentsShard
 
 
-@declare(makes="USE segments as COCO JSON + the images at mask size", unit="segments", rows="COCO files",
+@declare(makes="USE segments as COCO JSON + the images at mask size", counts="segments", rows_are="COCO files",
          full_dag=True)
 class ExportCoco(DatasetTask):
     """`coco.json` (images, RLE annotations with their expressions) that pycocotools and FiftyOne load, and beside
@@ -103,7 +103,7 @@ class UsePreviewShards(StageWrapper):
     shard_task = UsePreviewShard
 
 
-@declare(makes="one page linking every shard's gallery", unit="images", rows="pages", full_dag=True)
+@declare(makes="one page linking every shard's gallery", counts="images", rows_are="pages", full_dag=True)
 class UsePreview(DatasetTask):
     """`use_preview/<hash>/index.html`: one page linking every shard's gallery, with its image count."""
 

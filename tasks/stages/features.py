@@ -282,7 +282,7 @@ class TextClasses(DatasetTask):
         atomic_write_bytes(stage_dir.path / "text.parquet", TEXT_EMBEDDINGS.to_parquet_bytes(TEXT_EMBEDDINGS.table(rows)))
 
 
-@declare(makes="frozen CLIP + DINOv2 tokens for the USE head", unit="images", rows="images", contract=FEATURE_CACHE,
+@declare(makes="frozen CLIP + DINOv2 tokens for the USE head", counts="images", rows_are="images", contract=FEATURE_CACHE,
          full_dag=True)
 class FeaturesUse(StageWrapper):
     """All shards of the USE feature cache (CLIP + DINOv2 blocks on one square grid)."""
@@ -297,7 +297,7 @@ class FeaturesUse(StageWrapper):
         return stage_params(TrainUseParams).features == "cache"
 
 
-@declare(makes="frozen DINOv2 tokens for the alignment block", unit="images", rows="images",
+@declare(makes="frozen DINOv2 tokens for the alignment block", counts="images", rows_are="images",
          contract=FEATURE_CACHE, full_dag=True)
 class FeaturesFmbseg(StageWrapper):
     """All shards of the FMbSeg feature cache (DINOv2 tokens, aspect kept)."""
@@ -309,6 +309,6 @@ class FeaturesFmbseg(StageWrapper):
 
 
 UseText = declare(stage_wrapper(UseTextShard), makes="CLIP text embeddings of every segment phrase and expression",
-                  unit="texts", rows="texts", contract=TEXT_EMBEDDINGS, full_dag=True)
-TextClasses = declare(TextClasses, makes="CLIP text embeddings of the vocabulary's classes", unit="classes",
-                      rows="classes", contract=TEXT_EMBEDDINGS, full_dag=True)
+                  counts="texts", rows_are="texts", contract=TEXT_EMBEDDINGS, full_dag=True)
+TextClasses = declare(TextClasses, makes="CLIP text embeddings of the vocabulary's classes", counts="classes",
+                      rows_are="classes", contract=TEXT_EMBEDDINGS, full_dag=True)

@@ -382,17 +382,17 @@ class FmbsegLabelsShard(FmbsegShardTask):
 
 
 FmbsegDense = declare(stage_wrapper(FmbsegDenseShard), makes="FMbSeg: sliding-window MaskCLIP features",
-                      unit="images", rows="images", contract=DENSE_FEATURES)
+                      counts="images", rows_are="images", contract=DENSE_FEATURES)
 FmbsegDetect = declare(stage_wrapper(FmbsegDetectShard),
                        makes="FMbSeg: classes present (crop votes) or image-level labels",
-                       unit="images", rows="detections", contract=DETECTIONS)
+                       counts="images", rows_are="detections", contract=DETECTIONS)
 FmbsegQueryMasks = declare(stage_wrapper(FmbsegQueryMasksShard), makes="FMbSeg Stage 1.1: top-5 patches per class -> SAM",
-                           unit="detections", rows="masks", contract=PSEUDO_MASKS)
+                           counts="detections", rows_are="masks", contract=PSEUDO_MASKS)
 FmbsegAutoMasks = declare(stage_wrapper(FmbsegAutoMasksShard),
                           makes="FMbSeg Stage 1.2: SAM automatic masks labelled by dense CLIP",
-                          unit="images", rows="masks", contract=PSEUDO_MASKS)
+                          counts="images", rows_are="masks", contract=PSEUDO_MASKS)
 FmbsegLabels = declare(stage_wrapper(
     FmbsegLabelsShard, "All shards of the FMbSeg Stage-1 branch's final artifact (merged pseudo-label maps)."),
-    makes="FMbSeg: Stage 1.1 + 1.2 merged into one label map per image", unit="images", rows="regions",
+    makes="FMbSeg: Stage 1.1 + 1.2 merged into one label map per image", counts="images", rows_are="regions",
     contract=LABEL_REGIONS, full_dag=True)
 

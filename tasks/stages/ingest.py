@@ -176,4 +176,4 @@ class IngestShard(ShardTask):
 
 
 Ingest = declare(stage_wrapper(IngestShard), makes="list, hash, decode and shard the images; bad inputs become reject rows",
-                 unit="images", rows="images", contract=MANIFEST, full_dag=True)
+                 counts="images", rows_are="images", contract=MANIFEST, full_dag=True)

@@ -15,7 +15,7 @@ from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.ingest import IngestShard
 
 
-@declare(makes="load every model role once and record its output shapes", unit="roles", rows="roles",
+@declare(makes="load every model role once and record its output shapes", counts="roles", rows_are="roles",
          contract=MODEL_PROBE, full_dag=True)
 class ModelProbe(DatasetTask):
     def requires(self) -> IngestShard:

@@ -94,7 +94,7 @@ class SamEmbeddingsShard(ChainedShardTask):
 
 SamEmbeddings = declare(stage_wrapper(SamEmbeddingsShard),
                         makes="SAM image encoding per image, shared by the USE and FMbSeg SAM stages",
-                        unit="images", rows="embeddings", contract=SAM_EMBEDDINGS)
+                        counts="images", rows_are="embeddings", contract=SAM_EMBEDDINGS)
 
 
 EmbedFn = Callable[[str, np.ndarray], SamImageEmbedding | None]

@@ -165,7 +165,7 @@ def _workers(requested: int) -> int:
     return max(0, min(requested, os.cpu_count() or 1))
 
 
-@declare(makes="train the USE segment-embedding head", unit="runs", rows="steps", full_dag=True)
+@declare(makes="train the USE segment-embedding head", counts="runs", rows_are="steps", full_dag=True)
 class TrainUse(TrainTask):
     """USE segment-embedding head (``models.training.heads.USEHead``) on the USE segment–text pairs with the symmetric
     segment–text contrastive loss; AdamW + poly by default (use-paper §4.2). ``[train_use] features`` picks cached
@@ -283,7 +283,7 @@ class TrainUse(TrainTask):
         return dataset, dims, encode
 
 
-@declare(makes="train the FMbSeg alignment block", unit="runs", rows="steps", full_dag=True)
+@declare(makes="train the FMbSeg alignment block", counts="runs", rows_are="steps", full_dag=True)
 class TrainAlignment(TrainTask):
     """FMbSeg alignment block (``models.training.heads.AlignmentBlock``) from DINOv2 tokens to the CLIP text space, on the
     Stage-1 pseudo-label maps with TSupCon against the vocabulary's class text embeddings; SGD + cosine, batch 5

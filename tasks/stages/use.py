@@ -383,18 +383,18 @@ class UseSegmentsShard(ChainedShardTask):
 
 
 UseCaptions = declare(stage_wrapper(UseCaptionsShard), makes="USE: ground-truth and MLLM captions",
-                      unit="images", rows="captions", contract=CAPTIONS)
+                      counts="images", rows_are="captions", contract=CAPTIONS)
 UseExpressions = declare(stage_wrapper(UseExpressionsShard),
                          makes="USE: spaCy noun phrases expanded to referring expressions",
-                         unit="captions", rows="expressions", contract=EXPRESSIONS)
+                         counts="captions", rows_are="expressions", contract=EXPRESSIONS)
 UseBoxes = declare(stage_wrapper(UseBoxesShard),
                    makes="USE: Grounding DINO boxes, each matched to the phrase of its best token",
-                   unit="captions", rows="boxes", contract=BOXES)
+                   counts="captions", rows_are="boxes", contract=BOXES)
 UseGtBoxes = declare(stage_wrapper(UseGtBoxesShard),
                      makes="USE: human box-text pairs ([use] gt_boxes: Visual Genome regions) as boxes for SAM",
-                     unit="regions", rows="boxes", contract=BOXES)
+                     counts="regions", rows_are="boxes", contract=BOXES)
 UseBoxMasks = declare(stage_wrapper(UseBoxMasksShard), makes="USE: SAM box -> mask, best stability, cleanup, "
-                      "whole-image rule", unit="boxes", rows="masks", contract=BOX_MASKS)
+                      "whole-image rule", counts="boxes", rows_are="masks", contract=BOX_MASKS)
 UseSegments = declare(stage_wrapper(UseSegmentsShard, "All shards of the USE branch's final artifact (segment–text "
                                     "pairs)."), makes="USE: mask NMS merging texts: the segment-text pairs",
-                      unit="masks", rows="segments", contract=SEGMENTS, full_dag=True)
+                      counts="masks", rows_are="segments", contract=SEGMENTS, full_dag=True)

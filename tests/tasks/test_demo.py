@@ -65,7 +65,7 @@ def test_demo_installed_in_a_terminal_elsewhere_then_again_then_export_and_previ
     elsewhere.mkdir()
 
     text = run_demo(installed, env, elsewhere)
-    assert re.search(r"^stage +unit +shards +done +failed +ran +skipped +in +ok +rejected", text, re.M)  # the table
+    assert re.search(r"^stage +counts +shards +done +failed +ran +skipped +in +ok +rejected", text, re.M)  # the table
     assert re.search(r"^FmbsegLabels +: 100%\|.*\| 1/1 ", text, re.M)  # a bar per stage, finished
     assert "note: Made with the tiny preset: random-init models" in text  # random models say so
     demo = elsewhere / "out" / "demo"

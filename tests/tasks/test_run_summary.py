@@ -72,7 +72,7 @@ def test_empty_stage_is_a_warning_with_its_top_reject_reason(run):
     record = json.loads((run["root"] / "run.json").read_text())
     stages = {s["stage"]: s for s in record["stages"]}
     masks = stages["UseBoxMasks"]
-    assert masks["unit"] == "boxes" and masks["rows_unit"] == "masks" and masks["rows"] == 0
+    assert masks["counts"] == "boxes" and masks["rows_are"] == "masks" and masks["rows"] == 0
     assert masks["in"] == masks["rejected"] > 0 and masks["reject_reasons"] == {"low_predicted_iou": masks["in"]}
     assert stages["UseBoxes"]["rows"] == masks["in"]  # every box written is a UseBoxMasks input
     assert any(w.startswith("UseBoxMasks produced no masks") for w in record["warnings"])
@@ -89,7 +89,7 @@ def test_table_is_in_dag_order_printed_once_after_luigi_with_ran_and_skipped(run
                      "ExportCoco"]
     assert names == sorted(names, key=STAGE_NAMES.index)
     for output in (text, again):
-        assert len(re.findall(r"^stage +unit +shards", output, re.M)) == 1
+        assert len(re.findall(r"^stage +counts +shards", output, re.M)) == 1
         assert "Luigi Execution Summary" not in output  # Luigi's summary and INFO lines go to the log file
         assert "INFO:" not in output
     assert re.search(r"^ran 8 unit\(s\), skipped 0 already done", text, re.M)
@@ -178,4 +178,4 @@ def test_done_json_v1_records_stay_done_and_read_without_rows_or_reasons(tmp_pat
 def test_readme_shows_the_table_run_json_card_and_log():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "run.json" in readme and "logs/run-" in readme and "dataset card" in readme
-    assert re.search(r"^stage +unit +shards +done +failed +ran +skipped", readme, re.M)
+    assert re.search(r"^stage +counts +shards +done +failed +ran +skipped", readme, re.M)

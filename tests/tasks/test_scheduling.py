@@ -102,7 +102,7 @@ def test_ranges_depend_on_the_upstream_ranges_covering_them(tmp_path, images, mo
         common = {"images": str(images), "dataset": "ds", "out": str(tmp_path)}
         sam_range = SamEmbeddingsShard(shard=3, **common).scheduled()
         assert (type(sam_range), sam_range.first, sam_range.stop) == (range_class(SamEmbeddingsShard), 2, 4)
-        assert [u.shard for u in sam_range.units()] == [2, 3]
+        assert [u.shard for u in sam_range.shard_tasks()] == [2, 3]
         (upstream,) = sam_range.deps()
         assert (type(upstream), upstream.first, upstream.stop) == (range_class(IngestShard), 2, 4)
         assert [t.task_family for t in upstream.deps()] == ["PlanIngest"]

@@ -30,7 +30,7 @@ def test_the_source_reading_and_the_imported_declarations_agree():
     index = stage_index()
     assert [s.name for s in index] == [s.name for s in imported]
     for light, full in zip(index, imported, strict=True):
-        assert (light.makes, light.unit, light.rows, light.full_dag) == (full.makes, full.unit, full.rows,
+        assert (light.makes, light.counts, light.rows_are, light.full_dag) == (full.makes, full.counts, full.rows_are,
                                                                           full.full_dag), full.name
     tables = [s.name for s in imported if s.contract is not None]
     assert {"Ingest", "UseBoxes", "UseSegments", "FmbsegLabels", "CarLabels", "FeaturesUse"} <= set(tables)
@@ -95,7 +95,7 @@ class ToyBrightShard(ChainedShardTask):
 
 
 ToyBright = declare(stage_wrapper(ToyBrightShard), makes="toy: the fraction of bright pixels of each image",
-                    unit="images", rows="images", contract=TOY_BRIGHT, full_dag=True)
+                    counts="images", rows_are="images", contract=TOY_BRIGHT, full_dag=True)
 '''
 
 
@@ -154,7 +154,7 @@ def test_a_toy_stage_of_three_files_is_in_the_dag_the_cli_status_the_card_and_ru
 
     report = json.loads((out / "images" / "run.json").read_text())
     (toy,) = [s for s in report["stages"] if s["stage"] == "ToyBright"]
-    assert (toy["folder"], toy["unit"], toy["ok"], toy["rows_unit"]) == ("toy_bright", "images", 2, "images")
+    assert (toy["folder"], toy["counts"], toy["ok"], toy["rows_are"]) == ("toy_bright", "images", 2, "images")
 
     status = _pseudoseg(env, "status", str(out), "--dataset", "images")
     assert status.returncode == 0, status.stdout + status.stderr
