@@ -29,7 +29,7 @@ help:
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,crf]'
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,crf,s3]'
 	touch $@
 
 venv: $(STAMP)

@@ -73,6 +73,10 @@ class IngestPlanParams(StageParams):
     """The ingest plan (``tasks.ingest.PlanIngest``): shard membership of every entry."""
 
     shard_size: int = setting(1000, ge=1, help="images per shard: the unit of work, retry and accounting")
+    # The listing's fingerprint holds what it changes (an http(s) entry read, or an unsupported_url row), and that
+    # names the plan's folder: not hashed again here.
+    allow_urls: bool = setting(False, hashed=False, help="read http(s):// entries of a list (default: each is an "
+                                                         "unsupported_url reject row)")
 
 
 @dataclass(frozen=True)

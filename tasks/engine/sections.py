@@ -9,6 +9,7 @@ import luigi
 from pseudoseg.models.training.params import TrainAlignmentParams, TrainUseParams
 from pseudoseg.pipeline.car.params import CaRLabelsParams, CarSettings
 from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams, StageParams
+from pseudoseg.pipeline.core.storage import StorageParams
 from pseudoseg.pipeline.eval.params import EvaluateCarParams, EvaluateParams, EvaluateUseSamParams
 from pseudoseg.pipeline.features.params import (
     FeaturesFmbsegParams,
@@ -47,9 +48,10 @@ features_fmbseg = config_section("features_fmbseg", FeaturesFmbsegParams, module
 train_use = config_section("train_use", TrainUseParams, module=__name__)
 train_alignment = config_section("train_alignment", TrainAlignmentParams, module=__name__)
 evaluate = config_section("evaluate", EvaluateParams, EvaluateCarParams, EvaluateUseSamParams, module=__name__)
+storage = config_section("storage", StorageParams, module=__name__)
 
 SECTIONS: tuple[type[luigi.Config], ...] = (ingest, sam_embeddings, use, fmbseg, car, car_labels, features_use,
-                                           features_fmbseg, train_use, train_alignment, evaluate)
+                                           features_fmbseg, train_use, train_alignment, evaluate, storage)
 _SECTION_OF: dict[type[StageParams], type[luigi.Config]] = {
     params_type: section for section in SECTIONS for params_type in section.params_types}
 if len(_SECTION_OF) != sum(len(section.params_types) for section in SECTIONS):

@@ -26,8 +26,15 @@ from luigi.execution_summary import LuigiStatusCode
 
 from pseudoseg.models.registry import random_models_notice
 from pseudoseg.pipeline.core.artifacts import atomic_write_bytes, params_hash
-from pseudoseg.pipeline.core.sources import SourceError, list_source, source_problem
-from pseudoseg.tasks.engine.base import build_tasks, current, frozen_settings, model_settings, pseudoseg
+from pseudoseg.pipeline.core.sources import SourceError, source_problem
+from pseudoseg.tasks.engine.base import (
+    build_tasks,
+    cached_listing,
+    current,
+    frozen_settings,
+    model_settings,
+    pseudoseg,
+)
 from pseudoseg.tasks.engine.failures import FailFastWorkers
 from pseudoseg.tasks.engine.params import name_problem
 from pseudoseg.tasks.engine.progress import STAGE_PROGRESS
@@ -274,7 +281,7 @@ def print_causes(failures: list[str]) -> None:
 def listing_problem(images: str) -> tuple[int, str] | None:
     """(exit status, one line) when ``images`` lists no entry or cannot be listed; None when it has entries."""
     try:
-        listing = list_source(images)
+        listing = cached_listing(images)  # with the [storage] and [ingest] allow_urls settings in effect
     except SourceError as exc:
         return 2, f"pseudoseg: --images {exc}"
     if not listing.entries:
