@@ -21,20 +21,26 @@ DEMO_IMAGES := $(OUT)/demo/samples/images
 export PYTHONHASHSEED := 0
 SETTINGS = $(if $(CONFIG),--config $(abspath $(CONFIG))) $(foreach item,$(SET),--set $(item))
 
-.PHONY: help venv test test-fast fidelity demo pseudo-labels export-coco preview eval luigid workers bench lint clean
+.PHONY: help venv cluster-deps test test-fast fidelity demo pseudo-labels export-coco preview eval luigid workers slurm bench lint clean
 
 help:
-	@echo "make demo | make test | make test-fast | make fidelity | make pseudo-labels STAGE=<Ingest|UseCaptions|UseSegments|FmbsegLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make bench | pseudoseg stages lists every STAGE"
+	@echo "make demo | make test | make test-fast | make fidelity | make pseudo-labels STAGE=<Ingest|UseCaptions|UseSegments|FmbsegLabels|...> IMAGES=dir | make export-coco | make preview | make eval DATASET=voc21 METHOD=car ROOT=dir | make luigid [PORT=8082] | make workers N=2 STAGE=FullDAG IMAGES=dir [PORT=8082] | make slurm STAGE=FullDAG IMAGES=dir NODES=2 GPUS=4 [DRY_RUN=1] | make cluster-deps | make bench | pseudoseg stages lists every STAGE"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,crf]'
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,crf,s3]'
 	touch $@
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The single-node Slurm cluster the Slurm tests start (tests/slurmcluster.py): Debian's slurm-wlm and munge, installed
+# when missing (needs root, as CI runs).
+cluster-deps:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
+
+test: $(STAMP) cluster-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Everything but the `slow` end-to-end runs (subprocesses, luigid, whole branches on tiny models): the quick loop
@@ -76,6 +82,15 @@ workers: $(STAMP)
 	@test -n "$(IMAGES)" || { echo "usage: make workers N=2 STAGE=<stage> IMAGES=<dir> [DATASET=name]"; exit 2; }
 	$(VENV)/bin/pseudoseg workers --n $(N) $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT) \
 		--scheduler-port $(PORT) $(if $(GPUS),--gpus $(GPUS)) $(SETTINGS)
+
+# STAGE on a Slurm cluster: luigid as one job, NODES array tasks of GPUS workers each (GPUS=0: WORKERS CPU workers);
+# DRY_RUN=1 prints the sbatch scripts. SLURM_ARGS: more `pseudoseg slurm` options (--partition P --time T ...).
+NODES ?= 1
+GPUS ?= 0
+slurm: $(STAMP)
+	@test -n "$(IMAGES)" || { echo "usage: make slurm STAGE=<stage> IMAGES=<dir|list|tars|s3://...> [NODES=1] [GPUS=0] [DRY_RUN=1] [SLURM_ARGS='--partition gpu --time 4:00:00']"; exit 2; }
+	$(VENV)/bin/pseudoseg slurm $(STAGE) --images $(IMAGES) --dataset $(DATASET) --out $(OUT) --nodes $(NODES) \
+		--gpus-per-node $(GPUS) $(if $(WORKERS),--workers-per-node $(WORKERS)) $(if $(DRY_RUN),--dry-run) $(SLURM_ARGS) $(SETTINGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results

@@ -4,6 +4,8 @@
 - ``gt``: the same photo and ground truth as an `OracleGT` (tests/oracles.py), what the oracle doubles answer from;
   a module needing another size overrides it, e.g. ``def gt(gt): return gt.resized(448, 336)``;
 - ``nlp``: the bundled small English spaCy model;
+- ``s3``: a fresh S3-compatible server (moto) on 127.0.0.1 with this process's AWS credentials set for it
+  (tests/s3server.py);
 - ``tiny_cache``: the folder the ``tiny`` preset builds its random-init models into (`[models] cache_dir`); each
   model is built on first use and then loaded back from there by every test, in-process or in a subprocess.
 
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from pseudoseg.tasks.engine.settings import load_config_files
+from tests.s3server import s3  # noqa: F401 — the `s3` fixture: an S3-compatible server on 127.0.0.1
 
 load_config_files()  # in-process tests read the settings a command reads, wherever pytest runs from
 

@@ -76,6 +76,10 @@ class IngestPlanParams(StageParams):
     section = "ingest"  # its luigi.cfg section
 
     shard_size: int = setting(1000, ge=1, help="images per shard: the unit of work, retry and accounting")
+    # The listing's fingerprint holds what it changes (an http(s) entry read, or an unsupported_url row), and that
+    # names the plan's folder: not hashed again here.
+    allow_urls: bool = setting(False, hashed=False, help="read http(s):// entries of a list (default: each is an "
+                                                         "unsupported_url reject row)")
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,23 @@ class DecodeLimits(StageParams):
     max_side: int = setting(2048, ge=1, help="longer side above this is downsized")
     min_side: int = setting(2, ge=1, help="shorter side below this is rejected (too_small)")
     max_pixels: int = setting(178_956_970, ge=1, help="more pixels = decompression_bomb")
+
+
+# ------------------------------------------------------------------------------------------------ [storage]
+@dataclass(frozen=True)
+class StorageParams(StageParams):
+    """``[storage]``: how object-storage inputs are reached. None of it changes a byte of the output (an object's
+    content is hashed into the plan), so none of it is hashed into a stage's folder."""
+
+    section = "storage"  # its luigi.cfg section
+
+    endpoint_url: str = setting("", hashed=False, help="S3 endpoint of an S3-compatible store (MinIO, Ceph, ...); "
+                                                       "empty: AWS_ENDPOINT_URL, else AWS's own")
+    region: str = setting("", hashed=False, help="S3 region; empty: AWS_DEFAULT_REGION / the AWS config")
+    retries: int = setting(3, ge=0, hashed=False, help="times a read or listing is retried after a transient error "
+                                                      "(connection, timeout, 5xx) before the shard fails")
+    retry_seconds: float = setting(1.0, ge=0, hashed=False, help="wait before the first retry; doubles after each")
+    timeout_seconds: float = setting(30.0, gt=0, hashed=False, help="connect and read timeout of one request")
+    block_size: int = setting(8388608, ge=65536, hashed=False,
+                              help="bytes fetched per request when reading an object (a tar is read in blocks of "
+                                   "this size, never whole)")

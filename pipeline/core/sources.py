@@ -1,6 +1,9 @@
 """Where images come from: a folder (recursive), a list file (.txt one path per line, or .parquet with a
 ``path`` column), or existing WebDataset tars (a .tar path, a glob, or a brace pattern like
 ``shards-{000..009}.tar``). Listing is cheap (names and stats only); reading bytes happens later, per shard.
+Each may be in object storage too (``pipeline.core.storage``): ``s3://bucket/prefix/`` is listed as a folder is
+(size and ETag for the stats), ``s3://bucket/shards-{000..009}.tar`` are tars, ``s3://bucket/list.txt`` a list, and
+a list's ``s3://`` entries are read (``http(s)://`` ones only with ``allow_urls``).
 
 Source strings: a plain file path, or ``<tar path>::<member name>`` for a tar member, always in the printable,
 lossless text form of ``source_text`` (a name that is not UTF-8 — Latin-1 names from old archives — is kept, its
@@ -34,7 +37,9 @@ from pathlib import Path
 import braceexpand
 import pyarrow.parquet as pq
 
+from pseudoseg.pipeline.core import storage as remote
 from pseudoseg.pipeline.core.artifacts import sha256_hex
+from pseudoseg.pipeline.core.params import StorageParams
 
 # Files with these extensions are taken from folders, and so are files without any extension (decoding goes by
 # content, never by name; a README among them becomes a not_an_image reject). Formats we cannot decode are still
@@ -54,7 +59,7 @@ UNREADABLE_FOLDER = "unreadable_folder"  # a folder whose names cannot be listed
 UNREADABLE_TAR = "unreadable_tar"  # a tar that cannot be opened (or listed to its end): source = the tar
 LINKED_FOLDER_SEEN = "linked_folder_seen"  # a link to a folder the listing already entered (a loop, a second link)
 LISTED_TWICE = "listed_twice"  # a list names the same file again (after normalising the path)
-UNSUPPORTED_URL = "unsupported_url"  # a list entry that is a URL: only local and mounted paths are read
+UNSUPPORTED_URL = "unsupported_url"  # a list entry that is a URL of a scheme not read (http(s): unless allow_urls)
 INVALID_PATH = "invalid_path"  # a list entry no file system can hold (a NUL byte)
 DUPLICATE_MEMBER = "duplicate_member"  # a tar member with the webdataset key of an earlier image member
 NON_IMAGE_MEMBER = "non_image_member"  # a tar member that is no image (.json, .txt, no extension): never read
@@ -242,10 +247,11 @@ def _walk_folder(root: str) -> tuple[list[str], dict[str, str]]:
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def _list_entries(lines: Sequence[str], base: Path) -> tuple[list[str], dict[str, str]]:
-    """(paths, problems) of a list's lines: each path relative to the list's folder, normalised (``./a.jpg`` and
-    ``a.jpg`` are one file). A path listed again is an entry of its own, ``<path>#2`` (``#3``, ...), a
-    ``listed_twice`` row; a URL is an ``unsupported_url`` row naming its scheme; a line with a NUL byte an
+def _list_entries(lines: Sequence[str], base: Path | str, allow_urls: bool = False) -> tuple[list[str], dict[str, str]]:
+    """(paths, problems) of a list's lines: each path relative to the list's folder (a list in object storage: its
+    prefix), normalised (``./a.jpg`` and ``a.jpg`` are one file). A path listed again is an entry of its own,
+    ``<path>#2`` (``#3``, ...), a ``listed_twice`` row; an ``s3://`` URL is read (and ``http(s)://`` where
+    ``allow_urls``), any other URL is an ``unsupported_url`` row naming its scheme; a line with a NUL byte an
     ``invalid_path`` row. Every line stays an entry, so in = ok + rejected counts each."""
     paths: list[str] = []
     problems: dict[str, str] = {}
@@ -254,12 +260,18 @@ def _list_entries(lines: Sequence[str], base: Path) -> tuple[list[str], dict[str
         if "\x00" in line:
             entry = line.replace("\x00", "\\x00")
             problems[entry] = f"{INVALID_PATH}: a path with a NUL byte (no file system holds one)"
-        elif (url := _URL.match(line)) is not None:
+        elif (url := _URL.match(line)) is not None and not remote.readable_scheme(line, allow_urls):
             entry = line
-            problems[entry] = (f"{UNSUPPORTED_URL}: {url.group(1)}:// is not read; list local or mounted paths "
-                               "(download or mount the files first)")
+            why = ("is read only where [ingest] allow_urls = true" if remote.is_url(line) else "is not read")
+            problems[entry] = (f"{UNSUPPORTED_URL}: {url.group(1)}:// {why}; list local or mounted paths or "
+                               "s3:// objects (download or mount the files first)")
         else:
-            entry = os.path.normpath(line if os.path.isabs(line) else base / line)
+            if url is not None:
+                entry = line
+            elif isinstance(base, str):  # a list in object storage: its relative lines are under its prefix
+                entry = line if line.startswith("/") else f"{base}/{os.path.normpath(line)}"
+            else:
+                entry = os.path.normpath(line if os.path.isabs(line) else base / line)
             count[entry] = count.get(entry, 0) + 1
             if count[entry] > 1:
                 problems[f"{entry}#{count[entry]}"] = (f"{LISTED_TWICE}: the list names {source_text(entry)} again; "
@@ -273,10 +285,13 @@ def _list_entries(lines: Sequence[str], base: Path) -> tuple[list[str], dict[str
     return paths, problems
 
 
-def _tar_paths(spec: str) -> list[str]:
+def _tar_paths(spec: str, storage: StorageParams | None = None) -> list[str]:
     paths: list[str] = []
     for pattern in braceexpand.braceexpand(spec):
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if glob.has_magic(pattern) and remote.is_remote(pattern):
+            matches = remote.glob_objects(pattern, storage or StorageParams())
+        else:
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         paths.extend(matches)
     if not paths:
         raise SourceError(f"no tar files match {spec!r}")
@@ -326,7 +341,7 @@ class TarIndex:
     included, which is the one ``tarfile.getmember`` would *not* return — can be addressed. Folders are structure,
     not members. ``error``: why the tar could not be listed to its end (the members before it are kept)."""
 
-    def __init__(self, tar: tarfile.TarFile, path: str) -> None:
+    def __init__(self, tar: tarfile.TarFile, path: str, storage: StorageParams | None = None) -> None:
         self.members: dict[str, tarfile.TarInfo] = {}
         self.error: str | None = None
         while True:
@@ -346,15 +361,27 @@ class TarIndex:
                 n += 1
                 label = f"{member.name}#{n}"
             self.members[label] = member
-        if self.error is None and isinstance(tar.fileobj, io.BufferedReader):  # an uncompressed tar: offsets are
-            self.error = _missing_end(path, tar.offset)                       # the file's own
+        plain = isinstance(tar.fileobj, io.BufferedReader) or getattr(tar.fileobj, "fs", None) is not None
+        if self.error is None and plain:  # an uncompressed tar: offsets are the file's own
+            self.error = _missing_end(path, tar.offset, storage)
 
 
-def _missing_end(path: str, offset: int) -> str | None:
+def open_tar(path: str, storage: StorageParams | None = None) -> tarfile.TarFile:
+    """A tar opened for reading: a local file, or an object read in blocks (``storage.open_object``)."""
+    if remote.is_remote(path):
+        return tarfile.open(fileobj=remote.open_object(path, storage or StorageParams()), mode="r:*")
+    return tarfile.open(path)
+
+
+def _open_binary(path: str, storage: StorageParams | None) -> io.IOBase:
+    return remote.open_object(path, storage or StorageParams()) if remote.is_remote(path) else open(path, "rb")
+
+
+def _missing_end(path: str, offset: int, storage: StorageParams | None = None) -> str | None:
     """Why a tar whose listing stopped at ``offset`` may have lost members (None: it ends with the zero block that
     closes every tar, so nothing was cut off)."""
     try:
-        with open(path, "rb") as fh:
+        with _open_binary(path, storage) as fh:
             fh.seek(offset)
             block = fh.read(512)
     except OSError as exc:
@@ -365,15 +392,15 @@ def _missing_end(path: str, offset: int) -> str | None:
             f"are lost")
 
 
-def _tar_members(tar_path: str) -> tuple[list[str], dict[str, str]]:
+def _tar_members(tar_path: str, storage: StorageParams | None = None) -> tuple[list[str], dict[str, str]]:
     """(member labels, problems by label) of one tar, by the webdataset convention: every member is listed; an
     image member (last extension an image type) with a key not seen before in this tar is ingested, every other
     member becomes a reject row — ``non_image_member`` (a sample's .json/.txt/.cls, a name without extension),
     ``not_a_regular_file`` (symbolic and hard links, devices: never followed) or ``duplicate_member`` (the key
     of an earlier image member: the first in tar order is ingested). Raises OSError / tarfile.TarError when the
     tar cannot be opened."""
-    with tarfile.open(tar_path) as tar:
-        index = TarIndex(tar, tar_path)
+    with open_tar(tar_path, storage) as tar:
+        index = TarIndex(tar, tar_path, storage)
     labels: list[str] = []
     problems: dict[str, str] = {}
     first_of: dict[str, str] = {}
@@ -399,23 +426,123 @@ def _tar_members(tar_path: str) -> tuple[list[str], dict[str, str]]:
     return labels, problems
 
 
-def list_source(spec: str | os.PathLike) -> Listing:
-    """Enumerate a source deterministically. Raises SourceError when the spec itself is unusable."""
+def _remote_stats(urls: Sequence[str], storage: StorageParams) -> list[str]:
+    """"<url>|<size>:<etag>" of objects (the ETag, not the time: an object written again with the same bytes
+    keeps its plan); a missing object's token says so (it is rejected as unreadable when read)."""
+    def token(url: str) -> str:
+        try:
+            size, etag = remote.stat_object(url, storage)
+        except OSError as exc:
+            return f"{url}|error:{exc.errno}"
+        return f"{url}|{size}:{etag}"
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(token, urls))
+
+
+def _remote_kind(spec: str) -> str:
+    """What an object-storage spec names: tars, a list, one image, or a prefix listed like a folder."""
+    name = spec.rstrip("/").rsplit("/", 1)[-1]
+    if spec.endswith(".tar") or "{" in spec or glob.has_magic(spec):
+        return "tars"
+    if not spec.endswith("/") and Path(name).suffix in (".txt", ".lst", ".parquet"):
+        return "list"
+    if not spec.endswith("/") and _is_image_name(name):
+        return "image"
+    return "folder"
+
+
+def _list_remote_folder(spec: str, storage: StorageParams) -> tuple[list[str], list[str]]:
+    """(sorted URLs, stat tokens) under a prefix, as a folder is listed: names with an image extension or none,
+    no name (of the object or a folder above it) starting with '.'."""
+    try:
+        found = remote.list_objects(spec, storage)
+    except OSError as exc:
+        raise SourceError(f"cannot list {spec}: {_safe(str(exc))}") from exc
+    except remote.StorageUnavailable as exc:
+        raise SourceError(str(exc)) from exc
+    root = spec.rstrip("/") + "/"
+    urls = []
+    for url in found:
+        rel = url[len(root):] if url.startswith(root) else url.rsplit("/", 1)[-1]
+        parts = rel.split("/")
+        if any(part.startswith(".") for part in parts) or not _is_listed_name(parts[-1]):
+            continue
+        urls.append(url)
+    urls.sort()
+    return urls, [f"{url}|{found[url][0]}:{found[url][1]}" for url in urls]
+
+
+def _read_list_lines(spec: str, storage: StorageParams) -> list[str]:
+    """The entries of a .txt/.lst/.parquet list (a local file or an object)."""
+    suffix = Path(spec.rstrip("/")).suffix
+    if remote.is_remote(spec):
+        try:
+            data = remote.read_bytes(spec, storage)
+        except (OSError, remote.StorageUnavailable) as exc:
+            raise SourceError(f"cannot read the list {spec}: {_safe(str(exc))}") from exc
+    else:
+        data = Path(spec).read_bytes()
+    if suffix == ".parquet":
+        table = pq.read_table(io.BytesIO(data))
+        column = "path" if "path" in table.column_names else "source"
+        if column not in table.column_names:
+            raise SourceError(f"{spec}: a path list in Parquet needs a 'path' column")
+        # a 'source' column is ours (a manifest, a plan): its values are source_text
+        unescape = source_path if column == "source" else str
+        return [unescape(str(p)) for p in table.column(column).to_pylist() if p]
+    # one path per line, in the file system's encoding (a non-UTF-8 name is kept, not an error)
+    lines = [os.fsdecode(ln).strip() for ln in data.splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def _sorted_entries(paths: Sequence[str], storage: StorageParams) -> tuple[list[str], list[str]]:
+    """``_sorted_with_stats`` of a list's entries, local paths and object URLs mixed."""
+    urls = sorted(p for p in paths if remote.scheme(p) and not remote.is_url(p) and remote.is_remote(p))
+    local = [p for p in paths if p not in set(urls)]
+    entries, stats = _sorted_with_stats(local)
+    if urls:
+        remote_stats = dict(zip(urls, _remote_stats(urls, storage), strict=True))
+        stats = dict(zip(entries, stats, strict=True)) | remote_stats
+        entries = sorted([*entries, *urls])
+        stats = [stats[e] for e in entries]
+    return entries, stats
+
+
+def list_source(spec: str | os.PathLike, *, storage: StorageParams | None = None,
+                allow_urls: bool = False) -> Listing:
+    """Enumerate a source deterministically. Raises SourceError when the spec itself is unusable. ``storage``:
+    how ``s3://`` sources and entries are reached; ``allow_urls``: whether a list's ``http(s)://`` entries are
+    read (default: ``unsupported_url`` rows)."""
     spec = str(spec)
+    storage = storage or StorageParams()
     path = Path(spec)
     problems: dict[str, str] = {}
-    if path.is_dir():
+    kind = _remote_kind(spec) if remote.is_remote(spec) else None
+    if kind is not None and (missing := remote.missing_package()):
+        raise SourceError(f"{spec}: {missing}")
+    if kind == "folder":
+        entries, stats = _list_remote_folder(spec, storage)
+    elif kind == "image":
+        entries, stats = [spec], _remote_stats([spec], storage)
+    elif path.is_dir() and kind is None:
         paths, found = _walk_folder(str(path))
         entries, stats = _sorted_with_stats(paths)
         problems = {source_text(p): problem for p, problem in found.items()}
-    elif spec.endswith(".tar") or "{" in spec or glob.has_magic(spec):
+    elif kind == "tars" or (kind is None and (spec.endswith(".tar") or "{" in spec or glob.has_magic(spec))):
         entries, stats, opened = [], [], 0
         failures: list[str] = []
-        for tar_path in _tar_paths(spec):
+        try:
+            tar_paths = _tar_paths(spec, storage)
+        except remote.StorageUnavailable as exc:
+            raise SourceError(str(exc)) from exc
+        for tar_path in tar_paths:
             tar_text = source_text(tar_path)
-            stats.append(f"{tar_text}|{_stat_token(tar_path)}")
+            stats.append(_remote_stats([tar_path], storage)[0] if kind else f"{tar_text}|{_stat_token(tar_path)}")
             try:
-                labels, found = _tar_members(tar_path)
+                labels, found = _tar_members(tar_path, storage)
+            except remote.StorageUnavailable as exc:
+                raise SourceError(str(exc)) from exc
             except (OSError, tarfile.TarError) as exc:  # one row for the tar; the other tars go on
                 why = f"{type(exc).__name__}: {_safe(str(exc))}"
                 failures.append(f"{tar_text}: {why}")
@@ -430,22 +557,16 @@ def list_source(spec: str | os.PathLike) -> Listing:
                     problems[source] = found[label]
         if not opened:
             raise SourceError(f"no tar of {spec!r} can be read: {'; '.join(failures)}")
-    elif path.is_file() and _is_image_name(path.name):  # one image: a source of one entry
+    elif kind is None and path.is_file() and _is_image_name(path.name):  # one image: a source of one entry
         entries, stats = _sorted_with_stats([spec])
-    elif path.is_file() and path.suffix in (".txt", ".lst", ".parquet"):
-        if path.suffix == ".parquet":
-            table = pq.read_table(path)
-            column = "path" if "path" in table.column_names else "source"
-            if column not in table.column_names:
-                raise SourceError(f"{path}: a path list in Parquet needs a 'path' column")
-            # a 'source' column is ours (a manifest, a plan): its values are source_text
-            unescape = source_path if column == "source" else str
-            lines = [unescape(str(p)) for p in table.column(column).to_pylist() if p]
-        else:  # one path per line, in the file system's encoding (a non-UTF-8 name is kept, not an error)
-            lines = [os.fsdecode(ln).strip() for ln in path.read_bytes().splitlines()]
-            lines = [ln for ln in lines if ln and not ln.startswith("#")]
-        paths, problems = _list_entries(lines, path.parent)
-        entries, stats = _sorted_with_stats(paths)
+    elif kind == "list" or (kind is None and path.is_file() and path.suffix in (".txt", ".lst", ".parquet")):
+        lines = _read_list_lines(spec, storage)
+        base = spec.rstrip("/").rsplit("/", 1)[0] if kind else path.parent
+        paths, problems = _list_entries(lines, base, allow_urls)
+        try:
+            entries, stats = _sorted_entries(paths, storage)
+        except remote.StorageUnavailable as exc:
+            raise SourceError(str(exc)) from exc
         problems = {source_text(p): problem for p, problem in problems.items()}
     else:
         raise SourceError(
@@ -459,7 +580,13 @@ def list_source(spec: str | os.PathLike) -> Listing:
 
 def source_problem(spec: str) -> str | None:
     """Why ``spec`` cannot be a source, in words, before anything is listed (None: it can): a path that does not
-    exist, a tar pattern matching nothing, a file that is neither an image, a list nor a tar."""
+    exist, a tar pattern matching nothing, a file that is neither an image, a list nor a tar, a URL of a scheme
+    that is not read (an ``s3://`` source is checked when it is listed: that needs the store)."""
+    if remote.scheme(spec) is not None:
+        if not remote.is_remote(spec):
+            return (f"{spec}: {remote.scheme(spec)}:// is not a source; give a folder, a list, tars, or an s3:// "
+                    "prefix, list or tars")
+        return remote.missing_package()
     path = Path(spec)
     if path.is_dir():
         return None if os.access(path, os.R_OK | os.X_OK) else f"{spec}: folder not readable"
@@ -485,6 +612,10 @@ def relative_name(spec: str | os.PathLike, source: str) -> str:
             member = member[2:]
         return member
     spec = str(spec)
+    if remote.is_remote(spec):
+        kind = _remote_kind(spec)
+        root = spec.rstrip("/") if kind == "folder" else spec.rsplit("/", 1)[0] if kind == "list" else ""
+        return source[len(root) + 1:] if root and source.startswith(root + "/") else source
     root = spec if Path(spec).is_dir() else (str(Path(spec).parent) if Path(spec).suffix in (".txt", ".lst", ".parquet")
                                              else "")
     if root:
@@ -500,10 +631,13 @@ def num_shards(num_entries: int, shard_size: int) -> int:
 
 
 class EntryReader:
-    """Reads the bytes of entries; keeps tar files open while a shard is being read."""
+    """Reads the bytes of entries; keeps tar files open while a shard is being read. ``storage``: how ``s3://``
+    (and allowed ``http(s)://``) entries are reached; an object that is not there raises an OSError naming its URL,
+    a store that cannot be reached ``StorageUnavailable`` (after the retries)."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage: StorageParams | None = None) -> None:
         self._tars: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+        self.storage = storage or StorageParams()
 
     def read(self, source: str) -> bytes:
         """Bytes of one entry (a source string, see ``source_text``); OSError (NotARegularFile for a FIFO, socket
@@ -513,8 +647,8 @@ class EntryReader:
             tar_path, member = source_path(tar_text), source_path(member_text)
             opened = self._tars.get(tar_path)
             if opened is None:
-                tar = tarfile.open(tar_path)
-                opened = self._tars[tar_path] = (tar, TarIndex(tar, tar_path).members)
+                tar = open_tar(tar_path, self.storage)
+                opened = self._tars[tar_path] = (tar, TarIndex(tar, tar_path, self.storage).members)
             tar, members = opened
             info = members.get(member)
             if info is None:
@@ -525,6 +659,8 @@ class EntryReader:
             if fh is None:
                 raise OSError(f"tar member {member_text} is not a regular file")
             return fh.read()
+        if remote.scheme(source) is not None:
+            return remote.read_bytes(source, self.storage)
         return read_regular_file(source_path(source))
 
     def close(self) -> None:
@@ -589,18 +725,20 @@ def _hash_entry(reader: EntryReader, source: str) -> tuple[str, int, str | None]
 
 
 def plan_entries(entries: Sequence[str], shard_size: int, *, threads: int = 8,
-                 problems: Mapping[str, str] | None = None) -> Iterator[PlannedEntry]:
+                 problems: Mapping[str, str] | None = None,
+                 storage: StorageParams | None = None) -> Iterator[PlannedEntry]:
     """Hash every entry and assign shards by sorted position; the first of identical contents wins. Entries in
-    ``problems`` (``Listing.problems``) are not read: their problem is their ``read_error``."""
+    ``problems`` (``Listing.problems``) are not read: their problem is their ``read_error``. An object store that
+    cannot be reached raises ``StorageUnavailable``: no plan rather than one that rejects what it could not read."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     problems = problems or {}
-    with EntryReader() as tar_reader, ThreadPoolExecutor(threads) as pool:
+    with EntryReader(storage) as tar_reader, ThreadPoolExecutor(threads) as pool:
         # Tar members share one open TarFile, which is not thread-safe: read those serially.
         def work(src: str) -> tuple[str, int, str | None]:
             if src in problems:
                 return "", 0, problems[src]
-            return _hash_entry(tar_reader if TAR_MEMBER_SEP in src else EntryReader(), src)
+            return _hash_entry(tar_reader if TAR_MEMBER_SEP in src else EntryReader(storage), src)
 
         plain = [e for e in entries if TAR_MEMBER_SEP not in e]
         hashed = dict(zip(plain, pool.map(work, plain), strict=True))

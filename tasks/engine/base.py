@@ -47,7 +47,7 @@ from pseudoseg.pipeline.core.artifacts import (
 )
 from pseudoseg.pipeline.core.locks import UnitLock
 from pseudoseg.pipeline.core.locks import describe as describe_holder
-from pseudoseg.pipeline.core.params import IngestPlanParams, StageParams
+from pseudoseg.pipeline.core.params import IngestPlanParams, StageParams, StorageParams
 from pseudoseg.pipeline.core.sources import Listing, list_source, num_shards
 from pseudoseg.schemas import SchemaError
 from pseudoseg.tasks.engine.failures import CorruptInput, explain, one_line, permanent_cause
@@ -92,7 +92,8 @@ def shards_per_task(shard_count: int) -> int:
 def cached_listing(images: str) -> Listing:
     """Listing once per build: Luigi calls requires()/output() many times while scheduling.
     ``build_tasks`` clears it so a new build in the same process sees added or changed files."""
-    return list_source(images)
+    return list_source(images, storage=stage_params(StorageParams),
+                       allow_urls=stage_params(IngestPlanParams).allow_urls)
 
 
 # Per-process caches of what every task recomputes otherwise (settings objects, stage folders): Luigi calls

@@ -122,6 +122,21 @@ class FailFastWorker(luigi.worker.Worker):
         self.permanent_causes: list[str] = []
         self.failed: dict[str, str] = {}  # task id → "<task>: <error line>" of its last attempt, while it failed
 
+    def run(self) -> bool:
+        try:
+            return super().run()
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM (Slurm's preemption, scancel) abandoned the task in progress (nothing committed, its
+            # lock released): report it as failed, so luigid hands it to another worker at once instead of holding
+            # it as running until it prunes this worker (a minute or more).
+            for task_id in list(self._running_tasks):
+                try:
+                    self._scheduler.add_task(worker=self._id, task_id=task_id, status=FAILED, runnable=True,
+                                             expl=json.dumps("abandoned: interrupted (SIGTERM or Ctrl-C)"))
+                except Exception:  # noqa: BLE001 — luigid gone as well: it prunes this worker by itself
+                    pass
+            raise
+
     def _add_task(self, *args, **kwargs):
         # Every status report of this worker passes here (luigi.worker.Worker._handle_next_task reports a
         # finished task with status FAILED and the task's on_failure explanation, JSON-encoded).

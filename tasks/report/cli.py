@@ -26,8 +26,15 @@ from luigi.execution_summary import LuigiStatusCode
 
 from pseudoseg.models.registry import random_models_notice
 from pseudoseg.pipeline.core.artifacts import atomic_write_bytes, params_hash
-from pseudoseg.pipeline.core.sources import SourceError, list_source, source_problem
-from pseudoseg.tasks.engine.base import build_tasks, current, frozen_settings, model_settings, pseudoseg
+from pseudoseg.pipeline.core.sources import SourceError, source_problem
+from pseudoseg.tasks.engine.base import (
+    build_tasks,
+    cached_listing,
+    current,
+    frozen_settings,
+    model_settings,
+    pseudoseg,
+)
 from pseudoseg.tasks.engine.failures import FailFastWorkers
 from pseudoseg.tasks.engine.params import name_problem
 from pseudoseg.tasks.engine.progress import STAGE_PROGRESS
@@ -274,7 +281,7 @@ def print_causes(failures: list[str]) -> None:
 def listing_problem(images: str) -> tuple[int, str] | None:
     """(exit status, one line) when ``images`` lists no entry or cannot be listed; None when it has entries."""
     try:
-        listing = list_source(images)
+        listing = cached_listing(images)  # with the [storage] and [ingest] allow_urls settings in effect
     except SourceError as exc:
         return 2, f"pseudoseg: --images {exc}"
     if not listing.entries:
@@ -284,6 +291,7 @@ def listing_problem(images: str) -> tuple[int, str] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stop_on_sigterm()
     problem = listing_problem(args.images)
     if problem:
         print(problem[1], file=sys.stderr)
@@ -345,16 +353,76 @@ def cmd_luigid(args: argparse.Namespace) -> int:
               f"delete it", file=sys.stderr)
     (state.parent / "logs").mkdir(parents=True, exist_ok=True)
     address = args.address or LOOPBACK
+    port = args.port or free_port(address)
+    if args.announce:  # `pseudoseg slurm`: the workers read luigid's host and port from this file once it listens
+        announce_when_listening(Path(args.announce), address, port)
     # luigid counts [resources] over every worker of every host: its gpu pool is cluster-wide, not per host.
     luigi.configuration.get_config().set("resources", "gpu", str(args.gpu_slots))
     exposed = "" if address in (LOOPBACK, "localhost", "::1") else (
-        f" (WARNING: luigid has no authentication; anyone who reaches {address}:{args.port} can read and schedule "
+        f" (WARNING: luigid has no authentication; anyone who reaches {address}:{port} can read and schedule "
         f"tasks)")
-    print(f"luigid on {address}:{args.port}{exposed}; state {state}; UI http://{address}:{args.port}/; "
-          f"GPU tasks at once, cluster-wide: {args.gpu_slots}")
-    luigi.cmdline.luigid(["--port", str(args.port), "--address", address, "--state-path", str(state),
+    print(f"luigid on {address}:{port}{exposed}; state {state}; UI http://{address}:{port}/; "
+          f"GPU tasks at once, cluster-wide: {args.gpu_slots}", flush=True)
+    luigi.cmdline.luigid(["--port", str(port), "--address", address, "--state-path", str(state),
                           "--logdir", str(state.parent / "logs")])
     return 0
+
+
+def free_port(address: str) -> int:
+    """A port nobody listens on at ``address`` now (``luigid --port 0``)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+def announce_when_listening(path: Path, address: str, port: int) -> None:
+    """Write ``{"host", "port", "pid", "job"}`` to ``path`` (atomically) once ``address:port`` accepts connections:
+    the file a Slurm array's workers wait for. A thread, as luigid blocks this one."""
+    import socket
+    import threading
+
+    def announce() -> None:
+        while True:
+            try:
+                socket.create_connection((address, port), timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({"host": address, "port": port, "pid": os.getpid(),
+                                             "job": os.environ.get("SLURM_JOB_ID")}).encode())
+
+    threading.Thread(target=announce, daemon=True, name="announce-luigid").start()
+
+
+def forward_signals(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM and SIGUSR1 sent to this process (a Slurm batch script's ``kill``, ``--signal=B:USR1@...``) go on to
+    each worker process: SIGUSR1 lets each finish the task it runs and stop, SIGTERM abandons it (``stop_on``)."""
+    import signal
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, forward)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (Slurm's preemption, scancel, a time limit) as Ctrl-C: the shard in progress is abandoned — its
+    temporaries and lock removed, nothing committed — and the command ends (status 130); a rerun or a requeued
+    array task redoes exactly that shard. A second SIGTERM while that happens is ignored."""
+    import signal
+
+    def interrupt(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
@@ -376,10 +444,13 @@ def cmd_workers(args: argparse.Namespace) -> int:
         base += ["--set", item]
     started = time.time()
     with run_lease(Path(args.out).resolve() / args.dataset, current(pseudoseg).lock_stale_seconds):
-        procs = [subprocess.Popen(base, env=worker_env(i, args.gpus)) for i in range(args.n)]
+        procs: list[subprocess.Popen] = []
+        forward_signals(procs)
+        procs += [subprocess.Popen(base, env=worker_env(i, args.gpus)) for i in range(args.n)]
         codes = [p.wait() for p in procs]
         task = make_task(args.stage, args.images, args.dataset, args.out)
-        ok = all(c == 0 for c in codes) and task.complete()
+        # one task of a Slurm array: the others may still be running what is left
+        ok = all(c == 0 for c in codes) and (args.array_task or task.complete())
         mark_latest([task])
     logs = Path(args.out).resolve() / args.dataset / "logs"
     failures: list[str] = []
@@ -412,6 +483,59 @@ def gpu_list(text: str) -> list[str]:
     if not all(items):
         raise argparse.ArgumentTypeError(f"must be comma-separated GPU indices, e.g. 0,1,2,3; got {text!r}")
     return items
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    """Submit (or with --dry-run print) the luigid job and the workers' array (``tasks.report.slurm``)."""
+    from pseudoseg.tasks.report.slurm import (
+        SlurmJob,
+        SubmitError,
+        luigid_script,
+        previous_submissions,
+        submit,
+    )
+
+    out = Path(args.out).resolve()
+    images = str(Path(args.images).resolve()) if Path(args.images).exists() else args.images
+    settings: list[str] = []
+    if args.config:
+        settings += ["--config", str(Path(args.config).resolve())]
+    for item in args.set or []:
+        settings += ["--set", item]
+    if args.fresh_settings:
+        settings.append("--fresh-settings")
+    job = SlurmJob(stage=args.stage, images=images, dataset=args.dataset, out=out, nodes=args.nodes,
+                   gpus_per_node=args.gpus_per_node, workers_per_node=args.workers_per_node,
+                   cpus_per_worker=args.cpus_per_worker, partition=args.partition, time=args.time,
+                   account=args.account, signal_seconds=args.signal_seconds, sbatch_args=tuple(args.sbatch_arg),
+                   settings=tuple(settings))
+    if args.dry_run:
+        from pseudoseg.tasks.report.slurm import workers_script
+
+        print(f"# {job.folder}/luigid.sbatch\n{luigid_script(job)}\n# {job.folder}/workers.sbatch\n"
+              f"{workers_script(job)}", end="")
+        return 0
+    earlier = previous_submissions(out, args.dataset)
+    if earlier and not args.resume:
+        last = earlier[-1]
+        print(f"pseudoseg: slurm: {args.dataset} was submitted before ({last['submitted']}: luigid job "
+              f"{last['luigid_job']}, workers {last['workers_job']}); --resume submits again and runs only what is "
+              "missing", file=sys.stderr)
+        return 2
+    problem = listing_problem(args.images)
+    if problem:
+        print(problem[1], file=sys.stderr)
+        return problem[0]
+    try:
+        record = submit(job)
+    except SubmitError as exc:
+        print(f"pseudoseg: slurm: {exc}", file=sys.stderr)
+        return 1
+    logs = out / args.dataset / "logs"
+    print(f"submitted {args.stage} on {args.dataset}: luigid job {record['luigid_job']}, workers array "
+          f"{record['workers_job']} ({job.nodes} task(s) x {job.workers} worker(s)); scripts in {job.folder}; logs "
+          f"{logs}/slurm-*.log; progress: {command_name()} status {out} --dataset {args.dataset}")
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -493,7 +617,9 @@ def parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("luigid", help="start the central scheduler (on 127.0.0.1; state in a per-user folder)")
     lg.add_argument("--out", default="out", help="the output root the workers write to (luigid's state is never "
                                                  "kept there)")
-    lg.add_argument("--port", type=integer(1, 65535), default=8082)
+    lg.add_argument("--port", type=integer(0, 65535), default=8082, help="0: a free port (see --announce)")
+    lg.add_argument("--announce", metavar="FILE", help="once listening, write {host, port} to FILE as JSON (how "
+                    "`pseudoseg slurm`'s workers find luigid)")
     lg.add_argument("--address", help="interface to listen on (default 127.0.0.1; luigid has no authentication: "
                                       "see the README's Security section before exposing it)")
     lg.add_argument("--state-path", help="luigid's pickled state (default $XDG_STATE_HOME/pseudoseg/luigid/"
@@ -511,10 +637,36 @@ def parser() -> argparse.ArgumentParser:
     wk.add_argument("--dataset")
     wk.add_argument("--scheduler-host", help="luigid's host (default: [core] scheduler_host, localhost)")
     wk.add_argument("--scheduler-port", type=integer(1, 65535), default=8082)
+    wk.add_argument("--array-task", action="store_true", help=argparse.SUPPRESS)  # one task of `pseudoseg slurm`
     wk.add_argument("--gpus", type=gpu_list, help="pin worker i to GPU gpus[i %% len] (CUDA_VISIBLE_DEVICES), "
                                                    "e.g. --n 4 --gpus 0,1,2,3 on a 4-GPU host")
     common(wk)
     wk.set_defaults(func=cmd_workers)
+
+    sl = sub.add_parser("slurm", help="submit STAGE to Slurm: luigid as one job, the workers as a job array (one "
+                                      "task per node, one worker per GPU); --dry-run prints the sbatch scripts")
+    sl.add_argument("stage")
+    sl.add_argument("--images", required=True, help="folder, list, tars, or s3://... (on storage every node reads)")
+    sl.add_argument("--dataset", help="dataset name, the folder under --out (default: the images folder's name)")
+    sl.add_argument("--nodes", type=integer(1), default=1, help="array tasks, one per node (default 1)")
+    sl.add_argument("--gpus-per-node", type=integer(0), default=0,
+                    help="GPUs per array task (--gres=gpu:G), one worker process each; 0: CPU workers")
+    sl.add_argument("--workers-per-node", type=integer(1),
+                    help="worker processes per array task (default: --gpus-per-node, or 1 without GPUs)")
+    sl.add_argument("--cpus-per-worker", type=integer(1), default=1, help="CPUs per worker process (default 1)")
+    sl.add_argument("--partition")
+    sl.add_argument("--time", help="time limit of each job, as sbatch --time takes it (e.g. 4:00:00)")
+    sl.add_argument("--account")
+    sl.add_argument("--signal-seconds", type=integer(1), default=120,
+                    help="SIGUSR1 this long before a time limit: each worker finishes its task, the array task "
+                         "requeues itself (default 120)")
+    sl.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                    help="one more #SBATCH line for both jobs, e.g. --sbatch-arg=--qos=high (repeatable)")
+    sl.add_argument("--dry-run", action="store_true", help="print the two sbatch scripts; submit nothing")
+    sl.add_argument("--resume", action="store_true",
+                    help="submit again for a dataset submitted before (what is done is kept; the rest is run)")
+    common(sl)
+    sl.set_defaults(func=cmd_slurm)
 
     cf = sub.add_parser("config", help="every setting in effect and where it came from (file:line, --set, default)")
     cf.add_argument("--out", default="out", help="output root (with --dataset: that dataset's recorded settings too)")
@@ -588,7 +740,12 @@ def check(args: argparse.Namespace) -> None:
             raise SettingsError([f"pseudoseg: --dataset {args.dataset!r} must be a plain name, the folder under "
                                  f"OUT: {name_problem(args.dataset)}"])
         return
-    if args.command in ("run", "demo", "workers", "luigid"):
+    if args.command == "slurm" and not args.dry_run:
+        from pseudoseg.tasks.report.slurm import missing_sbatch
+
+        if problem := missing_sbatch():
+            lines.append(f"pseudoseg: slurm: {problem}")
+    if args.command in ("run", "demo", "workers", "luigid", "slurm"):
         problem = unwritable(args.out)
         if problem:
             lines.append(f"pseudoseg: --out {args.out}: {problem}")
@@ -610,7 +767,7 @@ def check(args: argparse.Namespace) -> None:
         recorded = Path(args.out).resolve() / args.dataset / DATASET_SETTINGS
         if recorded.is_file():
             load_config_files(recorded)
-    if args.command in ("run", "demo", "workers") and not lines:
+    if args.command in ("run", "demo", "workers", "slurm") and not lines:
         # the settings the dataset was made with come right after luigi.cfg (tasks.settings.load_config_files)
         recorded = Path(args.out).resolve() / ("demo" if args.command == "demo" else args.dataset) / DATASET_SETTINGS
         if recorded.is_file() and not args.fresh_settings:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from pseudoseg.pipeline.core.artifacts import ShardOutput, StageDir, read_record
 from pseudoseg.pipeline.core.ingest import STAGE, ingest_entries
-from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams
+from pseudoseg.pipeline.core.params import DecodeLimits, IngestPlanParams, StorageParams
 from pseudoseg.pipeline.core.sources import EntryReader, PlannedEntry, plan_entries
 from pseudoseg.schemas import MANIFEST, PLAN, REJECTS, SchemaError
 from pseudoseg.tasks.engine.base import (
@@ -23,6 +23,7 @@ from pseudoseg.tasks.engine.base import (
     ShardTask,
     StageSettings,
     by_settings,
+    stage_params,
     stage_wrapper,
 )
 from pseudoseg.tasks.engine.progress import STAGE_PROGRESS, report_status
@@ -75,7 +76,8 @@ class PlanIngest(StageSettings, CommittedTask):
     def produce_unit(self) -> ShardOutput:
         report_status(self, f"hashing {len(self.listing.entries)} entries")
         listing, shard_size = self.listing, self.params.shard_size
-        rows = [e.__dict__ for e in plan_entries(listing.entries, shard_size, problems=listing.problems)]
+        rows = [e.__dict__ for e in plan_entries(listing.entries, shard_size, problems=listing.problems,
+                                                 storage=stage_params(StorageParams))]
         output = ShardOutput(in_count=len(rows), ok_count=len(rows))
         output.files["parquet"] = PLAN.to_parquet_bytes(PLAN.table(rows), row_group_size=plan_row_group_size(shard_size))
         return output
@@ -162,7 +164,7 @@ class IngestShard(ShardTask):
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         entries = read_plan_shard(str(self.requires().plan_path), self.shard)
         progress.start(len(entries))
-        with EntryReader() as reader, self.tar_spool() as tar:
+        with EntryReader(stage_params(StorageParams)) as reader, self.tar_spool() as tar:
             result = ingest_entries(entries, reader.read, self.limits(), on_entry=progress.step, sink=tar.write)
         output = ShardOutput(
             files={"tar": tar.path},

@@ -65,7 +65,7 @@ def test_clean_refuses_while_a_run_works_and_keeps_its_folders_when_forced(tmp_p
 def test_every_line_of_a_list_is_counted_and_none_shares_an_id(tmp_path):
     images, out, env = tmp_path / "images", tmp_path / "out", cli_env(tmp_path)
     good = write_good_images(images, 2)
-    lines = ["images/good_000.jpg", "./images/good_000.jpg", "images/good_001.png", "s3://bucket/a.jpg",
+    lines = ["images/good_000.jpg", "./images/good_000.jpg", "images/good_001.png", "ftp://bucket/a.jpg",
              "http://example.org/b.png"]
     listing = tmp_path / "list.txt"
     listing.write_bytes(("\n".join(lines) + "\nimages/nul\x00.jpg\n").encode())

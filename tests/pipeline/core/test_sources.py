@@ -292,7 +292,7 @@ def test_a_gzip_compressed_tar_is_listed_whole(tmp_path):
 def test_a_list_keeps_every_line_as_an_entry_and_names_what_it_cannot_read(tmp_path):
     write_good_images(tmp_path / "img", 2)
     lines = ["img/good_000.jpg", "./img/good_000.jpg", "img/sub/../good_000.jpg", str(tmp_path / "img" / "good_001.png"),
-             "s3://bucket/photo.jpg", "https://example.org/p.png", "https://example.org/p.png", "img/bad\x00name.jpg"]
+             "ftp://bucket/photo.jpg", "https://example.org/p.png", "https://example.org/p.png", "img/bad\x00name.jpg"]
     listing_file = tmp_path / "list.txt"
     listing_file.write_bytes(("\n".join(lines) + "\n").encode())
     listing = list_source(listing_file)
@@ -300,7 +300,9 @@ def test_a_list_keeps_every_line_as_an_entry_and_names_what_it_cannot_read(tmp_p
     reasons = sorted(problem.split(":", 1)[0] for problem in listing.problems.values())
     assert reasons == ["invalid_path", "listed_twice", "listed_twice", "unsupported_url", "unsupported_url",
                        "unsupported_url"]
-    assert listing.problems["s3://bucket/photo.jpg"].startswith("unsupported_url: s3:// is not read")
+    assert listing.problems["ftp://bucket/photo.jpg"].startswith("unsupported_url: ftp:// is not read")
+    assert listing.problems["https://example.org/p.png"].startswith(
+        "unsupported_url: https:// is read only where [ingest] allow_urls = true"), "never by default"
     readable = [e for e in listing.entries if e not in listing.problems]
     assert sorted(os.path.relpath(source_path(e), tmp_path) for e in readable) == ["img/good_000.jpg",
                                                                                   "img/good_001.png"]
