@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.stages import bench_stages
 from bench.timing import ForwardTimer, compare, envelope, load_avg, time_call, write_result
 from pseudoseg.pipeline.core.ingest import DecodeLimits, ingest_entries
 from pseudoseg.pipeline.core.sources import EntryReader, list_source, plan_entries
@@ -852,14 +853,6 @@ def _record_files(unit) -> list[str]:  # noqa: ANN001
     from pseudoseg.pipeline.core.artifacts import read_record
 
     return [f["name"] for f in read_record(unit.stage_dir, unit.unit)["files"]]
-
-
-def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1) -> dict:
-    """Every model stage per image at the papers' sizes (``size="real"``, GPU) or with the tiny models: see
-    ``bench/stages.py``."""
-    from bench.stages import bench_stages as run
-
-    return run(size=size, repeats=repeats, warmup=warmup)
 
 
 BENCHMARKS = {"ingest": bench_ingest, "sam_boxes": bench_sam_boxes, "fmbseg_stages": bench_fmbseg_stages,
