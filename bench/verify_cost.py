@@ -12,6 +12,9 @@ from pathlib import Path
 from bench.fixtures import drop_page_cache, synthetic_training_caches
 from bench.timing import compare
 
+# the result file `make bench` writes, whose stage numbers ``stages=False`` keeps
+PREVIOUS = Path(__file__).resolve().parent / "results" / "verify_cost.json"
+
 
 def bench_verify_cost(repeats: int = 3, stages: bool = True, trainers: bool = True, n_use: int = 16,
                       n_align: int = 16) -> dict:
@@ -28,9 +31,8 @@ def bench_verify_cost(repeats: int = 3, stages: bool = True, trainers: bool = Tr
         out["trainers"] = _trainer_verify_cost(n_use=n_use, n_align=n_align, repeats=repeats)
     if stages:
         return {**_stage_verify_cost(repeats), **out}
-    previous = Path(__file__).resolve().parent / "results" / "verify_cost.json"
-    if previous.exists():
-        old = json.loads(previous.read_text())
+    if PREVIOUS.exists():
+        old = json.loads(PREVIOUS.read_text())
         kept = {k: v for k, v in old.get("results", {}).items() if k != "trainers"}
         if kept:
             out = {**kept, "stages_measured": {"utc": old.get("utc"), "machine": old.get("machine"),
