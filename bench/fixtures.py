@@ -22,6 +22,14 @@ CAPTIONS = (
 
 
 
+def check_size(size: str) -> str:
+    """``size``, a benchmark's model size: "real" (what ``make bench`` measures) or "tiny" (the test suite's tiny
+    models and reduced settings: the same code path in seconds, for smoke runs)."""
+    if size not in ("real", "tiny"):
+        raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
+    return size
+
+
 def photo(rng, hw: tuple[int, int] = (480, 640), kernel: int = 15):  # noqa: ANN001, ANN201 — numpy Generator, uint8 image
     """A random uint8 RGB image of ``hw`` blurred by a ``kernel``-sized Gaussian (photo-like frequencies)."""
     import cv2

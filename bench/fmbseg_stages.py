@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 
-from bench.fixtures import photo, save_clip_b16
+from bench.fixtures import check_size, photo, save_clip_b16
 from bench.timing import ForwardTimer, compare, time_call
 
 
@@ -45,8 +45,7 @@ def bench_fmbseg_stages(classes_11: int = 5, repeats: int = 3, arch: str = "vit_
         FmbsegQueryMasksParams,
     )
 
-    if size not in ("real", "tiny"):
-        raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
+    check_size(size)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if size == "real":

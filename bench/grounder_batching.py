@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 
-from bench.fixtures import CAPTIONS, photo, save_grounder
+from bench.fixtures import CAPTIONS, check_size, photo, save_grounder
 
 
 def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: int = 2, size: str = "real") -> dict:
@@ -23,19 +23,16 @@ def bench_grounder_batching(captions: int = 6, short_side: int = 400, repeats: i
     import torch
 
     from pseudoseg.models.adapters.grounder import HFGroundingDino
-    from pseudoseg.models.adapters.tiny import ensure_tiny, tiny_root
+    from pseudoseg.models.adapters.tiny import ensure_tiny
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        if size == "real":
+        if check_size(size) == "real":
             save_grounder(tmp, short_side)
-        elif size == "tiny":
-            ensure_tiny("grounder", tmp)
-            tmp = tiny_root(tmp) / "grounder"
         else:
-            raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
+            tmp = ensure_tiny("grounder", tmp)
         grounder = HFGroundingDino(tmp, device="auto")
     rng = np.random.default_rng(0)
     image = photo(rng)

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.fixtures import CAPTIONS, photo, save_clip_b16, save_grounder
+from bench.fixtures import CAPTIONS, check_size, photo, save_clip_b16, save_grounder
 
 
 def _stage_overhead_models(folder: Path, grounder_short_side: int) -> dict[str, str]:
@@ -101,8 +101,7 @@ def bench_stage_overhead(n_images: int = 16, repeats: int = 3, stages: str = "",
     from pseudoseg.tasks.stages.sam import SamEmbeddingsShard
     from pseudoseg.tasks.stages.use import UseBoxesShard, UseBoxMasksShard, UseCaptionsShard, UseSegments
 
-    if size not in ("real", "tiny"):
-        raise ValueError(f"size must be 'real' or 'tiny', got {size!r}")
+    check_size(size)
     cuda = torch.cuda.is_available()
     settings = {
         "ingest": {"shard_size": n_images},
