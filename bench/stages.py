@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.fixtures import photo, random_boxes
 from bench.timing import ForwardTimer, compare, time_call
 
 # transformers configs of the real backbones (openai/clip-vit-large-patch14-336, -base-patch16, -large-patch14,
@@ -129,14 +130,13 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
     clip, f, g, dino, grounder, sam = (models[k] for k in ("clip", "cam_clip", "classifier_clip", "dense",
                                                             "grounder", "sam"))
     rng = np.random.default_rng(0)
-    rgb = cv2.GaussianBlur(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8), (15, 15), 0)
+    rgb = photo(rng)
     dense_cfg = FmbsegDenseParams() if real else dataclasses.replace(FmbsegDenseParams(), short_side=112)
     vocab = load_vocabulary("coco_stuff171")
     text = F.class_text_embeddings(clip, vocab, load_templates("single"))
     dense = F.clip_dense_features(clip, rgb, dense_cfg)
     embedding = sam.embed(rgb)
-    xy0 = rng.uniform([0, 0], [560, 400], size=(20, 2))
-    boxes = np.concatenate([xy0, np.minimum(xy0 + rng.uniform(20, 240, (20, 2)), [640, 480])], axis=1).astype(np.float32)
+    boxes = random_boxes(rng, 20)
     amg = dataclasses.replace(FmbsegAutoMasksParams(), points_per_side=32 if real else 4).amg()
     clip_layers = resolve_blocks("every:8", clip.vision_layers)
     dino_use = resolve_blocks("last:2", dino.num_layers)
@@ -184,3 +184,6 @@ def bench_stages(size: str = "tiny", repeats: int = 5, warmup: int = 1, use_batc
     if torch.cuda.is_available():
         out["cuda_max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
+
+
+BENCHMARK = bench_stages

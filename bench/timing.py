@@ -19,6 +19,8 @@ API (all figures in seconds)::
     time_call(fn)                                          -> (result, {"wall_s", "cpu_s"})   (one call, synced)
     ForwardTimer()                                         time inside torch module forwards (synced hooks)
     sync(); cuda_in_use(); load_avg(); machine_info()
+    timed_cli(args)                                        -> wall, CPU (command + its workers), peak RSS of one
+                                                              `pseudoseg` command in a subprocess
     envelope(name, results, load_before=...)               -> the JSON written to bench/results/<name>.json
     write_result(out_dir, name, payload)                   atomic write, returns the path
 
@@ -36,8 +38,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+
 __all__ = ["sync", "cuda_in_use", "time_call", "compare", "measure", "stats", "ForwardTimer", "load_avg",
-           "machine_info", "envelope", "write_result"]
+           "machine_info", "envelope", "write_result", "timed_cli", "REPO"]
 
 
 def _torch():
@@ -200,3 +204,47 @@ def write_result(out_dir: str | Path, name: str, payload: Mapping[str, Any]) -> 
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def timed_cli(args: list[str], code: Path = REPO, timeout: float | None = None) -> dict:
+    """`python -m pseudoseg.tasks.report.cli ARGS` with ``code`` as the ``pseudoseg`` package: wall time, CPU time (user + sys of the
+    process and every worker process it waited for: os.wait4) and peak RSS, with the load average before/after."""
+    import subprocess
+    import sys
+
+    env = os.environ.copy()
+    # another checkout's code as the `pseudoseg` namespace: a folder holding one link named pseudoseg
+    shim = Path(os.environ.get("TMPDIR", "/tmp")) / f"pseudoseg-shim-{os.getpid()}-{abs(hash(str(code)))}"
+    shim.mkdir(exist_ok=True)
+    if not (shim / "pseudoseg").exists():
+        (shim / "pseudoseg").symlink_to(code.resolve(), target_is_directory=True)
+    env.update(PYTHONPATH=os.pathsep.join([str(shim), str(code)]), LUIGI_CONFIG_PATH=str(code / "luigi.cfg"),
+               PYTHONHASHSEED="0")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pseudoseg.tasks.report.cli", *args], cwd=code, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    output = []
+    import threading
+
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    reader.join(timeout=10)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = "".join(output)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{text[-3000:]}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2),
+            "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()]}
