@@ -164,7 +164,7 @@ class HFGroundingDino(HFAdapter, Grounder):
         through them together, padded to the longest (padding is masked out of every attention and of the
         logits); results equal one-caption calls up to float rounding. prepared: the images' `prepare` outputs.
         reuse_backbone = False: each caption's image is repeated in the batch and the backbone runs per caption (the
-        plain batched call; bench/run.py `grounder_batching` compares the two).
+        plain batched call; bench/grounder_batching.py compares the two).
         """
         queries = list(queries)
         if not queries:
