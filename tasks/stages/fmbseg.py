@@ -172,38 +172,48 @@ class FmbsegDetectShard(FmbsegShardTask):
         cfg = self.params
         vocab = load_vocabulary(cfg.vocabulary)
         text = class_text_embeddings(load_role("fmbseg_clip", model_settings()), vocab, load_templates(cfg.templates))
-        labels = load_image_labels(cfg.image_labels) if cfg.image_labels else None
-        sources = self.sources()
         metas = self.read("dense", DENSE_FEATURES)
         progress.start(len(metas))
         rows, rejects = [], []
-        if labels is not None:  # semi-supervised variant: the labels replace detection; features are not read
-            for i, meta in enumerate(metas):
-                progress.step(i)
-                image_id = meta["image_id"]
-                names = labels.lookup(image_id, sources[image_id])
-                known = sorted({k for k in (vocab.index(n) for n in names or []) if k is not None})
-                if not known:
-                    reason = "no_image_labels" if names is None else "no_known_label"
-                    rejects.append(reject(image_id, sources[image_id], self.stage, reason,
-                                          f"labels {names} not in vocabulary {vocab.name}"[:300]))
-                    continue
-                rows.extend(detection_rows(image_id, vocab, None, known, "image_labels"))
+        if cfg.image_labels:  # semi-supervised variant: the labels replace detection; features are not read
+            self.labelled(progress, vocab, metas, rows, rejects)
         else:
-            with self.image_errors(rejects) as errors:
-                for i, (image_id, features) in enumerate(read_ahead(self.dense())):
-                    progress.step(i)
-                    detection = errors.run(image_id, detect_classes, features.cls, text, cfg)
-                    if detection is REJECTED:
-                        continue
-                    if not detection.present:
-                        top = int(detection.counts.argmax())
-                        rejects.append(reject(image_id, sources[image_id], self.stage, "no_class_detected",
-                                              f"no class won more than {cfg.min_crops} of {len(features.cls)} "
-                                              f"crops (best: {vocab.classes[top]} with {int(detection.counts[top])})"))
-                        continue
-                    rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
+            self.detected_rows(progress, vocab, text, rows, rejects)
         return self.finish(DETECTIONS, rows, rejects, len(metas), text_npy=npy_bytes(text.astype(np.float32)))
+
+    def labelled(self, progress: ProgressReporter, vocab: Vocabulary, metas: list[dict], rows: list[dict],
+                 rejects: list[dict]) -> None:
+        """The rows of the image-level labels (``[fmbseg] image_labels``) of the images in the vocabulary."""
+        labels, sources = load_image_labels(self.params.image_labels), self.sources()
+        for i, meta in enumerate(metas):
+            progress.step(i)
+            image_id = meta["image_id"]
+            names = labels.lookup(image_id, sources[image_id])
+            known = sorted({k for k in (vocab.index(n) for n in names or []) if k is not None})
+            if not known:
+                reason = "no_image_labels" if names is None else "no_known_label"
+                rejects.append(reject(image_id, sources[image_id], self.stage, reason,
+                                      f"labels {names} not in vocabulary {vocab.name}"[:300]))
+                continue
+            rows.extend(detection_rows(image_id, vocab, None, known, "image_labels"))
+
+    def detected_rows(self, progress: ProgressReporter, vocab: Vocabulary, text: np.ndarray, rows: list[dict],
+                      rejects: list[dict]) -> None:
+        """The rows of the classes the crops' CLS tokens detect, per image of the dense features."""
+        cfg, sources = self.params, self.sources()
+        with self.image_errors(rejects) as errors:
+            for i, (image_id, features) in enumerate(read_ahead(self.dense())):
+                progress.step(i)
+                detection = errors.run(image_id, detect_classes, features.cls, text, cfg)
+                if detection is REJECTED:
+                    continue
+                if not detection.present:
+                    top = int(detection.counts.argmax())
+                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_class_detected",
+                                          f"no class won more than {cfg.min_crops} of {len(features.cls)} "
+                                          f"crops (best: {vocab.classes[top]} with {int(detection.counts[top])})"))
+                    continue
+                rows.extend(detection_rows(image_id, vocab, detection, detection.present, "clip"))
 
 
 @dataclass
@@ -357,45 +367,70 @@ class FmbsegLabelsShard(FmbsegShardTask):
         return super().content_params()
 
     def produce(self, progress: ProgressReporter) -> ShardOutput:
-        cfg = self.params
-        vocab = load_vocabulary(cfg.vocabulary)
+        vocab = load_vocabulary(self.params.vocabulary)
         detections = group_by_image(self.read("detect", DETECTIONS))
+        masks = self.stage1_masks()
+        entries = [r for r in self.read("ingest", MANIFEST) if r["image_id"] in detections]
+        progress.start(len(detections))
+        samples, rows, rejects = [], [], []
+        with self.image_errors(rejects) as errors:
+            for i, entry in enumerate(entries):
+                progress.step(i)
+                merged = errors.run(entry["image_id"], self.merge, entry, masks.get(entry["image_id"], []), vocab)
+                if merged is not REJECTED:
+                    self.add_merged(entry, merged, vocab, samples, rows, rejects)
+        return label_maps_output(self, vocab, rows, rejects, len(detections), samples)
+
+    def stage1_masks(self) -> dict[str, list[dict]]:
+        """The Stage 1.1 and 1.2 mask rows (those merged), by image."""
         masks: dict[str, list[dict]] = defaultdict(list)
         for name in ("query", "auto"):
             if name in self.requires():
                 for row in self.read(name, PSEUDO_MASKS):
                     masks[row["image_id"]].append(row)
-        manifest = self.read("ingest", MANIFEST)
-        progress.start(len(detections))
-        samples, rows, rejects = [], [], []
+        return masks
 
-        def merge(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-            image_masks = sorted(masks.get(entry["image_id"], []),
-                                 key=lambda r: (r["stage"] != STAGE_11, r["mask_index"]))
-            label, source = merge_label_map((entry["height"], entry["width"]),
-                                            [_pseudo_mask(r) for r in image_masks], cfg)
-            return label, source, label_map_meta(entry["image_id"], vocab, label, cfg.precedence)
+    def merge(self, entry: dict[str, Any], rows: list[dict],
+              vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(label map, the Stage each pixel came from, the map's meta) of one image's masks."""
+        cfg = self.params
+        image_masks = sorted(rows, key=_merge_order)
+        label, source = merge_label_map((entry["height"], entry["width"]), [_pseudo_mask(r) for r in image_masks], cfg)
+        return label, source, label_map_meta(entry["image_id"], vocab, label, cfg.precedence)
 
-        with self.image_errors(rejects) as errors:
-            for i, entry in enumerate(r for r in manifest if r["image_id"] in detections):
-                progress.step(i)
-                image_id = entry["image_id"]
-                merged = errors.run(image_id, merge, entry)
-                if merged is REJECTED:
-                    continue
-                label, source, meta = merged
-                if meta["labelled_pixels"] == 0:
-                    stages = "/".join(s for s, on in ((STAGE_11, cfg.stage11), (STAGE_12, cfg.stage12)) if on)
-                    rejects.append(reject(image_id, entry["source"], self.stage, "no_pseudo_label",
-                                          f"no Stage {stages} mask for the detected classes"))
-                    continue
-                LABEL_MAP_META.table([meta])
-                samples.append({"__key__": image_id, "png": encode_label_png(label),
-                                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
-                rows.extend(label_region_rows(image_id, vocab, label, source))
-        table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()
-        return self.finish(LABEL_REGIONS, rows, rejects, len(detections), tar=webdataset_tar_bytes(samples),
-                           classes_json=table)
+    def add_merged(self, entry: dict[str, Any], merged: tuple[np.ndarray, np.ndarray, dict[str, Any]],
+                   vocab: Vocabulary, samples: list[dict], rows: list[dict], rejects: list[dict]) -> None:
+        """One image's label map and rows, or its reject when no pixel is labelled."""
+        cfg, (label, source, meta) = self.params, merged
+        if meta["labelled_pixels"] == 0:
+            stages = "/".join(s for s, on in ((STAGE_11, cfg.stage11), (STAGE_12, cfg.stage12)) if on)
+            rejects.append(reject(entry["image_id"], entry["source"], self.stage, "no_pseudo_label",
+                                  f"no Stage {stages} mask for the detected classes"))
+            return
+        add_label_map(samples, rows, entry["image_id"], vocab, label, meta, source)
+
+
+def _merge_order(row: dict[str, Any]) -> tuple[bool, int]:
+    """Stage 1.1 masks first, then by mask index."""
+    return row["stage"] != STAGE_11, row["mask_index"]
+
+
+def add_label_map(samples: list[dict], rows: list[dict], image_id: str, vocab: Vocabulary, label: np.ndarray,
+                  meta: dict[str, Any], source: np.ndarray) -> None:
+    """One label map's tar sample (the PNG and its JSON meta, checked against LABEL_MAP_META) and its region rows
+    (``source``: the Stage each pixel came from)."""
+    LABEL_MAP_META.table([meta])
+    samples.append({"__key__": image_id, "png": encode_label_png(label),
+                    "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
+    rows.extend(label_region_rows(image_id, vocab, label, source))
+
+
+def label_maps_output(task: ChainedShardTask, vocab: Vocabulary, rows: list[dict], rejects: list[dict],
+                      in_count: int, samples: list[dict]) -> ShardOutput:
+    """A label-map artifact's shard: rows, rejects, the maps' tar and the class table (``classes.json``)."""
+    table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()
+    return task.finish(LABEL_REGIONS, rows, rejects, in_count, tar=webdataset_tar_bytes(samples),
+                       classes_json=table)
 
 
 FmbsegDense = stage_wrapper(FmbsegDenseShard)
