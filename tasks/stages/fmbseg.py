@@ -114,7 +114,8 @@ class FmbsegDenseShard(FmbsegShardTask, BatchedImageStage[DenseState]):
     params_type, roles = FmbsegDenseParams, ("fmbseg_clip",)
 
     def prepare(self) -> DenseState:
-        cfg, clip, sources = self.params, load_role("fmbseg_clip", model_settings()), self.sources()
+        cfg, sources = self.params, self.sources()
+        clip = load_role("fmbseg_clip", model_settings())
         return DenseState(sources=sources, in_count=len(sources), total=len(sources), batch_size=cfg.clip_batch_size,
                           prepare_image=partial(dense_crops, cfg=cfg, image_size=clip.image_size,
                                                 patch_size=clip.patch_size), clip=clip)
