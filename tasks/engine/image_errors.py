@@ -66,6 +66,11 @@ def per_image_reason(exc: BaseException) -> str | None:
     return IMAGE_ERROR if isinstance(exc, PER_IMAGE_ERRORS) else None
 
 
+def is_per_image_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is one image's fault (``per_image_reason``): e.g. a batch that raised it is redone alone."""
+    return per_image_reason(exc) is not None
+
+
 class SystematicImageErrors(RuntimeError):
     """Every image of a shard failed: not bad images but a bug or a broken model. The shard fails."""
 

@@ -22,7 +22,9 @@ Vocabulary: ``[car_labels] vocabulary`` (empty = ``[fmbseg] vocabulary``). A voc
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,13 +38,12 @@ from pseudoseg.pipeline.car.recurrent import (
     clip_classifier,
     official_query_name,
 )
-from pseudoseg.pipeline.core.artifacts import ShardOutput, webdataset_tar_bytes
-from pseudoseg.pipeline.core.images import encode_label_png
+from pseudoseg.pipeline.core.artifacts import ShardOutput
 from pseudoseg.pipeline.core.vocabularies import Vocabulary, load_vocabulary
 from pseudoseg.pipeline.eval.metrics import IGNORE
 from pseudoseg.pipeline.eval.report import ShortSide
-from pseudoseg.pipeline.fmbseg.pseudo_labels import class_table, label_map_meta, label_region_rows
-from pseudoseg.schemas.fmbseg import LABEL_MAP_META, LABEL_REGIONS
+from pseudoseg.pipeline.fmbseg.pseudo_labels import label_map_meta
+from pseudoseg.schemas.fmbseg import LABEL_REGIONS
 from pseudoseg.tasks.engine.base import (
     ProgressReporter,
     model_settings,
@@ -50,20 +51,32 @@ from pseudoseg.tasks.engine.base import (
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.engine.image_errors import REJECTED
+from pseudoseg.tasks.engine.image_errors import ImageErrors
 from pseudoseg.tasks.stages.catalog import declare
-from pseudoseg.tasks.stages.chained import ChainedShardTask
-from pseudoseg.tasks.stages.fmbseg import detect_params
+from pseudoseg.tasks.stages.fmbseg import add_label_map, detect_params, label_maps_output
+from pseudoseg.tasks.stages.loop import BatchedImageStage, LoopImage, LoopState
 
 PRECEDENCE = "car"  # LABEL_MAP_META.precedence of CaR maps (FMbSeg's are stage11_first / stage12_first)
 
 
 
 
-class CarLabelsShard(ChainedShardTask):
-    """CaR label maps of one ingest shard, byte-format compatible with FmbsegLabelsShard's artifact."""
+@dataclass(kw_only=True)
+class CarState(LoopState):
+    vocab: Vocabulary
+    params: CarParams
+    names: list[str]  # the vocabulary's classes, the queries
+    first: int  # the first foreground class (1 when class 0 is the background)
+    seg: Any  # CaRMethod, or ShortSide around it
+    samples: list[dict] = field(default_factory=list)  # the label maps' tar samples
+
+
+class CarLabelsShard(BatchedImageStage[CarState]):
+    """CaR label maps of one ingest shard, byte-format compatible with FmbsegLabelsShard's artifact. One image per
+    CaR call, decoded in the loop."""
 
     stage = "car_labels"
+    contract = LABEL_REGIONS
     params_type = CaRLabelsParams
 
     def model_roles(self) -> tuple[str, ...]:
@@ -95,46 +108,49 @@ class CarLabelsShard(ChainedShardTask):
         seg = CaRMethod(clip_cam(load_role("cam_clip", settings), method=params.cam, lam=params.lam),
                            clip_classifier(classifier, params.classifier_templates,
                                            skip_last_block=params.classifier_skip_last_block),
-                           params, sam=sam, query_names=lambda n: query_of.get(n, n))
+                           params, sam=sam, query_names=partial(_query_name, query_of))
         return ShortSide(seg, cfg.short_side) if cfg.short_side > 0 else seg
 
-    def produce(self, progress: ProgressReporter) -> ShardOutput:
+    def prepare(self) -> CarState:
         vocab = self.vocabulary()
-        params = self.car_params(vocab)
         names = list(vocab.classes)
         has_bg = bool(names) and names[0].lower() == "background"
-        first = 1 if has_bg else 0
-        seg = self.segmenter(vocab)
-        sources = self.sources()
-        progress.start(len(sources))
-        samples, rows, rejects = [], [], []
-        with self.image_errors(rejects) as errors:
-            for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
-                progress.step(i)
-                segmented = errors.run(image_id, seg.segment, rgb, names, image_id=image_id)
-                if segmented is REJECTED:
-                    continue
-                label, scores = segmented
-                # CaR never empties its query set (the best one stays); as a label source, an image where no query
-                # ever passed θ is not trusted.
-                if not (np.asarray(scores)[first:] > params.theta).any():
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_confident_query",
-                                          f"no query of {len(names) - first} passed θ = {params.theta}"))
-                    continue
-                label = np.asarray(label, np.uint8)
-                fg = (label != IGNORE) & (label >= first)
-                if not fg.any():
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_pseudo_label",
-                                          "the kept queries label no pixel"))
-                    continue
-                meta = label_map_meta(image_id, vocab, label, PRECEDENCE)
-                LABEL_MAP_META.table([meta])
-                samples.append({"__key__": image_id, "png": encode_label_png(label),
-                                "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
-                rows.extend(label_region_rows(image_id, vocab, label, np.zeros(label.shape, np.uint8)))
-        table = (json.dumps(class_table(vocab), sort_keys=True, indent=1) + "\n").encode()
-        return self.finish(LABEL_REGIONS, rows, rejects, len(sources), tar=webdataset_tar_bytes(samples),
-                           classes_json=table)
+        seg, sources = self.segmenter(vocab), self.sources()
+        return CarState(sources=sources, in_count=len(sources), total=len(sources), vocab=vocab,
+                        params=self.car_params(vocab), names=names, first=1 if has_bg else 0, seg=seg)
+
+    def loop_images(self, state: CarState, errors: ImageErrors, progress: ProgressReporter) -> Iterator[LoopImage]:
+        """The shard's images, decoded in the loop."""
+        for i, (image_id, rgb, _meta) in enumerate(self.ingested(errors)):
+            progress.step(i)
+            yield LoopImage(image_id, rgb)
+
+    def run_batch(self, state: CarState, images: list[LoopImage]) -> list[tuple[Any, Any]]:
+        return [state.seg.segment(image.rgb, state.names, image_id=image.image_id) for image in images]
+
+    def finish_image(self, state: CarState, image: LoopImage, segmented: tuple[Any, Any]) -> None:
+        image_id, source, (label, scores), first = image.image_id, state.sources[image.image_id], segmented, state.first
+        # CaR never empties its query set (the best one stays); as a label source, an image where no query
+        # ever passed θ is not trusted.
+        if not (np.asarray(scores)[first:] > state.params.theta).any():
+            state.rejects.append(reject(image_id, source, self.stage, "no_confident_query",
+                                        f"no query of {len(state.names) - first} passed θ = {state.params.theta}"))
+            return
+        label = np.asarray(label, np.uint8)
+        fg = (label != IGNORE) & (label >= first)
+        if not fg.any():
+            state.rejects.append(reject(image_id, source, self.stage, "no_pseudo_label",
+                                        "the kept queries label no pixel"))
+            return
+        add_label_map(state.samples, state.rows, image_id, state.vocab, label,
+                      label_map_meta(image_id, state.vocab, label, PRECEDENCE), np.zeros(label.shape, np.uint8))
+
+    def shard_output(self, state: CarState) -> ShardOutput:
+        return label_maps_output(self, state.vocab, state.rows, state.rejects, state.in_count, state.samples)
+
+
+def _query_name(query_of: dict[str, str], name: str) -> str:
+    return query_of.get(name, name)
 
 
 CarLabels = declare(stage_wrapper(CarLabelsShard, "All shards of the CaR pseudo-label artifact (same layout as "

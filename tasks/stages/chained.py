@@ -5,6 +5,7 @@ stages. Its own module (not ``tasks.base``) because it requires ``tasks.ingest.I
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -69,10 +70,7 @@ class ChainedShardTask(ShardTask):
                      units: Callable[[str], Sequence[str]] | None = None) -> ImageErrors:
         """Per-image error handling for this shard's loop (see ImageErrors); ``units`` defaults to one reject row
         per image, with the image's source."""
-        if units is None:
-            sources = self.sources()
-            units = lambda image_id: [sources[image_id]]  # noqa: E731
-        return ImageErrors(self.stage, rejects, units)
+        return ImageErrors(self.stage, rejects, units if units is not None else partial(source_unit, self.sources()))
 
     def finish(self, contract: Contract, rows: list[dict], rejects: list[dict], in_count: int,
                **files: bytes) -> ShardOutput:
@@ -82,3 +80,8 @@ class ChainedShardTask(ShardTask):
         output.add_table("parquet", contract, contract.table(rows))
         output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))
         return output
+
+
+def source_unit(sources: dict[str, str], image_id: str) -> list[str]:
+    """One reject row per image, with the image's source."""
+    return [sources[image_id]]

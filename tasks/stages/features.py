@@ -15,6 +15,9 @@ Disk (defaults, ViT-L/14 CLIP-336 and DINOv2-L, width 1024, float16): USE 336² 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import luigi
@@ -42,7 +45,7 @@ from pseudoseg.pipeline.features.cache import (
 )
 from pseudoseg.pipeline.features.params import FeaturesFmbsegParams, FeaturesUseParams, UseTextParams
 from pseudoseg.pipeline.use.pairs import text_pool
-from pseudoseg.schemas import MANIFEST, REJECTS, SEGMENTS
+from pseudoseg.schemas import REJECTS, SEGMENTS
 from pseudoseg.schemas.features import FEATURE_CACHE, TEXT_EMBEDDINGS
 from pseudoseg.tasks.engine.base import (
     DatasetTask,
@@ -54,11 +57,10 @@ from pseudoseg.tasks.engine.base import (
     stage_wrapper,
     uses_gpu,
 )
-from pseudoseg.tasks.engine.image_errors import REJECTED, ImageErrors
-from pseudoseg.tasks.engine.throughput import behind, decoded_images, manifest_order
+from pseudoseg.tasks.engine.image_errors import ImageErrors
 from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.fmbseg import detect_params
-from pseudoseg.tasks.stages.ingest import IngestShard
+from pseudoseg.tasks.stages.loop import BatchedImageStage, LoopImage, LoopState
 from pseudoseg.tasks.stages.use import UseSegmentsShard
 
 PURPOSE_PARAMS = {"use": FeaturesUseParams, "fmbseg": FeaturesFmbsegParams}
@@ -67,24 +69,28 @@ PURPOSE_PARAMS = {"use": FeaturesUseParams, "fmbseg": FeaturesFmbsegParams}
 TEXT_BATCH = 256  # texts per CLIP text-encoder call
 
 
-class FeaturesShard(ShardTask):
+@dataclass(kw_only=True)
+class FeaturesState(LoopState):
+    encode: Callable[..., list[tuple[dict[str, np.ndarray], dict[str, Any]]]]  # (images, prepared=) → per image
+    forward_size: int  # images per encoder forward ([features_*] batch_size)
+
+
+class FeaturesShard(BatchedImageStage[FeaturesState]):
     """Frozen-encoder tokens of one shard (float16 .npy in a WebDataset tar, the record per image in JSON and
-    Parquet, ``feature_bytes`` = disk cost per image); ``purpose`` picks the configuration (use | fmbseg)."""
+    Parquet, ``feature_bytes`` = disk cost per image); ``purpose`` picks the configuration (use | fmbseg).
+
+    A window of images is grouped by input size (FMbSeg keeps the aspect: only equal sizes share a forward), at most
+    ``batch_size`` per forward; the arrays are checked and serialised behind the loop, in manifest order."""
 
     purpose = luigi.ChoiceParameter(choices=PURPOSES, default="use")
+    contract, writes_tar, works_behind, sort_rejects = FEATURE_CACHE, True, True, True
 
     @property
     def stage(self) -> str:  # type: ignore[override]
         return f"features_{self.purpose}"
 
-    def requires(self) -> dict[str, ShardTask]:
-        return {"ingest": IngestShard(shard=self.shard, **self.common())}
-
     def params_source(self) -> type[StageParams]:
         return PURPOSE_PARAMS[self.purpose]
-
-    def upstream_params(self) -> dict[str, str]:
-        return {"ingest": self.requires()["ingest"].stage_dir.hash}
 
     def _specs(self) -> dict[str, str]:
         cfg = self.params
@@ -104,108 +110,71 @@ class FeaturesShard(ShardTask):
     def content_params(self) -> dict[str, Any]:
         return {**super().content_params(), "purpose": self.purpose, "dtype": "float16"}
 
-    @property
-    def resources(self) -> dict[str, int]:  # type: ignore[override]
-        return {"gpu": 1} if uses_gpu(model_settings()) else {}
+    def prepare(self) -> FeaturesState:
+        sources, cfg = self.sources(), self.params
+        encode, prepare_image = self.encoder()
+        # a window of images is grouped by input size (FMbSeg keeps the aspect: only equal sizes share a forward)
+        window = cfg.batch_size if self.purpose == "use" else 4 * cfg.batch_size
+        return FeaturesState(sources=sources, in_count=len(sources), total=len(sources), batch_size=window,
+                             prepare_image=prepare_image, encode=encode, forward_size=cfg.batch_size)
 
-    def produce(self, progress: ProgressReporter) -> ShardOutput:
-        settings = model_settings()
+    def encoder(self) -> tuple[Callable[..., list], Callable[[np.ndarray], Any]]:
+        """(the batch encoder, the per-image preparation ahead of it) of this purpose's models and blocks."""
+        settings, cfg, specs = model_settings(), self.params, self._specs()
         need_clip, need_dino = self._needs()
         clip = load_role("clip", settings) if need_clip else None
         dense = load_role("dense", settings) if need_dino else None
-        specs = self._specs()
         blocks_clip = specs["clip_blocks"].strip().lower() not in ("", "none")
         if blocks_clip and not hasattr(clip, "encode_image_blocks"):
             raise ValueError(f"the CLIP adapter of preset {settings.preset!r} ({type(clip).__name__}) cannot return "
                              "block tokens (encode_image_blocks); set [features_use] clip_blocks = none")
         clip_layers = resolve_blocks(specs["clip_blocks"], clip.vision_layers) if blocks_clip else ()
         dino_layers = resolve_blocks(specs["dino_blocks"], dense.num_layers) if dense is not None else ()
-        names = {"clip_name": model_identity("clip", settings) if need_clip else "",
-                 "dino_name": model_identity("dense", settings) if need_dino else ""}
-        ingest = self.requires()["ingest"].stage_dir
-        manifest = MANIFEST.read_parquet(ingest.shard_path(self.shard, "parquet")).to_pylist()
-        sources = {r["image_id"]: r["source"] for r in manifest}
-        progress.start(len(manifest))
-        rows, rejects = [], []
-        errors = ImageErrors(self.stage, rejects, lambda image_id: [sources[image_id]])
-        cfg = self.params
-        batch_size = cfg.batch_size
-        if self.purpose == "use":
-            size = cfg.input_size or clip.image_size
-            sides = use_input_sides(clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
-                                    input_size=size)
+        dino_name = model_identity("dense", settings) if need_dino else ""
+        if self.purpose != "use":
+            return (partial(encode_fmbseg_batch, dense=dense, dino_layers=dino_layers, short_side=cfg.short_side,
+                            max_long_side=cfg.max_long_side, dino_name=dino_name),
+                    partial(fmbseg_input, patch_size=dense.patch_size, short_side=cfg.short_side,
+                            max_long_side=cfg.max_long_side))
+        size = cfg.input_size or clip.image_size
+        sides = use_input_sides(clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
+                                input_size=size)
+        return (partial(encode_use, clip=clip, dense=dense, clip_layers=clip_layers, dino_layers=dino_layers,
+                        input_size=size, clip_name=model_identity("clip", settings) if need_clip else "",
+                        dino_name=dino_name),
+                partial(use_inputs, sides=sides))
 
-            def prepare(rgb: np.ndarray) -> Any:
-                return use_inputs(rgb, sides)
+    def parts(self, state: FeaturesState, batch: list[LoopImage]) -> list[list[int]]:
+        """Same-size groups (USE: one square for all; FMbSeg, aspect kept: one per input size, in order), at most
+        ``forward_size`` images per forward."""
+        groups = self.size_groups(batch) if self.purpose != "use" else [list(range(len(batch)))]
+        return [group[c : c + state.forward_size] for group in groups for c in range(0, len(group), state.forward_size)]
 
-            def encode(items: list[tuple[str, np.ndarray, Any]]) -> list:
-                return encode_use([rgb for _, rgb, _ in items], clip=clip, dense=dense, clip_layers=clip_layers,
-                                  dino_layers=dino_layers, input_size=size, prepared=[p for _, _, p in items],
-                                  **names)
+    @staticmethod
+    def size_groups(batch: list[LoopImage]) -> list[list[int]]:
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for k, image in enumerate(batch):
+            by_size.setdefault(image.prepared[1].shape, []).append(k)
+        return list(by_size.values())
 
-            def groups(items: list) -> list[list[int]]:  # one square for all: the batch is one forward
-                return [list(range(len(items)))]
-        else:
+    def run_batch(self, state: FeaturesState, images: list[LoopImage]) -> list:
+        return state.encode([image.rgb for image in images], prepared=[image.prepared for image in images])
 
-            def prepare(rgb: np.ndarray) -> Any:
-                return fmbseg_input(rgb, patch_size=dense.patch_size, short_side=cfg.short_side,
-                                    max_long_side=cfg.max_long_side)
+    def finish_image(self, state: FeaturesState, image: LoopImage, encoded: tuple) -> None:
+        state.submit(image.image_id, self.serialise, image.image_id, *encoded)
 
-            def encode(items: list[tuple[str, np.ndarray, Any]]) -> list:
-                return encode_fmbseg_batch([rgb for _, rgb, _ in items], dense=dense, dino_layers=dino_layers,
-                                           short_side=cfg.short_side, max_long_side=cfg.max_long_side,
-                                           dino_name=names["dino_name"], prepared=[p for _, _, p in items])
+    @staticmethod
+    def serialise(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple | None:
+        """Behind the loop: the tar sample and row (None: non-finite features)."""
+        if not finite(arrays):
+            return None
+        sample, record = feature_sample(image_id, arrays, meta)
+        FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
+        return sample, record
 
-            def groups(items: list) -> list[list[int]]:  # aspect kept: one forward per input size, in order
-                by_size: dict[tuple[int, ...], list[int]] = {}
-                for k, (_, _, (_, resized)) in enumerate(items):
-                    by_size.setdefault(resized.shape, []).append(k)
-                return list(by_size.values())
-
-        def serialise(image_id: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple | None:
-            if not finite(arrays):
-                return None
-            sample, record = feature_sample(image_id, arrays, meta)
-            FEATURE_CACHE.table([record])  # the sample's JSON obeys the contract too
-            return sample, record
-
-        def deliver(image_id: str, outcome: Outcome) -> None:
-            errors.write_sample(image_id, outcome, tar, rows, "nonfinite_features", "an encoder returned NaN/inf features")
-
-        window: list[tuple[str, np.ndarray, Any]] = []
-
-        def flush() -> None:
-            """The window's images, same-size groups of at most batch_size per forward, results in window order."""
-            results: dict[int, Any] = {}
-            for group in groups(window):
-                for c in range(0, len(group), batch_size):
-                    members = group[c : c + batch_size]
-                    items = [window[k] for k in members]
-                    encoded = errors.run_batch([image_id for image_id, _, _ in items], lambda items=items: encode(items),
-                                               lambda j, items=items: encode([items[j]])[0])
-                    results.update(zip(members, encoded, strict=True))
-            for k, (image_id, _, _) in enumerate(window):
-                if results[k] is not REJECTED:
-                    post.submit(image_id, serialise, image_id, *results[k])
-            window.clear()
-
-        # a window of images is grouped by input size (FMbSeg keeps the aspect: only equal sizes share a forward)
-        window_size = batch_size if self.purpose == "use" else 4 * batch_size
-        with self.tar_spool() as tar, errors, behind(deliver) as post:  # on an error the temporary is removed
-            tar_path = str(ingest.shard_path(self.shard, "tar"))
-            for i, (image_id, rgb, prepared) in enumerate(decoded_images(errors, tar_path, prepare)):
-                progress.step(i)
-                window.append((image_id, rgb, prepared))
-                if len(window) >= window_size:
-                    flush()
-            if window:
-                flush()
-        rejects.sort(key=manifest_order(sources))
-        output = ShardOutput(files={"tar": tar.path}, in_count=len(manifest),
-                             ok_count=len(rows), rejected_count=len(rejects))
-        output.add_table("parquet", FEATURE_CACHE, FEATURE_CACHE.table(rows))
-        output.add_table("rejects.parquet", REJECTS, REJECTS.table(rejects))
-        return output
+    def deliver(self, state: FeaturesState, errors: ImageErrors, image_id: str, outcome: Outcome) -> None:
+        errors.write_sample(image_id, outcome, state.tar, state.rows, "nonfinite_features",
+                            "an encoder returned NaN/inf features")
 
 
 class UseTextShard(ShardTask):

@@ -9,31 +9,30 @@ can differ from an unshared run by pixels whose logit is within ~1e-3 of the thr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pseudoseg.models.registry import load_role, model_identity
-from pseudoseg.models.roles import SamImageEmbedding
-from pseudoseg.pipeline.core.artifacts import ShardOutput
+from pseudoseg.models.roles import SamImageEmbedding, Segmenter
 from pseudoseg.pipeline.core.overlap import HostCopy, Outcome
 from pseudoseg.pipeline.features.params import SamEmbeddingsParams, SamSharingParams
 from pseudoseg.pipeline.features.sam_embeddings import ForwardLookup, embedding_sample, iter_sam_embeddings
 from pseudoseg.schemas.features import SAM_EMBEDDINGS
 from pseudoseg.tasks.engine.base import (
-    ProgressReporter,
     ShardTask,
     model_settings,
     reject,
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.engine.image_errors import REJECTED, ArtifactMismatchError
-from pseudoseg.tasks.engine.throughput import behind, manifest_order, read_ahead
+from pseudoseg.tasks.engine.image_errors import ArtifactMismatchError, ImageErrors
+from pseudoseg.tasks.engine.throughput import read_ahead
 from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.chained import ChainedShardTask
+from pseudoseg.tasks.stages.loop import BatchedImageStage, LoopImage, LoopState
 
 
 def sam_sharing() -> SamSharingParams:
@@ -41,55 +40,50 @@ def sam_sharing() -> SamSharingParams:
     return stage_params(SamSharingParams)
 
 
-class SamEmbeddingsShard(ChainedShardTask):
-    """SAM's image-encoder output for every image of the shard (``sam.npy`` in a WebDataset tar, spooled)."""
+@dataclass(kw_only=True)
+class EmbeddingsState(LoopState):
+    cfg: SamEmbeddingsParams
+    segmenter: Segmenter
+    identity: str  # the segmenter's model identity, recorded per embedding
+
+
+class SamEmbeddingsShard(BatchedImageStage[EmbeddingsState]):
+    """SAM's image-encoder output for every image of the shard (``sam.npy`` in a WebDataset tar, spooled).
+
+    Images decoded and resized ahead (``[throughput]``), ``[sam_embeddings] batch_size`` per encoder forward, the
+    features copied to the host, checked and serialised behind the loop; tar members and rows in manifest order."""
 
     stage = "sam_embeddings"
+    contract, writes_tar, works_behind, sort_rejects = SAM_EMBEDDINGS, True, True, True
     params_type, roles = SamEmbeddingsParams, ("segmenter",)
 
-    def produce(self, progress: ProgressReporter) -> ShardOutput:
-        """Images decoded and resized ahead (``[throughput]``), ``[sam_embeddings] batch_size`` per encoder forward,
-        the features copied to the host, checked and serialised behind the loop; tar members and rows in manifest
-        order."""
-        segmenter = load_role("segmenter", model_settings())
-        identity, cfg = model_identity("segmenter", model_settings()), self.params
-        sources = self.sources()
-        progress.start(len(sources))
-        rows, rejects = [], []
-        batch: list[tuple[str, np.ndarray, Any]] = []
+    def prepare(self) -> EmbeddingsState:
+        segmenter, sources = load_role("segmenter", model_settings()), self.sources()
+        return EmbeddingsState(sources=sources, in_count=len(sources), total=len(sources),
+                               batch_size=self.params.batch_size, prepare_image=segmenter.prepare, cfg=self.params,
+                               segmenter=segmenter, identity=model_identity("segmenter", model_settings()))
 
-        def serialise(image_id: str, embedding: SamImageEmbedding, features: HostCopy) -> tuple[dict, dict] | None:
-            array = features.numpy()
-            if not np.isfinite(array).all():
-                return None
-            sample, record = embedding_sample(image_id, array, embedding.original_size,
-                                              embedding.input_size, identity, cfg)
-            SAM_EMBEDDINGS.table([record])  # the sample's JSON obeys the contract too
-            return sample, record
+    def run_batch(self, state: EmbeddingsState, images: list[LoopImage]) -> list[SamImageEmbedding]:
+        return state.segmenter.embed_batch([image.rgb for image in images], [image.prepared for image in images])
 
-        def deliver(image_id: str, outcome: Outcome) -> None:
-            errors.write_sample(image_id, outcome, tar, rows, "nonfinite_embedding", "SAM's image encoder returned NaN/inf")
+    def finish_image(self, state: EmbeddingsState, image: LoopImage, embedding: SamImageEmbedding) -> None:
+        state.submit(image.image_id, self.serialise, state, image.image_id, embedding,
+                     HostCopy(embedding.features.float()))
 
-        def flush() -> None:
-            if not batch:
-                return
-            embeddings = errors.run_batch(
-                [image_id for image_id, _, _ in batch],
-                lambda: segmenter.embed_batch([rgb for _, rgb, _ in batch], [p for _, _, p in batch]),
-                lambda k: segmenter.embed_batch([batch[k][1]], [batch[k][2]])[0])
-            for (image_id, _, _), embedding in zip(batch, embeddings, strict=True):
-                if embedding is not REJECTED:
-                    post.submit(image_id, serialise, image_id, embedding, HostCopy(embedding.features.float()))
-            batch.clear()
+    def serialise(self, state: EmbeddingsState, image_id: str, embedding: SamImageEmbedding,
+                  features: HostCopy) -> tuple[dict, dict] | None:
+        """Behind the loop: the tar sample and row (None: non-finite features)."""
+        array = features.numpy()
+        if not np.isfinite(array).all():
+            return None
+        sample, record = embedding_sample(image_id, array, embedding.original_size, embedding.input_size,
+                                          state.identity, state.cfg)
+        SAM_EMBEDDINGS.table([record])  # the sample's JSON obeys the contract too
+        return sample, record
 
-        with self.tar_spool() as tar, self.image_errors(rejects) as errors, behind(deliver) as post:
-            for image_id, rgb, prepared in self.decoded(errors, progress, segmenter.prepare):
-                batch.append((image_id, rgb, prepared))
-                if len(batch) >= cfg.batch_size:
-                    flush()
-            flush()
-        rejects.sort(key=manifest_order(sources))
-        return self.finish(SAM_EMBEDDINGS, rows, rejects, len(sources), tar=tar.path)
+    def deliver(self, state: EmbeddingsState, errors: ImageErrors, image_id: str, outcome: Outcome) -> None:
+        errors.write_sample(image_id, outcome, state.tar, state.rows, "nonfinite_embedding",
+                            "SAM's image encoder returned NaN/inf")
 
 
 SamEmbeddings = declare(stage_wrapper(SamEmbeddingsShard),
@@ -97,7 +91,26 @@ SamEmbeddings = declare(stage_wrapper(SamEmbeddingsShard),
                         counts="images", rows_are="embeddings", contract=SAM_EMBEDDINGS)
 
 
-EmbedFn = Callable[[str, np.ndarray], SamImageEmbedding | None]
+class SamEmbedder:
+    """(image_id, rgb) → the image's SAM embedding: the stored one (None if the embedding stage rejected the image)
+    when ``lookup`` reads the stored embeddings (ask in manifest order, the stored order), else
+    ``segmenter.embed(rgb)``."""
+
+    def __init__(self, segmenter: Segmenter, stored: set[str] | None = None,
+                 lookup: ForwardLookup | None = None) -> None:
+        self.segmenter, self.stored, self.lookup = segmenter, stored or set(), lookup
+
+    def __call__(self, image_id: str, rgb: np.ndarray) -> SamImageEmbedding | None:
+        if self.lookup is None:
+            return self.segmenter.embed(rgb)
+        if image_id not in self.stored:
+            return None
+        features, record = self.lookup.get(image_id)
+        if (record["height"], record["width"]) != tuple(rgb.shape[:2]):
+            raise ArtifactMismatchError(f"{image_id}: stored SAM embedding is of a {record['height']}x{record['width']} "
+                             f"image, the ingested image is {rgb.shape[0]}x{rgb.shape[1]}")
+        return SamImageEmbedding(features=torch.from_numpy(features), original_size=(record["height"],
+                                 record["width"]), input_size=(record["input_height"], record["input_width"]))
 
 
 class UsesSamEmbeddings(ChainedShardTask):
@@ -114,25 +127,12 @@ class UsesSamEmbeddings(ChainedShardTask):
         """The reject rows of an image the embedding stage rejected: one per unit of this stage's input."""
         return [reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL) for unit in units]
 
-    def sam_embedder(self, segmenter) -> EmbedFn:
-        """(image_id, rgb) → the image's SAM embedding: the stored one (None if the embedding stage rejected the
-        image), or ``segmenter.embed(rgb)`` when sharing is off. Ask in manifest order (the stored order)."""
+    def sam_embedder(self, segmenter: Segmenter) -> SamEmbedder:
+        """The stored embeddings of this shard's images when sharing is on, else ``segmenter``'s encoder."""
         if not sam_sharing().share:
-            return lambda image_id, rgb: segmenter.embed(rgb)
+            return SamEmbedder(segmenter)
         stored = {r["image_id"] for r in self.read("sam", SAM_EMBEDDINGS)}
-        lookup = ForwardLookup(read_ahead(iter_sam_embeddings(self.path("sam", "tar"))))
-
-        def get(image_id: str, rgb: np.ndarray) -> SamImageEmbedding | None:
-            if image_id not in stored:
-                return None
-            features, record = lookup.get(image_id)
-            if (record["height"], record["width"]) != tuple(rgb.shape[:2]):
-                raise ArtifactMismatchError(f"{image_id}: stored SAM embedding is of a {record['height']}x{record['width']} "
-                                 f"image, the ingested image is {rgb.shape[0]}x{rgb.shape[1]}")
-            return SamImageEmbedding(features=torch.from_numpy(features), original_size=(record["height"],
-                                     record["width"]), input_size=(record["input_height"], record["input_width"]))
-
-        return get
+        return SamEmbedder(segmenter, stored, ForwardLookup(read_ahead(iter_sam_embeddings(self.path("sam", "tar")))))
 
 
 NO_EMBEDDING = "no_sam_embedding"

@@ -11,16 +11,23 @@ import dataclasses
 import functools
 import posixpath
 from collections import defaultdict
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
 from pseudoseg.models.registry import load_role, load_spacy
-from pseudoseg.models.roles import Sampling
+from pseudoseg.models.roles import Captioner, Grounder, Sampling, Segmenter
 from pseudoseg.pipeline.core.artifacts import ShardOutput
-from pseudoseg.pipeline.core.overlap import Outcome
 from pseudoseg.pipeline.core.sources import relative_name
-from pseudoseg.pipeline.use.captions import AMBIGUOUS_CAPTION_MATCH, load_gt_captions, name_index, norm_key
+from pseudoseg.pipeline.use.captions import (
+    AMBIGUOUS_CAPTION_MATCH,
+    GTCaptions,
+    load_gt_captions,
+    name_index,
+    norm_key,
+)
 from pseudoseg.pipeline.use.gt_boxes import AMBIGUOUS_BOX_MATCH, BAD_REGION, load_gt_boxes, region_rows
 from pseudoseg.pipeline.use.pairs import (
     CaptionQuery,
@@ -53,11 +60,10 @@ from pseudoseg.tasks.engine.base import (
     stage_params,
     stage_wrapper,
 )
-from pseudoseg.tasks.engine.image_errors import REJECTED
-from pseudoseg.tasks.engine.throughput import behind, manifest_order
 from pseudoseg.tasks.stages.catalog import declare
 from pseudoseg.tasks.stages.chained import ChainedShardTask
-from pseudoseg.tasks.stages.sam import UsesSamEmbeddings
+from pseudoseg.tasks.stages.loop import BatchedImageStage, LoopImage, LoopState
+from pseudoseg.tasks.stages.sam import SamEmbedder, UsesSamEmbeddings
 
 
 @functools.lru_cache(maxsize=4)
@@ -66,10 +72,19 @@ def dataset_names(images: str, fingerprint: str) -> tuple[dict[str, int], dict[s
     return name_index(relative_name(images, e) for e in cached_listing(images).entries)
 
 
-class UseCaptionsShard(ChainedShardTask):
+@dataclass(kw_only=True)
+class CaptionsState(LoopState):
+    cfg: UseCaptionsParams
+    captioner: Captioner | None
+    gt: GTCaptions | None  # with the dataset's names to match them by
+    names: tuple[dict[str, int], dict[str, list[str]]] | None
+
+
+class UseCaptionsShard(BatchedImageStage[CaptionsState]):
     """Ground-truth captions (if configured) + MLLM captions with the paper's prompt, both tagged by source."""
 
     stage = "use_captions"
+    contract = CAPTIONS
 
     params_type = UseCaptionsParams
 
@@ -80,7 +95,7 @@ class UseCaptionsShard(ChainedShardTask):
     def uses_model(self) -> bool:  # type: ignore[override]
         return self.params.generate_captions
 
-    def produce(self, progress: ProgressReporter) -> ShardOutput:
+    def prepare(self) -> CaptionsState:
         cfg = self.params
         manifest = self.read("ingest", MANIFEST)
         gt, names = None, None
@@ -88,54 +103,38 @@ class UseCaptionsShard(ChainedShardTask):
             gt = load_gt_captions(cfg.gt_captions, expect=self.stage_dir.params["params"]["gt_captions"])
             names = dataset_names(self.images, self.listing.fingerprint)
         captioner = load_role("captioner", model_settings()) if cfg.generate_captions else None
-        progress.start(len(manifest))
-        rows, rejects = [], []
-        batch: list[tuple[str, np.ndarray]] = []
-        sources = {r["image_id"]: r["source"] for r in manifest}
+        return CaptionsState(sources={r["image_id"]: r["source"] for r in manifest}, in_count=len(manifest),
+                             total=len(manifest), batch_size=cfg.caption_batch_size, cfg=cfg, captioner=captioner,
+                             gt=gt, names=names)
 
-        def caption(items: list[tuple[str, np.ndarray]]) -> list[str]:
-            if captioner is None:
-                return [""] * len(items)
-            # Seed per batch from the first image id, so a shard's captions do not depend on which batches came
-            # before it (reruns of one shard reproduce it). A batch redone image by image (one image failed) seeds
-            # each from its own id.
-            seed = cfg.seed + int(items[0][0][:8], 16)
-            sampling = Sampling(cfg.caption_max_new_tokens, cfg.caption_temperature, cfg.caption_top_p,
-                                cfg.caption_top_k, seed)
-            return captioner.caption([img for _, img in items], cfg.caption_prompt, sampling)
+    def run_batch(self, state: CaptionsState, images: list[LoopImage]) -> list[str]:
+        if state.captioner is None:
+            return [""] * len(images)
+        # Seed per batch from the first image id, so a shard's captions do not depend on which batches came
+        # before it (reruns of one shard reproduce it). A batch redone image by image (one image failed) seeds
+        # each from its own id.
+        cfg = state.cfg
+        seed = cfg.seed + int(images[0].image_id[:8], 16)
+        sampling = Sampling(cfg.caption_max_new_tokens, cfg.caption_temperature, cfg.caption_top_p,
+                            cfg.caption_top_k, seed)
+        return state.captioner.caption([image.rgb for image in images], cfg.caption_prompt, sampling)
 
-        def flush() -> None:
-            if not batch:
+    def finish_image(self, state: CaptionsState, image: LoopImage, text: str) -> None:
+        image_id, source = image.image_id, state.sources[image.image_id]
+        gt_caps: list[str] = []
+        if state.gt is not None:
+            found = state.gt.match(image_id, source, relative_name(self.images, source), *state.names)
+            if found.ambiguous:  # a caption that may be another image's: none, and a row saying why
+                state.rejects.append(reject(image_id, source, self.stage, AMBIGUOUS_CAPTION_MATCH, found.ambiguous))
                 return
-            generated = errors.run_batch([image_id for image_id, _ in batch], lambda: caption(batch),
-                                         lambda k: caption([batch[k]])[0])
-            for (image_id, _), text in zip(batch, generated, strict=True):
-                if text is REJECTED:
-                    continue
-                gt_caps: list[str] = []
-                if gt is not None:
-                    source = sources[image_id]
-                    found = gt.match(image_id, source, relative_name(self.images, source), *names)
-                    if found.ambiguous:  # a caption that may be another image's: none, and a row saying why
-                        rejects.append(reject(image_id, source, self.stage, AMBIGUOUS_CAPTION_MATCH, found.ambiguous))
-                        continue
-                    gt_caps = found.captions
-                gen = [text] if text.strip() else []
-                image_rows = caption_rows(image_id, gt_caps, gen, captioner.source if captioner else "")
-                if image_rows:
-                    rows.extend(image_rows)
-                else:
-                    rejects.append(reject(image_id, sources[image_id], self.stage, "no_caption",
-                                          "no ground-truth caption and no generated text"))
-            batch.clear()
-
-        with self.image_errors(rejects) as errors:
-            for image_id, rgb, _ in self.decoded(errors, progress):
-                batch.append((image_id, rgb))
-                if len(batch) >= cfg.caption_batch_size:
-                    flush()
-            flush()
-        return self.finish(CAPTIONS, rows, rejects, in_count=len(manifest))
+            gt_caps = found.captions
+        gen = [text] if text.strip() else []
+        image_rows = caption_rows(image_id, gt_caps, gen, state.captioner.source if state.captioner else "")
+        if image_rows:
+            state.rows.extend(image_rows)
+        else:
+            state.rejects.append(reject(image_id, source, self.stage, "no_caption",
+                                        "no ground-truth caption and no generated text"))
 
 
 class UseExpressionsShard(ChainedShardTask):
@@ -169,87 +168,85 @@ class UseExpressionsShard(ChainedShardTask):
         return self.finish(EXPRESSIONS, rows, rejects, in_count=len(captions))
 
 
-class UseBoxesShard(ChainedShardTask):
-    """Grounding DINO queried with the whole caption; each box goes to the phrase holding its best token."""
+Query = tuple[dict, list[dict], CaptionQuery]  # a caption, its expressions (phrase order), the grounder's query
+
+
+@dataclass(kw_only=True)
+class BoxesState(LoopState):
+    cfg: UseBoxesParams
+    nlp: Any
+    grounder: Grounder
+    captions: dict[str, list[dict]]  # by image
+    expressions: dict[str, list[dict]]  # by image
+
+
+class UseBoxesShard(BatchedImageStage[BoxesState]):
+    """Grounding DINO queried with the whole caption; each box goes to the phrase holding its best token.
+
+    Images decoded and resized ahead (``[throughput]``); the captions of consecutive images are grounded together,
+    ``[use] grounder_batch_size`` per forward, each image encoded once (``ground_captions``)."""
 
     stage = "use_boxes"
     upstreams = {"captions": UseCaptionsShard, "expressions": UseExpressionsShard}
+    contract, sort_rejects = BOXES, True
 
     params_type, roles = UseBoxesParams, ("grounder",)
 
-    def produce(self, progress: ProgressReporter) -> ShardOutput:
-        """Images decoded and resized ahead (``[throughput]``); the captions of consecutive images are grounded
-        together, ``[use] grounder_batch_size`` per forward, each image encoded once (``ground_captions``)."""
-        cfg = self.params
-        nlp = load_spacy(cfg.spacy_model)
-        grounder = load_role("grounder", model_settings())
-        captions = group_by_image(self.read("captions", CAPTIONS))
+    def prepare(self) -> BoxesState:
+        cfg, grounder = self.params, load_role("grounder", model_settings())
         expressions = group_by_image(self.read("expressions", EXPRESSIONS))
         in_count = sum(len({r["caption_index"] for r in rows}) for rows in expressions.values())
-        progress.start(len(expressions))
-        rows, rejects = [], []
-        pending: list[tuple[str, np.ndarray, Any, list[tuple[dict, list[dict], CaptionQuery]]]] = []
+        return BoxesState(sources=self.sources(), in_count=in_count, total=len(expressions),
+                          batch_size=cfg.grounder_batch_size, prepare_image=grounder.prepare, cfg=cfg,
+                          nlp=load_spacy(cfg.spacy_model), grounder=grounder,
+                          captions=group_by_image(self.read("captions", CAPTIONS)), expressions=expressions)
 
-        def units(image_id: str) -> list[str]:  # what in_count counts: the image's captions with expressions
-            return [f"caption:{c}" for c in sorted({r["caption_index"] for r in expressions.get(image_id, [])})]
+    def units(self, state: BoxesState, image_id: str) -> list[str]:
+        """What in_count counts: the image's captions with expressions."""
+        return [f"caption:{c}" for c in sorted({r["caption_index"] for r in state.expressions.get(image_id, [])})]
 
-        def image_queries(image_id: str) -> list[tuple[dict, list[dict], CaptionQuery]]:
-            by_caption: dict[int, list[dict]] = defaultdict(list)
-            for expr in expressions.get(image_id, []):
-                by_caption[expr["caption_index"]].append(expr)
-            found = []
-            for caption in captions.get(image_id, []):
-                exprs = sorted(by_caption.get(caption["caption_index"], []), key=lambda r: r["phrase_index"])
-                if not exprs:
-                    continue  # rejected upstream (no noun phrase)
-                text = caption["caption"]
-                # sentences matter only for a caption past the grounder's text limit (windows of sentences)
-                long = grounder.count_tokens(text) > grounder.max_text_tokens
-                sentences = tuple(caption_sentence_spans(text, nlp)) if long else None
-                phrases = tuple((e["phrase_start"], e["phrase_end"]) for e in exprs)
-                found.append((caption, exprs, CaptionQuery(0, text, phrases, sentences)))
-            return found
+    def image_input(self, state: BoxesState, image: LoopImage) -> LoopImage | None:
+        if not self.units(state, image.image_id):
+            return None
+        image.data = self.image_queries(state, image.image_id)
+        return image
 
-        def ground(items: list) -> list[list[tuple[dict, list[dict], list]]]:
-            queries = [dataclasses.replace(q, image=k) for k, item in enumerate(items) for _, _, q in item[3]]
-            boxes = iter(ground_captions(grounder, [item[1] for item in items], queries, cfg,
-                                         prepared=[item[2] for item in items]))
-            return [[(caption, exprs, next(boxes)) for caption, exprs, _ in item[3]] for item in items]
+    def image_queries(self, state: BoxesState, image_id: str) -> list[Query]:
+        by_caption: dict[int, list[dict]] = defaultdict(list)
+        for expr in state.expressions.get(image_id, []):
+            by_caption[expr["caption_index"]].append(expr)
+        found = []
+        for caption in state.captions.get(image_id, []):
+            exprs = sorted(by_caption.get(caption["caption_index"], []), key=itemgetter("phrase_index"))
+            if not exprs:
+                continue  # rejected upstream (no noun phrase)
+            text = caption["caption"]
+            # sentences matter only for a caption past the grounder's text limit (windows of sentences)
+            long = state.grounder.count_tokens(text) > state.grounder.max_text_tokens
+            sentences = tuple(caption_sentence_spans(text, state.nlp)) if long else None
+            phrases = tuple((e["phrase_start"], e["phrase_end"]) for e in exprs)
+            found.append((caption, exprs, CaptionQuery(0, text, phrases, sentences)))
+        return found
 
-        def flush() -> None:
-            if not pending:
-                return
-            grounded_images = errors.run_batch([item[0] for item in pending], lambda: ground(pending),
-                                               lambda k: ground([pending[k]])[0])
-            for (image_id, *_), grounded in zip(pending, grounded_images, strict=True):
-                if grounded is not REJECTED:
-                    add_rows(image_id, grounded)
-            pending.clear()
+    def batch_full(self, state: BoxesState, batch: list[LoopImage]) -> bool:
+        return sum(len(image.data) for image in batch) >= state.batch_size
 
-        def add_rows(image_id: str, grounded: list[tuple[dict, list[dict], list]]) -> None:
-            box_index = 0
-            for caption, exprs, boxes in grounded:
-                if not boxes:
-                    rejects.append(reject(image_id, f"caption:{caption['caption_index']}", self.stage,
-                                          "no_box", "no box matched a noun phrase of the caption"))
-                    continue
-                for box in boxes:
-                    rows.append(box_row(exprs[box.phrase_index], box, box_index))
-                    box_index += 1
+    def run_batch(self, state: BoxesState, images: list[LoopImage]) -> list[list[tuple[dict, list[dict], list]]]:
+        queries = [dataclasses.replace(q, image=k) for k, image in enumerate(images) for _, _, q in image.data]
+        boxes = iter(ground_captions(state.grounder, [image.rgb for image in images], queries, state.cfg,
+                                     prepared=[image.prepared for image in images]))
+        return [[(caption, exprs, next(boxes)) for caption, exprs, _ in image.data] for image in images]
 
-        with self.image_errors(rejects, units) as errors:
-            for image_id, rgb, prepared in self.decoded(errors, progress, grounder.prepare):
-                if not units(image_id):
-                    continue
-                queries = errors.run(image_id, image_queries, image_id)
-                if queries is REJECTED:
-                    continue
-                pending.append((image_id, rgb, prepared, queries))
-                if sum(len(item[3]) for item in pending) >= cfg.grounder_batch_size:
-                    flush()
-            flush()
-        rejects.sort(key=manifest_order(self.sources()))
-        return self.finish(BOXES, rows, rejects, in_count=in_count)
+    def finish_image(self, state: BoxesState, image: LoopImage, grounded: list[tuple[dict, list[dict], list]]) -> None:
+        box_index = 0
+        for caption, exprs, boxes in grounded:
+            if not boxes:
+                state.rejects.append(reject(image.image_id, f"caption:{caption['caption_index']}", self.stage,
+                                            "no_box", "no box matched a noun phrase of the caption"))
+                continue
+            for box in boxes:
+                state.rows.append(box_row(exprs[box.phrase_index], box, box_index))
+                box_index += 1
 
 
 class UseGtBoxesShard(ChainedShardTask):
@@ -286,12 +283,25 @@ class UseGtBoxesShard(ChainedShardTask):
         return self.finish(BOXES, rows, rejects, in_count=in_count)
 
 
-class UseBoxMasksShard(UsesSamEmbeddings):
+@dataclass(kw_only=True)
+class BoxMasksState(LoopState):
+    cfg: UseBoxMasksParams
+    segmenter: Segmenter
+    boxes: dict[str, list[dict]]  # by image
+    embed: SamEmbedder
+
+
+class UseBoxMasksShard(UsesSamEmbeddings, BatchedImageStage[BoxMasksState]):
     """SAM box → mask: one image encoding per image (the shared one, see tasks/stages/sam.py), all its boxes in one
-    batched decoder call."""
+    batched decoder call.
+
+    Per image (decoded ahead, ``[throughput]``): its stored embedding, one batched decoder call, the stability choice
+    and threshold on the device (``decode_boxes``); behind the loop, on the host: the decisions, cleanup, RLE and
+    rows (``finish_box_masks``). Rows and rejects in manifest and box order."""
 
     stage = "use_box_masks"
     upstreams = {"boxes": UseBoxesShard}
+    contract, works_behind, sort_rejects = BOX_MASKS, True, True
 
     params_type, roles = UseBoxMasksParams, ("segmenter",)
 
@@ -302,65 +312,54 @@ class UseBoxMasksShard(UsesSamEmbeddings):
             deps["gt_boxes"] = UseGtBoxesShard(shard=self.shard, **self.common())
         return deps
 
-    def produce(self, progress: ProgressReporter) -> ShardOutput:
-        """Per image (decoded ahead, ``[throughput]``): its stored embedding, one batched decoder call, the stability
-        choice and threshold on the device (``decode_boxes``); behind the loop, on the host: the decisions, cleanup,
-        RLE and rows (``finish_box_masks``). Rows and rejects in manifest and box order."""
-        cfg = self.params
+    def prepare(self) -> BoxMasksState:
         segmenter = load_role("segmenter", model_settings())
         boxes = group_by_image(self.read("boxes", BOXES) +
                                (self.read("gt_boxes", BOXES) if "gt_boxes" in self.requires() else []))
-        in_count = sum(len(v) for v in boxes.values())
-        embed = self.sam_embedder(segmenter)
-        sources = self.sources()
-        progress.start(len(boxes))
-        rows, rejects = [], []
+        return BoxMasksState(sources=self.sources(), in_count=sum(len(v) for v in boxes.values()), total=len(boxes),
+                             cfg=self.params, segmenter=segmenter, boxes=boxes, embed=self.sam_embedder(segmenter))
 
-        def image_boxes(image_id: str) -> list[dict]:
-            return sorted(boxes.get(image_id, []), key=lambda r: r["box_index"])
+    def image_boxes(self, state: BoxMasksState, image_id: str) -> list[dict]:
+        return sorted(state.boxes.get(image_id, []), key=itemgetter("box_index"))
 
-        def decode(image_id: str, rgb: np.ndarray, these: list[dict]) -> DecodedBoxes | None:
-            embedding = embed(image_id, rgb)
-            if embedding is None:
-                return None
-            return decode_boxes(segmenter, rgb.shape[:2], np.asarray([b["box_xyxy"] for b in these], np.float32),
-                                cfg, embedding=embedding)
+    def units(self, state: BoxMasksState, image_id: str) -> list[str]:
+        """What in_count counts: the image's boxes."""
+        return [f"box:{b['box_index']}" for b in self.image_boxes(state, image_id)]
 
-        def finish(image_id: str, these: list[dict], decoded: DecodedBoxes) -> tuple[list[dict], list[dict]]:
-            results = finish_box_masks(decoded, cfg)
-            image_rows, image_rejects = [], []
-            for box, result in zip(these, results, strict=True):
-                if result.reject_reason is not None:
-                    image_rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
-                                                f"predicted_iou={result.predicted_iou:.3f} "
-                                                f"stability={result.stability:.3f}"))
-                    continue
-                image_rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [box]))
-            return image_rows, image_rejects
+    def image_input(self, state: BoxMasksState, image: LoopImage) -> LoopImage | None:
+        image.data = self.image_boxes(state, image.image_id)
+        return image if image.data else None
 
-        def deliver(image_id: str, outcome: Outcome) -> None:
-            result = errors.run(image_id, outcome.get)
-            if result is not REJECTED:
-                rows.extend(result[0])
-                rejects.extend(result[1])
+    def run_batch(self, state: BoxMasksState, images: list[LoopImage]) -> list[DecodedBoxes | None]:
+        return [self.decode(state, image) for image in images]
 
-        def units(image_id: str) -> list[str]:  # what in_count counts: the image's boxes
-            return [f"box:{b['box_index']}" for b in image_boxes(image_id)]
+    def decode(self, state: BoxMasksState, image: LoopImage) -> DecodedBoxes | None:
+        embedding = state.embed(image.image_id, image.rgb)
+        if embedding is None:
+            return None
+        return decode_boxes(state.segmenter, image.rgb.shape[:2],
+                            np.asarray([b["box_xyxy"] for b in image.data], np.float32), state.cfg,
+                            embedding=embedding)
 
-        with self.image_errors(rejects, units) as errors, behind(deliver) as post:
-            for image_id, rgb, _ in self.decoded(errors, progress):
-                these = image_boxes(image_id)
-                if not these:
-                    continue
-                decoded = errors.run(image_id, decode, image_id, rgb, these)
-                if decoded is REJECTED:
-                    continue
-                if decoded is None:
-                    rejects.extend(self.no_embedding_rejects(image_id, units(image_id)))
-                    continue
-                post.submit(image_id, finish, image_id, these, decoded)
-        rejects.sort(key=manifest_order(sources))
-        return self.finish(BOX_MASKS, rows, rejects, in_count=in_count)
+    def finish_image(self, state: BoxMasksState, image: LoopImage, decoded: DecodedBoxes | None) -> None:
+        if decoded is None:
+            state.rejects.extend(self.no_embedding_rejects(image.image_id, self.units(state, image.image_id)))
+        else:
+            state.submit(image.image_id, self.mask_rows, image.image_id, image.data, decoded, state.cfg)
+
+    def mask_rows(self, image_id: str, these: list[dict], decoded: DecodedBoxes,
+                  cfg: UseBoxMasksParams) -> tuple[list[dict], list[dict]]:
+        """Behind the loop: the image's rows and rejects."""
+        results = finish_box_masks(decoded, cfg)
+        image_rows, image_rejects = [], []
+        for box, result in zip(these, results, strict=True):
+            if result.reject_reason is not None:
+                image_rejects.append(reject(image_id, f"box:{box['box_index']}", self.stage, result.reject_reason,
+                                            f"predicted_iou={result.predicted_iou:.3f} "
+                                            f"stability={result.stability:.3f}"))
+                continue
+            image_rows.append(box_mask_row(image_id, box["box_index"], box["box_xyxy"], result, [box]))
+        return image_rows, image_rejects
 
 
 class UseSegmentsShard(ChainedShardTask):

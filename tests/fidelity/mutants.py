@@ -198,7 +198,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "if union and (combined & m).sum() / union > phi_iou:", "if union:",
            (f"{CAR}::test_iom_and_sam_ensemble",)),
     Mutant("label_source_keeps_unconfident", "CaR as label source", "tasks/stages/car_labels.py",
-           "if not (np.asarray(scores)[first:] > params.theta).any():", "if False:",
+           "if not (np.asarray(scores)[first:] > state.params.theta).any():", "if False:",
            (f"{CAR_LABELS}::test_car_labels_oracle",)),
     Mutant("car_eval_short_side_448", "CaR protocol", "tasks/stages/evaluate.py",
            "return ShortSide(seg, protocol.short_side)", "return ShortSide(seg, 448)", (OFFICIAL_TEXTS,)),
