@@ -556,36 +556,36 @@ def hashed_params(params: StageParams) -> dict[str, Any]:
 
 class ProgressReporter:
     """Progress of one shard, to luigid's UI (percentage + status message) and to the run's progress on stderr
-    (``tasks.progress``: its stage's line). At the end of a shard that succeeded: ``N/N <unit>`` and 100 %, so
+    (``tasks.progress``: its stage's line). At the end of a shard that succeeded: ``N/N <items>`` and 100 %, so
     luigid never shows a finished shard as partly done."""
 
     def __init__(self, task: ShardTask) -> None:
         self.task = task
         self.total = 0
-        self.unit = "images"
+        self.items = "images"  # what the loop steps over (the stage's counted items)
         self.started = False
         self._last = 0.0
         self.line = STAGE_PROGRESS.line(task.stage, task.shard_count, task.stage_dir.meta_path) \
             if STAGE_PROGRESS.active else None
 
-    def start(self, total: int, unit: str = "images") -> None:
-        self.total, self.unit, self.started = total, unit, True
+    def start(self, total: int, items: str = "images") -> None:
+        self.total, self.items, self.started = total, items, True
 
     def step(self, index: int) -> None:
         if self.line is not None:
-            STAGE_PROGRESS.shard_step(self.line, self.task.shard, index, self.total, self.unit)
+            STAGE_PROGRESS.shard_step(self.line, self.task.shard, index, self.total, self.items)
         now = time.monotonic()
         if not callable(self.task.set_progress_percentage):  # None outside a Luigi worker
             return
         if self.total and now - self._last > 1.0:  # throttle: each call is an RPC under luigid
             self._last = now
             self.task.set_progress_percentage(round(100.0 * index / self.total, 1))
-            self.task.set_status_message(f"{index}/{self.total} {self.unit}")
+            self.task.set_status_message(f"{index}/{self.total} {self.items}")
 
     def finished(self) -> None:
         """The shard's work is done: report it whole (not throttled)."""
         if callable(self.task.set_status_message):
-            self.task.set_status_message(f"{self.total}/{self.total} {self.unit}" if self.started else "done")
+            self.task.set_status_message(f"{self.total}/{self.total} {self.items}" if self.started else "done")
         if callable(self.task.set_progress_percentage):
             self.task.set_progress_percentage(100)
 

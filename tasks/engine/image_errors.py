@@ -3,7 +3,7 @@ shard goes on) and which fail the shard. Every stage that loops over images runs
 ``ImageErrors``.
 
 Policy. An exception raised while ONE image is decoded or processed becomes reject rows for that image — its
-units: the image itself, or its captions / boxes / classes where a stage counts those — when it is
+counted items: the image itself, or its captions / boxes / classes where a stage counts those — when it is
   - ``ImageRejected`` (a stored payload that does not decode, is too small, ...) → reason = its code;
   - ``ValueError``, ``RuntimeError``, ``ArithmeticError``, ``IndexError``, ``cv2.error`` (shape / size / numeric
     faults an odd image provokes in a model or in pipeline/ code) → reason ``image_error``, detail
@@ -81,13 +81,14 @@ REJECTED = object()  # what ImageErrors.run returns for an image it turned into 
 class ImageErrors:
     """One shard loop's per-image error handling: ``run`` (one image's work) and ``images`` (decode each stored
     image) turn a per-image error (``per_image_reason``) into ``reject`` rows, appended to ``rejects``, for every
-    unit ``units(image_id)`` names (the REJECTS ``source`` values the stage counts in ``in_count`` for that image),
-    and re-raise anything else. Use as a context manager: leaving it checks the every-image-failed rule.
+    item ``counted_items(image_id)`` names (the REJECTS ``source`` values the stage counts in ``in_count`` for that
+    image), and re-raise anything else. Use as a context manager: leaving it checks the every-image-failed rule.
 
     Do an image's work inside ``run`` and append its rows after it returned: rows of a failed image never land."""
 
-    def __init__(self, stage: str, rejects: list[dict[str, str]], units: Callable[[str], Sequence[str]]) -> None:
-        self.stage, self.rejects, self.units = stage, rejects, units
+    def __init__(self, stage: str, rejects: list[dict[str, str]],
+                 counted_items: Callable[[str], Sequence[str]]) -> None:
+        self.stage, self.rejects, self.counted_items = stage, rejects, counted_items
         self.attempted: set[str] = set()
         self.failed: dict[str, BaseException] = {}  # image_error failures (not ImageRejected) by image id
 
@@ -124,13 +125,13 @@ class ImageErrors:
     def sample_of(self, image_id: str, outcome: Any, reason: str, detail: str) -> Any:
         """The (sample, record) an image's serialiser made behind the model loop (``outcome.get()``), or None when
         the image was rejected: its serialiser raised a per-image error, or returned None (non-finite model
-        output: one ``reason`` row per unit, with ``detail``)."""
+        output: one ``reason`` row per counted item, with ``detail``)."""
         result = self.run(image_id, outcome.get)
         if result is REJECTED:
             return None
         if result is None:
-            self.rejects.extend({"image_id": image_id, "source": unit, "stage": self.stage, "reason": reason,
-                                 "detail": detail} for unit in self.units(image_id))
+            self.rejects.extend({"image_id": image_id, "source": item, "stage": self.stage, "reason": reason,
+                                 "detail": detail} for item in self.counted_items(image_id))
         return result
 
     def write_sample(self, image_id: str, outcome: Any, tar: Any, rows: list[dict[str, Any]], reason: str,
@@ -160,11 +161,11 @@ class ImageErrors:
 
     def _reject(self, image_id: str, reason: str, exc: BaseException) -> None:
         detail = exc.detail if isinstance(exc, ImageRejected) else _error_text(exc)
-        units = list(self.units(image_id))
-        logger.warning("%s: image %s rejected as %s (%d rows): %s", self.stage, image_id, reason, len(units),
+        items = list(self.counted_items(image_id))
+        logger.warning("%s: image %s rejected as %s (%d rows): %s", self.stage, image_id, reason, len(items),
                        detail, exc_info=reason == IMAGE_ERROR)
-        self.rejects.extend({"image_id": image_id, "source": unit, "stage": self.stage, "reason": reason,
-                             "detail": detail} for unit in units)
+        self.rejects.extend({"image_id": image_id, "source": item, "stage": self.stage, "reason": reason,
+                             "detail": detail} for item in items)
         if reason == IMAGE_ERROR:
             self.failed[image_id] = exc
 

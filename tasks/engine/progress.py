@@ -152,9 +152,9 @@ class StageProgress:
                 line.last_line = time.monotonic()
         return line
 
-    def shard_step(self, line: StageLine, shard: int, index: int, total: int, unit: str) -> None:
+    def shard_step(self, line: StageLine, shard: int, index: int, total: int, items: str) -> None:
         line.fraction = index / total if total else 0.0
-        line.shard_text = f"shard {shard}: {index}/{total} {unit}"
+        line.shard_text = f"shard {shard}: {index}/{total} {items}"
         now = time.monotonic()
         if self.bars:
             if now - self._last_draw >= 0.5:

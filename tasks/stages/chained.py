@@ -67,10 +67,10 @@ class ChainedShardTask(ShardTask):
             yield item
 
     def image_errors(self, rejects: list[dict[str, str]],
-                     units: Callable[[str], Sequence[str]] | None = None) -> ImageErrors:
-        """Per-image error handling for this shard's loop (see ImageErrors); ``units`` defaults to one reject row
+                     counted_items: Callable[[str], Sequence[str]] | None = None) -> ImageErrors:
+        """Per-image error handling for this shard's loop (see ImageErrors); ``counted_items`` defaults to one reject row
         per image, with the image's source."""
-        return ImageErrors(self.stage, rejects, units if units is not None else partial(source_unit, self.sources()))
+        return ImageErrors(self.stage, rejects, counted_items if counted_items is not None else partial(image_source, self.sources()))
 
     def finish(self, contract: Contract, rows: list[dict], rejects: list[dict], in_count: int,
                **files: bytes) -> ShardOutput:
@@ -82,6 +82,6 @@ class ChainedShardTask(ShardTask):
         return output
 
 
-def source_unit(sources: dict[str, str], image_id: str) -> list[str]:
+def image_source(sources: dict[str, str], image_id: str) -> list[str]:
     """One reject row per image, with the image's source."""
     return [sources[image_id]]

@@ -252,7 +252,7 @@ class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask, BatchedImageStage[Stage
                            segmenter=segmenter, embed=self.sam_embedder(segmenter))
 
     def count_in(self, detections: dict[str, list[dict]]) -> int:
-        """This stage's in_count: its units over the images with detections."""
+        """This stage's in_count: its counted items over the images with detections."""
         raise NotImplementedError
 
     def loop_images(self, state: Stage1State, errors: ImageErrors, progress: ProgressReporter) -> Iterator[LoopImage]:
@@ -269,7 +269,7 @@ class SamStage1Shard(UsesSamEmbeddings, FmbsegShardTask, BatchedImageStage[Stage
             if embedding is REJECTED:
                 continue
             if embedding is None:
-                errors.rejects.extend(self.no_embedding_rejects(image_id, self.units(state, image_id)))
+                errors.rejects.extend(self.no_embedding_rejects(image_id, self.counted_items(state, image_id)))
                 continue
             yield LoopImage(image_id, rgb, data=Stage1Input(features, classes, embedding))
 
@@ -290,7 +290,7 @@ class FmbsegQueryMasksShard(SamStage1Shard):
     def count_in(self, detections: dict[str, list[dict]]) -> int:
         return sum(len(v) for v in detections.values())
 
-    def units(self, state: Stage1State, image_id: str) -> list[str]:
+    def counted_items(self, state: Stage1State, image_id: str) -> list[str]:
         return [f"class:{c}" for c in self.detected(state.detections, image_id)]
 
     def run_batch(self, state: Stage1State, images: list[LoopImage]) -> list[DecodedQueries]:

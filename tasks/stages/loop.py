@@ -5,7 +5,7 @@ stepping the progress), each turned into the stage's input (``image_input``, ski
 batch until ``batch_full``, the batch run through the model (``run_batch``) with ``ImageErrors.run_batch``'s
 batch-then-one-image fallback, each image's result finished in the loop (``finish_image``), which may hand work to
 a thread behind the loop (``LoopState.submit``, delivered in order by ``deliver``). Per-image errors become reject
-rows for the image's ``units``; rejects are sorted into manifest order where work behind the loop (or a batch redone
+rows for the image's ``counted_items``; rejects are sorted into manifest order where work behind the loop (or a batch redone
 image by image) can make an image's rejects land late (``sort_rejects``).
 
 A stage writes ``prepare`` (its models and upstream rows, in a ``LoopState``), ``run_batch`` and ``finish_image``,
@@ -37,7 +37,7 @@ class LoopState:
     loop collects (``rows``, ``rejects``), and the tar and the thread behind the loop while it runs."""
 
     sources: dict[str, str]  # image_id → source of the shard's images, in manifest order
-    in_count: int  # units in (what ``units`` counts per image)
+    in_count: int  # what in/ok/rejected count, in (``counted_items`` of each image)
     total: int  # images the progress counts
     batch_size: int = 1  # images (or what ``batch_full`` counts) per ``run_batch``
     prepare_image: Callable[[np.ndarray], Any] | None = None  # runs ahead of the loop, beside the decoding
@@ -78,7 +78,7 @@ class BatchedImageStage(ChainedShardTask, Generic[S]):
     def produce(self, progress: ProgressReporter) -> ShardOutput:
         state = self.prepare()
         progress.start(state.total)
-        with self.spooled(state), self.image_errors(state.rejects, partial(self.units, state)) as errors, \
+        with self.spooled(state), self.image_errors(state.rejects, partial(self.counted_items, state)) as errors, \
                 self.behind_loop(state, errors):
             for image, result in self.results(state, errors, progress):
                 self.finish_image(state, image, result)
@@ -100,8 +100,8 @@ class BatchedImageStage(ChainedShardTask, Generic[S]):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ hooks with a default
-    def units(self, state: S, image_id: str) -> Sequence[str]:
-        """REJECTS sources of one image's units (what ``in_count`` counts): by default the image's source."""
+    def counted_items(self, state: S, image_id: str) -> Sequence[str]:
+        """REJECTS sources of what ``in_count`` counts of one image (its counted items): by default the image's source."""
         return [state.sources[image_id]]
 
     def image_input(self, state: S, image: LoopImage) -> LoopImage | None:

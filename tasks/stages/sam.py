@@ -123,9 +123,9 @@ class UsesSamEmbeddings(ChainedShardTask):
             deps["sam"] = SamEmbeddingsShard(shard=self.shard, **self.common())
         return deps
 
-    def no_embedding_rejects(self, image_id: str, units: Iterable[str]) -> list[dict[str, str]]:
-        """The reject rows of an image the embedding stage rejected: one per unit of this stage's input."""
-        return [reject(image_id, unit, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL) for unit in units]
+    def no_embedding_rejects(self, image_id: str, counted_items: Iterable[str]) -> list[dict[str, str]]:
+        """The reject rows of an image the embedding stage rejected: one per counted item of this stage."""
+        return [reject(image_id, item, self.stage, NO_EMBEDDING, NO_EMBEDDING_DETAIL) for item in counted_items]
 
     def sam_embedder(self, segmenter: Segmenter) -> SamEmbedder:
         """The stored embeddings of this shard's images when sharing is on, else ``segmenter``'s encoder."""

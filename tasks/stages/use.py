@@ -201,12 +201,12 @@ class UseBoxesShard(BatchedImageStage[BoxesState]):
                           nlp=load_spacy(cfg.spacy_model), grounder=grounder,
                           captions=group_by_image(self.read("captions", CAPTIONS)), expressions=expressions)
 
-    def units(self, state: BoxesState, image_id: str) -> list[str]:
+    def counted_items(self, state: BoxesState, image_id: str) -> list[str]:
         """What in_count counts: the image's captions with expressions."""
         return [f"caption:{c}" for c in sorted({r["caption_index"] for r in state.expressions.get(image_id, [])})]
 
     def image_input(self, state: BoxesState, image: LoopImage) -> LoopImage | None:
-        if not self.units(state, image.image_id):
+        if not self.counted_items(state, image.image_id):
             return None
         image.data = self.image_queries(state, image.image_id)
         return image
@@ -322,7 +322,7 @@ class UseBoxMasksShard(UsesSamEmbeddings, BatchedImageStage[BoxMasksState]):
     def image_boxes(self, state: BoxMasksState, image_id: str) -> list[dict]:
         return sorted(state.boxes.get(image_id, []), key=itemgetter("box_index"))
 
-    def units(self, state: BoxMasksState, image_id: str) -> list[str]:
+    def counted_items(self, state: BoxMasksState, image_id: str) -> list[str]:
         """What in_count counts: the image's boxes."""
         return [f"box:{b['box_index']}" for b in self.image_boxes(state, image_id)]
 
@@ -343,7 +343,7 @@ class UseBoxMasksShard(UsesSamEmbeddings, BatchedImageStage[BoxMasksState]):
 
     def finish_image(self, state: BoxMasksState, image: LoopImage, decoded: DecodedBoxes | None) -> None:
         if decoded is None:
-            state.rejects.extend(self.no_embedding_rejects(image.image_id, self.units(state, image.image_id)))
+            state.rejects.extend(self.no_embedding_rejects(image.image_id, self.counted_items(state, image.image_id)))
         else:
             state.submit(image.image_id, self.mask_rows, image.image_id, image.data, decoded, state.cfg)
 

@@ -106,8 +106,8 @@ marker = pathlib.Path(os.environ["PSEUDOSEG_TEST_MARKER"])
 if task is not None and restart == "0":
     import pseudoseg.tasks.engine.base as base
     start = base.ProgressReporter.start
-    def start_then_hold(self, total, unit="images"):
-        start(self, total, unit)
+    def start_then_hold(self, total, items="images"):
+        start(self, total, items)
         if getattr(base, "_held", False):
             return
         base._held = True
