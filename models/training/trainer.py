@@ -569,6 +569,42 @@ def _config_diff(saved: dict, config: TrainConfig) -> dict[str, tuple[Any, Any]]
 
 
 # ------------------------------------------------------------------------------------------------ train
+@dataclass
+class _Run:
+    """One call of ``train``: what its steps share (the model, optimiser, schedule, loader and where it writes)."""
+
+    model: nn.Module
+    loss_fn_step: Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, dict]]
+    dataset: Dataset | IterableDataset
+    config: TrainConfig
+    out: Path
+    metadata: dict
+    device: torch.device
+    loader: DataLoader
+    generator: torch.Generator
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    global_step: int = 0
+    steps_run: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def plot_path(self) -> Path:
+        return self.out / "loss.png"
+
+    @property
+    def model_path(self) -> Path:
+        return self.out / "model.pt"
+
+
 def train(
     model: nn.Module,
     loss_fn_step: Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, dict]],
@@ -592,14 +628,31 @@ def train(
     Returns a `TrainResult`; raises FloatingPointError on a non-finite loss (nothing of that step is written).
     """
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, plot_path, model_path = out / "metrics.jsonl", out / "loss.png", out / "model.pt"
     metadata = json.loads(json.dumps(metadata or {}))  # must be JSON: it is compared and stored as such
-    for stale in list(ckpt_dir.glob(".tmp-*")) + list(out.glob(".tmp-*")):
-        stale.unlink(missing_ok=True)
+    run = _start_run(model, loss_fn_step, dataset, config, Path(out_dir), metadata, collate_fn)
+    start_epoch, resumed = _resume_or_start_over(run, resume)
+    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
+    history: list[dict] = []
+    last_plot, plot_every_s = time.perf_counter(), 60.0
+    for epoch in range(start_epoch, last_epoch):
+        first = input_check is not None and epoch == start_epoch
+        losses = _run_epoch(run, epoch, Background(input_check.full) if first else None, input_check)
+        _save_checkpoint(run, epoch)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "lr": run.optimizer.param_groups[0]["lr"],
+                        "steps": len(losses)})
+        if time.perf_counter() - last_plot > plot_every_s:  # the plot costs ~1 s; always redrawn at the end
+            _plot(run.metrics_path, run.plot_path)
+            last_plot = time.perf_counter()
+        log.info("epoch %d/%d: loss %.4f (%d steps)", epoch + 1, config.epochs, history[-1]["loss"], len(losses))
+    return _finish_run(run, history, start_epoch, resumed, t_start)
 
+
+def _start_run(model: nn.Module, loss_fn_step: Callable, dataset: Dataset | IterableDataset, config: TrainConfig,
+               out: Path, metadata: dict, collate_fn: Callable[[list], Any] | None) -> _Run:
+    """The folders (leftover temporaries removed), seeds, device, loader, optimiser and schedule of one call."""
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for stale in list((out / "checkpoints").glob(".tmp-*")) + list(out.glob(".tmp-*")):
+        stale.unlink(missing_ok=True)
     seed_everything(config.seed)
     device = resolve_device(config.device)
     model.to(device)
@@ -607,116 +660,135 @@ def train(
     steps_per_epoch = _steps_per_epoch(loader, config)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    return _Run(model, loss_fn_step, dataset, config, out, metadata, device, loader, generator, steps_per_epoch,
+                optimizer, scheduler)
 
-    start_epoch, global_step, resumed = 0, 0, False
-    ckpt = latest_checkpoint(out) if resume else None
+
+def _resume_or_start_over(run: _Run, resume: bool) -> tuple[int, bool]:
+    """(first epoch to run, resumed): the latest checkpoint restored when ``resume``; else everything earlier of
+    out_dir removed."""
+    ckpt = latest_checkpoint(run.out) if resume else None
     if not resume:
-        for _, p in _checkpoints(ckpt_dir):
+        for _, p in _checkpoints(run.ckpt_dir):
             p.unlink()
-        for p in (metrics_path, plot_path, model_path):
+        for p in (run.metrics_path, run.plot_path, run.model_path):
             p.unlink(missing_ok=True)
-    if ckpt is not None:
-        state = load_weights(ckpt, what="trainer")
-        if not isinstance(state, dict) or not {"config", "metadata", "steps_per_epoch", "model"} <= set(state):
-            raise CheckpointError(f"trainer checkpoint {ckpt} is not a checkpoint of this trainer (keys "
-                                  f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
-        diff = _config_diff(state["config"], config)
-        if diff or state["metadata"] != metadata or state["steps_per_epoch"] != steps_per_epoch:
-            raise CheckpointMismatchError(
-                f"{ckpt} belongs to a different run: config differences {diff}, metadata "
-                f"{'equal' if state['metadata'] == metadata else 'differs'}, steps/epoch {state['steps_per_epoch']} "
-                f"vs {steps_per_epoch}. Use another out_dir, or resume=False to start over "
-                "(to split one run over several calls keep `epochs` and pass stop_after_epochs)."
-            )
-        load_state_strict(model, state["model"], path=ckpt, what="trainer")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch, global_step, resumed = state["epoch"] + 1, state["global_step"], True
-        # drop metric lines of the epoch the interruption cut short
-        _rewrite_metrics(metrics_path, [r for r in _read_metrics(metrics_path) if r.get("epoch", 1e18) <= state["epoch"]])
-        log.info("resumed from %s (epoch %d done)", ckpt, state["epoch"])
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    if ckpt is None:
+        run.metrics_path.unlink(missing_ok=True)
+        return 0, False
+    state = _checkpoint_of_this_run(run, ckpt)
+    load_state_strict(run.model, state["model"], path=ckpt, what="trainer")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    run.global_step = state["global_step"]
+    # drop metric lines of the epoch the interruption cut short
+    _rewrite_metrics(run.metrics_path, [r for r in _read_metrics(run.metrics_path)
+                                        if r.get("epoch", 1e18) <= state["epoch"]])
+    log.info("resumed from %s (epoch %d done)", ckpt, state["epoch"])
+    return state["epoch"] + 1, True
 
-    last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
-    history: list[dict] = []
-    steps_run = 0
-    last_plot, plot_every_s = time.perf_counter(), 60.0
-    for epoch in range(start_epoch, last_epoch):
-        full = Background(input_check.full) if input_check is not None and epoch == start_epoch else None
-        generator.manual_seed(_epoch_seed(config.seed, epoch))
-        if isinstance(loader.sampler, EpochSampler):
-            loader.sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        model.train()
-        losses: list[float] = []
-        with open(metrics_path, "a") as mf:
-            for i, batch in enumerate(loader):
-                if i >= steps_per_epoch:
-                    break
-                if full is not None and full.done() and full.result():  # stop at once, not at the epoch's end
-                    raise InputChangedError(full.result(), epoch=epoch, how="sha256")
-                batch = to_device(batch, device)
-                with autocast(device):
-                    result = loss_fn_step(model, batch)
-                loss, extra = result if isinstance(result, tuple) else (result, {})
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch}, step {global_step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                global_step += 1
-                steps_run += 1
-                value = float(loss.detach())
-                losses.append(value)
-                row = {"epoch": epoch, "step": global_step, "loss": value, "lr": lr}
-                row.update({k: float(v) for k, v in extra.items()})
-                mf.write(json.dumps(row) + "\n")
-        if not losses:
-            raise ValueError(f"epoch {epoch} got no batch from the dataset")
-        if input_check is not None:  # before the checkpoint: it must never follow an epoch of unverified data
-            problems = full.result() if full is not None else input_check.quick()
-            if problems:
-                raise InputChangedError(problems, epoch=epoch, how="sha256" if full is not None else "size")
-        state = {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "global_step": global_step,
-            "steps_per_epoch": steps_per_epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": asdict(config),
-            "metadata": metadata, "head": getattr(model, "config", None),
-        }
-        _atomic_torch_save(state, ckpt_dir / f"epoch-{epoch:04d}.pt")
-        for _, old in _checkpoints(ckpt_dir)[: -max(1, config.keep_checkpoints)]:
-            old.unlink(missing_ok=True)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                        "steps": len(losses)})
-        if time.perf_counter() - last_plot > plot_every_s:  # the plot costs ~1 s; always redrawn at the end
-            _plot(metrics_path, plot_path)
-            last_plot = time.perf_counter()
-        log.info("epoch %d/%d: loss %.4f (%d steps)", epoch + 1, config.epochs, history[-1]["loss"], len(losses))
 
-    if history or not plot_path.exists():
-        _plot(metrics_path, plot_path)
-    done = _checkpoints(ckpt_dir)
+def _checkpoint_of_this_run(run: _Run, ckpt: Path) -> dict:
+    """The checkpoint's state, checked to belong to this run (config, metadata, steps per epoch)."""
+    state = load_weights(ckpt, what="trainer")
+    if not isinstance(state, dict) or not {"config", "metadata", "steps_per_epoch", "model"} <= set(state):
+        raise CheckpointError(f"trainer checkpoint {ckpt} is not a checkpoint of this trainer (keys "
+                              f"{sorted(state)[:8] if isinstance(state, dict) else type(state).__name__})")
+    diff = _config_diff(state["config"], run.config)
+    if diff or state["metadata"] != run.metadata or state["steps_per_epoch"] != run.steps_per_epoch:
+        raise CheckpointMismatchError(
+            f"{ckpt} belongs to a different run: config differences {diff}, metadata "
+            f"{'equal' if state['metadata'] == run.metadata else 'differs'}, steps/epoch {state['steps_per_epoch']} "
+            f"vs {run.steps_per_epoch}. Use another out_dir, or resume=False to start over "
+            "(to split one run over several calls keep `epochs` and pass stop_after_epochs)."
+        )
+    return state
+
+
+def _run_epoch(run: _Run, epoch: int, full: Background | None, input_check: InputCheck | None) -> list[float]:
+    """One epoch's steps (each loss a line of metrics.jsonl), then the input check that must pass before its
+    checkpoint: ``full`` (sha256, running beside this call's first epoch) or the quick size check."""
+    run.generator.manual_seed(_epoch_seed(run.config.seed, epoch))
+    if isinstance(run.loader.sampler, EpochSampler):
+        run.loader.sampler.set_epoch(epoch)
+    if hasattr(run.dataset, "set_epoch"):
+        run.dataset.set_epoch(epoch)
+    run.model.train()
+    losses: list[float] = []
+    with open(run.metrics_path, "a") as mf:
+        for i, batch in enumerate(run.loader):
+            if i >= run.steps_per_epoch:
+                break
+            if full is not None and full.done() and full.result():  # stop at once, not at the epoch's end
+                raise InputChangedError(full.result(), epoch=epoch, how="sha256")
+            losses.append(_step(run, epoch, batch, mf))
+    if not losses:
+        raise ValueError(f"epoch {epoch} got no batch from the dataset")
+    if input_check is not None:  # before the checkpoint: it must never follow an epoch of unverified data
+        problems = full.result() if full is not None else input_check.quick()
+        if problems:
+            raise InputChangedError(problems, epoch=epoch, how="sha256" if full is not None else "size")
+    return losses
+
+
+def _step(run: _Run, epoch: int, batch: Any, metrics: Any) -> float:
+    """One optimiser step on ``batch``; its loss (and the loss function's extras) as a line of ``metrics``."""
+    batch = to_device(batch, run.device)
+    with autocast(run.device):
+        result = run.loss_fn_step(run.model, batch)
+    loss, extra = result if isinstance(result, tuple) else (result, {})
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch}, step {run.global_step}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.global_step += 1
+    run.steps_run += 1
+    value = float(loss.detach())
+    row = {"epoch": epoch, "step": run.global_step, "loss": value, "lr": lr}
+    row.update({k: float(v) for k, v in extra.items()})
+    metrics.write(json.dumps(row) + "\n")
+    return value
+
+
+def _save_checkpoint(run: _Run, epoch: int) -> None:
+    """``checkpoints/epoch-NNNN.pt`` (atomically), keeping the newest ``keep_checkpoints``."""
+    state = {
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "global_step": run.global_step,
+        "steps_per_epoch": run.steps_per_epoch, "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": _rng_state(),
+        "config": asdict(run.config), "metadata": run.metadata, "head": getattr(run.model, "config", None),
+    }
+    _atomic_torch_save(state, run.ckpt_dir / f"epoch-{epoch:04d}.pt")
+    for _, old in _checkpoints(run.ckpt_dir)[: -max(1, run.config.keep_checkpoints)]:
+        old.unlink(missing_ok=True)
+
+
+def _finish_run(run: _Run, history: list[dict], start_epoch: int, resumed: bool, t_start: float) -> TrainResult:
+    """The loss plot, and model.pt once every epoch is done: written last, it is the run's completion marker (a
+    Luigi target)."""
+    if history or not run.plot_path.exists():
+        _plot(run.metrics_path, run.plot_path)
+    done = _checkpoints(run.ckpt_dir)
     completed = done[-1][0] + 1 if done else 0
     final = None
-    if completed >= config.epochs:  # model.pt last: it is the run's completion marker (a Luigi target)
-        if history or not model_path.exists():
-            _atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                                "head": getattr(model, "config", None), "metadata": metadata,
-                                "config": asdict(config), "epochs": completed}, model_path)
-        final = model_path
+    if completed >= run.config.epochs:
+        if history or not run.model_path.exists():
+            _atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
+                                "head": getattr(run.model, "config", None), "metadata": run.metadata,
+                                "config": asdict(run.config), "epochs": completed}, run.model_path)
+        final = run.model_path
     return TrainResult(
-        out_dir=out, model_path=final, checkpoint_path=done[-1][1] if done else None, metrics_path=metrics_path,
-        plot_path=plot_path if plot_path.exists() else None, start_epoch=start_epoch, epochs_completed=completed,
-        epochs_run=len(history), steps_run=steps_run, resumed=resumed,
-        last_epoch_loss=history[-1]["loss"] if history else None, seconds=time.perf_counter() - t_start,
-        history=history,
+        out_dir=run.out, model_path=final, checkpoint_path=done[-1][1] if done else None,
+        metrics_path=run.metrics_path, plot_path=run.plot_path if run.plot_path.exists() else None,
+        start_epoch=start_epoch, epochs_completed=completed, epochs_run=len(history), steps_run=run.steps_run,
+        resumed=resumed, last_epoch_loss=history[-1]["loss"] if history else None,
+        seconds=time.perf_counter() - t_start, history=history,
     )
 
 
