@@ -40,13 +40,14 @@ cluster-deps:
 	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
 
+# Every core (-n auto; a test file stays on one worker, so its module fixtures are built once): ~11 min on 2 cores.
 test: $(STAMP) cluster-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 # Everything but the `slow` end-to-end runs (subprocesses, luigid, whole branches on tiny models): the quick loop
 # while editing.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # Mutants as tests of the tests (tests/fidelity/mutants.py): each change of a README Fidelity row must make the
 # tests it names fail; one line per mutant (killed / survived, seconds), status 1 if any survives or is stale.
