@@ -66,3 +66,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding `slow` end-to-end tests first (the CLI ones of tests/tasks/, the longest, before the rest),
+    each file's tests in their own order: under `make test` (pytest-xdist, a file per worker) the long files start
+    at once instead of ending the run on one worker."""
+    has_slow = {item.path for item in items if item.get_closest_marker("slow")}
+    order = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+    items.sort(key=lambda item: (item.path not in has_slow, item.path.parent.name != "tasks", order[item.path]))

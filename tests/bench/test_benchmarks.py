@@ -106,8 +106,9 @@ def check_fmbseg_stages(r: dict, kw: dict) -> None:
 
 def check_trainer_loader(r: dict, kw: dict) -> None:
     assert (r["workers"], r["repeats"], r["device"]) == (kw["workers"], kw["repeats"], "cpu")
-    variants = ("raw_cold", "raw_warm", "loader", "loader_cold", "loader_first", "loader_process_workers",
-                "loader_legacy")
+    # DataLoader worker processes (loader_process_workers, loader_legacy) are left out here: forked from a test
+    # process that runs threads (pytest-xdist's, the lock heartbeat's) a worker can hang; `make bench` measures them
+    variants = ("raw_cold", "raw_warm", "loader", "loader_cold", "loader_first")
     for name, n, batch in (("use", kw["n_use"], 32), ("alignment", kw["n_align"], 5)):
         row = r[name]
         assert (row["images"], row["batch_size"]) == (n, batch) and positive(row["tar_mb"])
@@ -118,8 +119,7 @@ def check_trainer_loader(r: dict, kw: dict) -> None:
             assert len(row[v]["wall_s"]["all"]) == kw["repeats"] and positive(row[v]["wall_s"]["median"])
         assert row["loader_cold_over_raw_cold_median"] == round(row["loader_cold"]["images_per_s_median"]
                                                                 / row["raw_cold"]["images_per_s_median"], 3)
-        assert row["loader_over_legacy"] == round(row["loader"]["images_per_s_median"]
-                                                  / row["loader_legacy"]["images_per_s_median"], 3)
+        assert "loader_process_workers" not in row and "loader_legacy" not in row
 
 
 def check_sam_embedding_share(r: dict, kw: dict) -> None:
@@ -234,7 +234,8 @@ SMOKE: dict[str, tuple[dict, Any, bool]] = {
     "ingest": (dict(n_images=3, repeats=1), check_ingest, False),
     "sam_boxes": (dict(n_boxes=2, repeats=1, arch="tiny"), check_sam_boxes, True),
     "fmbseg_stages": (dict(classes_11=2, repeats=1, arch="tiny", size="tiny"), check_fmbseg_stages, True),
-    "trainer_loader": (dict(n_use=2, n_align=2, shards=1, workers=1, repeats=1), check_trainer_loader, True),
+    "trainer_loader": (dict(n_use=2, n_align=2, shards=1, workers=1, repeats=1, legacy=False, process_workers=False),
+                       check_trainer_loader, True),
     "sam_embedding_share": (dict(repeats=1, arch="tiny"), check_sam_embedding_share, False),
     "tsupcon_temperature": (dict(seeds=(0,), train_images=5, held_out=5, synthetic_epochs=1, crops=5,
                                  oracle_epochs=1), check_tsupcon_temperature, False),
