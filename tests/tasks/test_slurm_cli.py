@@ -1,7 +1,7 @@
 """`pseudoseg slurm` on a real single-node Slurm cluster (tests/slurmcluster.py: munged, slurmctld, slurmd from
-Debian's packages): luigid as one job, two array tasks of CPU workers, the sample set through Ingest and UseCaptions
-(tiny models; shards of 2 images) — the tree is byte-identical to a local `pseudoseg run`'s, also when one array
-task is cancelled mid-shard (scancel) and requeued."""
+Debian's packages): luigid as one job, two array tasks of CPU workers, the sample set through the whole DAG with
+the demo's settings (tiny models; shards of 2 images) — the tree is byte-identical to a local `pseudoseg run`'s;
+and through Ingest and UseCaptions when one array task is cancelled mid-shard (scancel) and requeued."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from pseudoseg.pipeline.core.sample_set import write_sample_set
+from pseudoseg.tasks.engine.shipped import DEMO_CONFIG
 from tests.helpers import REPO, assert_same_artifacts, cli_env
 from tests.slurmcluster import SlurmCluster, slurm  # noqa: F401 — the fixture
 
 pytestmark = [pytest.mark.slow]
 
 STAGE = "UseCaptions"
+DEMO_SETTINGS = ["--config", str(DEMO_CONFIG)]  # FullDAG at the demo's sizes (4x4 SAM points, few epochs)
 
 
 def settings(models: Path) -> list[str]:
@@ -33,15 +35,24 @@ def pseudoseg(args: list[str], env: dict[str, str], timeout: float = 600) -> tup
     return proc.returncode, proc.stdout
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory, tiny_cache) -> tuple[Path, Path]:
-    """(the sample set's images, the output root of a local `pseudoseg run`) — the reference."""
+def reference(tmp_path_factory, models: Path, stage: str, extra: list[str]) -> tuple[Path, Path]:
+    """(the sample set's images, the output root of a local `pseudoseg run STAGE`) — the reference."""
     tmp = tmp_path_factory.mktemp("slurm-reference")
     images = write_sample_set(tmp / "samples").root
-    code, text = pseudoseg(["run", STAGE, "--images", str(images), "--dataset", "demo", "--out", str(tmp / "out"),
-                            *settings(tiny_cache)], cli_env(tmp))
+    code, text = pseudoseg(["run", stage, "--images", str(images), "--dataset", "demo", "--out", str(tmp / "out"),
+                            *settings(models), *extra], cli_env(tmp))
     assert code == 0, text
     return images, tmp / "out"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, tiny_cache) -> tuple[Path, Path]:
+    return reference(tmp_path_factory, tiny_cache, STAGE, [])
+
+
+@pytest.fixture(scope="module")
+def local_full_dag(tmp_path_factory, tiny_cache) -> tuple[Path, Path]:
+    return reference(tmp_path_factory, tiny_cache, "FullDAG", DEMO_SETTINGS)
 
 
 def job_env(tmp_path: Path, cluster: SlurmCluster, sitecustomize: str | None = None) -> dict[str, str]:
@@ -53,9 +64,10 @@ def job_env(tmp_path: Path, cluster: SlurmCluster, sitecustomize: str | None = N
             "LUIGI_CONFIG_PATH": str(quick)}
 
 
-def submit(images: Path, out: Path, env: dict[str, str], models: Path) -> dict:
-    code, text = pseudoseg(["slurm", STAGE, "--images", str(images), "--dataset", "demo", "--out", str(out),
-                            "--nodes", "2", "--workers-per-node", "1", *settings(models)], env, timeout=120)
+def submit(images: Path, out: Path, env: dict[str, str], models: Path, stage: str = STAGE,
+           extra: tuple[str, ...] = ()) -> dict:
+    code, text = pseudoseg(["slurm", stage, "--images", str(images), "--dataset", "demo", "--out", str(out),
+                            "--nodes", "2", "--workers-per-node", "1", *settings(models), *extra], env, timeout=120)
     assert code == 0 and "submitted" in text, text
     (record,) = [json.loads(p.read_text()) for p in (out / "demo" / "logs" / "slurm").glob("*/submitted.json")]
     return record
@@ -71,12 +83,12 @@ def wait_until_gone(cluster: SlurmCluster, out: Path, timeout: float = 400) -> N
         time.sleep(1)
 
 
-def test_slurm_runs_the_dag_as_a_local_run_does(slurm, local, tiny_cache, tmp_path):  # noqa: F811
-    images, reference = local
+def test_slurm_runs_the_dag_as_a_local_run_does(slurm, local_full_dag, tiny_cache, tmp_path):  # noqa: F811
+    images, reference = local_full_dag
     out = tmp_path / "out"
     env = job_env(tmp_path, slurm)
     started = time.monotonic()
-    record = submit(images, out, env, tiny_cache)
+    record = submit(images, out, env, tiny_cache, "FullDAG", tuple(DEMO_SETTINGS))
     assert len(slurm.queue(f"pseudoseg-workers-demo-{record['submission']}")) == 2, slurm.queue()
     seen_status = False
     while slurm.queue():
@@ -94,8 +106,8 @@ def test_slurm_runs_the_dag_as_a_local_run_does(slurm, local, tiny_cache, tmp_pa
     assert_same_artifacts(reference, out)
     print(f"slurm run: {wall:.1f} s wall (submission to both jobs gone), 2 array tasks x 1 CPU worker")
 
-    code, text = pseudoseg(["slurm", STAGE, "--images", str(images), "--dataset", "demo", "--out", str(out),
-                            *settings(tiny_cache)], env)
+    code, text = pseudoseg(["slurm", "FullDAG", "--images", str(images), "--dataset", "demo", "--out", str(out),
+                            *settings(tiny_cache), *DEMO_SETTINGS], env)
     assert code == 2 and "--resume" in text, "a second submission must be asked for"
 
 
