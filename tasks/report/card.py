@@ -1,5 +1,5 @@
 """The dataset card: ``<out>/<dataset>/README.md``, rewritten at the end of every run from the same rows as the
-end-of-run table (tasks.summary). Per stage folder: what it holds (tasks.dag.STAGES), its schema (schemas/), the
+end-of-run table (tasks.summary). Per stage folder: what it holds (its declaration: tasks.stages.catalog), its schema (schemas/), the
 models and parameters that made it (its ``params.json``), its counts; then how to read it with duckdb,
 webdataset and pycocotools (copy-paste, run from the dataset root; tests/tasks/test_run_summary.py runs them)."""
 

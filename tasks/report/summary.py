@@ -78,7 +78,7 @@ def dag_position(folder: str) -> int:
 @dataclass
 class StageRow:
     stage: str  # the stage folder (``use_box_masks``)
-    name: str = ""  # its STAGES name (``UseBoxMasks``)
+    name: str = ""  # its declared name (``UseBoxMasks``)
     counts: str = "records"  # what in / ok / rejected count
     rows_are: str = "rows"  # what the rows written are
     path: str = ""  # the stage's folder for this run's parameters
