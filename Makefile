@@ -40,7 +40,7 @@ cluster-deps:
 	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge; }
 
-# Every core (-n auto; a test file stays on one worker, so its module fixtures are built once): ~11 min on 2 cores.
+# Every core (-n auto; a test file stays on one worker, so its module fixtures are built once): ~13 min on 2 cores.
 test: $(STAMP) cluster-deps
 	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
